@@ -1,0 +1,32 @@
+# `make run` and `make test` work on a fresh machine with Python 3.11 and nothing else.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# A fresh PREFECT_HOME makes Prefect's ephemeral API migrate a new SQLite database;
+# on 2 cores that can take longer than Prefect's default 20 s start-up limit.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install run test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=68" wheel
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+run: install
+	$(BIN)/prefect-tensorflow retrain
+
+test: install
+	$(BIN)/python -m pytest -ra
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf .prefect-tensorflow

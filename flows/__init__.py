@@ -1,0 +1,1 @@
+"""prefect-tensorflow flows, the command line and the served deployments."""

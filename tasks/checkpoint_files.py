@@ -1,0 +1,328 @@
+"""Read checkpoint files without TensorFlow: the state file and the index.
+
+A TensorFlow checkpoint `<prefix>` is `<prefix>.index` (a LevelDB-format table
+of `BundleEntryProto` records: which shard, offset and size each tensor has)
+plus `<prefix>.data-NNNNN-of-MMMMM` shards, and, for TF1 `Saver`
+checkpoints, `<prefix>.meta`. The `checkpoint` state file is a text proto
+naming the newest one. Parsing them here keeps validation cheap (no
+TensorFlow import, no tensor reads) and independent of the number of
+checkpoints in the directory.
+
+Example:
+    >>> from prefect_tensorflow.tasks.checkpoint_files import check_checkpoint
+    >>> check_checkpoint("/models/iris/model.ckpt-1000")  # doctest: +SKIP
+    CheckpointFiles(prefix='/models/iris/model.ckpt-1000', ...)
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .errors import InvalidCheckpointError
+
+STATE_FILE = "checkpoint"
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+_TABLE_MAGIC = 0xDB4775248B80FB57
+_FOOTER_LEN = 48
+_STEP = re.compile(r"-(\d+)$")
+_STATE_LINE = re.compile(r"^\s*([A-Za-z_]+)\s*:\s*(.+?)\s*$")
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """The parsed `checkpoint` state file of a model dir."""
+
+    path: str
+    model_checkpoint_path: str
+    all_model_checkpoint_paths: tuple[str, ...]
+    ctime_ns: int
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """What the index of one valid checkpoint says."""
+
+    prefix: str
+    step: Optional[int]
+    format: str  # "tf2" (object-based) or "tf1" (name-based Saver)
+    num_shards: int
+    num_tensors: int
+    size_bytes: int
+    has_meta_graph: bool
+    mtime: float
+    shard_sizes: tuple[int, ...] = field(default=())
+
+
+def step_of(prefix: str) -> Optional[int]:
+    """The global step encoded in a checkpoint prefix (`model.ckpt-1200` -> 1200)."""
+    match = _STEP.search(os.path.basename(prefix))
+    return int(match.group(1)) if match else None
+
+
+def data_shard_path(prefix: str, shard: int, num_shards: int) -> str:
+    """`<prefix>.data-00000-of-00001`, TensorFlow's shard file name."""
+    return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
+
+
+# --- the `checkpoint` state file -------------------------------------------------
+
+
+def read_state_file(model_dir: str | os.PathLike) -> CheckpointState:
+    """Parse `<model_dir>/checkpoint` and resolve its paths inside `model_dir`.
+
+    Raises:
+        FileNotFoundError: there is no state file.
+        ValueError: the state file is not a CheckpointState text proto.
+    """
+    path = os.path.join(os.fspath(model_dir), STATE_FILE)
+    with open(path, "rb") as handle:
+        stat = os.fstat(handle.fileno())
+        raw = handle.read(1 << 20)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not text") from err
+    latest: Optional[str] = None
+    all_paths: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        match = _STATE_LINE.match(line)
+        if not match:
+            raise ValueError(f"{path} line {number}: expected 'field: value', got {line[:80]!r}")
+        key, value = match.groups()
+        if key in ("model_checkpoint_path", "all_model_checkpoint_paths"):
+            resolved = _resolve(model_dir, _proto_string(value, path, number))
+            if key == "model_checkpoint_path":
+                latest = resolved
+            else:
+                all_paths.append(resolved)
+        elif key not in ("all_model_checkpoint_timestamps", "last_preserved_timestamp"):
+            raise ValueError(f"{path} line {number}: unknown field {key!r}")
+    if not latest:
+        raise ValueError(f"{path} names no model_checkpoint_path")
+    return CheckpointState(path, latest, tuple(all_paths), stat.st_ctime_ns)
+
+
+def _proto_string(value: str, path: str, number: int) -> str:
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        raise ValueError(f"{path} line {number}: expected a quoted string, got {value[:80]!r}")
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError) as err:
+        raise ValueError(f"{path} line {number}: bad string {value[:80]!r}") from err
+
+
+def _resolve(model_dir: str | os.PathLike, ckpt_path: str) -> str:
+    # Relative paths are relative to the model dir; an absolute path from a model
+    # dir that was moved or copied is looked up by its file name instead.
+    model_dir = os.fspath(model_dir)
+    if not os.path.isabs(ckpt_path):
+        return os.path.join(model_dir, ckpt_path)
+    if os.path.exists(ckpt_path + ".index"):
+        return ckpt_path
+    return os.path.join(model_dir, os.path.basename(ckpt_path))
+
+
+# --- the `.index` table ---------------------------------------------------------
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _block(data: bytes, offset: int, size: int) -> bytes:
+    if offset + size + 5 > len(data):
+        raise ValueError("block extends past the end of the index")
+    kind = data[offset + size]
+    if kind != 0:
+        raise ValueError(f"compressed index blocks (type {kind}) are not supported")
+    return data[offset : offset + size]
+
+
+def _block_entries(block: bytes) -> Iterator[tuple[bytes, bytes]]:
+    if len(block) < 4:
+        raise ValueError("block too short")
+    (num_restarts,) = struct.unpack_from("<I", block, len(block) - 4)
+    end = len(block) - 4 - 4 * num_restarts
+    if end < 0:
+        raise ValueError("bad restart array")
+    pos, key = 0, b""
+    while pos < end:
+        shared, pos = _varint(block, pos)
+        unshared, pos = _varint(block, pos)
+        value_len, pos = _varint(block, pos)
+        if shared > len(key) or pos + unshared + value_len > end:
+            raise ValueError("corrupt block entry")
+        key = key[:shared] + block[pos : pos + unshared]
+        pos += unshared
+        yield key, block[pos : pos + value_len]
+        pos += value_len
+
+
+def _table_entries(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    if len(data) < _FOOTER_LEN:
+        raise ValueError("file too short for a table footer")
+    footer = data[-_FOOTER_LEN:]
+    (magic,) = struct.unpack_from("<Q", footer, _FOOTER_LEN - 8)
+    if magic != _TABLE_MAGIC:
+        raise ValueError("bad table magic number (not a TensorFlow checkpoint index)")
+    _, pos = _varint(footer, 0)  # metaindex offset
+    _, pos = _varint(footer, pos)  # metaindex size
+    index_offset, pos = _varint(footer, pos)
+    index_size, _ = _varint(footer, pos)
+    for _, handle in _block_entries(_block(data, index_offset, index_size)):
+        offset, pos = _varint(handle, 0)
+        size, _ = _varint(handle, pos)
+        yield from _block_entries(_block(data, offset, size))
+
+
+def _proto_fields(buf: bytes) -> dict[int, int]:
+    """Scalar fields of a protobuf message (varints and fixed32/64); others skipped."""
+    fields: dict[int, int] = {}
+    pos = 0
+    while pos < len(buf):
+        tag, pos = _varint(buf, pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            fields[number], pos = _varint(buf, pos)
+        elif wire == 1:
+            (fields[number],) = struct.unpack_from("<Q", buf, pos)
+            pos += 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            pos += length
+        elif wire == 5:
+            (fields[number],) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("truncated protobuf message")
+    return fields
+
+
+def read_index(prefix: str) -> tuple[int, dict[str, tuple[int, int, int]]]:
+    """Read `<prefix>.index`: the shard count and each tensor's (shard, offset, size).
+
+    Raises:
+        FileNotFoundError: there is no index file.
+        ValueError: the index is not a readable TensorFlow tensor-bundle table.
+    """
+    with open(prefix + ".index", "rb") as handle:
+        data = handle.read()
+    num_shards: Optional[int] = None
+    entries: dict[str, tuple[int, int, int]] = {}
+    for key, value in _table_entries(data):
+        fields = _proto_fields(value)
+        if key == b"":
+            num_shards = fields.get(1, 0)  # BundleHeaderProto.num_shards
+        else:
+            # BundleEntryProto: shard_id=3, offset=4, size=5
+            entries[key.decode("utf-8", "replace")] = (
+                fields.get(3, 0), fields.get(4, 0), fields.get(5, 0)
+            )
+    if num_shards is None:
+        raise ValueError("index has no bundle header")
+    return num_shards, entries
+
+
+def check_checkpoint(prefix: str | os.PathLike) -> CheckpointFiles:
+    """Check that a checkpoint is complete: its index reads and every shard is whole.
+
+    Args:
+        prefix: the checkpoint prefix, e.g. `/models/iris/model.ckpt-1000`.
+
+    Returns:
+        What the index says about the checkpoint.
+
+    Raises:
+        InvalidCheckpointError: the index is missing or unreadable, a data shard
+            is missing, or a shard is smaller than the index says.
+    """
+    prefix = os.fspath(prefix)
+    try:
+        stat = os.stat(prefix + ".index")
+        num_shards, entries = read_index(prefix)
+    except FileNotFoundError as err:
+        raise InvalidCheckpointError(prefix, "index file is missing") from err
+    except (OSError, ValueError, struct.error) as err:
+        raise InvalidCheckpointError(prefix, f"index file is unreadable: {err}") from err
+    if num_shards < 1:
+        raise InvalidCheckpointError(prefix, "index declares no data shards")
+    needed = [0] * num_shards
+    for name, (shard, offset, size) in entries.items():
+        if shard >= num_shards:
+            raise InvalidCheckpointError(
+                prefix, f"tensor {name!r} is in shard {shard} of only {num_shards}"
+            )
+        needed[shard] = max(needed[shard], offset + size)
+    sizes = []
+    for shard, expected in enumerate(needed):
+        shard_path = data_shard_path(prefix, shard, num_shards)
+        try:
+            actual = os.stat(shard_path).st_size
+        except FileNotFoundError as err:
+            raise InvalidCheckpointError(prefix, f"data shard {shard_path} is missing") from err
+        if actual < expected:
+            raise InvalidCheckpointError(
+                prefix,
+                f"data shard {shard_path} is truncated: the index expects at least "
+                f"{expected} bytes, the file has {actual}",
+            )
+        sizes.append(actual)
+    return CheckpointFiles(
+        prefix=prefix,
+        step=step_of(prefix),
+        format="tf2" if OBJECT_GRAPH_KEY in entries else "tf1",
+        num_shards=num_shards,
+        num_tensors=len(entries),
+        size_bytes=stat.st_size + sum(sizes),
+        has_meta_graph=os.path.exists(prefix + ".meta"),
+        mtime=stat.st_mtime,
+        shard_sizes=tuple(sizes),
+    )
+
+
+def checkpoint_prefixes(model_dir: str | os.PathLike) -> list[str]:
+    """Every `<prefix>` with a `<prefix>.index` in `model_dir`, highest step first.
+
+    Prefixes without a step number sort last. Uncommitted files (data shards
+    without an index, TensorFlow's `*_temp` directories) are not listed.
+    """
+    model_dir = os.fspath(model_dir)
+    prefixes = []
+    with os.scandir(model_dir) as entries:
+        for entry in entries:
+            if entry.name.endswith(".index") and entry.is_file():
+                prefixes.append(os.path.join(model_dir, entry.name[: -len(".index")]))
+    return sorted(prefixes, key=lambda p: (step_of(p) is not None, step_of(p) or 0, p), reverse=True)
+
+
+def dir_changed_after(model_dir: str | os.PathLike, state: CheckpointState) -> bool:
+    """Whether entries were added to or removed from `model_dir` after the state file was written.
+
+    The state file is written last (atomically, by rename) when a checkpoint is
+    committed, and a rename sets the file's ctime and the directory's mtime to
+    the same instant. A directory changed later may hold a checkpoint the state
+    file does not name, so the caller lists it. The answer is only used to
+    decide whether to list; "latest" is always the highest committed step.
+    """
+    return Path(model_dir).stat().st_mtime_ns > state.ctime_ns

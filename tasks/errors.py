@@ -1,0 +1,97 @@
+"""The package's exceptions: one base, one subclass per kind of fault.
+
+Every error names the file, parameter or key at fault and says what was
+expected, so that a failed Prefect run explains itself.
+
+Example:
+    >>> from prefect_tensorflow.tasks.errors import PrefectTensorFlowError
+    >>> try:
+    ...     raise NoValidCheckpointError("/models/iris", "no checkpoint files")
+    ... except PrefectTensorFlowError as err:
+    ...     print(err)
+    no valid checkpoint in /models/iris: no checkpoint files
+"""
+
+from __future__ import annotations
+
+
+class PrefectTensorFlowError(Exception):
+    """Base class of every error raised by prefect-tensorflow."""
+
+
+class ImportStringError(PrefectTensorFlowError, ValueError):
+    """A `"module:attr"` import string is malformed or names nothing."""
+
+    def __init__(self, spec: object, reason: str, *, parameter: str = "import string"):
+        self.spec = spec
+        self.parameter = parameter
+        super().__init__(f"{parameter} {spec!r}: {reason}")
+
+
+class ModelDirError(PrefectTensorFlowError, ValueError):
+    """A model directory is missing, not a directory, or not writable."""
+
+    def __init__(self, path: object, reason: str):
+        self.path = str(path)
+        super().__init__(f"model dir {self.path}: {reason}")
+
+
+class InvalidCheckpointError(PrefectTensorFlowError):
+    """One checkpoint is unreadable, incomplete or corrupt."""
+
+    def __init__(self, path: object, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"checkpoint {self.path}: {reason}")
+
+
+class NoValidCheckpointError(PrefectTensorFlowError):
+    """A model directory holds no checkpoint that passes validation."""
+
+    def __init__(self, model_dir: object, reason: str):
+        self.model_dir = str(model_dir)
+        super().__init__(f"no valid checkpoint in {self.model_dir}: {reason}")
+
+
+class MetricNotFoundError(PrefectTensorFlowError, KeyError):
+    """No checkpoint recorded the metric a selection asked for."""
+
+    def __init__(self, model_dir: object, metric: str, available: list[str]):
+        self.model_dir = str(model_dir)
+        self.metric = metric
+        self.available = available
+        shown = ", ".join(available) if available else "none recorded"
+        super().__init__(
+            f"metric {metric!r} was not recorded for any valid checkpoint in "
+            f"{self.model_dir}; recorded metrics: {shown}"
+        )
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0]
+
+
+class CheckpointMismatchError(PrefectTensorFlowError):
+    """A checkpoint's keys do not match the objects restoring it."""
+
+    def __init__(self, path: object, missing: list[str], unexpected: list[str]):
+        self.path = str(path)
+        self.missing = missing
+        self.unexpected = unexpected
+        parts = [f"checkpoint {self.path} does not match the model being restored"]
+        if missing:
+            parts.append(f"keys the model expects but the checkpoint lacks: {_few(missing)}")
+        if unexpected:
+            parts.append(f"keys in the checkpoint the model does not have: {_few(unexpected)}")
+        parts.append("was it written by a different model builder or different key names?")
+        super().__init__("; ".join(parts))
+
+
+class TrainingError(PrefectTensorFlowError):
+    """Training could not start or could not go on (bad model, data or settings)."""
+
+
+def _few(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    if len(keys) > limit:
+        shown += f" (+{len(keys) - limit} more)"
+    return shown

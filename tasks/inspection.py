@@ -1,0 +1,68 @@
+"""Look inside a checkpoint with TensorFlow's reader: variables, shapes, dtypes, checksums.
+
+Example:
+    >>> from prefect_tensorflow.tasks.inspection import list_variables
+    >>> list_variables("/models/iris/model.ckpt-1000")[0]  # doctest: +SKIP
+    VariableInfo(name='global_step/.ATTRIBUTES/VARIABLE_VALUE', shape=[], dtype='int64')
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict
+
+from .checkpoint_files import OBJECT_GRAPH_KEY
+from .errors import InvalidCheckpointError
+
+
+class VariableInfo(BaseModel):
+    """A tensor stored in a checkpoint."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    shape: list[int]
+    dtype: str
+
+
+def _reader(prefix: str):
+    import tensorflow as tf
+
+    try:
+        return tf.train.load_checkpoint(prefix)
+    except (tf.errors.OpError, ValueError) as err:
+        raise InvalidCheckpointError(prefix, f"TensorFlow cannot open it: {err}") from err
+
+
+def list_variables(prefix: str | os.PathLike) -> list[VariableInfo]:
+    """The tensors in a checkpoint, sorted by name (the object graph itself left out)."""
+    prefix = os.fspath(prefix)
+    reader = _reader(prefix)
+    shapes = reader.get_variable_to_shape_map()
+    dtypes = reader.get_variable_to_dtype_map()
+    return [
+        VariableInfo(name=name, shape=list(shapes[name]), dtype=dtypes[name].name)
+        for name in sorted(shapes)
+        if name != OBJECT_GRAPH_KEY
+    ]
+
+
+def read_all_tensors(prefix: str | os.PathLike) -> int:
+    """Read every tensor back; TensorFlow checks each one's CRC32C. Returns bytes read.
+
+    Raises:
+        InvalidCheckpointError: a tensor cannot be read or its checksum is wrong.
+    """
+    import tensorflow as tf
+
+    prefix = os.fspath(prefix)
+    reader = _reader(prefix)
+    total = 0
+    for name in sorted(reader.get_variable_to_shape_map()):
+        try:
+            value = reader.get_tensor(name)
+        except (tf.errors.OpError, ValueError) as err:
+            raise InvalidCheckpointError(prefix, f"tensor {name!r} does not read back: {err}") from err
+        total += getattr(value, "nbytes", 0)
+    return total

@@ -1,0 +1,65 @@
+"""The metrics recorded at each checkpoint, kept beside the checkpoints.
+
+`<model_dir>/checkpoint_metrics.jsonl` holds one JSON line per saved
+checkpoint: `{"step": 1000, "checkpoint": "model.ckpt-1000", "time": ...,
+"metrics": {"loss": 0.07, "accuracy": 0.97}}`. A line is appended before its
+checkpoint is written, so every committed checkpoint has its line; an append
+cut short by a crash leaves an unparseable last line, which readers skip.
+Appending, unlike writing a file per checkpoint, adds no directory entries,
+so it does not disturb the cheap "is the state file current" test in
+`checkpoint_files.dir_changed_after`.
+
+Example:
+    >>> import tempfile
+    >>> from prefect_tensorflow.tasks.metrics_log import append_metrics, read_metrics
+    >>> d = tempfile.mkdtemp()
+    >>> append_metrics(d, step=10, checkpoint="model.ckpt-10", metrics={"loss": 0.5})
+    >>> read_metrics(d)[10]["loss"]
+    0.5
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Mapping
+
+METRICS_FILE = "checkpoint_metrics.jsonl"
+
+
+def append_metrics(
+    model_dir: str | os.PathLike, *, step: int, checkpoint: str, metrics: Mapping[str, float]
+) -> None:
+    """Record the metrics of the checkpoint about to be saved at `step`."""
+    clean = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+    line = json.dumps(
+        {"step": int(step), "checkpoint": checkpoint, "time": time.time(), "metrics": clean},
+        sort_keys=True,
+    )
+    path = os.path.join(os.fspath(model_dir), METRICS_FILE)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_metrics(model_dir: str | os.PathLike) -> dict[int, dict[str, float]]:
+    """Metrics by step; when a step was recorded twice (a resumed run), the last line wins."""
+    path = os.path.join(os.fspath(model_dir), METRICS_FILE)
+    by_step: dict[int, dict[str, float]] = {}
+    try:
+        handle = open(path, encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return by_step
+    with handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+                by_step[int(record["step"])] = {
+                    str(k): float(v) for k, v in dict(record["metrics"]).items()
+                }
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash, or not ours
+    return by_step

@@ -1,0 +1,76 @@
+"""Restore a `tf.train.Checkpoint` strictly: every key must match, or nothing is trusted.
+
+The TensorFlow guide warns that checkpoint keys must match the objects that
+restore them; `Checkpoint.read` on its own restores what matches and silently
+skips the rest. `restore_strict` turns any mismatch into a
+`CheckpointMismatchError` naming the missing and unexpected keys.
+
+Example:
+    >>> import tensorflow as tf
+    >>> from prefect_tensorflow.tasks.restore import restore_strict
+    >>> ckpt = tf.train.Checkpoint(step=tf.Variable(0))  # doctest: +SKIP
+    >>> restore_strict(ckpt, "/models/iris/model.ckpt-1000")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from .checkpoint_files import OBJECT_GRAPH_KEY
+from .errors import CheckpointMismatchError, InvalidCheckpointError
+
+_IGNORED = {OBJECT_GRAPH_KEY, "save_counter/.ATTRIBUTES/VARIABLE_VALUE"}
+
+
+def checkpoint_keys(prefix: str) -> set[str]:
+    """The variable keys stored in a checkpoint (object graph and save counter left out)."""
+    import tensorflow as tf
+
+    return {name for name, _ in tf.train.list_variables(prefix)} - _IGNORED
+
+
+def expected_keys(checkpoint) -> set[str]:
+    """The keys `checkpoint` would write, found by writing it to a scratch directory.
+
+    Only used to explain a mismatch, so its cost is paid on the error path alone.
+    """
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory(prefix="ptf-keys-") as scratch:
+        prefix = checkpoint.write(os.path.join(scratch, "expected"))
+        return {name for name, _ in tf.train.list_variables(prefix)} - _IGNORED
+
+
+def restore_strict(checkpoint, prefix: str | os.PathLike) -> None:
+    """Restore `checkpoint` (a `tf.train.Checkpoint`) from `prefix`, all keys or an error.
+
+    Build every object first (e.g. `optimizer.build(model.trainable_variables)`)
+    so that slot variables are matched now rather than deferred.
+
+    Raises:
+        CheckpointMismatchError: keys are missing from the checkpoint or the
+            checkpoint holds keys the objects do not have (the objects may then
+            be partly restored and must be discarded).
+        InvalidCheckpointError: TensorFlow cannot read the checkpoint.
+    """
+    import tensorflow as tf
+
+    prefix = os.fspath(prefix)
+    if hasattr(checkpoint, "save_counter"):
+        checkpoint.save_counter  # created lazily; it must exist to be matched now
+    try:
+        status = checkpoint.read(prefix)
+    except (tf.errors.OpError, ValueError) as err:
+        raise InvalidCheckpointError(prefix, f"TensorFlow cannot restore it: {err}") from err
+    try:
+        status.assert_existing_objects_matched()
+        status.assert_consumed()
+    except AssertionError as err:
+        status.expect_partial()  # the objects are discarded; no "unrestored values" warnings
+        stored = checkpoint_keys(prefix)
+        wanted = expected_keys(checkpoint)
+        missing, unexpected = sorted(wanted - stored), sorted(stored - wanted)
+        if not missing and not unexpected:
+            raise CheckpointMismatchError(prefix, [str(err)], []) from err
+        raise CheckpointMismatchError(prefix, missing, unexpected) from err

@@ -1,0 +1,349 @@
+"""`train_with_checkpoints`: train a Keras model with TF2 checkpoints that resume exactly.
+
+One `tf.train.Checkpoint` holds everything an exact resume needs, under
+stable keys: `model`, `optimizer`, `global_step` and `input_iterator` (the
+position of the shuffled, repeated input pipeline). A
+`tf.train.CheckpointManager` writes `<model_dir>/model.ckpt-<step>.index`,
+`.data-00000-of-00001` and the `checkpoint` state file; TensorBoard event
+files (loss every `summary_every_n_steps`, evaluation metrics at each
+checkpoint under `eval/`), `graph.pbtxt` and `checkpoint_metrics.jsonl` sit
+beside them.
+
+`steps` is the target global step (the Estimator's `max_steps`): after a crash
+the same call finishes the same training. With the same seed, TensorFlow's op
+determinism makes a resumed run end with the weights of an uninterrupted one.
+
+Example:
+    >>> from prefect import flow
+    >>> from prefect_tensorflow.tasks.training import train_with_checkpoints
+    >>> from prefect_tensorflow.tasks.policy import CheckpointPolicy
+    >>> @flow
+    ... def nightly(model_dir: str = "/models/iris") -> int:
+    ...     policy = CheckpointPolicy(save_checkpoints_steps=200)
+    ...     return train_with_checkpoints(model_dir, more_steps=1000, policy=policy).final_step
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import iris
+from .checkpoint_files import checkpoint_prefixes
+from .errors import ModelDirError, NoValidCheckpointError, TrainingError
+from .importing import load_object
+from .logs import get_logger
+from .metrics_log import append_metrics
+from .policy import CheckpointPolicy
+from .preemption import PreemptionGuard
+from .restore import restore_strict
+from .selection import find_latest_checkpoint
+
+ProgressCallback = Callable[[int, int, Optional[float]], None]
+
+
+class TrainResult(BaseModel):
+    """What a training run did; small and picklable, never TensorFlow objects."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_dir: str
+    start_step: int = Field(description="Global step the run started (or resumed) at")
+    final_step: int = Field(description="Global step at the end of the run")
+    target_step: int
+    steps_run: int
+    last_checkpoint: Optional[str] = Field(description="Prefix of the newest checkpoint written")
+    checkpoints_saved: int
+    final_metrics: dict[str, float] = Field(default_factory=dict)
+    preempted: bool = False
+    elapsed_seconds: float = 0.0
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, received {value!r}")
+    return value
+
+
+def _prepare_model_dir(model_dir: str | os.PathLike) -> str:
+    path = os.path.abspath(os.fspath(model_dir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ModelDirError(path, "is a file; expected a directory (existing or to be created)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ModelDirError(path, f"cannot be created: {err}") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ModelDirError(path, "is not writable")
+    return path
+
+
+def _build(model: str, data: str, hparams: dict[str, Any]):
+    import keras
+    import tensorflow as tf
+
+    builder = load_object(model, parameter="model")
+    loader = load_object(data, parameter="data")
+    try:
+        net = builder(**hparams)
+    except TypeError as err:
+        raise TrainingError(f"model {model!r}: calling it with hparams {hparams} failed: {err}") from err
+    if not isinstance(net, keras.Model):
+        raise TrainingError(f"model {model!r}: expected a keras.Model, received {type(net).__name__}")
+    if getattr(net, "optimizer", None) is None or getattr(net, "loss", None) is None:
+        raise TrainingError(
+            f"model {model!r}: expected a compiled model (model.compile(optimizer=..., loss=...)), "
+            "received one without an optimizer or a loss"
+        )
+    datasets = {}
+    for split in ("train", "eval"):
+        ds = loader(split)
+        if not isinstance(ds, tf.data.Dataset):
+            raise TrainingError(
+                f"data {data!r}: expected {split!r} to give a tf.data.Dataset of (features, label), "
+                f"received {type(ds).__name__}"
+            )
+        datasets[split] = ds
+    return net, datasets["train"], datasets["eval"]
+
+
+def train(
+    model_dir: str | os.PathLike,
+    *,
+    model: str = iris.MODEL,
+    data: str = iris.DATA,
+    steps: int = 1000,
+    more_steps: Optional[int] = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    policy: Optional[CheckpointPolicy] = None,
+    hparams: Optional[dict[str, Any]] = None,
+    shuffle_buffer: int = 1000,
+    summary_every_n_steps: int = 100,
+    on_progress: Optional[ProgressCallback] = None,
+) -> TrainResult:
+    """Train to global step `steps` (or `more_steps` past the newest checkpoint), checkpointing.
+
+    The plain function behind `train_with_checkpoints`; see the module docstring.
+
+    Raises:
+        ValueError: a count is not a non-negative integer.
+        ModelDirError: `model_dir` is a file or cannot be created.
+        ImportStringError: `model` or `data` names nothing importable.
+        TrainingError: the model or data do not follow their contracts.
+        CheckpointMismatchError: the newest checkpoint was written by another model.
+    """
+    started = time.monotonic()
+    _check_int("steps", steps, 0)
+    if more_steps is not None:
+        _check_int("more_steps", more_steps, 0)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("shuffle_buffer", shuffle_buffer, 1)
+    _check_int("summary_every_n_steps", summary_every_n_steps, 1)
+    _check_int("seed", seed, 0)
+    policy = policy or CheckpointPolicy()
+    hparams = dict(hparams or {})
+    model_dir = _prepare_model_dir(model_dir)
+    load_object(model, parameter="model")
+    load_object(data, parameter="data")
+    log = get_logger()
+
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    net, train_ds, eval_ds = _build(model, data, hparams)
+    pipeline = (
+        train_ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        .repeat()
+        .batch(batch_size, drop_remainder=True)
+    )
+    eval_batches = eval_ds.batch(max(batch_size, 256))
+    iterator = iter(pipeline)
+    global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+    net.optimizer.build(net.trainable_variables)
+    ckpt = tf.train.Checkpoint(
+        model=net, optimizer=net.optimizer, global_step=global_step, input_iterator=iterator
+    )
+
+    try:
+        latest = find_latest_checkpoint(model_dir)
+    except NoValidCheckpointError as err:
+        latest = None
+        if checkpoint_prefixes(model_dir):
+            log.warning("%s; training from scratch", err)
+    if latest is not None:
+        restore_strict(ckpt, latest.path)
+        log.info("resumed from %s (step %d)", latest.path, int(global_step.numpy()))
+    manager = tf.train.CheckpointManager(
+        ckpt,
+        model_dir,
+        max_to_keep=policy.keep_checkpoint_max,
+        keep_checkpoint_every_n_hours=policy.keep_checkpoint_every_n_hours,
+        checkpoint_name=policy.checkpoint_name,
+    )
+    options = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=policy.async_save)
+
+    start_step = step = int(global_step.numpy())
+    target = start_step + more_steps if more_steps is not None else steps
+    if target < start_step:
+        log.warning(
+            "%s is already at step %d, past the target step %d; nothing to train",
+            model_dir, start_step, target,
+        )
+
+    @tf.function(reduce_retracing=True)
+    def train_step(it):
+        x, y = next(it)
+        with tf.GradientTape() as tape:
+            y_pred = net(x, training=True)
+            loss = net.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+        grads = tape.gradient(loss, net.trainable_variables)
+        net.optimizer.apply_gradients(zip(grads, net.trainable_variables))
+        global_step.assign_add(1)
+        return loss
+
+    writer = tf.summary.create_file_writer(model_dir)
+    eval_writer = tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
+    saved: list[str] = []
+    last_saved_step = latest.step if latest is not None else None
+    last_save_time = time.monotonic()
+    metrics: dict[str, float] = dict(latest.metrics) if latest is not None else {}
+    window_loss, window_steps, window_start = 0.0, 0, time.monotonic()
+
+    def save() -> None:
+        nonlocal last_saved_step, last_save_time, metrics
+        metrics = _evaluate(net, eval_batches)
+        if window_steps:
+            metrics["train_loss"] = window_loss / window_steps
+        name = f"{policy.checkpoint_name}-{step}"
+        append_metrics(model_dir, step=step, checkpoint=name, metrics=metrics)
+        path = manager.save(checkpoint_number=step, options=options)
+        with eval_writer.as_default(step=step):
+            for key, value in metrics.items():
+                tf.summary.scalar(key, value)
+        eval_writer.flush()
+        saved.append(path)
+        last_saved_step, last_save_time = step, time.monotonic()
+        log.info("saved checkpoint %s (%s)", path, _fmt(metrics))
+
+    preempted = False
+    with PreemptionGuard() as guard:
+        if policy.save_at_start and last_saved_step != step and step < target:
+            save()
+        first = True
+        while step < target:
+            if guard.requested:
+                preempted = True
+                log.warning("SIGTERM received at step %d: saving a checkpoint before exiting", step)
+                break
+            loss_value = train_step(iterator)
+            step += 1
+            if first:
+                _write_graph(train_step, iterator, model_dir)
+                first = False
+            summary_due = step % summary_every_n_steps == 0
+            if summary_due or on_progress is not None:
+                loss = float(loss_value)
+                window_loss += loss
+                window_steps += 1
+            if summary_due:
+                rate = window_steps / max(time.monotonic() - window_start, 1e-9)
+                with writer.as_default(step=step):
+                    tf.summary.scalar("loss", loss)
+                    tf.summary.scalar("global_step/sec", rate)
+                log.info("step %d/%d: loss %.4f (%.0f steps/s)", step, target, loss, rate)
+            if on_progress is not None:
+                on_progress(step, target, loss)
+            if (
+                policy.save_checkpoints_steps is not None and step % policy.save_checkpoints_steps == 0
+            ) or (
+                policy.save_checkpoints_secs is not None
+                and time.monotonic() - last_save_time >= policy.save_checkpoints_secs
+            ):
+                save()
+                window_loss, window_steps, window_start = 0.0, 0, time.monotonic()
+        if (preempted or policy.save_at_end) and last_saved_step != step:
+            save()
+        if policy.async_save:
+            ckpt.sync()
+        writer.flush()
+        eval_writer.flush()
+
+    return TrainResult(
+        model_dir=model_dir,
+        start_step=start_step,
+        final_step=step,
+        target_step=target,
+        steps_run=step - start_step,
+        last_checkpoint=saved[-1] if saved else (latest.path if latest else None),
+        checkpoints_saved=len(saved),
+        final_metrics=metrics,
+        preempted=preempted,
+        elapsed_seconds=time.monotonic() - started,
+    )
+
+
+def _evaluate(net, batches) -> dict[str, float]:
+    values = net.evaluate(batches, verbose=0, return_dict=True)
+    return {str(k): float(v) for k, v in values.items() if math.isfinite(float(v))}
+
+
+def _write_graph(train_step, iterator, model_dir: str) -> None:
+    import tensorflow as tf
+
+    graph_def = train_step.get_concrete_function(iterator).graph.as_graph_def()
+    tf.io.write_graph(graph_def, model_dir, "graph.pbtxt", as_text=True)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+
+
+@task(name="train-with-checkpoints", task_run_name="train-{model_dir}")
+def train_with_checkpoints(
+    model_dir: str,
+    model: str = iris.MODEL,
+    data: str = iris.DATA,
+    steps: int = 1000,
+    more_steps: Optional[int] = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    policy: Optional[CheckpointPolicy] = None,
+    hparams: Optional[dict[str, Any]] = None,
+) -> TrainResult:
+    """Train a model with checkpoints, resuming from the model dir's newest valid checkpoint.
+
+    Args:
+        model_dir: where checkpoints, event files and `graph.pbtxt` are written.
+        model: `"module:attr"` of a builder returning a compiled `keras.Model`.
+        data: `"module:attr"` of a loader `(split) -> tf.data.Dataset` of (features, label).
+        steps: target global step (the Estimator's `max_steps`).
+        more_steps: train this many steps past the newest checkpoint instead.
+        batch_size: examples per step.
+        seed: random seed of initialisation and shuffling.
+        policy: when to checkpoint and what to keep; Estimator defaults when None.
+        hparams: keyword arguments for the model builder.
+
+    Returns:
+        What the run did: steps, the last checkpoint, its metrics.
+
+    Raises:
+        ModelDirError, ImportStringError, TrainingError, CheckpointMismatchError.
+
+    Example:
+        >>> from prefect import flow
+        >>> @flow
+        ... def train_iris(model_dir: str = "/models/iris") -> str:
+        ...     return train_with_checkpoints(model_dir, steps=2000).last_checkpoint
+    """
+    return train(
+        model_dir, model=model, data=data, steps=steps, more_steps=more_steps,
+        batch_size=batch_size, seed=seed, policy=policy, hparams=hparams,
+    )
