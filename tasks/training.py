@@ -198,6 +198,11 @@ def train(
             model_dir, start_step, target,
         )
 
+    # Training loss since the last checkpoint, summed on the device: no per-step sync.
+    # Not part of the checkpoint, so after a resume the first window is shorter.
+    loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+    loss_count = tf.Variable(0, dtype=tf.int64, trainable=False)
+
     @tf.function(reduce_retracing=True)
     def train_step(it):
         x, y = next(it)
@@ -207,6 +212,8 @@ def train(
         grads = tape.gradient(loss, net.trainable_variables)
         net.optimizer.apply_gradients(zip(grads, net.trainable_variables))
         global_step.assign_add(1)
+        loss_sum.assign_add(tf.cast(loss, tf.float64))
+        loss_count.assign_add(1)
         return loss
 
     writer = tf.summary.create_file_writer(model_dir)
@@ -215,13 +222,15 @@ def train(
     last_saved_step = latest.step if latest is not None else None
     last_save_time = time.monotonic()
     metrics: dict[str, float] = dict(latest.metrics) if latest is not None else {}
-    window_loss, window_steps, window_start = 0.0, 0, time.monotonic()
+    rate_time = time.monotonic()
 
     def save() -> None:
         nonlocal last_saved_step, last_save_time, metrics
         metrics = _evaluate(net, eval_batches)
-        if window_steps:
-            metrics["train_loss"] = window_loss / window_steps
+        if int(loss_count.numpy()):
+            metrics["train_loss"] = float(loss_sum.numpy()) / int(loss_count.numpy())
+        loss_sum.assign(0.0)
+        loss_count.assign(0)
         name = f"{policy.checkpoint_name}-{step}"
         append_metrics(model_dir, step=step, checkpoint=name, metrics=metrics)
         path = manager.save(checkpoint_number=step, options=options)
@@ -249,12 +258,11 @@ def train(
                 _write_graph(train_step, iterator, model_dir)
                 first = False
             summary_due = step % summary_every_n_steps == 0
-            if summary_due or on_progress is not None:
-                loss = float(loss_value)
-                window_loss += loss
-                window_steps += 1
+            loss = float(loss_value) if summary_due or on_progress is not None else None
             if summary_due:
-                rate = window_steps / max(time.monotonic() - window_start, 1e-9)
+                now = time.monotonic()
+                rate = summary_every_n_steps / max(now - rate_time, 1e-9)
+                rate_time = now
                 with writer.as_default(step=step):
                     tf.summary.scalar("loss", loss)
                     tf.summary.scalar("global_step/sec", rate)
@@ -268,7 +276,6 @@ def train(
                 and time.monotonic() - last_save_time >= policy.save_checkpoints_secs
             ):
                 save()
-                window_loss, window_steps, window_start = 0.0, 0, time.monotonic()
         if (preempted or policy.save_at_end) and last_saved_step != step:
             save()
         if policy.async_save:

@@ -1,0 +1,305 @@
+"""The `prefect-tensorflow` command line.
+
+    prefect-tensorflow train --model-dir DIR --steps 2000 --save-checkpoints-steps 200
+    prefect-tensorflow checkpoints list DIR [--json]
+    prefect-tensorflow checkpoints latest DIR [--verify-checksums] [--json]
+    prefect-tensorflow checkpoints best DIR --metric accuracy --mode max [--json]
+    prefect-tensorflow checkpoints inspect DIR/model.ckpt-2000 [--json]
+    prefect-tensorflow retrain [--model-dir DIR] [--steps N] [--json]
+
+`train` and `checkpoints` call the plain functions (no Prefect API needed);
+`retrain` runs the Prefect flow. Errors print one line naming what is at
+fault and exit with status 2.
+
+Example:
+    >>> from prefect_tensorflow.flows.cli import main
+    >>> main(["checkpoints", "latest", "/models/iris", "--json"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from .defaults import apply_environment_defaults, default_model_dir
+
+app = typer.Typer(
+    help="Train TensorFlow models with checkpoints and ship them with Prefect.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+checkpoints_app = typer.Typer(help="List, select and inspect checkpoints.", no_args_is_help=True)
+app.add_typer(checkpoints_app, name="checkpoints")
+
+MODEL_HELP = "'module:attr' of a builder returning a compiled keras.Model"
+DATA_HELP = "'module:attr' of a loader (split) -> tf.data.Dataset of (features, label)"
+
+
+def _fail(err: BaseException) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+def _run(action: Callable[[], Any]) -> Any:
+    """Run `action`, turning the package's and validation errors into one-line messages."""
+    from pydantic import ValidationError
+
+    from prefect_tensorflow.tasks.errors import PrefectTensorFlowError
+
+    try:
+        return action()
+    except (PrefectTensorFlowError, ValidationError, ValueError, FileNotFoundError) as err:
+        _fail(err)
+
+
+def _emit(obj: Any, as_json: bool, text: Callable[[], str]) -> None:
+    if as_json:
+        if hasattr(obj, "model_dump"):
+            obj = obj.model_dump(mode="json")
+        elif isinstance(obj, list):
+            obj = [o.model_dump(mode="json") if hasattr(o, "model_dump") else o for o in obj]
+        typer.echo(json.dumps(obj, indent=2, sort_keys=True))
+    else:
+        typer.echo(text())
+
+
+def _when(mtime: Optional[float]) -> str:
+    if mtime is None:
+        return "-"
+    return datetime.fromtimestamp(mtime, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _size(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())) or "-"
+
+
+@app.command()
+def train(
+    model_dir: str = typer.Option(None, "--model-dir", help="Checkpoint directory [default: ./.prefect-tensorflow/models/iris]"),
+    model: str = typer.Option("prefect_tensorflow.tasks.iris:build_model", help=MODEL_HELP),
+    data: str = typer.Option("prefect_tensorflow.tasks.iris:load_dataset", help=DATA_HELP),
+    steps: int = typer.Option(1000, help="Target global step (run again after a crash to finish)"),
+    more_steps: Optional[int] = typer.Option(None, help="Train this many steps past the newest checkpoint instead"),
+    batch_size: int = typer.Option(32),
+    seed: int = typer.Option(0),
+    save_checkpoints_steps: Optional[int] = typer.Option(None, help="Save every N steps"),
+    save_checkpoints_secs: Optional[float] = typer.Option(None, help="Save every N seconds [default: 600]"),
+    keep_checkpoint_max: int = typer.Option(5, help="Keep the N newest checkpoints (0 keeps all)"),
+    keep_checkpoint_every_n_hours: float = typer.Option(10000.0),
+    async_save: bool = typer.Option(False, "--async-save", help="Write checkpoints in the background"),
+    checkpoint_name: str = typer.Option("model.ckpt"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
+) -> None:
+    """Train with checkpoints, resuming from the newest valid one; shows a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from prefect_tensorflow.tasks.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.training import train as train_fn
+
+    policy = _run(
+        lambda: CheckpointPolicy(
+            save_checkpoints_steps=save_checkpoints_steps,
+            save_checkpoints_secs=save_checkpoints_secs,
+            keep_checkpoint_max=keep_checkpoint_max or None,
+            keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,
+            async_save=async_save,
+            checkpoint_name=checkpoint_name,
+        )
+    )
+    progress = Progress(
+        TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+        TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
+        console=_stderr_console(), transient=False,
+    )
+    bar: dict[str, Any] = {}
+
+    def on_progress(step: int, target: int, loss: Optional[float]) -> None:
+        if "id" not in bar:  # started on the first step, so errors before it print cleanly
+            progress.start()
+            bar["id"] = progress.add_task("train", total=target, completed=step, loss="")
+        progress.update(bar["id"], completed=step, loss=f"loss {loss:.4f}" if loss is not None else "")
+
+    try:
+        result = _run(
+            lambda: train_fn(
+                model_dir or default_model_dir(), model=model, data=data, steps=steps,
+                more_steps=more_steps, batch_size=batch_size, seed=seed, policy=policy,
+                on_progress=on_progress,
+            )
+        )
+    finally:
+        progress.stop()
+    _emit(result, as_json, lambda: (
+        f"trained {result.model_dir} from step {result.start_step} to {result.final_step}"
+        f" ({result.checkpoints_saved} checkpoints saved)\n"
+        f"last checkpoint: {result.last_checkpoint}\nmetrics: {_metrics(result.final_metrics)}"
+    ))
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@checkpoints_app.command("list")
+def list_cmd(
+    model_dir: str = typer.Argument(..., help="Model directory"),
+    verify_checksums: bool = typer.Option(False, "--verify-checksums", help="Read every tensor back"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Every checkpoint with its step, time, size, validity and metrics."""
+    from prefect_tensorflow.tasks.selection import list_checkpoints
+
+    rows = _run(lambda: list_checkpoints(model_dir, verify_checksums=verify_checksums))
+
+    def text() -> str:
+        lines = [f"{'step':>10}  {'time (UTC)':19}  {'size':>10}  {'valid':5}  detail"]
+        for r in rows:
+            detail = _metrics(r.metrics) if r.valid else r.reason
+            lines.append(
+                f"{r.step if r.step is not None else '-':>10}  {_when(r.mtime):19}  "
+                f"{_size(r.size_bytes):>10}  {'yes' if r.valid else 'NO':5}  {detail}"
+            )
+        if not rows:
+            lines.append("(no checkpoints)")
+        return "\n".join(lines)
+
+    _emit(rows, as_json, text)
+
+
+def _ref_text(ref) -> str:
+    return (
+        f"{ref.path}\n  step {ref.step}, {ref.format} checkpoint, {_size(ref.size_bytes)}, "
+        f"{ref.num_tensors} tensors, written {_when(ref.mtime)} UTC\n  metrics: {_metrics(ref.metrics)}"
+    )
+
+
+@checkpoints_app.command("latest")
+def latest_cmd(
+    model_dir: str = typer.Argument(..., help="Model directory"),
+    verify_checksums: bool = typer.Option(False, "--verify-checksums", help="Read every tensor back"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The newest valid checkpoint (what tf.train.latest_checkpoint should answer)."""
+    from prefect_tensorflow.tasks.selection import find_latest_checkpoint
+
+    ref = _run(lambda: find_latest_checkpoint(model_dir, verify_checksums=verify_checksums))
+    _emit(ref, as_json, lambda: _ref_text(ref))
+
+
+@checkpoints_app.command("best")
+def best_cmd(
+    model_dir: str = typer.Argument(..., help="Model directory"),
+    metric: str = typer.Option(..., help="Metric recorded at each checkpoint, e.g. accuracy or loss"),
+    mode: str = typer.Option("min", help="min or max"),
+    verify_checksums: bool = typer.Option(False, "--verify-checksums"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The valid checkpoint with the best recorded metric."""
+    from prefect_tensorflow.tasks.selection import find_best_checkpoint
+
+    ref = _run(lambda: find_best_checkpoint(model_dir, metric, mode, verify_checksums=verify_checksums))  # type: ignore[arg-type]
+    _emit(ref, as_json, lambda: _ref_text(ref))
+
+
+@checkpoints_app.command("inspect")
+def inspect_cmd(
+    checkpoint: str = typer.Argument(..., help="Checkpoint prefix, e.g. DIR/model.ckpt-1000"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Validity, size and the variables (name, shape, dtype) of one checkpoint."""
+    from prefect_tensorflow.tasks.inspection import list_variables
+    from prefect_tensorflow.tasks.selection import validate_checkpoint
+
+    prefix = checkpoint[: -len(".index")] if checkpoint.endswith(".index") else checkpoint
+    files = _run(lambda: validate_checkpoint(prefix))
+    variables = _run(lambda: list_variables(prefix))
+    result = {
+        "path": files.prefix, "step": files.step, "format": files.format,
+        "size_bytes": files.size_bytes, "num_shards": files.num_shards,
+        "has_meta_graph": files.has_meta_graph, "mtime": files.mtime, "valid": True,
+        "variables": [v.model_dump() for v in variables],
+    }
+
+    def text() -> str:
+        lines = [
+            f"{files.prefix}: valid {files.format} checkpoint, step {files.step}, "
+            f"{_size(files.size_bytes)} in {files.num_shards} shard(s)",
+        ]
+        width = max((len(v.name) for v in variables), default=4)
+        for v in variables:
+            lines.append(f"  {v.name:<{width}}  {str(v.shape):>14}  {v.dtype}")
+        return "\n".join(lines)
+
+    _emit(result, as_json, text)
+
+
+@app.command()
+def retrain(
+    model_dir: str = typer.Option(None, "--model-dir", help="Checkpoint directory [default: ./.prefect-tensorflow/models/iris]"),
+    model: str = typer.Option("prefect_tensorflow.tasks.iris:build_model", help=MODEL_HELP),
+    data: str = typer.Option("prefect_tensorflow.tasks.iris:load_dataset", help=DATA_HELP),
+    steps: int = typer.Option(1000, help="Target global step"),
+    more_steps: Optional[int] = typer.Option(None, help="Train this many steps past the newest checkpoint instead"),
+    batch_size: int = typer.Option(32),
+    seed: int = typer.Option(0),
+    save_checkpoints_steps: Optional[int] = typer.Option(None),
+    save_checkpoints_secs: Optional[float] = typer.Option(None),
+    keep_checkpoint_max: int = typer.Option(5),
+    select: str = typer.Option("latest", help="'latest' or 'best:<metric>[:min|max]'"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Run the `retrain` flow: train with checkpoints, then select the checkpoint to ship."""
+    from prefect_tensorflow.tasks.policy import CheckpointPolicy
+
+    from .retrain import Selection, retrain as retrain_flow
+
+    _run(lambda: Selection.parse(select))
+    policy = _run(
+        lambda: CheckpointPolicy(
+            save_checkpoints_steps=save_checkpoints_steps,
+            save_checkpoints_secs=save_checkpoints_secs,
+            keep_checkpoint_max=keep_checkpoint_max or None,
+        )
+    )
+    summary = _run(
+        lambda: retrain_flow(
+            model_dir=model_dir or default_model_dir(), model=model, data=data, steps=steps,
+            more_steps=more_steps, batch_size=batch_size, seed=seed, policy=policy, select=select,
+        )
+    )
+    ref = summary.checkpoint
+    _emit(summary, as_json, lambda: (
+        f"\nmodel dir:            {summary.training.model_dir}\n"
+        f"trained:              step {summary.training.start_step} -> {summary.training.final_step}\n"
+        f"checkpoint to ship:   {ref.path}\n"
+        f"  step {ref.step}, {ref.format}, metrics: {_metrics(ref.metrics)}\n"
+        f"list all checkpoints: prefect-tensorflow checkpoints list {summary.training.model_dir}\n"
+        f"TensorBoard:          tensorboard --logdir {summary.training.model_dir}"
+    ))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console-script entry point."""
+    apply_environment_defaults()
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="prefect-tensorflow")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Embedded defaults of the main job: where it writes when nothing is configured.
+
+Everything `make run` writes goes under one local data directory,
+`./.prefect-tensorflow` (or `$PREFECT_TENSORFLOW_HOME`).
+
+Example:
+    >>> from prefect_tensorflow.flows.defaults import default_model_dir
+    >>> default_model_dir().endswith("models/iris")
+    True
+"""
+
+from __future__ import annotations
+
+import os
+
+HOME_ENV = "PREFECT_TENSORFLOW_HOME"
+# Prefect's ephemeral API migrates a new SQLite database on first use; on a
+# 2-core machine that can take longer than Prefect's default 20 s start-up limit.
+EPHEMERAL_STARTUP_TIMEOUT = "180"
+
+
+def data_home() -> str:
+    """The local data directory: `$PREFECT_TENSORFLOW_HOME` or `./.prefect-tensorflow`."""
+    return os.path.abspath(os.environ.get(HOME_ENV) or ".prefect-tensorflow")
+
+
+def default_model_dir() -> str:
+    """Where the bundled iris model is trained by default."""
+    return os.path.join(data_home(), "models", "iris")
+
+
+def apply_environment_defaults(environ: dict[str, str] | None = None) -> None:
+    """Set the environment defaults the CLI needs, leaving anything the user set alone.
+
+    Called before Prefect or TensorFlow is imported: Prefect reads its settings
+    and TensorFlow its log level when they load.
+    """
+    env = os.environ if environ is None else environ
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT)
+    # 3 hides TensorFlow's C++ info, warnings and the "failed call to cuInit"
+    # error every CPU-only machine prints; Python-level errors still raise.
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -1,0 +1,102 @@
+"""The `retrain` flow: train with checkpoints, then select the checkpoint to ship.
+
+This is the main job `make run` runs. Later stages (freeze, export, MLflow)
+chain onto the checkpoint it selects.
+
+Example:
+    >>> from prefect_tensorflow.flows.retrain import retrain
+    >>> summary = retrain(model_dir="/tmp/iris", steps=500)  # doctest: +SKIP
+    >>> summary.checkpoint.path  # doctest: +SKIP
+    '/tmp/iris/model.ckpt-500'
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Optional
+
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
+
+from prefect_tensorflow.tasks import iris
+from prefect_tensorflow.tasks.policy import CheckpointPolicy
+from prefect_tensorflow.tasks.selection import (
+    CheckpointRef,
+    select_best_checkpoint,
+    select_latest_checkpoint,
+)
+from prefect_tensorflow.tasks.training import TrainResult, train_with_checkpoints
+
+from .defaults import default_model_dir
+
+_BEST = re.compile(r"^best:([A-Za-z0-9_./-]+)(?::(min|max))?$")
+
+
+class Selection(BaseModel):
+    """How the checkpoint to ship is chosen, parsed from `"latest"` or `"best:<metric>[:min|max]"`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["latest", "best"]
+    metric: Optional[str] = None
+    mode: Literal["min", "max"] = "max"
+
+    @classmethod
+    def parse(cls, text: str) -> "Selection":
+        """`"latest"`, `"best:accuracy"` (max) or `"best:loss"` (min: names with "loss" or
+        "error" default to min), or an explicit `"best:<metric>:min|max"`.
+
+        Raises:
+            ValueError: the text is none of these.
+        """
+        text = (text or "").strip()
+        if text == "latest":
+            return cls(kind="latest")
+        match = _BEST.match(text)
+        if not match:
+            raise ValueError(
+                f"select: expected 'latest' or 'best:<metric>[:min|max]', received {text!r}"
+            )
+        metric, mode = match.group(1), match.group(2)
+        if mode is None:
+            mode = "min" if ("loss" in metric or "error" in metric) else "max"
+        return cls(kind="best", metric=metric, mode=mode)
+
+
+class RetrainSummary(BaseModel):
+    """What a `retrain` run produced."""
+
+    model_config = ConfigDict(frozen=True)
+
+    training: TrainResult
+    checkpoint: CheckpointRef = Field(description="The checkpoint selected to ship")
+    selection: str
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    model_dir: Annotated[Optional[str], Field(description="Checkpoint directory; default ./.prefect-tensorflow/models/iris")] = None,
+    model: Annotated[str, Field(description="'module:attr' of the compiled Keras model builder")] = iris.MODEL,
+    data: Annotated[str, Field(description="'module:attr' of the dataset loader (split) -> tf.data.Dataset")] = iris.DATA,
+    steps: Annotated[int, Field(ge=0, description="Target global step")] = 1000,
+    more_steps: Annotated[Optional[int], Field(ge=0, description="Train this many steps past the newest checkpoint instead")] = None,
+    batch_size: Annotated[int, Field(ge=1, description="Examples per step")] = 32,
+    seed: Annotated[int, Field(ge=0, description="Seed of initialisation and shuffling")] = 0,
+    policy: Annotated[Optional[CheckpointPolicy], Field(description="When to checkpoint and what to keep (Estimator defaults)")] = None,
+    select: Annotated[str, Field(description="'latest' or 'best:<metric>[:min|max]'")] = "latest",
+) -> RetrainSummary:
+    """Train (resuming from the newest valid checkpoint) and select the checkpoint to ship.
+
+    Raises:
+        ValueError: `select` is malformed (checked before any training).
+    """
+    selection = Selection.parse(select)
+    result = train_with_checkpoints(
+        model_dir or default_model_dir(), model=model, data=data, steps=steps, more_steps=more_steps,
+        batch_size=batch_size, seed=seed, policy=policy,
+    )
+    if selection.kind == "latest":
+        ref = select_latest_checkpoint(result.model_dir)
+    else:
+        ref = select_best_checkpoint(result.model_dir, selection.metric, selection.mode)
+    return RetrainSummary(training=result, checkpoint=ref, selection=select)
