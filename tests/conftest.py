@@ -1,0 +1,89 @@
+"""Shared fixtures: a real trained iris model dir, TF1 checkpoints, a Prefect test API."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect API (its own SQLite database) for tests that run flows or tasks."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory) -> Path:
+    """A model dir trained for real: 300 steps, a checkpoint every 100, every one kept.
+
+    Shared read-only; tests that damage files use `model_dir_copy`.
+    """
+    from prefect_tensorflow.tasks.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.training import train
+
+    model_dir = tmp_path_factory.mktemp("trained") / "iris"
+    policy = CheckpointPolicy(save_checkpoints_steps=100, keep_checkpoint_max=None)
+    train(model_dir, steps=300, policy=policy)
+    return model_dir
+
+
+@pytest.fixture
+def model_dir_copy(trained_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of `trained_dir` (files and the `checkpoint` state file alike)."""
+    target = tmp_path / "iris"
+    shutil.copytree(trained_dir, target)
+    # copytree leaves the directory's mtime after the state file's ctime; make the
+    # state file current again, as it is in a model dir written in place.
+    state = target / "checkpoint"
+    tmp = target / "checkpoint.tmp"
+    shutil.copyfile(state, tmp)
+    os.replace(tmp, state)
+    return target
+
+
+def write_tf1_checkpoints(model_dir: Path, steps=(100, 200, 300)) -> None:
+    """Write TF1 `Saver` checkpoints (with `.meta` graphs) the Estimator way, in graph mode."""
+    import tensorflow as tf
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.set_random_seed(0)  # op determinism may be on in this process
+        x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="features")
+        w = tf.compat.v1.get_variable("dense/kernel", [4, 3])
+        b = tf.compat.v1.get_variable("dense/bias", [3], initializer=tf.compat.v1.zeros_initializer())
+        tf.identity(tf.matmul(x, w) + b, name="logits")
+        global_step = tf.compat.v1.train.get_or_create_global_step()
+        saver = tf.compat.v1.train.Saver(max_to_keep=10)
+        with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            for step in steps:
+                sess.run(global_step.assign(step))
+                saver.save(sess, str(model_dir / "model.ckpt"), global_step=step)
+
+
+@pytest.fixture
+def tf1_checkpoints():
+    """`write_tf1_checkpoints(model_dir, steps)`, as a fixture."""
+    return write_tf1_checkpoints
+
+
+@pytest.fixture
+def cli_env() -> dict[str, str]:
+    """Environment for CLI subprocesses: quiet TensorFlow, the test's Python first on PATH."""
+    env = dict(os.environ)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env

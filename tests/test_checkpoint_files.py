@@ -1,0 +1,117 @@
+"""The TensorFlow-free readers of the state file and the index, checked against TensorFlow."""
+
+import os
+
+import pytest
+
+from prefect_tensorflow.tasks.checkpoint_files import (
+    OBJECT_GRAPH_KEY,
+    check_checkpoint,
+    checkpoint_prefixes,
+    read_index,
+    read_state_file,
+    step_of,
+)
+from prefect_tensorflow.tasks.errors import InvalidCheckpointError
+
+
+def test_index_matches_tensorflows_reader(trained_dir):
+    import tensorflow as tf
+
+    prefix = str(trained_dir / "model.ckpt-300")
+    num_shards, entries = read_index(prefix)
+    assert num_shards == 1
+    tf_names = {name for name, _ in tf.train.list_variables(prefix)}
+    assert set(entries) == tf_names
+    reader = tf.train.load_checkpoint(prefix)
+    dtypes = reader.get_variable_to_dtype_map()
+    for name, (shard, offset, size) in entries.items():
+        if name == OBJECT_GRAPH_KEY or dtypes[name] == tf.variant:
+            continue
+        value = reader.get_tensor(name)
+        if value.dtype.kind == "f":
+            assert size == value.nbytes, name
+    data_size = os.path.getsize(prefix + ".data-00000-of-00001")
+    assert max(offset + size for _, offset, size in entries.values()) == data_size
+
+
+def test_check_checkpoint_reports_format_step_and_size(trained_dir):
+    files = check_checkpoint(trained_dir / "model.ckpt-200")
+    assert files.step == 200
+    assert files.format == "tf2"
+    assert files.has_meta_graph is False
+    assert files.size_bytes == sum(
+        os.path.getsize(trained_dir / name)
+        for name in ("model.ckpt-200.index", "model.ckpt-200.data-00000-of-00001")
+    )
+
+
+def test_tf1_saver_checkpoint_is_recognised(tmp_path, tf1_checkpoints):
+    tf1_checkpoints(tmp_path)
+    files = check_checkpoint(tmp_path / "model.ckpt-300")
+    assert files.format == "tf1"
+    assert files.has_meta_graph
+    assert files.step == 300
+    state = read_state_file(tmp_path)
+    assert state.model_checkpoint_path == str(tmp_path / "model.ckpt-300")
+
+
+def test_state_file_resolves_relative_and_moved_absolute_paths(tmp_path):
+    (tmp_path / "checkpoint").write_text(
+        'model_checkpoint_path: "/elsewhere/old/model.ckpt-20"\n'
+        'all_model_checkpoint_paths: "model.ckpt-10"\n'
+        'all_model_checkpoint_paths: "/elsewhere/old/model.ckpt-20"\n'
+        "all_model_checkpoint_timestamps: 1.5\n"
+    )
+    state = read_state_file(tmp_path)
+    assert state.model_checkpoint_path == str(tmp_path / "model.ckpt-20")
+    assert state.all_model_checkpoint_paths == (str(tmp_path / "model.ckpt-10"), str(tmp_path / "model.ckpt-20"))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\x00\xff\xfe garbage", b"model_checkpoint_path: unquoted\n", b"surprise_field: \"x\"\n", b"", b"all_model_checkpoint_paths: \"a\"\n"],
+)
+def test_garbage_state_file_is_an_error(tmp_path, content):
+    (tmp_path / "checkpoint").write_bytes(content)
+    with pytest.raises(ValueError):
+        read_state_file(tmp_path)
+
+
+def test_truncated_index_is_invalid(model_dir_copy):
+    index = model_dir_copy / "model.ckpt-300.index"
+    index.write_bytes(index.read_bytes()[:-20])
+    with pytest.raises(InvalidCheckpointError, match="index file is unreadable"):
+        check_checkpoint(model_dir_copy / "model.ckpt-300")
+
+
+def test_random_bytes_index_is_invalid(model_dir_copy):
+    (model_dir_copy / "model.ckpt-300.index").write_bytes(os.urandom(300))
+    with pytest.raises(InvalidCheckpointError, match="model.ckpt-300: index file is unreadable"):
+        check_checkpoint(model_dir_copy / "model.ckpt-300")
+
+
+def test_truncated_shard_is_invalid_and_named(model_dir_copy):
+    shard = model_dir_copy / "model.ckpt-300.data-00000-of-00001"
+    size = shard.stat().st_size
+    os.truncate(shard, size - 1)
+    with pytest.raises(InvalidCheckpointError) as info:
+        check_checkpoint(model_dir_copy / "model.ckpt-300")
+    assert str(shard) in str(info.value)
+    assert f"at least {size} bytes, the file has {size - 1}" in str(info.value)
+
+
+def test_missing_shard_is_invalid(model_dir_copy):
+    shard = model_dir_copy / "model.ckpt-300.data-00000-of-00001"
+    shard.unlink()
+    with pytest.raises(InvalidCheckpointError, match="data shard .* is missing"):
+        check_checkpoint(model_dir_copy / "model.ckpt-300")
+
+
+def test_prefixes_sorted_by_step_not_name(tmp_path):
+    for name in ("model.ckpt-9", "model.ckpt-100", "model.ckpt-20", "other"):
+        (tmp_path / f"{name}.index").write_bytes(b"")
+    (tmp_path / "model.ckpt-500.data-00000-of-00001").write_bytes(b"")  # uncommitted: no index
+    names = [os.path.basename(p) for p in checkpoint_prefixes(tmp_path)]
+    assert names == ["model.ckpt-100", "model.ckpt-20", "model.ckpt-9", "other"]
+    assert step_of("/x/model.ckpt-100") == 100 and step_of("/x/other") is None
