@@ -316,13 +316,16 @@ def checkpoint_prefixes(model_dir: str | os.PathLike) -> list[str]:
     return sorted(prefixes, key=lambda p: (step_of(p) is not None, step_of(p) or 0, p), reverse=True)
 
 
-def dir_changed_after(model_dir: str | os.PathLike, state: CheckpointState) -> bool:
-    """Whether entries were added to or removed from `model_dir` after the state file was written.
+def state_file_is_last_change(model_dir: str | os.PathLike, state: CheckpointState) -> bool:
+    """Whether writing the state file was the last change to `model_dir`'s entries.
 
-    The state file is written last (atomically, by rename) when a checkpoint is
-    committed, and a rename sets the file's ctime and the directory's mtime to
-    the same instant. A directory changed later may hold a checkpoint the state
-    file does not name, so the caller lists it. The answer is only used to
-    decide whether to list; "latest" is always the highest committed step.
+    TensorFlow writes the state file last when it commits a checkpoint, by
+    renaming a temporary file, and a rename gives the file's ctime and the
+    directory's mtime the same instant. If they still agree, no checkpoint was
+    committed or removed since, and the state file can be trusted without
+    listing the directory. Anything else (a checkpoint committed after the
+    state file by a run that crashed, a state file edited or copied in place,
+    a deleted checkpoint) makes the caller list the directory. The answer only
+    decides whether to list; "latest" is always the highest committed step.
     """
-    return Path(model_dir).stat().st_mtime_ns > state.ctime_ns
+    return Path(model_dir).stat().st_mtime_ns == state.ctime_ns

@@ -7,7 +7,7 @@ checkpoint is written, so every committed checkpoint has its line; an append
 cut short by a crash leaves an unparseable last line, which readers skip.
 Appending, unlike writing a file per checkpoint, adds no directory entries,
 so it does not disturb the cheap "is the state file current" test in
-`checkpoint_files.dir_changed_after`.
+`checkpoint_files.state_file_is_last_change`.
 
 Example:
     >>> import tempfile

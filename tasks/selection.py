@@ -28,8 +28,8 @@ from .checkpoint_files import (
     CheckpointFiles,
     check_checkpoint,
     checkpoint_prefixes,
-    dir_changed_after,
     read_state_file,
+    state_file_is_last_change,
     step_of,
 )
 from .errors import (
@@ -165,7 +165,7 @@ def find_latest_checkpoint(
             why = f"state file names {err.path}, which is invalid: {err.reason}"
             log.warning("%s: %s; looking for the newest valid checkpoint instead", model_dir, why)
         else:
-            if not dir_changed_after(model_dir, state):
+            if state_file_is_last_change(model_dir, state):
                 return _ref(files, model_dir, read_metrics(model_dir))
             why = "the directory changed after the state file was written"
 
