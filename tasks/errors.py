@@ -73,11 +73,15 @@ class MetricNotFoundError(PrefectTensorFlowError, KeyError):
 class CheckpointMismatchError(PrefectTensorFlowError):
     """A checkpoint's keys do not match the objects restoring it."""
 
-    def __init__(self, path: object, missing: list[str], unexpected: list[str]):
+    def __init__(
+        self, path: object, missing: list[str], unexpected: list[str], detail: str = ""
+    ):
         self.path = str(path)
         self.missing = missing
         self.unexpected = unexpected
         parts = [f"checkpoint {self.path} does not match the model being restored"]
+        if detail:
+            parts.append(detail)
         if missing:
             parts.append(f"keys the model expects but the checkpoint lacks: {_few(missing)}")
         if unexpected:

@@ -61,8 +61,10 @@ def restore_strict(checkpoint, prefix: str | os.PathLike) -> None:
         checkpoint.save_counter  # created lazily; it must exist to be matched now
     try:
         status = checkpoint.read(prefix)
-    except (tf.errors.OpError, ValueError) as err:
-        raise InvalidCheckpointError(prefix, f"TensorFlow cannot restore it: {err}") from err
+    except ValueError as err:  # a stored tensor's shape or dtype differs from the variable's
+        raise CheckpointMismatchError(prefix, [], [], detail=str(err).strip().splitlines()[-1]) from err
+    except tf.errors.OpError as err:
+        raise InvalidCheckpointError(prefix, f"TensorFlow cannot restore it: {err.message}") from err
     try:
         status.assert_existing_objects_matched()
         status.assert_consumed()

@@ -34,6 +34,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import iris
+from .async_save import enable_keras_async_checkpoint
 from .checkpoint_files import checkpoint_prefixes
 from .errors import ModelDirError, NoValidCheckpointError, TrainingError
 from .importing import load_object
@@ -159,11 +160,7 @@ def train(
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     net, train_ds, eval_ds = _build(model, data, hparams)
-    pipeline = (
-        train_ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        .repeat()
-        .batch(batch_size, drop_remainder=True)
-    )
+    pipeline = input_pipeline(train_ds, seed=seed, shuffle_buffer=shuffle_buffer, batch_size=batch_size)
     eval_batches = eval_ds.batch(max(batch_size, 256))
     iterator = iter(pipeline)
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
@@ -188,6 +185,8 @@ def train(
         keep_checkpoint_every_n_hours=policy.keep_checkpoint_every_n_hours,
         checkpoint_name=policy.checkpoint_name,
     )
+    if policy.async_save:
+        enable_keras_async_checkpoint()
     options = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=policy.async_save)
 
     start_step = step = int(global_step.numpy())
@@ -295,6 +294,18 @@ def train(
         preempted=preempted,
         elapsed_seconds=time.monotonic() - started,
     )
+
+
+def input_pipeline(dataset, *, seed: int, shuffle_buffer: int, batch_size: int):
+    """Repeat `dataset` forever, shuffle the stream with `seed`, and batch it.
+
+    Repeating before shuffling means the shuffle is instantiated once, when
+    the training iterator is created. Shuffling after repeating would draw each
+    epoch's order from a seed generator shared by every iterator of the
+    dataset, and TensorFlow's async checkpoint creates a second iterator (to
+    copy the input position), which would change the order training sees.
+    """
+    return dataset.repeat().shuffle(shuffle_buffer, seed=seed).batch(batch_size, drop_remainder=True)
 
 
 def _evaluate(net, batches) -> dict[str, float]:

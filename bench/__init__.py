@@ -1,0 +1,20 @@
+"""Benchmarks of prefect-tensorflow: `python -m bench` runs them all, `python -m bench NAME` one.
+
+Every figure is a ratio of two things measured side by side in the same
+process (repetitions interleaved, medians taken), never an absolute time held
+against a threshold: the machines this runs on are small and noisy. Each
+benchmark prints a plain-text table and writes `bench/results/<name>.json`.
+
+Benchmarks:
+    checkpoint_save     tf.train.Checkpoint write vs a raw write of the same bytes;
+                        sync vs async CheckpointManager.save blocking time.
+    training_overhead   train() steps/s with a checkpoint every 100 steps vs none.
+    select_latest       find_latest_checkpoint on 10,000 checkpoints vs 1.
+"""
+
+import os
+
+# TensorFlow reads its C++ log level when it loads; every benchmark imports it later.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+BENCHMARKS = ("checkpoint_save", "training_overhead", "select_latest")

@@ -1,0 +1,199 @@
+"""Checkpoint save throughput against a raw write of the same bytes; sync vs async save.
+
+What it measures, on 256 MB of float32 `tf.Variable`s (4 variables of 64 MB,
+random values) held by one `tf.train.Checkpoint`, every case run in the same
+process with repetitions interleaved (the order rotates each round) and the
+median taken:
+
+(a) `tf.train.Checkpoint.write(prefix)` to a fresh local temp dir, against
+(b) a raw write of the same bytes: the variables' numpy buffers written with
+    plain unbuffered Python file writes into a temporary name, then
+    `os.replace` to the final name. Neither side fsyncs: TensorFlow's
+    checkpoint writer does not call fsync/fdatasync (checked with
+    `strace -e trace=fsync,fdatasync`: it only writes `<prefix>_temp/...`
+    files and renames them), so both measure writing into the page cache
+    plus whatever writeback the kernel starts meanwhile, not durability.
+    Reading: MB/s of each (MB = 10**6 bytes of variable payload) and
+    `checkpoint/raw` = raw time / checkpoint time, i.e. the fraction of raw
+    write throughput a checkpoint achieves. 1.0 means TensorFlow adds nothing
+    over writing the bytes; 0.5 means a checkpoint takes twice as long.
+
+(c) `tf.train.CheckpointManager(...).save()` synchronous against the same
+    save with `CheckpointOptions(experimental_enable_async_checkpoint=True)`
+    (each on its own `tf.train.Checkpoint` of the same variables, each save
+    into a fresh dir). Blocking time is until `save()` returns; for async
+    also the time until `checkpoint.sync()` returns (the files and the
+    `checkpoint` state file are written). Reading: `async_blocking/sync` is
+    the share of a synchronous save's stall that an async save still costs
+    the training loop (its copy of every variable to a host-side twin);
+    `async_complete/sync` above 1.0 is the extra cost of the async machinery
+    when nothing overlaps it.
+
+One untimed warm-up of each case comes first (TensorFlow builds its save
+functions and the async helper its variable twins on the first call).
+Temp dirs are removed after every repetition (outside the timed region).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from .common import Scratch, fmt, interleaved, median, ratio_table, spread, timed, write_results
+
+NAME = "checkpoint_save"
+NUM_VARIABLES = 4
+FLOATS_PER_VARIABLE = 16 * 1024 * 1024  # 64 MiB of float32 each
+ROUNDS = 5
+MB = 1e6
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+    )
+
+
+def run() -> dict:
+    import tensorflow as tf
+
+    tf.random.set_seed(0)
+    variables = [
+        tf.Variable(tf.random.uniform([FLOATS_PER_VARIABLE], dtype=tf.float32), name=f"w{i}")
+        for i in range(NUM_VARIABLES)
+    ]
+    arrays = [v.numpy() for v in variables]  # the same bytes, already in host memory
+    payload = sum(a.nbytes for a in arrays)
+    assert payload >= 200 * MB, payload
+
+    ckpt_write = tf.train.Checkpoint(variables=variables)
+    ckpt_sync = tf.train.Checkpoint(variables=variables)
+    ckpt_async = tf.train.Checkpoint(variables=variables)
+    async_options = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=True)
+    sizes: dict[str, int] = {}
+
+    with Scratch(NAME) as scratch:
+
+        def checkpoint_write() -> float:
+            d = scratch.fresh("write")
+            seconds = timed(lambda: ckpt_write.write(os.path.join(d, "ckpt")))
+            sizes["checkpoint_files"] = _dir_bytes(d)
+            shutil.rmtree(d)
+            return seconds
+
+        def raw_write() -> float:
+            d = scratch.fresh("raw")
+            tmp, final = os.path.join(d, "raw.tmp"), os.path.join(d, "raw.data")
+
+            def write() -> None:
+                with open(tmp, "wb", buffering=0) as handle:
+                    for array in arrays:
+                        view = memoryview(array).cast("B")
+                        while view:
+                            view = view[handle.write(view):]
+                os.replace(tmp, final)
+
+            seconds = timed(write)
+            sizes["raw_file"] = os.path.getsize(final)
+            shutil.rmtree(d)
+            return seconds
+
+        def manager_sync() -> dict:
+            d = scratch.fresh("sync")
+            manager = tf.train.CheckpointManager(ckpt_sync, d, max_to_keep=1)
+            seconds = timed(manager.save)
+            assert tf.train.latest_checkpoint(d) is not None
+            shutil.rmtree(d)
+            return {"blocking": seconds}
+
+        def manager_async() -> dict:
+            d = scratch.fresh("async")
+            manager = tf.train.CheckpointManager(ckpt_async, d, max_to_keep=1)
+            start = time.perf_counter()
+            manager.save(options=async_options)
+            returned = time.perf_counter()
+            ckpt_async.sync()
+            done = time.perf_counter()
+            # sync() waited for the data, the index and the state file (a write callback)
+            assert tf.train.latest_checkpoint(d) is not None, "async save not committed after sync()"
+            shutil.rmtree(d)
+            return {"blocking": returned - start, "complete": done - start}
+
+        for warm in (checkpoint_write, raw_write, manager_sync, manager_async):
+            warm()
+        ab = interleaved({"checkpoint": checkpoint_write, "raw": raw_write}, ROUNDS)
+        sa = interleaved({"sync": manager_sync, "async": manager_async}, ROUNDS)
+
+    t_ckpt, t_raw = median(ab["checkpoint"]), median(ab["raw"])
+    sync_block = median(s["blocking"] for s in sa["sync"])
+    async_block = median(s["blocking"] for s in sa["async"])
+    async_done = median(s["complete"] for s in sa["async"])
+
+    result = {
+        "parameters": {
+            "variables": NUM_VARIABLES,
+            "floats_per_variable": FLOATS_PER_VARIABLE,
+            "payload_bytes": payload,
+            "rounds": ROUNDS,
+            "fsync": False,
+        },
+        "file_bytes": sizes,
+        "samples_seconds": {
+            "checkpoint_write": ab["checkpoint"],
+            "raw_write": ab["raw"],
+            "manager_save_sync_blocking": [s["blocking"] for s in sa["sync"]],
+            "manager_save_async_blocking": [s["blocking"] for s in sa["async"]],
+            "manager_save_async_complete": [s["complete"] for s in sa["async"]],
+        },
+        "median_seconds": {
+            "checkpoint_write": t_ckpt,
+            "raw_write": t_raw,
+            "manager_save_sync_blocking": sync_block,
+            "manager_save_async_blocking": async_block,
+            "manager_save_async_complete": async_done,
+        },
+        "mb_per_s": {
+            "checkpoint_write": payload / MB / t_ckpt,
+            "raw_write": payload / MB / t_raw,
+        },
+        "ratios": {
+            "checkpoint_over_raw_throughput": t_raw / t_ckpt,
+            "async_blocking_over_sync_blocking": async_block / sync_block,
+            "async_complete_over_sync_blocking": async_done / sync_block,
+        },
+    }
+    result["table"] = ratio_table(
+        f"checkpoint_save: {payload / MB:.0f} MB of float32 in {NUM_VARIABLES} tf.Variables, "
+        f"{ROUNDS} interleaved rounds, medians (no fsync on either side)",
+        ["case", "median s", "min..max s", "MB/s", "ratio", "ratio means"],
+        [
+            ["(b) raw file write + rename", t_raw, spread(ab["raw"]), payload / MB / t_raw, 1.0, "baseline"],
+            ["(a) tf.train.Checkpoint.write", t_ckpt, spread(ab["checkpoint"]), payload / MB / t_ckpt,
+             t_raw / t_ckpt, "checkpoint/raw throughput"],
+            ["(c) manager.save sync, blocking", sync_block, spread(result["samples_seconds"]["manager_save_sync_blocking"]),
+             payload / MB / sync_block, 1.0, "baseline"],
+            ["(c) manager.save async, blocking", async_block,
+             spread(result["samples_seconds"]["manager_save_async_blocking"]), "-",
+             async_block / sync_block, "async_blocking/sync_blocking"],
+            ["(c) async, until sync() returns", async_done,
+             spread(result["samples_seconds"]["manager_save_async_complete"]), payload / MB / async_done,
+             async_done / sync_block, "async_complete/sync_blocking"],
+        ],
+        notes=[
+            f"checkpoint files {fmt(sizes.get('checkpoint_files', 0) / MB)} MB, raw file "
+            f"{fmt(sizes.get('raw_file', 0) / MB)} MB (MB = 10**6 bytes; MB/s counts variable payload).",
+        ],
+    )
+    return result
+
+
+def main() -> dict:
+    result = run()
+    print(result["table"])
+    print(f"  results: {write_results(NAME, result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

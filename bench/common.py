@@ -1,0 +1,117 @@
+"""Helpers shared by the benchmarks: interleaved timing, medians, the table, the JSON file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def interleaved(cases: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, list[Any]]:
+    """Run every case once per round, rotating the order each round; collect what each returns.
+
+    Rotating the order keeps "always runs right after the heavy case" from
+    biasing one side. A case returns its own measurement (a float of seconds,
+    or a dict), so it decides what is inside the timed region.
+    """
+    names = list(cases)
+    out: dict[str, list[Any]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            out[name].append(cases[name]())
+    return out
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds `fn()` took (perf_counter)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(values: Iterable[float]) -> float:
+    return float(statistics.median(list(values)))
+
+
+def spread(values: Sequence[float]) -> str:
+    """`min..max` of a sample, for the table: how noisy a median is."""
+    return f"{min(values):.4g}..{max(values):.4g}"
+
+
+def fmt(value: Optional[float], digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if value == 0 or 1e-3 <= abs(value) < 1e6:
+        return f"{value:.{digits}g}"
+    return f"{value:.3e}"
+
+
+def ratio_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]], notes: Sequence[str] = ()) -> str:
+    """A plain-text table: a title line, aligned columns, then notes."""
+    cells = [[str(c) for c in header]] + [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        # first column left-aligned (labels), the rest right-aligned (numbers)
+        return "  ".join(
+            row[i].ljust(widths[i]) if i == 0 else row[i].rjust(widths[i]) for i in range(len(row))
+        ).rstrip()
+
+    rule = "-" * len(line(cells[0]))
+    text = [title, rule, line(cells[0]), rule] + [line(r) for r in cells[1:]] + [rule]
+    text += [f"  {n}" for n in notes]
+    return "\n".join(text)
+
+
+def environment() -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if "tensorflow" in sys.modules:
+        env["tensorflow"] = sys.modules["tensorflow"].__version__
+    return env
+
+
+def write_results(name: str, data: Mapping[str, Any]) -> str:
+    """Write `bench/results/<name>.json` (atomically); return its path."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    payload = {"benchmark": name, "environment": environment(), **data}
+    fd, tmp = tempfile.mkstemp(dir=RESULTS_DIR, prefix=f".{name}.", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+class Scratch:
+    """A temporary directory removed on exit, for a benchmark's files."""
+
+    def __init__(self, prefix: str):
+        self.path = tempfile.mkdtemp(prefix=f"bench-{prefix}-")
+
+    def fresh(self, name: str) -> str:
+        """A new empty subdirectory (the old one of that name removed)."""
+        path = os.path.join(self.path, name)
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+        return path
+
+    def __enter__(self) -> "Scratch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,32 @@
+"""Model builders and loaders used by the tests through import strings.
+
+Loaded as the top-level module `models_for_tests` (pytest puts tests/ on
+sys.path; subprocesses get it through PYTHONPATH).
+"""
+
+from prefect_tensorflow.tasks import iris
+
+
+def wider_model():
+    """The iris classifier with different hidden units: its checkpoints do not fit `iris`."""
+    return iris.build_model(hidden_units=(16, 8))
+
+
+def uncompiled_model():
+    import keras
+
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, keras.layers.Dense(3)(inputs))
+
+
+def not_a_model():
+    return "a string"
+
+
+def not_a_dataset(split):
+    return [[1.0, 2.0, 3.0, 4.0]]
+
+
+def deeper_model():
+    """One more hidden layer than `iris`: its variables have no keys in iris checkpoints."""
+    return iris.build_model(hidden_units=(10, 10, 10))

@@ -1,0 +1,212 @@
+"""train_with_checkpoints on the real iris model: files, resume, policies and bad inputs."""
+
+import os
+
+import numpy as np
+import pytest
+
+from prefect_tensorflow.tasks.errors import (
+    CheckpointMismatchError,
+    ImportStringError,
+    ModelDirError,
+    TrainingError,
+)
+from prefect_tensorflow.tasks.metrics_log import read_metrics
+from prefect_tensorflow.tasks.policy import CheckpointPolicy
+from prefect_tensorflow.tasks.selection import find_latest_checkpoint
+from prefect_tensorflow.tasks.training import train
+
+
+def weights(prefix):
+    """Every variable in a checkpoint except TF's own save counter."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(str(prefix))
+    return {
+        name: reader.get_tensor(name)
+        for name, dtype in reader.get_variable_to_dtype_map().items()
+        if name.endswith("VARIABLE_VALUE") and not name.startswith("save_counter")
+    }
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
+
+
+def test_model_dir_layout_is_the_guides(trained_dir):
+    names = set(os.listdir(trained_dir))
+    for step in (0, 100, 200, 300):
+        assert f"model.ckpt-{step}.index" in names
+        assert f"model.ckpt-{step}.data-00000-of-00001" in names
+    assert {"checkpoint", "graph.pbtxt", "checkpoint_metrics.jsonl", "eval"} <= names
+    assert any(n.startswith("events.out.tfevents.") for n in names)
+    assert any(n.startswith("events.out.tfevents.") for n in os.listdir(trained_dir / "eval"))
+    assert "node {" in (trained_dir / "graph.pbtxt").read_text()[:10000]
+
+
+def test_checkpoint_holds_stable_keys(trained_dir):
+    import tensorflow as tf
+
+    keys = {name for name, _ in tf.train.list_variables(str(trained_dir / "model.ckpt-300"))}
+    assert "global_step/.ATTRIBUTES/VARIABLE_VALUE" in keys
+    assert "input_iterator/.ATTRIBUTES/ITERATOR_STATE" in keys
+    assert "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE" in keys
+    reader = tf.train.load_checkpoint(str(trained_dir / "model.ckpt-300"))
+    assert reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE") == 300
+
+
+def test_metrics_recorded_for_every_checkpoint(trained_dir):
+    recorded = read_metrics(trained_dir)
+    assert sorted(recorded) == [0, 100, 200, 300]
+    assert {"loss", "accuracy"} <= set(recorded[300])
+    assert "train_loss" in recorded[300]
+    assert recorded[300]["loss"] < recorded[0]["loss"]  # it learned
+
+
+def test_summaries_written_to_event_files(trained_dir):
+    import tensorflow as tf
+
+    tags = set()
+    for name in os.listdir(trained_dir):
+        if name.startswith("events.out.tfevents."):
+            for event in tf.compat.v1.train.summary_iterator(str(trained_dir / name)):
+                tags.update(v.tag for v in event.summary.value)
+    assert "loss" in tags
+
+
+def test_resume_reaches_the_same_weights(tmp_path, trained_dir):
+    policy = CheckpointPolicy(save_checkpoints_steps=100, keep_checkpoint_max=None)
+    first = train(tmp_path / "a", steps=150, policy=policy)
+    assert first.final_step == 150 and first.last_checkpoint.endswith("model.ckpt-150")
+    second = train(tmp_path / "a", steps=300, policy=policy)
+    assert (second.start_step, second.final_step, second.steps_run) == (150, 300, 150)
+    assert_same_weights(tmp_path / "a" / "model.ckpt-300", trained_dir / "model.ckpt-300")
+
+
+def test_target_already_reached_trains_nothing(tmp_path):
+    policy = CheckpointPolicy(save_checkpoints_steps=50)
+    train(tmp_path / "m", steps=50, policy=policy)
+    again = train(tmp_path / "m", steps=50, policy=policy)
+    assert again.steps_run == 0 and again.checkpoints_saved == 0
+    assert again.last_checkpoint.endswith("model.ckpt-50")
+
+
+def test_more_steps_counts_from_the_newest_checkpoint(tmp_path):
+    policy = CheckpointPolicy(save_checkpoints_steps=1000)
+    train(tmp_path / "m", steps=40, policy=policy)
+    result = train(tmp_path / "m", more_steps=25, policy=policy)
+    assert (result.start_step, result.final_step) == (40, 65)
+    assert find_latest_checkpoint(tmp_path / "m").step == 65
+
+
+def test_keep_checkpoint_max(tmp_path):
+    train(tmp_path / "m", steps=60, policy=CheckpointPolicy(save_checkpoints_steps=10, keep_checkpoint_max=2))
+    indexes = sorted(n for n in os.listdir(tmp_path / "m") if n.endswith(".index"))
+    assert indexes == ["model.ckpt-50.index", "model.ckpt-60.index"]
+
+
+def test_async_save_writes_valid_checkpoints_and_same_weights(tmp_path):
+    sync = train(tmp_path / "sync", steps=60, policy=CheckpointPolicy(save_checkpoints_steps=20))
+    asyn = train(tmp_path / "async", steps=60, policy=CheckpointPolicy(save_checkpoints_steps=20, async_save=True))
+    assert asyn.checkpoints_saved == sync.checkpoints_saved == 4
+    assert find_latest_checkpoint(tmp_path / "async", verify_checksums=True).step == 60
+    for step in (20, 40, 60):  # each async checkpoint holds the values of its own step
+        assert_same_weights(tmp_path / "sync" / f"model.ckpt-{step}", tmp_path / "async" / f"model.ckpt-{step}")
+
+
+def test_different_model_in_model_dir_names_the_keys(tmp_path, trained_dir):
+    import shutil
+
+    shutil.copytree(trained_dir, tmp_path / "m")
+    before = sorted(os.listdir(tmp_path / "m"))
+    with pytest.raises(CheckpointMismatchError) as info:
+        train(tmp_path / "m", model="models_for_tests:wider_model", steps=400)
+    message = str(info.value)
+    assert "model.ckpt-300 does not match the model being restored" in message
+    assert "incompatible tensor with shape (4, 10)" in message and "(4, 16)" in message
+    assert sorted(os.listdir(tmp_path / "m")) == before  # nothing written, nothing removed
+
+
+def test_extra_layer_is_reported_as_missing_keys(tmp_path, trained_dir):
+    import shutil
+
+    shutil.copytree(trained_dir, tmp_path / "m")
+    with pytest.raises(CheckpointMismatchError) as info:
+        train(tmp_path / "m", model="models_for_tests:deeper_model", steps=400)
+    assert info.value.missing, "the extra layer's variables should be listed as missing"
+    assert "keys the model expects but the checkpoint lacks" in str(info.value)
+
+
+def test_restore_strict_names_missing_and_unexpected_keys(trained_dir):
+    import tensorflow as tf
+
+    from prefect_tensorflow.tasks.restore import restore_strict
+
+    ckpt = tf.train.Checkpoint(global_step=tf.Variable(0, dtype=tf.int64), extra=tf.Variable([1.0, 2.0]))
+    with pytest.raises(CheckpointMismatchError) as info:
+        restore_strict(ckpt, str(trained_dir / "model.ckpt-300"))
+    assert info.value.missing == ["extra/.ATTRIBUTES/VARIABLE_VALUE"]
+    assert "input_iterator/.ATTRIBUTES/ITERATOR_STATE" in info.value.unexpected
+    assert "keys the model expects but the checkpoint lacks: extra/.ATTRIBUTES/VARIABLE_VALUE" in str(info.value)
+
+
+def test_model_dir_is_a_file(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(ModelDirError, match="is a file"):
+        train(path, steps=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        ({"model": "nope"}, ImportStringError, "model 'nope': expected 'package.module:attribute'"),
+        ({"model": "missing_module_q:f"}, ImportStringError, "cannot be imported"),
+        ({"data": "prefect_tensorflow.tasks.iris:nothing"}, ImportStringError, "data 'prefect_tensorflow.tasks.iris:nothing'"),
+        ({"model": "models_for_tests:not_a_model"}, TrainingError, "expected a keras.Model, received str"),
+        ({"model": "models_for_tests:uncompiled_model"}, TrainingError, "expected a compiled model"),
+        ({"data": "models_for_tests:not_a_dataset"}, TrainingError, "expected 'train' to give a tf.data.Dataset"),
+        ({"hparams": {"depth": 3}}, TrainingError, "calling it with hparams {'depth': 3} failed"),
+        ({"steps": -1}, ValueError, "steps: expected an integer >= 0, received -1"),
+        ({"more_steps": -5}, ValueError, "more_steps: expected an integer >= 0, received -5"),
+        ({"batch_size": 0}, ValueError, "batch_size: expected an integer >= 1, received 0"),
+    ],
+)
+def test_bad_inputs_fail_before_writing(tmp_path, kwargs, error, fragment):
+    target = tmp_path / "m"
+    with pytest.raises(error) as info:
+        train(target, **{"steps": 5, **kwargs})
+    assert fragment in str(info.value)
+    assert not target.exists() or not any(n.endswith(".index") for n in os.listdir(target))
+
+
+def test_corrupt_newest_checkpoint_resumes_from_previous(tmp_path, caplog):
+    import logging
+
+    policy = CheckpointPolicy(save_checkpoints_steps=20, keep_checkpoint_max=None)
+    train(tmp_path / "m", steps=40, policy=policy)
+    os.truncate(tmp_path / "m" / "model.ckpt-40.data-00000-of-00001", 5)
+    with caplog.at_level(logging.INFO, logger="prefect_tensorflow"):
+        result = train(tmp_path / "m", steps=60, policy=policy)
+    assert result.start_step == 20
+    assert "resumed from" in caplog.text and "model.ckpt-20" in caplog.text
+    assert find_latest_checkpoint(tmp_path / "m").step == 60
+
+
+def test_task_in_a_flow_returns_a_small_result(prefect_api, tmp_path):
+    from prefect import flow
+
+    from prefect_tensorflow.tasks import TrainResult, train_with_checkpoints
+
+    @flow
+    def nightly(model_dir: str) -> TrainResult:
+        return train_with_checkpoints(model_dir, steps=30, policy=CheckpointPolicy(save_checkpoints_steps=10))
+
+    result = nightly(str(tmp_path / "m"))
+    assert isinstance(result, TrainResult)
+    assert result.final_step == 30 and result.checkpoints_saved == 4
+    assert set(result.final_metrics) >= {"loss", "accuracy"}
+    assert result.model_dump_json()  # serialisable, no TF objects
