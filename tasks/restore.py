@@ -62,7 +62,9 @@ def restore_strict(checkpoint, prefix: str | os.PathLike) -> None:
     try:
         status = checkpoint.read(prefix)
     except ValueError as err:  # a stored tensor's shape or dtype differs from the variable's
-        raise CheckpointMismatchError(prefix, [], [], detail=str(err).strip().splitlines()[-1]) from err
+        missing, unexpected = _key_difference(checkpoint, prefix)
+        detail = str(err).strip().splitlines()[-1]
+        raise CheckpointMismatchError(prefix, missing, unexpected, detail=detail) from err
     except tf.errors.OpError as err:
         raise InvalidCheckpointError(prefix, f"TensorFlow cannot restore it: {err.message}") from err
     try:
@@ -70,9 +72,12 @@ def restore_strict(checkpoint, prefix: str | os.PathLike) -> None:
         status.assert_consumed()
     except AssertionError as err:
         status.expect_partial()  # the objects are discarded; no "unrestored values" warnings
-        stored = checkpoint_keys(prefix)
-        wanted = expected_keys(checkpoint)
-        missing, unexpected = sorted(wanted - stored), sorted(stored - wanted)
+        missing, unexpected = _key_difference(checkpoint, prefix)
         if not missing and not unexpected:
             raise CheckpointMismatchError(prefix, [str(err)], []) from err
         raise CheckpointMismatchError(prefix, missing, unexpected) from err
+
+
+def _key_difference(checkpoint, prefix: str) -> tuple[list[str], list[str]]:
+    stored, wanted = checkpoint_keys(prefix), expected_keys(checkpoint)
+    return sorted(wanted - stored), sorted(stored - wanted)
