@@ -316,6 +316,22 @@ def checkpoint_prefixes(model_dir: str | os.PathLike) -> list[str]:
     return sorted(prefixes, key=lambda p: (step_of(p) is not None, step_of(p) or 0, p), reverse=True)
 
 
+def uncommitted_temp_dirs(model_dir: str | os.PathLike) -> list[str]:
+    """TensorFlow's `<prefix>-<step>_temp/` directories: saves a crash cut short.
+
+    TensorFlow writes each checkpoint's shards under `<prefix>_temp/` and
+    merges them into `<prefix>.index` + `.data-*` before deleting the temp
+    directory; one that is still there never became a checkpoint.
+    """
+    model_dir = os.fspath(model_dir)
+    found = []
+    with os.scandir(model_dir) as entries:
+        for entry in entries:
+            if entry.name.endswith("_temp") and _STEP.search(entry.name[: -len("_temp")]) and entry.is_dir():
+                found.append(os.path.join(model_dir, entry.name))
+    return sorted(found)
+
+
 def state_file_is_last_change(model_dir: str | os.PathLike, state: CheckpointState) -> bool:
     """Whether writing the state file was the last change to `model_dir`'s entries.
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from typing import Any, Callable, Optional
 
@@ -35,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import iris
 from .async_save import enable_keras_async_checkpoint
-from .checkpoint_files import checkpoint_prefixes
+from .checkpoint_files import checkpoint_prefixes, uncommitted_temp_dirs
 from .errors import ModelDirError, NoValidCheckpointError, TrainingError
 from .importing import load_object
 from .logs import get_logger
@@ -169,6 +170,9 @@ def train(
         model=net, optimizer=net.optimizer, global_step=global_step, input_iterator=iterator
     )
 
+    for leftover in uncommitted_temp_dirs(model_dir):
+        log.warning("removing %s, a checkpoint write cut short by a crash", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
     try:
         latest = find_latest_checkpoint(model_dir)
     except NoValidCheckpointError as err:

@@ -210,3 +210,16 @@ def test_task_in_a_flow_returns_a_small_result(prefect_api, tmp_path):
     assert result.final_step == 30 and result.checkpoints_saved == 4
     assert set(result.final_metrics) >= {"loss", "accuracy"}
     assert result.model_dump_json()  # serialisable, no TF objects
+
+
+def test_leftover_temp_dir_of_a_cut_short_save_is_removed(tmp_path):
+    policy = CheckpointPolicy(save_checkpoints_steps=10)
+    train(tmp_path / "m", steps=10, policy=policy)
+    leftover = tmp_path / "m" / "model.ckpt-20_temp"
+    leftover.mkdir()
+    (leftover / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"partial")
+    keep = tmp_path / "m" / "notes_temp"  # not TensorFlow's: left alone
+    keep.mkdir()
+    train(tmp_path / "m", steps=20, policy=policy)
+    assert not leftover.exists() and keep.exists()
+    assert find_latest_checkpoint(tmp_path / "m").step == 20

@@ -1,0 +1,156 @@
+"""Real subprocess kills: SIGKILL at any moment, then the same command again, must end
+with the weights of a run that was never interrupted; SIGTERM saves before exiting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prefect_tensorflow.tasks.metrics_log import METRICS_FILE
+from prefect_tensorflow.tasks.selection import find_latest_checkpoint, list_checkpoints
+
+pytestmark = pytest.mark.slow
+
+STEPS = 1500
+
+
+def train_cmd(model_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "prefect_tensorflow.flows.cli", "train",
+        "--model-dir", str(model_dir), "--steps", str(STEPS), "--batch-size", "16",
+        "--seed", "7", "--save-checkpoints-steps", "50", "--keep-checkpoint-max", "3", *extra,
+    ]
+
+
+def metrics_lines(model_dir: Path) -> int:
+    try:
+        return (model_dir / METRICS_FILE).read_text().count("\n")
+    except FileNotFoundError:
+        return 0
+
+
+def run_and_kill(cmd, env, when, *, timeout=120.0) -> bool:
+    """Start `cmd`; SIGKILL it as soon as `when()` is true. Returns False if it finished first."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace")
+                assert proc.returncode == 0, err[-3000:]
+                return False
+            if when():
+                proc.kill()
+                proc.wait()
+                assert proc.returncode == -signal.SIGKILL
+                return True
+            time.sleep(0.002)
+        raise AssertionError("the training subprocess did not reach the kill point in time")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def run_to_end(cmd, env) -> None:
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+def final_weights(model_dir: Path) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    ref = find_latest_checkpoint(model_dir, verify_checksums=True)
+    assert ref.step == STEPS
+    reader = tf.train.load_checkpoint(ref.path)
+    return {
+        name: reader.get_tensor(name)
+        for name in reader.get_variable_to_shape_map()
+        if name.endswith("VARIABLE_VALUE") and not name.startswith("save_counter")
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, request) -> dict[str, np.ndarray]:
+    """Weights of an uninterrupted run (in a subprocess, like the interrupted ones)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    model_dir = tmp_path_factory.mktemp("reference") / "m"
+    run_to_end(train_cmd(model_dir), env)
+    return final_weights(model_dir)
+
+
+def assert_same(weights, reference):
+    assert weights.keys() == reference.keys()
+    for name in reference:
+        np.testing.assert_array_equal(weights[name], reference[name], err_msg=name)
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_sigkill_at_many_points_then_rerun_matches_uninterrupted(tmp_path, cli_env, reference, async_save):
+    model_dir = tmp_path / "m"
+    extra = ["--async-save"] if async_save else []
+    cmd = train_cmd(model_dir, *extra)
+    start = time.monotonic()
+    kill_points = [
+        ("during start-up, before anything is written", lambda: time.monotonic() - start > 1.0),
+        ("just after the first checkpoint's metrics", lambda: metrics_lines(model_dir) >= 1),
+        ("mid-training", lambda: metrics_lines(model_dir) >= 6),
+        ("right after resuming", lambda: metrics_lines(model_dir) >= 8),
+        ("late in training", lambda: metrics_lines(model_dir) >= 20),
+    ]
+    killed = []
+    for label, when in kill_points:
+        start = time.monotonic()
+        if run_and_kill(cmd, cli_env, when):
+            killed.append(label)
+        if list(model_dir.glob("*.index")):  # whatever a kill leaves, the newest valid one reads back
+            find_latest_checkpoint(model_dir, verify_checksums=True)
+    assert len(killed) >= 4, f"too few kills landed: {killed}"
+    run_to_end(cmd, cli_env)
+    assert_same(final_weights(model_dir), reference)
+    steps = [row.step for row in list_checkpoints(model_dir) if row.valid]
+    assert steps[0] == STEPS
+
+
+def test_sigkill_during_saves(tmp_path, cli_env, reference):
+    """Saving every step makes most random kill times land inside a checkpoint write."""
+    model_dir = tmp_path / "m"
+    cmd = train_cmd(model_dir)
+    cmd[cmd.index("--save-checkpoints-steps") + 1] = "1"
+    for lines in (30, 90, 150):
+        run_and_kill(cmd, cli_env, lambda: metrics_lines(model_dir) >= lines)
+    every_step = train_cmd(model_dir)  # finish with the usual policy
+    run_to_end(every_step, cli_env)
+    assert_same(final_weights(model_dir), reference)
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, cli_env):
+    model_dir = tmp_path / "m"
+    cmd = [
+        sys.executable, "-m", "prefect_tensorflow.flows.cli", "train",
+        "--model-dir", str(model_dir), "--steps", "100000000",  # default policy: every 600 s
+    ]
+    proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (model_dir / "model.ckpt-0.index").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.01)
+        time.sleep(2.0)  # let it train past step 0
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGTERM  # it still exits as a SIGTERM'd process would
+    ref = find_latest_checkpoint(model_dir, verify_checksums=True)
+    assert ref.step > 0, "no checkpoint was saved on SIGTERM"
+    assert ref.metrics, "the preemption checkpoint has no recorded metrics"
