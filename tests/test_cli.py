@@ -1,0 +1,99 @@
+"""The `prefect-tensorflow` command line, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from prefect_tensorflow.flows.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_checkpoints_list_json(trained_dir):
+    result = invoke("checkpoints", "list", str(trained_dir), "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["step"] for r in rows] == [300, 200, 100, 0]
+    assert all(r["valid"] and r["size_bytes"] > 0 and "loss" in r["metrics"] for r in rows)
+
+
+def test_checkpoints_list_table(trained_dir):
+    result = invoke("checkpoints", "list", str(trained_dir))
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:2] == ["step", "time"]
+    assert lines[1].split()[0] == "300" and "yes" in lines[1]
+
+
+def test_checkpoints_latest_and_best_json(trained_dir):
+    latest = json.loads(invoke("checkpoints", "latest", str(trained_dir), "--json").stdout)
+    assert latest["step"] == 300 and latest["format"] == "tf2"
+    best = json.loads(invoke("checkpoints", "best", str(trained_dir), "--metric", "loss", "--mode", "min", "--json").stdout)
+    from prefect_tensorflow.tasks.selection import find_best_checkpoint
+
+    assert best["path"] == find_best_checkpoint(trained_dir, "loss", "min").path
+
+
+def test_checkpoints_inspect(trained_dir):
+    result = invoke("checkpoints", "inspect", str(trained_dir / "model.ckpt-300"), "--json")
+    info = json.loads(result.stdout)
+    assert info["valid"] and info["step"] == 300
+    by_name = {v["name"]: v for v in info["variables"]}
+    assert by_name["global_step/.ATTRIBUTES/VARIABLE_VALUE"] == {"name": "global_step/.ATTRIBUTES/VARIABLE_VALUE", "shape": [], "dtype": "int64"}
+    assert any(v["shape"] == [4, 10] and v["dtype"] == "float32" for v in info["variables"])
+    text = invoke("checkpoints", "inspect", str(trained_dir / "model.ckpt-300.index")).stdout
+    assert "valid tf2 checkpoint, step 300" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["checkpoints", "latest", "/nonexistent/dir"], "model dir /nonexistent/dir: does not exist"),
+        (["checkpoints", "best", "{dir}", "--metric", "f1"], "metric 'f1' was not recorded"),
+        (["checkpoints", "best", "{dir}", "--metric", "loss", "--mode", "sideways"], "mode: expected 'min' or 'max'"),
+        (["checkpoints", "inspect", "{dir}/model.ckpt-999"], "model.ckpt-999: index file is missing"),
+        (["train", "--model-dir", "{dir}/x", "--model", "bad"], "model 'bad': expected 'package.module:attribute'"),
+        (["train", "--model-dir", "{dir}/x", "--save-checkpoints-steps", "5", "--save-checkpoints-secs", "5"], "received both"),
+        (["train", "--model-dir", "{dir}/x", "--save-checkpoints-steps", "0"], "save_checkpoints_steps"),
+        (["train", "--model-dir", "{dir}/x", "--steps", "-4"], "steps: expected an integer >= 0, received -4"),
+        (["retrain", "--model-dir", "{dir}/x", "--select", "newest"], "select: expected 'latest' or 'best:<metric>[:min|max]'"),
+    ],
+)
+def test_errors_are_one_clear_line(trained_dir, args, message):
+    args = [a.replace("{dir}", str(trained_dir)) for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_train_shows_progress_and_prints_json(tmp_path, cli_env):
+    cmd = [
+        sys.executable, "-m", "prefect_tensorflow.flows.cli", "train", "--model-dir", str(tmp_path / "m"),
+        "--steps", "200", "--save-checkpoints-steps", "100", "--json",
+    ]
+    result = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert summary["final_step"] == 200 and summary["checkpoints_saved"] == 3
+    assert summary["last_checkpoint"] == str(tmp_path / "m" / "model.ckpt-200")
+    assert "200/200" in result.stderr and "training" in result.stderr  # the progress bar
+    assert "Traceback" not in result.stderr
+
+
+def test_console_script_is_installed(cli_env):
+    exe = os.path.join(os.path.dirname(sys.executable), "prefect-tensorflow")
+    result = subprocess.run([exe, "--help"], env=cli_env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ("train", "checkpoints", "retrain"):
+        assert command in result.stdout

@@ -1,0 +1,41 @@
+"""The distribution installs `prefect_tensorflow.tasks` and `.flows`, and nothing bare."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+
+
+def test_namespace_layout_from_another_directory(tmp_path):
+    code = (
+        "import importlib.util, prefect_tensorflow, prefect_tensorflow.tasks, prefect_tensorflow.flows.cli\n"
+        "assert not hasattr(prefect_tensorflow, '__file__') or prefect_tensorflow.__file__ is None\n"
+        "assert importlib.util.find_spec('tasks') is None, 'a bare tasks module is importable'\n"
+        "assert importlib.util.find_spec('flows') is None, 'a bare flows module is importable'\n"
+        "import sys; assert 'tensorflow' not in sys.modules, 'importing the package imported TensorFlow'\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_distribution_metadata():
+    dist = metadata.distribution("prefect-tensorflow")
+    assert dist.metadata["Requires-Python"] == ">=3.10"
+    eps = dist.entry_points
+    assert any(ep.group == "prefect.collections" and ep.value == "prefect_tensorflow.tasks" for ep in eps)
+    assert any(ep.group == "console_scripts" and ep.name == "prefect-tensorflow" for ep in eps)
+    requires = {r.split("<")[0].split(">")[0].split("=")[0]: r for r in dist.requires or []}
+    for name in ("prefect", "tensorflow", "mlflow"):
+        assert ">=" in requires[name], f"{name} needs a tested lower bound"
+
+
+def test_iris_data_ships_in_the_package():
+    from prefect_tensorflow.tasks.iris import CLASS_NAMES, read_iris
+
+    features, labels = read_iris()
+    assert len(features) == 150 and all(len(row) == 4 for row in features)
+    assert sorted(set(labels)) == [0, 1, 2] and len(CLASS_NAMES) == 3
+    assert [labels.count(c) for c in (0, 1, 2)] == [50, 50, 50]

@@ -1,0 +1,38 @@
+"""The `retrain` flow (the main job) under a Prefect test API."""
+
+from __future__ import annotations
+
+import pytest
+
+from prefect_tensorflow.flows.retrain import Selection, retrain
+from prefect_tensorflow.tasks.policy import CheckpointPolicy
+
+
+def test_selection_parsing():
+    assert Selection.parse("latest").kind == "latest"
+    assert Selection.parse("best:accuracy") == Selection(kind="best", metric="accuracy", mode="max")
+    assert Selection.parse("best:loss") == Selection(kind="best", metric="loss", mode="min")
+    assert Selection.parse("best:accuracy:min").mode == "min"
+    with pytest.raises(ValueError, match="select: expected 'latest' or 'best:<metric>"):
+        Selection.parse("best")
+
+
+def test_retrain_trains_and_selects(prefect_api, tmp_path):
+    policy = CheckpointPolicy(save_checkpoints_steps=50, keep_checkpoint_max=None)
+    summary = retrain(model_dir=str(tmp_path / "m"), steps=150, policy=policy)
+    assert summary.training.final_step == 150
+    assert summary.checkpoint.step == 150 and summary.checkpoint.path.endswith("model.ckpt-150")
+    best = retrain(model_dir=str(tmp_path / "m"), steps=150, policy=policy, select="best:loss")
+    assert best.training.steps_run == 0
+    losses = {s: m["loss"] for s, m in __import__(
+        "prefect_tensorflow.tasks.metrics_log", fromlist=["read_metrics"]).read_metrics(tmp_path / "m").items()}
+    assert best.checkpoint.step == min(losses, key=lambda s: (losses[s], -s))
+
+
+def test_bad_parameters_fail_before_training(prefect_api, tmp_path):
+    with pytest.raises(Exception, match="select: expected"):
+        retrain(model_dir=str(tmp_path / "m"), steps=10, select="worst")
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(Exception, match="steps"):
+        retrain(model_dir=str(tmp_path / "m"), steps=-1)
+    assert not (tmp_path / "m").exists()
