@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 # A fresh PREFECT_HOME makes Prefect's ephemeral API migrate a new SQLite database;
 # on 2 cores that can take longer than Prefect's default 20 s start-up limit.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
-export TF_CPP_MIN_LOG_LEVEL ?= 2
+# Its telemetry heartbeat races that migration ("database is locked") and needs the network.
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: install run test bench clean
 
@@ -15,8 +16,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=68" wheel
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install -qq --upgrade "pip>=24" "setuptools>=77" wheel
+	$(BIN)/python -m pip install -qq -e ".[test]"
 	@touch $(STAMP)
 
 run: install

@@ -1,9 +1,9 @@
 """Checkpoint save throughput against a raw write of the same bytes; sync vs async save.
 
-What it measures, on 256 MB of float32 `tf.Variable`s (4 variables of 64 MB,
-random values) held by one `tf.train.Checkpoint`, every case run in the same
-process with repetitions interleaved (the order rotates each round) and the
-median taken:
+What it measures, on 256 MiB (268 MB) of float32 `tf.Variable`s (4
+variables of 64 MiB, random values) held by one `tf.train.Checkpoint`, every
+case run in the same process with repetitions interleaved (a seeded random
+order each round) and the median taken:
 
 (a) `tf.train.Checkpoint.write(prefix)` to a fresh local temp dir, against
 (b) a raw write of the same bytes: the variables' numpy buffers written with
@@ -24,10 +24,18 @@ median taken:
     into a fresh dir). Blocking time is until `save()` returns; for async
     also the time until `checkpoint.sync()` returns (the files and the
     `checkpoint` state file are written). Reading: `async_blocking/sync` is
-    the share of a synchronous save's stall that an async save still costs
-    the training loop (its copy of every variable to a host-side twin);
-    `async_complete/sync` above 1.0 is the extra cost of the async machinery
-    when nothing overlaps it.
+    the share of a synchronous save's stall that an async save leaves inside
+    `save()`; `async_complete/sync` above 1.0 is the extra cost of the async
+    machinery when nothing overlaps it.
+
+(c') the first update of every variable (`assign_add`, one "training step")
+    right after the sync save, and right after the async save's `sync()`.
+    The async save's host-side twins share the variables' buffers instead of
+    copying them, so the copy is paid by the next write to the variables
+    (copy-on-write), outside `save()`. Reading: `async/sync first update` is
+    how much dearer that first step is; `stall = blocking + first update`
+    is what a training loop really waits for per save, async over sync
+    (below 1.0 means async saves the loop time).
 
 One untimed warm-up of each case comes first (TensorFlow builds its save
 functions and the async helper its variable twins on the first call).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import sys
@@ -15,18 +16,23 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def interleaved(cases: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, list[Any]]:
-    """Run every case once per round, rotating the order each round; collect what each returns.
+def interleaved(
+    cases: Mapping[str, Callable[[], Any]], rounds: int, seed: int = 0
+) -> dict[str, list[Any]]:
+    """Run every case once per round, in a fresh random order each round; collect what each returns.
 
-    Rotating the order keeps "always runs right after the heavy case" from
-    biasing one side. A case returns its own measurement (a float of seconds,
-    or a dict), so it decides what is inside the timed region.
+    A seeded shuffle per round (not a fixed or rotated order, where a case
+    would always follow the same neighbour) spreads the effect of "runs right
+    after the heavy case" evenly. A case returns its own measurement (a float
+    of seconds, or a dict), so it decides what is inside the timed region.
     """
+    rng = random.Random(seed)
     names = list(cases)
     out: dict[str, list[Any]] = {name: [] for name in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+    for _ in range(rounds):
+        order = names[:]
+        rng.shuffle(order)
+        for name in order:
             out[name].append(cases[name]())
     return out
 

@@ -16,16 +16,20 @@ What it measures: the real `train()` on the bundled iris model (batch 32,
 
 An untimed warm-up run (B's policy, 200 steps) comes first: the first
 `train()` in a process pays TensorFlow's one-time start-up. Then A, B and C
-are run in interleaved rounds (the order rotates each round) and medians are
-taken of `TrainResult.elapsed_seconds` (and, for comparison, the wall time
-of the call, which also includes tearing down the run's TensorFlow objects).
+are run in interleaved rounds (a seeded random order each round) and medians
+are taken of `TrainResult.elapsed_seconds`, and for comparison of the wall
+time of the call. The wall time also counts the return from `train()`:
+dropping the run's tf.data iterator waits for tf.data's autotuning thread to
+wake up (its sleep is not interrupted), which can add seconds, in steps, so
+the wall rows are noisier and not what the headline ratio uses.
 
 How to read it: `B/A steps/s` is the fraction of checkpoint-free training
 speed left when checkpointing every 100 steps (1.0 = free; 0.8 = training
 takes 25% longer). It includes each run's fixed cost on both sides, which
-dilutes it; the "loop only" row subtracts C's median from both runs first.
-`per checkpoint` = (B - A) / 30 is the time one checkpoint adds, measured as
-a difference of two side-by-side medians.
+dilutes it; the "loop only" rows subtract C's median from both runs first.
+`one checkpoint` = (B - A) / 30 is the time one checkpoint adds, measured as
+a difference of two side-by-side medians, and its ratio is that time in
+training steps (over the loop-only time of one step of A).
 """
 
 from __future__ import annotations
@@ -145,8 +149,8 @@ def run() -> dict:
         ],
         notes=[
             f"warm-up run ({WARMUP_STEPS} steps, untimed): {fmt(warmup_seconds)} s.",
-            "elapsed = TrainResult.elapsed_seconds; wall also counts the call's return "
-            "(teardown of its TensorFlow objects).",
+            "elapsed = TrainResult.elapsed_seconds; wall also counts the call's return, where",
+            "deleting the tf.data iterator waits for tf.data's autotune thread to wake (seconds, in steps).",
         ],
     )
     return result

@@ -37,6 +37,10 @@ def apply_environment_defaults(environ: dict[str, str] | None = None) -> None:
     """
     env = os.environ if environ is None else environ
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT)
+    # The ephemeral server's telemetry heartbeat races the first migration of a
+    # fresh SQLite database ("database is locked", logged at ERROR) and needs
+    # the network, which `make run` must not.
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # 3 hides TensorFlow's C++ info, warnings and the "failed call to cuInit"
     # error every CPU-only machine prints; Python-level errors still raise.
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

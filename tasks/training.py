@@ -328,7 +328,7 @@ def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
 
 
-@task(name="train-with-checkpoints", task_run_name="train-{model_dir}")
+@task(name="train-with-checkpoints")
 def train_with_checkpoints(
     model_dir: str,
     model: str = iris.MODEL,

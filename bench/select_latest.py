@@ -1,0 +1,249 @@
+"""`find_latest_checkpoint` on a model dir of 10,000 checkpoints against one of 1.
+
+What it measures: the per-call time of
+`prefect_tensorflow.tasks.selection.find_latest_checkpoint(model_dir)` (and
+of `tf.train.latest_checkpoint`), every case called once per round, 200
+rounds in a seeded random order each round, medians taken.
+
+The model dirs:
+
+- "1 checkpoint": `train(steps=1)` with `save_at_start` and not
+  `save_at_end`, which commits `model.ckpt-0` (index, data shard, metrics
+  line). `train()` then writes `graph.pbtxt` after its first step, after the
+  state file, so the state file is rewritten last (see below) to give the
+  dir a sound state file.
+- "10,000 checkpoints": that checkpoint's `.index` and `.data-00000-of-00001`
+  hard-linked (copied if links fail) as `model.ckpt-<step>` for steps
+  0, 100, ..., 999,900, the metrics log copied, and the `checkpoint` state
+  file written LAST by atomic rename (temp file + `os.replace`), naming the
+  highest step and, as `all_model_checkpoint_paths`, the 5 newest. That
+  makes the rename the directory's last change, which is what the library's
+  fast path checks (`checkpoint_files.state_file_is_last_change`); the
+  benchmark verifies every dir takes the path it is meant to (by counting
+  directory listings during one call) and finds the highest step.
+- the same with a 10,000-line metrics log (one line per checkpoint, what
+  `train()` leaves behind after 10,000 saves whatever `keep_checkpoint_max`
+  is): the fast path still parses the whole log on every call.
+- the same without a state file: the fallback lists the directory, sorts
+  every prefix by step and validates the newest.
+
+How to read it: each row's ratio is its median per-call time over the median
+of `find_latest_checkpoint` on the 1-checkpoint dir. About 1 means the cost
+does not grow with the number of checkpoints; the fallback row shows what
+the fast path saves; the `tf.train.latest_checkpoint` rows are TensorFlow's
+unvalidated answer for comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable
+
+from .common import Scratch, fmt, interleaved, median, ratio_table, write_results
+
+NAME = "select_latest"
+CHECKPOINTS = 10_000
+STEP_GAP = 100
+CALLS = 200
+KEEP_IN_STATE = 5
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+        return "link"
+    except OSError:
+        shutil.copyfile(src, dst)
+        return "copy"
+
+
+def write_state_file(model_dir: str, steps: list[int], name: str = "model.ckpt") -> None:
+    """The `checkpoint` state file naming max(steps), written by temp file + atomic rename."""
+    newest = sorted(steps)[-KEEP_IN_STATE:]
+    lines = [f'model_checkpoint_path: "{name}-{newest[-1]}"']
+    lines += [f'all_model_checkpoint_paths: "{name}-{s}"' for s in newest]
+    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".checkpoint.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    os.replace(tmp, os.path.join(model_dir, "checkpoint"))
+
+
+def _fast_path(model_dir: str) -> bool:
+    from prefect_tensorflow.tasks.checkpoint_files import read_state_file, state_file_is_last_change
+
+    try:
+        return state_file_is_last_change(model_dir, read_state_file(model_dir))
+    except (OSError, ValueError):
+        return False
+
+
+def _listings_during(fn: Callable[[], object]) -> tuple[object, int]:
+    """Call `fn`, counting how often selection lists a directory (`checkpoint_prefixes`)."""
+    from prefect_tensorflow.tasks import selection
+
+    original = selection.checkpoint_prefixes
+    count = 0
+
+    def counting(model_dir):
+        nonlocal count
+        count += 1
+        return original(model_dir)
+
+    selection.checkpoint_prefixes = counting
+    try:
+        return fn(), count
+    finally:
+        selection.checkpoint_prefixes = original
+
+
+def _build_many(src_dir: str, dst_dir: str, src_prefix: str, metrics_lines: int, with_state: bool) -> dict:
+    """A model dir of CHECKPOINTS checkpoints made from the one in `src_dir`."""
+    import json
+
+    os.makedirs(dst_dir)
+    shard = ".data-00000-of-00001"
+    how = set()
+    steps = [i * STEP_GAP for i in range(CHECKPOINTS)]
+    for step in steps:
+        for suffix in (".index", shard):
+            how.add(_link_or_copy(src_prefix + suffix, os.path.join(dst_dir, f"model.ckpt-{step}{suffix}")))
+    src_metrics = os.path.join(src_dir, "checkpoint_metrics.jsonl")
+    with open(src_metrics, encoding="utf-8") as handle:
+        record = json.loads(handle.readline())
+    with open(os.path.join(dst_dir, "checkpoint_metrics.jsonl"), "w", encoding="utf-8") as handle:
+        for step in steps[-metrics_lines:]:
+            handle.write(json.dumps({**record, "step": step, "checkpoint": f"model.ckpt-{step}"}) + "\n")
+    if with_state:
+        write_state_file(dst_dir, steps)  # last
+    return {"files": "+".join(sorted(how)), "highest_step": steps[-1]}
+
+
+def run() -> dict:
+    import tensorflow as tf
+
+    from prefect_tensorflow.tasks.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.selection import find_latest_checkpoint
+    from prefect_tensorflow.tasks.training import train
+
+    with Scratch(NAME) as scratch:
+        one = os.path.join(scratch.path, "one")
+        build_start = time.perf_counter()
+        result = train(one, steps=1, policy=CheckpointPolicy(save_at_start=True, save_at_end=False))
+        assert result.checkpoints_saved == 1, result
+        prefix = result.last_checkpoint
+        straight_from_train = _fast_path(one)
+        write_state_file(one, [0])
+
+        dirs = {
+            "many": os.path.join(scratch.path, "many"),
+            "many_metrics": os.path.join(scratch.path, "many-metrics"),
+            "many_nostate": os.path.join(scratch.path, "many-nostate"),
+        }
+        built = {
+            "many": _build_many(one, dirs["many"], prefix, metrics_lines=1, with_state=True),
+            "many_metrics": _build_many(one, dirs["many_metrics"], prefix, metrics_lines=CHECKPOINTS, with_state=True),
+            "many_nostate": _build_many(one, dirs["many_nostate"], prefix, metrics_lines=1, with_state=False),
+        }
+        build_seconds = time.perf_counter() - build_start
+        highest = built["many"]["highest_step"]
+
+        # Each dir takes the path it is meant to and finds the highest step.
+        checks = {}
+        for key, path, expect_step, expect_fast in (
+            ("one", one, 0, True),
+            ("many", dirs["many"], highest, True),
+            ("many_metrics", dirs["many_metrics"], highest, True),
+            ("many_nostate", dirs["many_nostate"], highest, False),
+        ):
+            ref, listings = _listings_during(lambda p=path: find_latest_checkpoint(p))
+            fast = _fast_path(path)
+            checks[key] = {"step": ref.step, "fast_path": fast, "directory_listings": listings}
+            if ref.step != expect_step or fast != expect_fast or listings != (0 if expect_fast else 1):
+                raise AssertionError(f"{key}: expected step {expect_step}, fast path {expect_fast}: {checks[key]}")
+        tf_answer = tf.train.latest_checkpoint(dirs["many"])
+        assert tf_answer and tf_answer.endswith(f"model.ckpt-{highest}"), tf_answer
+
+        def call(fn, arg) -> Callable[[], float]:
+            def go() -> float:
+                start = time.perf_counter()
+                fn(arg)
+                return time.perf_counter() - start
+
+            return go
+
+        cases = {
+            "one": call(find_latest_checkpoint, one),
+            "many": call(find_latest_checkpoint, dirs["many"]),
+            "many_nostate": call(find_latest_checkpoint, dirs["many_nostate"]),
+            "tf_many": call(tf.train.latest_checkpoint, dirs["many"]),
+            "many_metrics": call(find_latest_checkpoint, dirs["many_metrics"]),
+            "tf_one": call(tf.train.latest_checkpoint, one),
+        }
+        for go in cases.values():  # warm the caches and imports, untimed
+            go()
+        samples = interleaved(cases, CALLS)
+        # Nothing the calls did may have changed a dir's path.
+        for key, path in (("one", one), ("many", dirs["many"]), ("many_metrics", dirs["many_metrics"])):
+            assert _fast_path(path), f"{key}: the fast path no longer holds after the timed calls"
+
+    med = {key: median(values) for key, values in samples.items()}
+    base = med["one"]
+    labels = {
+        "one": "find_latest, 1 checkpoint",
+        "many": f"find_latest, {CHECKPOINTS:,} checkpoints, state file current",
+        "many_nostate": f"find_latest, {CHECKPOINTS:,} checkpoints, no state file (fallback)",
+        "tf_many": f"tf.train.latest_checkpoint, {CHECKPOINTS:,} checkpoints",
+        "many_metrics": f"find_latest, {CHECKPOINTS:,} checkpoints + {CHECKPOINTS:,}-line metrics log",
+        "tf_one": "tf.train.latest_checkpoint, 1 checkpoint",
+    }
+    rows = []
+    for key in ("one", "many", "many_nostate", "tf_many", "many_metrics", "tf_one"):
+        values = sorted(samples[key])
+        p90 = values[int(0.9 * (len(values) - 1))]
+        rows.append([labels[key], med[key] * 1e3, p90 * 1e3, med[key] / base])
+    out = {
+        "parameters": {
+            "checkpoints": CHECKPOINTS,
+            "step_gap": STEP_GAP,
+            "calls_per_case": CALLS,
+            "state_file_entries": KEEP_IN_STATE,
+        },
+        "setup": {
+            "build_seconds": build_seconds,
+            "checkpoint_files": built["many"]["files"],
+            "fast_path_straight_from_train": straight_from_train,
+            "checks": checks,
+            "tf_latest_checkpoint_answer": os.path.basename(tf_answer),
+        },
+        "samples_seconds": samples,
+        "median_seconds": med,
+        "ratios_over_one_checkpoint": {key: med[key] / base for key in med},
+    }
+    out["table"] = ratio_table(
+        f"select_latest: per-call time, {CALLS} interleaved calls per case, medians",
+        ["case", "median ms", "p90 ms", "ratio to 1 checkpoint"],
+        rows,
+        notes=[
+            f"fast path verified: no directory listing on 'one', 'many', 'many + metrics'; one listing "
+            f"without a state file; all found step {highest:,} (1-checkpoint dir: step 0).",
+            f"straight out of train(steps=1, save_at_start) the 1-checkpoint dir "
+            f"{'takes' if straight_from_train else 'misses'} the fast path "
+            "(graph.pbtxt is written after the state file); its state file was rewritten last.",
+            f"checkpoint files made by {built['many']['files']}; dirs built in {fmt(build_seconds)} s.",
+        ],
+    )
+    return out
+
+
+def main() -> dict:
+    result = run()
+    print(result["table"])
+    print(f"  results: {write_results(NAME, result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
