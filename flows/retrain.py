@@ -27,6 +27,7 @@ from prefect_tensorflow.tasks.selection import (
 )
 from prefect_tensorflow.tasks.training import TrainResult, train_with_checkpoints
 
+from .artifacts import publish_checkpoint_table, publish_training_summary
 from .defaults import default_model_dir
 
 _BEST = re.compile(r"^best:([A-Za-z0-9_./-]+)(?::(min|max))?$")
@@ -99,4 +100,6 @@ def retrain(
         ref = select_latest_checkpoint(result.model_dir)
     else:
         ref = select_best_checkpoint(result.model_dir, selection.metric, selection.mode)
+    publish_checkpoint_table(result.model_dir, ref)
+    publish_training_summary(result, ref, select)
     return RetrainSummary(training=result, checkpoint=ref, selection=select)

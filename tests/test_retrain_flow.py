@@ -29,6 +29,27 @@ def test_retrain_trains_and_selects(prefect_api, tmp_path):
     assert best.checkpoint.step == min(losses, key=lambda s: (losses[s], -s))
 
 
+def test_retrain_publishes_artifacts(prefect_api, tmp_path):
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    policy = CheckpointPolicy(save_checkpoints_steps=40)
+    state = retrain(model_dir=str(tmp_path / "m"), steps=80, policy=policy, return_state=True)
+    summary = state.result()
+    run_filter = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=run_filter)}
+    assert {"checkpoints", "training-summary"} <= set(artifacts)
+    tables, notes = [artifacts["checkpoints"]], [artifacts["training-summary"]]
+    table = tables[-1].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [r["step"] for r in rows] == [80, 40, 0]
+    assert rows[0]["selected"] == "yes" and rows[0]["valid"] == "yes" and "loss" in rows[0]
+    assert summary.checkpoint.path in notes[-1].data
+
+
 def test_bad_parameters_fail_before_training(prefect_api, tmp_path):
     with pytest.raises(Exception, match="select: expected"):
         retrain(model_dir=str(tmp_path / "m"), steps=10, select="worst")

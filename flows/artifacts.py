@@ -1,0 +1,73 @@
+"""Prefect artifacts a run publishes: what people would rather look at than logs.
+
+Example:
+    >>> from prefect import flow
+    >>> from prefect_tensorflow.flows.artifacts import publish_checkpoint_table
+    >>> @flow
+    ... def show(model_dir: str) -> None:
+    ...     publish_checkpoint_table(model_dir, selected=None)
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Optional
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from prefect_tensorflow.tasks.selection import CheckpointRef, list_checkpoints
+from prefect_tensorflow.tasks.training import TrainResult
+
+
+def _utc(mtime: Optional[float]) -> str:
+    if mtime is None:
+        return ""
+    return datetime.fromtimestamp(mtime, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def publish_checkpoint_table(model_dir: str, selected: Optional[CheckpointRef]) -> list[dict]:
+    """A table of every checkpoint in `model_dir`: step, time, size, validity, why skipped, metrics."""
+    rows = []
+    for info in list_checkpoints(model_dir):
+        rows.append(
+            {
+                "step": info.step,
+                "selected": "yes" if selected is not None and info.path == selected.path else "",
+                "valid": "yes" if info.valid else "no",
+                "why skipped": info.reason or "",
+                "time": _utc(info.mtime),
+                "size (bytes)": info.size_bytes,
+                **{k: round(v, 6) for k, v in sorted(info.metrics.items())},
+            }
+        )
+    create_table_artifact(
+        key="checkpoints",
+        table=rows,
+        description=f"Checkpoints in {model_dir}",
+    )
+    return rows
+
+
+def publish_training_summary(result: TrainResult, selected: CheckpointRef, selection: str) -> str:
+    """A markdown summary of the training run and the checkpoint selected to ship."""
+    metrics = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(selected.metrics.items()))
+    markdown = f"""# Training summary
+
+| | |
+|---|---|
+| model dir | `{result.model_dir}` |
+| steps | {result.start_step} → {result.final_step} (target {result.target_step}) |
+| checkpoints saved | {result.checkpoints_saved} |
+| preempted | {result.preempted} |
+| seconds | {result.elapsed_seconds:.1f} |
+
+## Checkpoint to ship ({selection})
+
+`{selected.path}` — step {selected.step}, {selected.format} checkpoint, {selected.size_bytes} bytes
+
+| metric | value |
+|---|---|
+{metrics}
+"""
+    create_markdown_artifact(key="training-summary", markdown=markdown, description="retrain")
+    return markdown
