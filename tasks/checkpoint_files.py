@@ -31,6 +31,12 @@ OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 _TABLE_MAGIC = 0xDB4775248B80FB57
 _FOOTER_LEN = 48
 _STEP = re.compile(r"-(\d+)$")
+_STATE_FIELDS = (
+    "model_checkpoint_path",
+    "all_model_checkpoint_paths",
+    "all_model_checkpoint_timestamps",
+    "last_preserved_timestamp",
+)
 _STATE_LINE = re.compile(r"^\s*([A-Za-z_]+)\s*:\s*(.+?)\s*$")
 
 
@@ -40,7 +46,6 @@ class CheckpointState:
 
     path: str
     model_checkpoint_path: str
-    all_model_checkpoint_paths: tuple[str, ...]
     ctime_ns: int
 
 
@@ -74,7 +79,11 @@ def data_shard_path(prefix: str, shard: int, num_shards: int) -> str:
 
 
 def read_state_file(model_dir: str | os.PathLike) -> CheckpointState:
-    """Parse `<model_dir>/checkpoint` and resolve its paths inside `model_dir`.
+    """Read `model_checkpoint_path` from `<model_dir>/checkpoint`, resolved inside `model_dir`.
+
+    TensorFlow writes that field first, so reading stops there: the cost does
+    not grow with the `all_model_checkpoint_paths` lines that follow (10,000 of
+    them with `max_to_keep=None`).
 
     Raises:
         FileNotFoundError: there is no state file.
@@ -83,31 +92,25 @@ def read_state_file(model_dir: str | os.PathLike) -> CheckpointState:
     path = os.path.join(os.fspath(model_dir), STATE_FILE)
     with open(path, "rb") as handle:
         stat = os.fstat(handle.fileno())
-        raw = handle.read(1 << 20)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not text") from err
-    latest: Optional[str] = None
-    all_paths: list[str] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        match = _STATE_LINE.match(line)
-        if not match:
-            raise ValueError(f"{path} line {number}: expected 'field: value', got {line[:80]!r}")
-        key, value = match.groups()
-        if key in ("model_checkpoint_path", "all_model_checkpoint_paths"):
-            resolved = _resolve(model_dir, _proto_string(value, path, number))
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path} line {number} is not text") from err
+            if not line.strip():
+                continue
+            match = _STATE_LINE.match(line)
+            if not match:
+                raise ValueError(f"{path} line {number}: expected 'field: value', got {line[:80]!r}")
+            key, value = match.groups()
             if key == "model_checkpoint_path":
-                latest = resolved
-            else:
-                all_paths.append(resolved)
-        elif key not in ("all_model_checkpoint_timestamps", "last_preserved_timestamp"):
-            raise ValueError(f"{path} line {number}: unknown field {key!r}")
-    if not latest:
-        raise ValueError(f"{path} names no model_checkpoint_path")
-    return CheckpointState(path, latest, tuple(all_paths), stat.st_ctime_ns)
+                latest = _resolve(model_dir, _proto_string(value, path, number))
+                if not latest:
+                    break
+                return CheckpointState(path, latest, stat.st_ctime_ns)
+            if key not in _STATE_FIELDS:
+                raise ValueError(f"{path} line {number}: unknown field {key!r}")
+    raise ValueError(f"{path} names no model_checkpoint_path")
 
 
 def _proto_string(value: str, path: str, number: int) -> str:

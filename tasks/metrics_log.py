@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from typing import Mapping
+from typing import Mapping, Optional
 
 METRICS_FILE = "checkpoint_metrics.jsonl"
 
@@ -45,6 +45,45 @@ def append_metrics(
         os.fsync(handle.fileno())
 
 
+def _parse(line: bytes) -> Optional[tuple[int, dict[str, float]]]:
+    try:
+        record = json.loads(line)
+        return int(record["step"]), {str(k): float(v) for k, v in dict(record["metrics"]).items()}
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a crash, or not ours
+
+
+def metrics_at(model_dir: str | os.PathLike, step: Optional[int], *, chunk: int = 1 << 16) -> dict[str, float]:
+    """The metrics recorded for `step`, reading the log backwards from its end.
+
+    The newest checkpoint's line is the last one, so this costs one small read
+    however long the log has grown; the last line for a step wins, as in
+    `read_metrics`.
+    """
+    if step is None:
+        return {}
+    path = os.path.join(os.fspath(model_dir), METRICS_FILE)
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return {}
+    with handle:
+        pos = handle.seek(0, os.SEEK_END)
+        tail = b""
+        while pos > 0:
+            size = min(chunk, pos)
+            pos -= size
+            handle.seek(pos)
+            lines = (handle.read(size) + tail).split(b"\n")
+            tail = lines[0]  # may continue in the previous chunk
+            for line in reversed(lines[1:]):
+                parsed = _parse(line)
+                if parsed and parsed[0] == step:
+                    return parsed[1]
+        parsed = _parse(tail)
+        return parsed[1] if parsed and parsed[0] == step else {}
+
+
 def read_metrics(model_dir: str | os.PathLike) -> dict[int, dict[str, float]]:
     """Metrics by step; when a step was recorded twice (a resumed run), the last line wins."""
     path = os.path.join(os.fspath(model_dir), METRICS_FILE)
@@ -55,11 +94,7 @@ def read_metrics(model_dir: str | os.PathLike) -> dict[int, dict[str, float]]:
         return by_step
     with handle:
         for line in handle:
-            try:
-                record = json.loads(line)
-                by_step[int(record["step"])] = {
-                    str(k): float(v) for k, v in dict(record["metrics"]).items()
-                }
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a crash, or not ours
+            parsed = _parse(line.encode("utf-8"))
+            if parsed:
+                by_step[parsed[0]] = parsed[1]
     return by_step

@@ -52,7 +52,12 @@ class CheckpointPolicy(BaseModel):
     save_at_end: bool = Field(default=True, description="Save after the last step.")
     async_save: bool = Field(
         default=False,
-        description="Write checkpoints in a background thread (TensorFlow async checkpointing).",
+        description=(
+            "Write checkpoints in a background thread (TensorFlow async checkpointing). "
+            "It pays off when variables live on an accelerator; on the CPU the copy is "
+            "deferred to the next variable update, so a step stalls about as long "
+            "as a synchronous save would (see bench/checkpoint_save.py)."
+        ),
     )
     checkpoint_name: str = Field(
         default="model.ckpt", description="File name prefix: <model_dir>/<name>-<step>.index"

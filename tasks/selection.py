@@ -39,7 +39,7 @@ from .errors import (
     NoValidCheckpointError,
 )
 from .logs import get_logger
-from .metrics_log import read_metrics
+from .metrics_log import metrics_at, read_metrics
 
 
 class CheckpointRef(BaseModel):
@@ -73,7 +73,7 @@ class CheckpointInfo(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
-def _ref(files: CheckpointFiles, model_dir: str, metrics: dict[int, dict[str, float]]) -> CheckpointRef:
+def _ref(files: CheckpointFiles, model_dir: str, metrics: dict[str, float]) -> CheckpointRef:
     return CheckpointRef(
         path=files.prefix,
         step=files.step,
@@ -83,7 +83,7 @@ def _ref(files: CheckpointFiles, model_dir: str, metrics: dict[int, dict[str, fl
         num_tensors=files.num_tensors,
         has_meta_graph=files.has_meta_graph,
         mtime=files.mtime,
-        metrics=metrics.get(files.step, {}) if files.step is not None else {},
+        metrics=metrics,
     )
 
 
@@ -166,7 +166,7 @@ def find_latest_checkpoint(
             log.warning("%s: %s; looking for the newest valid checkpoint instead", model_dir, why)
         else:
             if state_file_is_last_change(model_dir, state):
-                return _ref(files, model_dir, read_metrics(model_dir))
+                return _ref(files, model_dir, metrics_at(model_dir, files.step))
             why = "the directory changed after the state file was written"
 
     skipped: list[str] = []
@@ -186,7 +186,7 @@ def find_latest_checkpoint(
                 "state file of %s names %s but %s is the newest valid checkpoint; using it",
                 model_dir, os.path.basename(state.model_checkpoint_path), os.path.basename(prefix),
             )
-        return _ref(files, model_dir, read_metrics(model_dir))
+        return _ref(files, model_dir, metrics_at(model_dir, files.step))
     detail = "; ".join(skipped) if skipped else "no <prefix>-<step>.index files"
     raise NoValidCheckpointError(model_dir, f"{why}; {detail}")
 
@@ -235,7 +235,7 @@ def find_best_checkpoint(
         raise NoValidCheckpointError(model_dir, "every checkpoint failed validation or none exist")
     if best is None:
         raise MetricNotFoundError(model_dir, metric, sorted(recorded))
-    return _ref(best[2], model_dir, metrics)
+    return _ref(best[2], model_dir, metrics.get(best[1], {}))
 
 
 @task(name="select-latest-checkpoint", task_run_name="select-latest-checkpoint")

@@ -219,8 +219,7 @@ def train(
         loss_count.assign_add(1)
         return loss
 
-    writer = tf.summary.create_file_writer(model_dir)
-    eval_writer = tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
+    writers = _SummaryWriters(model_dir)  # no event files for a run with nothing to train
     saved: list[str] = []
     last_saved_step = latest.step if latest is not None else None
     last_save_time = time.monotonic()
@@ -237,19 +236,23 @@ def train(
         name = f"{policy.checkpoint_name}-{step}"
         append_metrics(model_dir, step=step, checkpoint=name, metrics=metrics)
         path = manager.save(checkpoint_number=step, options=options)
-        with eval_writer.as_default(step=step):
+        with writers.eval.as_default(step=step):
             for key, value in metrics.items():
                 tf.summary.scalar(key, value)
-        eval_writer.flush()
+        writers.eval.flush()
         saved.append(path)
         last_saved_step, last_save_time = step, time.monotonic()
         log.info("saved checkpoint %s (%s)", path, _fmt(metrics))
 
     preempted = False
+    if step < target:
+        # Written before the first save, so that the state file stays the last
+        # change to the directory (see checkpoint_files.state_file_is_last_change).
+        _write_graph(train_step, iterator, model_dir)
+        writers.train, writers.eval  # create the event files now, before the first save
     with PreemptionGuard() as guard:
         if policy.save_at_start and last_saved_step != step and step < target:
             save()
-        first = True
         while step < target:
             if guard.requested:
                 preempted = True
@@ -257,16 +260,13 @@ def train(
                 break
             loss_value = train_step(iterator)
             step += 1
-            if first:
-                _write_graph(train_step, iterator, model_dir)
-                first = False
             summary_due = step % summary_every_n_steps == 0
             loss = float(loss_value) if summary_due or on_progress is not None else None
             if summary_due:
                 now = time.monotonic()
                 rate = summary_every_n_steps / max(now - rate_time, 1e-9)
                 rate_time = now
-                with writer.as_default(step=step):
+                with writers.train.as_default(step=step):
                     tf.summary.scalar("loss", loss)
                     tf.summary.scalar("global_step/sec", rate)
                 log.info("step %d/%d: loss %.4f (%.0f steps/s)", step, target, loss, rate)
@@ -283,8 +283,7 @@ def train(
             save()
         if policy.async_save:
             ckpt.sync()
-        writer.flush()
-        eval_writer.flush()
+        writers.flush()
 
     return TrainResult(
         model_dir=model_dir,
@@ -309,7 +308,47 @@ def input_pipeline(dataset, *, seed: int, shuffle_buffer: int, batch_size: int):
     dataset, and TensorFlow's async checkpoint creates a second iterator (to
     copy the input position), which would change the order training sees.
     """
-    return dataset.repeat().shuffle(shuffle_buffer, seed=seed).batch(batch_size, drop_remainder=True)
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    # Autotuning has nothing to tune here and its thread makes deleting the
+    # iterator wait up to seconds after training ends.
+    options.autotune.enabled = False
+    return (
+        dataset.repeat()
+        .shuffle(shuffle_buffer, seed=seed)
+        .batch(batch_size, drop_remainder=True)
+        .with_options(options)
+    )
+
+
+class _SummaryWriters:
+    """TensorBoard writers for `model_dir` (training) and `model_dir/eval`, created on first use."""
+
+    def __init__(self, model_dir: str):
+        self._model_dir = model_dir
+        self._train = self._eval = None
+
+    @property
+    def train(self):
+        import tensorflow as tf
+
+        if self._train is None:
+            self._train = tf.summary.create_file_writer(self._model_dir)
+        return self._train
+
+    @property
+    def eval(self):
+        import tensorflow as tf
+
+        if self._eval is None:
+            self._eval = tf.summary.create_file_writer(os.path.join(self._model_dir, "eval"))
+        return self._eval
+
+    def flush(self) -> None:
+        for writer in (self._train, self._eval):
+            if writer is not None:
+                writer.flush()
 
 
 def _evaluate(net, batches) -> dict[str, float]:

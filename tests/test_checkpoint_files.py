@@ -65,7 +65,15 @@ def test_state_file_resolves_relative_and_moved_absolute_paths(tmp_path):
     )
     state = read_state_file(tmp_path)
     assert state.model_checkpoint_path == str(tmp_path / "model.ckpt-20")
-    assert state.all_model_checkpoint_paths == (str(tmp_path / "model.ckpt-10"), str(tmp_path / "model.ckpt-20"))
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-10"\n')
+    assert read_state_file(tmp_path).model_checkpoint_path == str(tmp_path / "model.ckpt-10")
+
+
+def test_state_file_reading_stops_at_the_latest_path(tmp_path):
+    lines = ['model_checkpoint_path: "model.ckpt-12000"']
+    lines += [f'all_model_checkpoint_paths: "model.ckpt-{i}"' for i in range(12001)]
+    (tmp_path / "checkpoint").write_text("\n".join(lines) + "\n")  # > 1 MiB
+    assert read_state_file(tmp_path).model_checkpoint_path == str(tmp_path / "model.ckpt-12000")
 
 
 @pytest.mark.parametrize(

@@ -223,3 +223,15 @@ def test_leftover_temp_dir_of_a_cut_short_save_is_removed(tmp_path):
     train(tmp_path / "m", steps=20, policy=policy)
     assert not leftover.exists() and keep.exists()
     assert find_latest_checkpoint(tmp_path / "m").step == 20
+
+
+def test_state_file_is_the_last_write_so_selection_needs_no_listing(tmp_path):
+    from prefect_tensorflow.tasks.checkpoint_files import read_state_file, state_file_is_last_change
+
+    for save_at_end in (True, False):
+        model_dir = tmp_path / f"m{save_at_end}"
+        policy = CheckpointPolicy(save_checkpoints_steps=10, save_at_end=save_at_end)
+        train(model_dir, steps=20, policy=policy)
+        assert state_file_is_last_change(model_dir, read_state_file(model_dir))
+        train(model_dir, steps=20, policy=policy)  # nothing to do: writes nothing
+        assert state_file_is_last_change(model_dir, read_state_file(model_dir))
