@@ -99,6 +99,7 @@ def write_results(name: str, data: Mapping[str, Any]) -> str:
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2, sort_keys=False)
         handle.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
     os.replace(tmp, path)
     return path
 

@@ -26,12 +26,16 @@ The model dirs:
   is): the fast path still parses the whole log on every call.
 - the same without a state file: the fallback lists the directory, sorts
   every prefix by step and validates the newest.
+- the same with a state file listing all 10,000 checkpoints with their
+  timestamps, as `tf.train.CheckpointManager(max_to_keep=None)` writes it
+  (the only way TensorFlow leaves 10,000 checkpoints in a dir): the fast
+  path parses every line of it.
 
 How to read it: each row's ratio is its median per-call time over the median
 of `find_latest_checkpoint` on the 1-checkpoint dir. About 1 means the cost
 does not grow with the number of checkpoints; the fallback row shows what
 the fast path saves; the `tf.train.latest_checkpoint` rows are TensorFlow's
-unvalidated answer for comparison.
+unvalidated answer for comparison. p90 is the 90th percentile of the calls.
 """
 
 from __future__ import annotations
@@ -60,11 +64,21 @@ def _link_or_copy(src: str, dst: str) -> str:
         return "copy"
 
 
-def write_state_file(model_dir: str, steps: list[int], name: str = "model.ckpt") -> None:
-    """The `checkpoint` state file naming max(steps), written by temp file + atomic rename."""
-    newest = sorted(steps)[-KEEP_IN_STATE:]
-    lines = [f'model_checkpoint_path: "{name}-{newest[-1]}"']
-    lines += [f'all_model_checkpoint_paths: "{name}-{s}"' for s in newest]
+def write_state_file(model_dir: str, steps: list[int], keep: int = KEEP_IN_STATE, name: str = "model.ckpt") -> None:
+    """The `checkpoint` state file naming max(steps), written by temp file + atomic rename.
+
+    With `keep=KEEP_IN_STATE` it lists the 5 newest; with `keep=0` every step,
+    with a timestamp each, as `tf.train.CheckpointManager(max_to_keep=None)`
+    writes it.
+    """
+    ordered = sorted(steps)
+    listed = ordered[-keep:] if keep else ordered
+    lines = [f'model_checkpoint_path: "{name}-{ordered[-1]}"']
+    lines += [f'all_model_checkpoint_paths: "{name}-{s}"' for s in listed]
+    if not keep:
+        now = time.time()
+        lines += [f"all_model_checkpoint_timestamps: {now - (len(listed) - i):.7f}" for i in range(len(listed))]
+        lines.append(f"last_preserved_timestamp: {now - len(listed) - 1:.7f}")
     fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".checkpoint.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -99,7 +113,7 @@ def _listings_during(fn: Callable[[], object]) -> tuple[object, int]:
         selection.checkpoint_prefixes = original
 
 
-def _build_many(src_dir: str, dst_dir: str, src_prefix: str, metrics_lines: int, with_state: bool) -> dict:
+def _build_many(src_dir: str, dst_dir: str, src_prefix: str, metrics_lines: int, state: str) -> dict:
     """A model dir of CHECKPOINTS checkpoints made from the one in `src_dir`."""
     import json
 
@@ -116,9 +130,14 @@ def _build_many(src_dir: str, dst_dir: str, src_prefix: str, metrics_lines: int,
     with open(os.path.join(dst_dir, "checkpoint_metrics.jsonl"), "w", encoding="utf-8") as handle:
         for step in steps[-metrics_lines:]:
             handle.write(json.dumps({**record, "step": step, "checkpoint": f"model.ckpt-{step}"}) + "\n")
-    if with_state:
-        write_state_file(dst_dir, steps)  # last
-    return {"files": "+".join(sorted(how)), "highest_step": steps[-1]}
+    if state != "none":
+        write_state_file(dst_dir, steps, keep=KEEP_IN_STATE if state == "newest" else 0)  # last
+    state_path = os.path.join(dst_dir, "checkpoint")
+    return {
+        "files": "+".join(sorted(how)),
+        "highest_step": steps[-1],
+        "state_file_bytes": os.path.getsize(state_path) if os.path.exists(state_path) else 0,
+    }
 
 
 def run() -> dict:
@@ -141,11 +160,13 @@ def run() -> dict:
             "many": os.path.join(scratch.path, "many"),
             "many_metrics": os.path.join(scratch.path, "many-metrics"),
             "many_nostate": os.path.join(scratch.path, "many-nostate"),
+            "many_fullstate": os.path.join(scratch.path, "many-fullstate"),
         }
         built = {
-            "many": _build_many(one, dirs["many"], prefix, metrics_lines=1, with_state=True),
-            "many_metrics": _build_many(one, dirs["many_metrics"], prefix, metrics_lines=CHECKPOINTS, with_state=True),
-            "many_nostate": _build_many(one, dirs["many_nostate"], prefix, metrics_lines=1, with_state=False),
+            "many": _build_many(one, dirs["many"], prefix, metrics_lines=1, state="newest"),
+            "many_metrics": _build_many(one, dirs["many_metrics"], prefix, metrics_lines=CHECKPOINTS, state="newest"),
+            "many_nostate": _build_many(one, dirs["many_nostate"], prefix, metrics_lines=1, state="none"),
+            "many_fullstate": _build_many(one, dirs["many_fullstate"], prefix, metrics_lines=1, state="all"),
         }
         build_seconds = time.perf_counter() - build_start
         highest = built["many"]["highest_step"]
@@ -157,14 +178,16 @@ def run() -> dict:
             ("many", dirs["many"], highest, True),
             ("many_metrics", dirs["many_metrics"], highest, True),
             ("many_nostate", dirs["many_nostate"], highest, False),
+            ("many_fullstate", dirs["many_fullstate"], highest, True),
         ):
             ref, listings = _listings_during(lambda p=path: find_latest_checkpoint(p))
             fast = _fast_path(path)
             checks[key] = {"step": ref.step, "fast_path": fast, "directory_listings": listings}
             if ref.step != expect_step or fast != expect_fast or listings != (0 if expect_fast else 1):
                 raise AssertionError(f"{key}: expected step {expect_step}, fast path {expect_fast}: {checks[key]}")
-        tf_answer = tf.train.latest_checkpoint(dirs["many"])
-        assert tf_answer and tf_answer.endswith(f"model.ckpt-{highest}"), tf_answer
+        for key in ("many", "many_fullstate"):
+            tf_answer = tf.train.latest_checkpoint(dirs[key])
+            assert tf_answer and tf_answer.endswith(f"model.ckpt-{highest}"), (key, tf_answer)
 
         def call(fn, arg) -> Callable[[], float]:
             def go() -> float:
@@ -180,13 +203,16 @@ def run() -> dict:
             "many_nostate": call(find_latest_checkpoint, dirs["many_nostate"]),
             "tf_many": call(tf.train.latest_checkpoint, dirs["many"]),
             "many_metrics": call(find_latest_checkpoint, dirs["many_metrics"]),
+            "many_fullstate": call(find_latest_checkpoint, dirs["many_fullstate"]),
+            "tf_many_fullstate": call(tf.train.latest_checkpoint, dirs["many_fullstate"]),
             "tf_one": call(tf.train.latest_checkpoint, one),
         }
         for go in cases.values():  # warm the caches and imports, untimed
             go()
         samples = interleaved(cases, CALLS)
         # Nothing the calls did may have changed a dir's path.
-        for key, path in (("one", one), ("many", dirs["many"]), ("many_metrics", dirs["many_metrics"])):
+        for key in ("one", "many", "many_metrics", "many_fullstate"):
+            path = one if key == "one" else dirs[key]
             assert _fast_path(path), f"{key}: the fast path no longer holds after the timed calls"
 
     med = {key: median(values) for key, values in samples.items()}
@@ -197,10 +223,12 @@ def run() -> dict:
         "many_nostate": f"find_latest, {CHECKPOINTS:,} checkpoints, no state file (fallback)",
         "tf_many": f"tf.train.latest_checkpoint, {CHECKPOINTS:,} checkpoints",
         "many_metrics": f"find_latest, {CHECKPOINTS:,} checkpoints + {CHECKPOINTS:,}-line metrics log",
+        "many_fullstate": f"find_latest, {CHECKPOINTS:,} checkpoints, state file lists all {CHECKPOINTS:,}",
+        "tf_many_fullstate": "tf.train.latest_checkpoint, same dir (state file lists all)",
         "tf_one": "tf.train.latest_checkpoint, 1 checkpoint",
     }
     rows = []
-    for key in ("one", "many", "many_nostate", "tf_many", "many_metrics", "tf_one"):
+    for key in ("one", "many", "many_nostate", "tf_many", "many_metrics", "many_fullstate", "tf_many_fullstate", "tf_one"):
         values = sorted(samples[key])
         p90 = values[int(0.9 * (len(values) - 1))]
         rows.append([labels[key], med[key] * 1e3, p90 * 1e3, med[key] / base])
@@ -217,6 +245,7 @@ def run() -> dict:
             "fast_path_straight_from_train": straight_from_train,
             "checks": checks,
             "tf_latest_checkpoint_answer": os.path.basename(tf_answer),
+            "state_file_bytes": {key: b["state_file_bytes"] for key, b in built.items()},
         },
         "samples_seconds": samples,
         "median_seconds": med,
@@ -227,10 +256,13 @@ def run() -> dict:
         ["case", "median ms", "p90 ms", "ratio to 1 checkpoint"],
         rows,
         notes=[
-            f"fast path verified: no directory listing on 'one', 'many', 'many + metrics'; one listing "
-            f"without a state file; all found step {highest:,} (1-checkpoint dir: step 0).",
+            "fast path verified (no directory listing) on every dir with a state file, one listing",
+            f"without; every dir gave step {highest:,} (the 1-checkpoint dir: step 0).",
+            f"state file lists the {KEEP_IN_STATE} newest ({built['many']['state_file_bytes']:,} bytes) or, "
+            f"as CheckpointManager(max_to_keep=None)",
+            f"writes it, all {CHECKPOINTS:,} with timestamps ({built['many_fullstate']['state_file_bytes']:,} bytes).",
             f"straight out of train(steps=1, save_at_start) the 1-checkpoint dir "
-            f"{'takes' if straight_from_train else 'misses'} the fast path "
+            f"{'takes' if straight_from_train else 'misses'} the fast path",
             "(graph.pbtxt is written after the state file); its state file was rewritten last.",
             f"checkpoint files made by {built['many']['files']}; dirs built in {fmt(build_seconds)} s.",
         ],

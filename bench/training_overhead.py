@@ -43,7 +43,7 @@ NAME = "training_overhead"
 STEPS = 3000
 EVERY = 100
 WARMUP_STEPS = 200
-ROUNDS = 5
+ROUNDS = 7
 
 
 def run() -> dict:
