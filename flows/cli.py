@@ -250,6 +250,91 @@ def inspect_cmd(
     _emit(result, as_json, text)
 
 
+def _nodes(text: Optional[str]) -> Optional[list[str]]:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+def _parity_text(parity) -> str:
+    return f"max abs diff {parity.max_abs_diff:.3g} over {parity.batch_size} examples (tolerance {parity.tolerance:g})"
+
+
+@app.command()
+def freeze(
+    checkpoint: str = typer.Argument(..., help="TF2 or TF1 checkpoint prefix, or a SavedModel directory"),
+    output: str = typer.Option(..., "--output", help="The .pb file to write"),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP + " (TF2 checkpoints; default: the bundled iris)"),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP + " for the verification batch"),
+    output_nodes: Optional[str] = typer.Option(None, help="TF1: comma-separated output nodes"),
+    input_nodes: Optional[str] = typer.Option(None, help="TF1: comma-separated input tensors"),
+    as_text: bool = typer.Option(False, "--as-text", help="Also write a .pbtxt"),
+    tolerance: float = typer.Option(1e-5, help="Largest absolute difference accepted"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Freeze a checkpoint into a constant graph (.pb), verified against the checkpoint."""
+    from prefect_tensorflow.tasks.freezing import freeze as freeze_fn
+
+    result = _run(lambda: freeze_fn(
+        checkpoint, output, model=model, data=data, output_nodes=_nodes(output_nodes),
+        input_nodes=_nodes(input_nodes), as_text=as_text, tolerance=tolerance,
+    ))
+    _emit(result, as_json, lambda: (
+        f"froze {result.source} ({result.source_format}) to {result.path}\n"
+        f"  inputs:  {', '.join(result.inputs)}\n"
+        f"  outputs: {', '.join(f'{k}={v}' for k, v in result.outputs.items())}\n"
+        f"  {result.digest}, {_size(result.size_bytes)}\n  verified: {_parity_text(result.parity)}"
+    ))
+
+
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help="TF2 or TF1 checkpoint prefix"),
+    export_base: str = typer.Option(..., "--export-base", help="Directory of <version>/ SavedModels"),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP + " (TF2 checkpoints; default: the bundled iris)"),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP + " for the verification batch"),
+    input_nodes: Optional[str] = typer.Option(None, help="TF1: comma-separated input tensors"),
+    output_nodes: Optional[str] = typer.Option(None, help="TF1: comma-separated output nodes"),
+    tolerance: float = typer.Option(1e-5, help="Largest absolute difference accepted"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Export a checkpoint as the next SavedModel version of EXPORT_BASE, verified."""
+    from prefect_tensorflow.tasks.exporting import export as export_fn
+
+    result = _run(lambda: export_fn(
+        checkpoint, export_base, model=model, data=data, input_nodes=_nodes(input_nodes),
+        output_nodes=_nodes(output_nodes), tolerance=tolerance,
+    ))
+    _emit(result, as_json, lambda: (
+        f"{'already exported as' if result.reused else 'exported'} version {result.version}: {result.path}\n"
+        f"  signature serving_default: inputs {', '.join(result.signature.inputs)}; "
+        f"outputs {', '.join(result.signature.outputs)}\n"
+        f"  {result.digest}\n  verified: {_parity_text(result.parity)}"
+    ))
+
+
+@app.command()
+def verify(
+    checkpoint: str = typer.Argument(..., help="TF2 checkpoint prefix"),
+    frozen_graph: Optional[str] = typer.Option(None, "--frozen-graph", help="A frozen .pb"),
+    saved_model: Optional[str] = typer.Option(None, "--saved-model", help="A SavedModel directory"),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP),
+    tolerance: float = typer.Option(1e-5),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Report the largest difference between each pair of checkpoint, frozen graph and SavedModel."""
+    from prefect_tensorflow.tasks.verification import verify_artifacts
+
+    report = _run(lambda: verify_artifacts(
+        checkpoint, frozen_graph=frozen_graph, saved_model=saved_model, model=model, data=data,
+        tolerance=tolerance,
+    ))
+    _emit(report, as_json, lambda: "\n".join(
+        [f"{pair}: {_parity_text(p)} {'ok' if p.ok else 'MISMATCH'}" for pair, p in report.pairs.items()]
+    ))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @app.command()
 def retrain(
     model_dir: str = typer.Option(None, "--model-dir", help="Checkpoint directory [default: ./.prefect-tensorflow/models/iris]"),

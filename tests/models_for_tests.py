@@ -30,3 +30,19 @@ def not_a_dataset(split):
 def deeper_model():
     """One more hidden layer than `iris`: its variables have no keys in iris checkpoints."""
     return iris.build_model(hidden_units=(10, 10, 10))
+
+
+def huge_model():
+    """A classifier with 2.16 GB of float32 variables: 4 x 135M kernel, summed, then 3 logits.
+
+    Only built and checkpointed in the tests, never run (one batch would need 17 GB).
+    """
+    import keras
+
+    inputs = keras.Input((4,), name="features")
+    wide = keras.layers.Dense(2**27 + 2**20, use_bias=False, kernel_initializer="zeros", name="wide")(inputs)
+    summed = keras.layers.Lambda(lambda t: keras.ops.sum(t, axis=-1, keepdims=True), name="sum")(wide)
+    logits = keras.layers.Dense(3, name="logits")(summed)
+    model = keras.Model(inputs, logits)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model

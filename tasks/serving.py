@@ -1,0 +1,117 @@
+"""The serving function of a TF2 checkpoint: the model restored, its outputs named.
+
+Freezing and export both start here: the model builder rebuilds the network,
+the checkpoint's `model` object restores into it (every model variable must
+match), and a `tf.function` with a named input signature computes the
+outputs. For a classifier those are what the Estimator's DNNClassifier
+exported: `logits`, `probabilities` and `class_ids`.
+
+Example:
+    >>> from prefect_tensorflow.tasks.serving import restore_model, serving_function
+    >>> net = restore_model("/models/iris/model.ckpt-1000", "prefect_tensorflow.tasks.iris:build_model")  # doctest: +SKIP
+    >>> serve = serving_function(net, head="classifier")  # doctest: +SKIP
+    >>> sorted(serve(tf.zeros([2, 4])))  # doctest: +SKIP
+    ['class_ids', 'logits', 'probabilities']
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from .errors import CheckpointMismatchError, InvalidCheckpointError, TrainingError
+from .importing import load_object
+
+Head = Literal["classifier", "raw"]
+CLASSIFIER_OUTPUTS = ("class_ids", "logits", "probabilities")
+
+
+def build_model(model: str, hparams: Optional[dict[str, Any]] = None):
+    """Call the model builder named by `model` and check it returned a `keras.Model`."""
+    import keras
+
+    builder = load_object(model, parameter="model")
+    try:
+        net = builder(**dict(hparams or {}))
+    except TypeError as err:
+        raise TrainingError(f"model {model!r}: calling it with hparams {hparams or {}} failed: {err}") from err
+    if not isinstance(net, keras.Model):
+        raise TrainingError(f"model {model!r}: expected a keras.Model, received {type(net).__name__}")
+    return net
+
+
+def restore_model(checkpoint: str, model: str, hparams: Optional[dict[str, Any]] = None):
+    """Rebuild the model and restore its variables from a training checkpoint.
+
+    Only the checkpoint's `model` object is read (the optimizer and input
+    position are left alone), but every variable of the model must be found,
+    with the right shape.
+
+    Raises:
+        CheckpointMismatchError: a model variable is missing from the checkpoint
+            or has another shape there (a different model builder).
+        InvalidCheckpointError: TensorFlow cannot read the checkpoint.
+    """
+    import tensorflow as tf
+
+    net = build_model(model, hparams)
+    ckpt = tf.train.Checkpoint(model=net)
+    try:
+        status = ckpt.read(checkpoint)
+    except ValueError as err:
+        raise CheckpointMismatchError(checkpoint, [], [], detail=str(err).strip().splitlines()[-1]) from err
+    except tf.errors.OpError as err:
+        raise InvalidCheckpointError(checkpoint, f"TensorFlow cannot restore it: {err.message}") from err
+    status.expect_partial()  # the optimizer and input position are not needed to serve
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as err:
+        unbound = [v.path for v in net.variables if v.path in str(err)] or [str(err)[:400]]
+        raise CheckpointMismatchError(
+            checkpoint, unbound, [],
+            detail="these model variables have no value in the checkpoint",
+        ) from err
+    return net
+
+
+def input_specs(net) -> list:
+    """Named `tf.TensorSpec`s of the model's inputs, batch dimension free."""
+    import tensorflow as tf
+
+    specs = []
+    for tensor in net.inputs:
+        name = tensor.name.split(":")[0]
+        specs.append(tf.TensorSpec([None, *tensor.shape[1:]], tensor.dtype, name=name))
+    return specs
+
+
+def serving_function(net, head: Head = "classifier"):
+    """A `tf.function` with a named input signature returning a dict of named outputs."""
+    import tensorflow as tf
+
+    if head not in ("classifier", "raw"):
+        raise ValueError(f"head: expected 'classifier' or 'raw', received {head!r}")
+    specs = input_specs(net)
+
+    def outputs(values):
+        if head == "classifier":
+            logits = tf.identity(values, name="logits")
+            return {
+                "logits": logits,
+                "probabilities": tf.nn.softmax(logits, name="probabilities"),
+                "class_ids": tf.argmax(logits, axis=-1, name="class_ids"),
+            }
+        return {"outputs": tf.identity(values, name="outputs")}
+
+    if len(specs) == 1:
+
+        @tf.function(input_signature=specs)
+        def serve(x):
+            return outputs(net(x, training=False))
+
+    else:
+
+        @tf.function(input_signature=specs)
+        def serve(*xs):
+            return outputs(net(list(xs), training=False))
+
+    return serve

@@ -1,0 +1,157 @@
+"""export_saved_model: TF Serving layout, signatures, idempotence, concurrency, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from prefect_tensorflow.tasks.errors import CheckpointMismatchError
+from prefect_tensorflow.tasks.exporting import ExportError, export
+from prefect_tensorflow.tasks.verification import ParityError, run_saved_model
+
+
+def test_layout_signature_and_parity(trained_dir, tmp_path):
+    import tensorflow as tf
+
+    from prefect_tensorflow.tasks.iris import read_iris
+    from prefect_tensorflow.tasks.serving import restore_model, serving_function
+
+    result = export(trained_dir / "model.ckpt-300", tmp_path / "export")
+    assert result.version == 1 and result.path == str(tmp_path / "export" / "1") and not result.reused
+    version_dir = tmp_path / "export" / "1"
+    assert (version_dir / "saved_model.pb").exists() and (version_dir / "variables").is_dir()
+    assert (version_dir / "assets.extra" / "prefect_tensorflow.json").exists()
+    assert sorted(result.signature.outputs) == ["class_ids", "logits", "probabilities"]
+    assert list(result.signature.inputs) == ["features"]
+    assert result.signature.inputs["features"].shape == [None, 4]
+    assert result.parity.max_abs_diff <= 1e-5
+    features = np.asarray(read_iris()[0], np.float32)
+    served = run_saved_model(version_dir, [features])
+    net = restore_model(str(trained_dir / "model.ckpt-300"), "prefect_tensorflow.tasks.iris:build_model")
+    direct = serving_function(net)(tf.constant(features))
+    np.testing.assert_allclose(served["probabilities"], direct["probabilities"].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(served["class_ids"], direct["class_ids"].numpy())
+    assert [n for n in os.listdir(tmp_path / "export") if not n.startswith(".prefect")] == ["1"]
+
+
+def test_saved_model_cli_shows_the_signature(trained_dir, tmp_path, cli_env):
+    export(trained_dir / "model.ckpt-300", tmp_path / "export")
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run([cli, "show", "--dir", str(tmp_path / "export" / "1"), "--all"],
+                           capture_output=True, text=True, env=cli_env, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    for text in ("signature_def['serving_default']", "inputs['features']", "outputs['logits']",
+                 "outputs['probabilities']", "outputs['class_ids']"):
+        assert text in shown.stdout
+
+
+def test_same_checkpoint_again_returns_the_existing_version(trained_dir, tmp_path):
+    first = export(trained_dir / "model.ckpt-300", tmp_path / "export")
+    again = export(trained_dir / "model.ckpt-300", tmp_path / "export")
+    assert again.reused and again.version == first.version and again.fingerprint == first.fingerprint
+    other = export(trained_dir / "model.ckpt-200", tmp_path / "export")
+    assert (other.version, other.reused) == (2, False)
+    assert sorted(n for n in os.listdir(tmp_path / "export") if n.isdigit()) == ["1", "2"]
+
+
+def test_two_processes_exporting_one_checkpoint_make_one_version(trained_dir, tmp_path, cli_env):
+    cmd = [sys.executable, "-m", "prefect_tensorflow.flows.cli", "export", str(trained_dir / "model.ckpt-300"),
+           "--export-base", str(tmp_path / "export"), "--json"]
+    procs = [subprocess.Popen(cmd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    results = [json.loads(o[0]) for o in outs]
+    assert {r["version"] for r in results} == {1}
+    assert sorted(r["reused"] for r in results) == [False, True]
+    assert [n for n in os.listdir(tmp_path / "export") if not n.startswith(".prefect")] == ["1"]
+
+
+def test_tf1_checkpoint_exports_its_graph(tmp_path, tf1_checkpoints):
+    tf1_checkpoints(tmp_path / "m")
+    result = export(tmp_path / "m" / "model.ckpt-300", tmp_path / "export", output_nodes=["logits"])
+    assert result.source_format == "tf1"
+    assert list(result.signature.inputs) == ["features"] and list(result.signature.outputs) == ["logits"]
+    assert result.parity.ok
+    with pytest.raises(ExportError, match="has no serving signature"):
+        export(tmp_path / "m" / "model.ckpt-200", tmp_path / "export")
+    with pytest.raises(ExportError, match=r"output node\(s\) \['missing'\]"):
+        export(tmp_path / "m" / "model.ckpt-200", tmp_path / "export", output_nodes=["missing"])
+    (tmp_path / "m" / "model.ckpt-100.meta").unlink()
+    with pytest.raises(Exception, match=r"model.ckpt-100.meta is missing"):
+        export(tmp_path / "m" / "model.ckpt-100", tmp_path / "export", output_nodes=["logits"])
+    assert sorted(n for n in os.listdir(tmp_path / "export") if not n.startswith(".")) == ["1"]
+
+
+def test_failed_verification_leaves_no_version(trained_dir, tmp_path):
+    export(trained_dir / "model.ckpt-200", tmp_path / "export")
+    with pytest.raises(ParityError, match="no version was written"):
+        export(trained_dir / "model.ckpt-300", tmp_path / "export", tolerance=-1.0)
+    assert sorted(n for n in os.listdir(tmp_path / "export") if not n.startswith(".")) == ["1"]
+    assert not [n for n in os.listdir(tmp_path / "export") if n.startswith(".tmp")]
+
+
+def test_checkpoint_of_another_model(trained_dir, tmp_path):
+    with pytest.raises(CheckpointMismatchError):
+        export(trained_dir / "model.ckpt-300", tmp_path / "export", model="models_for_tests:deeper_model")
+    assert [n for n in os.listdir(tmp_path / "export") if not n.startswith(".")] == []
+
+
+def test_export_base_with_other_entries_is_refused_and_untouched(trained_dir, tmp_path):
+    base = tmp_path / "export"
+    base.mkdir()
+    (base / "notes.txt").write_text("mine")
+    (base / "1").mkdir()
+    with pytest.raises(ExportError, match="holds entries that are not version directories: notes.txt"):
+        export(trained_dir / "model.ckpt-300", base)
+    assert sorted(os.listdir(base)) == [".prefect-tensorflow.lock", "1", "notes.txt"]
+    assert (base / "notes.txt").read_text() == "mine"
+
+
+def test_unusable_export_base(trained_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError, match="is a file"):
+        export(trained_dir / "model.ckpt-300", blocker)
+    with pytest.raises(ExportError, match="cannot be created"):
+        export(trained_dir / "model.ckpt-300", blocker / "under-a-file")
+
+
+def test_verify_reports_each_pair(trained_dir, tmp_path):
+    from prefect_tensorflow.tasks.freezing import freeze
+    from prefect_tensorflow.tasks.verification import verify_artifacts
+
+    frozen = freeze(trained_dir / "model.ckpt-300", tmp_path / "iris.pb")
+    exported = export(trained_dir / "model.ckpt-300", tmp_path / "export")
+    report = verify_artifacts(str(trained_dir / "model.ckpt-300"), frozen_graph=frozen.path, saved_model=exported.path)
+    assert report.ok
+    assert set(report.pairs) == {"checkpoint vs frozen_graph", "checkpoint vs saved_model", "frozen_graph vs saved_model"}
+    stale = verify_artifacts(str(trained_dir / "model.ckpt-100"), frozen_graph=frozen.path, saved_model=exported.path)
+    assert not stale.ok and stale.pairs["checkpoint vs saved_model"].max_abs_diff > 1e-3
+    assert stale.pairs["frozen_graph vs saved_model"].ok
+
+
+def test_cli_freeze_export_verify(trained_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from prefect_tensorflow.flows.cli import app
+
+    runner = CliRunner()
+    ckpt = str(trained_dir / "model.ckpt-300")
+    frozen = runner.invoke(app, ["freeze", ckpt, "--output", str(tmp_path / "f.pb"), "--json"])
+    assert frozen.exit_code == 0, frozen.output
+    assert json.loads(frozen.stdout)["outputs"]["class_ids"] == "class_ids:0"
+    exported = runner.invoke(app, ["export", ckpt, "--export-base", str(tmp_path / "e"), "--json"])
+    assert json.loads(exported.stdout)["version"] == 1
+    verified = runner.invoke(app, ["verify", ckpt, "--frozen-graph", str(tmp_path / "f.pb"),
+                                   "--saved-model", str(tmp_path / "e" / "1")])
+    assert verified.exit_code == 0 and verified.stdout.count(" ok") == 3
+    mismatch = runner.invoke(app, ["verify", str(trained_dir / "model.ckpt-0"), "--saved-model", str(tmp_path / "e" / "1")])
+    assert mismatch.exit_code == 1 and "MISMATCH" in mismatch.stdout
+    bad = runner.invoke(app, ["export", ckpt, "--export-base", str(tmp_path / "f.pb")])
+    assert bad.exit_code == 2 and "is a file" in bad.stderr

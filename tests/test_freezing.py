@@ -1,0 +1,129 @@
+"""freeze_graph on real checkpoints: TF2 + builder, TF1 + .meta, SavedModel; verified; bad inputs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from prefect_tensorflow.tasks.errors import CheckpointMismatchError, InvalidCheckpointError
+from prefect_tensorflow.tasks.freezing import FreezeError, freeze
+from prefect_tensorflow.tasks.verification import ParityError, read_graph_def, run_frozen_graph
+
+
+def test_tf2_checkpoint_freezes_and_computes_what_the_checkpoint_computes(trained_dir, tmp_path):
+    import tensorflow as tf
+
+    from prefect_tensorflow.tasks.iris import read_iris
+    from prefect_tensorflow.tasks.serving import restore_model, serving_function
+
+    result = freeze(trained_dir / "model.ckpt-300", tmp_path / "iris.pb", as_text=True)
+    assert result.source_format == "tf2"
+    assert result.inputs == ["features:0"]
+    assert result.outputs == {"logits": "logits:0", "probabilities": "probabilities:0", "class_ids": "class_ids:0"}
+    assert result.parity.max_abs_diff <= 1e-5 and result.parity.batch_size == 30
+    data = (tmp_path / "iris.pb").read_bytes()
+    import hashlib
+
+    assert result.digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "iris.pbtxt").exists()
+    graph_def = read_graph_def(tmp_path / "iris.pb")
+    assert not any(n.op in ("VarHandleOp", "ReadVariableOp") for n in graph_def.node)  # constants only
+    # independent check on all 150 rows
+    features = np.asarray(read_iris()[0], np.float32)
+    frozen = run_frozen_graph(graph_def, result.inputs, result.outputs, [features])
+    net = restore_model(str(trained_dir / "model.ckpt-300"), "prefect_tensorflow.tasks.iris:build_model")
+    direct = serving_function(net)(tf.constant(features))
+    np.testing.assert_allclose(frozen["logits"], direct["logits"].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(frozen["class_ids"], direct["class_ids"].numpy())
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_tf1_checkpoint_freezes_without_model_code_like_tf_freeze_graph(tmp_path, tf1_checkpoints):
+    import tensorflow as tf
+    from tensorflow.python.tools import freeze_graph as tf_freeze_graph
+
+    tf1_checkpoints(tmp_path / "m")
+    prefix = str(tmp_path / "m" / "model.ckpt-300")
+    ours = freeze(prefix, tmp_path / "ours.pb", output_nodes=["logits"])
+    assert ours.source_format == "tf1" and ours.outputs == {"logits": "logits:0"}
+    tf_freeze_graph.freeze_graph(
+        input_graph=None, input_saver=None, input_binary=True, input_checkpoint=prefix,
+        output_node_names="logits", restore_op_name=None, filename_tensor_name=None,
+        output_graph=str(tmp_path / "theirs.pb"), clear_devices=True, initializer_nodes="",
+        input_meta_graph=prefix + ".meta",
+    )
+    batch = [np.random.default_rng(1).normal(size=(64, 4)).astype(np.float32)]
+    a = run_frozen_graph(read_graph_def(tmp_path / "ours.pb"), ["features:0"], {"logits": "logits:0"}, batch)
+    b = run_frozen_graph(read_graph_def(tmp_path / "theirs.pb"), ["features:0"], {"logits": "logits:0"}, batch)
+    np.testing.assert_array_equal(a["logits"], b["logits"])
+    del tf
+
+
+def test_tf1_without_signature_or_nodes_lists_candidates(tmp_path, tf1_checkpoints):
+    tf1_checkpoints(tmp_path / "m")
+    with pytest.raises(FreezeError) as info:
+        freeze(tmp_path / "m" / "model.ckpt-300", tmp_path / "x.pb")
+    assert "has no serving signature; name the output nodes" in str(info.value)
+    assert "logits" in str(info.value)
+    with pytest.raises(FreezeError, match=r"output node\(s\) \['nope'\] not in the graph"):
+        freeze(tmp_path / "m" / "model.ckpt-300", tmp_path / "x.pb", output_nodes=["nope"])
+    assert not (tmp_path / "x.pb").exists()
+
+
+def test_tf1_missing_meta(tmp_path, tf1_checkpoints):
+    tf1_checkpoints(tmp_path / "m")
+    (tmp_path / "m" / "model.ckpt-300.meta").unlink()
+    with pytest.raises(FreezeError, match=r"model.ckpt-300.meta is missing"):
+        freeze(tmp_path / "m" / "model.ckpt-300", tmp_path / "x.pb", output_nodes=["logits"])
+
+
+def test_saved_model_directory_freezes(trained_dir, tmp_path):
+    from prefect_tensorflow.tasks.exporting import export
+
+    exported = export(trained_dir / "model.ckpt-300", tmp_path / "export")
+    result = freeze(exported.path, tmp_path / "from_sm.pb")
+    assert result.source_format == "saved_model"
+    assert set(result.outputs) == {"logits", "probabilities", "class_ids"}
+    assert result.parity.ok
+
+
+def test_different_model_is_a_clear_error_and_writes_nothing(trained_dir, tmp_path):
+    with pytest.raises(CheckpointMismatchError, match="incompatible tensor with shape"):
+        freeze(trained_dir / "model.ckpt-300", tmp_path / "x.pb", model="models_for_tests:wider_model")
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_is_kept_when_freezing_fails(trained_dir, tmp_path):
+    target = tmp_path / "iris.pb"
+    target.write_bytes(b"previous good graph")
+    with pytest.raises(ParityError, match="nothing was written"):
+        freeze(trained_dir / "model.ckpt-300", target, tolerance=-1.0)  # no graph can pass
+    assert target.read_bytes() == b"previous good graph"
+    assert os.listdir(tmp_path) == ["iris.pb"]
+
+
+def test_bad_paths(trained_dir, tmp_path):
+    with pytest.raises(FreezeError, match="does not exist"):
+        freeze(trained_dir / "model.ckpt-300", tmp_path / "missing" / "x.pb")
+    with pytest.raises(FreezeError, match="is a directory"):
+        freeze(trained_dir / "model.ckpt-300", tmp_path)
+    with pytest.raises(InvalidCheckpointError, match="index file is missing"):
+        freeze(trained_dir / "model.ckpt-999", tmp_path / "x.pb")
+
+
+@pytest.mark.slow
+def test_graph_past_2gb_points_to_saved_model(tmp_path):
+    """A real 2.1 GB model: its frozen graph cannot be a GraphDef."""
+    import tensorflow as tf
+
+    from prefect_tensorflow.tasks.freezing import GraphTooLargeError
+    from prefect_tensorflow.tasks.serving import build_model
+
+    net = build_model("models_for_tests:huge_model")
+    tf.train.Checkpoint(model=net).write(str(tmp_path / "huge" / "model.ckpt-1"))
+    del net
+    with pytest.raises(GraphTooLargeError, match="export a SavedModel instead"):
+        freeze(tmp_path / "huge" / "model.ckpt-1", tmp_path / "huge.pb", model="models_for_tests:huge_model")
+    assert not (tmp_path / "huge.pb").exists()
