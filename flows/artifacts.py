@@ -15,6 +15,8 @@ from typing import Optional
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from prefect_tensorflow.tasks.exporting import ExportResult
+from prefect_tensorflow.tasks.freezing import FreezeResult
 from prefect_tensorflow.tasks.selection import CheckpointRef, list_checkpoints
 from prefect_tensorflow.tasks.training import TrainResult
 
@@ -48,8 +50,14 @@ def publish_checkpoint_table(model_dir: str, selected: Optional[CheckpointRef]) 
     return rows
 
 
-def publish_training_summary(result: TrainResult, selected: CheckpointRef, selection: str) -> str:
-    """A markdown summary of the training run and the checkpoint selected to ship."""
+def publish_training_summary(
+    result: TrainResult,
+    selected: CheckpointRef,
+    selection: str,
+    frozen: Optional[FreezeResult] = None,
+    exported: Optional[ExportResult] = None,
+) -> str:
+    """A markdown summary: the training run, the checkpoint selected, the frozen graph and export."""
     metrics = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(selected.metrics.items()))
     markdown = f"""# Training summary
 
@@ -68,6 +76,25 @@ def publish_training_summary(result: TrainResult, selected: CheckpointRef, selec
 | metric | value |
 |---|---|
 {metrics}
+"""
+    if frozen is not None:
+        markdown += f"""
+## Frozen graph
+
+`{frozen.path}` ({frozen.size_bytes} bytes, `{frozen.digest}`)
+
+inputs `{", ".join(frozen.inputs)}`; outputs {", ".join(f"`{k}`" for k in frozen.outputs)};
+verified: max abs diff {frozen.parity.max_abs_diff:.3g} on {frozen.parity.batch_size} examples
+"""
+    if exported is not None:
+        markdown += f"""
+## SavedModel
+
+version **{exported.version}** at `{exported.path}`{" (already exported: reused)" if exported.reused else ""}
+
+signature `serving_default`: inputs {", ".join(f"`{k}`" for k in exported.signature.inputs)};
+outputs {", ".join(f"`{k}`" for k in exported.signature.outputs)};
+verified: max abs diff {exported.parity.max_abs_diff:.3g} on {exported.parity.batch_size} examples
 """
     create_markdown_artifact(key="training-summary", markdown=markdown, description="retrain")
     return markdown

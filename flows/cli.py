@@ -348,9 +348,11 @@ def retrain(
     save_checkpoints_secs: Optional[float] = typer.Option(None),
     keep_checkpoint_max: int = typer.Option(5),
     select: str = typer.Option("latest", help="'latest' or 'best:<metric>[:min|max]'"),
+    export_base: str = typer.Option(None, "--export-base", help="SavedModel versions [default: ./.prefect-tensorflow/exports/iris]"),
+    frozen_dir: str = typer.Option(None, "--frozen-dir", help="Frozen graphs [default: ./.prefect-tensorflow/frozen/iris]"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Run the `retrain` flow: train with checkpoints, then select the checkpoint to ship."""
+    """Run the `retrain` flow: train, select the checkpoint to ship, freeze it and export it."""
     from prefect_tensorflow.tasks.policy import CheckpointPolicy
 
     from .retrain import Selection, retrain as retrain_flow
@@ -367,6 +369,7 @@ def retrain(
         lambda: retrain_flow(
             model_dir=model_dir or default_model_dir(), model=model, data=data, steps=steps,
             more_steps=more_steps, batch_size=batch_size, seed=seed, policy=policy, select=select,
+            export_base=export_base, frozen_dir=frozen_dir,
         )
     )
     ref = summary.checkpoint
@@ -375,6 +378,12 @@ def retrain(
         f"trained:              step {summary.training.start_step} -> {summary.training.final_step}\n"
         f"checkpoint to ship:   {ref.path}\n"
         f"  step {ref.step}, {ref.format}, metrics: {_metrics(ref.metrics)}\n"
+        f"frozen graph:         {summary.frozen_graph.path}\n"
+        f"  verified: {_parity_text(summary.frozen_graph.parity)}\n"
+        f"SavedModel:           {summary.export.path} (version {summary.export.version}"
+        f"{', already exported' if summary.export.reused else ''})\n"
+        f"  verified: {_parity_text(summary.export.parity)}\n"
+        f"inspect it:           saved_model_cli show --dir {summary.export.path} --all\n"
         f"list all checkpoints: prefect-tensorflow checkpoints list {summary.training.model_dir}\n"
         f"TensorBoard:          tensorboard --logdir {summary.training.model_dir}"
     ))

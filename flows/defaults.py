@@ -29,6 +29,16 @@ def default_model_dir() -> str:
     return os.path.join(data_home(), "models", "iris")
 
 
+def default_export_base() -> str:
+    """Where the bundled iris model's SavedModel versions go by default."""
+    return os.path.join(data_home(), "exports", "iris")
+
+
+def default_frozen_dir() -> str:
+    """Where frozen graphs of the bundled iris model go by default."""
+    return os.path.join(data_home(), "frozen", "iris")
+
+
 def apply_environment_defaults(environ: dict[str, str] | None = None) -> None:
     """Set the environment defaults the CLI needs, leaving anything the user set alone.
 

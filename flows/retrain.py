@@ -1,7 +1,8 @@
-"""The `retrain` flow: train with checkpoints, then select the checkpoint to ship.
+"""The `retrain` flow: train with checkpoints, select the checkpoint to ship, freeze, export.
 
-This is the main job `make run` runs. Later stages (freeze, export, MLflow)
-chain onto the checkpoint it selects.
+This is the main job `make run` runs: train (resuming from the newest valid
+checkpoint), select (latest or best by a metric), freeze it to a verified
+`.pb` and export it as a verified SavedModel version. MLflow comes next.
 
 Example:
     >>> from prefect_tensorflow.flows.retrain import retrain
@@ -12,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Literal, Optional
 
@@ -25,10 +27,12 @@ from prefect_tensorflow.tasks.selection import (
     select_best_checkpoint,
     select_latest_checkpoint,
 )
+from prefect_tensorflow.tasks.exporting import ExportResult, export_saved_model
+from prefect_tensorflow.tasks.freezing import FreezeResult, freeze_graph
 from prefect_tensorflow.tasks.training import TrainResult, train_with_checkpoints
 
 from .artifacts import publish_checkpoint_table, publish_training_summary
-from .defaults import default_model_dir
+from .defaults import default_export_base, default_frozen_dir, default_model_dir
 
 _BEST = re.compile(r"^best:([A-Za-z0-9_./-]+)(?::(min|max))?$")
 
@@ -72,6 +76,8 @@ class RetrainSummary(BaseModel):
     training: TrainResult
     checkpoint: CheckpointRef = Field(description="The checkpoint selected to ship")
     selection: str
+    frozen_graph: FreezeResult
+    export: ExportResult
 
 
 @flow(name="retrain", log_prints=True)
@@ -85,6 +91,8 @@ def retrain(
     seed: Annotated[int, Field(ge=0, description="Seed of initialisation and shuffling")] = 0,
     policy: Annotated[Optional[CheckpointPolicy], Field(description="When to checkpoint and what to keep (Estimator defaults)")] = None,
     select: Annotated[str, Field(description="'latest' or 'best:<metric>[:min|max]'")] = "latest",
+    export_base: Annotated[Optional[str], Field(description="Directory of SavedModel versions; default ./.prefect-tensorflow/exports/iris")] = None,
+    frozen_dir: Annotated[Optional[str], Field(description="Directory for the frozen .pb; default ./.prefect-tensorflow/frozen/iris")] = None,
 ) -> RetrainSummary:
     """Train (resuming from the newest valid checkpoint) and select the checkpoint to ship.
 
@@ -100,6 +108,15 @@ def retrain(
         ref = select_latest_checkpoint(result.model_dir)
     else:
         ref = select_best_checkpoint(result.model_dir, selection.metric, selection.mode)
+    frozen_dir = os.path.abspath(frozen_dir or default_frozen_dir())
+    os.makedirs(frozen_dir, exist_ok=True)
+    frozen = freeze_graph(
+        ref.path, os.path.join(frozen_dir, os.path.basename(ref.path) + ".pb"), model=model,
+        data=data,
+    )
+    exported = export_saved_model(ref.path, export_base or default_export_base(), model=model, data=data)
     publish_checkpoint_table(result.model_dir, ref)
-    publish_training_summary(result, ref, select)
-    return RetrainSummary(training=result, checkpoint=ref, selection=select)
+    publish_training_summary(result, ref, select, frozen, exported)
+    return RetrainSummary(
+        training=result, checkpoint=ref, selection=select, frozen_graph=frozen, export=exported
+    )

@@ -41,7 +41,14 @@ from .checkpoint_files import check_checkpoint
 from .errors import PrefectTensorFlowError
 from .logs import get_logger
 from .serving import Head, input_specs, restore_model, serving_function
-from .verification import DEFAULT_TOLERANCE, Parity, ParityError, compare_outputs, verification_batch
+from .verification import (
+    DEFAULT_TOLERANCE,
+    Parity,
+    ParityError,
+    compare_outputs,
+    run_saved_model,
+    verification_batch,
+)
 
 INFO_FILE = os.path.join("assets.extra", "prefect_tensorflow.json")
 LOCK_FILE = ".prefect-tensorflow.lock"
@@ -171,11 +178,12 @@ def _read_info(version_dir: str) -> dict[str, Any]:
         return {}
 
 
-def signature_summary(path: str) -> SignatureSummary:
+def signature_summary(path: str, loaded: Any = None) -> SignatureSummary:
     """The `serving_default` signature of a SavedModel, as `saved_model_cli show` lists it."""
     import tensorflow as tf
 
-    fn = tf.saved_model.load(path).signatures["serving_default"]
+    loaded = loaded if loaded is not None else tf.saved_model.load(path)
+    fn = loaded.signatures["serving_default"]
     _, kwargs = fn.structured_input_signature
 
     def info(spec) -> TensorInfo:
@@ -200,21 +208,22 @@ def _save_tf2(prefix: str, target: str, model: str, hparams, head: Head, data: O
     module.model = net
     module.serve = serve
     tf.saved_model.save(module, target, signatures={"serving_default": serve.get_concrete_function()})
-    batch = verification_batch(input_specs(net), data)
+    specs = input_specs(net)
+    batch = verification_batch(specs, data)
     expected = {k: v.numpy() for k, v in serve(*batch).items()}
-    return batch, expected
+    return batch, [spec.name for spec in specs], expected
 
 
 def _save_tf1(prefix: str, target: str, input_nodes, output_nodes, data: Optional[str]):
     import tensorflow as tf
 
-    from .freezing import _meta_graph_path, _tf1_signature, candidate_output_nodes
+    from .freezing import _meta_graph_path, _tf1_signature, candidate_output_nodes, read_meta_graph
 
     meta = _meta_graph_path(prefix)
     graph = tf.Graph()
     with graph.as_default():
         saver = tf.compat.v1.train.import_meta_graph(meta, clear_devices=True)
-        sig_inputs, sig_outputs = _tf1_signature(saver.export_meta_graph())
+    sig_inputs, sig_outputs = _tf1_signature(read_meta_graph(meta))
     known = {n.name for n in graph.as_graph_def().node}
     if output_nodes:
         unknown = [n for n in output_nodes if n.split(":")[0] not in known]
@@ -252,13 +261,7 @@ def _save_tf1(prefix: str, target: str, input_nodes, output_nodes, data: Optiona
         batch = verification_batch([tf.TensorSpec(in_tensors[n].shape, in_tensors[n].dtype) for n in names], data)
         keys = sorted(out_tensors)
         values = sess.run([out_tensors[k] for k in keys], dict(zip([in_tensors[n] for n in names], batch)))
-    return batch, dict(zip(keys, values))
-
-
-def _run_version(path: str, batch) -> dict:
-    from .verification import run_saved_model
-
-    return run_saved_model(path, batch)
+    return batch, names, dict(zip(keys, values))
 
 
 def export(
@@ -293,14 +296,22 @@ def export(
     }
     fingerprint = checkpoint_fingerprint(files.prefix, settings)
     log = get_logger()
+    import tensorflow as tf
 
     with export_lock(export_base):
         versions = existing_versions(export_base)
         for version, path in sorted(versions.items()):
             info = _read_info(path)
-            if info.get("fingerprint") == fingerprint:
-                log.info("checkpoint %s is already exported as %s", files.prefix, path)
-                return ExportResult(**{**info["result"], "reused": True, "path": path, "export_base": export_base})
+            if info.get("fingerprint") != fingerprint:
+                continue
+            if saved_model_digest(path) != info.get("result", {}).get("digest"):
+                log.warning(
+                    "%s was exported from checkpoint %s but its files changed since; "
+                    "exporting a new version", path, files.prefix,
+                )
+                continue
+            log.info("checkpoint %s is already exported as %s", files.prefix, path)
+            return ExportResult(**{**info["result"], "reused": True, "path": path, "export_base": export_base})
         for name in os.listdir(export_base):
             if name.startswith(TMP_PREFIX):  # an export cut short by a crash; never a version
                 shutil.rmtree(os.path.join(export_base, name), ignore_errors=True)
@@ -312,10 +323,12 @@ def export(
                 from tensorflow.python.util import deprecation
 
                 with deprecation.silence():  # the TF1 SavedModel builder is deprecated by design
-                    batch, expected = _save_tf1(files.prefix, tmp, input_nodes, output_nodes, data)
+                    batch, names, expected = _save_tf1(files.prefix, tmp, input_nodes, output_nodes, data)
             else:
-                batch, expected = _save_tf2(files.prefix, tmp, model, hparams, head, data)
-            parity = compare_outputs(expected, _run_version(tmp, batch), tolerance)
+                batch, names, expected = _save_tf2(files.prefix, tmp, model, hparams, head, data)
+            loaded = tf.saved_model.load(tmp)
+            actual = run_saved_model(tmp, batch, input_names=names, loaded=loaded)
+            parity = compare_outputs(expected, actual, tolerance)
             if not parity.ok:
                 raise ParityError(
                     f"SavedModel of {files.prefix} differs from it by {parity.max_abs_diff:.3g} "
@@ -323,7 +336,7 @@ def export(
                 )
             result = ExportResult(
                 export_base=export_base, version=version, path=final, source=files.prefix,
-                source_format="tf1" if tf1 else "tf2", signature=signature_summary(tmp),
+                source_format="tf1" if tf1 else "tf2", signature=signature_summary(tmp, loaded),
                 digest=saved_model_digest(tmp), fingerprint=fingerprint, parity=parity, reused=False,
             )
             os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)

@@ -150,6 +150,16 @@ def candidate_output_nodes(graph_def) -> list[str]:
     )
 
 
+def read_meta_graph(meta: str):
+    """Parse a `.meta` file (a binary `MetaGraphDef`), signatures included."""
+    import tensorflow as tf
+
+    meta_graph_def = tf.compat.v1.MetaGraphDef()
+    with open(meta, "rb") as handle:
+        meta_graph_def.ParseFromString(handle.read())
+    return meta_graph_def
+
+
 def _tf1_signature(meta_graph_def) -> tuple[list[str], dict[str, str]]:
     signature = meta_graph_def.signature_def.get("serving_default")
     if signature is None:
@@ -169,9 +179,8 @@ def _freeze_tf1(checkpoint: str, output_nodes: Optional[list[str]], input_nodes:
     graph = tf.Graph()
     with graph.as_default():
         saver = tf.compat.v1.train.import_meta_graph(meta, clear_devices=True)
-        meta_graph_def = saver.export_meta_graph() if saver else None
     full_def = graph.as_graph_def()
-    sig_inputs, sig_outputs = _tf1_signature(meta_graph_def) if meta_graph_def else ([], {})
+    sig_inputs, sig_outputs = _tf1_signature(read_meta_graph(meta))
     if output_nodes:
         known = {n.name for n in full_def.node}
         unknown = [n for n in output_nodes if n.split(":")[0] not in known]
@@ -276,8 +285,9 @@ def freeze(
             graph_def, inputs, outputs, batch, expected = _freeze_tf1(files.prefix, output_nodes, input_nodes, data)
         else:
             fmt = "tf2"
+            model = model or iris.MODEL
             graph_def, inputs, outputs, batch, expected = _freeze_tf2(
-                files.prefix, model or iris.MODEL, hparams, head, data if data or model else iris.DATA
+                files.prefix, model, hparams, head, data or (iris.DATA if model == iris.MODEL else None)
             )
     data_bytes = _check_size(graph_def, source)
 

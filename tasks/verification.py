@@ -127,24 +127,30 @@ def read_graph_def(path: str | os.PathLike):
     return graph_def
 
 
-def run_saved_model(path: str | os.PathLike, batch: list[np.ndarray], signature: str = "serving_default") -> dict:
-    """Load a SavedModel with `tf.saved_model.load` and call one signature on the batch."""
+def run_saved_model(
+    path: str | os.PathLike,
+    batch: list[np.ndarray],
+    signature: str = "serving_default",
+    input_names: Optional[list[str]] = None,
+    loaded: Any = None,
+) -> dict:
+    """Call one signature of a SavedModel (loaded with `tf.saved_model.load`) on the batch.
+
+    Args:
+        input_names: the signature's input names in the order of `batch`
+            (default: sorted, which is right for a single input).
+        loaded: an already loaded SavedModel, to avoid loading it again.
+    """
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(os.fspath(path))
+    loaded = loaded if loaded is not None else tf.saved_model.load(os.fspath(path))
     fn = loaded.signatures[signature]
     _, kwargs = fn.structured_input_signature
-    names = sorted(kwargs)
-    if len(names) != len(batch):
-        raise ParityError(f"SavedModel {path}: signature takes inputs {names}, the batch has {len(batch)}")
-    result = fn(**{name: tf.constant(value) for name, value in zip(_input_order(kwargs), batch)})
+    names = list(input_names) if input_names else sorted(kwargs)
+    if sorted(names) != sorted(kwargs):
+        raise ParityError(f"SavedModel {path}: signature takes inputs {sorted(kwargs)}, not {names}")
+    result = fn(**{name: tf.constant(value) for name, value in zip(names, batch)})
     return {k: v.numpy() for k, v in result.items()}
-
-
-def _input_order(kwargs: Mapping[str, Any]) -> list[str]:
-    # Inputs are fed in the order of the model's inputs, which the exporter
-    # records as the TensorSpec names; sorting keeps single-input models simple.
-    return sorted(kwargs)
 
 
 class VerifyReport(BaseModel):
@@ -184,16 +190,18 @@ def verify_artifacts(
     model = model or iris.MODEL
     net = restore_model(checkpoint, model, hparams)
     serve = serving_function(net)
-    batch = verification_batch(input_specs(net), data or (iris.DATA if model == iris.MODEL else None))
+    specs = input_specs(net)
+    batch = verification_batch(specs, data or (iris.DATA if model == iris.MODEL else None))
     results = {"checkpoint": {k: v.numpy() for k, v in serve(*batch).items()}}
     names = sorted(results["checkpoint"])
     if frozen_graph:
         graph_def = read_graph_def(frozen_graph)
         results["frozen_graph"] = run_frozen_graph(
-            graph_def, [f"{input_name}:0"], {n: f"{n}:0" for n in names}, batch
+            graph_def, [f"{sp.name}:0" for sp in specs] if len(specs) > 1 else [f"{input_name}:0"],
+            {n: f"{n}:0" for n in names}, batch
         )
     if saved_model:
-        results["saved_model"] = run_saved_model(saved_model, batch)
+        results["saved_model"] = run_saved_model(saved_model, batch, input_names=[sp.name for sp in specs])
     pairs = {}
     keys = list(results)
     for i, a in enumerate(keys):

@@ -54,8 +54,12 @@ def model_dir_copy(trained_dir: Path, tmp_path: Path) -> Path:
     return target
 
 
-def write_tf1_checkpoints(model_dir: Path, steps=(100, 200, 300)) -> None:
-    """Write TF1 `Saver` checkpoints (with `.meta` graphs) the Estimator way, in graph mode."""
+def write_tf1_checkpoints(model_dir: Path, steps=(100, 200, 300), signature: bool = False) -> None:
+    """Write TF1 `Saver` checkpoints (with `.meta` graphs) the Estimator way, in graph mode.
+
+    With `signature`, each `.meta` also carries a `serving_default` signature
+    (features -> scores), as an Estimator's exported meta graphs did.
+    """
     import tensorflow as tf
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -65,14 +69,23 @@ def write_tf1_checkpoints(model_dir: Path, steps=(100, 200, 300)) -> None:
         x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="features")
         w = tf.compat.v1.get_variable("dense/kernel", [4, 3])
         b = tf.compat.v1.get_variable("dense/bias", [3], initializer=tf.compat.v1.zeros_initializer())
-        tf.identity(tf.matmul(x, w) + b, name="logits")
+        logits = tf.identity(tf.matmul(x, w) + b, name="logits")
+        scores = tf.nn.softmax(logits, name="scores")
         global_step = tf.compat.v1.train.get_or_create_global_step()
         saver = tf.compat.v1.train.Saver(max_to_keep=10)
         with tf.compat.v1.Session(graph=graph) as sess:
             sess.run(tf.compat.v1.global_variables_initializer())
             for step in steps:
                 sess.run(global_step.assign(step))
-                saver.save(sess, str(model_dir / "model.ckpt"), global_step=step)
+                prefix = saver.save(sess, str(model_dir / "model.ckpt"), global_step=step)
+                if signature:
+                    meta = tf.compat.v1.train.export_meta_graph()
+                    meta.signature_def["serving_default"].CopyFrom(
+                        tf.compat.v1.saved_model.predict_signature_def(
+                            inputs={"features": x}, outputs={"scores": scores}
+                        )
+                    )
+                    Path(prefix + ".meta").write_bytes(meta.SerializeToString())
 
 
 @pytest.fixture

@@ -155,3 +155,12 @@ def test_cli_freeze_export_verify(trained_dir, tmp_path):
     assert mismatch.exit_code == 1 and "MISMATCH" in mismatch.stdout
     bad = runner.invoke(app, ["export", ckpt, "--export-base", str(tmp_path / "f.pb")])
     assert bad.exit_code == 2 and "is a file" in bad.stderr
+
+
+def test_a_tampered_version_is_not_reused(trained_dir, tmp_path):
+    first = export(trained_dir / "model.ckpt-300", tmp_path / "export")
+    with open(os.path.join(first.path, "saved_model.pb"), "ab") as handle:
+        handle.write(b"\0")  # edited after publishing
+    again = export(trained_dir / "model.ckpt-300", tmp_path / "export")
+    assert (again.version, again.reused) == (2, False)
+    assert os.path.exists(first.path)  # nothing existing is removed

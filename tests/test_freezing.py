@@ -61,12 +61,23 @@ def test_tf1_checkpoint_freezes_without_model_code_like_tf_freeze_graph(tmp_path
     del tf
 
 
+def test_tf1_outputs_come_from_the_meta_graphs_serving_signature(tmp_path, tf1_checkpoints):
+    from prefect_tensorflow.tasks.exporting import export
+
+    tf1_checkpoints(tmp_path / "m", signature=True)
+    result = freeze(tmp_path / "m" / "model.ckpt-300", tmp_path / "sig.pb")
+    assert result.outputs == {"scores": "scores:0"} and result.inputs == ["features:0"]
+    assert result.parity.ok
+    exported = export(tmp_path / "m" / "model.ckpt-300", tmp_path / "export")
+    assert list(exported.signature.outputs) == ["scores"] and exported.parity.ok
+
+
 def test_tf1_without_signature_or_nodes_lists_candidates(tmp_path, tf1_checkpoints):
     tf1_checkpoints(tmp_path / "m")
     with pytest.raises(FreezeError) as info:
         freeze(tmp_path / "m" / "model.ckpt-300", tmp_path / "x.pb")
     assert "has no serving signature; name the output nodes" in str(info.value)
-    assert "logits" in str(info.value)
+    assert "Candidates: scores" in str(info.value)  # the graph's unconsumed output
     with pytest.raises(FreezeError, match=r"output node\(s\) \['nope'\] not in the graph"):
         freeze(tmp_path / "m" / "model.ckpt-300", tmp_path / "x.pb", output_nodes=["nope"])
     assert not (tmp_path / "x.pb").exists()
