@@ -10,6 +10,7 @@ Benchmarks:
                         sync vs async CheckpointManager.save blocking time.
     training_overhead   train() steps/s with a checkpoint every 100 steps vs none.
     select_latest       find_latest_checkpoint on 10,000 checkpoints vs 1.
+    export              export() and freeze() of a checkpoint vs a bare tf.saved_model.save.
 """
 
 import os
@@ -17,4 +18,4 @@ import os
 # TensorFlow reads its C++ log level when it loads; every benchmark imports it later.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-BENCHMARKS = ("checkpoint_save", "training_overhead", "select_latest")
+BENCHMARKS = ("checkpoint_save", "training_overhead", "select_latest", "export")
