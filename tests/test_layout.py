@@ -39,3 +39,21 @@ def test_iris_data_ships_in_the_package():
     assert len(features) == 150 and all(len(row) == 4 for row in features)
     assert sorted(set(labels)) == [0, 1, 2] and len(CLASS_NAMES) == 3
     assert [labels.count(c) for c in (0, 1, 2)] == [50, 50, 50]
+
+
+def test_prefect_yaml_declares_the_nightly_retraining():
+    from pathlib import Path
+
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in config["deployments"]}
+    nightly = deployments["retrain-iris"]
+    assert nightly["schedules"][0]["cron"] == "0 2 * * *"
+    assert nightly["work_pool"]["name"] == "tensorflow-process"
+    assert not nightly["work_pool"]["name"].startswith("prefect")  # reserved by Prefect
+    assert nightly["parameters"]["more_steps"] == 1000
+    flow = load_flow_from_entrypoint(nightly["entrypoint"])
+    assert flow.name == "retrain"
+    assert set(nightly["parameters"]) <= set(flow.parameters.properties)
