@@ -5,28 +5,46 @@ it runs.
 
 Example:
     >>> from prefect import flow
-    >>> from prefect_tensorflow.tasks import select_latest_checkpoint, train_with_checkpoints
+    >>> from prefect_tensorflow.tasks import (
+    ...     export_saved_model, freeze_graph, select_latest_checkpoint, train_with_checkpoints,
+    ... )
     >>> @flow
-    ... def train_and_pick(model_dir: str) -> str:
+    ... def train_and_ship(model_dir: str) -> int:
     ...     train_with_checkpoints(model_dir, steps=500)
-    ...     return select_latest_checkpoint(model_dir).path
+    ...     checkpoint = select_latest_checkpoint(model_dir).path
+    ...     freeze_graph(checkpoint, "/tmp/iris.pb")
+    ...     return export_saved_model(checkpoint, "/tmp/iris-export").version
 """
 
 from .errors import (
     CheckpointMismatchError,
+    ExportError,
+    FreezeError,
+    GraphTooLargeError,
     ImportStringError,
     InvalidCheckpointError,
     MetricNotFoundError,
     ModelDirError,
     NoValidCheckpointError,
+    ParityError,
     PrefectTensorFlowError,
     TrainingError,
 )
+from .exporting import ExportResult, export_saved_model
+from .freezing import FreezeResult, freeze_graph
 from .policy import CheckpointPolicy
 from .selection import CheckpointInfo, CheckpointRef, select_best_checkpoint, select_latest_checkpoint
 from .training import TrainResult, train_with_checkpoints
 
 __all__ = [
+    "ExportError",
+    "ExportResult",
+    "FreezeError",
+    "FreezeResult",
+    "GraphTooLargeError",
+    "ParityError",
+    "export_saved_model",
+    "freeze_graph",
     "CheckpointInfo",
     "CheckpointMismatchError",
     "CheckpointPolicy",

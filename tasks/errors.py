@@ -94,6 +94,22 @@ class TrainingError(PrefectTensorFlowError):
     """Training could not start or could not go on (bad model, data or settings)."""
 
 
+class FreezeError(PrefectTensorFlowError):
+    """A graph cannot be frozen (missing `.meta`, unknown output node, unwritable output)."""
+
+
+class GraphTooLargeError(FreezeError):
+    """The frozen graph would pass protobuf's 2 GB limit for a GraphDef."""
+
+
+class ExportError(PrefectTensorFlowError):
+    """An export base is unusable, or a TF1 graph lacks what an export needs."""
+
+
+class ParityError(PrefectTensorFlowError):
+    """A frozen graph or SavedModel does not compute what its checkpoint computes."""
+
+
 def _few(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     if len(keys) > limit:

@@ -38,13 +38,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import iris
 from .checkpoint_files import check_checkpoint
-from .errors import PrefectTensorFlowError
+from .errors import ExportError, ParityError
 from .logs import get_logger
 from .serving import Head, input_specs, restore_model, serving_function
 from .verification import (
     DEFAULT_TOLERANCE,
     Parity,
-    ParityError,
     compare_outputs,
     run_saved_model,
     verification_batch,
@@ -53,10 +52,6 @@ from .verification import (
 INFO_FILE = os.path.join("assets.extra", "prefect_tensorflow.json")
 LOCK_FILE = ".prefect-tensorflow.lock"
 TMP_PREFIX = ".tmp-export-"
-
-
-class ExportError(PrefectTensorFlowError):
-    """An export base is unusable, or a TF1 graph lacks what an export needs."""
 
 
 class TensorInfo(BaseModel):

@@ -35,27 +35,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import iris
 from .checkpoint_files import check_checkpoint
-from .errors import PrefectTensorFlowError
+from .errors import FreezeError, GraphTooLargeError, ParityError
 from .logs import get_logger
 from .serving import Head, input_specs, restore_model, serving_function
 from .verification import (
     DEFAULT_TOLERANCE,
     Parity,
-    ParityError,
     compare_outputs,
     run_frozen_graph,
     verification_batch,
 )
 
 PROTOBUF_LIMIT = 2**31 - 1
-
-
-class FreezeError(PrefectTensorFlowError):
-    """A graph cannot be frozen (missing `.meta`, unknown output node, too large, unwritable)."""
-
-
-class GraphTooLargeError(FreezeError):
-    """The frozen graph would pass protobuf's 2 GB limit."""
 
 
 class FreezeResult(BaseModel):

@@ -20,14 +20,10 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from .errors import PrefectTensorFlowError
+from .errors import ParityError
 from .importing import load_object
 
 DEFAULT_TOLERANCE = 1e-5
-
-
-class ParityError(PrefectTensorFlowError):
-    """An artifact does not compute what the checkpoint computes."""
 
 
 class Parity(BaseModel):
