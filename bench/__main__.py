@@ -7,6 +7,7 @@ import sys
 import time
 
 from . import BENCHMARKS
+from .common import report
 
 
 def main(argv: list[str]) -> int:
@@ -21,7 +22,8 @@ def main(argv: list[str]) -> int:
     for name in names:
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
-        result = importlib.import_module(f"bench.{name}").main()
+        module = importlib.import_module(f"bench.{name}")
+        result = report(name, module.run)
         tables.append(result["table"])
         print(f"   ({time.perf_counter() - t0:.0f} s)\n", flush=True)
     if len(names) > 1:

@@ -48,7 +48,7 @@ import os
 import shutil
 import time
 
-from .common import Scratch, fmt, interleaved, median, ratio_table, spread, timed, write_results
+from .common import Scratch, fmt, interleaved, median, ratio_table, spread, timed, report
 
 NAME = "checkpoint_save"
 NUM_VARIABLES = 4
@@ -218,12 +218,5 @@ def run() -> dict:
     return result
 
 
-def main() -> dict:
-    result = run()
-    print(result["table"])
-    print(f"  results: {write_results(NAME, result)}")
-    return result
-
-
 if __name__ == "__main__":
-    main()
+    report(NAME, run)

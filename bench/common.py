@@ -122,3 +122,11 @@ class Scratch:
 
     def __exit__(self, *exc: Any) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def report(name: str, run) -> dict:
+    """Run one benchmark, print its table and write its results JSON."""
+    result = run()
+    print(result["table"])
+    print(f"  results: {write_results(name, result)}")
+    return result

@@ -56,7 +56,7 @@ import os
 import shutil
 import time
 
-from .common import Scratch, fmt, interleaved, median, ratio_table, spread, timed, write_results
+from .common import Scratch, fmt, interleaved, median, ratio_table, spread, timed, report
 
 NAME = "export"
 TRAIN_STEPS = 200
@@ -231,12 +231,5 @@ def run() -> dict:
     return result
 
 
-def main() -> dict:
-    result = run()
-    print(result["table"])
-    print(f"  results: {write_results(NAME, result)}")
-    return result
-
-
 if __name__ == "__main__":
-    main()
+    report(NAME, run)

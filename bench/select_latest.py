@@ -47,7 +47,7 @@ import tempfile
 import time
 from typing import Callable
 
-from .common import Scratch, fmt, interleaved, median, ratio_table, write_results
+from .common import Scratch, fmt, interleaved, median, ratio_table, report
 
 NAME = "select_latest"
 CHECKPOINTS = 10_000
@@ -271,12 +271,5 @@ def run() -> dict:
     return out
 
 
-def main() -> dict:
-    result = run()
-    print(result["table"])
-    print(f"  results: {write_results(NAME, result)}")
-    return result
-
-
 if __name__ == "__main__":
-    main()
+    report(NAME, run)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import shutil
 import time
 
-from .common import Scratch, fmt, interleaved, median, ratio_table, spread, write_results
+from .common import Scratch, fmt, interleaved, median, ratio_table, spread, report
 
 NAME = "training_overhead"
 STEPS = 3000
@@ -156,12 +156,5 @@ def run() -> dict:
     return result
 
 
-def main() -> dict:
-    result = run()
-    print(result["table"])
-    print(f"  results: {write_results(NAME, result)}")
-    return result
-
-
 if __name__ == "__main__":
-    main()
+    report(NAME, run)

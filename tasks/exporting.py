@@ -40,6 +40,7 @@ from . import iris
 from .checkpoint_files import check_checkpoint
 from .errors import ExportError, ParityError
 from .logs import get_logger
+from .meta_graph import load_meta_graph
 from .serving import Head, input_specs, restore_model, serving_function
 from .verification import (
     DEFAULT_TOLERANCE,
@@ -212,35 +213,8 @@ def _save_tf2(prefix: str, target: str, model: str, hparams, head: Head, data: O
 def _save_tf1(prefix: str, target: str, input_nodes, output_nodes, data: Optional[str]):
     import tensorflow as tf
 
-    from .freezing import _meta_graph_path, _tf1_signature, candidate_output_nodes, read_meta_graph
-
-    meta = _meta_graph_path(prefix)
-    graph = tf.Graph()
-    with graph.as_default():
-        saver = tf.compat.v1.train.import_meta_graph(meta, clear_devices=True)
-    sig_inputs, sig_outputs = _tf1_signature(read_meta_graph(meta))
-    known = {n.name for n in graph.as_graph_def().node}
-    if output_nodes:
-        unknown = [n for n in output_nodes if n.split(":")[0] not in known]
-        if unknown:
-            raise ExportError(
-                f"output node(s) {unknown} not in the graph of {meta}; candidates: "
-                f"{', '.join(candidate_output_nodes(graph.as_graph_def())[:20]) or 'none'}"
-            )
-        outputs = {n.split(":")[0]: (n if ":" in n else f"{n}:0") for n in output_nodes}
-    elif sig_outputs:
-        outputs = sig_outputs
-    else:
-        raise ExportError(
-            f"{meta} has no serving signature; name the output nodes (--output-nodes). Candidates: "
-            f"{', '.join(candidate_output_nodes(graph.as_graph_def())[:20]) or 'none'}"
-        )
-    if input_nodes:
-        inputs = [n if ":" in n else f"{n}:0" for n in input_nodes]
-    elif sig_inputs:
-        inputs = sig_inputs
-    else:
-        inputs = [f"{n.name}:0" for n in graph.as_graph_def().node if n.op == "Placeholder"]
+    tf1 = load_meta_graph(prefix, output_nodes=output_nodes, input_nodes=input_nodes, error=ExportError)
+    graph, saver, inputs, outputs = tf1.graph, tf1.saver, tf1.inputs, tf1.outputs
     with tf.compat.v1.Session(graph=graph) as sess:
         saver.restore(sess, prefix)
         in_tensors = {name.split(":")[0]: graph.get_tensor_by_name(name) for name in inputs}

@@ -37,6 +37,7 @@ from . import iris
 from .checkpoint_files import check_checkpoint
 from .errors import FreezeError, GraphTooLargeError, ParityError
 from .logs import get_logger
+from .meta_graph import load_meta_graph
 from .serving import Head, input_specs, restore_model, serving_function
 from .verification import (
     DEFAULT_TOLERANCE,
@@ -112,88 +113,15 @@ def _freeze_tf2(checkpoint: str, model: str, hparams, head: Head, data: Optional
     return graph_def, inputs, outputs, batch, expected
 
 
-def _meta_graph_path(checkpoint: str) -> str:
-    meta = checkpoint + ".meta"
-    if not os.path.exists(meta):
-        raise FreezeError(
-            f"checkpoint {checkpoint} is a TF1 Saver checkpoint but {meta} is missing; the graph "
-            "cannot be rebuilt without it (pass --model for a TF2 model builder instead)"
-        )
-    return meta
-
-
-def candidate_output_nodes(graph_def) -> list[str]:
-    """Nodes nothing else consumes, the usual outputs of a TF1 graph (save and init ops left out)."""
-    consumed = set()
-    for node in graph_def.node:
-        for name in node.input:
-            consumed.add(name.lstrip("^").split(":")[0])
-    skip_ops = {
-        "NoOp", "Assign", "AssignVariableOp", "SaveV2", "RestoreV2", "Const", "VarHandleOp",
-        "Placeholder", "ReadVariableOp", "VarIsInitializedOp", "IsVariableInitialized",
-    }
-    return sorted(
-        node.name
-        for node in graph_def.node
-        if node.name not in consumed
-        and node.op not in skip_ops
-        and not node.name.startswith(("save/", "save_", "init", "report_uninitialized", "global_step"))
-    )
-
-
-def read_meta_graph(meta: str):
-    """Parse a `.meta` file (a binary `MetaGraphDef`), signatures included."""
-    import tensorflow as tf
-
-    meta_graph_def = tf.compat.v1.MetaGraphDef()
-    with open(meta, "rb") as handle:
-        meta_graph_def.ParseFromString(handle.read())
-    return meta_graph_def
-
-
-def _tf1_signature(meta_graph_def) -> tuple[list[str], dict[str, str]]:
-    signature = meta_graph_def.signature_def.get("serving_default")
-    if signature is None:
-        return [], {}
-    inputs = [signature.inputs[k].name for k in sorted(signature.inputs)]
-    outputs = {k: signature.outputs[k].name for k in sorted(signature.outputs)}
-    return inputs, outputs
-
-
 def _freeze_tf1(checkpoint: str, output_nodes: Optional[list[str]], input_nodes: Optional[list[str]], data):
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_from_session_graph,
     )
 
-    meta = _meta_graph_path(checkpoint)
-    graph = tf.Graph()
-    with graph.as_default():
-        saver = tf.compat.v1.train.import_meta_graph(meta, clear_devices=True)
+    tf1 = load_meta_graph(checkpoint, output_nodes=output_nodes, input_nodes=input_nodes, error=FreezeError)
+    graph, saver, inputs, outputs = tf1.graph, tf1.saver, tf1.inputs, tf1.outputs
     full_def = graph.as_graph_def()
-    sig_inputs, sig_outputs = _tf1_signature(read_meta_graph(meta))
-    if output_nodes:
-        known = {n.name for n in full_def.node}
-        unknown = [n for n in output_nodes if n.split(":")[0] not in known]
-        if unknown:
-            raise FreezeError(
-                f"output node(s) {unknown} not in the graph of {meta}; candidates: "
-                f"{', '.join(candidate_output_nodes(full_def)[:20]) or 'none'}"
-            )
-        outputs = {n.split(":")[0]: (n if ":" in n else f"{n}:0") for n in output_nodes}
-    elif sig_outputs:
-        outputs = sig_outputs
-    else:
-        raise FreezeError(
-            f"{meta} has no serving signature; name the output nodes (--output-nodes). "
-            f"Candidates: {', '.join(candidate_output_nodes(full_def)[:20]) or 'none'}"
-        )
-    if input_nodes:
-        inputs = [n if ":" in n else f"{n}:0" for n in input_nodes]
-    elif sig_inputs:
-        inputs = sig_inputs
-    else:
-        inputs = [f"{n.name}:0" for n in full_def.node if n.op == "Placeholder"]
     node_names = sorted({t.split(":")[0] for t in outputs.values()})
     with tf.compat.v1.Session(graph=graph) as sess:
         saver.restore(sess, checkpoint)
