@@ -150,9 +150,9 @@ def train(
     _check_int("seed", seed, 0)
     policy = policy or CheckpointPolicy()
     hparams = dict(hparams or {})
-    model_dir = _prepare_model_dir(model_dir)
     load_object(model, parameter="model")
     load_object(data, parameter="data")
+    model_dir = _prepare_model_dir(model_dir)
     log = get_logger()
 
     import keras

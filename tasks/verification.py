@@ -178,8 +178,6 @@ def verify_artifacts(
     `class_ids` of the classifier head); the frozen graph must have tensors of
     those names, as `freeze_graph` writes them.
     """
-    import tensorflow as tf
-
     from . import iris
     from .serving import input_specs, restore_model, serving_function
 
@@ -203,7 +201,6 @@ def verify_artifacts(
     for i, a in enumerate(keys):
         for b in keys[i + 1 :]:
             pairs[f"{a} vs {b}"] = compare_outputs(results[a], results[b], tolerance)
-    del tf
     return VerifyReport(
         checkpoint=checkpoint, frozen_graph=frozen_graph, saved_model=saved_model,
         pairs=pairs, ok=all(p.ok for p in pairs.values()),
