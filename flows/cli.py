@@ -322,9 +322,9 @@ def verify(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Report the largest difference between each pair of checkpoint, frozen graph and SavedModel."""
-    from prefect_tensorflow.tasks.verification import verify_artifacts
+    from prefect_tensorflow.tasks.verification import parity_report
 
-    report = _run(lambda: verify_artifacts(
+    report = _run(lambda: parity_report(
         checkpoint, frozen_graph=frozen_graph, saved_model=saved_model, model=model, data=data,
         tolerance=tolerance,
     ))

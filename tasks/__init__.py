@@ -32,6 +32,7 @@ from .errors import (
 )
 from .exporting import ExportResult, export_saved_model
 from .freezing import FreezeResult, freeze_graph
+from .verification import Parity, VerifyReport, verify_artifacts
 from .policy import CheckpointPolicy
 from .selection import CheckpointInfo, CheckpointRef, select_best_checkpoint, select_latest_checkpoint
 from .training import TrainResult, train_with_checkpoints
@@ -45,6 +46,9 @@ __all__ = [
     "ParityError",
     "export_saved_model",
     "freeze_graph",
+    "Parity",
+    "VerifyReport",
+    "verify_artifacts",
     "CheckpointInfo",
     "CheckpointMismatchError",
     "CheckpointPolicy",

@@ -18,6 +18,7 @@ import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
+from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from .errors import ParityError
@@ -161,7 +162,7 @@ class VerifyReport(BaseModel):
     ok: bool
 
 
-def verify_artifacts(
+def parity_report(
     checkpoint: str,
     *,
     frozen_graph: Optional[str] = None,
@@ -205,3 +206,48 @@ def verify_artifacts(
         checkpoint=checkpoint, frozen_graph=frozen_graph, saved_model=saved_model,
         pairs=pairs, ok=all(p.ok for p in pairs.values()),
     )
+
+
+@task(name="verify-artifacts")
+def verify_artifacts(
+    checkpoint: str,
+    frozen_graph: Optional[str] = None,
+    saved_model: Optional[str] = None,
+    model: Optional[str] = None,
+    data: Optional[str] = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> VerifyReport:
+    """Check that a frozen graph and/or a SavedModel compute what a TF2 checkpoint computes.
+
+    For exports made elsewhere. Each pair's largest absolute difference on
+    one batch is reported; the task fails when any pair exceeds `tolerance`.
+
+    Args:
+        checkpoint: TF2 checkpoint prefix.
+        frozen_graph: a `.pb` with `features:0` input and outputs named like the signature.
+        saved_model: a SavedModel version directory.
+        model: model builder import string (default: the bundled iris).
+        data: dataset loader for the batch (default: seeded random values).
+        tolerance: largest absolute difference accepted.
+
+    Returns:
+        The pairwise parity figures.
+
+    Raises:
+        ParityError: a pair differs by more than `tolerance`.
+
+    Example:
+        >>> from prefect import flow
+        >>> @flow
+        ... def audit(checkpoint: str, export_dir: str) -> float:
+        ...     report = verify_artifacts(checkpoint, saved_model=export_dir)
+        ...     return max(p.max_abs_diff for p in report.pairs.values())
+    """
+    report = parity_report(
+        checkpoint, frozen_graph=frozen_graph, saved_model=saved_model, model=model, data=data,
+        tolerance=tolerance,
+    )
+    bad = {pair: p.max_abs_diff for pair, p in report.pairs.items() if not p.ok}
+    if bad:
+        raise ParityError(f"{checkpoint}: artifacts differ by more than {tolerance:g}: {bad}")
+    return report

@@ -124,14 +124,14 @@ def test_unusable_export_base(trained_dir, tmp_path):
 
 def test_verify_reports_each_pair(trained_dir, tmp_path):
     from prefect_tensorflow.tasks.freezing import freeze
-    from prefect_tensorflow.tasks.verification import verify_artifacts
+    from prefect_tensorflow.tasks.verification import parity_report
 
     frozen = freeze(trained_dir / "model.ckpt-300", tmp_path / "iris.pb")
     exported = export(trained_dir / "model.ckpt-300", tmp_path / "export")
-    report = verify_artifacts(str(trained_dir / "model.ckpt-300"), frozen_graph=frozen.path, saved_model=exported.path)
+    report = parity_report(str(trained_dir / "model.ckpt-300"), frozen_graph=frozen.path, saved_model=exported.path)
     assert report.ok
     assert set(report.pairs) == {"checkpoint vs frozen_graph", "checkpoint vs saved_model", "frozen_graph vs saved_model"}
-    stale = verify_artifacts(str(trained_dir / "model.ckpt-100"), frozen_graph=frozen.path, saved_model=exported.path)
+    stale = parity_report(str(trained_dir / "model.ckpt-100"), frozen_graph=frozen.path, saved_model=exported.path)
     assert not stale.ok and stale.pairs["checkpoint vs saved_model"].max_abs_diff > 1e-3
     assert stale.pairs["frozen_graph vs saved_model"].ok
 
@@ -164,3 +164,20 @@ def test_a_tampered_version_is_not_reused(trained_dir, tmp_path):
     again = export(trained_dir / "model.ckpt-300", tmp_path / "export")
     assert (again.version, again.reused) == (2, False)
     assert os.path.exists(first.path)  # nothing existing is removed
+
+
+def test_verify_task_fails_on_a_mismatch(prefect_api, trained_dir, tmp_path):
+    from prefect import flow
+
+    from prefect_tensorflow.tasks.verification import verify_artifacts
+
+    exported = export(trained_dir / "model.ckpt-300", tmp_path / "export")
+
+    @flow
+    def audit(checkpoint: str) -> float:
+        report = verify_artifacts(checkpoint, saved_model=exported.path)
+        return max(p.max_abs_diff for p in report.pairs.values())
+
+    assert audit(str(trained_dir / "model.ckpt-300")) <= 1e-5
+    with pytest.raises(ParityError, match="artifacts differ by more than"):
+        audit(str(trained_dir / "model.ckpt-0"))
