@@ -216,7 +216,7 @@ def run() -> dict:
             row("F", "F  freeze()", "restore + freeze + write + verify"),
             row("E+F", "E+F per round", "freeze + SavedModel + verification"),
             row("R", "R  re-export, existing version", "idempotent lookup, reused=True"),
-            row("L", "L  one load + call of a SavedModel", "E pays the load twice (verify, signature)"),
+            row("L", "L  one load + call of a SavedModel", "what E pays once to verify"),
         ],
         notes=[
             f"xB0 / xB1 = median over B0's ({fmt(b0_med)} s) / B1's ({fmt(b1_med)} s) median; "
