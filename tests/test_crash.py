@@ -154,3 +154,50 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, cli_env):
     ref = find_latest_checkpoint(model_dir, verify_checksums=True)
     assert ref.step > 0, "no checkpoint was saved on SIGTERM"
     assert ref.metrics, "the preemption checkpoint has no recorded metrics"
+
+
+FLOW_SCRIPT = """
+import sys
+from prefect import flow
+from prefect_tensorflow.tasks import train_with_checkpoints
+
+@flow
+def long_training(model_dir: str):
+    return train_with_checkpoints(model_dir, steps=100_000_000)
+
+long_training(sys.argv[1])
+"""
+
+
+def test_sigterm_in_a_prefect_flow_run_saves_then_prefect_marks_it_crashed(tmp_path, cli_env):
+    """The preemption path of a deployment: the flow-run process gets SIGTERM mid-training."""
+    model_dir = tmp_path / "m"
+    script = tmp_path / "flow_run.py"
+    script.write_text(FLOW_SCRIPT)
+    env = dict(cli_env, PREFECT_HOME=str(tmp_path / "prefect-home"),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    log = tmp_path / "flow_run.log"
+    # A file, not a pipe: Prefect's temporary API server inherits the output and
+    # may outlive the flow-run process by a moment; its own session is cleaned up below.
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(script), str(model_dir)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (model_dir / "model.ckpt-0.index").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the process group: the flow run and its API server
+        except ProcessLookupError:
+            pass
+    output = log.read_text()
+    assert "SIGTERM received at step" in output
+    assert "Crashed" in output  # Prefect still learns the run was terminated
+    ref = find_latest_checkpoint(model_dir, verify_checksums=True)
+    assert ref.step > 0 and f"saved checkpoint {ref.path}" in output
