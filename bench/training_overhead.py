@@ -149,8 +149,9 @@ def run() -> dict:
         ],
         notes=[
             f"warm-up run ({WARMUP_STEPS} steps, untimed): {fmt(warmup_seconds)} s.",
-            "elapsed = TrainResult.elapsed_seconds; wall also counts the call's return, where",
-            "deleting the tf.data iterator waits for tf.data's autotune thread to wake (seconds, in steps).",
+            "elapsed = TrainResult.elapsed_seconds; wall also counts the call's return (deleting the",
+            "tf.data iterator: it waited seconds for tf.data's autotune thread until autotune was turned off).",
+            "each checkpoint includes evaluating the eval split for the metrics recorded beside it.",
         ],
     )
     return result
