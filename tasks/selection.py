@@ -110,6 +110,17 @@ def validate_checkpoint(prefix: str | os.PathLike, *, verify_checksums: bool = F
     return files
 
 
+def checkpoint_ref(prefix: str | os.PathLike, *, verify_checksums: bool = False) -> CheckpointRef:
+    """Validate one checkpoint and describe it, its recorded metrics included.
+
+    Raises:
+        InvalidCheckpointError: the checkpoint is incomplete or corrupt.
+    """
+    files = validate_checkpoint(prefix, verify_checksums=verify_checksums)
+    model_dir = os.path.dirname(os.path.abspath(files.prefix))
+    return _ref(files, model_dir, metrics_at(model_dir, files.step))
+
+
 def list_checkpoints(model_dir: str | os.PathLike, *, verify_checksums: bool = False) -> list[CheckpointInfo]:
     """Every checkpoint in `model_dir`, newest step first, with its validity.
 

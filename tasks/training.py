@@ -36,15 +36,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import iris
 from .async_save import enable_keras_async_checkpoint
-from .checkpoint_files import checkpoint_prefixes, uncommitted_temp_dirs
-from .errors import ModelDirError, NoValidCheckpointError, TrainingError
+from .checkpoint_files import checkpoint_prefixes, step_of, uncommitted_temp_dirs
+from .errors import InvalidCheckpointError, ModelDirError, NoValidCheckpointError, TrainingError
 from .importing import load_object
 from .logs import get_logger
 from .metrics_log import append_metrics
 from .policy import CheckpointPolicy
 from .preemption import PreemptionGuard
 from .restore import restore_strict
-from .selection import find_latest_checkpoint
+from .selection import CheckpointRef, checkpoint_ref, find_latest_checkpoint
 
 ProgressCallback = Callable[[int, int, Optional[float]], None]
 
@@ -173,14 +173,8 @@ def train(
     for leftover in uncommitted_temp_dirs(model_dir):
         log.warning("removing %s, a checkpoint write cut short by a crash", leftover)
         shutil.rmtree(leftover, ignore_errors=True)
-    try:
-        latest = find_latest_checkpoint(model_dir)
-    except NoValidCheckpointError as err:
-        latest = None
-        if checkpoint_prefixes(model_dir):
-            log.warning("%s; training from scratch", err)
+    latest = _resume(ckpt, model_dir)
     if latest is not None:
-        restore_strict(ckpt, latest.path)
         log.info("resumed from %s (step %d)", latest.path, int(global_step.numpy()))
     manager = tf.train.CheckpointManager(
         ckpt,
@@ -296,6 +290,43 @@ def train(
         final_metrics=metrics,
         preempted=preempted,
         elapsed_seconds=time.monotonic() - started,
+    )
+
+
+def _resume(ckpt, model_dir: str) -> Optional[CheckpointRef]:
+    """Restore `ckpt` from the newest checkpoint of `model_dir` that restores; None if there is none.
+
+    A checkpoint can pass the cheap validation and still fail to restore (a
+    flipped bit fails its CRC32C); then the next older valid one is tried.
+
+    Raises:
+        TrainingError: `model_dir` holds checkpoints but none is valid or none
+            restores. Training from scratch over them would silently throw a
+            long training away; move them aside to start over.
+        CheckpointMismatchError: the checkpoints were written by another model.
+    """
+    log = get_logger()
+    prefixes = checkpoint_prefixes(model_dir)
+    try:
+        candidates = [find_latest_checkpoint(model_dir).path]
+    except NoValidCheckpointError as err:
+        if prefixes:
+            raise TrainingError(f"{err}. Move them aside to train from scratch.") from err
+        return None
+    newest = step_of(candidates[0]) or 0
+    candidates += [p for p in prefixes if step_of(p) is not None and step_of(p) < newest]
+    failures = []
+    for prefix in candidates:
+        try:
+            ref = checkpoint_ref(prefix)
+            restore_strict(ckpt, ref.path)
+            return ref
+        except InvalidCheckpointError as err:
+            failures.append(f"{os.path.basename(prefix)}: {err.reason}")
+            log.warning("cannot resume from %s: %s; trying an older checkpoint", prefix, err.reason)
+    raise TrainingError(
+        f"model dir {model_dir}: no checkpoint restores ({'; '.join(failures)}). "
+        "Move them aside to train from scratch."
     )
 
 

@@ -238,3 +238,39 @@ def test_state_file_is_the_last_write_so_selection_needs_no_listing(tmp_path):
         assert state_file_is_last_change(model_dir, read_state_file(model_dir))
         train(model_dir, steps=20, policy=policy)  # nothing to do: writes nothing
         assert state_file_is_last_change(model_dir, read_state_file(model_dir))
+
+
+def _flip_a_weight_byte(prefix):
+    from prefect_tensorflow.tasks.checkpoint_files import read_index
+
+    _, entries = read_index(str(prefix))
+    name = next(n for n in entries if "_trainable_variables/0/" in n)
+    _, offset, size = entries[name]
+    with open(f"{prefix}.data-00000-of-00001", "r+b") as handle:
+        handle.seek(offset + size // 2)
+        byte = handle.read(1)
+        handle.seek(offset + size // 2)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_resume_skips_a_checkpoint_that_fails_its_checksum(tmp_path, trained_dir, caplog):
+    import logging
+
+    policy = CheckpointPolicy(save_checkpoints_steps=20, keep_checkpoint_max=None)
+    train(tmp_path / "m", steps=40, policy=policy)
+    _flip_a_weight_byte(tmp_path / "m" / "model.ckpt-40")  # sizes intact: passes the cheap check
+    with caplog.at_level(logging.INFO, logger="prefect_tensorflow"):
+        result = train(tmp_path / "m", steps=60, policy=policy)
+    assert result.start_step == 20
+    assert "cannot resume from" in caplog.text and "model.ckpt-40" in caplog.text
+
+
+def test_model_dir_with_only_broken_checkpoints_is_not_silently_restarted(tmp_path):
+    policy = CheckpointPolicy(save_checkpoints_steps=20, keep_checkpoint_max=None)
+    train(tmp_path / "m", steps=20, policy=policy)
+    for step in (0, 20):
+        os.truncate(tmp_path / "m" / f"model.ckpt-{step}.data-00000-of-00001", 1)
+    before = sorted(os.listdir(tmp_path / "m"))
+    with pytest.raises(TrainingError, match="Move them aside to train from scratch"):
+        train(tmp_path / "m", steps=40, policy=policy)
+    assert sorted(os.listdir(tmp_path / "m")) == before
