@@ -265,6 +265,7 @@ def export(
     }
     fingerprint = checkpoint_fingerprint(files.prefix, settings)
     log = get_logger()
+    existing_versions(export_base)  # refuse a wrong directory before leaving a lock file in it
     import tensorflow as tf
 
     with export_lock(export_base):

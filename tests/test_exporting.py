@@ -109,7 +109,7 @@ def test_export_base_with_other_entries_is_refused_and_untouched(trained_dir, tm
     (base / "1").mkdir()
     with pytest.raises(ExportError, match="holds entries that are not version directories: notes.txt"):
         export(trained_dir / "model.ckpt-300", base)
-    assert sorted(os.listdir(base)) == [".prefect-tensorflow.lock", "1", "notes.txt"]
+    assert sorted(os.listdir(base)) == ["1", "notes.txt"]  # not even a lock file left behind
     assert (base / "notes.txt").read_text() == "mine"
 
 
