@@ -46,6 +46,7 @@ from .verification import (
     DEFAULT_TOLERANCE,
     Parity,
     compare_outputs,
+    default_verification_data,
     run_saved_model,
     verification_batch,
 )
@@ -257,7 +258,7 @@ def export(
     tf1 = files.format == "tf1" and model is None
     if not tf1:
         model = model or iris.MODEL
-        data = data or (iris.DATA if model == iris.MODEL else None)
+        data = default_verification_data(model, data)
     export_base = _prepare_export_base(os.fspath(export_base))
     settings = {
         "format": "tf1" if tf1 else "tf2", "model": model, "hparams": hparams or {}, "head": head,

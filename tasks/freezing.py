@@ -43,6 +43,7 @@ from .verification import (
     DEFAULT_TOLERANCE,
     Parity,
     compare_outputs,
+    default_verification_data,
     run_frozen_graph,
     verification_batch,
 )
@@ -206,7 +207,7 @@ def freeze(
             fmt = "tf2"
             model = model or iris.MODEL
             graph_def, inputs, outputs, batch, expected = _freeze_tf2(
-                files.prefix, model, hparams, head, data or (iris.DATA if model == iris.MODEL else None)
+                files.prefix, model, hparams, head, default_verification_data(model, data)
             )
     data_bytes = _check_size(graph_def, source)
 

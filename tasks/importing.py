@@ -1,4 +1,5 @@
-"""Resolve `"module:attr"` import strings, the way model code enters the package.
+"""Resolve `"module:attr"` import strings, the way model code enters the package,
+and call the model builder one names (`build_model`).
 
 A deployment parameter typed into the Prefect UI can only be text, so a model
 builder or a dataset loader is named by an import string.
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Any
+from typing import Any, Optional
 
-from .errors import ImportStringError
+from .errors import ImportStringError, TrainingError
 
 _SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
@@ -59,3 +60,17 @@ def load_object(spec: str, *, parameter: str = "import string", callable_: bool 
             spec, f"expected a callable, got {type(obj).__name__}", parameter=parameter
         )
     return obj
+
+
+def build_model(model: str, hparams: Optional[dict[str, Any]] = None):
+    """Call the model builder named by `model` and check it returned a `keras.Model`."""
+    import keras
+
+    builder = load_object(model, parameter="model")
+    try:
+        net = builder(**dict(hparams or {}))
+    except TypeError as err:
+        raise TrainingError(f"model {model!r}: calling it with hparams {hparams or {}} failed: {err}") from err
+    if not isinstance(net, keras.Model):
+        raise TrainingError(f"model {model!r}: expected a keras.Model, received {type(net).__name__}")
+    return net

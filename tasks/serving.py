@@ -18,25 +18,11 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from .errors import CheckpointMismatchError, InvalidCheckpointError, TrainingError
-from .importing import load_object
+from .errors import CheckpointMismatchError, InvalidCheckpointError
+from .importing import build_model
 
 Head = Literal["classifier", "raw"]
 CLASSIFIER_OUTPUTS = ("class_ids", "logits", "probabilities")
-
-
-def build_model(model: str, hparams: Optional[dict[str, Any]] = None):
-    """Call the model builder named by `model` and check it returned a `keras.Model`."""
-    import keras
-
-    builder = load_object(model, parameter="model")
-    try:
-        net = builder(**dict(hparams or {}))
-    except TypeError as err:
-        raise TrainingError(f"model {model!r}: calling it with hparams {hparams or {}} failed: {err}") from err
-    if not isinstance(net, keras.Model):
-        raise TrainingError(f"model {model!r}: expected a keras.Model, received {type(net).__name__}")
-    return net
 
 
 def restore_model(checkpoint: str, model: str, hparams: Optional[dict[str, Any]] = None):

@@ -38,7 +38,7 @@ from . import iris
 from .async_save import enable_keras_async_checkpoint
 from .checkpoint_files import checkpoint_prefixes, step_of, uncommitted_temp_dirs
 from .errors import InvalidCheckpointError, ModelDirError, NoValidCheckpointError, TrainingError
-from .importing import load_object
+from .importing import build_model, load_object
 from .logs import get_logger
 from .metrics_log import append_metrics
 from .policy import CheckpointPolicy
@@ -86,22 +86,15 @@ def _prepare_model_dir(model_dir: str | os.PathLike) -> str:
 
 
 def _build(model: str, data: str, hparams: dict[str, Any]):
-    import keras
     import tensorflow as tf
 
-    builder = load_object(model, parameter="model")
-    loader = load_object(data, parameter="data")
-    try:
-        net = builder(**hparams)
-    except TypeError as err:
-        raise TrainingError(f"model {model!r}: calling it with hparams {hparams} failed: {err}") from err
-    if not isinstance(net, keras.Model):
-        raise TrainingError(f"model {model!r}: expected a keras.Model, received {type(net).__name__}")
+    net = build_model(model, hparams)
     if getattr(net, "optimizer", None) is None or getattr(net, "loss", None) is None:
         raise TrainingError(
             f"model {model!r}: expected a compiled model (model.compile(optimizer=..., loss=...)), "
             "received one without an optimizer or a loss"
         )
+    loader = load_object(data, parameter="data")
     datasets = {}
     for split in ("train", "eval"):
         ds = loader(split)

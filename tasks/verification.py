@@ -69,6 +69,13 @@ def compare_outputs(
     )
 
 
+def default_verification_data(model: str, data: Optional[str]) -> Optional[str]:
+    """`data`, or the bundled iris loader when the model is the bundled iris one, else None (random values)."""
+    from . import iris
+
+    return data or (iris.DATA if model == iris.MODEL else None)
+
+
 def verification_batch(specs: list, data: Optional[str] = None, size: int = 32, seed: int = 0) -> list[np.ndarray]:
     """One batch per input spec: the first `size` examples of `data`'s eval split, else seeded random values.
 
@@ -186,7 +193,7 @@ def parity_report(
     net = restore_model(checkpoint, model, hparams)
     serve = serving_function(net)
     specs = input_specs(net)
-    batch = verification_batch(specs, data or (iris.DATA if model == iris.MODEL else None))
+    batch = verification_batch(specs, default_verification_data(model, data))
     results = {"checkpoint": {k: v.numpy() for k, v in serve(*batch).items()}}
     names = sorted(results["checkpoint"])
     if frozen_graph:
