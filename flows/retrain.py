@@ -94,7 +94,10 @@ def retrain(
     export_base: Annotated[Optional[str], Field(description="Directory of SavedModel versions; default ./.prefect-tensorflow/exports/iris")] = None,
     frozen_dir: Annotated[Optional[str], Field(description="Directory for the frozen .pb; default ./.prefect-tensorflow/frozen/iris")] = None,
 ) -> RetrainSummary:
-    """Train (resuming from the newest valid checkpoint) and select the checkpoint to ship.
+    """Train (resuming from the newest valid checkpoint), select the checkpoint to ship,
+    freeze it and export it as the next SavedModel version, each verified.
+
+    Publishes a table of the checkpoints and a markdown summary as Prefect artifacts.
 
     Raises:
         ValueError: `select` is malformed (checked before any training).
