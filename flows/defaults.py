@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import os
 
-HOME_ENV = "PREFECT_TENSORFLOW_HOME"
+from prefect_tensorflow.tasks.data_home import HOME_ENV, data_home  # noqa: F401 - re-exported
+
 # Prefect's ephemeral API migrates a new SQLite database on first use; on a
 # 2-core machine that can take longer than Prefect's default 20 s start-up limit.
 EPHEMERAL_STARTUP_TIMEOUT = "180"
-
-
-def data_home() -> str:
-    """The local data directory: `$PREFECT_TENSORFLOW_HOME` or `./.prefect-tensorflow`."""
-    return os.path.abspath(os.environ.get(HOME_ENV) or ".prefect-tensorflow")
 
 
 def default_model_dir() -> str:

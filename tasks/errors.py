@@ -110,6 +110,26 @@ class ParityError(PrefectTensorFlowError):
     """A frozen graph or SavedModel does not compute what its checkpoint computes."""
 
 
+class MlflowSettingsError(PrefectTensorFlowError, ValueError):
+    """An MLflow connection setting is malformed (a URI, an experiment or model name)."""
+
+
+class MlflowUnavailableError(PrefectTensorFlowError):
+    """The MLflow tracking or registry server still failed after the retries."""
+
+    def __init__(self, server: str, operation: str, attempts: int, detail: str):
+        self.server, self.operation, self.attempts = server, operation, attempts
+        super().__init__(
+            f"MLflow server {server}: {operation} failed after {attempts} attempt(s): {detail}. "
+            "Check that the server is running and reachable (MLFLOW_TRACKING_URI, or the "
+            "connection's tracking_uri); nothing was registered."
+        )
+
+
+class RegistryError(PrefectTensorFlowError):
+    """The MLflow model registry refused an operation, or a logged model failed its check."""
+
+
 def _few(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     if len(keys) > limit:

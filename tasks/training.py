@@ -41,12 +41,15 @@ from .errors import InvalidCheckpointError, ModelDirError, NoValidCheckpointErro
 from .importing import build_model, load_object
 from .logs import get_logger
 from .metrics_log import append_metrics
+from .mlflow_connection import MlflowConnection
 from .policy import CheckpointPolicy
 from .preemption import PreemptionGuard
 from .restore import restore_strict
 from .selection import CheckpointRef, checkpoint_ref, find_latest_checkpoint
+from .tracking import TrainingRun
 
 ProgressCallback = Callable[[int, int, Optional[float]], None]
+CheckpointCallback = Callable[[int, str, dict[str, float]], None]
 
 
 class TrainResult(BaseModel):
@@ -64,12 +67,36 @@ class TrainResult(BaseModel):
     final_metrics: dict[str, float] = Field(default_factory=dict)
     preempted: bool = False
     elapsed_seconds: float = 0.0
+    mlflow_run_id: Optional[str] = Field(default=None, description="The MLflow run that tracked the training")
+    mlflow_run_url: Optional[str] = None
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, received {value!r}")
     return value
+
+
+def check_arguments(
+    *, model: str = iris.MODEL, data: str = iris.DATA, steps: int = 1000, more_steps: Optional[int] = None,
+    batch_size: int = 32, seed: int = 0, shuffle_buffer: int = 1000, summary_every_n_steps: int = 100,
+    **_: Any,
+) -> None:
+    """Check `train`'s counts and import strings before anything is written.
+
+    Raises:
+        ValueError: a count is not an integer in range.
+        ImportStringError: `model` or `data` names nothing importable.
+    """
+    _check_int("steps", steps, 0)
+    if more_steps is not None:
+        _check_int("more_steps", more_steps, 0)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("shuffle_buffer", shuffle_buffer, 1)
+    _check_int("summary_every_n_steps", summary_every_n_steps, 1)
+    _check_int("seed", seed, 0)
+    load_object(model, parameter="model")
+    load_object(data, parameter="data")
 
 
 def _prepare_model_dir(model_dir: str | os.PathLike) -> str:
@@ -121,10 +148,13 @@ def train(
     shuffle_buffer: int = 1000,
     summary_every_n_steps: int = 100,
     on_progress: Optional[ProgressCallback] = None,
+    on_checkpoint: Optional[CheckpointCallback] = None,
 ) -> TrainResult:
     """Train to global step `steps` (or `more_steps` past the newest checkpoint), checkpointing.
 
     The plain function behind `train_with_checkpoints`; see the module docstring.
+    `on_progress(step, target, loss)` is called after every step and
+    `on_checkpoint(step, prefix, metrics)` after every checkpoint.
 
     Raises:
         ValueError: a count is not a non-negative integer.
@@ -134,17 +164,12 @@ def train(
         CheckpointMismatchError: the newest checkpoint was written by another model.
     """
     started = time.monotonic()
-    _check_int("steps", steps, 0)
-    if more_steps is not None:
-        _check_int("more_steps", more_steps, 0)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("shuffle_buffer", shuffle_buffer, 1)
-    _check_int("summary_every_n_steps", summary_every_n_steps, 1)
-    _check_int("seed", seed, 0)
+    check_arguments(
+        model=model, data=data, steps=steps, more_steps=more_steps, batch_size=batch_size, seed=seed,
+        shuffle_buffer=shuffle_buffer, summary_every_n_steps=summary_every_n_steps,
+    )
     policy = policy or CheckpointPolicy()
     hparams = dict(hparams or {})
-    load_object(model, parameter="model")
-    load_object(data, parameter="data")
     model_dir = _prepare_model_dir(model_dir)
     log = get_logger()
 
@@ -230,6 +255,8 @@ def train(
         saved.append(path)
         last_saved_step, last_save_time = step, time.monotonic()
         log.info("saved checkpoint %s (%s)", path, _fmt(metrics))
+        if on_checkpoint is not None:
+            on_checkpoint(step, path, dict(metrics))
 
     preempted = False
     if step < target:
@@ -402,6 +429,7 @@ def train_with_checkpoints(
     seed: int = 0,
     policy: Optional[CheckpointPolicy] = None,
     hparams: Optional[dict[str, Any]] = None,
+    tracking: Optional[MlflowConnection] = None,
 ) -> TrainResult:
     """Train a model with checkpoints, resuming from the model dir's newest valid checkpoint.
 
@@ -415,6 +443,9 @@ def train_with_checkpoints(
         seed: random seed of initialisation and shuffling.
         policy: when to checkpoint and what to keep; Estimator defaults when None.
         hparams: keyword arguments for the model builder.
+        tracking: the MLflow connection to track the run in (params, the loss
+            at every step, checkpoint metrics, the checkpoint list and event
+            files); None for no MLflow run.
 
     Returns:
         What the run did: steps, the last checkpoint, its metrics.
@@ -428,7 +459,44 @@ def train_with_checkpoints(
         ... def train_iris(model_dir: str = "/models/iris") -> str:
         ...     return train_with_checkpoints(model_dir, steps=2000).last_checkpoint
     """
-    return train(
-        model_dir, model=model, data=data, steps=steps, more_steps=more_steps,
-        batch_size=batch_size, seed=seed, policy=policy, hparams=hparams,
+    kwargs = dict(
+        model=model, data=data, steps=steps, more_steps=more_steps, batch_size=batch_size, seed=seed,
+        policy=policy, hparams=hparams,
     )
+    if tracking is None:
+        return train(model_dir, **kwargs)
+    return train_tracked(model_dir, tracking, **kwargs)
+
+
+def _checkpoint_metric_names(metrics: dict[str, float]) -> dict[str, float]:
+    """Evaluation metrics under `eval/` (as in TensorBoard); `train_loss` (mean since the last checkpoint) as is."""
+    return {(key if key == "train_loss" else f"eval/{key}"): value for key, value in metrics.items()}
+
+
+def train_tracked(model_dir: str | os.PathLike, tracking: MlflowConnection, **kwargs: Any) -> TrainResult:
+    """`train(model_dir, **kwargs)` inside one MLflow run (see `tracking.TrainingRun`).
+
+    Arguments are checked before the MLflow run is created: a bad one leaves no run.
+    """
+    check_arguments(**kwargs)
+    _prepare_model_dir(model_dir)
+    policy = kwargs.get("policy") or CheckpointPolicy()
+    params = {
+        "model_dir": os.path.abspath(os.fspath(model_dir)),
+        "model": kwargs.get("model", iris.MODEL),
+        "data": kwargs.get("data", iris.DATA),
+        "steps": kwargs.get("steps", 1000),
+        "more_steps": kwargs.get("more_steps"),
+        "batch_size": kwargs.get("batch_size", 32),
+        "seed": kwargs.get("seed", 0),
+        "policy": policy.model_dump(),
+        "hparams": dict(kwargs.get("hparams") or {}),
+    }
+    with TrainingRun(tracking, model_dir=params["model_dir"], params=params) as run:
+        result = train(
+            model_dir,
+            **kwargs,
+            on_progress=lambda step, _target, loss: run.log_metric("loss", loss, step),
+            on_checkpoint=lambda step, _path, metrics: run.log_metrics(_checkpoint_metric_names(metrics), step),
+        )
+    return result.model_copy(update={"mlflow_run_id": run.run_id, "mlflow_run_url": run.url})

@@ -1,0 +1,226 @@
+"""MLflow tracking of training runs and frozen graphs.
+
+`TrainingRun` is one MLflow run per training: params (checkpoint policy, import
+strings, hyperparameters, seed, counts), the training loss at every step and
+the evaluation metrics of every checkpoint, sent in batches from a background
+thread so that training never waits for the server, and at the end the
+checkpoint list and the TensorBoard event files as artifacts. Runs and model
+versions carry the Prefect flow run's id and UI URL as tags (`prefect.*`).
+
+Example:
+    >>> from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+    >>> from prefect_tensorflow.tasks.tracking import TrainingRun
+    >>> with TrainingRun(MlflowConnection(), model_dir="/tmp/iris", params={"seed": 0}) as run:  # doctest: +SKIP
+    ...     run.log_metric("loss", 0.5, step=1)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+import threading
+import time
+from typing import Any, Mapping, Optional
+
+from .logs import get_logger
+from .mlflow_connection import MlflowConnection
+
+MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
+TAG_PREFIX = "prefect_tensorflow."
+
+
+def prefect_tags() -> dict[str, str]:
+    """`prefect.flow_run_id`, `prefect.flow_run_url`, ... of the current Prefect run; {} outside one."""
+    try:
+        from prefect.runtime import deployment, flow_run, task_run
+    except Exception:  # noqa: BLE001 - Prefect not importable
+        return {}
+    values = {
+        "prefect.flow_run_id": flow_run.id,
+        "prefect.flow_run_name": flow_run.name,
+        "prefect.flow_name": flow_run.flow_name,
+        "prefect.flow_run_url": flow_run.ui_url,
+        "prefect.task_run_id": task_run.id,
+        "prefect.deployment_id": deployment.id,
+        "prefect.deployment_name": deployment.name,
+    }
+    return {key: str(value) for key, value in values.items() if value}
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts as dotted keys, values as strings (MLflow params are strings)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=name + "."))
+        else:
+            flat[name] = "None" if value is None else str(value)
+    return flat
+
+
+class MetricBatcher:
+    """Collects metrics and sends them with `log_batch` from a background thread.
+
+    `add` only appends to a list; a thread sends what has accumulated every
+    `interval` seconds (at most `MAX_BATCH` metrics per request). `close`
+    sends the rest and raises what the thread could not send.
+    """
+
+    def __init__(self, connection: MlflowConnection, run_id: str, interval: float = 2.0):
+        self._connection, self._run_id, self._interval = connection, run_id, interval
+        self._pending: list = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._error: Optional[BaseException] = None
+        self.sent = 0
+        self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
+        self._thread.start()
+
+    def add(self, key: str, value: float, step: int) -> None:
+        with self._lock:
+            self._pending.append((key, float(value), int(step), int(time.time() * 1000)))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._flush_safely()
+        self._flush_safely()
+
+    def _flush_safely(self) -> None:
+        try:
+            self.flush()
+        except BaseException as err:  # noqa: BLE001 - re-raised by close()
+            self._error = err
+
+    def flush(self) -> None:
+        from mlflow.entities import Metric
+
+        with self._lock:
+            pending, self._pending = self._pending, []
+        client = self._connection.client()
+        for start in range(0, len(pending), MAX_BATCH):
+            chunk = [Metric(k, v, ts, s) for k, v, s, ts in pending[start : start + MAX_BATCH]]
+            self._connection.retrying("logging metrics", client.log_batch, self._run_id, metrics=chunk)
+            self.sent += len(chunk)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class TrainingRun:
+    """One MLflow run around a training: see the module docstring.
+
+    Use as a context manager; the run ends FINISHED, or FAILED when the
+    block raises. Inside, the connection is active (`MlflowConnection.activate`).
+    """
+
+    def __init__(
+        self,
+        connection: MlflowConnection,
+        *,
+        model_dir: str,
+        params: Mapping[str, Any],
+        run_name: Optional[str] = None,
+        metric_interval: float = 2.0,
+    ):
+        self.connection = connection
+        self.model_dir = model_dir
+        self.params = flatten_params(params)
+        self.run_name = run_name or f"train-{os.path.basename(os.path.normpath(model_dir))}"
+        self.metric_interval = metric_interval
+        self.run_id: Optional[str] = None
+        self.experiment_id: Optional[str] = None
+        self._batcher: Optional[MetricBatcher] = None
+        self._activation = None
+
+    def __enter__(self) -> "TrainingRun":
+        self.experiment_id = self.connection.experiment_id()
+        self._activation = self.connection.activate()
+        self._activation.__enter__()
+        try:
+            client = self.connection.client()
+            tags = {**prefect_tags(), TAG_PREFIX + "stage": "train", TAG_PREFIX + "model_dir": self.model_dir}
+            run = self.connection.retrying(
+                "creating the training run", client.create_run, self.experiment_id, run_name=self.run_name, tags=tags
+            )
+            self.run_id = run.info.run_id
+            from mlflow.entities import Param
+
+            params = [Param(k, v[:6000]) for k, v in sorted(self.params.items())]
+            for start in range(0, len(params), 100):
+                self.connection.retrying(
+                    "logging params", client.log_batch, self.run_id, params=params[start : start + 100]
+                )
+            self._batcher = MetricBatcher(self.connection, self.run_id, interval=self.metric_interval)
+            get_logger().info("MLflow run %s: %s", self.run_id, self.url)
+        except BaseException:
+            self._activation.__exit__(None, None, None)
+            raise
+        return self
+
+    @property
+    def url(self) -> str:
+        return self.connection.run_url(self.experiment_id or "0", self.run_id or "")
+
+    def log_metric(self, key: str, value: float, step: int) -> None:
+        """Queue one metric value; sent in the next batch."""
+        self._batcher.add(key, value, step)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int, prefix: str = "") -> None:
+        for key, value in metrics.items():
+            self._batcher.add(prefix + key, value, step)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            client = self.connection.client()
+            if self._batcher is not None:
+                self._batcher.close()
+            if exc_type is None:
+                log_checkpoint_artifacts(self.connection, self.run_id, self.model_dir)
+            status = "FINISHED" if exc_type is None else "FAILED"
+            if exc_type is KeyboardInterrupt:
+                status = "KILLED"
+            self.connection.retrying("ending the training run", client.set_terminated, self.run_id, status)
+        finally:
+            self._activation.__exit__(exc_type, exc, tb)
+
+
+def log_checkpoint_artifacts(connection: MlflowConnection, run_id: str, model_dir: str) -> None:
+    """The checkpoint list (`checkpoints/checkpoints.json`) and the event files (`tensorboard/`)."""
+    from .selection import list_checkpoints
+
+    client = connection.client()
+    rows = [info.model_dump() for info in list_checkpoints(model_dir)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "checkpoints.json")
+        with open(path, "w") as handle:
+            json.dump(rows, handle, indent=2, default=str)
+        connection.retrying("logging the checkpoint list", client.log_artifact, run_id, path, "checkpoints")
+    for event_file in sorted(glob.glob(os.path.join(model_dir, "**", "events.out.tfevents.*"), recursive=True)):
+        sub = os.path.relpath(os.path.dirname(event_file), model_dir)
+        target = "tensorboard" if sub == "." else f"tensorboard/{sub}"
+        connection.retrying("logging event files", client.log_artifact, run_id, event_file, target)
+    graph = os.path.join(model_dir, "graph.pbtxt")
+    if os.path.exists(graph):
+        connection.retrying("logging graph.pbtxt", client.log_artifact, run_id, graph, "tensorboard")
+
+
+def log_frozen_graph(connection: MlflowConnection, run_id: str, frozen) -> None:
+    """The frozen `.pb` under `frozen_graph/`, with its tensor names, digest and parity beside it.
+
+    Args:
+        frozen: a `FreezeResult`.
+    """
+    client = connection.client()
+
+    def log() -> None:
+        client.log_artifact(run_id, frozen.path, "frozen_graph")
+        client.log_dict(run_id, frozen.model_dump(mode="json"), "frozen_graph/frozen_graph.json")
+        client.set_tag(run_id, TAG_PREFIX + "frozen_graph.sha256", frozen.digest)
+
+    connection.call("logging the frozen graph", log)
