@@ -30,9 +30,8 @@ SIGNATURE_KEY = "serving_default"
 class SavedModelPyfunc(mlflow.pyfunc.PythonModel):
     """Calls the `serving_default` signature of the `saved_model` artifact.
 
-    `predict` takes a dict of input name -> array, a single array (for a
-    one-input signature) or a pandas DataFrame whose columns are the features
-    of a one-input signature, and returns a dict of output name -> numpy array.
+    `predict` takes a dict of input name -> array (or a single array for a
+    one-input signature) and returns a dict of output name -> numpy array.
     """
 
     def load_context(self, context) -> None:
@@ -43,7 +42,7 @@ class SavedModelPyfunc(mlflow.pyfunc.PythonModel):
         _, specs = self._function.structured_input_signature
         self._specs = dict(specs)
 
-    def predict(self, context, model_input: Any, params: dict | None = None) -> dict[str, np.ndarray]:
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate against them
         import tensorflow as tf
 
         feeds = self._feeds(model_input)
@@ -52,13 +51,6 @@ class SavedModelPyfunc(mlflow.pyfunc.PythonModel):
 
     def _feeds(self, model_input: Any) -> dict[str, np.ndarray]:
         names = sorted(self._specs)
-        if hasattr(model_input, "to_numpy") and not isinstance(model_input, dict):  # DataFrame
-            if len(names) != 1:
-                raise ValueError(
-                    f"a DataFrame can feed a one-input signature only; this one takes {names}: "
-                    "send a dict of input name -> array"
-                )
-            model_input = model_input.to_numpy()
         if not isinstance(model_input, dict):
             if len(names) != 1:
                 raise ValueError(f"expected a dict with the inputs {names}, received {type(model_input).__name__}")
