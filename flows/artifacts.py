@@ -13,10 +13,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Optional
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from prefect_tensorflow.tasks.exporting import ExportResult
 from prefect_tensorflow.tasks.freezing import FreezeResult
+from prefect_tensorflow.tasks.registry import RegisteredVersion
 from prefect_tensorflow.tasks.selection import CheckpointRef, list_checkpoints
 from prefect_tensorflow.tasks.training import TrainResult
 
@@ -56,6 +57,7 @@ def publish_training_summary(
     selection: str,
     frozen: Optional[FreezeResult] = None,
     exported: Optional[ExportResult] = None,
+    registered: Optional[RegisteredVersion] = None,
 ) -> str:
     """A markdown summary: the training run, the checkpoint selected, the frozen graph and export."""
     metrics = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(selected.metrics.items()))
@@ -96,5 +98,46 @@ signature `serving_default`: inputs {", ".join(f"`{k}`" for k in exported.signat
 outputs {", ".join(f"`{k}`" for k in exported.signature.outputs)};
 verified: max abs diff {exported.parity.max_abs_diff:.3g} on {exported.parity.batch_size} examples
 """
+    if registered is not None:
+        markdown += registered_markdown(registered)
     create_markdown_artifact(key="training-summary", markdown=markdown, description="retrain")
     return markdown
+
+
+def registered_markdown(registered: RegisteredVersion) -> str:
+    """The MLflow section of a summary: version, aliases, links, the gate's decision."""
+    gate = registered.gate
+    text = f"""
+## MLflow model registry
+
+[{registered.name} version {registered.version}]({registered.version_url}){" (already registered: reused)" if registered.reused else ""},
+aliases {", ".join(f"`{a}`" for a in registered.aliases) or "none"}; load it with
+`mlflow.pyfunc.load_model("{registered.model_uri}")`. MLflow run: [{registered.run_id}]({registered.run_url}).
+"""
+    if registered.pyfunc_parity is not None:
+        text += f"\npyfunc vs SavedModel: max abs diff {registered.pyfunc_parity.max_abs_diff:.3g}\n"
+    if gate is not None:
+        text += f"""
+| champion gate | |
+|---|---|
+| decision | **{"promoted to champion" if gate.promoted else "champion kept"}** |
+| reason | {gate.reason} |
+| metric | {gate.metric} ({gate.mode}) |
+| this version | {gate.challenger_value} |
+| champion before | {f"v{gate.champion_version}: {gate.champion_value}" if gate.champion_version else "none"} |
+"""
+    return text
+
+
+def publish_mlflow_links(registered: RegisteredVersion) -> None:
+    """Link artifacts to the MLflow model version and run."""
+    create_link_artifact(
+        key="mlflow-model-version", link=registered.version_url,
+        link_text=f"{registered.name} version {registered.version}",
+        description=f"MLflow model version ({registered.model_uri}); aliases: {', '.join(registered.aliases)}",
+    )
+    if registered.run_url:
+        create_link_artifact(
+            key="mlflow-run", link=registered.run_url, link_text=f"MLflow run {registered.run_id}",
+            description="The MLflow run holding the params, metrics and the logged model",
+        )

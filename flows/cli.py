@@ -350,14 +350,25 @@ def retrain(
     select: str = typer.Option("latest", help="'latest' or 'best:<metric>[:min|max]'"),
     export_base: str = typer.Option(None, "--export-base", help="SavedModel versions [default: ./.prefect-tensorflow/exports/iris]"),
     frozen_dir: str = typer.Option(None, "--frozen-dir", help="Frozen graphs [default: ./.prefect-tensorflow/frozen/iris]"),
+    registered_model_name: str = typer.Option("iris", "--registered-model-name", help="MLflow registered model"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else ./.prefect-tensorflow/mlflow/mlflow.db]"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME, else prefect-tensorflow]"),
+    gate_metric: str = typer.Option("accuracy", help="Checkpoint metric a new version must beat the champion on"),
+    gate_mode: str = typer.Option("max", help="'max' if higher is better, 'min' if lower is"),
+    track: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Track in MLflow and register the export"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Run the `retrain` flow: train, select the checkpoint to ship, freeze it and export it."""
+    """Run the `retrain` flow: train, select, freeze, export, then log and register in MLflow."""
+    from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+
     from prefect_tensorflow.tasks.policy import CheckpointPolicy
 
     from .retrain import Selection, retrain as retrain_flow
 
     _run(lambda: Selection.parse(select))
+    if gate_mode not in ("min", "max"):
+        _fail(ValueError(f"--gate-mode: expected 'min' or 'max', received {gate_mode!r}"))
+    connection = _run(lambda: MlflowConnection(tracking_uri=tracking_uri, experiment_name=experiment))
     policy = _run(
         lambda: CheckpointPolicy(
             save_checkpoints_steps=save_checkpoints_steps,
@@ -369,7 +380,8 @@ def retrain(
         lambda: retrain_flow(
             model_dir=model_dir or default_model_dir(), model=model, data=data, steps=steps,
             more_steps=more_steps, batch_size=batch_size, seed=seed, policy=policy, select=select,
-            export_base=export_base, frozen_dir=frozen_dir,
+            export_base=export_base, frozen_dir=frozen_dir, registered_model_name=registered_model_name,
+            mlflow=connection, gate_metric=gate_metric or None, gate_mode=gate_mode, track=track,
         )
     )
     ref = summary.checkpoint
@@ -386,7 +398,27 @@ def retrain(
         f"inspect it:           saved_model_cli show --dir {summary.export.path} --all\n"
         f"list all checkpoints: prefect-tensorflow checkpoints list {summary.training.model_dir}\n"
         f"TensorBoard:          tensorboard --logdir {summary.training.model_dir}"
+        + (_registered_text(summary.registered, connection) if summary.registered else "")
     ))
+
+
+def _registered_text(registered, connection) -> str:
+    gate = registered.gate
+    lines = [
+        "",
+        f"MLflow store:         {connection.server_label()}",
+        f"MLflow run:           {registered.run_id}",
+        f"model version:        {registered.name} version {registered.version}"
+        f"{' (already registered)' if registered.reused else ''}, aliases: {', '.join(registered.aliases)}",
+        f"  load it:            mlflow.pyfunc.load_model('models:/{registered.name}@champion')",
+    ]
+    if gate is not None:
+        lines.append(f"  champion gate:      {'promoted' if gate.promoted else 'champion kept'}: {gate.reason}")
+    lines += [
+        f"MLflow UI:            {connection.ui_command()}",
+        f"  then open           {registered.version_url}",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

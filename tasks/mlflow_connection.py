@@ -119,9 +119,11 @@ class MlflowConnection(Block):
 
     def server_label(self) -> str:
         """The tracking URI without credentials, for messages."""
-        parts = urlsplit(self.resolved_tracking_uri())
-        netloc = parts.netloc.rsplit("@", 1)[-1]
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        uri = self.resolved_tracking_uri()
+        parts = urlsplit(uri)
+        if "@" not in parts.netloc:
+            return uri
+        return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
 
     def resolved_ui_url(self) -> str:
         if self.ui_url:

@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Any, Mapping, Optional
 
+from prefect import task
+
 from .logs import get_logger
 from .mlflow_connection import MlflowConnection
 
@@ -224,3 +226,31 @@ def log_frozen_graph(connection: MlflowConnection, run_id: str, frozen) -> None:
         client.set_tag(run_id, TAG_PREFIX + "frozen_graph.sha256", frozen.digest)
 
     connection.call("logging the frozen graph", log)
+
+
+@task(name="log-frozen-graph-to-mlflow")
+def log_frozen_graph_to_mlflow(connection: MlflowConnection, run_id: Optional[str], frozen) -> Optional[str]:
+    """Log a frozen graph (`FreezeResult`) to an MLflow run: the `.pb`, tensor names, digest, parity.
+
+    Args:
+        connection: the MLflow connection.
+        run_id: the run to log to (e.g. the training run); a new run when None.
+        frozen: the `freeze_graph` result.
+
+    Returns:
+        The run id.
+
+    Example:
+        >>> from prefect import flow
+        >>> @flow
+        ... def ship(frozen, run_id: str) -> None:
+        ...     log_frozen_graph_to_mlflow(MlflowConnection(), run_id, frozen)
+    """
+    if run_id is None:
+        experiment_id = connection.experiment_id()
+        tags = {**prefect_tags(), TAG_PREFIX + "stage": "freeze"}
+        run_id = connection.call(
+            "creating a run", lambda: connection.client().create_run(experiment_id, run_name="freeze", tags=tags)
+        ).info.run_id
+    log_frozen_graph(connection, run_id, frozen)
+    return run_id
