@@ -113,9 +113,14 @@ class MlflowConnection(Block):
     def resolved_experiment_name(self) -> str:
         return self.experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
-    def is_embedded(self) -> bool:
-        """True when the tracking store is the embedded default under the data home."""
-        return self.resolved_tracking_uri() == default_tracking_uri()
+    def default_artifact_location(self) -> Optional[str]:
+        """For a SQLite store, `artifacts/` beside the database file (MLflow's own default
+        would be `./mlruns` in whatever the working directory is); else the server's default."""
+        uri = self.resolved_tracking_uri()
+        if not uri.startswith("sqlite:///"):
+            return None
+        database = uri[len("sqlite:///"):]
+        return "file://" + os.path.join(os.path.dirname(os.path.abspath(database)), "artifacts")
 
     def server_label(self) -> str:
         """The tracking URI without credentials, for messages."""
@@ -138,13 +143,11 @@ class MlflowConnection(Block):
         return f"{self.resolved_ui_url()}/#/models/{quote(name, safe='')}/versions/{version}"
 
     def ui_command(self) -> str:
-        """The command that opens the MLflow UI on this store (for the embedded one)."""
-        if not self.is_embedded():
+        """The command that opens the MLflow UI on a SQLite store (experiments record their artifact
+        location, so no artifact root is needed); for a server, its URL."""
+        if not self.resolved_tracking_uri().startswith("sqlite:///"):
             return f"open {self.resolved_ui_url()}"
-        return (
-            f"mlflow ui --backend-store-uri {self.resolved_tracking_uri()} "
-            f"--default-artifact-root {os.path.join(default_mlflow_dir(), 'artifacts')} --host 127.0.0.1 --port 5000"
-        )
+        return f"mlflow ui --backend-store-uri {self.resolved_tracking_uri()} --host 127.0.0.1 --port 5000"
 
     def _environment(self) -> dict[str, str]:
         env = {
@@ -174,8 +177,9 @@ class MlflowConnection(Block):
         saved_env = {key: os.environ.get(key) for key in env}
         saved_uris = (tracking_utils._tracking_uri, registry_utils._registry_uri)
         os.environ.update(env)
-        if self.is_embedded():
-            os.makedirs(default_mlflow_dir(), exist_ok=True)
+        location = self.default_artifact_location()
+        if location is not None:  # SQLite creates the database file, not its directory
+            os.makedirs(os.path.dirname(location[len("file://"):]), exist_ok=True)
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
         mlflow.set_registry_uri(env["MLFLOW_REGISTRY_URI"])
         try:
@@ -248,9 +252,7 @@ class MlflowConnection(Block):
                     "restore it (mlflow experiments restore) or choose another name"
                 )
             return found.experiment_id
-        location = None
-        if self.is_embedded():
-            location = "file://" + os.path.join(default_mlflow_dir(), "artifacts")
+        location = self.default_artifact_location()
         try:
             return client.create_experiment(name, artifact_location=location)
         except Exception as err:  # noqa: BLE001 - a concurrent creator won the race

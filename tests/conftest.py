@@ -11,6 +11,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import tempfile  # noqa: E402
+
+# Nothing a test writes by default lands in the repo, and a user's MLflow server is never touched.
+os.environ["PREFECT_TENSORFLOW_HOME"] = tempfile.mkdtemp(prefix="prefect-tensorflow-home-")
+for _name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_TOKEN"):
+    os.environ.pop(_name, None)
+
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +45,29 @@ def trained_dir(tmp_path_factory) -> Path:
     policy = CheckpointPolicy(save_checkpoints_steps=100, keep_checkpoint_max=None)
     train(model_dir, steps=300, policy=policy)
     return model_dir
+
+
+@pytest.fixture(scope="session")
+def mlflow_template_db(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow SQLite database: migrating one takes seconds, copying it does not."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, mlflow_template_db: Path):
+    """An `MlflowConnection` to a fresh SQLite store in `tmp_path/mlflow` (artifacts beside it)."""
+    from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+
+    (tmp_path / "mlflow").mkdir()
+    shutil.copyfile(mlflow_template_db, tmp_path / "mlflow" / "mlflow.db")
+    return MlflowConnection(
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow/mlflow.db", experiment_name="tests",
+        request_retries=0, operation_retries=0,
+    )
 
 
 @pytest.fixture
