@@ -235,6 +235,11 @@ def log_export_model(
     import mlflow
     import tensorflow as tf
 
+    if not os.path.isdir(export.path) or saved_model_digest(export.path) != export.digest:
+        raise RegistryError(
+            f"export {export.path}: missing, or its files differ from what was exported and verified "
+            f"(expected digest {export.digest}); export the checkpoint again. Nothing was registered"
+        )
     loaded = tf.saved_model.load(export.path)
     specs = loaded.signatures["serving_default"].structured_input_signature[1]
     names = sorted(specs)
