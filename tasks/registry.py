@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from importlib import metadata
 from typing import Any, Literal, Optional
 
@@ -247,9 +246,7 @@ def log_export_model(
     expected = run_saved_model(export.path, batch, input_names=names, loaded=loaded)
     example = {name: value[:5] for name, value in zip(names, batch)}
 
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # MLflow nags about predict() type hints; the signature is given explicitly.
-        warnings.filterwarnings("ignore", message=r".*[Tt]ype hint", category=UserWarning)
+    with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
             python_model=PYFUNC_CODE,
@@ -267,9 +264,7 @@ def log_export_model(
                 f"logged model {info.model_uri}: its SavedModel artifact is missing or differs from "
                 f"{export.path} (expected digest {export.digest}); no version was registered"
             )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*[Tt]ype hint", category=UserWarning)
-            predicted = mlflow.pyfunc.load_model(local).predict(dict(zip(names, batch)))
+        predicted = mlflow.pyfunc.load_model(local).predict(dict(zip(names, batch)))
     parity = compare_outputs(expected, predicted, tolerance)
     if not parity.ok:
         raise RegistryError(

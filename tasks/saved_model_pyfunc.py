@@ -19,8 +19,6 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import mlflow
 import numpy as np
 
@@ -34,6 +32,10 @@ class SavedModelPyfunc(mlflow.pyfunc.PythonModel):
     one-input signature) and returns a dict of output name -> numpy array.
     """
 
+    # No type-hint validation (MLflow would warn that predict() has none): the
+    # tensor signature logged with the model describes and checks the inputs.
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         import tensorflow as tf
 
@@ -42,14 +44,14 @@ class SavedModelPyfunc(mlflow.pyfunc.PythonModel):
         _, specs = self._function.structured_input_signature
         self._specs = dict(specs)
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate against them
+    def predict(self, context, model_input, params=None):
         import tensorflow as tf
 
         feeds = self._feeds(model_input)
         outputs = self._function(**{name: tf.constant(value) for name, value in feeds.items()})
         return {name: tensor.numpy() for name, tensor in outputs.items()}
 
-    def _feeds(self, model_input: Any) -> dict[str, np.ndarray]:
+    def _feeds(self, model_input) -> dict[str, np.ndarray]:
         names = sorted(self._specs)
         if not isinstance(model_input, dict):
             if len(names) != 1:
