@@ -1,7 +1,8 @@
 """prefect-tensorflow tasks: one module per lifecycle stage.
 
 Importing this package does not import TensorFlow; each task imports it when
-it runs.
+it runs. `MlflowConnection` is a Prefect Block: `prefect block register -m
+prefect_tensorflow.tasks` makes it appear in the UI.
 
 Example:
     >>> from prefect import flow
@@ -24,14 +25,20 @@ from .errors import (
     ImportStringError,
     InvalidCheckpointError,
     MetricNotFoundError,
+    MlflowSettingsError,
+    MlflowUnavailableError,
     ModelDirError,
     NoValidCheckpointError,
+    RegistryError,
     ParityError,
     PrefectTensorFlowError,
     TrainingError,
 )
 from .exporting import ExportResult, export_saved_model
 from .freezing import FreezeResult, freeze_graph
+from .mlflow_connection import MlflowConnection
+from .registry import GateDecision, RegisteredVersion, register_model_version
+from .tracking import log_frozen_graph_to_mlflow
 from .verification import Parity, VerifyReport, verify_artifacts
 from .policy import CheckpointPolicy
 from .selection import CheckpointInfo, CheckpointRef, select_best_checkpoint, select_latest_checkpoint
@@ -45,6 +52,14 @@ __all__ = [
     "GraphTooLargeError",
     "ParityError",
     "export_saved_model",
+    "GateDecision",
+    "MlflowConnection",
+    "MlflowSettingsError",
+    "MlflowUnavailableError",
+    "RegisteredVersion",
+    "RegistryError",
+    "log_frozen_graph_to_mlflow",
+    "register_model_version",
     "freeze_graph",
     "Parity",
     "VerifyReport",

@@ -28,6 +28,8 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, TypeVar
@@ -147,7 +149,7 @@ class MlflowConnection(Block):
         location, so no artifact root is needed); for a server, its URL."""
         if not self.resolved_tracking_uri().startswith("sqlite:///"):
             return f"open {self.resolved_ui_url()}"
-        return f"mlflow ui --backend-store-uri {self.resolved_tracking_uri()} --host 127.0.0.1 --port 5000"
+        return f"{_mlflow_executable()} ui --backend-store-uri {self.resolved_tracking_uri()} --host 127.0.0.1 --port 5000"
 
     def _environment(self) -> dict[str, str]:
         env = {
@@ -278,6 +280,15 @@ _TRANSIENT_MARKERS = (
     "504",
     "500 Server Error",
 )
+
+
+def _mlflow_executable() -> str:
+    """`mlflow` if it is on PATH, else the one beside this Python (e.g. `.venv/bin/mlflow`)."""
+    if shutil.which("mlflow"):
+        return "mlflow"
+    beside = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    relative = os.path.relpath(beside)
+    return relative if not relative.startswith("..") else beside
 
 
 def is_transient(err: BaseException) -> bool:
