@@ -369,6 +369,10 @@ def retrain(
     if gate_mode not in ("min", "max"):
         _fail(ValueError(f"--gate-mode: expected 'min' or 'max', received {gate_mode!r}"))
     connection = _run(lambda: MlflowConnection(tracking_uri=tracking_uri, experiment_name=experiment))
+    if not registered_model_name.strip() or "/" in registered_model_name:
+        _fail(ValueError(
+            f"--registered-model-name: expected a non-empty name without '/', received {registered_model_name!r}"
+        ))
     policy = _run(
         lambda: CheckpointPolicy(
             save_checkpoints_steps=save_checkpoints_steps,

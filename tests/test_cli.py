@@ -67,6 +67,9 @@ def test_checkpoints_inspect(trained_dir):
         (["train", "--model-dir", "{dir}/x", "--save-checkpoints-steps", "0"], "save_checkpoints_steps"),
         (["train", "--model-dir", "{dir}/x", "--steps", "-4"], "steps: expected an integer >= 0, received -4"),
         (["retrain", "--model-dir", "{dir}/x", "--select", "newest"], "select: expected 'latest' or 'best:<metric>[:min|max]'"),
+        (["retrain", "--model-dir", "{dir}/x", "--gate-mode", "sideways"], "--gate-mode: expected 'min' or 'max'"),
+        (["retrain", "--model-dir", "{dir}/x", "--tracking-uri", "localhost:5000"], "tracking_uri: expected a URI"),
+        (["retrain", "--model-dir", "{dir}/x", "--registered-model-name", "a/b"], "--registered-model-name: expected"),
     ],
 )
 def test_errors_are_one_clear_line(trained_dir, args, message):
@@ -97,3 +100,30 @@ def test_console_script_is_installed(cli_env):
     assert result.returncode == 0
     for command in ("train", "checkpoints", "retrain"):
         assert command in result.stdout
+
+
+@pytest.mark.slow
+def test_retrain_ends_with_a_registered_version_and_says_how_to_open_the_mlflow_ui(tmp_path, cli_env):
+    """What `make run` does, on a small training: the whole chain, twice."""
+    db = tmp_path / "mlflow" / "mlflow.db"
+    cmd = [
+        sys.executable, "-m", "prefect_tensorflow.flows.cli", "retrain", "--model-dir", str(tmp_path / "m"),
+        "--steps", "60", "--export-base", str(tmp_path / "export"), "--frozen-dir", str(tmp_path / "frozen"),
+        "--tracking-uri", f"sqlite:///{db}", "--registered-model-name", "cli-iris",
+    ]
+
+    def run(*extra: str) -> str:
+        # Files, not pipes: Prefect's ephemeral server inherits them and outlives a pipe's reader.
+        with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+            code = subprocess.run(cmd + list(extra), env=cli_env, stdout=out, stderr=err, timeout=600).returncode
+        assert code == 0, (tmp_path / "err").read_text()[-3000:]
+        return (tmp_path / "out").read_text()
+
+    summary = json.loads(run("--json"))
+    registered = summary["registered"]
+    assert (registered["name"], registered["version"], registered["reused"]) == ("cli-iris", 1, False)
+    assert registered["aliases"] == ["challenger", "champion"]
+    text = run()
+    assert "model version:        cli-iris version 1 (already registered), aliases: challenger, champion" in text
+    assert f"ui --backend-store-uri sqlite:///{db}" in text
+    assert "http://127.0.0.1:5000/#/models/cli-iris/versions/1" in text
