@@ -80,7 +80,17 @@ def publish_training_summary(
 {metrics}
 """
     if frozen is not None:
-        markdown += f"""
+        markdown += frozen_markdown(frozen)
+    if exported is not None:
+        markdown += export_markdown(exported)
+    if registered is not None:
+        markdown += registered_markdown(registered)
+    create_markdown_artifact(key="training-summary", markdown=markdown, description="retrain")
+    return markdown
+
+
+def frozen_markdown(frozen: FreezeResult) -> str:
+    return f"""
 ## Frozen graph
 
 `{frozen.path}` ({frozen.size_bytes} bytes, `{frozen.digest}`)
@@ -88,19 +98,40 @@ def publish_training_summary(
 inputs `{", ".join(frozen.inputs)}`; outputs {", ".join(f"`{k}`" for k in frozen.outputs)};
 verified: max abs diff {frozen.parity.max_abs_diff:.3g} on {frozen.parity.batch_size} examples
 """
-    if exported is not None:
-        markdown += f"""
+
+
+def export_markdown(exported: ExportResult) -> str:
+    def tensors(infos) -> str:
+        return ", ".join(f"`{k}` {v.dtype}{v.shape}" for k, v in infos.items())
+
+    return f"""
 ## SavedModel
 
 version **{exported.version}** at `{exported.path}`{" (already exported: reused)" if exported.reused else ""}
 
-signature `serving_default`: inputs {", ".join(f"`{k}`" for k in exported.signature.inputs)};
-outputs {", ".join(f"`{k}`" for k in exported.signature.outputs)};
-verified: max abs diff {exported.parity.max_abs_diff:.3g} on {exported.parity.batch_size} examples
+signature `serving_default`: inputs {tensors(exported.signature.inputs)};
+outputs {tensors(exported.signature.outputs)};
+verified against the checkpoint: max abs diff {exported.parity.max_abs_diff:.3g} on {exported.parity.batch_size} examples
 """
-    if registered is not None:
-        markdown += registered_markdown(registered)
-    create_markdown_artifact(key="training-summary", markdown=markdown, description="retrain")
+
+
+def publish_export_summary(
+    selected: CheckpointRef,
+    selection: str,
+    exported: ExportResult,
+    frozen: Optional[FreezeResult],
+    registered: RegisteredVersion,
+) -> str:
+    """A markdown summary of an export: checkpoint, SavedModel, frozen graph, registry and gate."""
+    metrics = ", ".join(f"{k}={v:.6g}" for k, v in sorted(selected.metrics.items())) or "none recorded"
+    markdown = f"""# Export summary
+
+Checkpoint ({selection}): `{selected.path}`, step {selected.step}, {selected.format}, metrics: {metrics}
+"""
+    markdown += export_markdown(exported)
+    markdown += frozen_markdown(frozen) if frozen is not None else "\n(Already registered: not frozen again.)\n"
+    markdown += registered_markdown(registered)
+    create_markdown_artifact(key="export-summary", markdown=markdown, description="export-checkpoint")
     return markdown
 
 

@@ -14,6 +14,11 @@ from __future__ import annotations
 import os
 
 from prefect_tensorflow.tasks.data_home import HOME_ENV, data_home  # noqa: F401 - re-exported
+from prefect_tensorflow.tasks.mlflow_connection import retry_if_server_unavailable
+
+# Tasks that talk to MLflow are retried later when the server was down (after
+# their own in-task retries); a corrupt checkpoint or a parity failure is not.
+MLFLOW_TASK_RETRIES = dict(retries=2, retry_delay_seconds=[10, 30], retry_condition_fn=retry_if_server_unavailable)
 
 # Prefect's ephemeral API migrates a new SQLite database on first use; on a
 # 2-core machine that can take longer than Prefect's default 20 s start-up limit.

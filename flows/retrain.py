@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import os
-import re
+from datetime import datetime, timezone
 from typing import Annotated, Literal, Optional
 
 from prefect import flow
@@ -28,51 +28,15 @@ from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
 from prefect_tensorflow.tasks.registry import RegisteredVersion, register_model_version
 from prefect_tensorflow.tasks.tracking import log_frozen_graph_to_mlflow
 from prefect_tensorflow.tasks.policy import CheckpointPolicy
-from prefect_tensorflow.tasks.selection import (
-    CheckpointRef,
-    select_best_checkpoint,
-    select_latest_checkpoint,
-)
+from prefect_tensorflow.tasks.selection import CheckpointRef
 from prefect_tensorflow.tasks.exporting import ExportResult, export_saved_model
 from prefect_tensorflow.tasks.freezing import FreezeResult, freeze_graph
-from prefect_tensorflow.tasks.training import TrainResult, train_with_checkpoints
+from prefect_tensorflow.tasks.logs import get_logger
+from prefect_tensorflow.tasks.training import TrainResult, check_arguments, train_with_checkpoints
 
 from .artifacts import publish_checkpoint_table, publish_mlflow_links, publish_training_summary
-from .defaults import default_export_base, default_frozen_dir, default_model_dir
-
-_BEST = re.compile(r"^best:([A-Za-z0-9_./-]+)(?::(min|max))?$")
-
-
-class Selection(BaseModel):
-    """How the checkpoint to ship is chosen, parsed from `"latest"` or `"best:<metric>[:min|max]"`."""
-
-    model_config = ConfigDict(frozen=True)
-
-    kind: Literal["latest", "best"]
-    metric: Optional[str] = None
-    mode: Literal["min", "max"] = "max"
-
-    @classmethod
-    def parse(cls, text: str) -> "Selection":
-        """`"latest"`, `"best:accuracy"` (max) or `"best:loss"` (min: names with "loss" or
-        "error" default to min), or an explicit `"best:<metric>:min|max"`.
-
-        Raises:
-            ValueError: the text is none of these.
-        """
-        text = (text or "").strip()
-        if text == "latest":
-            return cls(kind="latest")
-        match = _BEST.match(text)
-        if not match:
-            raise ValueError(
-                f"select: expected 'latest' or 'best:<metric>[:min|max]', received {text!r}"
-            )
-        metric, mode = match.group(1), match.group(2)
-        if mode is None:
-            mode = "min" if ("loss" in metric or "error" in metric) else "max"
-        return cls(kind="best", metric=metric, mode=mode)
-
+from .defaults import MLFLOW_TASK_RETRIES, default_export_base, default_frozen_dir, default_model_dir
+from .parameters import Selection, check_registered_model_name, select_checkpoint
 
 class RetrainSummary(BaseModel):
     """What a `retrain` run produced."""
@@ -87,6 +51,18 @@ class RetrainSummary(BaseModel):
     registered: Optional[RegisteredVersion] = Field(default=None, description="None when track=False")
 
 
+def set_aside(model_dir: str) -> Optional[str]:
+    """Rename a model dir that holds anything to `<model_dir>.previous-<UTC time>` (one atomic
+    rename: nothing is deleted) so that training starts from scratch; returns the new name."""
+    if not os.path.isdir(model_dir) or not os.listdir(model_dir):
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    aside = f"{model_dir}.previous-{stamp}"
+    os.rename(model_dir, aside)
+    get_logger().info("from scratch: moved the previous checkpoints of %s to %s", model_dir, aside)
+    return aside
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(
     model_dir: Annotated[Optional[str], Field(description="Checkpoint directory; default ./.prefect-tensorflow/models/iris")] = None,
@@ -97,7 +73,8 @@ def retrain(
     batch_size: Annotated[int, Field(ge=1, description="Examples per step")] = 32,
     seed: Annotated[int, Field(ge=0, description="Seed of initialisation and shuffling")] = 0,
     policy: Annotated[Optional[CheckpointPolicy], Field(description="When to checkpoint and what to keep (Estimator defaults)")] = None,
-    select: Annotated[str, Field(description="'latest' or 'best:<metric>[:min|max]'")] = "latest",
+    select: Annotated[str, Field(description="'latest', a step number or 'best:<metric>[:min|max]'")] = "latest",
+    from_scratch: Annotated[bool, Field(description="Start at step 0: the model dir's checkpoints are moved aside to <model_dir>.previous-<time>, not deleted")] = False,
     export_base: Annotated[Optional[str], Field(description="Directory of SavedModel versions; default ./.prefect-tensorflow/exports/iris")] = None,
     frozen_dir: Annotated[Optional[str], Field(description="Directory for the frozen .pb; default ./.prefect-tensorflow/frozen/iris")] = None,
     registered_model_name: Annotated[str, Field(min_length=1, description="MLflow registered model to add the export to")] = "iris",
@@ -117,18 +94,21 @@ def retrain(
     MLflow run and model version as Prefect artifacts.
 
     Raises:
-        ValueError: `select` is malformed (checked before any training).
+        ValueError: `select`, a count or a name is malformed (checked before anything is written).
+        ImportStringError: `model` or `data` names nothing importable (checked before anything is written).
     """
     selection = Selection.parse(select)
+    check_registered_model_name(registered_model_name)
+    check_arguments(model=model, data=data, steps=steps, more_steps=more_steps, batch_size=batch_size, seed=seed)
     connection = (mlflow or MlflowConnection()) if track else None
-    result = train_with_checkpoints(
-        model_dir or default_model_dir(), model=model, data=data, steps=steps, more_steps=more_steps,
+    model_dir = os.path.abspath(model_dir or default_model_dir())
+    if from_scratch:
+        set_aside(model_dir)
+    result = train_with_checkpoints.with_options(**MLFLOW_TASK_RETRIES)(
+        model_dir, model=model, data=data, steps=steps, more_steps=more_steps,
         batch_size=batch_size, seed=seed, policy=policy, tracking=connection,
     )
-    if selection.kind == "latest":
-        ref = select_latest_checkpoint(result.model_dir)
-    else:
-        ref = select_best_checkpoint(result.model_dir, selection.metric, selection.mode)
+    ref = select_checkpoint(result.model_dir, selection)
     frozen_dir = os.path.abspath(frozen_dir or default_frozen_dir())
     os.makedirs(frozen_dir, exist_ok=True)
     frozen = freeze_graph(
@@ -138,8 +118,8 @@ def retrain(
     exported = export_saved_model(ref.path, export_base or default_export_base(), model=model, data=data)
     registered = None
     if connection is not None:
-        log_frozen_graph_to_mlflow(connection, result.mlflow_run_id, frozen)
-        registered = register_model_version(
+        log_frozen_graph_to_mlflow.with_options(**MLFLOW_TASK_RETRIES)(connection, result.mlflow_run_id, frozen)
+        registered = register_model_version.with_options(**MLFLOW_TASK_RETRIES)(
             exported, registered_model_name, connection=connection, checkpoint=ref, frozen=frozen,
             run_id=result.mlflow_run_id, data=data, gate_metric=gate_metric, gate_mode=gate_mode,
         )

@@ -309,3 +309,24 @@ def is_transient(err: BaseException) -> bool:
 def _short(err: BaseException, limit: int = 300) -> str:
     text = " ".join(str(err).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def retry_if_server_unavailable(task, task_run, state) -> bool:
+    """A Prefect `retry_condition_fn`: retry a task only when MLflow was unreachable.
+
+    A corrupt checkpoint, a parity failure or a bad name fails at once; only
+    `MlflowUnavailableError` (the server still down after the in-task retries)
+    is worth another attempt later.
+
+    Example:
+        >>> from prefect_tensorflow.tasks.registry import register_model_version
+        >>> register = register_model_version.with_options(
+        ...     retries=2, retry_delay_seconds=30, retry_condition_fn=retry_if_server_unavailable)
+    """
+    try:
+        state.result()
+    except MlflowUnavailableError:
+        return True
+    except BaseException:  # noqa: BLE001 - any other failure is final
+        return False
+    return False

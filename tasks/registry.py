@@ -393,6 +393,49 @@ def _result(connection, client, mv, experiment_id, *, reused, parity, gate) -> R
     )
 
 
+def registered_version_for(
+    export: ExportResult, registered_model_name: str, connection: Optional[MlflowConnection] = None
+) -> Optional[RegisteredVersion]:
+    """The version of `registered_model_name` this export is already registered as, or None.
+
+    Lets a flow skip work (freezing, logging) for an export that is already in the registry.
+    """
+    connection = connection or MlflowConnection()
+    experiment_id = connection.experiment_id()
+
+    def lookup() -> Optional[RegisteredVersion]:
+        client = connection.client()
+        existing = find_registered_version(client, registered_model_name, export.fingerprint)
+        if existing is None or recorded_decision(existing) is None:
+            return None  # not registered, or registered but interrupted before the gate
+        return _result(connection, client, existing, experiment_id, reused=True, parity=None,
+                       gate=recorded_decision(existing))
+
+    return connection.call(f"looking up {export.path} in {registered_model_name!r}", lookup)
+
+
+def set_aliases(
+    registered: RegisteredVersion, aliases: list[str], connection: Optional[MlflowConnection] = None
+) -> RegisteredVersion:
+    """Point each of `aliases` at `registered`'s version (as asked by a user), recorded on the version."""
+    if not aliases:
+        return registered
+    connection = connection or MlflowConnection()
+
+    def apply() -> list[str]:
+        client = connection.client()
+        for alias in aliases:
+            client.set_registered_model_alias(registered.name, alias, str(registered.version))
+        client.set_model_version_tag(
+            registered.name, str(registered.version), TAG_PREFIX + "aliases_requested", ",".join(aliases)
+        )
+        return sorted(client.get_model_version(registered.name, str(registered.version)).aliases)
+
+    current = connection.call(f"setting aliases {aliases} on {registered.name!r}", apply)
+    get_logger().info("%s version %s: aliases %s", registered.name, registered.version, ", ".join(current))
+    return registered.model_copy(update={"aliases": current})
+
+
 def _quote(text: str) -> str:
     return text.replace("'", "\\'")
 
@@ -444,3 +487,29 @@ def register_model_version(
         export, registered_model_name, connection=connection, checkpoint=checkpoint, frozen=frozen,
         run_id=run_id, data=data, gate_metric=gate_metric, gate_mode=gate_mode, tolerance=tolerance,
     )
+
+
+@task(name="set-model-version-aliases")
+def set_model_version_aliases(
+    registered: RegisteredVersion, aliases: list[str], connection: Optional[MlflowConnection] = None
+) -> RegisteredVersion:
+    """Set the aliases a user asked for (e.g. `staging`, or `champion` by hand) on a registered version.
+
+    Args:
+        registered: the `register_model_version` result.
+        aliases: alias names; each is moved to this version.
+        connection: the MLflow connection; default `MlflowConnection()`.
+
+    Returns:
+        `registered` with its aliases as they are now.
+
+    Raises:
+        MlflowUnavailableError: the server still failed after the retries.
+
+    Example:
+        >>> from prefect import flow
+        >>> @flow
+        ... def promote(registered) -> list[str]:
+        ...     return set_model_version_aliases(registered, ["staging"]).aliases
+    """
+    return set_aliases(registered, aliases, connection)

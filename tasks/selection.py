@@ -249,6 +249,57 @@ def find_best_checkpoint(
     return _ref(best[2], model_dir, metrics.get(best[1], {}))
 
 
+def find_checkpoint_at_step(model_dir: str | os.PathLike, step: int, *, verify_checksums: bool = False) -> CheckpointRef:
+    """The checkpoint of `model_dir` written at global step `step`, validated.
+
+    Raises:
+        ValueError: `step` is not a non-negative integer.
+        ModelDirError: `model_dir` does not exist or is a file.
+        NoValidCheckpointError: there is no checkpoint at `step`, or it is invalid
+            (the message lists the steps that are there).
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step: expected an integer >= 0, received {step!r}")
+    model_dir = _model_dir(model_dir)
+    prefixes = {step_of(prefix): prefix for prefix in checkpoint_prefixes(model_dir)}
+    if step not in prefixes:
+        steps = sorted(s for s in prefixes if s is not None)
+        raise NoValidCheckpointError(
+            model_dir, f"has no checkpoint at step {step}; steps present: {steps or 'none'}"
+        )
+    try:
+        files = validate_checkpoint(prefixes[step], verify_checksums=verify_checksums)
+    except InvalidCheckpointError as err:
+        raise NoValidCheckpointError(model_dir, f"the checkpoint at step {step} is invalid: {err.reason}") from err
+    return _ref(files, model_dir, metrics_at(model_dir, files.step))
+
+
+@task(name="select-checkpoint-at-step", task_run_name="select-checkpoint-at-step-{step}")
+def select_checkpoint_at_step(model_dir: str, step: int, verify_checksums: bool = False) -> CheckpointRef:
+    """Select the checkpoint written at a given global step, validated.
+
+    Args:
+        model_dir: directory the checkpoints were written to.
+        step: the global step, e.g. 2000 for `model.ckpt-2000`.
+        verify_checksums: also read every tensor so TensorFlow checks its CRC32C.
+
+    Returns:
+        The checkpoint, its recorded metrics included.
+
+    Raises:
+        ModelDirError, NoValidCheckpointError (no checkpoint at that step, or it is invalid).
+
+    Example:
+        >>> from prefect import flow
+        >>> @flow
+        ... def pinned(model_dir: str) -> str:
+        ...     return select_checkpoint_at_step(model_dir, 2000).path
+    """
+    ref = find_checkpoint_at_step(model_dir, step, verify_checksums=verify_checksums)
+    get_logger().info("checkpoint at step %d: %s", step, ref.path)
+    return ref
+
+
 @task(name="select-latest-checkpoint", task_run_name="select-latest-checkpoint")
 def select_latest_checkpoint(model_dir: str, verify_checksums: bool = False) -> CheckpointRef:
     """Select the newest valid checkpoint of a model dir.
