@@ -11,6 +11,8 @@ Benchmarks:
     training_overhead   train() steps/s with a checkpoint every 100 steps vs none.
     select_latest       find_latest_checkpoint on 10,000 checkpoints vs 1.
     export              export() and freeze() of a checkpoint vs a bare tf.saved_model.save.
+    mlflow_logging      train() with per-step MLflow metric logging (train_tracked) vs without.
+    mlflow_register     register_export() vs mlflow.tensorflow.log_model(registered_model_name=...).
 """
 
 import os
@@ -18,4 +20,6 @@ import os
 # TensorFlow reads its C++ log level when it loads; every benchmark imports it later.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-BENCHMARKS = ("checkpoint_save", "training_overhead", "select_latest", "export")
+BENCHMARKS = (
+    "checkpoint_save", "training_overhead", "select_latest", "export", "mlflow_logging", "mlflow_register",
+)
