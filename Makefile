@@ -10,7 +10,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 # Its telemetry heartbeat races that migration ("database is locked") and needs the network.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install run test bench clean
+.PHONY: install run serve test bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml
 
 run: install
 	$(BIN)/prefect-tensorflow retrain
+
+# A local Prefect server on 127.0.0.1:4200 (unless PREFECT_API_URL is set) serving
+# retrain-iris (nightly) and export-checkpoint: open http://127.0.0.1:4200 and press Run.
+serve: install
+	$(BIN)/prefect-tensorflow serve
 
 test: install
 	$(BIN)/python -m pytest -ra

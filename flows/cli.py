@@ -356,6 +356,7 @@ def retrain(
     gate_metric: str = typer.Option("accuracy", help="Checkpoint metric a new version must beat the champion on"),
     gate_mode: str = typer.Option("max", help="'max' if higher is better, 'min' if lower is"),
     track: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Track in MLflow and register the export"),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Start at step 0; the old checkpoints move to <model-dir>.previous-<time>"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Run the `retrain` flow: train, select, freeze, export, then log and register in MLflow."""
@@ -386,6 +387,7 @@ def retrain(
             more_steps=more_steps, batch_size=batch_size, seed=seed, policy=policy, select=select,
             export_base=export_base, frozen_dir=frozen_dir, registered_model_name=registered_model_name,
             mlflow=connection, gate_metric=gate_metric or None, gate_mode=gate_mode, track=track,
+            from_scratch=from_scratch,
         )
     )
     ref = summary.checkpoint
@@ -423,6 +425,65 @@ def _registered_text(registered, connection) -> str:
         f"  then open           {registered.version_url}",
     ]
     return "\n".join(lines)
+
+
+@app.command("export-checkpoint")
+def export_checkpoint_command(
+    model_dir: str = typer.Option(..., "--model-dir", help="Directory holding the checkpoints"),
+    checkpoint: str = typer.Option("latest", help="'latest', a step number or 'best:<metric>[:min|max]'"),
+    registered_model_name: str = typer.Option("iris", "--registered-model-name", help="MLflow registered model"),
+    export_base: str = typer.Option(None, "--export-base", help="SavedModel versions [default: ./.prefect-tensorflow/exports/iris]"),
+    frozen_dir: str = typer.Option(None, "--frozen-dir", help="Frozen graphs [default: ./.prefect-tensorflow/frozen/iris]"),
+    model: str = typer.Option("prefect_tensorflow.tasks.iris:build_model", help=MODEL_HELP),
+    data: str = typer.Option("prefect_tensorflow.tasks.iris:load_dataset", help="Dataset loader for verification ('' for random values)"),
+    alias: List[str] = typer.Option([], "--alias", help="Extra alias to point at the version (repeatable)"),
+    gate_metric: str = typer.Option("accuracy", help="Checkpoint metric a new version must beat the champion on ('' for none)"),
+    gate_mode: str = typer.Option("max", help="'max' if higher is better, 'min' if lower is"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else local SQLite]"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Run the `export-checkpoint` flow: select a checkpoint, export, freeze, register in MLflow."""
+    from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+
+    from .export_checkpoint import export_checkpoint
+    from .parameters import Selection, check_aliases, check_registered_model_name
+
+    _run(lambda: Selection.parse(checkpoint, parameter="checkpoint"))
+    _run(lambda: check_registered_model_name(registered_model_name))
+    _run(lambda: check_aliases(alias, parameter="--alias"))
+    if gate_mode not in ("min", "max"):
+        _fail(ValueError(f"--gate-mode: expected 'min' or 'max', received {gate_mode!r}"))
+    connection = _run(lambda: MlflowConnection(tracking_uri=tracking_uri, experiment_name=experiment))
+    summary = _run(
+        lambda: export_checkpoint(
+            model_dir=model_dir, checkpoint=checkpoint, registered_model_name=registered_model_name,
+            export_base=export_base, frozen_dir=frozen_dir, model=model, data=data or None, aliases=alias,
+            gate_metric=gate_metric or None, gate_mode=gate_mode, mlflow=connection,
+        )
+    )
+    ref = summary.checkpoint
+    _emit(summary, as_json, lambda: (
+        f"\ncheckpoint:           {ref.path}\n"
+        f"  step {ref.step}, {ref.format}, metrics: {_metrics(ref.metrics)}\n"
+        f"SavedModel:           {summary.export.path} (version {summary.export.version}"
+        f"{', already exported' if summary.export.reused else ''})\n"
+        f"  verified: {_parity_text(summary.export.parity)}\n"
+        + (f"frozen graph:         {summary.frozen_graph.path}\n  verified: {_parity_text(summary.frozen_graph.parity)}"
+           if summary.frozen_graph else "frozen graph:         (already registered: not frozen again)")
+        + _registered_text(summary.registered, connection)
+    ))
+
+
+@app.command()
+def serve(
+    limit: Optional[int] = typer.Option(None, help="Most flow runs at once [default: no limit]"),
+) -> None:
+    """Serve the `retrain-iris` and `export-checkpoint` deployments (starts a local Prefect server
+    on 127.0.0.1:4200 unless PREFECT_API_URL is set). Open the UI and press Run."""
+    from .serve import serve_deployments
+
+    _run(lambda: serve_deployments(limit=limit))
 
 
 def main(argv: Optional[List[str]] = None) -> None:

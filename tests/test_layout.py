@@ -41,7 +41,7 @@ def test_iris_data_ships_in_the_package():
     assert [labels.count(c) for c in (0, 1, 2)] == [50, 50, 50]
 
 
-def test_prefect_yaml_declares_the_nightly_retraining():
+def test_prefect_yaml_declares_the_nightly_retraining_and_the_on_demand_export():
     from pathlib import Path
 
     import yaml
@@ -57,3 +57,25 @@ def test_prefect_yaml_declares_the_nightly_retraining():
     flow = load_flow_from_entrypoint(nightly["entrypoint"])
     assert flow.name == "retrain"
     assert set(nightly["parameters"]) <= set(flow.parameters.properties)
+    export = deployments["export-checkpoint"]
+    assert export["schedules"] == [] and export["work_pool"] == nightly["work_pool"]  # one anchor
+    export_flow = load_flow_from_entrypoint(export["entrypoint"])
+    assert export_flow.name == "export-checkpoint"
+    assert set(export["parameters"]) <= set(export_flow.parameters.properties)
+    assert "model_dir" in export_flow.parameters.required
+
+
+def test_flow_parameters_are_typed_for_the_ui_form():
+    from prefect_tensorflow.flows.export_checkpoint import export_checkpoint
+    from prefect_tensorflow.flows.retrain import retrain
+
+    for flow, names in ((retrain, ["model_dir", "steps", "export_base", "registered_model_name", "model", "data"]),
+                        (export_checkpoint, ["model_dir", "checkpoint", "export_base", "registered_model_name", "model", "data"])):
+        properties = flow.parameters.properties
+        for name in names:
+            assert properties[name].get("description") or properties[name].get("title"), (flow.name, name)
+    schema = retrain.parameters.properties
+    assert schema["steps"]["type"] == "integer" and schema["steps"]["minimum"] == 0
+    assert export_checkpoint.parameters.properties["gate_mode"].get("enum") == ["min", "max"] or "anyOf" in str(
+        export_checkpoint.parameters.properties["gate_mode"]
+    )
