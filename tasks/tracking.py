@@ -2,8 +2,9 @@
 
 `TrainingRun` is one MLflow run per training: params (checkpoint policy, import
 strings, hyperparameters, seed, counts), the training loss at every step and
-the evaluation metrics of every checkpoint, sent in batches from a background
-thread so that training never waits for the server, and at the end the
+the evaluation metrics of every checkpoint, sent in batches by a separate
+process (`metric_sender`) so that training never waits for the server nor
+shares its CPU time with MLflow's client, and at the end the
 checkpoint list and the TensorBoard event files as artifacts. Runs and model
 versions carry the Prefect flow run's id and UI URL as tags (`prefect.*`).
 
@@ -20,7 +21,6 @@ import glob
 import json
 import os
 import tempfile
-import threading
 import time
 from typing import Any, Mapping, Optional
 
@@ -29,7 +29,6 @@ from prefect import task
 from .logs import get_logger
 from .mlflow_connection import MlflowConnection
 
-MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
 TAG_PREFIX = "prefect_tensorflow."
 
 
@@ -64,54 +63,70 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 
 class MetricBatcher:
-    """Collects metrics and sends them with `log_batch` from a background thread.
+    """Queues metrics for `metric_sender`, a separate process that sends them in batches.
 
-    `add` only appends to a list; a thread sends what has accumulated every
-    `interval` seconds (at most `MAX_BATCH` metrics per request). `close`
-    sends the rest and raises what the thread could not send.
+    `add` writes one short line into a buffered pipe (a system call every
+    ~200 metrics, or after `interval` seconds); the sending process does the
+    `log_batch` calls, with MLflow's SQL or HTTP client work off the training
+    process's GIL. `close` waits for everything to be sent and raises what
+    could not be.
     """
 
     def __init__(self, connection: MlflowConnection, run_id: str, interval: float = 2.0):
+        import subprocess
+        import sys
+
         self._connection, self._run_id, self._interval = connection, run_id, interval
-        self._pending: list = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._error: Optional[BaseException] = None
-        self.sent = 0
-        self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
-        self._thread.start()
+        self._errors = tempfile.TemporaryFile(mode="w+")
+        # Started inside connection.activate(): it inherits the URIs, the token and the HTTP retries.
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "prefect_tensorflow.tasks.metric_sender", run_id, str(interval),
+             str(connection.operation_retries), str(connection.operation_retry_delay)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._errors, text=True,
+        )
+        self._next_flush = time.monotonic() + interval
+        self._broken: Optional[BaseException] = None
+        self.queued = 0
 
     def add(self, key: str, value: float, step: int) -> None:
-        with self._lock:
-            self._pending.append((key, float(value), int(step), int(time.time() * 1000)))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._flush_safely()
-        self._flush_safely()
-
-    def _flush_safely(self) -> None:
+        if self._broken is not None:
+            return
         try:
-            self.flush()
-        except BaseException as err:  # noqa: BLE001 - re-raised by close()
-            self._error = err
+            self._process.stdin.write(f"{key}\t{float(value)!r}\t{int(step)}\t{int(time.time() * 1000)}\n")
+            self.queued += 1
+            if time.monotonic() >= self._next_flush:
+                self._process.stdin.flush()
+                self._next_flush = time.monotonic() + self._interval
+        except (BrokenPipeError, ValueError) as err:  # the sender died: close() says why
+            self._broken = err
 
-    def flush(self) -> None:
-        from mlflow.entities import Metric
+    def close(self, timeout: float = 900) -> None:
+        """Wait until every queued metric is sent.
 
-        with self._lock:
-            pending, self._pending = self._pending, []
-        client = self._connection.client()
-        for start in range(0, len(pending), MAX_BATCH):
-            chunk = [Metric(k, v, ts, s) for k, v, s, ts in pending[start : start + MAX_BATCH]]
-            self._connection.retrying("logging metrics", client.log_batch, self._run_id, metrics=chunk)
-            self.sent += len(chunk)
+        Raises:
+            MlflowUnavailableError: the server could not be reached after the retries.
+        """
+        import subprocess
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+        try:
+            self._process.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+        try:
+            code = self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            code = self._process.wait()
+        self._errors.seek(0)
+        detail = " ".join(self._errors.read().split())[-1000:]
+        self._errors.close()
+        if code != 0:
+            from .errors import MlflowUnavailableError
+
+            raise MlflowUnavailableError(
+                self._connection.server_label(), f"logging the metrics of run {self._run_id}", 1,
+                detail or f"the metric sender exited with status {code}",
+            )
 
 
 class TrainingRun:

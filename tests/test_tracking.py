@@ -97,3 +97,25 @@ def test_the_training_task_tags_its_run_with_the_prefect_flow_run(prefect_api, m
     assert tags["prefect.flow_run_id"] == flow_run_id
     assert tags["prefect.task_run_id"]
     assert tags["prefect.flow_name"] == "tracked"
+
+
+def test_metrics_that_cannot_be_sent_fail_the_run_naming_the_server():
+    import socket
+
+    from prefect_tensorflow.tasks.errors import MlflowUnavailableError
+    from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+    from prefect_tensorflow.tasks.tracking import MetricBatcher
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    conn = MlflowConnection(
+        tracking_uri=f"http://127.0.0.1:{port}", request_retries=0, operation_retries=1, operation_retry_delay=0.1
+    )
+    with conn.activate():
+        batcher = MetricBatcher(conn, "0" * 32, interval=0.1)
+        for step in range(1, 51):
+            batcher.add("loss", 1.0 / step, step)
+        with pytest.raises(MlflowUnavailableError) as info:
+            batcher.close()
+    assert f"http://127.0.0.1:{port}" in str(info.value) and "logging the metrics" in str(info.value)
