@@ -66,7 +66,7 @@ def test_checkpoints_inspect(trained_dir):
         (["train", "--model-dir", "{dir}/x", "--save-checkpoints-steps", "5", "--save-checkpoints-secs", "5"], "received both"),
         (["train", "--model-dir", "{dir}/x", "--save-checkpoints-steps", "0"], "save_checkpoints_steps"),
         (["train", "--model-dir", "{dir}/x", "--steps", "-4"], "steps: expected an integer >= 0, received -4"),
-        (["retrain", "--model-dir", "{dir}/x", "--select", "newest"], "select: expected 'latest' or 'best:<metric>[:min|max]'"),
+        (["retrain", "--model-dir", "{dir}/x", "--select", "newest"], "select: expected 'latest', a step number or 'best:<metric>[:min|max]'"),
         (["retrain", "--model-dir", "{dir}/x", "--gate-mode", "sideways"], "--gate-mode: expected 'min' or 'max'"),
         (["retrain", "--model-dir", "{dir}/x", "--tracking-uri", "localhost:5000"], "tracking_uri: expected a URI"),
         (["retrain", "--model-dir", "{dir}/x", "--registered-model-name", "a/b"], "--registered-model-name: expected"),

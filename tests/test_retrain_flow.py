@@ -13,7 +13,7 @@ def test_selection_parsing():
     assert Selection.parse("best:accuracy") == Selection(kind="best", metric="accuracy", mode="max")
     assert Selection.parse("best:loss") == Selection(kind="best", metric="loss", mode="min")
     assert Selection.parse("best:accuracy:min").mode == "min"
-    with pytest.raises(ValueError, match="select: expected 'latest' or 'best:<metric>"):
+    with pytest.raises(ValueError, match="select: expected 'latest', a step number or 'best:<metric>"):
         Selection.parse("best")
 
 
