@@ -1,0 +1,219 @@
+"""The deployments against a real `prefect server start` on 127.0.0.1, runs triggered as the UI does.
+
+One Prefect server for the module; `prefect-tensorflow serve` serves both
+deployments as `make serve` does; flow runs are created from the deployment
+with custom parameters through the API (what the UI's Run form posts) and
+waited for.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from prefect_tensorflow.tasks import iris
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+BIN = os.path.dirname(sys.executable)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{url} never answered:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A real Prefect server; the environment of processes that talk to it."""
+    root = tmp_path_factory.mktemp("deployments")
+    port = _free_port()
+    environ = {
+        **os.environ,
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_TENSORFLOW_HOME": str(root / "data"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow/mlflow.db",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    log = root / "prefect-server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}/api/health", server, log)
+        yield {"environ": environ, "root": root}
+    finally:
+        _stop(server)
+
+
+@pytest.fixture(scope="module")
+def served(env, trained_dir):
+    """`prefect-tensorflow serve` against the server, as `make serve` runs it."""
+    log = env["root"] / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [f"{BIN}/prefect-tensorflow", "serve"], env=env["environ"], cwd=env["root"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "retrain-iris" not in _deployment_names(env) or "export-checkpoint" not in _deployment_names(env):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"serve did not create the deployments:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield {**env, "log": log}
+    finally:
+        _stop(process)
+
+
+def _client(env):
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = env["environ"]["PREFECT_API_URL"]
+    settings = temporary_settings(updates={PREFECT_API_URL: url})
+    settings.__enter__()
+    client = SyncPrefectClient(url)
+    client.__enter__()
+    return client, settings
+
+
+def _deployment_names(env) -> set[str]:
+    client, settings = _client(env)
+    try:
+        return {d.name for d in client.read_deployments()}
+    finally:
+        client.__exit__(None, None, None)
+        settings.__exit__(None, None, None)
+
+
+def _run_from_ui(env, name: str, parameters: dict, timeout: float = 600):
+    """Create a flow run from the deployment with custom parameters, as the Run form does, and wait."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    client, settings = _client(env)
+    try:
+        (deployment,) = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
+        run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+        deadline = time.monotonic() + timeout
+        while True:
+            run = client.read_flow_run(run.id)
+            if run.state is not None and run.state.is_final():
+                return run
+            if time.monotonic() > deadline:
+                pytest.fail(f"flow run {run.id} still {run.state} after {timeout} s")
+            time.sleep(1)
+    finally:
+        client.__exit__(None, None, None)
+        settings.__exit__(None, None, None)
+
+
+def test_prefect_deploy_all_creates_both_deployments_with_their_schedules(env):
+    environ = env["environ"]
+    subprocess.run(
+        [f"{BIN}/prefect", "work-pool", "create", "tensorflow-process", "--type", "process"],
+        env=environ, cwd=REPO, check=True, capture_output=True, timeout=120,
+    )
+    result = subprocess.run(
+        [f"{BIN}/prefect", "--no-prompt", "deploy", "--all"], env=environ, cwd=REPO, capture_output=True,
+        text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    client, settings = _client(env)
+    try:
+        deployments = {d.name: d for d in client.read_deployments()}
+    finally:
+        client.__exit__(None, None, None)
+        settings.__exit__(None, None, None)
+    nightly = deployments["retrain-iris"]
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert nightly.work_pool_name == "tensorflow-process"
+    assert nightly.parameters["more_steps"] == 1000
+    export = deployments["export-checkpoint"]
+    assert export.schedules == [] and export.work_pool_name == "tensorflow-process"
+    assert export.parameter_openapi_schema["required"] == ["model_dir"]
+
+
+def test_export_checkpoint_triggered_like_the_ui_registers_a_version(served, trained_dir):
+    import mlflow
+
+    run = _run_from_ui(served, "export-checkpoint", {
+        "model_dir": str(trained_dir), "checkpoint": "200", "registered_model_name": "ui-iris",
+        "aliases": ["staging"], "model": iris.MODEL, "data": iris.DATA,
+    })
+    assert run.state.is_completed(), f"{run.state}\n{served['log'].read_text()[-3000:]}"
+    export_dir = served["root"] / "data" / "exports" / "iris" / "1"
+    assert (export_dir / "saved_model.pb").exists()
+    client = mlflow.MlflowClient(served["environ"]["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version_by_alias("ui-iris", "staging")
+    assert str(version.version) == "1" and set(version.aliases) == {"challenger", "champion", "staging"}
+    assert version.tags["prefect_tensorflow.checkpoint.step"] == "200"
+    assert version.tags["prefect_tensorflow.export.dir"] == str(export_dir)
+    assert version.tags["prefect.flow_run_id"] == str(run.id)
+
+
+def test_the_served_retrain_deployment_has_its_nightly_schedule(served):
+    client, settings = _client(served)
+    try:
+        deployments = {d.name: d for d in client.read_deployments()}
+    finally:
+        client.__exit__(None, None, None)
+        settings.__exit__(None, None, None)
+    assert [s.schedule.cron for s in deployments["retrain-iris"].schedules] == ["0 2 * * *"]
+    assert deployments["export-checkpoint"].schedules == []
+
+
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({"model_dir": "/nonexistent/models"}, "does not exist"),
+        ({"checkpoint": "999"}, "has no checkpoint at step 999"),
+        ({"model": "not_a_module:build"}, "not_a_module"),
+    ],
+)
+def test_bad_ui_parameters_fail_the_run_naming_them(served, trained_dir, parameters, message):
+    run = _run_from_ui(served, "export-checkpoint", {"model_dir": str(trained_dir), **parameters,
+                                                     "registered_model_name": "bad-iris"})
+    assert run.state.is_failed()
+    assert message in (run.state.message or ""), run.state.message
+    import mlflow
+
+    assert mlflow.MlflowClient(served["environ"]["MLFLOW_TRACKING_URI"]).search_registered_models(
+        "name = 'bad-iris'"
+    ) == []
