@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from typing import Any, Callable, List, Optional
@@ -405,6 +406,7 @@ def retrain(
         f"list all checkpoints: prefect-tensorflow checkpoints list {summary.training.model_dir}\n"
         f"TensorBoard:          tensorboard --logdir {summary.training.model_dir}"
         + (_registered_text(summary.registered, connection) if summary.registered else "")
+        + _prefect_ui_text(summary.flow_run_id)
     ))
 
 
@@ -425,6 +427,23 @@ def _registered_text(registered, connection) -> str:
         f"  then open           {registered.version_url}",
     ]
     return "\n".join(lines)
+
+
+def _prefect_ui_text(flow_run_id: Optional[str]) -> str:
+    """How to see the flow run in the Prefect UI: the configured server, or a local one on the same database."""
+    if not flow_run_id:
+        return ""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    if PREFECT_API_URL.value():
+        ui = (PREFECT_UI_URL.value() or PREFECT_API_URL.value().removesuffix("/api")).rstrip("/")
+        return f"\nPrefect UI:           {ui}/runs/flow-run/{flow_run_id}"
+    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+    prefect = os.path.relpath(prefect) if not os.path.relpath(prefect).startswith("..") else prefect
+    return (
+        f"\nPrefect UI:           {prefect} server start --host 127.0.0.1 --port 4200   (same database as this run)\n"
+        f"  then open           http://127.0.0.1:4200/runs/flow-run/{flow_run_id}"
+    )
 
 
 @app.command("export-checkpoint")
@@ -472,6 +491,7 @@ def export_checkpoint_command(
         + (f"frozen graph:         {summary.frozen_graph.path}\n  verified: {_parity_text(summary.frozen_graph.parity)}"
            if summary.frozen_graph else "frozen graph:         (already registered: not frozen again)")
         + _registered_text(summary.registered, connection)
+        + _prefect_ui_text(summary.flow_run_id)
     ))
 
 

@@ -46,7 +46,13 @@ from prefect_tensorflow.tasks.tracking import log_frozen_graph_to_mlflow
 
 from .artifacts import publish_checkpoint_table, publish_export_summary, publish_mlflow_links
 from .defaults import MLFLOW_TASK_RETRIES, default_export_base, default_frozen_dir
-from .parameters import Selection, check_aliases, check_registered_model_name, select_checkpoint
+from .parameters import (
+    Selection,
+    check_aliases,
+    check_registered_model_name,
+    current_flow_run_id,
+    select_checkpoint,
+)
 
 class ExportSummary(BaseModel):
     """What an `export-checkpoint` run shipped."""
@@ -58,6 +64,7 @@ class ExportSummary(BaseModel):
     export: ExportResult
     frozen_graph: Optional[FreezeResult] = Field(description="None when the export was already registered")
     registered: RegisteredVersion
+    flow_run_id: Optional[str] = Field(default=None, description="The Prefect flow run that produced this")
 
 
 @flow(name="export-checkpoint", log_prints=True)
@@ -123,5 +130,6 @@ def export_checkpoint(
     publish_export_summary(ref, checkpoint, exported, frozen, registered)
     publish_mlflow_links(registered)
     return ExportSummary(
-        checkpoint=ref, selection=checkpoint, export=exported, frozen_graph=frozen, registered=registered
+        checkpoint=ref, selection=checkpoint, export=exported, frozen_graph=frozen, registered=registered,
+        flow_run_id=current_flow_run_id(),
     )

@@ -92,3 +92,10 @@ def check_registered_model_name(name: str) -> str:
     if not isinstance(name, str) or not name.strip() or "/" in name:
         raise ValueError(f"registered_model_name: expected a non-empty name without '/', received {name!r}")
     return name
+
+
+def current_flow_run_id() -> Optional[str]:
+    """The id of the Prefect flow run this is called from, or None outside one."""
+    from prefect.runtime import flow_run
+
+    return flow_run.id or None

@@ -36,7 +36,7 @@ from prefect_tensorflow.tasks.training import TrainResult, check_arguments, trai
 
 from .artifacts import publish_checkpoint_table, publish_mlflow_links, publish_training_summary
 from .defaults import MLFLOW_TASK_RETRIES, default_export_base, default_frozen_dir, default_model_dir
-from .parameters import Selection, check_registered_model_name, select_checkpoint
+from .parameters import Selection, check_registered_model_name, current_flow_run_id, select_checkpoint
 
 class RetrainSummary(BaseModel):
     """What a `retrain` run produced."""
@@ -49,6 +49,7 @@ class RetrainSummary(BaseModel):
     frozen_graph: FreezeResult
     export: ExportResult
     registered: Optional[RegisteredVersion] = Field(default=None, description="None when track=False")
+    flow_run_id: Optional[str] = Field(default=None, description="The Prefect flow run that produced this")
 
 
 def set_aside(model_dir: str) -> Optional[str]:
@@ -129,5 +130,5 @@ def retrain(
         publish_mlflow_links(registered)
     return RetrainSummary(
         training=result, checkpoint=ref, selection=select, frozen_graph=frozen, export=exported,
-        registered=registered,
+        registered=registered, flow_run_id=current_flow_run_id(),
     )
