@@ -127,3 +127,28 @@ def test_retrain_ends_with_a_registered_version_and_says_how_to_open_the_mlflow_
     assert "model version:        cli-iris version 1 (already registered), aliases: challenger, champion" in text
     assert f"ui --backend-store-uri sqlite:///{db}" in text
     assert "http://127.0.0.1:5000/#/models/cli-iris/versions/1" in text
+
+
+def test_export_checkpoint_command_ships_a_step_and_says_so_again(prefect_api, trained_dir, tmp_path):
+    args = [
+        "export-checkpoint", "--model-dir", str(trained_dir), "--checkpoint", "100", "--alias", "staging",
+        "--export-base", str(tmp_path / "export"), "--frozen-dir", str(tmp_path / "frozen"),
+        "--tracking-uri", f"sqlite:///{tmp_path}/mlflow/mlflow.db", "--registered-model-name", "cli-export",
+    ]
+    first = json.loads(invoke(*args, "--json").stdout)
+    assert first["checkpoint"]["step"] == 100 and first["export"]["version"] == 1
+    assert first["registered"]["aliases"] == ["challenger", "champion", "staging"]
+    again = invoke(*args)
+    assert again.exit_code == 0
+    assert "(already registered: not frozen again)" in again.stdout
+    assert "cli-export version 1 (already registered)" in again.stdout
+
+
+def test_export_checkpoint_command_refuses_bad_options_in_one_line(trained_dir):
+    for args, message in (
+        (["--checkpoint", "-1"], "checkpoint: expected 'latest', a step number"),
+        (["--alias", "v1"], "--alias: expected alias names"),
+        (["--registered-model-name", ""], "registered_model_name: expected a non-empty name"),
+    ):
+        result = runner.invoke(app, ["export-checkpoint", "--model-dir", str(trained_dir), *args])
+        assert result.exit_code == 2 and message in result.stderr, result.output

@@ -101,3 +101,27 @@ def test_bad_parameters_fail_before_training(prefect_api, tmp_path):
     with pytest.raises(Exception, match="steps"):
         retrain(model_dir=str(tmp_path / "m"), steps=-1, **outputs(tmp_path))
     assert not (tmp_path / "m").exists()
+
+
+def test_bad_import_strings_and_names_fail_before_anything_is_written(prefect_api, tmp_path):
+    for params, message in (
+        ({"model": "no_such_module:build"}, "no_such_module"),
+        ({"data": "prefect_tensorflow.tasks.iris:missing"}, "missing"),
+        ({"registered_model_name": "team/iris"}, "registered_model_name: expected"),
+        ({"more_steps": -3}, "more_steps"),
+    ):
+        with pytest.raises(Exception, match=message):
+            retrain(model_dir=str(tmp_path / "m"), steps=10, **{**outputs(tmp_path), **params})
+        assert not (tmp_path / "m").exists() and not (tmp_path / "export").exists()
+
+
+def test_from_scratch_moves_the_old_checkpoints_aside_and_starts_at_step_zero(prefect_api, model_dir_copy, tmp_path):
+    before = sorted(p.name for p in model_dir_copy.iterdir())
+    summary = retrain(
+        model_dir=str(model_dir_copy), steps=40, from_scratch=True, policy=CheckpointPolicy(save_checkpoints_steps=20),
+        **outputs(tmp_path),
+    )
+    assert (summary.training.start_step, summary.training.final_step) == (0, 40)
+    (aside,) = [p for p in model_dir_copy.parent.iterdir() if p.name.startswith(model_dir_copy.name + ".previous-")]
+    assert sorted(p.name for p in aside.iterdir()) == before  # nothing lost
+    assert summary.checkpoint.path == str(model_dir_copy / "model.ckpt-40")
