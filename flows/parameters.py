@@ -15,6 +15,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
+from prefect_tensorflow.tasks.registry import check_registered_model_name  # noqa: F401 - flows use it from here
 from prefect_tensorflow.tasks.selection import (
     CheckpointRef,
     select_best_checkpoint,
@@ -85,13 +86,6 @@ def check_aliases(aliases: list[str], parameter: str = "aliases") -> list[str]:
                 f"digits, '_' or '-'; not 'latest' or 'v<N>'), received {alias!r}"
             )
     return list(dict.fromkeys(aliases))
-
-
-def check_registered_model_name(name: str) -> str:
-    """Raises ValueError naming `registered_model_name` unless it is a non-empty name without '/'."""
-    if not isinstance(name, str) or not name.strip() or "/" in name:
-        raise ValueError(f"registered_model_name: expected a non-empty name without '/', received {name!r}")
-    return name
 
 
 def current_flow_run_id() -> Optional[str]:

@@ -37,7 +37,7 @@ from typing import Any, Literal, Optional
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import MetricNotFoundError, RegistryError
+from .errors import MetricNotFoundError, MlflowSettingsError, RegistryError
 from .exporting import ExportResult, export_lock, saved_model_digest
 from .freezing import FreezeResult
 from .logs import get_logger
@@ -127,6 +127,17 @@ def find_registered_version(client, name: str, fingerprint: str):
             return None
         raise
     return min(found, key=lambda mv: int(mv.version)) if found else None
+
+
+def check_registered_model_name(name: str) -> str:
+    """A registered model name: non-empty, no '/' (it would break `models:/<name>/<version>` URIs).
+
+    Raises:
+        MlflowSettingsError: naming `registered_model_name`.
+    """
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        raise MlflowSettingsError(f"registered_model_name: expected a non-empty name without '/', received {name!r}")
+    return name
 
 
 def gate_value(checkpoint: Optional[CheckpointRef], metric: Optional[str]) -> Optional[float]:
@@ -288,10 +299,7 @@ def register_export(
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> RegisteredVersion:
     """The plain function behind `register_model_version`; see the module docstring."""
-    if not isinstance(registered_model_name, str) or not registered_model_name.strip() or "/" in registered_model_name:
-        raise RegistryError(
-            f"registered_model_name: expected a non-empty name without '/', received {registered_model_name!r}"
-        )
+    check_registered_model_name(registered_model_name)
     if gate_mode not in ("min", "max"):
         raise RegistryError(f"gate_mode: expected 'min' or 'max', received {gate_mode!r}")
     connection = connection or MlflowConnection()
@@ -474,7 +482,9 @@ def register_model_version(
 
     Raises:
         MetricNotFoundError: the checkpoint has no `gate_metric` (checked before anything is logged).
-        RegistryError: a bad name, or the logged model failed its check (nothing registered).
+        MlflowSettingsError: a bad registered model name.
+        RegistryError: the export changed since it was verified, or the logged model failed its check
+            (nothing registered).
         MlflowUnavailableError: the server still failed after the retries.
 
     Example:

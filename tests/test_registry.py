@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from prefect_tensorflow.tasks import iris
-from prefect_tensorflow.tasks.errors import MetricNotFoundError, RegistryError
+from prefect_tensorflow.tasks.errors import MetricNotFoundError, MlflowSettingsError, RegistryError
 from prefect_tensorflow.tasks.registry import FINGERPRINT_TAG, register_export
 from prefect_tensorflow.tasks.selection import checkpoint_ref
 
@@ -138,7 +138,7 @@ def test_a_missing_gate_metric_is_refused_before_anything_is_logged(exports, mlf
 @pytest.mark.parametrize("name", ["", "  ", "team/iris"])
 def test_a_bad_registered_model_name_is_refused(exports, mlflow_store, name):
     ref, exported = exports[300]
-    with pytest.raises(RegistryError, match="registered_model_name: expected"):
+    with pytest.raises(MlflowSettingsError, match="registered_model_name: expected"):
         register_export(exported, name, connection=mlflow_store, checkpoint=ref)
 
 
