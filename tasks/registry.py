@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
@@ -233,11 +234,11 @@ def recorded_decision(mv) -> Optional[GateDecision]:
 
 def log_export_model(
     connection: MlflowConnection, export: ExportResult, run_id: str, data: Optional[str], tolerance: float
-) -> tuple[str, Parity]:
+) -> tuple[str, str, Parity]:
     """Log the export as a pyfunc model in `run_id`, download it back and check it.
 
     Returns:
-        The logged model's URI and the parity of its predictions with the SavedModel.
+        The logged model's URI and id, and the parity of its predictions with the SavedModel.
 
     Raises:
         RegistryError: the downloaded SavedModel differs from the export, or predicts differently.
@@ -282,7 +283,7 @@ def log_export_model(
             f"logged model {info.model_uri}: mlflow.pyfunc predictions differ from {export.path} by "
             f"{parity.max_abs_diff:.3g} (tolerance {tolerance:g}); no version was registered"
         )
-    return info.model_uri, parity
+    return info.model_uri, info.model_id, parity
 
 
 def register_export(
@@ -326,7 +327,8 @@ def _register_locked(
     existing = find_registered_version(client, name, export.fingerprint)
     if existing is not None:
         decision = recorded_decision(existing)
-        if decision is None:  # registered, then interrupted before the gate
+        if decision is None:  # created, then interrupted (or its answer lost) before the aliases
+            client.set_registered_model_alias(name, CHALLENGER, str(existing.version))
             decision = decide_champion(client, name, int(existing.version), value, gate_metric, gate_mode)
         log.info("%s is already registered as %s version %s", export.path, name, existing.version)
         return _result(connection, client, existing, experiment_id, reused=True, parity=None, gate=decision)
@@ -334,7 +336,7 @@ def _register_locked(
     if run_id is None:
         tags = {**prefect_tags(), TAG_PREFIX + "stage": "export"}
         run_id = client.create_run(experiment_id, run_name=f"export-{name}-{export.version}", tags=tags).info.run_id
-    model_uri, parity = log_export_model(connection, export, run_id, data, tolerance)
+    model_uri, model_id, parity = log_export_model(connection, export, run_id, data, tolerance)
     for key, tag_value in prefect_tags().items():
         client.set_tag(run_id, key, tag_value)
     try:
@@ -343,7 +345,11 @@ def _register_locked(
         if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
             raise
     tags = version_tags(export, checkpoint, frozen, parity, gate_metric, value)
-    mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+    # Not retried by MLflow's HTTP client: if the version was created but the answer lost, a
+    # resend would create a second one. The operation retry (connection.call) looks the
+    # fingerprint up first instead. A server checks that `model_id` holds the source.
+    with _no_request_retries():
+        mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, model_id=model_id)
     log.info("registered %s version %s from %s", name, mv.version, export.path)
     client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
     decision = decide_champion(client, name, int(mv.version), value, gate_metric, gate_mode)
@@ -442,6 +448,19 @@ def set_aliases(
     current = connection.call(f"setting aliases {aliases} on {registered.name!r}", apply)
     get_logger().info("%s version %s: aliases %s", registered.name, registered.version, ", ".join(current))
     return registered.model_copy(update={"aliases": current})
+
+
+@contextmanager
+def _no_request_retries() -> Iterator[None]:
+    previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
 
 
 def _quote(text: str) -> str:
