@@ -63,54 +63,70 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 
 class MetricBatcher:
-    """Queues metrics for `metric_sender`, a separate process that sends them in batches.
+    """Queues metrics for `metric_sender.py`, a separate process that sends them in batches.
 
-    `add` writes one short line into a buffered pipe (a system call every
-    ~200 metrics, or after `interval` seconds); the sending process does the
-    `log_batch` calls, with MLflow's SQL or HTTP client work off the training
-    process's GIL. `close` waits for everything to be sent and raises what
-    could not be.
+    `add` appends a tuple to a list: nothing else happens on the training
+    thread. A writer thread hands what accumulated to the sender's stdin
+    every `interval` seconds (if the pipe is full, that thread waits, not
+    training); the sender does the `log_batch` calls, with MLflow's SQL or
+    HTTP client work off the training process's GIL. `close` waits until
+    everything is sent and raises what could not be.
     """
 
     def __init__(self, connection: MlflowConnection, run_id: str, interval: float = 2.0):
         import subprocess
         import sys
+        import threading
 
         self._connection, self._run_id, self._interval = connection, run_id, interval
         self._errors = tempfile.TemporaryFile(mode="w+")
+        sender = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metric_sender.py")
         # Started inside connection.activate(): it inherits the URIs, the token and the HTTP retries.
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "prefect_tensorflow.tasks.metric_sender", run_id, str(interval),
-             str(connection.operation_retries), str(connection.operation_retry_delay)],
+            [sys.executable, sender, run_id, str(interval), str(connection.operation_retries),
+             str(connection.operation_retry_delay)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._errors, text=True,
         )
-        self._next_flush = time.monotonic() + interval
-        self._broken: Optional[BaseException] = None
+        self._pending: list = []
+        self._stop = threading.Event()
         self.queued = 0
+        self._writer = threading.Thread(target=self._write_loop, name="mlflow-metrics-writer", daemon=True)
+        self._writer.start()
 
     def add(self, key: str, value: float, step: int) -> None:
-        if self._broken is not None:
+        self._pending.append((key, value, step, time.time()))
+        self.queued += 1
+
+    def _write_loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._write()
+        self._write()
+
+    def _write(self) -> None:
+        # Swapping the list is atomic under the GIL: `add` never waits for a lock.
+        pending, self._pending = self._pending, []
+        if not pending:
             return
+        text = "".join(f"{k}\t{float(v)!r}\t{int(s)}\t{int(t * 1000)}\n" for k, v, s, t in pending)
         try:
-            self._process.stdin.write(f"{key}\t{float(value)!r}\t{int(step)}\t{int(time.time() * 1000)}\n")
-            self.queued += 1
-            if time.monotonic() >= self._next_flush:
-                self._process.stdin.flush()
-                self._next_flush = time.monotonic() + self._interval
-        except (BrokenPipeError, ValueError) as err:  # the sender died: close() says why
-            self._broken = err
+            self._process.stdin.write(text)
+            self._process.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):  # the sender died: close() says why
+            pass
 
     def close(self, timeout: float = 900) -> None:
         """Wait until every queued metric is sent.
 
         Raises:
-            MlflowUnavailableError: the server could not be reached after the retries.
+            MlflowUnavailableError: the metrics could not be sent after the retries.
         """
         import subprocess
 
+        self._stop.set()
+        self._writer.join()
         try:
             self._process.stdin.close()
-        except (BrokenPipeError, ValueError):
+        except (BrokenPipeError, ValueError, OSError):
             pass
         try:
             code = self._process.wait(timeout=timeout)
@@ -124,8 +140,8 @@ class MetricBatcher:
             from .errors import MlflowUnavailableError
 
             raise MlflowUnavailableError(
-                self._connection.server_label(), f"logging the metrics of run {self._run_id}", 1,
-                detail or f"the metric sender exited with status {code}",
+                self._connection.server_label(), f"logging the metrics of run {self._run_id}",
+                self._connection.operation_retries + 1, detail or f"the metric sender exited with status {code}",
             )
 
 
@@ -193,18 +209,21 @@ class TrainingRun:
             self._batcher.add(prefix + key, value, step)
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        client = self.connection.client()
+        status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
         try:
-            client = self.connection.client()
             if self._batcher is not None:
                 self._batcher.close()
             if exc_type is None:
                 log_checkpoint_artifacts(self.connection, self.run_id, self.model_dir)
-            status = "FINISHED" if exc_type is None else "FAILED"
-            if exc_type is KeyboardInterrupt:
-                status = "KILLED"
-            self.connection.retrying("ending the training run", client.set_terminated, self.run_id, status)
+        except BaseException:
+            status = "FAILED"
+            raise
         finally:
-            self._activation.__exit__(exc_type, exc, tb)
+            try:
+                self.connection.retrying("ending the training run", client.set_terminated, self.run_id, status)
+            finally:
+                self._activation.__exit__(exc_type, exc, tb)
 
 
 def log_checkpoint_artifacts(connection: MlflowConnection, run_id: str, model_dir: str) -> None:
