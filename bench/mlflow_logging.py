@@ -17,9 +17,10 @@ every run), all MLflow runs in one embedded SQLite store in the scratch dir
   (experiment lookup, create run, params in batches, then the
   `MetricBatcher` starts the `metric_sender` process), `train()` with
   `on_progress -> run.log_metric("loss")` and `on_checkpoint ->
-  run.log_metrics(eval/*, train_loss)`: each `MetricBatcher.add` writes one
-  line into a buffered pipe, and the sender process does the `log_batch`
-  calls every 2 s, on the other core; at the end the batcher's `close`
+  run.log_metrics(eval/*, train_loss)`: each `MetricBatcher.add` appends to
+  a list, a writer thread feeds the pipe every 2 s, and the sender process
+  (at the lowest CPU priority, `nice 19`) does the `log_batch` calls with
+  whatever CPU the training leaves idle; at the end the batcher's `close`
   closes the pipe and waits for the sender to send the rest and exit, then
   the checkpoint list, event files and graph.pbtxt go up as artifacts and
   the run is set FINISHED.
@@ -27,8 +28,8 @@ every run), all MLflow runs in one embedded SQLite store in the scratch dir
   tracing the step, graph.pbtxt): subtracted from A, B and C for the "loop
   only" rows.
 - S "idle sender": a `MetricBatcher` on an existing run, closed at once (no
-  metrics): the sender process's start-up and exit alone (Python, the
-  package's imports, MLflow's), its wall time and CPU time.
+  metrics): the sender process's start-up and exit alone (Python and
+  MLflow's imports, the store's schema check), its wall time and CPU time.
 
 `TrainResult.elapsed_seconds` is what `train()` itself took (B's result
 carries its inner `train()`'s figure), so B/A of elapsed is the per-step
@@ -41,12 +42,13 @@ median over rounds of (wall - elapsed) of B minus that of A, and the
 batcher's start (`Popen`) and `close` (waiting for the sender) inside them
 (a `MetricBatcher` subclass put in `tracking.MetricBatcher`). That subclass
 also wraps `add` to time every call (total, the slowest, and the calls over
-1 ms: a write that blocks because the pipe is full, the sender not reading
-yet, shows there; "B loop only, less its blocked add calls" takes those
-seconds out of B to tell the waiting apart from the rest), and takes
+1 ms, which would show a training thread waiting; since `add` only appends,
+there should be none), and takes
 `resource.getrusage(RUSAGE_CHILDREN)` before and after `close`: the sender
 is reaped in `close`, so the difference is the sender process's whole CPU
-time (user + system), spent on the other core. The timing wrapper's own
+time (user + system). At nice 19 it runs when a core is idle: on this
+CPU-only machine TensorFlow keeps both cores busy, so most of it happens
+after training, inside `close` (the fixed cost). The timing wrapper's own
 cost per call is measured separately and reported; it is inside B.
 
 Every B run is checked after it (outside the timed region) against the

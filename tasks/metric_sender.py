@@ -52,6 +52,9 @@ def _send(client, run_id: str, chunk: list, retries: int, delay: float) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # Lowest CPU priority: importing MLflow and its store's work take seconds of CPU, which
+    # must come from idle time, not from the training beside it (TensorFlow uses every core).
+    os.nice(19)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_drain, args=(sys.stdin, lines), daemon=True).start()
     run_id, interval, retries, delay = argv[0], float(argv[1]), int(argv[2]), float(argv[3])
