@@ -13,6 +13,9 @@ Benchmarks:
     export              export() and freeze() of a checkpoint vs a bare tf.saved_model.save.
     mlflow_logging      train() with per-step MLflow metric logging (train_tracked) vs without.
     mlflow_register     register_export() vs mlflow.tensorflow.log_model(registered_model_name=...).
+    retrain_flow        the retrain flow's wall time vs a plain script making the same TF and MLflow calls.
+    export_run          an export-checkpoint run created through a real server, to its registered
+                        version, vs the same work in-process.
 """
 
 import os
@@ -22,4 +25,5 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 BENCHMARKS = (
     "checkpoint_save", "training_overhead", "select_latest", "export", "mlflow_logging", "mlflow_register",
+    "retrain_flow", "export_run",
 )
