@@ -35,9 +35,12 @@ SERVER_PORT = 4200
 
 def deployment_parameters() -> dict[str, dict[str, Any]]:
     """Default parameters of each deployment (the UI's form starts from them)."""
+    # Every path is given, None included: re-applying a deployment keeps the parameters it
+    # leaves out, so paths set by an earlier `prefect deploy` would otherwise stay.
+    paths = {"model_dir": default_model_dir(), "export_base": None, "frozen_dir": None}
     return {
-        "retrain-iris": {"model_dir": default_model_dir(), "more_steps": 1000, "registered_model_name": "iris"},
-        "export-checkpoint": {"model_dir": default_model_dir(), "checkpoint": "latest", "registered_model_name": "iris"},
+        "retrain-iris": {**paths, "more_steps": 1000, "registered_model_name": "iris"},
+        "export-checkpoint": {**paths, "checkpoint": "latest", "registered_model_name": "iris"},
     }
 
 
@@ -127,9 +130,18 @@ def local_server(host: str = SERVER_HOST, port: int = SERVER_PORT, timeout: floa
                 process.kill()
 
 
+RUNNER_POLL_SECONDS = 2
+
+
 def serve_deployments(overrides: Optional[dict[str, dict[str, Any]]] = None, limit: Optional[int] = None) -> None:
-    """Start (if needed) a local Prefect server and serve both deployments until interrupted."""
+    """Start (if needed) a local Prefect server and serve both deployments until interrupted.
+
+    The runner looks for new runs every 2 s (Prefect's default is 10 s: a run
+    started with the UI's Run button would wait up to that long), unless
+    `PREFECT_RUNNER_POLL_FREQUENCY` is set.
+    """
     from prefect import serve
+    from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY, temporary_settings
 
     from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
 
@@ -137,4 +149,6 @@ def serve_deployments(overrides: Optional[dict[str, dict[str, Any]]] = None, lim
         MlflowConnection.register_type_and_schema()  # so the UI offers the block in the forms
         ui = api_url[: -len("/api")] if api_url.endswith("/api") else api_url
         print(f"Prefect UI: {ui}  (deployments: retrain/retrain-iris, export-checkpoint/export-checkpoint)")
-        serve(*build_deployments(overrides), limit=limit)
+        poll = {} if "PREFECT_RUNNER_POLL_FREQUENCY" in os.environ else {PREFECT_RUNNER_POLL_FREQUENCY: RUNNER_POLL_SECONDS}
+        with temporary_settings(updates=poll):
+            serve(*build_deployments(overrides), limit=limit)

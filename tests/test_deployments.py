@@ -170,6 +170,33 @@ def test_prefect_deploy_all_creates_both_deployments_with_their_schedules(env):
     assert export.parameter_openapi_schema["required"] == ["model_dir"]
 
 
+def test_the_python_deploy_script_applies_an_environments_overrides(env):
+    result = subprocess.run(
+        [sys.executable, "deployments/deploy.py", "--env", "prod"], env=env["environ"], cwd=REPO,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    client, settings = _client(env)
+    deployments = {}
+    try:
+        deployments = {d.name: d for d in client.read_deployments()}
+        nightly = deployments["retrain-iris"]
+        assert nightly.parameters["model_dir"] == "/srv/models/iris" and nightly.parameters["select"] == "best:accuracy"
+        assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+        assert deployments["export-checkpoint"].work_pool_name == "tensorflow-process"
+    finally:
+        # Prefect keeps parameters an upsert leaves out: the served deployments must not inherit /srv paths.
+        for deployment in deployments.values():
+            client.delete_deployment(deployment.id)
+        client.__exit__(None, None, None)
+        settings.__exit__(None, None, None)
+    bad = subprocess.run(
+        [sys.executable, "deployments/deploy.py", "--env", "staging"], env=env["environ"], cwd=REPO,
+        capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode != 0 and "--env: expected one of ['dev', 'prod'], received 'staging'" in bad.stderr
+
+
 def test_export_checkpoint_triggered_like_the_ui_registers_a_version(served, trained_dir):
     import mlflow
 
