@@ -156,3 +156,35 @@ print(json.dumps({{"export": summary.export.version, "model": summary.registered
     assert results == [{"export": 1, "model": 1}] * 2
     assert sorted(p for p in os.listdir(tmp_path / "export") if not p.startswith(".")) == ["1"]
     assert len(mlflow_store.client().search_model_versions("name = 'ui-iris'")) == 1
+
+
+def test_mlflow_tasks_are_retried_only_when_the_server_was_unavailable(prefect_api):
+    from prefect import flow, task
+
+    from prefect_tensorflow.flows.defaults import MLFLOW_TASK_RETRIES
+    from prefect_tensorflow.tasks.errors import InvalidCheckpointError, MlflowUnavailableError
+
+    calls = {"down": 0, "corrupt": 0}
+
+    @task
+    def server_down_once() -> str:
+        calls["down"] += 1
+        if calls["down"] == 1:
+            raise MlflowUnavailableError("http://127.0.0.1:5000", "registering", 4, "Connection refused")
+        return "registered"
+
+    @task
+    def corrupt_checkpoint() -> None:
+        calls["corrupt"] += 1
+        raise InvalidCheckpointError("/models/iris/model.ckpt-100", "shard is truncated")
+
+    options = {**MLFLOW_TASK_RETRIES, "retry_delay_seconds": 0}
+
+    @flow
+    def both():
+        first = server_down_once.with_options(**options)()
+        state = corrupt_checkpoint.with_options(**options)(return_state=True)
+        return first, state.is_failed()
+
+    assert both() == ("registered", True)
+    assert calls == {"down": 2, "corrupt": 1}
