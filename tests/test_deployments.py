@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,7 @@ def served(env, trained_dir):
         )
     try:
         deadline = time.monotonic() + 180
-        while "retrain-iris" not in _deployment_names(env) or "export-checkpoint" not in _deployment_names(env):
+        while not {"retrain-iris", "export-checkpoint"} <= set(_deployments(env)):
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"serve did not create the deployments:\n{log.read_text()[-3000:]}")
             time.sleep(1)
@@ -102,46 +103,40 @@ def served(env, trained_dir):
         _stop(process)
 
 
-def _client(env):
+@contextmanager
+def api(env):
+    """A sync Prefect client on the test server (and the settings that point there)."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = env["environ"]["PREFECT_API_URL"]
-    settings = temporary_settings(updates={PREFECT_API_URL: url})
-    settings.__enter__()
-    client = SyncPrefectClient(url)
-    client.__enter__()
-    return client, settings
+    with temporary_settings(updates={PREFECT_API_URL: url}), SyncPrefectClient(url) as client:
+        yield client
 
 
-def _deployment_names(env) -> set[str]:
-    client, settings = _client(env)
-    try:
-        return {d.name for d in client.read_deployments()}
-    finally:
-        client.__exit__(None, None, None)
-        settings.__exit__(None, None, None)
+def _deployments(env) -> dict:
+    with api(env) as client:
+        return {d.name: d for d in client.read_deployments()}
 
 
-def _run_from_ui(env, name: str, parameters: dict, timeout: float = 600):
-    """Create a flow run from the deployment with custom parameters, as the Run form does, and wait."""
+def _run_from_ui(env, name: str, parameters: dict, timeout: float = 600, copies: int = 1):
+    """Create flow runs from the deployment with custom parameters, as the Run form does, and wait.
+
+    Returns the finished run, or the list of them when `copies` > 1 (created at once).
+    """
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    client, settings = _client(env)
-    try:
+    with api(env) as client:
         (deployment,) = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
-        run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+        runs = [client.create_flow_run_from_deployment(deployment.id, parameters=parameters) for _ in range(copies)]
         deadline = time.monotonic() + timeout
         while True:
-            run = client.read_flow_run(run.id)
-            if run.state is not None and run.state.is_final():
-                return run
+            runs = [client.read_flow_run(run.id) for run in runs]
+            if all(run.state is not None and run.state.is_final() for run in runs):
+                return runs[0] if copies == 1 else runs
             if time.monotonic() > deadline:
-                pytest.fail(f"flow run {run.id} still {run.state} after {timeout} s")
+                pytest.fail(f"flow runs still {[str(r.state) for r in runs]} after {timeout} s")
             time.sleep(1)
-    finally:
-        client.__exit__(None, None, None)
-        settings.__exit__(None, None, None)
 
 
 def test_prefect_deploy_all_creates_both_deployments_with_their_schedules(env):
@@ -155,12 +150,7 @@ def test_prefect_deploy_all_creates_both_deployments_with_their_schedules(env):
         text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    client, settings = _client(env)
-    try:
-        deployments = {d.name: d for d in client.read_deployments()}
-    finally:
-        client.__exit__(None, None, None)
-        settings.__exit__(None, None, None)
+    deployments = _deployments(env)
     nightly = deployments["retrain-iris"]
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.work_pool_name == "tensorflow-process"
@@ -176,20 +166,17 @@ def test_the_python_deploy_script_applies_an_environments_overrides(env):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    client, settings = _client(env)
-    deployments = {}
+    deployments = _deployments(env)
     try:
-        deployments = {d.name: d for d in client.read_deployments()}
         nightly = deployments["retrain-iris"]
         assert nightly.parameters["model_dir"] == "/srv/models/iris" and nightly.parameters["select"] == "best:accuracy"
         assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
         assert deployments["export-checkpoint"].work_pool_name == "tensorflow-process"
     finally:
         # Prefect keeps parameters an upsert leaves out: the served deployments must not inherit /srv paths.
-        for deployment in deployments.values():
-            client.delete_deployment(deployment.id)
-        client.__exit__(None, None, None)
-        settings.__exit__(None, None, None)
+        with api(env) as client:
+            for deployment in deployments.values():
+                client.delete_deployment(deployment.id)
     bad = subprocess.run(
         [sys.executable, "deployments/deploy.py", "--env", "staging"], env=env["environ"], cwd=REPO,
         capture_output=True, text=True, timeout=120,
@@ -215,13 +202,27 @@ def test_export_checkpoint_triggered_like_the_ui_registers_a_version(served, tra
     assert version.tags["prefect.flow_run_id"] == str(run.id)
 
 
+def test_two_ui_runs_at_once_then_a_re_run_end_with_one_version(served, trained_dir):
+    import mlflow
+
+    parameters = {"model_dir": str(trained_dir), "checkpoint": "300", "registered_model_name": "ui-twice"}
+    runs = _run_from_ui(served, "export-checkpoint", parameters, copies=2)
+    assert all(run.state.is_completed() for run in runs), [str(r.state) for r in runs]
+    again = _run_from_ui(served, "export-checkpoint", parameters)
+    assert again.state.is_completed()
+    client = mlflow.MlflowClient(served["environ"]["MLFLOW_TRACKING_URI"])
+    versions = client.search_model_versions("name = 'ui-twice'")
+    assert [str(v.version) for v in versions] == ["1"]
+    exports = served["root"] / "data" / "exports" / "iris"
+    sources = [
+        (exports / v / "assets.extra" / "prefect_tensorflow.json").read_text()
+        for v in os.listdir(exports) if v.isdigit()
+    ]
+    assert sum("model.ckpt-300" in text for text in sources) == 1  # one SavedModel version for the checkpoint
+
+
 def test_the_served_retrain_deployment_has_its_nightly_schedule(served):
-    client, settings = _client(served)
-    try:
-        deployments = {d.name: d for d in client.read_deployments()}
-    finally:
-        client.__exit__(None, None, None)
-        settings.__exit__(None, None, None)
+    deployments = _deployments(served)
     assert [s.schedule.cron for s in deployments["retrain-iris"].schedules] == ["0 2 * * *"]
     assert deployments["export-checkpoint"].schedules == []
 
