@@ -29,7 +29,7 @@ serve: install
 	$(BIN)/prefect-tensorflow serve
 
 test: install
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=15
 
 bench: install
 	$(BIN)/python -m bench
