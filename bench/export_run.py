@@ -60,12 +60,10 @@ subprocess, and the flow itself.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import datetime
 
 from .common import Scratch, fmt, interleaved, median, ratio_table, spread, timed, report
@@ -95,31 +93,6 @@ def _tail(path: str, chars: int = 3000) -> str:
         return ""
 
 
-def _wait_healthy(url: str, process: subprocess.Popen, log: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{url} never answered:\n{_tail(log)}")
-            time.sleep(0.5)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop a process started with start_new_session=True, and its whole process group."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        except ProcessLookupError:
-            pass
-
-
 def _ts(value) -> float:
     return value.timestamp() if isinstance(value, datetime) else float(value)
 
@@ -145,6 +118,7 @@ def _run(scratch: Scratch) -> dict:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from prefect_tensorflow.flows.serve import start_prefect_server, stop_process_group
     from prefect_tensorflow.tasks import iris
     from prefect_tensorflow.tasks.exporting import export
     from prefect_tensorflow.tasks.freezing import freeze
@@ -192,13 +166,7 @@ def _run(scratch: Scratch) -> dict:
     client = settings = None
     try:
         t0 = time.perf_counter()
-        with open(server_log, "w") as out:
-            server = subprocess.Popen(
-                [os.path.join(BIN, "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        processes.append(server)
-        _wait_healthy(f"{api_url}/health", server, server_log)
+        processes.append(start_prefect_server("127.0.0.1", port, server_log, env=environ))
         server_seconds = time.perf_counter() - t0
 
         settings = temporary_settings(updates={PREFECT_API_URL: api_url})
@@ -335,7 +303,7 @@ def _run(scratch: Scratch) -> dict:
         if settings is not None:
             settings.__exit__(None, None, None)
         for process in reversed(processes):
-            _stop(process)
+            stop_process_group(process)
 
     samples = {key: [r["seconds"] for r in values] for key, values in runs.items()}
     phase_names = ("pickup", "start", "flow", "seen")

@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import sys
 from datetime import datetime, timezone
 from typing import Any, Callable, List, Optional
@@ -438,8 +437,9 @@ def _prefect_ui_text(flow_run_id: Optional[str]) -> str:
     if PREFECT_API_URL.value():
         ui = (PREFECT_UI_URL.value() or PREFECT_API_URL.value().removesuffix("/api")).rstrip("/")
         return f"\nPrefect UI:           {ui}/runs/flow-run/{flow_run_id}"
-    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
-    prefect = os.path.relpath(prefect) if not os.path.relpath(prefect).startswith("..") else prefect
+    from prefect_tensorflow.tasks.mlflow_connection import console_command
+
+    prefect = console_command("prefect")
     return (
         f"\nPrefect UI:           {prefect} server start --host 127.0.0.1 --port 4200   (same database as this run)\n"
         f"  then open           http://127.0.0.1:4200/runs/flow-run/{flow_run_id}"

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -79,12 +80,58 @@ def build_deployments(overrides: Optional[dict[str, dict[str, Any]]] = None) -> 
     return out
 
 
-def _healthy(api_url: str) -> bool:
+def _answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as answer:
+        with urllib.request.urlopen(url, timeout=2) as answer:
             return answer.status == 200
     except OSError:
         return False
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, log_path: str, timeout: float = 180) -> None:
+    """Poll `url` until it answers 200.
+
+    Raises:
+        RuntimeError: `process` exited or `timeout` passed first; the message ends with the log's tail.
+    """
+    deadline = time.monotonic() + timeout
+    while not _answers(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            with open(log_path, errors="replace") as handle:
+                tail = handle.read()[-3000:]
+            raise RuntimeError(f"{url} never answered (see {log_path}):\n{tail}")
+        time.sleep(0.5)
+
+
+def start_prefect_server(
+    host: str, port: int, log_path: str, env: Optional[dict[str, str]] = None, timeout: float = 180
+) -> subprocess.Popen:
+    """`prefect server start` on `host:port` in its own process group, output to `log_path`; waits until healthy."""
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+        )
+    try:
+        wait_until_healthy(f"http://{host}:{port}/api/health", process, log_path, timeout)
+    except BaseException:
+        stop_process_group(process)
+        raise
+    return process
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the process group of `process` (started with `start_new_session=True`), SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
 
 
 @contextmanager
@@ -102,20 +149,9 @@ def local_server(host: str = SERVER_HOST, port: int = SERVER_PORT, timeout: floa
         return
     api_url = f"http://{host}:{port}/api"
     process = None
-    if not _healthy(api_url):
-        log_path = os.path.join(data_home(), "prefect-server.log")
+    if not _answers(f"{api_url}/health"):
         os.makedirs(data_home(), exist_ok=True)
-        log = open(log_path, "ab")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while not _healthy(api_url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"prefect server on {host}:{port} did not start; see {log_path}")
-            time.sleep(0.5)
+        process = start_prefect_server(host, port, os.path.join(data_home(), "prefect-server.log"), timeout=timeout)
     os.environ["PREFECT_API_URL"] = api_url  # for the flow-run subprocesses too
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
@@ -123,11 +159,7 @@ def local_server(host: str = SERVER_HOST, port: int = SERVER_PORT, timeout: floa
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_process_group(process)
 
 
 RUNNER_POLL_SECONDS = 2

@@ -149,7 +149,7 @@ class MlflowConnection(Block):
         location, so no artifact root is needed); for a server, its URL."""
         if not self.resolved_tracking_uri().startswith("sqlite:///"):
             return f"open {self.resolved_ui_url()}"
-        return f"{_mlflow_executable()} ui --backend-store-uri {self.resolved_tracking_uri()} --host 127.0.0.1 --port 5000"
+        return f"{console_command('mlflow')} ui --backend-store-uri {self.resolved_tracking_uri()} --host 127.0.0.1 --port 5000"
 
     def _environment(self) -> dict[str, str]:
         env = {
@@ -257,7 +257,7 @@ class MlflowConnection(Block):
         location = self.default_artifact_location()
         try:
             return client.create_experiment(name, artifact_location=location)
-        except Exception as err:  # noqa: BLE001 - a concurrent creator won the race
+        except Exception:  # noqa: BLE001 - a concurrent creator won the race
             found = client.get_experiment_by_name(name)
             if found is None:
                 raise
@@ -282,11 +282,12 @@ _TRANSIENT_MARKERS = (
 )
 
 
-def _mlflow_executable() -> str:
-    """`mlflow` if it is on PATH, else the one beside this Python (e.g. `.venv/bin/mlflow`)."""
-    if shutil.which("mlflow"):
-        return "mlflow"
-    beside = os.path.join(os.path.dirname(sys.executable), "mlflow")
+def console_command(name: str) -> str:
+    """`name` if that console script is on PATH, else the one beside this Python (e.g. `.venv/bin/mlflow`),
+    relative to the working directory when it is below it: what to print for a user to type."""
+    if shutil.which(name):
+        return name
+    beside = os.path.join(os.path.dirname(sys.executable), name)
     relative = os.path.relpath(beside)
     return relative if not relative.startswith("..") else beside
 

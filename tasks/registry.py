@@ -33,7 +33,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from importlib import metadata
-from typing import Any, Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
@@ -420,10 +420,10 @@ def registered_version_for(
     def lookup() -> Optional[RegisteredVersion]:
         client = connection.client()
         existing = find_registered_version(client, registered_model_name, export.fingerprint)
-        if existing is None or recorded_decision(existing) is None:
+        decision = recorded_decision(existing) if existing is not None else None
+        if decision is None:
             return None  # not registered, or registered but interrupted before the gate
-        return _result(connection, client, existing, experiment_id, reused=True, parity=None,
-                       gate=recorded_decision(existing))
+        return _result(connection, client, existing, experiment_id, reused=True, parity=None, gate=decision)
 
     return connection.call(f"looking up {export.path} in {registered_model_name!r}", lookup)
 

@@ -9,17 +9,16 @@ waited for.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from prefect_tensorflow.flows.serve import start_prefect_server, stop_process_group
 from prefect_tensorflow.tasks import iris
 
 pytestmark = pytest.mark.slow
@@ -31,28 +30,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"{url} never answered:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +47,11 @@ def env(tmp_path_factory):
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
-    log = root / "prefect-server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            [f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    server = start_prefect_server("127.0.0.1", port, str(root / "prefect-server.log"), env=environ)
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}/api/health", server, log)
         yield {"environ": environ, "root": root}
     finally:
-        _stop(server)
+        stop_process_group(server)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +71,7 @@ def served(env, trained_dir):
             time.sleep(1)
         yield {**env, "log": log}
     finally:
-        _stop(process)
+        stop_process_group(process)
 
 
 @contextmanager
