@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import os
 
-from prefect_tensorflow.tasks.data_home import HOME_ENV, data_home  # noqa: F401 - re-exported
-from prefect_tensorflow.tasks.mlflow_connection import retry_if_server_unavailable
-
-# Tasks that talk to MLflow are retried later when the server was down (after
-# their own in-task retries); a corrupt checkpoint or a parity failure is not.
-MLFLOW_TASK_RETRIES = dict(retries=2, retry_delay_seconds=[10, 30], retry_condition_fn=retry_if_server_unavailable)
 
 # Prefect's ephemeral API migrates a new SQLite database on first use; on a
 # 2-core machine that can take longer than Prefect's default 20 s start-up limit.
 EPHEMERAL_STARTUP_TIMEOUT = "180"
+
+
+def data_home() -> str:
+    """`tasks.data_home.data_home()`, imported when called: importing the tasks package imports
+    Prefect, which must not happen before `apply_environment_defaults` (see there)."""
+    from prefect_tensorflow.tasks.data_home import data_home as tasks_data_home
+
+    return tasks_data_home()
 
 
 def default_model_dir() -> str:

@@ -33,7 +33,7 @@ from prefect_tensorflow.tasks.exporting import ExportResult, export_saved_model
 from prefect_tensorflow.tasks.freezing import FreezeResult, freeze_graph
 from prefect_tensorflow.tasks.importing import load_object
 from prefect_tensorflow.tasks.logs import get_logger
-from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+from prefect_tensorflow.tasks.mlflow_connection import MLFLOW_TASK_RETRIES, MlflowConnection
 from prefect_tensorflow.tasks.registry import (
     RegisteredVersion,
     gate_value,
@@ -45,7 +45,7 @@ from prefect_tensorflow.tasks.selection import CheckpointRef
 from prefect_tensorflow.tasks.tracking import log_frozen_graph_to_mlflow
 
 from .artifacts import publish_checkpoint_table, publish_export_summary, publish_mlflow_links
-from .defaults import MLFLOW_TASK_RETRIES, default_export_base, default_frozen_dir
+from .defaults import default_export_base, default_frozen_dir
 from .parameters import (
     Selection,
     check_aliases,

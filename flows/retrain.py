@@ -24,7 +24,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_tensorflow.tasks import iris
-from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+from prefect_tensorflow.tasks.mlflow_connection import MLFLOW_TASK_RETRIES, MlflowConnection
 from prefect_tensorflow.tasks.registry import RegisteredVersion, register_model_version
 from prefect_tensorflow.tasks.tracking import log_frozen_graph_to_mlflow
 from prefect_tensorflow.tasks.policy import CheckpointPolicy
@@ -35,7 +35,7 @@ from prefect_tensorflow.tasks.logs import get_logger
 from prefect_tensorflow.tasks.training import TrainResult, check_arguments, train_with_checkpoints
 
 from .artifacts import publish_checkpoint_table, publish_mlflow_links, publish_training_summary
-from .defaults import MLFLOW_TASK_RETRIES, default_export_base, default_frozen_dir, default_model_dir
+from .defaults import default_export_base, default_frozen_dir, default_model_dir
 from .parameters import Selection, check_registered_model_name, current_flow_run_id, select_checkpoint
 
 class RetrainSummary(BaseModel):

@@ -331,3 +331,8 @@ def retry_if_server_unavailable(task, task_run, state) -> bool:
     except BaseException:  # noqa: BLE001 - any other failure is final
         return False
     return False
+
+
+# Prefect task options for tasks that talk to MLflow: retried later when the server was
+# down (after their own in-task retries); a corrupt checkpoint or a parity failure is not.
+MLFLOW_TASK_RETRIES = dict(retries=2, retry_delay_seconds=[10, 30], retry_condition_fn=retry_if_server_unavailable)

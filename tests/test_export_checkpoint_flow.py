@@ -161,7 +161,7 @@ print(json.dumps({{"export": summary.export.version, "model": summary.registered
 def test_mlflow_tasks_are_retried_only_when_the_server_was_unavailable(prefect_api):
     from prefect import flow, task
 
-    from prefect_tensorflow.flows.defaults import MLFLOW_TASK_RETRIES
+    from prefect_tensorflow.tasks.mlflow_connection import MLFLOW_TASK_RETRIES
     from prefect_tensorflow.tasks.errors import InvalidCheckpointError, MlflowUnavailableError
 
     calls = {"down": 0, "corrupt": 0}

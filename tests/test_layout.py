@@ -79,3 +79,13 @@ def test_flow_parameters_are_typed_for_the_ui_form():
     assert export_checkpoint.parameters.properties["gate_mode"].get("enum") == ["min", "max"] or "anyOf" in str(
         export_checkpoint.parameters.properties["gate_mode"]
     )
+
+
+def test_the_cli_module_imports_neither_prefect_nor_tensorflow():
+    """`main()` sets Prefect's and TensorFlow's environment defaults; they read them when they load."""
+    import subprocess
+    import sys
+
+    code = "import sys, prefect_tensorflow.flows.cli; print(sorted({'prefect', 'tensorflow', 'mlflow'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
