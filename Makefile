@@ -10,15 +10,48 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 # Its telemetry heartbeat races that migration ("database is locked") and needs the network.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install run serve test bench clean
+.PHONY: install chromium postgresql run serve team-stack lint test bench clean
 
-install: $(STAMP)
+install: $(STAMP) chromium postgresql
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -qq --upgrade "pip>=24" "setuptools>=77" wheel
 	$(BIN)/python -m pip install -qq -e ".[test]"
 	@touch $(STAMP)
+
+# Debian's Chromium for the browser test (tests/test_browser.py drives it with Playwright; Playwright's
+# own browser download is not used). Installed only when missing, as root with apt-get; elsewhere the
+# test is skipped with a reason naming what to install, and nothing else needs it.
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for tests/test_browser.py"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+			|| echo "WARNING: apt-get install chromium failed: tests/test_browser.py will be skipped"; \
+	else \
+		echo "WARNING: $(CHROMIUM) is missing and this is not root with apt-get: tests/test_browser.py will be skipped (install Debian's chromium package)"; \
+	fi
+
+# Debian's PostgreSQL server binaries (initdb, postgres) for the team-storage tests and `make team-stack`:
+# they start throwaway clusters of their own (tests/conftest.py, flows/team_stack.py), never the
+# system's. Installed only when no /usr/lib/postgresql/<N>/bin/initdb is there (so once), as root
+# with apt-get; PG_BINDIR may name other binaries instead.
+postgresql:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ -x "$$PG_BINDIR/initdb" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's postgresql (server binaries) for the team-storage tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null \
+			|| { echo "ERROR: apt-get install postgresql failed: the PostgreSQL tests cannot run" >&2; exit 1; }; \
+	else \
+		echo "*************************************************************************************" >&2; \
+		echo "WARNING: PostgreSQL's server binaries are missing (no /usr/lib/postgresql/*/bin/initdb)" >&2; \
+		echo "and this is not root with apt-get, so they cannot be installed here. The tests that" >&2; \
+		echo "start PostgreSQL (MLflow and Prefect on PostgreSQL, make team-stack) will FAIL." >&2; \
+		echo "Fix: sudo apt-get install postgresql, or set PG_BINDIR to a directory holding initdb." >&2; \
+		echo "*************************************************************************************" >&2; \
+	fi
 
 run: install
 	$(BIN)/prefect-tensorflow retrain
@@ -28,11 +61,27 @@ run: install
 serve: install
 	$(BIN)/prefect-tensorflow serve
 
-test: install
+# ruff (lint + format) and mypy. mypy reads the sources through a symlinked
+# prefect_tensorflow/ tree: the editable install maps tasks/ and flows/ with an
+# import hook that mypy cannot follow.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	@mkdir -p .mypy-src/prefect_tensorflow
+	@ln -sfn ../../tasks .mypy-src/prefect_tensorflow/tasks
+	@ln -sfn ../../flows .mypy-src/prefect_tensorflow/flows
+	MYPYPATH=.mypy-src $(BIN)/mypy -p prefect_tensorflow.tasks -p prefect_tensorflow.flows
+
+test: lint
 	$(BIN)/python -m pytest -ra --durations=15
+
+# The team's production shape on this machine: PostgreSQL, S3 (moto), mlflow server and prefect server on
+# them, a process worker; runs retrain-iris on it with S3 paths, then serves until Ctrl-C.
+team-stack: install
+	$(BIN)/python -m prefect_tensorflow.flows.team_stack
 
 bench: install
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf .prefect-tensorflow
+	rm -rf .prefect-tensorflow .mypy-src .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Create both deployments on a work pool (the Python way to do `prefect deploy --all`).
+"""Create the deployments of prefect.yaml on a work pool (the Python way to `prefect deploy --all`), with overrides.
 
     python deployments/deploy.py --env prod --work-pool tensorflow-process
     prefect worker start --pool tensorflow-process
@@ -14,33 +14,44 @@ from __future__ import annotations
 import argparse
 import os
 
-from environments import load_overrides
+from prefect_tensorflow.flows.defaults import apply_environment_defaults
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", help="name of a file in deployments/environments/")
-    parser.add_argument("--work-pool", default="tensorflow-process", help="a process work pool")
+    parser.add_argument("--work-pool", default=None, help="a process work pool [default: prefect.yaml's]")
     args = parser.parse_args()
-    overrides = load_overrides(args.env)
-
+    apply_environment_defaults()
     from prefect import deploy
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
     from prefect.runner.storage import LocalStorage
 
-    from prefect_tensorflow.flows.serve import build_deployments
+    from prefect_tensorflow.flows.deployments import (
+        DeploymentError,
+        apply_overrides,
+        build_deployments,
+        load_definitions,
+        load_overrides,
+    )
 
+    try:
+        definitions = apply_overrides(load_definitions(), load_overrides(args.env, os.path.join(HERE, "environments")))
+    except DeploymentError as err:
+        raise SystemExit(f"error: {err}") from err
+    pool = args.work_pool or definitions[0].work_pool.get("name", "tensorflow-process")
     with get_client(sync_client=True) as client:
         try:
-            client.create_work_pool(WorkPoolCreate(name=args.work_pool, type="process"))
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
         except ObjectAlreadyExists:
             pass
-    runner_deployments = build_deployments(overrides)
-    for deployment in runner_deployments:
+    runner_deployments = build_deployments(definitions)
+    for definition, deployment in zip(definitions, runner_deployments):
         deployment.storage = LocalStorage(REPO)
-        deployment.job_variables = {"env": {"TF_CPP_MIN_LOG_LEVEL": "3"}}
-    ids = deploy(*runner_deployments, work_pool_name=args.work_pool, build=False, push=False, print_next_steps_message=False)
-    print(f"created {len(ids)} deployments on work pool {args.work_pool!r}: retrain/retrain-iris, export-checkpoint/export-checkpoint")
+        deployment.job_variables = dict(definition.work_pool.get("job_variables", {}))
+    ids = deploy(*runner_deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False)
+    print(f"created {len(ids)} deployments on work pool {pool!r}: {', '.join(d.name for d in definitions)}")

@@ -29,24 +29,29 @@ def _utc(mtime: Optional[float]) -> str:
 
 
 def publish_checkpoint_table(model_dir: str, selected: Optional[CheckpointRef]) -> list[dict]:
-    """A table of every checkpoint in `model_dir`: step, time, size, validity, why skipped, metrics."""
+    """A table of every checkpoint in `model_dir`, newest first: step, selected, valid, metrics, time,
+    size, and why a checkpoint was skipped (a column only when one was)."""
+    infos = list(list_checkpoints(model_dir))
+    skipped = any(info.reason for info in infos)
     rows = []
-    for info in list_checkpoints(model_dir):
-        rows.append(
-            {
-                "step": info.step,
-                "selected": "yes" if selected is not None and info.path == selected.path else "",
-                "valid": "yes" if info.valid else "no",
-                "why skipped": info.reason or "",
-                "time": _utc(info.mtime),
-                "size (bytes)": info.size_bytes,
-                **{k: round(v, 6) for k, v in sorted(info.metrics.items())},
-            }
-        )
+    for info in infos:
+        row = {
+            "step": info.step,
+            "selected": "yes" if selected is not None and info.path == selected.path else "",
+            "valid": "yes" if info.valid else "no",
+            **{k: round(v, 6) for k, v in sorted(info.metrics.items())},
+            "time": _utc(info.mtime),
+            "size (bytes)": info.size_bytes,
+        }
+        if skipped:
+            row["why skipped"] = info.reason or ""
+        rows.append(row)
+    # The card in the run's Artifacts tab shows one line of the description: the answer first.
+    chosen = f"step {selected.step} selected" if selected is not None else "none selected"
     create_table_artifact(
         key="checkpoints",
         table=rows,
-        description=f"Checkpoints in {model_dir}",
+        description=f"{chosen} of {len(rows)} checkpoints in {model_dir}",
     )
     return rows
 
@@ -85,7 +90,11 @@ def publish_training_summary(
         markdown += export_markdown(exported)
     if registered is not None:
         markdown += registered_markdown(registered)
-    create_markdown_artifact(key="training-summary", markdown=markdown, description="retrain")
+    create_markdown_artifact(
+        key="training-summary",
+        markdown=markdown,
+        description=f"{headline(registered, selected)}; trained to step {result.final_step}",
+    )
     return markdown
 
 
@@ -107,12 +116,34 @@ def export_markdown(exported: ExportResult) -> str:
     return f"""
 ## SavedModel
 
-version **{exported.version}** at `{exported.path}`{" (already exported: reused)" if exported.reused else ""}
+version **{exported.version}** at `{exported.path}`{" (already exported: reused)" if exported.reused else ""},
+digest `{exported.digest}`
 
 signature `serving_default`: inputs {tensors(exported.signature.inputs)};
 outputs {tensors(exported.signature.outputs)};
 verified against the checkpoint: max abs diff {exported.parity.max_abs_diff:.3g} on {exported.parity.batch_size} examples
 """
+
+
+def _figure(value: Optional[float]) -> str:
+    return "none" if value is None else f"{value:.6g}"
+
+
+def _gate_outcome(registered: RegisteredVersion) -> str:
+    gate = registered.gate
+    if gate is None:
+        return ""
+    if gate.promoted:
+        return "promoted to champion"
+    return f"champion kept (version {gate.champion_version})" if gate.champion_version else "champion kept"
+
+
+def headline(registered: Optional[RegisteredVersion], selected: CheckpointRef) -> str:
+    """One line for an artifact's card: what was registered, from which step, the gate's outcome."""
+    if registered is None:
+        return f"step {selected.step}: not registered (track off)"
+    outcome = _gate_outcome(registered)
+    return f"{registered.name} version {registered.version} from step {selected.step}" + (f"; {outcome}" if outcome else "")
 
 
 def publish_export_summary(
@@ -122,16 +153,25 @@ def publish_export_summary(
     frozen: Optional[FreezeResult],
     registered: RegisteredVersion,
 ) -> str:
-    """A markdown summary of an export: checkpoint, SavedModel, frozen graph, registry and gate."""
+    """A markdown summary of an export: the outcome first, then checkpoint, SavedModel, frozen graph,
+    registry and gate."""
     metrics = ", ".join(f"{k}={v:.6g}" for k, v in sorted(selected.metrics.items())) or "none recorded"
+    aliases = ", ".join(f"`{a}`" for a in registered.aliases) or "none"
+    outcome = _gate_outcome(registered)
     markdown = f"""# Export summary
 
-Checkpoint ({selection}): `{selected.path}`, step {selected.step}, {selected.format}, metrics: {metrics}
+**[{registered.name} version {registered.version}]({registered.version_url})** from checkpoint step **{selected.step}**,
+SavedModel version **{exported.version}**; aliases {aliases}{f"; {outcome}" if outcome else ""}.
+
+## Checkpoint
+
+step **{selected.step}** (`checkpoint` = `{selection}`): `{selected.path}`, {selected.format} checkpoint;
+metrics: {metrics}
 """
     markdown += export_markdown(exported)
     markdown += frozen_markdown(frozen) if frozen is not None else "\n(Already registered: not frozen again.)\n"
     markdown += registered_markdown(registered)
-    create_markdown_artifact(key="export-summary", markdown=markdown, description="export-checkpoint")
+    create_markdown_artifact(key="export-summary", markdown=markdown, description=headline(registered, selected))
     return markdown
 
 
@@ -154,21 +194,25 @@ aliases {", ".join(f"`{a}`" for a in registered.aliases) or "none"}; load it wit
 | decision | **{"promoted to champion" if gate.promoted else "champion kept"}** |
 | reason | {gate.reason} |
 | metric | {gate.metric} ({gate.mode}) |
-| this version | {gate.challenger_value} |
-| champion before | {f"v{gate.champion_version}: {gate.champion_value}" if gate.champion_version else "none"} |
+| this version | {_figure(gate.challenger_value)} |
+| champion before | {f"version {gate.champion_version}: {_figure(gate.champion_value)}" if gate.champion_version else "none"} |
 """
     return text
 
 
 def publish_mlflow_links(registered: RegisteredVersion) -> None:
     """Link artifacts to the MLflow model version and run."""
+    aliases = ", ".join(registered.aliases) or "none"
     create_link_artifact(
-        key="mlflow-model-version", link=registered.version_url,
+        key="mlflow-model-version",
+        link=registered.version_url,
         link_text=f"{registered.name} version {registered.version}",
-        description=f"MLflow model version ({registered.model_uri}); aliases: {', '.join(registered.aliases)}",
+        description=f"{registered.name} version {registered.version} in the MLflow registry ({registered.model_uri}); aliases: {aliases}",
     )
     if registered.run_url:
         create_link_artifact(
-            key="mlflow-run", link=registered.run_url, link_text=f"MLflow run {registered.run_id}",
-            description="The MLflow run holding the params, metrics and the logged model",
+            key="mlflow-run",
+            link=registered.run_url,
+            link_text=f"MLflow run {registered.run_id}",
+            description=f"The MLflow run of {registered.name} version {registered.version}: params, metrics, the frozen graph and the logged model",
         )

@@ -1,31 +1,47 @@
 """The `prefect-tensorflow` command line.
 
     prefect-tensorflow train --model-dir DIR --steps 2000 --save-checkpoints-steps 200
-    prefect-tensorflow checkpoints list DIR [--json]
-    prefect-tensorflow checkpoints latest DIR [--verify-checksums] [--json]
-    prefect-tensorflow checkpoints best DIR --metric accuracy --mode max [--json]
-    prefect-tensorflow checkpoints inspect DIR/model.ckpt-2000 [--json]
-    prefect-tensorflow retrain [--model-dir DIR] [--steps N] [--json]
+    prefect-tensorflow checkpoints list|latest|best|inspect ...
+    prefect-tensorflow evaluate | freeze | export | verify ...
+    prefect-tensorflow retrain | export-checkpoint | sweep | serve
 
-`train` and `checkpoints` call the plain functions (no Prefect API needed);
-`retrain` runs the Prefect flow. Errors print one line naming what is at
-fault and exit with status 2.
+`train`, `checkpoints`, `evaluate`, `freeze`, `export` and `verify` call the
+plain functions of `prefect_tensorflow.tasks` (no Prefect is loaded,
+TensorFlow only when a command needs it); `retrain`, `export-checkpoint` and
+`sweep` run the Prefect flows and `serve` serves the deployments, so those
+import Prefect when they run, after `main()` has set its environment defaults. Errors print one
+line naming what is at fault and exit with status 2.
 
 Example:
     >>> from prefect_tensorflow.flows.cli import main
-    >>> main(["checkpoints", "latest", "/models/iris", "--json"])  # doctest: +SKIP
+    >>> main(["checkpoints", "latest", "/nonexistent", "--json"])
+    Traceback (most recent call last):
+    ...
+    SystemExit: 2
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, Callable, List, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from pydantic import ValidationError
 
-from .defaults import apply_environment_defaults, default_model_dir
+from prefect_tensorflow.tasks import exporting, freezing, inspection, selection, verification
+from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, TrainingConfig
+from prefect_tensorflow.tasks.errors import ParityError, PrefectTensorFlowError
+from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig, console_command
+from prefect_tensorflow.tasks.settings import get_settings
+from prefect_tensorflow.tasks.training import train_with_checkpoints
+from prefect_tensorflow.tasks.validation import one_line
+
+from .cli_options import with_training_options
+from .defaults import apply_environment_defaults
 
 app = typer.Typer(
     help="Train TensorFlow models with checkpoints and ship them with Prefect.",
@@ -36,25 +52,43 @@ app = typer.Typer(
 checkpoints_app = typer.Typer(help="List, select and inspect checkpoints.", no_args_is_help=True)
 app.add_typer(checkpoints_app, name="checkpoints")
 
-MODEL_HELP = "'module:attr' of a builder returning a compiled keras.Model"
-DATA_HELP = "'module:attr' of a loader (split) -> tf.data.Dataset of (features, label)"
+MODEL_HELP = "Registered model builder name (e.g. iris) or 'module:attr' of a builder returning a compiled keras.Model"
+DATA_HELP = "Registered dataset loader name (e.g. iris) or 'module:attr' of a loader (split) -> tf.data.Dataset"
+
+# Options several commands share, declared once.
+ModelDirOption = Annotated[
+    Optional[str], typer.Option("--model-dir", help="Checkpoint directory (default: <data home>/models/iris)")
+]
+ExportBaseOption = Annotated[
+    Optional[str], typer.Option("--export-base", help="SavedModel versions (default: <data home>/exports/iris)")
+]
+FrozenDirOption = Annotated[Optional[str], typer.Option("--frozen-dir", help="Frozen graphs (default: <data home>/frozen/iris)")]
+RegisteredModelOption = Annotated[str, typer.Option("--registered-model-name", help="MLflow registered model")]
+TrackingUriOption = Annotated[
+    Optional[str],
+    typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else <data home>/mlflow/mlflow.db)"),
+]
+ExperimentOption = Annotated[
+    Optional[str],
+    typer.Option("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else prefect-tensorflow)"),
+]
+GateMetricOption = Annotated[str, typer.Option(help="Checkpoint metric a new version must beat the champion on ('' for none)")]
+GateModeOption = Annotated[str, typer.Option(help="'max' if higher is better, 'min' if lower is")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON")]
 
 
-def _fail(err: BaseException) -> None:
-    typer.echo(f"error: {err}", err=True)
+def fail(err: BaseException) -> None:
+    """Print `error: <one line>` and exit with status 2."""
+    typer.echo(f"error: {one_line(err)}", err=True)
     raise typer.Exit(2)
 
 
 def _run(action: Callable[[], Any]) -> Any:
     """Run `action`, turning the package's and validation errors into one-line messages."""
-    from pydantic import ValidationError
-
-    from prefect_tensorflow.tasks.errors import PrefectTensorFlowError
-
     try:
         return action()
     except (PrefectTensorFlowError, ValidationError, ValueError, FileNotFoundError) as err:
-        _fail(err)
+        fail(err)
 
 
 def _emit(obj: Any, as_json: bool, text: Callable[[], str]) -> None:
@@ -74,7 +108,7 @@ def _when(mtime: Optional[float]) -> str:
     return datetime.fromtimestamp(mtime, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _size(n: Optional[int]) -> str:
+def _size(n: Optional[float]) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -88,85 +122,106 @@ def _metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())) or "-"
 
 
+def _nodes(text: Optional[str]) -> Optional[list[str]]:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+def _parity_text(parity) -> str:
+    return f"max abs diff {parity.max_abs_diff:.3g} over {parity.batch_size} examples (tolerance {parity.tolerance:g})"
+
+
+def _export_config(**values: Any) -> ExportConfig:
+    return _run(lambda: ExportConfig(**{k: v for k, v in values.items() if v is not None}))
+
+
+# --- training and checkpoints --------------------------------------------------------------
+
+
 @app.command()
+@with_training_options
 def train(
-    model_dir: str = typer.Option(None, "--model-dir", help="Checkpoint directory [default: ./.prefect-tensorflow/models/iris]"),
-    model: str = typer.Option("prefect_tensorflow.tasks.iris:build_model", help=MODEL_HELP),
-    data: str = typer.Option("prefect_tensorflow.tasks.iris:load_dataset", help=DATA_HELP),
-    steps: int = typer.Option(1000, help="Target global step (run again after a crash to finish)"),
-    more_steps: Optional[int] = typer.Option(None, help="Train this many steps past the newest checkpoint instead"),
-    batch_size: int = typer.Option(32),
-    seed: int = typer.Option(0),
-    save_checkpoints_steps: Optional[int] = typer.Option(None, help="Save every N steps"),
-    save_checkpoints_secs: Optional[float] = typer.Option(None, help="Save every N seconds [default: 600]"),
-    keep_checkpoint_max: int = typer.Option(5, help="Keep the N newest checkpoints (0 keeps all)"),
-    keep_checkpoint_every_n_hours: float = typer.Option(10000.0),
-    async_save: bool = typer.Option(False, "--async-save", help="Write checkpoints in the background"),
-    checkpoint_name: str = typer.Option("model.ckpt"),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
+    training: TrainingConfig,
+    model_dir: ModelDirOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Train with checkpoints, resuming from the newest valid one; shows a progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.training import train as train_fn
-
-    policy = _run(
-        lambda: CheckpointPolicy(
-            save_checkpoints_steps=save_checkpoints_steps,
-            save_checkpoints_secs=save_checkpoints_secs,
-            keep_checkpoint_max=keep_checkpoint_max or None,
-            keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,
-            async_save=async_save,
-            checkpoint_name=checkpoint_name,
-        )
-    )
-    progress = Progress(
-        TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-        TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
-        console=_stderr_console(), transient=False,
-    )
-    bar: dict[str, Any] = {}
-
-    def on_progress(step: int, target: int, loss: Optional[float]) -> None:
-        if "id" not in bar:  # started on the first step, so errors before it print cleanly
-            progress.start()
-            bar["id"] = progress.add_task("train", total=target, completed=step, loss="")
-        progress.update(bar["id"], completed=step, loss=f"loss {loss:.4f}" if loss is not None else "")
-
+    progress = _ProgressBar()
     try:
         result = _run(
-            lambda: train_fn(
-                model_dir or default_model_dir(), model=model, data=data, steps=steps,
-                more_steps=more_steps, batch_size=batch_size, seed=seed, policy=policy,
-                on_progress=on_progress,
+            lambda: train_with_checkpoints(
+                model_dir or get_settings().default_path("models"),
+                training,
+                on_progress=progress.update,
             )
         )
     finally:
         progress.stop()
-    _emit(result, as_json, lambda: (
-        f"trained {result.model_dir} from step {result.start_step} to {result.final_step}"
-        f" ({result.checkpoints_saved} checkpoints saved)\n"
-        f"last checkpoint: {result.last_checkpoint}\nmetrics: {_metrics(result.final_metrics)}"
-    ))
+    _emit(
+        result,
+        as_json,
+        lambda: (
+            f"trained {result.model_dir} from step {result.start_step} to {result.final_step}"
+            f" ({result.checkpoints_saved} checkpoints saved)\n"
+            f"last checkpoint: {result.last_checkpoint}\nmetrics: {_metrics(result.final_metrics)}"
+        ),
+    )
 
 
-def _stderr_console():
-    from rich.console import Console
+class _ProgressBar:
+    """A rich progress bar on stderr, started on the first update so that errors before it print cleanly.
 
-    return Console(stderr=True)
+    It renders at most every `RENDER_INTERVAL` seconds (and when it stops): a render costs a few
+    milliseconds of the training thread, and training calls back at every summary step.
+    """
+
+    RENDER_INTERVAL = 0.5
+
+    def __init__(self) -> None:
+        # Imported here, before training starts, rather than inside the first (timed) update.
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps"),
+            TextColumn("{task.fields[loss]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            # Rendered on our throttled updates only: rich's 10 Hz refresh thread would
+            # render on its own and contend with training for the GIL.
+            auto_refresh=False,
+        )
+        self._task: Any = None
+        self._loss = ""
+        self._next_render = 0.0
+
+    def update(self, step: int, target: int, loss: Optional[float]) -> None:
+        if self._task is None:
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=target, completed=step, loss="")
+        if loss is not None:
+            self._loss = f"loss {loss:.4f}"
+        self._progress.update(self._task, completed=step, loss=self._loss)
+        now = time.monotonic()
+        if now >= self._next_render or step == target:
+            self._next_render = now + self.RENDER_INTERVAL
+            self._progress.refresh()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._progress.stop()
 
 
 @checkpoints_app.command("list")
 def list_cmd(
     model_dir: str = typer.Argument(..., help="Model directory"),
     verify_checksums: bool = typer.Option(False, "--verify-checksums", help="Read every tensor back"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: JsonOption = False,
 ) -> None:
     """Every checkpoint with its step, time, size, validity and metrics."""
-    from prefect_tensorflow.tasks.selection import list_checkpoints
-
-    rows = _run(lambda: list_checkpoints(model_dir, verify_checksums=verify_checksums))
+    rows = _run(lambda: selection.list_checkpoints(model_dir, verify_checksums=verify_checksums))
 
     def text() -> str:
         lines = [f"{'step':>10}  {'time (UTC)':19}  {'size':>10}  {'valid':5}  detail"]
@@ -194,12 +249,10 @@ def _ref_text(ref) -> str:
 def latest_cmd(
     model_dir: str = typer.Argument(..., help="Model directory"),
     verify_checksums: bool = typer.Option(False, "--verify-checksums", help="Read every tensor back"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: JsonOption = False,
 ) -> None:
     """The newest valid checkpoint (what tf.train.latest_checkpoint should answer)."""
-    from prefect_tensorflow.tasks.selection import find_latest_checkpoint
-
-    ref = _run(lambda: find_latest_checkpoint(model_dir, verify_checksums=verify_checksums))
+    ref = _run(lambda: selection.select_latest_checkpoint(model_dir, verify_checksums=verify_checksums))
     _emit(ref, as_json, lambda: _ref_text(ref))
 
 
@@ -209,31 +262,31 @@ def best_cmd(
     metric: str = typer.Option(..., help="Metric recorded at each checkpoint, e.g. accuracy or loss"),
     mode: str = typer.Option("min", help="min or max"),
     verify_checksums: bool = typer.Option(False, "--verify-checksums"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: JsonOption = False,
 ) -> None:
     """The valid checkpoint with the best recorded metric."""
-    from prefect_tensorflow.tasks.selection import find_best_checkpoint
-
-    ref = _run(lambda: find_best_checkpoint(model_dir, metric, mode, verify_checksums=verify_checksums))  # type: ignore[arg-type]
+    ref = _run(lambda: selection.select_best_checkpoint(model_dir, metric, mode, verify_checksums=verify_checksums))  # type: ignore[arg-type]
     _emit(ref, as_json, lambda: _ref_text(ref))
 
 
 @checkpoints_app.command("inspect")
 def inspect_cmd(
     checkpoint: str = typer.Argument(..., help="Checkpoint prefix, e.g. DIR/model.ckpt-1000"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: JsonOption = False,
 ) -> None:
     """Validity, size and the variables (name, shape, dtype) of one checkpoint."""
-    from prefect_tensorflow.tasks.inspection import list_variables
-    from prefect_tensorflow.tasks.selection import validate_checkpoint
-
-    prefix = checkpoint[: -len(".index")] if checkpoint.endswith(".index") else checkpoint
-    files = _run(lambda: validate_checkpoint(prefix))
-    variables = _run(lambda: list_variables(prefix))
+    prefix = checkpoint.removesuffix(".index")
+    files = _run(lambda: selection.validate_checkpoint(prefix))
+    variables = _run(lambda: inspection.list_variables(prefix))
     result = {
-        "path": files.prefix, "step": files.step, "format": files.format,
-        "size_bytes": files.size_bytes, "num_shards": files.num_shards,
-        "has_meta_graph": files.has_meta_graph, "mtime": files.mtime, "valid": True,
+        "path": files.prefix,
+        "step": files.step,
+        "format": files.format,
+        "size_bytes": files.size_bytes,
+        "num_shards": files.num_shards,
+        "has_meta_graph": files.has_meta_graph,
+        "mtime": files.mtime,
+        "valid": True,
         "variables": [v.model_dump() for v in variables],
     }
 
@@ -244,71 +297,95 @@ def inspect_cmd(
         ]
         width = max((len(v.name) for v in variables), default=4)
         for v in variables:
-            lines.append(f"  {v.name:<{width}}  {str(v.shape):>14}  {v.dtype}")
+            lines.append(f"  {v.name:<{width}}  {v.shape!s:>14}  {v.dtype}")
         return "\n".join(lines)
 
     _emit(result, as_json, text)
 
 
-def _nodes(text: Optional[str]) -> Optional[list[str]]:
-    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+@app.command()
+def evaluate(
+    model_dir: str = typer.Argument(..., help="Model directory"),
+    model: str = typer.Option("iris", help=MODEL_HELP),
+    data: str = typer.Option("iris", help=DATA_HELP + " whose eval split is evaluated"),
+    hparams: str = typer.Option("{}", help="JSON object of the model builder's keyword arguments"),
+    as_json: JsonOption = False,
+) -> None:
+    """Evaluate the checkpoints of MODEL_DIR that have no metrics yet (what the sidecar evaluator does)."""
+    from prefect_tensorflow.tasks import model_code
+    from prefect_tensorflow.tasks.evaluation import EvaluationSpec, evaluate_missing
+
+    def run() -> int:
+        spec = EvaluationSpec(
+            model=model_code.import_string(model, "model"),
+            data=model_code.import_string(data, "data"),
+            hparams=json.loads(hparams),
+        )
+        selection.list_checkpoints(model_dir)  # a model dir that does not exist fails here, naming it
+        return evaluate_missing(model_dir, spec)
+
+    count = _run(run)
+    _emit({"evaluated": count}, as_json, lambda: f"evaluated {count} checkpoint(s) of {model_dir}")
 
 
-def _parity_text(parity) -> str:
-    return f"max abs diff {parity.max_abs_diff:.3g} over {parity.batch_size} examples (tolerance {parity.tolerance:g})"
+# --- freezing, exporting, verifying -----------------------------------------------------------
 
 
 @app.command()
 def freeze(
     checkpoint: str = typer.Argument(..., help="TF2 or TF1 checkpoint prefix, or a SavedModel directory"),
     output: str = typer.Option(..., "--output", help="The .pb file to write"),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP + " (TF2 checkpoints; default: the bundled iris)"),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP + " (TF2 checkpoints; default: iris)"),
     data: Optional[str] = typer.Option(None, help=DATA_HELP + " for the verification batch"),
     output_nodes: Optional[str] = typer.Option(None, help="TF1: comma-separated output nodes"),
     input_nodes: Optional[str] = typer.Option(None, help="TF1: comma-separated input tensors"),
     as_text: bool = typer.Option(False, "--as-text", help="Also write a .pbtxt"),
-    tolerance: float = typer.Option(1e-5, help="Largest absolute difference accepted"),
-    as_json: bool = typer.Option(False, "--json"),
+    tolerance: Optional[float] = typer.Option(None, help="Largest absolute difference accepted (default: 1e-05)"),
+    as_json: JsonOption = False,
 ) -> None:
     """Freeze a checkpoint into a constant graph (.pb), verified against the checkpoint."""
-    from prefect_tensorflow.tasks.freezing import freeze as freeze_fn
-
-    result = _run(lambda: freeze_fn(
-        checkpoint, output, model=model, data=data, output_nodes=_nodes(output_nodes),
-        input_nodes=_nodes(input_nodes), as_text=as_text, tolerance=tolerance,
-    ))
-    _emit(result, as_json, lambda: (
-        f"froze {result.source} ({result.source_format}) to {result.path}\n"
-        f"  inputs:  {', '.join(result.inputs)}\n"
-        f"  outputs: {', '.join(f'{k}={v}' for k, v in result.outputs.items())}\n"
-        f"  {result.digest}, {_size(result.size_bytes)}\n  verified: {_parity_text(result.parity)}"
-    ))
+    config = _export_config(
+        model=model, data=data, output_nodes=_nodes(output_nodes), input_nodes=_nodes(input_nodes), tolerance=tolerance
+    )
+    result = _run(lambda: freezing.freeze_graph(checkpoint, output, config, as_text=as_text))
+    _emit(
+        result,
+        as_json,
+        lambda: (
+            f"froze {result.source} ({result.source_format}) to {result.path}\n"
+            f"  inputs:  {', '.join(result.inputs)}\n"
+            f"  outputs: {', '.join(f'{k}={v}' for k, v in result.outputs.items())}\n"
+            f"  {result.digest}, {_size(result.size_bytes)}\n  verified: {_parity_text(result.parity)}"
+        ),
+    )
 
 
 @app.command()
 def export(
     checkpoint: str = typer.Argument(..., help="TF2 or TF1 checkpoint prefix"),
     export_base: str = typer.Option(..., "--export-base", help="Directory of <version>/ SavedModels"),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP + " (TF2 checkpoints; default: the bundled iris)"),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP + " (TF2 checkpoints; default: iris)"),
     data: Optional[str] = typer.Option(None, help=DATA_HELP + " for the verification batch"),
     input_nodes: Optional[str] = typer.Option(None, help="TF1: comma-separated input tensors"),
     output_nodes: Optional[str] = typer.Option(None, help="TF1: comma-separated output nodes"),
-    tolerance: float = typer.Option(1e-5, help="Largest absolute difference accepted"),
-    as_json: bool = typer.Option(False, "--json"),
+    tolerance: Optional[float] = typer.Option(None, help="Largest absolute difference accepted (default: 1e-05)"),
+    as_json: JsonOption = False,
 ) -> None:
     """Export a checkpoint as the next SavedModel version of EXPORT_BASE, verified."""
-    from prefect_tensorflow.tasks.exporting import export as export_fn
-
-    result = _run(lambda: export_fn(
-        checkpoint, export_base, model=model, data=data, input_nodes=_nodes(input_nodes),
-        output_nodes=_nodes(output_nodes), tolerance=tolerance,
-    ))
-    _emit(result, as_json, lambda: (
-        f"{'already exported as' if result.reused else 'exported'} version {result.version}: {result.path}\n"
-        f"  signature serving_default: inputs {', '.join(result.signature.inputs)}; "
-        f"outputs {', '.join(result.signature.outputs)}\n"
-        f"  {result.digest}\n  verified: {_parity_text(result.parity)}"
-    ))
+    config = _export_config(
+        model=model, data=data, input_nodes=_nodes(input_nodes), output_nodes=_nodes(output_nodes), tolerance=tolerance
+    )
+    result = _run(lambda: exporting.export_saved_model(checkpoint, export_base, config))
+    _emit(
+        result,
+        as_json,
+        lambda: (
+            f"{'already exported as' if result.reused else 'exported'} version {result.version}: {result.path}\n"
+            f"  signature serving_default: inputs {', '.join(result.signature.inputs)}; "
+            f"outputs {', '.join(result.signature.outputs)}\n"
+            f"  {result.digest}\n  verified: {_parity_text(result.parity)}"
+        ),
+    )
 
 
 @app.command()
@@ -318,98 +395,127 @@ def verify(
     saved_model: Optional[str] = typer.Option(None, "--saved-model", help="A SavedModel directory"),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
-    tolerance: float = typer.Option(1e-5),
-    as_json: bool = typer.Option(False, "--json"),
+    tolerance: Optional[float] = typer.Option(None, help="Largest absolute difference accepted (default: 1e-05)"),
+    as_json: JsonOption = False,
 ) -> None:
     """Report the largest difference between each pair of checkpoint, frozen graph and SavedModel."""
-    from prefect_tensorflow.tasks.verification import parity_report
-
-    report = _run(lambda: parity_report(
-        checkpoint, frozen_graph=frozen_graph, saved_model=saved_model, model=model, data=data,
-        tolerance=tolerance,
-    ))
-    _emit(report, as_json, lambda: "\n".join(
-        [f"{pair}: {_parity_text(p)} {'ok' if p.ok else 'MISMATCH'}" for pair, p in report.pairs.items()]
-    ))
-    if not report.ok:
+    config = _export_config(model=model, data=data, tolerance=tolerance)
+    try:
+        report, ok = verification.verify_artifacts(checkpoint, frozen_graph, saved_model, config), True
+    except ParityError as err:
+        if not hasattr(err, "report"):
+            fail(err)
+        report, ok = err.report, False  # type: ignore[attr-defined]
+    except (PrefectTensorFlowError, ValidationError, ValueError, FileNotFoundError) as err:
+        fail(err)
+    _emit(
+        report,
+        as_json,
+        lambda: "\n".join(f"{pair}: {_parity_text(p)} {'ok' if p.ok else 'MISMATCH'}" for pair, p in report.pairs.items()),
+    )
+    if not ok:
         raise typer.Exit(1)
 
 
+# --- the flows --------------------------------------------------------------------------------
+
+
+def _shipping_settings(
+    registered_model_name: str, gate_metric: str, gate_mode: str, tracking_uri: Optional[str], experiment: Optional[str]
+) -> tuple[GateConfig, Any]:
+    """The flows' shipping options, checked: the champion gate and the `MlflowConnection` (Prefect is imported)."""
+    _check_registered_model_name(registered_model_name)
+    gate = _gate(gate_metric, gate_mode)
+    config = _run(lambda: MlflowConfig(tracking_uri=tracking_uri, experiment_name=experiment))
+    from prefect_tensorflow.tasks.blocks import MlflowConnection
+
+    return gate, MlflowConnection(**config.model_dump())
+
+
+def _gate(metric: str, mode: str) -> GateConfig:
+    try:
+        return GateConfig(metric=metric or None, mode=mode)  # type: ignore[arg-type]
+    except ValidationError as err:
+        field = str(err.errors()[0]["loc"][0])
+        fail(ValueError(f"--gate-{field}: {one_line(err).split(': ', 1)[-1]}"))
+        raise
+
+
 @app.command()
+@with_training_options
 def retrain(
-    model_dir: str = typer.Option(None, "--model-dir", help="Checkpoint directory [default: ./.prefect-tensorflow/models/iris]"),
-    model: str = typer.Option("prefect_tensorflow.tasks.iris:build_model", help=MODEL_HELP),
-    data: str = typer.Option("prefect_tensorflow.tasks.iris:load_dataset", help=DATA_HELP),
-    steps: int = typer.Option(1000, help="Target global step"),
-    more_steps: Optional[int] = typer.Option(None, help="Train this many steps past the newest checkpoint instead"),
-    batch_size: int = typer.Option(32),
-    seed: int = typer.Option(0),
-    save_checkpoints_steps: Optional[int] = typer.Option(None),
-    save_checkpoints_secs: Optional[float] = typer.Option(None),
-    keep_checkpoint_max: int = typer.Option(5),
-    select: str = typer.Option("latest", help="'latest' or 'best:<metric>[:min|max]'"),
-    export_base: str = typer.Option(None, "--export-base", help="SavedModel versions [default: ./.prefect-tensorflow/exports/iris]"),
-    frozen_dir: str = typer.Option(None, "--frozen-dir", help="Frozen graphs [default: ./.prefect-tensorflow/frozen/iris]"),
-    registered_model_name: str = typer.Option("iris", "--registered-model-name", help="MLflow registered model"),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else ./.prefect-tensorflow/mlflow/mlflow.db]"),
-    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME, else prefect-tensorflow]"),
-    gate_metric: str = typer.Option("accuracy", help="Checkpoint metric a new version must beat the champion on"),
-    gate_mode: str = typer.Option("max", help="'max' if higher is better, 'min' if lower is"),
+    training: TrainingConfig,
+    model_dir: ModelDirOption = None,
+    select: str = typer.Option("latest", help="'latest', a step number or 'best:<metric>[:min|max]'"),
+    export_base: ExportBaseOption = None,
+    frozen_dir: FrozenDirOption = None,
+    registered_model_name: RegisteredModelOption = "iris",
+    tracking_uri: TrackingUriOption = None,
+    experiment: ExperimentOption = None,
+    gate_metric: GateMetricOption = "accuracy",
+    gate_mode: GateModeOption = "max",
     track: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Track in MLflow and register the export"),
-    from_scratch: bool = typer.Option(False, "--from-scratch", help="Start at step 0; the old checkpoints move to <model-dir>.previous-<time>"),
-    as_json: bool = typer.Option(False, "--json"),
+    from_scratch: bool = typer.Option(
+        False, "--from-scratch", help="Start at step 0; the old checkpoints move to <model-dir>.previous-<time>"
+    ),
+    as_json: JsonOption = False,
 ) -> None:
     """Run the `retrain` flow: train, select, freeze, export, then log and register in MLflow."""
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+    from prefect_tensorflow.tasks.selection import CheckpointSelection
 
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
+    _run(lambda: CheckpointSelection.parse(select))
+    gate, connection = _shipping_settings(registered_model_name, gate_metric, gate_mode, tracking_uri, experiment)
+    from .retrain import retrain as retrain_flow
 
-    from .retrain import Selection, retrain as retrain_flow
-
-    _run(lambda: Selection.parse(select))
-    if gate_mode not in ("min", "max"):
-        _fail(ValueError(f"--gate-mode: expected 'min' or 'max', received {gate_mode!r}"))
-    connection = _run(lambda: MlflowConnection(tracking_uri=tracking_uri, experiment_name=experiment))
-    if not registered_model_name.strip() or "/" in registered_model_name:
-        _fail(ValueError(
-            f"--registered-model-name: expected a non-empty name without '/', received {registered_model_name!r}"
-        ))
-    policy = _run(
-        lambda: CheckpointPolicy(
-            save_checkpoints_steps=save_checkpoints_steps,
-            save_checkpoints_secs=save_checkpoints_secs,
-            keep_checkpoint_max=keep_checkpoint_max or None,
-        )
-    )
     summary = _run(
         lambda: retrain_flow(
-            model_dir=model_dir or default_model_dir(), model=model, data=data, steps=steps,
-            more_steps=more_steps, batch_size=batch_size, seed=seed, policy=policy, select=select,
-            export_base=export_base, frozen_dir=frozen_dir, registered_model_name=registered_model_name,
-            mlflow=connection, gate_metric=gate_metric or None, gate_mode=gate_mode, track=track,
+            model_dir=model_dir or "",
+            training=training,
+            select=select,
+            export_base=export_base or "",
+            frozen_dir=frozen_dir or "",
+            registered_model_name=registered_model_name,
+            mlflow=connection,
+            gate=gate,
+            track=track,
             from_scratch=from_scratch,
         )
     )
     ref = summary.checkpoint
-    _emit(summary, as_json, lambda: (
-        f"\nmodel dir:            {summary.training.model_dir}\n"
-        f"trained:              step {summary.training.start_step} -> {summary.training.final_step}\n"
-        f"checkpoint to ship:   {ref.path}\n"
-        f"  step {ref.step}, {ref.format}, metrics: {_metrics(ref.metrics)}\n"
-        f"frozen graph:         {summary.frozen_graph.path}\n"
-        f"  verified: {_parity_text(summary.frozen_graph.parity)}\n"
-        f"SavedModel:           {summary.export.path} (version {summary.export.version}"
-        f"{', already exported' if summary.export.reused else ''})\n"
-        f"  verified: {_parity_text(summary.export.parity)}\n"
-        f"inspect it:           saved_model_cli show --dir {summary.export.path} --all\n"
-        f"list all checkpoints: prefect-tensorflow checkpoints list {summary.training.model_dir}\n"
-        f"TensorBoard:          tensorboard --logdir {summary.training.model_dir}"
-        + (_registered_text(summary.registered, connection) if summary.registered else "")
-        + _prefect_ui_text(summary.flow_run_id)
-    ))
+    _emit(
+        summary,
+        as_json,
+        lambda: (
+            f"\nmodel dir:            {summary.training.model_dir}\n"
+            f"trained:              step {summary.training.start_step} -> {summary.training.final_step}\n"
+            f"checkpoint to ship:   {ref.path}\n"
+            f"  step {ref.step}, {ref.format}, metrics: {_metrics(ref.metrics)}\n"
+            f"frozen graph:         {summary.frozen_graph.path}\n"
+            f"  verified: {_parity_text(summary.frozen_graph.parity)}\n"
+            f"SavedModel:           {summary.export.path} (version {summary.export.version}"
+            f"{', already exported' if summary.export.reused else ''})\n"
+            f"  verified: {_parity_text(summary.export.parity)}\n"
+            f"inspect it:           saved_model_cli show --dir {summary.export.path} --all\n"
+            f"list all checkpoints: prefect-tensorflow checkpoints list {summary.training.model_dir}\n"
+            f"TensorBoard:          tensorboard --logdir {summary.training.model_dir}"
+            + (_registered_text(summary.registered, connection) if summary.registered else "")
+            + _prefect_ui_text(summary.flow_run_id)
+        ),
+    )
 
 
-def _registered_text(registered, connection) -> str:
+def _check_registered_model_name(name: str) -> None:
+    from pydantic import TypeAdapter
+
+    from prefect_tensorflow.tasks.configs import RegisteredModelName
+
+    try:
+        TypeAdapter(RegisteredModelName).validate_python(name)
+    except ValidationError as err:
+        fail(ValueError(f"--registered-model-name: {one_line(err).split(': ', 1)[-1]}"))
+
+
+def _registered_text(registered, connection: MlflowConfig) -> str:
     gate = registered.gate
     lines = [
         "",
@@ -437,76 +543,195 @@ def _prefect_ui_text(flow_run_id: Optional[str]) -> str:
     if PREFECT_API_URL.value():
         ui = (PREFECT_UI_URL.value() or PREFECT_API_URL.value().removesuffix("/api")).rstrip("/")
         return f"\nPrefect UI:           {ui}/runs/flow-run/{flow_run_id}"
-    from prefect_tensorflow.tasks.mlflow_connection import console_command
-
-    prefect = console_command("prefect")
     return (
-        f"\nPrefect UI:           {prefect} server start --host 127.0.0.1 --port 4200   (same database as this run)\n"
+        f"\nPrefect UI:           {console_command('prefect')} server start --host 127.0.0.1 --port 4200   (same database as this run)\n"
         f"  then open           http://127.0.0.1:4200/runs/flow-run/{flow_run_id}"
     )
 
 
 @app.command("export-checkpoint")
 def export_checkpoint_command(
-    model_dir: str = typer.Option(..., "--model-dir", help="Directory holding the checkpoints"),
+    model_dir: ModelDirOption = None,
     checkpoint: str = typer.Option("latest", help="'latest', a step number or 'best:<metric>[:min|max]'"),
-    registered_model_name: str = typer.Option("iris", "--registered-model-name", help="MLflow registered model"),
-    export_base: str = typer.Option(None, "--export-base", help="SavedModel versions [default: ./.prefect-tensorflow/exports/iris]"),
-    frozen_dir: str = typer.Option(None, "--frozen-dir", help="Frozen graphs [default: ./.prefect-tensorflow/frozen/iris]"),
-    model: str = typer.Option("prefect_tensorflow.tasks.iris:build_model", help=MODEL_HELP),
-    data: str = typer.Option("prefect_tensorflow.tasks.iris:load_dataset", help="Dataset loader for verification ('' for random values)"),
-    alias: List[str] = typer.Option([], "--alias", help="Extra alias to point at the version (repeatable)"),
-    gate_metric: str = typer.Option("accuracy", help="Checkpoint metric a new version must beat the champion on ('' for none)"),
-    gate_mode: str = typer.Option("max", help="'max' if higher is better, 'min' if lower is"),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else local SQLite]"),
-    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment"),
-    as_json: bool = typer.Option(False, "--json"),
+    registered_model_name: RegisteredModelOption = "iris",
+    export_base: ExportBaseOption = None,
+    frozen_dir: FrozenDirOption = None,
+    model: str = typer.Option("iris", help=MODEL_HELP),
+    data: str = typer.Option("iris", help=DATA_HELP + " whose eval split is the verification batch"),
+    alias: list[str] = typer.Option([], "--alias", help="Extra alias to point at the version (repeatable)"),
+    gate_metric: GateMetricOption = "accuracy",
+    gate_mode: GateModeOption = "max",
+    tracking_uri: TrackingUriOption = None,
+    experiment: ExperimentOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Run the `export-checkpoint` flow: select a checkpoint, export, freeze, register in MLflow."""
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+    from pydantic import TypeAdapter
 
+    from prefect_tensorflow.tasks.configs import AliasName
+    from prefect_tensorflow.tasks.selection import CheckpointSelection
+
+    _run(lambda: CheckpointSelection.parse(checkpoint, parameter="checkpoint"))
+    for name in alias:
+        _run(lambda: _named("--alias", lambda: TypeAdapter(AliasName).validate_python(name)))  # noqa: B023
+    gate, connection = _shipping_settings(registered_model_name, gate_metric, gate_mode, tracking_uri, experiment)
     from .export_checkpoint import export_checkpoint
-    from .parameters import Selection, check_aliases, check_registered_model_name
 
-    _run(lambda: Selection.parse(checkpoint, parameter="checkpoint"))
-    _run(lambda: check_registered_model_name(registered_model_name))
-    _run(lambda: check_aliases(alias, parameter="--alias"))
-    if gate_mode not in ("min", "max"):
-        _fail(ValueError(f"--gate-mode: expected 'min' or 'max', received {gate_mode!r}"))
-    connection = _run(lambda: MlflowConnection(tracking_uri=tracking_uri, experiment_name=experiment))
     summary = _run(
         lambda: export_checkpoint(
-            model_dir=model_dir, checkpoint=checkpoint, registered_model_name=registered_model_name,
-            export_base=export_base, frozen_dir=frozen_dir, model=model, data=data or None, aliases=alias,
-            gate_metric=gate_metric or None, gate_mode=gate_mode, mlflow=connection,
+            model_dir=model_dir or "",
+            checkpoint=checkpoint,
+            registered_model_name=registered_model_name,
+            export_base=export_base or "",
+            frozen_dir=frozen_dir or "",
+            model=model,
+            data=data,
+            aliases=alias,
+            gate=gate,
+            mlflow=connection,
         )
     )
     ref = summary.checkpoint
-    _emit(summary, as_json, lambda: (
-        f"\ncheckpoint:           {ref.path}\n"
-        f"  step {ref.step}, {ref.format}, metrics: {_metrics(ref.metrics)}\n"
-        f"SavedModel:           {summary.export.path} (version {summary.export.version}"
-        f"{', already exported' if summary.export.reused else ''})\n"
-        f"  verified: {_parity_text(summary.export.parity)}\n"
-        + (f"frozen graph:         {summary.frozen_graph.path}\n  verified: {_parity_text(summary.frozen_graph.parity)}"
-           if summary.frozen_graph else "frozen graph:         (already registered: not frozen again)")
-        + _registered_text(summary.registered, connection)
-        + _prefect_ui_text(summary.flow_run_id)
-    ))
+    _emit(
+        summary,
+        as_json,
+        lambda: (
+            f"\ncheckpoint:           {ref.path}\n"
+            f"  step {ref.step}, {ref.format}, metrics: {_metrics(ref.metrics)}\n"
+            f"SavedModel:           {summary.export.path} (version {summary.export.version}"
+            f"{', already exported' if summary.export.reused else ''})\n"
+            f"  verified: {_parity_text(summary.export.parity)}\n"
+            + (
+                f"frozen graph:         {summary.frozen_graph.path}\n  verified: {_parity_text(summary.frozen_graph.parity)}"
+                if summary.frozen_graph
+                else "frozen graph:         (already registered: not frozen again)"
+            )
+            + _registered_text(summary.registered, connection)
+            + _prefect_ui_text(summary.flow_run_id)
+        ),
+    )
+
+
+def _named(parameter: str, check: Callable[[], Any]) -> Any:
+    try:
+        return check()
+    except ValidationError as err:
+        raise ValueError(f"{parameter}: {one_line(err).split(': ', 1)[-1]}") from err
+
+
+def _sweep_candidates(text: str) -> list:
+    """`--candidates`: a JSON list of {hparams, seed, steps}, or @FILE holding one."""
+    from pydantic import TypeAdapter
+
+    from prefect_tensorflow.tasks.sweep_training import Candidates
+
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as err:
+            raise ValueError(f"--candidates: cannot read {text[1:]}: {err.strerror or err}") from err
+    try:
+        values = json.loads(text)
+    except ValueError as err:
+        raise ValueError(
+            f'--candidates: expected a JSON list, e.g. \'[{{"hparams": {{"learning_rate": 0.1}}, "seed": 0}}]\': {err}'
+        ) from err
+    return _named("--candidates", lambda: TypeAdapter(Candidates).validate_python(values))
+
+
+@app.command()
+@with_training_options
+def sweep(
+    training: TrainingConfig,
+    candidates: str = typer.Option(
+        ..., "--candidates", help="JSON list of candidates ({hparams, seed, steps} over the training options), or @FILE"
+    ),
+    sweep_root: Optional[str] = typer.Option(
+        None, "--sweep-root", help="One model dir per candidate under it (default: <data home>/sweeps/iris)"
+    ),
+    select: str = typer.Option("best:accuracy", help="How candidates are compared: 'best:<metric>[:min|max]'"),
+    dask_address: Optional[str] = typer.Option(
+        None,
+        "--dask-address",
+        help="Scheduler of an existing Dask cluster (default: $PREFECT_TENSORFLOW_DASK_ADDRESS, else a local cluster)",
+    ),
+    dask_workers: int = typer.Option(
+        0, "--dask-workers", help="Local cluster worker processes (0: one per candidate, at most one per core)"
+    ),
+    threads_per_candidate: int = typer.Option(
+        1, "--threads-per-candidate", help="TensorFlow threads per candidate (0: TF's default)"
+    ),
+    export_base: ExportBaseOption = None,
+    frozen_dir: FrozenDirOption = None,
+    registered_model_name: RegisteredModelOption = "iris",
+    tracking_uri: TrackingUriOption = None,
+    experiment: ExperimentOption = None,
+    gate_metric: GateMetricOption = "accuracy",
+    gate_mode: GateModeOption = "max",
+    track: bool = typer.Option(
+        True, "--mlflow/--no-mlflow", help="Track in MLflow (parent and child runs) and register the winner"
+    ),
+    as_json: JsonOption = False,
+) -> None:
+    """Run the `sweep` flow: train candidates in parallel on Dask, ship the best as retrain does."""
+    from prefect_tensorflow.tasks.selection import CheckpointSelection
+
+    chosen = _run(lambda: _sweep_candidates(candidates))
+    _run(lambda: CheckpointSelection.parse(select))
+    gate, connection = _shipping_settings(registered_model_name, gate_metric, gate_mode, tracking_uri, experiment)
+    from .sweep import sweep as sweep_flow
+
+    summary = _run(
+        lambda: sweep_flow(
+            candidates=chosen,
+            sweep_root=sweep_root or "",
+            training=training,
+            select=select,
+            export_base=export_base or "",
+            frozen_dir=frozen_dir or "",
+            registered_model_name=registered_model_name,
+            gate=gate,
+            mlflow=connection,
+            track=track,
+            dask_address=dask_address or "",
+            dask_workers=dask_workers,
+            threads_per_candidate=threads_per_candidate,
+        )
+    )
+
+    def text() -> str:
+        columns = ["candidate", "id", "winner", "hparams", "seed", "steps", "checkpoint step", select.split(":")[1], "trained"]
+        lines = ["  ".join(str(c) for c in columns)]
+        for row in summary.comparison:
+            lines.append("  ".join(str(row.get(c, "")) for c in columns))
+        ref = summary.checkpoint
+        return (
+            "\n".join(lines) + f"\n\nwinner:               {summary.winner}\ncheckpoint to ship:   {ref.path}\n"
+            f"  step {ref.step}, metrics: {_metrics(ref.metrics)}\n"
+            f"frozen graph:         {summary.frozen_graph.path}\n"
+            f"SavedModel:           {summary.export.path} (version {summary.export.version}"
+            f"{', already exported' if summary.export.reused else ''})\n"
+            + (_registered_text(summary.registered, connection) if summary.registered else "")
+            + _prefect_ui_text(summary.flow_run_id)
+        )
+
+    _emit(summary, as_json, text)
 
 
 @app.command()
 def serve(
-    limit: Optional[int] = typer.Option(None, help="Most flow runs at once [default: no limit]"),
+    limit: Optional[int] = typer.Option(None, help="Most flow runs at once (default: no limit)"),
+    host: Optional[str] = typer.Option(None, help="Address of the local Prefect server to start (default: 127.0.0.1)"),
 ) -> None:
-    """Serve the `retrain-iris` and `export-checkpoint` deployments (starts a local Prefect server
-    on 127.0.0.1:4200 unless PREFECT_API_URL is set). Open the UI and press Run."""
-    from .serve import serve_deployments
+    """Serve the deployments of prefect.yaml (starts a local Prefect server on 127.0.0.1:4200 unless
+    PREFECT_API_URL is set). Open the UI and press Run."""
+    from .deployments import serve_deployments
 
-    _run(lambda: serve_deployments(limit=limit))
+    _run(lambda: serve_deployments(limit=limit, host=host))
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point."""
     apply_environment_defaults()
     app(args=argv if argv is not None else sys.argv[1:], prog_name="prefect-tensorflow")

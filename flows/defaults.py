@@ -1,48 +1,33 @@
-"""Embedded defaults of the main job: where it writes when nothing is configured.
+"""The environment defaults the command line sets before Prefect or TensorFlow is loaded.
 
-Everything `make run` writes goes under one local data directory,
-`./.prefect-tensorflow` (or `$PREFECT_TENSORFLOW_HOME`).
+It also makes the process's first `import tensorflow` lean (`tasks/lean_import.py`).
+
+Where things go by default is in `prefect_tensorflow.tasks.settings` (the data
+home, `./.prefect-tensorflow`); this module only sets what Prefect and
+TensorFlow read from the environment when they are imported.
 
 Example:
-    >>> from prefect_tensorflow.flows.defaults import default_model_dir
-    >>> default_model_dir().endswith("models/iris")
-    True
+    >>> from prefect_tensorflow.flows.defaults import apply_environment_defaults
+    >>> env = {}
+    >>> apply_environment_defaults(env)
+    >>> env["PREFECT_SERVER_ANALYTICS_ENABLED"]
+    'false'
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
+from typing import Optional
 
+from prefect_tensorflow.tasks.lean_import import skip_keras_optional_imports
 
 # Prefect's ephemeral API migrates a new SQLite database on first use; on a
 # 2-core machine that can take longer than Prefect's default 20 s start-up limit.
 EPHEMERAL_STARTUP_TIMEOUT = "180"
 
 
-def data_home() -> str:
-    """`tasks.data_home.data_home()`, imported when called: importing the tasks package imports
-    Prefect, which must not happen before `apply_environment_defaults` (see there)."""
-    from prefect_tensorflow.tasks.data_home import data_home as tasks_data_home
-
-    return tasks_data_home()
-
-
-def default_model_dir() -> str:
-    """Where the bundled iris model is trained by default."""
-    return os.path.join(data_home(), "models", "iris")
-
-
-def default_export_base() -> str:
-    """Where the bundled iris model's SavedModel versions go by default."""
-    return os.path.join(data_home(), "exports", "iris")
-
-
-def default_frozen_dir() -> str:
-    """Where frozen graphs of the bundled iris model go by default."""
-    return os.path.join(data_home(), "frozen", "iris")
-
-
-def apply_environment_defaults(environ: dict[str, str] | None = None) -> None:
+def apply_environment_defaults(environ: Optional[MutableMapping[str, str]] = None) -> None:
     """Set the environment defaults the CLI needs, leaving anything the user set alone.
 
     Called before Prefect or TensorFlow is imported: Prefect reads its settings
@@ -57,3 +42,5 @@ def apply_environment_defaults(environ: dict[str, str] | None = None) -> None:
     # 3 hides TensorFlow's C++ info, warnings and the "failed call to cuInit"
     # error every CPU-only machine prints; Python-level errors still raise.
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if environ is None:  # this process: its first `import tensorflow` skips Keras's optional extras
+        skip_keras_optional_imports()

@@ -9,20 +9,26 @@ TensorFlow import, no tensor reads) and independent of the number of
 checkpoints in the directory.
 
 Example:
+    >>> import os, tempfile
+    >>> import tensorflow as tf
     >>> from prefect_tensorflow.tasks.checkpoint_files import check_checkpoint
-    >>> check_checkpoint("/models/iris/model.ckpt-1000")  # doctest: +SKIP
-    CheckpointFiles(prefix='/models/iris/model.ckpt-1000', ...)
+    >>> prefix = tf.train.Checkpoint(v=tf.Variable([1.0, 2.0])).write(os.path.join(tempfile.mkdtemp(), "model.ckpt-7"))
+    >>> files = check_checkpoint(prefix)
+    >>> files.step, files.format, files.num_shards
+    (7, 'tf2', 1)
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from .errors import InvalidCheckpointError
 
@@ -61,7 +67,6 @@ class CheckpointFiles:
     size_bytes: int
     has_meta_graph: bool
     mtime: float
-    shard_sizes: tuple[int, ...] = field(default=())
 
 
 def step_of(prefix: str) -> Optional[int]:
@@ -92,25 +97,42 @@ def read_state_file(model_dir: str | os.PathLike) -> CheckpointState:
     path = os.path.join(os.fspath(model_dir), STATE_FILE)
     with open(path, "rb") as handle:
         stat = os.fstat(handle.fileno())
-        for number, raw in enumerate(handle, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path} line {number} is not text") from err
-            if not line.strip():
-                continue
-            match = _STATE_LINE.match(line)
-            if not match:
-                raise ValueError(f"{path} line {number}: expected 'field: value', got {line[:80]!r}")
-            key, value = match.groups()
-            if key == "model_checkpoint_path":
-                latest = _resolve(model_dir, _proto_string(value, path, number))
-                if not latest:
-                    break
-                return CheckpointState(path, latest, stat.st_ctime_ns)
-            if key not in _STATE_FIELDS:
-                raise ValueError(f"{path} line {number}: unknown field {key!r}")
+        latest = parse_state_lines(handle, path)
+    return CheckpointState(path, _resolve(model_dir, latest), stat.st_ctime_ns)
+
+
+def parse_state_lines(lines: Iterable[bytes], path: str) -> str:
+    """`model_checkpoint_path` of a state file's lines, as written (relative or absolute); reading stops there.
+
+    Raises:
+        ValueError: the lines are not a CheckpointState text proto (the message names `path`).
+    """
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} line {number} is not text") from err
+        if not line.strip():
+            continue
+        match = _STATE_LINE.match(line)
+        if not match:
+            raise ValueError(f"{path} line {number}: expected 'field: value', got {line[:80]!r}")
+        key, value = match.groups()
+        if key == "model_checkpoint_path":
+            latest = _proto_string(value, path, number)
+            if latest:
+                return latest
+            break
+        if key not in _STATE_FIELDS:
+            raise ValueError(f"{path} line {number}: unknown field {key!r}")
     raise ValueError(f"{path} names no model_checkpoint_path")
+
+
+def state_file_text(latest: str, kept: Iterable[str]) -> str:
+    """A `checkpoint` state file naming `latest` and the `kept` checkpoints (names relative to the dir)."""
+    lines = [f"model_checkpoint_path: {json.dumps(latest)}"]
+    lines += [f"all_model_checkpoint_paths: {json.dumps(name)}" for name in kept]
+    return "\n".join(lines) + "\n"
 
 
 def _proto_string(value: str, path: str, number: int) -> str:
@@ -230,7 +252,15 @@ def read_index(prefix: str) -> tuple[int, dict[str, tuple[int, int, int]]]:
         ValueError: the index is not a readable TensorFlow tensor-bundle table.
     """
     with open(prefix + ".index", "rb") as handle:
-        data = handle.read()
+        return parse_index(handle.read())
+
+
+def parse_index(data: bytes) -> tuple[int, dict[str, tuple[int, int, int]]]:
+    """The shard count and each tensor's (shard, offset, size) from an `.index` file's bytes.
+
+    Raises:
+        ValueError: the bytes are not a readable TensorFlow tensor-bundle table.
+    """
     num_shards: Optional[int] = None
     entries: dict[str, tuple[int, int, int]] = {}
     for key, value in _table_entries(data):
@@ -239,9 +269,7 @@ def read_index(prefix: str) -> tuple[int, dict[str, tuple[int, int, int]]]:
             num_shards = fields.get(1, 0)  # BundleHeaderProto.num_shards
         else:
             # BundleEntryProto: shard_id=3, offset=4, size=5
-            entries[key.decode("utf-8", "replace")] = (
-                fields.get(3, 0), fields.get(4, 0), fields.get(5, 0)
-            )
+            entries[key.decode("utf-8", "replace")] = (fields.get(3, 0), fields.get(4, 0), fields.get(5, 0))
     if num_shards is None:
         raise ValueError("index has no bundle header")
     return num_shards, entries
@@ -262,45 +290,70 @@ def check_checkpoint(prefix: str | os.PathLike) -> CheckpointFiles:
     """
     prefix = os.fspath(prefix)
     try:
-        stat = os.stat(prefix + ".index")
-        num_shards, entries = read_index(prefix)
+        with open(prefix + ".index", "rb") as handle:
+            stat = os.fstat(handle.fileno())
+            data = handle.read()
     except FileNotFoundError as err:
         raise InvalidCheckpointError(prefix, "index file is missing") from err
-    except (OSError, ValueError, struct.error) as err:
+    except OSError as err:
+        raise InvalidCheckpointError(prefix, f"index file is unreadable: {err}") from err
+
+    def shard_size(path: str) -> Optional[int]:
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+
+    return files_from_index(
+        prefix,
+        data,
+        index_size=stat.st_size,
+        mtime=stat.st_mtime,
+        shard_size=shard_size,
+        has_meta_graph=os.path.exists(prefix + ".meta"),
+    )
+
+
+def files_from_index(
+    prefix: str, data: bytes, *, index_size: int, mtime: float, shard_size: Callable[[str], Optional[int]], has_meta_graph: bool
+) -> CheckpointFiles:
+    """Validate a checkpoint from its index's bytes and its shards' sizes (local files or objects alike).
+
+    Raises:
+        InvalidCheckpointError: the index is unreadable, a shard is missing or shorter than the index says.
+    """
+    try:
+        num_shards, entries = parse_index(data)
+    except (ValueError, struct.error) as err:
         raise InvalidCheckpointError(prefix, f"index file is unreadable: {err}") from err
     if num_shards < 1:
         raise InvalidCheckpointError(prefix, "index declares no data shards")
     needed = [0] * num_shards
     for name, (shard, offset, size) in entries.items():
         if shard >= num_shards:
-            raise InvalidCheckpointError(
-                prefix, f"tensor {name!r} is in shard {shard} of only {num_shards}"
-            )
+            raise InvalidCheckpointError(prefix, f"tensor {name!r} is in shard {shard} of only {num_shards}")
         needed[shard] = max(needed[shard], offset + size)
-    sizes = []
+    total = index_size
     for shard, expected in enumerate(needed):
         shard_path = data_shard_path(prefix, shard, num_shards)
-        try:
-            actual = os.stat(shard_path).st_size
-        except FileNotFoundError as err:
-            raise InvalidCheckpointError(prefix, f"data shard {shard_path} is missing") from err
+        actual = shard_size(shard_path)
+        if actual is None:
+            raise InvalidCheckpointError(prefix, f"data shard {shard_path} is missing")
         if actual < expected:
             raise InvalidCheckpointError(
                 prefix,
-                f"data shard {shard_path} is truncated: the index expects at least "
-                f"{expected} bytes, the file has {actual}",
+                f"data shard {shard_path} is truncated: the index expects at least {expected} bytes, the file has {actual}",
             )
-        sizes.append(actual)
+        total += actual
     return CheckpointFiles(
         prefix=prefix,
         step=step_of(prefix),
         format="tf2" if OBJECT_GRAPH_KEY in entries else "tf1",
         num_shards=num_shards,
         num_tensors=len(entries),
-        size_bytes=stat.st_size + sum(sizes),
-        has_meta_graph=os.path.exists(prefix + ".meta"),
-        mtime=stat.st_mtime,
-        shard_sizes=tuple(sizes),
+        size_bytes=total,
+        has_meta_graph=has_meta_graph,
+        mtime=mtime,
     )
 
 

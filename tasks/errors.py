@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+from .validation import short_repr
+
 
 class PrefectTensorFlowError(Exception):
     """Base class of every error raised by prefect-tensorflow."""
@@ -25,7 +27,7 @@ class ImportStringError(PrefectTensorFlowError, ValueError):
     def __init__(self, spec: object, reason: str, *, parameter: str = "import string"):
         self.spec = spec
         self.parameter = parameter
-        super().__init__(f"{parameter} {spec!r}: {reason}")
+        super().__init__(f"{parameter} {short_repr(spec)}: {reason}")
 
 
 class ModelDirError(PrefectTensorFlowError, ValueError):
@@ -50,20 +52,21 @@ class NoValidCheckpointError(PrefectTensorFlowError):
 
     def __init__(self, model_dir: object, reason: str):
         self.model_dir = str(model_dir)
+        self.reason = reason
         super().__init__(f"no valid checkpoint in {self.model_dir}: {reason}")
 
 
 class MetricNotFoundError(PrefectTensorFlowError, KeyError):
     """No checkpoint recorded the metric a selection asked for."""
 
-    def __init__(self, model_dir: object, metric: str, available: list[str]):
+    def __init__(self, model_dir: object, metric: str, available: list[str], *, parameter: str = ""):
         self.model_dir = str(model_dir)
         self.metric = metric
         self.available = available
         shown = ", ".join(available) if available else "none recorded"
         super().__init__(
-            f"metric {metric!r} was not recorded for any valid checkpoint in "
-            f"{self.model_dir}; recorded metrics: {shown}"
+            f"{parameter + ': ' if parameter else ''}metric {metric!r} was not recorded for any valid checkpoint"
+            f" in {self.model_dir}; recorded metrics: {shown}"
         )
 
     def __str__(self) -> str:  # KeyError would repr() the message
@@ -73,9 +76,7 @@ class MetricNotFoundError(PrefectTensorFlowError, KeyError):
 class CheckpointMismatchError(PrefectTensorFlowError):
     """A checkpoint's keys do not match the objects restoring it."""
 
-    def __init__(
-        self, path: object, missing: list[str], unexpected: list[str], detail: str = ""
-    ):
+    def __init__(self, path: object, missing: list[str], unexpected: list[str], detail: str = ""):
         self.path = str(path)
         self.missing = missing
         self.unexpected = unexpected
@@ -128,6 +129,22 @@ class MlflowUnavailableError(PrefectTensorFlowError):
 
 class RegistryError(PrefectTensorFlowError):
     """The MLflow model registry refused an operation, or a logged model failed its check."""
+
+
+class StorageError(PrefectTensorFlowError, ValueError):
+    """A location (path or URI) is malformed, of an unsupported scheme, or cannot be written."""
+
+
+class UnsafeParameterError(PrefectTensorFlowError, ValueError):
+    """A parameter of a deployment run reaches outside what the deployment's configuration allows."""
+
+    def __init__(self, parameter: str, value: object, reason: str):
+        self.parameter = parameter
+        super().__init__(f"{parameter}: {reason}, received {short_repr(value)}")
+
+
+class MetricsTimeoutError(PrefectTensorFlowError):
+    """Selection waited for checkpoint metrics that the evaluator did not record in time."""
 
 
 def _few(keys: list[str], limit: int = 8) -> str:

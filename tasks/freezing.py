@@ -27,26 +27,23 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
-from typing import Any, Optional
+import shutil
+import tempfile
+from typing import Optional
 
-from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import iris
+from . import remote_checkpoints
 from .checkpoint_files import check_checkpoint
+from .configs import ExportConfig
 from .errors import FreezeError, GraphTooLargeError, ParityError
-from .logs import get_logger
 from .meta_graph import load_meta_graph
-from .serving import Head, input_specs, restore_model, serving_function
-from .verification import (
-    DEFAULT_TOLERANCE,
-    Parity,
-    compare_outputs,
-    default_verification_data,
-    run_frozen_graph,
-    verification_batch,
-)
+from .object_store import ObjectStore
+from .run_context import get_logger
+from .selection import validate_checkpoint
+from .serving import trace_checkpoint
+from .storage import Location, parse_location, remove_abandoned_temporaries, scratch_dir, staged_file
+from .verification import Parity, compare_outputs, read_graph_def, run_frozen_graph, verification_batch
 
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -89,29 +86,23 @@ def _check_size(graph_def, source: str) -> bytes:
 # --- the three sources -------------------------------------------------------------
 
 
-def _freeze_tf2(checkpoint: str, model: str, hparams, head: Head, data: Optional[str]):
+def _freeze_tf2(checkpoint: str, model: str, config: ExportConfig):
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    net = restore_model(checkpoint, model, hparams)
-    var_bytes = sum(int(tf.size(v).numpy()) * tf.as_dtype(v.dtype).size for v in net.variables)
+    traced = trace_checkpoint(checkpoint, model, config.hparams, config.head, config.verification_data(model))
+    var_bytes = sum(int(tf.size(v).numpy()) * tf.as_dtype(v.dtype).size for v in traced.net.variables)
     if var_bytes > PROTOBUF_LIMIT:
         raise GraphTooLargeError(
             f"{checkpoint}: the model's variables take {var_bytes / 2**30:.2f} GiB; a frozen graph "
             "holds them as constants and would pass protobuf's 2 GiB limit for a GraphDef; export "
             "a SavedModel instead (export_saved_model / `prefect-tensorflow export`)"
         )
-    serve = serving_function(net, head)
-    concrete = serve.get_concrete_function()
+    concrete = traced.serve.get_concrete_function()
     frozen = convert_variables_to_constants_v2(concrete)
-    graph_def = frozen.graph.as_graph_def()
     inputs = [t.name for t in frozen.inputs]
     outputs = {name: f"{name}:0" for name in concrete.structured_outputs}
-    batch = verification_batch(input_specs(net), data)
-    expected = {k: v.numpy() for k, v in serve(*batch).items()}
-    return graph_def, inputs, outputs, batch, expected
+    return frozen.graph.as_graph_def(), inputs, outputs, traced.batch, traced.expected
 
 
 def _freeze_tf1(checkpoint: str, output_nodes: Optional[list[str]], input_nodes: Optional[list[str]], data):
@@ -128,9 +119,7 @@ def _freeze_tf1(checkpoint: str, output_nodes: Optional[list[str]], input_nodes:
         saver.restore(sess, checkpoint)
         frozen = convert_variables_to_constants_from_session_graph(sess, full_def, node_names)
         specs = [graph.get_tensor_by_name(name) for name in inputs]
-        batch = verification_batch(
-            [tf.TensorSpec(t.shape, t.dtype) for t in specs], data
-        )
+        batch = verification_batch([tf.TensorSpec(t.shape, t.dtype) for t in specs], data)
         names = sorted(outputs)
         values = sess.run([graph.get_tensor_by_name(outputs[n]) for n in names], dict(zip(specs, batch)))
     return frozen, inputs, outputs, batch, dict(zip(names, values))
@@ -158,125 +147,117 @@ def _freeze_saved_model(path: str, data: Optional[str], signature: str = "servin
     return graph_def, inputs, outputs, batch, expected
 
 
-# --- the task ----------------------------------------------------------------------
+# --- freezing -----------------------------------------------------------------------
 
 
-def freeze(
-    source: str | os.PathLike,
-    output: str | os.PathLike,
-    *,
-    model: Optional[str] = None,
-    hparams: Optional[dict[str, Any]] = None,
-    head: Head = "classifier",
-    output_nodes: Optional[list[str]] = None,
-    input_nodes: Optional[list[str]] = None,
-    data: Optional[str] = None,
-    as_text: bool = False,
-    tolerance: float = DEFAULT_TOLERANCE,
-) -> FreezeResult:
-    """Freeze, verify and atomically write a constant graph (plain function behind the task).
-
-    Raises:
-        InvalidCheckpointError: the checkpoint is incomplete or corrupt.
-        CheckpointMismatchError: the checkpoint was not written by `model`.
-        FreezeError: missing `.meta`, unknown output node, too large, unwritable output.
-        ParityError: the frozen graph does not compute what the source computes.
-    """
-    import tensorflow as tf
-
-    source = os.fspath(source)
-    output = os.path.abspath(os.fspath(output))
-    out_dir = os.path.dirname(output)
-    if not os.path.isdir(out_dir):
-        raise FreezeError(f"output {output}: directory {out_dir} does not exist")
-    if not os.access(out_dir, os.W_OK):
-        raise FreezeError(f"output {output}: directory {out_dir} is not writable")
-    if os.path.isdir(output):
-        raise FreezeError(f"output {output} is a directory; expected a .pb file path")
-    log = get_logger()
-
-    if is_saved_model_dir(source):
-        fmt = "saved_model"
-        graph_def, inputs, outputs, batch, expected = _freeze_saved_model(source, data)
-    else:
-        files = check_checkpoint(source)
-        if files.format == "tf1" and model is None:
-            fmt = "tf1"
-            graph_def, inputs, outputs, batch, expected = _freeze_tf1(files.prefix, output_nodes, input_nodes, data)
-        else:
-            fmt = "tf2"
-            model = model or iris.MODEL
-            graph_def, inputs, outputs, batch, expected = _freeze_tf2(
-                files.prefix, model, hparams, head, default_verification_data(model, data)
-            )
-    data_bytes = _check_size(graph_def, source)
-
-    tmp = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data_bytes)
-        from .verification import read_graph_def
-
-        actual = run_frozen_graph(read_graph_def(tmp), inputs, outputs, batch)
-        parity = compare_outputs(expected, actual, tolerance)
-        if not parity.ok:
-            raise ParityError(
-                f"frozen graph of {source} differs from it by {parity.max_abs_diff:.3g} "
-                f"(tolerance {tolerance:g}): {parity.per_output}; nothing was written"
-            )
-        pbtxt = None
-        if as_text:
-            pbtxt = os.path.splitext(output)[0] + ".pbtxt"
-            tf.io.write_graph(graph_def, os.path.dirname(pbtxt), os.path.basename(pbtxt), as_text=True)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    log.info("froze %s to %s (max abs diff %.3g)", source, output, parity.max_abs_diff)
-    return FreezeResult(
-        path=output, source=source, source_format=fmt, inputs=inputs, outputs=outputs,
-        digest=_digest(data_bytes), size_bytes=len(data_bytes), parity=parity, pbtxt_path=pbtxt,
-    )
-
-
-@task(name="freeze-graph")
-def freeze_graph(
-    checkpoint: str,
-    output: str,
-    model: Optional[str] = None,
-    hparams: Optional[dict[str, Any]] = None,
-    output_nodes: Optional[list[str]] = None,
-    input_nodes: Optional[list[str]] = None,
-    data: Optional[str] = None,
-    as_text: bool = False,
-    tolerance: float = DEFAULT_TOLERANCE,
-) -> FreezeResult:
-    """Freeze a checkpoint or SavedModel into a verified constant-graph `.pb`.
+def freeze_graph(checkpoint: str, output: str, config: Optional[ExportConfig] = None, as_text: bool = False) -> FreezeResult:
+    """Freeze a checkpoint or SavedModel into a verified constant-graph `.pb`, written atomically.
 
     Args:
         checkpoint: a TF2 or TF1 checkpoint prefix, or a SavedModel directory.
         output: the `.pb` path to write (its directory must exist).
-        model: model builder import string for TF2 checkpoints (default: the bundled iris).
-        hparams: keyword arguments for the model builder.
-        output_nodes: TF1 only: output node names (default: the meta graph's serving signature).
-        input_nodes: TF1 only: input tensor names (default: signature inputs or placeholders).
-        data: dataset loader for the verification batch (default: seeded random values).
+        config: the model builder and head of a TF2 checkpoint (default: the bundled iris),
+            the output and input nodes of a TF1 one, the verification data and tolerance.
         as_text: also write a `.pbtxt` beside the `.pb`.
-        tolerance: largest absolute difference accepted in verification.
 
     Returns:
         Paths, tensor names, digest and parity figures.
 
     Raises:
-        FreezeError, ParityError, InvalidCheckpointError, CheckpointMismatchError.
+        InvalidCheckpointError: the checkpoint is incomplete or corrupt.
+        CheckpointMismatchError: the checkpoint was not written by the model builder.
+        FreezeError: missing `.meta`, unknown output node, too large, unwritable output.
+        ParityError: the frozen graph does not compute what the source computes (nothing is written).
 
     Example:
         >>> from prefect import flow
+        >>> from prefect_tensorflow.tasks import freeze_graph
         >>> @flow
         ... def freeze_latest(checkpoint: str) -> str:
         ...     return freeze_graph(checkpoint, "/tmp/iris.pb").digest
     """
-    return freeze(
-        checkpoint, output, model=model, hparams=hparams, output_nodes=output_nodes,
-        input_nodes=input_nodes, data=data, as_text=as_text, tolerance=tolerance,
+    import tensorflow as tf
+
+    config = config or ExportConfig()
+    source = os.fspath(checkpoint)
+    target = parse_location(output, parameter="output")
+    output = target.uri
+    if target.is_local:
+        out_dir = os.path.dirname(output)
+        if not os.path.isdir(out_dir):
+            raise FreezeError(f"output {output}: directory {out_dir} does not exist")
+        if not os.access(out_dir, os.W_OK):
+            raise FreezeError(f"output {output}: directory {out_dir} is not writable")
+        if os.path.isdir(output):
+            raise FreezeError(f"output {output} is a directory; expected a .pb file path")
+    else:  # written here and uploaded once verified: one object appears whole or not at all
+        out_dir = tempfile.mkdtemp(prefix="ptf-freeze-", dir=scratch_dir())
+
+    if remote_checkpoints.is_remote(source):
+        files = validate_checkpoint(source)
+        model = config.model_for(files.format)
+        fmt = "tf1" if model is None else "tf2"
+        local = remote_checkpoints.fetch_checkpoint(files.prefix)
+        if model is None:
+            graph_def, inputs, outputs, batch, expected = _freeze_tf1(local, config.output_nodes, config.input_nodes, config.data)
+        else:
+            graph_def, inputs, outputs, batch, expected = _freeze_tf2(local, model, config)
+    elif is_saved_model_dir(source):
+        fmt = "saved_model"
+        graph_def, inputs, outputs, batch, expected = _freeze_saved_model(source, config.data)
+    else:
+        files = check_checkpoint(source)
+        model = config.model_for(files.format)
+        if model is None:
+            fmt = "tf1"
+            graph_def, inputs, outputs, batch, expected = _freeze_tf1(
+                files.prefix, config.output_nodes, config.input_nodes, config.data
+            )
+        else:
+            fmt = "tf2"
+            graph_def, inputs, outputs, batch, expected = _freeze_tf2(files.prefix, model, config)
+    data_bytes = _check_size(graph_def, source)
+
+    local_output = output if target.is_local else os.path.join(out_dir, target.name)
+    pbtxt = os.path.splitext(local_output)[0] + ".pbtxt" if as_text else None
+    remove_abandoned_temporaries(out_dir)
+    with staged_file(local_output) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data_bytes)
+        actual = run_frozen_graph(read_graph_def(tmp), inputs, outputs, batch)
+        parity = compare_outputs(expected, actual, config.tolerance)
+        if not parity.ok:
+            raise ParityError(
+                f"frozen graph of {source} differs from it by {parity.max_abs_diff:.3g} "
+                f"(tolerance {config.tolerance:g}): {parity.per_output}; nothing was written"
+            )
+        if pbtxt is not None:
+            with staged_file(pbtxt) as text_tmp:
+                tf.io.write_graph(graph_def, os.path.dirname(text_tmp), os.path.basename(text_tmp), as_text=True)
+    if not target.is_local:
+        pbtxt = _upload(target, local_output, pbtxt)
+        shutil.rmtree(out_dir, ignore_errors=True)
+    get_logger().info("froze %s to %s (max abs diff %.3g)", source, output, parity.max_abs_diff)
+    return FreezeResult(
+        path=output,
+        source=source,
+        source_format=fmt,
+        inputs=inputs,
+        outputs=outputs,
+        digest=_digest(data_bytes),
+        size_bytes=len(data_bytes),
+        parity=parity,
+        pbtxt_path=pbtxt,
     )
+
+
+def _upload(target: Location, local_output: str, pbtxt: Optional[str]) -> Optional[str]:
+    """Upload the verified `.pb` (and `.pbtxt`) to an object-store output; returns the `.pbtxt` URI."""
+    directory, name = target.uri.rsplit("/", 1)
+    store = ObjectStore(parse_location(directory, parameter="output"))
+    text_uri = None
+    if pbtxt is not None:
+        store.upload_file(pbtxt, os.path.basename(pbtxt))
+        text_uri = store.uri(os.path.basename(pbtxt))
+    store.upload_file(local_output, name)
+    return text_uri

@@ -1,8 +1,12 @@
 """Look inside a checkpoint with TensorFlow's reader: variables, shapes, dtypes, checksums.
 
 Example:
+    >>> import os, tempfile
+    >>> import tensorflow as tf
     >>> from prefect_tensorflow.tasks.inspection import list_variables
-    >>> list_variables("/models/iris/model.ckpt-1000")[0]  # doctest: +SKIP
+    >>> step = tf.Variable(0, dtype=tf.int64)
+    >>> prefix = tf.train.Checkpoint(global_step=step).write(os.path.join(tempfile.mkdtemp(), "model.ckpt-0"))
+    >>> list_variables(prefix)[0]
     VariableInfo(name='global_step/.ATTRIBUTES/VARIABLE_VALUE', shape=[], dtype='int64')
 """
 
@@ -65,9 +69,7 @@ def read_all_tensors(prefix: str | os.PathLike) -> int:
     names = sorted(name for name in dtypes if name != OBJECT_GRAPH_KEY)
     for name in names:
         try:
-            tf.raw_ops.RestoreV2(
-                prefix=prefix, tensor_names=[name], shape_and_slices=[""], dtypes=[dtypes[name]]
-            )
+            tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[""], dtypes=[dtypes[name]])
         except (tf.errors.OpError, ValueError) as err:
             detail = getattr(err, "message", str(err)).strip().splitlines()[0]
             raise InvalidCheckpointError(prefix, f"tensor {name!r} does not read back: {detail}") from err

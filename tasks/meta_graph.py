@@ -6,10 +6,17 @@ graph and the names of its input and output tensors: given, or taken from
 the meta graph's `serving_default` signature.
 
 Example:
-    >>> from prefect_tensorflow.tasks.meta_graph import load_meta_graph
-    >>> tf1 = load_meta_graph("/old/model_dir/model.ckpt-9000", output_nodes=["logits"])  # doctest: +SKIP
-    >>> tf1.outputs  # doctest: +SKIP
-    {'logits': 'logits:0'}
+    >>> import tensorflow as tf
+    >>> from prefect_tensorflow.tasks.meta_graph import ancestors, candidate_output_nodes
+    >>> graph = tf.Graph()
+    >>> with graph.as_default():
+    ...     features = tf.compat.v1.placeholder(tf.float32, [None, 4], name="features")
+    ...     labels = tf.compat.v1.placeholder(tf.int32, [None], name="labels")
+    ...     logits = tf.identity(features * 2.0, name="logits")
+    >>> candidate_output_nodes(graph.as_graph_def())
+    ['logits']
+    >>> "labels" in ancestors(graph.as_graph_def(), ["logits"])
+    False
 """
 
 from __future__ import annotations
@@ -21,8 +28,17 @@ from typing import Any, Optional
 from .errors import PrefectTensorFlowError
 
 _NOT_OUTPUTS = {
-    "NoOp", "Assign", "AssignVariableOp", "SaveV2", "RestoreV2", "Const", "VarHandleOp",
-    "Placeholder", "ReadVariableOp", "VarIsInitializedOp", "IsVariableInitialized",
+    "NoOp",
+    "Assign",
+    "AssignVariableOp",
+    "SaveV2",
+    "RestoreV2",
+    "Const",
+    "VarHandleOp",
+    "Placeholder",
+    "ReadVariableOp",
+    "VarIsInitializedOp",
+    "IsVariableInitialized",
 }
 
 
@@ -30,7 +46,6 @@ _NOT_OUTPUTS = {
 class MetaGraph:
     """A TF1 graph imported from its `.meta`, with the tensors to serve."""
 
-    path: str
     graph: Any  # tf.Graph
     saver: Any  # tf.compat.v1.train.Saver
     inputs: list[str]  # tensor names, e.g. features:0
@@ -105,14 +120,27 @@ def load_meta_graph(
     elif signature is not None:
         outputs = {k: signature.outputs[k].name for k in sorted(signature.outputs)}
     else:
-        raise error(
-            f"{meta} has no serving signature; name the output nodes (--output-nodes). "
-            f"Candidates: {candidates}"
-        )
+        raise error(f"{meta} has no serving signature; name the output nodes (--output-nodes). Candidates: {candidates}")
     if input_nodes:
         inputs = [_tensor(n) for n in input_nodes]
     elif signature is not None:
         inputs = [signature.inputs[k].name for k in sorted(signature.inputs)]
     else:
-        inputs = [f"{n.name}:0" for n in graph_def.node if n.op == "Placeholder"]
-    return MetaGraph(meta, graph, saver, inputs, outputs)
+        needed = ancestors(graph_def, [name.split(":")[0] for name in outputs.values()])
+        inputs = [f"{n.name}:0" for n in graph_def.node if n.op == "Placeholder" and n.name in needed]
+    return MetaGraph(graph, saver, inputs, outputs)
+
+
+def ancestors(graph_def, names: list[str]) -> set[str]:
+    """The nodes `names` depend on (themselves included): an Estimator graph's `labels` placeholder
+    feeds the loss, not the serving outputs, and is no input of theirs."""
+    producers = {node.name: node for node in graph_def.node}
+    seen: set[str] = set()
+    stack = list(names)
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in producers:
+            continue
+        seen.add(name)
+        stack.extend(source.lstrip("^").split(":")[0] for source in producers[name].input)
+    return seen

@@ -24,14 +24,13 @@ import json
 import math
 import os
 import time
-from typing import Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Optional
 
 METRICS_FILE = "checkpoint_metrics.jsonl"
 
 
-def append_metrics(
-    model_dir: str | os.PathLike, *, step: int, checkpoint: str, metrics: Mapping[str, float]
-) -> None:
+def append_metrics(model_dir: str | os.PathLike, *, step: int, checkpoint: str, metrics: Mapping[str, float]) -> None:
     """Record the metrics of the checkpoint about to be saved at `step`."""
     clean = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
     line = json.dumps(
@@ -87,14 +86,18 @@ def metrics_at(model_dir: str | os.PathLike, step: Optional[int], *, chunk: int 
 def read_metrics(model_dir: str | os.PathLike) -> dict[int, dict[str, float]]:
     """Metrics by step; when a step was recorded twice (a resumed run), the last line wins."""
     path = os.path.join(os.fspath(model_dir), METRICS_FILE)
-    by_step: dict[int, dict[str, float]] = {}
     try:
-        handle = open(path, encoding="utf-8", errors="replace")
+        with open(path, "rb") as handle:
+            return metrics_by_step(handle)
     except FileNotFoundError:
-        return by_step
-    with handle:
-        for line in handle:
-            parsed = _parse(line.encode("utf-8"))
-            if parsed:
-                by_step[parsed[0]] = parsed[1]
+        return {}
+
+
+def metrics_by_step(lines: Iterable[bytes]) -> dict[int, dict[str, float]]:
+    """Metrics by step from the log's lines (a file, or an object's bytes split in lines); the last line wins."""
+    by_step: dict[int, dict[str, float]] = {}
+    for line in lines:
+        parsed = _parse(line)
+        if parsed:
+            by_step[parsed[0]] = parsed[1]
     return by_step

@@ -1,29 +1,33 @@
-"""`CheckpointPolicy`: when to save checkpoints and how many to keep.
+"""`CheckpointPolicy`: when to save checkpoints and how many to keep, and the save decision itself.
 
 The defaults are the Estimator's: save every 600 seconds, at the start and at
-the end of training, keep the 5 newest (and one every 10,000 hours).
+the end of training, keep the 5 newest (and one every 10,000 hours). The
+policy decides (`is_due`), the training loop only asks, as Orbax's save
+decision policies do; so the rule is testable without TensorFlow.
 
 Example:
     >>> from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    >>> CheckpointPolicy(save_checkpoints_steps=100).save_checkpoints_secs is None
+    >>> policy = CheckpointPolicy(save_checkpoints_steps=100)
+    >>> policy.save_checkpoints_secs is None, policy.is_due(step=200, seconds_since_save=1.0)
+    (True, True)
+    >>> CheckpointPolicy(save_checkpoints_secs=60).is_due(step=7, seconds_since_save=61.0)
     True
-    >>> CheckpointPolicy(keep_checkpoint_max=0)
-    Traceback (most recent call last):
-    ...
-    pydantic_core._pydantic_core.ValidationError: 1 validation error for CheckpointPolicy
-    keep_checkpoint_max
-      Value error, expected an integer >= 1 (or None to keep every checkpoint), received 0 ...
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from .validation import PositiveNumber, integer_between, text_matching
 
 DEFAULT_SAVE_SECS = 600.0
-_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+SaveEverySteps = Annotated[int, Field(ge=1), BeforeValidator(integer_between(1))]
+KeepMax = Annotated[int, Field(ge=1), BeforeValidator(integer_between(1, none_means="keep every checkpoint"))]
+CheckpointName = Annotated[
+    str, AfterValidator(text_matching(r"[A-Za-z0-9_.]+", "a file name prefix of letters, digits, '_' and '.'", 128))
+]
 
 
 class CheckpointPolicy(BaseModel):
@@ -35,32 +39,28 @@ class CheckpointPolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    save_checkpoints_secs: Optional[float] = Field(
+    save_checkpoints_secs: Optional[PositiveNumber] = Field(
         default=None, description="Save a checkpoint every this many seconds (default 600)."
     )
-    save_checkpoints_steps: Optional[int] = Field(
+    save_checkpoints_steps: Optional[SaveEverySteps] = Field(
         default=None, description="Save a checkpoint every this many global steps."
     )
-    keep_checkpoint_max: Optional[int] = Field(
-        default=5, description="Keep this many newest checkpoints; None keeps all."
-    )
-    keep_checkpoint_every_n_hours: Optional[float] = Field(
-        default=10000.0,
-        description="Also keep one checkpoint every this many hours of training.",
+    keep_checkpoint_max: Optional[KeepMax] = Field(default=5, description="Keep this many newest checkpoints; None keeps all.")
+    keep_checkpoint_every_n_hours: Optional[PositiveNumber] = Field(
+        default=10000.0, description="Also keep one checkpoint every this many hours of training."
     )
     save_at_start: bool = Field(default=True, description="Save before the first step.")
     save_at_end: bool = Field(default=True, description="Save after the last step.")
     async_save: bool = Field(
-        default=False,
+        default=True,
         description=(
-            "Write checkpoints in a background thread (TensorFlow async checkpointing). "
-            "It pays off when variables live on an accelerator; on the CPU the copy is "
-            "deferred to the next variable update, so a step stalls about as long "
-            "as a synchronous save would (see bench/checkpoint_save.py)."
+            "Write checkpoints in a background thread: the training loop only takes a snapshot of the "
+            "variables and the input position (checkpoint_writer.py); the files and the commit follow "
+            "in order. False: the same work, before training goes on."
         ),
     )
-    checkpoint_name: str = Field(
-        default="model.ckpt", description="File name prefix: <model_dir>/<name>-<step>.index"
+    checkpoint_name: CheckpointName = Field(
+        default="model.ckpt", description="File name prefix: checkpoints are MODEL_DIR/NAME-STEP.index"
     )
 
     @model_validator(mode="before")
@@ -72,48 +72,22 @@ class CheckpointPolicy(BaseModel):
         steps = data.get("save_checkpoints_steps")
         if secs is not None and steps is not None:
             raise ValueError(
-                "expected one of save_checkpoints_secs or save_checkpoints_steps, "
-                f"received both (secs={secs!r}, steps={steps!r})"
+                f"expected one of save_checkpoints_secs or save_checkpoints_steps, received both (secs={secs!r}, steps={steps!r})"
             )
         if secs is None and steps is None:
             data = {**data, "save_checkpoints_secs": DEFAULT_SAVE_SECS}
         return data
 
-    @field_validator("save_checkpoints_secs", "keep_checkpoint_every_n_hours", mode="before")
-    @classmethod
-    def _positive_number(cls, value: Any, info) -> Any:
-        if value is None:
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"expected a number > 0, received {value!r}")
-        return value
+    def is_due(self, step: int, seconds_since_save: float) -> bool:
+        """Whether a checkpoint is due after global step `step`, `seconds_since_save` after the last one."""
+        if self.save_checkpoints_steps is not None:
+            return step % self.save_checkpoints_steps == 0
+        return seconds_since_save >= (self.save_checkpoints_secs or DEFAULT_SAVE_SECS)
 
-    @field_validator("save_checkpoints_steps", mode="before")
-    @classmethod
-    def _positive_steps(cls, value: Any) -> Any:
-        if value is None:
-            return value
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"expected an integer >= 1, received {value!r}")
-        return value
+    def is_due_at_start(self, step: int, target: int, last_saved_step: Optional[int]) -> bool:
+        """Whether to save before the first step: asked for, something to train, no checkpoint at `step` yet."""
+        return self.save_at_start and step < target and last_saved_step != step
 
-    @field_validator("keep_checkpoint_max", mode="before")
-    @classmethod
-    def _keep_max(cls, value: Any) -> Any:
-        if value is None:
-            return value
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"expected an integer >= 1 (or None to keep every checkpoint), received {value!r}"
-            )
-        return value
-
-    @field_validator("checkpoint_name")
-    @classmethod
-    def _plain_name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(
-                "expected a file name prefix of letters, digits, '_' and '.', "
-                f"received {value!r}"
-            )
-        return value
+    def is_due_at_end(self, step: int, last_saved_step: Optional[int], *, preempted: bool) -> bool:
+        """Whether to save after the last step (always after a preemption), unless `step` is saved already."""
+        return (self.save_at_end or preempted) and last_saved_step != step

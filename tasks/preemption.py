@@ -35,7 +35,7 @@ class PreemptionGuard:
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         self.requested = True
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(self.signum, self._handle)
             self.installed = True

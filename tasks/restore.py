@@ -6,19 +6,30 @@ skips the rest. `restore_strict` turns any mismatch into a
 `CheckpointMismatchError` naming the missing and unexpected keys.
 
 Example:
+    >>> import os, tempfile
     >>> import tensorflow as tf
     >>> from prefect_tensorflow.tasks.restore import restore_strict
-    >>> ckpt = tf.train.Checkpoint(step=tf.Variable(0))  # doctest: +SKIP
-    >>> restore_strict(ckpt, "/models/iris/model.ckpt-1000")  # doctest: +SKIP
+    >>> prefix = tf.train.Checkpoint(step=tf.Variable(5)).save(os.path.join(tempfile.mkdtemp(), "ckpt"))
+    >>> ckpt = tf.train.Checkpoint(step=tf.Variable(0))
+    >>> restore_strict(ckpt, prefix)
+    >>> int(ckpt.step.numpy())
+    5
+    >>> restore_strict(tf.train.Checkpoint(other=tf.Variable(0)), prefix)
+    Traceback (most recent call last):
+    ...
+    prefect_tensorflow.tasks.errors.CheckpointMismatchError: checkpoint ... does not match the model being restored; ...
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from typing import Optional
 
-from .checkpoint_files import OBJECT_GRAPH_KEY
-from .errors import CheckpointMismatchError, InvalidCheckpointError
+from .checkpoint_files import OBJECT_GRAPH_KEY, checkpoint_prefixes, step_of
+from .errors import CheckpointMismatchError, InvalidCheckpointError, NoValidCheckpointError, TrainingError
+from .run_context import get_logger
+from .selection import CheckpointRef, checkpoint_ref, select_latest_checkpoint
 
 _IGNORED = {OBJECT_GRAPH_KEY, "save_counter/.ATTRIBUTES/VARIABLE_VALUE"}
 
@@ -58,7 +69,7 @@ def restore_strict(checkpoint, prefix: str | os.PathLike) -> None:
 
     prefix = os.fspath(prefix)
     if hasattr(checkpoint, "save_counter"):
-        checkpoint.save_counter  # created lazily; it must exist to be matched now
+        checkpoint.save_counter  # noqa: B018 - created lazily; it must exist to be matched now
     try:
         status = checkpoint.read(prefix)
     except ValueError as err:  # a stored tensor's shape or dtype differs from the variable's
@@ -81,3 +92,39 @@ def restore_strict(checkpoint, prefix: str | os.PathLike) -> None:
 def _key_difference(checkpoint, prefix: str) -> tuple[list[str], list[str]]:
     stored, wanted = checkpoint_keys(prefix), expected_keys(checkpoint)
     return sorted(wanted - stored), sorted(stored - wanted)
+
+
+def resume_from_newest(checkpoint, model_dir: str) -> Optional[CheckpointRef]:
+    """Restore `checkpoint` from the newest checkpoint of `model_dir` that restores; None if there is none.
+
+    A checkpoint can pass the cheap validation and still fail to restore (a
+    flipped bit fails its CRC32C); then the next older valid one is tried.
+
+    Raises:
+        TrainingError: `model_dir` holds checkpoints but none is valid or none
+            restores. Training from scratch over them would silently throw a
+            long training away; move them aside to start over.
+        CheckpointMismatchError: the checkpoints were written by another model.
+    """
+    log = get_logger()
+    prefixes = checkpoint_prefixes(model_dir)
+    try:
+        candidates = [select_latest_checkpoint(model_dir).path]
+    except NoValidCheckpointError as err:
+        if prefixes:
+            raise TrainingError(f"{err}. Move them aside to train from scratch.") from err
+        return None
+    newest = step_of(candidates[0]) or 0
+    candidates += [p for p in prefixes if (step_of(p) or 0) < newest and step_of(p) is not None]
+    failures = []
+    for prefix in candidates:
+        try:
+            ref = checkpoint_ref(prefix)
+            restore_strict(checkpoint, ref.path)
+            return ref
+        except InvalidCheckpointError as err:
+            failures.append(f"{os.path.basename(prefix)}: {err.reason}")
+            log.warning("cannot resume from %s: %s; trying an older checkpoint", prefix, err.reason)
+    raise TrainingError(
+        f"model dir {model_dir}: no checkpoint restores ({'; '.join(failures)}). Move them aside to train from scratch."
+    )

@@ -25,7 +25,7 @@ import numpy as np
 SIGNATURE_KEY = "serving_default"
 
 
-class SavedModelPyfunc(mlflow.pyfunc.PythonModel):
+class SavedModelPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
     """Calls the `serving_default` signature of the `saved_model` artifact.
 
     `predict` takes a dict of input name -> array (or a single array for a
@@ -61,10 +61,7 @@ class SavedModelPyfunc(mlflow.pyfunc.PythonModel):
         unknown = sorted(set(model_input) - set(names))
         if missing or unknown:
             raise ValueError(f"expected the inputs {names}; missing {missing}, unknown {unknown}")
-        return {
-            name: np.asarray(model_input[name], dtype=self._specs[name].dtype.as_numpy_dtype)
-            for name in names
-        }
+        return {name: np.asarray(model_input[name], dtype=self._specs[name].dtype.as_numpy_dtype) for name in names}
 
 
 mlflow.models.set_model(SavedModelPyfunc())

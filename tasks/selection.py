@@ -19,11 +19,13 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional
+import re
+from collections.abc import Iterator
+from typing import Literal, Optional, Union
 
-from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from . import remote_checkpoints
 from .checkpoint_files import (
     CheckpointFiles,
     check_checkpoint,
@@ -38,8 +40,12 @@ from .errors import (
     ModelDirError,
     NoValidCheckpointError,
 )
-from .logs import get_logger
 from .metrics_log import metrics_at, read_metrics
+from .run_context import get_logger
+from .storage import parse_location
+from .validation import short_repr
+
+_BEST = re.compile(r"best:([A-Za-z0-9_./-]{1,128})(?::(min|max))?")
 
 
 class CheckpointRef(BaseModel):
@@ -87,8 +93,59 @@ def _ref(files: CheckpointFiles, model_dir: str, metrics: dict[str, float]) -> C
     )
 
 
+class CheckpointSelection(BaseModel):
+    """How the checkpoint to ship is chosen: `"latest"`, a step number, or `"best:<metric>[:min|max]"`.
+
+    Example:
+        >>> CheckpointSelection.parse("best:loss")
+        CheckpointSelection(kind='best', metric='loss', mode='min', step=None)
+        >>> CheckpointSelection.parse("2000").step
+        2000
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["latest", "best", "step"]
+    metric: Optional[str] = None
+    mode: Literal["min", "max"] = "max"
+    step: Optional[int] = None
+
+    @classmethod
+    def parse(cls, text: Union[str, int], *, parameter: str = "select") -> CheckpointSelection:
+        """`"latest"`, a step (`2000` or `"2000"`), `"best:accuracy"` (max) or `"best:loss"`
+        (min: names with "loss" or "error" default to min), or an explicit `"best:<metric>:min|max"`.
+
+        Raises:
+            ValueError: the text is none of these; the message names `parameter`.
+        """
+        if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+            text = str(text)
+        value = text.strip() if isinstance(text, str) else None
+        if value == "latest":
+            return cls(kind="latest")
+        if value is not None and value.isdigit() and len(value) <= 15:
+            return cls(kind="step", step=int(value))
+        match = _BEST.fullmatch(value) if value is not None else None
+        if not match:
+            raise ValueError(
+                f"{parameter}: expected 'latest', a step number or 'best:<metric>[:min|max]', received {short_repr(text)}"
+            )
+        metric, mode = match.group(1), match.group(2)
+        if mode is None:
+            mode = "min" if ("loss" in metric or "error" in metric) else "max"
+        return cls(kind="best", metric=metric, mode=mode)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        if self.kind == "best":
+            return f"best:{self.metric}:{self.mode}"
+        return "latest" if self.kind == "latest" else str(self.step)
+
+
 def _model_dir(model_dir: str | os.PathLike) -> str:
-    path = os.path.abspath(os.fspath(model_dir))
+    location = parse_location(model_dir, parameter="model_dir")
+    if not location.is_local:
+        return location.uri  # an object store has no directories: an empty listing is the error
+    path = location.uri
     if not os.path.exists(path):
         raise ModelDirError(path, "does not exist; expected a directory of checkpoints")
     if not os.path.isdir(path):
@@ -102,12 +159,67 @@ def validate_checkpoint(prefix: str | os.PathLike, *, verify_checksums: bool = F
     Raises:
         InvalidCheckpointError: the checkpoint is incomplete or corrupt.
     """
-    files = check_checkpoint(prefix)
+    if remote_checkpoints.is_remote(prefix):
+        location = parse_location(prefix, parameter="checkpoint")
+        model_dir, name = location.uri.rsplit("/", 1)
+        files = remote_checkpoints.check_remote_checkpoint(remote_checkpoints.store_of(model_dir), name)
+    else:
+        files = check_checkpoint(prefix)
     if verify_checksums:
         from .inspection import read_all_tensors
 
-        read_all_tensors(files.prefix)
+        read_all_tensors(
+            remote_checkpoints.fetch_checkpoint(files.prefix) if remote_checkpoints.is_remote(files.prefix) else files.prefix
+        )
     return files
+
+
+def _metrics(model_dir: str) -> dict[int, dict[str, float]]:
+    if remote_checkpoints.is_remote(model_dir):
+        return remote_checkpoints.remote_metrics(remote_checkpoints.store_of(model_dir))
+    return read_metrics(model_dir)
+
+
+def _metrics_at(model_dir: str, step: Optional[int]) -> dict[str, float]:
+    if remote_checkpoints.is_remote(model_dir):
+        return _metrics(model_dir).get(step, {}) if step is not None else {}
+    return metrics_at(model_dir, step)
+
+
+def _complete_metrics(model_dir: str, steps: list[int]) -> dict[int, dict[str, float]]:
+    """The metrics of `steps`, waiting for an evaluator that is still producing them (never choose from half).
+
+    Raises:
+        MetricsTimeoutError: some checkpoints are evaluated and others not, after the bounded wait.
+    """
+    metrics = _metrics(model_dir)
+    missing = [s for s in steps if s not in metrics]
+    if not missing or remote_checkpoints.is_remote(model_dir):
+        return metrics
+    from .evaluation import evaluator_running, wait_for_metrics
+    from .settings import get_settings
+
+    if evaluator_running(model_dir) or len(missing) < len(steps):
+        return wait_for_metrics(model_dir, steps, get_settings().metrics_timeout)
+    return metrics  # nothing was ever evaluated here (e.g. TF1 Saver checkpoints): no metric to wait for
+
+
+def _checkpoints(model_dir: str, verify_checksums: bool) -> Iterator[tuple[str, Optional[CheckpointFiles], Optional[str]]]:
+    """Every checkpoint of a (validated) model dir, highest step first: (prefix, files or None, why invalid)."""
+    if remote_checkpoints.is_remote(model_dir):
+        for prefix, files, reason in remote_checkpoints.remote_checkpoints(model_dir):
+            if files is not None and verify_checksums:
+                try:
+                    files = validate_checkpoint(prefix, verify_checksums=True)
+                except InvalidCheckpointError as err:
+                    files, reason = None, err.reason
+            yield prefix, files, reason
+        return
+    for prefix in checkpoint_prefixes(model_dir):
+        try:
+            yield prefix, validate_checkpoint(prefix, verify_checksums=verify_checksums), None
+        except InvalidCheckpointError as err:
+            yield prefix, None, err.reason
 
 
 def checkpoint_ref(prefix: str | os.PathLike, *, verify_checksums: bool = False) -> CheckpointRef:
@@ -117,47 +229,83 @@ def checkpoint_ref(prefix: str | os.PathLike, *, verify_checksums: bool = False)
         InvalidCheckpointError: the checkpoint is incomplete or corrupt.
     """
     files = validate_checkpoint(prefix, verify_checksums=verify_checksums)
-    model_dir = os.path.dirname(os.path.abspath(files.prefix))
-    return _ref(files, model_dir, metrics_at(model_dir, files.step))
+    model_dir = (
+        files.prefix.rsplit("/", 1)[0]
+        if remote_checkpoints.is_remote(files.prefix)
+        else os.path.dirname(os.path.abspath(files.prefix))
+    )
+    return _ref(files, model_dir, _metrics_at(model_dir, files.step))
 
 
 def list_checkpoints(model_dir: str | os.PathLike, *, verify_checksums: bool = False) -> list[CheckpointInfo]:
     """Every checkpoint in `model_dir`, newest step first, with its validity.
 
     Example:
-        >>> for info in list_checkpoints("/models/iris"):  # doctest: +SKIP
-        ...     print(info.step, info.valid, info.reason)
+        >>> import tempfile
+        >>> list_checkpoints(tempfile.mkdtemp())
+        []
     """
     model_dir = _model_dir(model_dir)
-    metrics = read_metrics(model_dir)
+    metrics = _metrics(model_dir)
     rows = []
-    for prefix in checkpoint_prefixes(model_dir):
+    for prefix, files, reason in _checkpoints(model_dir, verify_checksums):
         step = step_of(prefix)
-        try:
-            files = validate_checkpoint(prefix, verify_checksums=verify_checksums)
-        except InvalidCheckpointError as err:
-            rows.append(CheckpointInfo(path=prefix, step=step, valid=False, reason=err.reason))
+        if files is None:
+            rows.append(CheckpointInfo(path=prefix, step=step, valid=False, reason=reason))
             continue
         rows.append(
             CheckpointInfo(
-                path=prefix, step=step, valid=True, format=files.format,
-                size_bytes=files.size_bytes, mtime=files.mtime,
+                path=prefix,
+                step=step,
+                valid=True,
+                format=files.format,
+                size_bytes=files.size_bytes,
+                mtime=files.mtime,
                 metrics=metrics.get(step, {}) if step is not None else {},
             )
         )
     return rows
 
 
-def find_latest_checkpoint(
-    model_dir: str | os.PathLike, *, verify_checksums: bool = False
-) -> CheckpointRef:
-    """The newest valid checkpoint of `model_dir` (plain function behind the task).
+def select_latest_checkpoint(model_dir: str, verify_checksums: bool = False) -> CheckpointRef:
+    """Select the newest valid checkpoint of a model dir.
+
+    When the state file was the last change to the directory, the checkpoint it
+    names is validated and returned without listing the directory; otherwise the
+    highest valid step wins, and every checkpoint skipped is logged with why.
+
+    Args:
+        model_dir: directory the checkpoints were written to.
+        verify_checksums: also read every tensor so TensorFlow checks its CRC32C
+            (costs a full read of the checkpoint).
+
+    Returns:
+        The selected checkpoint, its recorded metrics included.
 
     Raises:
         ModelDirError: `model_dir` does not exist or is a file.
-        NoValidCheckpointError: no checkpoint in `model_dir` is valid.
+        NoValidCheckpointError: no checkpoint in it is valid.
+
+    Example:
+        >>> from prefect import flow
+        >>> from prefect_tensorflow.tasks import select_latest_checkpoint
+        >>> @flow
+        ... def latest(model_dir: str) -> int:
+        ...     return select_latest_checkpoint(model_dir).step
     """
     model_dir = _model_dir(model_dir)
+    if remote_checkpoints.is_remote(model_dir):
+        files = remote_checkpoints.latest_remote_checkpoint(model_dir)
+        if verify_checksums:
+            files = validate_checkpoint(files.prefix, verify_checksums=True)
+        ref = _ref(files, model_dir, _metrics_at(model_dir, files.step))
+    else:
+        ref = _latest(model_dir, verify_checksums)
+    get_logger().info("latest valid checkpoint: %s (step %s)", ref.path, ref.step)
+    return ref
+
+
+def _latest(model_dir: str, verify_checksums: bool) -> CheckpointRef:
     log = get_logger()
     try:
         state = read_state_file(model_dir)
@@ -190,91 +338,79 @@ def find_latest_checkpoint(
             skipped.append(f"{os.path.basename(prefix)}: {err.reason}")
             log.warning("skipping checkpoint %s: %s", prefix, err.reason)
             continue
-        if state is not None and os.path.abspath(files.prefix) != os.path.abspath(
-            state.model_checkpoint_path
-        ):
+        if state is not None and os.path.abspath(files.prefix) != os.path.abspath(state.model_checkpoint_path):
             log.warning(
                 "state file of %s names %s but %s is the newest valid checkpoint; using it",
-                model_dir, os.path.basename(state.model_checkpoint_path), os.path.basename(prefix),
+                model_dir,
+                os.path.basename(state.model_checkpoint_path),
+                os.path.basename(prefix),
             )
         return _ref(files, model_dir, metrics_at(model_dir, files.step))
     detail = "; ".join(skipped) if skipped else "no <prefix>-<step>.index files"
     raise NoValidCheckpointError(model_dir, f"{why}; {detail}")
 
 
-def find_best_checkpoint(
-    model_dir: str | os.PathLike,
-    metric: str,
-    mode: Literal["min", "max"] = "min",
-    *,
-    verify_checksums: bool = False,
+def select_best_checkpoint(
+    model_dir: str, metric: str, mode: Literal["min", "max"] = "min", verify_checksums: bool = False
 ) -> CheckpointRef:
-    """The valid checkpoint with the lowest (`min`) or highest (`max`) recorded `metric`.
+    """Select the valid checkpoint with the lowest (`min`) or highest (`max`) recorded metric.
 
-    Ties go to the higher step. Checkpoints without the metric are skipped.
+    Ties go to the higher step; checkpoints without the metric are skipped.
+
+    Args:
+        model_dir: directory the checkpoints were written to.
+        metric: a metric recorded at each checkpoint, e.g. "loss" or "accuracy".
+        mode: "min" or "max".
+        verify_checksums: also read every tensor so TensorFlow checks its CRC32C.
+
+    Returns:
+        The selected checkpoint, its metrics included.
 
     Raises:
         ValueError: `mode` is not "min" or "max".
         MetricNotFoundError: no valid checkpoint recorded `metric`.
-        NoValidCheckpointError: no checkpoint in `model_dir` is valid.
+        NoValidCheckpointError: no checkpoint in it is valid.
+
+    Example:
+        >>> from prefect import flow
+        >>> from prefect_tensorflow.tasks import select_best_checkpoint
+        >>> @flow
+        ... def best(model_dir: str) -> str:
+        ...     return select_best_checkpoint(model_dir, "accuracy", "max").path
     """
     if mode not in ("min", "max"):
-        raise ValueError(f"mode: expected 'min' or 'max', received {mode!r}")
+        raise ValueError(f"mode: expected 'min' or 'max', received {short_repr(mode)}")
     model_dir = _model_dir(model_dir)
-    metrics = read_metrics(model_dir)
     log = get_logger()
-    best: Optional[tuple[float, int, CheckpointFiles]] = None
-    any_valid = False
+    valid = []
+    for prefix, files, reason in _checkpoints(model_dir, verify_checksums):
+        if files is None:
+            log.warning("skipping checkpoint %s: %s", prefix, reason)
+        else:
+            valid.append(files)
+    metrics = _complete_metrics(model_dir, [f.step for f in valid if f.step is not None])
+    best: Optional[tuple[tuple[float, int], CheckpointFiles]] = None
+    any_valid = bool(valid)
     recorded: set[str] = set()
-    for prefix in checkpoint_prefixes(model_dir):
-        step = step_of(prefix)
-        try:
-            files = validate_checkpoint(prefix, verify_checksums=verify_checksums)
-        except InvalidCheckpointError as err:
-            log.warning("skipping checkpoint %s: %s", prefix, err.reason)
-            continue
-        any_valid = True
+    for files in valid:
+        step = files.step
         values = metrics.get(step, {}) if step is not None else {}
         recorded.update(values)
         if metric not in values:
             continue
-        score = values[metric] if mode == "min" else -values[metric]
-        key = (score, -(step or 0))
-        if best is None or key < (best[0], -(best[1])):
-            best = (score, step or 0, files)
+        key = (values[metric] if mode == "min" else -values[metric], -(step or 0))
+        if best is None or key < best[0]:
+            best = (key, files)
     if not any_valid:
         raise NoValidCheckpointError(model_dir, "every checkpoint failed validation or none exist")
     if best is None:
         raise MetricNotFoundError(model_dir, metric, sorted(recorded))
-    return _ref(best[2], model_dir, metrics.get(best[1], {}))
+    files = best[1]
+    ref = _ref(files, model_dir, metrics.get(files.step, {}) if files.step is not None else {})
+    log.info("best checkpoint by %s (%s): %s (step %s, %s=%s)", metric, mode, ref.path, ref.step, metric, ref.metrics.get(metric))
+    return ref
 
 
-def find_checkpoint_at_step(model_dir: str | os.PathLike, step: int, *, verify_checksums: bool = False) -> CheckpointRef:
-    """The checkpoint of `model_dir` written at global step `step`, validated.
-
-    Raises:
-        ValueError: `step` is not a non-negative integer.
-        ModelDirError: `model_dir` does not exist or is a file.
-        NoValidCheckpointError: there is no checkpoint at `step`, or it is invalid
-            (the message lists the steps that are there).
-    """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step: expected an integer >= 0, received {step!r}")
-    model_dir = _model_dir(model_dir)
-    prefixes = {step_of(prefix): prefix for prefix in checkpoint_prefixes(model_dir)}
-    if step not in prefixes:
-        steps = sorted(s for s in prefixes if s is not None)
-        raise NoValidCheckpointError(
-            model_dir, f"has no checkpoint at step {step}; steps present: {steps or 'none'}"
-        )
-    try:
-        files = validate_checkpoint(prefixes[step], verify_checksums=verify_checksums)
-    except InvalidCheckpointError as err:
-        raise NoValidCheckpointError(model_dir, f"the checkpoint at step {step} is invalid: {err.reason}") from err
-    return _ref(files, model_dir, metrics_at(model_dir, files.step))
-
-
-@task(name="select-checkpoint-at-step", task_run_name="select-checkpoint-at-step-{step}")
 def select_checkpoint_at_step(model_dir: str, step: int, verify_checksums: bool = False) -> CheckpointRef:
     """Select the checkpoint written at a given global step, validated.
 
@@ -287,74 +423,71 @@ def select_checkpoint_at_step(model_dir: str, step: int, verify_checksums: bool 
         The checkpoint, its recorded metrics included.
 
     Raises:
-        ModelDirError, NoValidCheckpointError (no checkpoint at that step, or it is invalid).
+        ValueError: `step` is not a non-negative integer.
+        ModelDirError: `model_dir` does not exist or is a file.
+        NoValidCheckpointError: there is no checkpoint at `step`, or it is invalid
+            (the message lists the steps that are there).
 
     Example:
         >>> from prefect import flow
+        >>> from prefect_tensorflow.tasks import select_checkpoint_at_step
         >>> @flow
         ... def pinned(model_dir: str) -> str:
         ...     return select_checkpoint_at_step(model_dir, 2000).path
     """
-    ref = find_checkpoint_at_step(model_dir, step, verify_checksums=verify_checksums)
-    get_logger().info("checkpoint at step %d: %s", step, ref.path)
-    return ref
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step: expected an integer >= 0, received {short_repr(step)}")
+    model_dir = _model_dir(model_dir)
+    if remote_checkpoints.is_remote(model_dir):
+        names = remote_checkpoints.checkpoint_names(remote_checkpoints.store_of(model_dir).listing())
+        prefixes = {step_of(name): f"{model_dir}/{name}" for name in names}
+    else:
+        prefixes = {step_of(prefix): prefix for prefix in checkpoint_prefixes(model_dir)}
+    if step not in prefixes:
+        steps = sorted(s for s in prefixes if s is not None)
+        raise NoValidCheckpointError(model_dir, f"has no checkpoint at step {step}; steps present: {steps or 'none'}")
+    try:
+        files = validate_checkpoint(prefixes[step], verify_checksums=verify_checksums)
+    except InvalidCheckpointError as err:
+        raise NoValidCheckpointError(model_dir, f"the checkpoint at step {step} is invalid: {err.reason}") from err
+    get_logger().info("checkpoint at step %d: %s", step, files.prefix)
+    return _ref(files, model_dir, _metrics_at(model_dir, files.step))
 
 
-@task(name="select-latest-checkpoint", task_run_name="select-latest-checkpoint")
-def select_latest_checkpoint(model_dir: str, verify_checksums: bool = False) -> CheckpointRef:
-    """Select the newest valid checkpoint of a model dir.
-
-    Args:
-        model_dir: directory the checkpoints were written to.
-        verify_checksums: also read every tensor so TensorFlow checks its CRC32C
-            (costs a full read of the checkpoint).
-
-    Returns:
-        The selected checkpoint.
-
-    Raises:
-        ModelDirError: `model_dir` does not exist or is a file.
-        NoValidCheckpointError: no checkpoint in it is valid.
-
-    Example:
-        >>> from prefect import flow
-        >>> @flow
-        ... def latest(model_dir: str) -> int:
-        ...     return select_latest_checkpoint(model_dir).step
-    """
-    ref = find_latest_checkpoint(model_dir, verify_checksums=verify_checksums)
-    get_logger().info("latest valid checkpoint: %s (step %s)", ref.path, ref.step)
-    return ref
-
-
-@task(name="select-best-checkpoint", task_run_name="select-best-checkpoint-{metric}-{mode}")
-def select_best_checkpoint(
-    model_dir: str, metric: str, mode: Literal["min", "max"] = "min", verify_checksums: bool = False
+def select_checkpoint(
+    model_dir: str, selection: Union[CheckpointSelection, str] = "latest", *, parameter: str = "select"
 ) -> CheckpointRef:
-    """Select the valid checkpoint with the best recorded metric.
+    """Select the checkpoint to ship as `selection` says: the latest, one step, or the best by a metric.
 
     Args:
         model_dir: directory the checkpoints were written to.
-        metric: a metric recorded at each checkpoint, e.g. "loss" or "accuracy".
-        mode: "min" or "max".
-        verify_checksums: also read every tensor so TensorFlow checks its CRC32C.
+        selection: a `CheckpointSelection`, or its text: `"latest"`, `"2000"`, `"best:accuracy"`.
+        parameter: the flow parameter `selection` came from, named in the errors.
 
     Returns:
-        The selected checkpoint, its metrics included.
+        The selected checkpoint, its recorded metrics included.
 
     Raises:
-        MetricNotFoundError: no valid checkpoint recorded `metric`.
-        NoValidCheckpointError: no checkpoint in it is valid.
+        ValueError: `selection` is malformed.
+        ModelDirError, NoValidCheckpointError, MetricNotFoundError: nothing to select.
 
     Example:
         >>> from prefect import flow
+        >>> from prefect_tensorflow.tasks import select_checkpoint
         >>> @flow
-        ... def best(model_dir: str) -> str:
-        ...     return select_best_checkpoint(model_dir, "accuracy", "max").path
+        ... def ship(model_dir: str) -> str:
+        ...     return select_checkpoint(model_dir, "best:accuracy").path
     """
-    ref = find_best_checkpoint(model_dir, metric, mode, verify_checksums=verify_checksums)
-    get_logger().info(
-        "best checkpoint by %s (%s): %s (step %s, %s=%s)",
-        metric, mode, ref.path, ref.step, metric, ref.metrics.get(metric),
-    )
-    return ref
+    if not isinstance(selection, CheckpointSelection):
+        selection = CheckpointSelection.parse(selection, parameter=parameter)
+    if selection.kind == "latest":
+        return select_latest_checkpoint(model_dir)
+    if selection.kind == "step":
+        try:
+            return select_checkpoint_at_step(model_dir, selection.step or 0)
+        except NoValidCheckpointError as err:
+            raise NoValidCheckpointError(err.model_dir, f"{parameter} {str(selection)!r}: {err.reason}") from None
+    try:
+        return select_best_checkpoint(model_dir, selection.metric or "", selection.mode)
+    except MetricNotFoundError as err:
+        raise MetricNotFoundError(err.model_dir, err.metric, err.available, parameter=f"{parameter} {str(selection)!r}") from None

@@ -7,22 +7,25 @@ outputs. For a classifier those are what the Estimator's DNNClassifier
 exported: `logits`, `probabilities` and `class_ids`.
 
 Example:
+    >>> import os, tempfile
+    >>> import tensorflow as tf
+    >>> from prefect_tensorflow.tasks.iris import build_model
     >>> from prefect_tensorflow.tasks.serving import restore_model, serving_function
-    >>> net = restore_model("/models/iris/model.ckpt-1000", "prefect_tensorflow.tasks.iris:build_model")  # doctest: +SKIP
-    >>> serve = serving_function(net, head="classifier")  # doctest: +SKIP
-    >>> sorted(serve(tf.zeros([2, 4])))  # doctest: +SKIP
+    >>> prefix = tf.train.Checkpoint(model=build_model()).write(os.path.join(tempfile.mkdtemp(), "model.ckpt-0"))
+    >>> net = restore_model(prefix, "iris")
+    >>> sorted(serving_function(net, head="classifier")(tf.zeros([2, 4])))
     ['class_ids', 'logits', 'probabilities']
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from .errors import CheckpointMismatchError, InvalidCheckpointError
-from .importing import build_model
+from .model_code import build_model
 
 Head = Literal["classifier", "raw"]
-CLASSIFIER_OUTPUTS = ("class_ids", "logits", "probabilities")
 
 
 def restore_model(checkpoint: str, model: str, hparams: Optional[dict[str, Any]] = None):
@@ -53,7 +56,9 @@ def restore_model(checkpoint: str, model: str, hparams: Optional[dict[str, Any]]
     except AssertionError as err:
         unbound = [v.path for v in net.variables if v.path in str(err)] or [str(err)[:400]]
         raise CheckpointMismatchError(
-            checkpoint, unbound, [],
+            checkpoint,
+            unbound,
+            [],
             detail="these model variables have no value in the checkpoint",
         ) from err
     return net
@@ -75,7 +80,7 @@ def serving_function(net, head: Head = "classifier"):
     import tensorflow as tf
 
     if head not in ("classifier", "raw"):
-        raise ValueError(f"head: expected 'classifier' or 'raw', received {head!r}")
+        raise ValueError(f"head: expected 'classifier' or 'raw', received {head!r}")  # library callers
     specs = input_specs(net)
 
     def outputs(values):
@@ -101,3 +106,29 @@ def serving_function(net, head: Head = "classifier"):
             return outputs(net(list(xs), training=False))
 
     return serve
+
+
+@dataclass
+class TracedCheckpoint:
+    """A TF2 checkpoint's serving function and what it computes on the verification batch."""
+
+    net: Any
+    serve: Any  # the tf.function
+    input_names: list[str]
+    batch: list  # numpy arrays, one per input
+    expected: dict  # output name -> numpy array
+
+
+def trace_checkpoint(checkpoint: str, model: str, hparams: Optional[dict[str, Any]], head: Head, data: Optional[str]):
+    """Restore `checkpoint` into `model`, trace its serving function and run it on the verification batch.
+
+    Freezing and exporting both start here, so both verify against the same numbers.
+    """
+    from .verification import verification_batch
+
+    net = restore_model(checkpoint, model, hparams)
+    serve = serving_function(net, head)
+    specs = input_specs(net)
+    batch = verification_batch(specs, data)
+    expected = {k: v.numpy() for k, v in serve(*batch).items()}
+    return TracedCheckpoint(net, serve, [spec.name for spec in specs], batch, expected)

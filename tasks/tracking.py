@@ -1,53 +1,41 @@
 """MLflow tracking of training runs and frozen graphs.
 
-`TrainingRun` is one MLflow run per training: params (checkpoint policy, import
-strings, hyperparameters, seed, counts), the training loss at every step and
-the evaluation metrics of every checkpoint, sent in batches by a separate
-process (`metric_sender`) so that training never waits for the server nor
-shares its CPU time with MLflow's client, and at the end the
-checkpoint list and the TensorBoard event files as artifacts. Runs and model
-versions carry the Prefect flow run's id and UI URL as tags (`prefect.*`).
+`TrainingRun` is one MLflow run per training: params (the whole
+`TrainingConfig`, flattened), the training loss and the evaluation metrics
+of every checkpoint, sent in batches by a separate process (`metric_sender`)
+so that training never waits for the server nor shares its CPU time with
+MLflow's client, and at the end the checkpoint list and the TensorBoard event
+files as artifacts. Runs and model versions carry the Prefect flow run's id
+and UI URL as tags (`prefect.*`). Every call goes through the connection's
+own client (`MlflowConfig.client`): nothing process-wide changes.
 
 Example:
-    >>> from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
-    >>> from prefect_tensorflow.tasks.tracking import TrainingRun
-    >>> with TrainingRun(MlflowConnection(), model_dir="/tmp/iris", params={"seed": 0}) as run:  # doctest: +SKIP
-    ...     run.log_metric("loss", 0.5, step=1)
+    >>> from prefect_tensorflow.tasks.tracking import flatten_params
+    >>> flatten_params({"policy": {"keep_checkpoint_max": 5}, "seed": 0})
+    {'policy.keep_checkpoint_max': '5', 'seed': '0'}
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
+import threading
 import time
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
-from prefect import task
-
-from .logs import get_logger
-from .mlflow_connection import MlflowConnection
+from .errors import FreezeError
+from .mlflow_connection import MlflowConfig
+from .object_store import read_location_bytes
+from .run_context import get_logger, prefect_run_tags
+from .storage import scratch_dir
 
 TAG_PREFIX = "prefect_tensorflow."
-
-
-def prefect_tags() -> dict[str, str]:
-    """`prefect.flow_run_id`, `prefect.flow_run_url`, ... of the current Prefect run; {} outside one."""
-    try:
-        from prefect.runtime import deployment, flow_run, task_run
-    except Exception:  # noqa: BLE001 - Prefect not importable
-        return {}
-    values = {
-        "prefect.flow_run_id": flow_run.id,
-        "prefect.flow_run_name": flow_run.name,
-        "prefect.flow_name": flow_run.flow_name,
-        "prefect.flow_run_url": flow_run.ui_url,
-        "prefect.task_run_id": task_run.id,
-        "prefect.deployment_id": deployment.id,
-        "prefect.deployment_name": deployment.name,
-    }
-    return {key: str(value) for key, value in values.items() if value}
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -55,38 +43,38 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
     flat: dict[str, str] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and value:
             flat.update(flatten_params(value, prefix=name + "."))
         else:
-            flat[name] = "None" if value is None else str(value)
+            flat[name] = "None" if value is None else (json.dumps(value) if isinstance(value, (list, dict)) else str(value))
     return flat
 
 
 class MetricBatcher:
-    """Queues metrics for `metric_sender.py`, a separate process that sends them in batches.
+    """Queues metrics for `metric_sender`, a separate process that sends them in batches.
 
     `add` appends a tuple to a list: nothing else happens on the training
     thread. A writer thread hands what accumulated to the sender's stdin
     every `interval` seconds (if the pipe is full, that thread waits, not
     training); the sender does the `log_batch` calls, with MLflow's SQL or
-    HTTP client work off the training process's GIL. `close` waits until
-    everything is sent and raises what could not be.
+    HTTP client work off the training process's GIL. The connection (secrets
+    included) reaches the sender on its stdin, never in its arguments or
+    environment. `close` waits until everything is sent and raises what could not be.
     """
 
-    def __init__(self, connection: MlflowConnection, run_id: str, interval: float = 2.0):
-        import subprocess
-        import sys
-        import threading
-
+    def __init__(self, connection: MlflowConfig, run_id: str, interval: float = 2.0):
         self._connection, self._run_id, self._interval = connection, run_id, interval
         self._errors = tempfile.TemporaryFile(mode="w+")
-        sender = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metric_sender.py")
-        # Started inside connection.activate(): it inherits the URIs, the token and the HTTP retries.
         self._process = subprocess.Popen(
-            [sys.executable, sender, run_id, str(interval), str(connection.operation_retries),
-             str(connection.operation_retry_delay)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._errors, text=True,
+            [sys.executable, "-m", "prefect_tensorflow.tasks.metric_sender", run_id, str(interval)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=self._errors,
+            text=True,
         )
+        assert self._process.stdin is not None
+        self._process.stdin.write(connection.to_secret_json() + "\n")
+        self._process.stdin.flush()
         self._pending: list = []
         self._stop = threading.Event()
         self.queued = 0
@@ -109,6 +97,7 @@ class MetricBatcher:
             return
         text = "".join(f"{k}\t{float(v)!r}\t{int(s)}\t{int(t * 1000)}\n" for k, v, s, t in pending)
         try:
+            assert self._process.stdin is not None
             self._process.stdin.write(text)
             self._process.stdin.flush()
         except (BrokenPipeError, ValueError, OSError):  # the sender died: close() says why
@@ -120,11 +109,10 @@ class MetricBatcher:
         Raises:
             MlflowUnavailableError: the metrics could not be sent after the retries.
         """
-        import subprocess
-
         self._stop.set()
         self._writer.join()
         try:
+            assert self._process.stdin is not None
             self._process.stdin.close()
         except (BrokenPipeError, ValueError, OSError):
             pass
@@ -140,21 +128,23 @@ class MetricBatcher:
             from .errors import MlflowUnavailableError
 
             raise MlflowUnavailableError(
-                self._connection.server_label(), f"logging the metrics of run {self._run_id}",
-                self._connection.operation_retries + 1, detail or f"the metric sender exited with status {code}",
+                self._connection.server_label(),
+                f"logging the metrics of run {self._run_id}",
+                self._connection.operation_retries + 1,
+                detail or f"the metric sender exited with status {code}",
             )
 
 
 class TrainingRun:
     """One MLflow run around a training: see the module docstring.
 
-    Use as a context manager; the run ends FINISHED, or FAILED when the
-    block raises. Inside, the connection is active (`MlflowConnection.activate`).
+    Use as a context manager; the run ends FINISHED, or FAILED when the block
+    raises (KILLED on Ctrl-C).
     """
 
     def __init__(
         self,
-        connection: MlflowConnection,
+        connection: MlflowConfig,
         *,
         model_dir: str,
         params: Mapping[str, Any],
@@ -168,32 +158,24 @@ class TrainingRun:
         self.metric_interval = metric_interval
         self.run_id: Optional[str] = None
         self.experiment_id: Optional[str] = None
+        self._client: Any = None
         self._batcher: Optional[MetricBatcher] = None
-        self._activation = None
 
-    def __enter__(self) -> "TrainingRun":
+    def __enter__(self) -> TrainingRun:
+        from mlflow.entities import Param
+
         self.experiment_id = self.connection.experiment_id()
-        self._activation = self.connection.activate()
-        self._activation.__enter__()
-        try:
-            client = self.connection.client()
-            tags = {**prefect_tags(), TAG_PREFIX + "stage": "train", TAG_PREFIX + "model_dir": self.model_dir}
-            run = self.connection.retrying(
-                "creating the training run", client.create_run, self.experiment_id, run_name=self.run_name, tags=tags
-            )
-            self.run_id = run.info.run_id
-            from mlflow.entities import Param
-
-            params = [Param(k, v[:6000]) for k, v in sorted(self.params.items())]
-            for start in range(0, len(params), 100):
-                self.connection.retrying(
-                    "logging params", client.log_batch, self.run_id, params=params[start : start + 100]
-                )
-            self._batcher = MetricBatcher(self.connection, self.run_id, interval=self.metric_interval)
-            get_logger().info("MLflow run %s: %s", self.run_id, self.url)
-        except BaseException:
-            self._activation.__exit__(None, None, None)
-            raise
+        self._client = client = self.connection.client()
+        tags = {**prefect_run_tags(), TAG_PREFIX + "stage": "train", TAG_PREFIX + "model_dir": self.model_dir}
+        run = self.connection.retrying(
+            "creating the training run", client.create_run, self.experiment_id, run_name=self.run_name, tags=tags
+        )
+        self.run_id = run.info.run_id
+        params = [Param(k, v[:6000]) for k, v in sorted(self.params.items())]
+        for start in range(0, len(params), 100):
+            self.connection.retrying("logging params", client.log_batch, self.run_id, params=params[start : start + 100])
+        self._batcher = MetricBatcher(self.connection, self.run_id, interval=self.metric_interval)
+        get_logger().info("MLflow run %s: %s", self.run_id, self.url)
         return self
 
     @property
@@ -202,35 +184,31 @@ class TrainingRun:
 
     def log_metric(self, key: str, value: float, step: int) -> None:
         """Queue one metric value; sent in the next batch."""
+        assert self._batcher is not None
         self._batcher.add(key, value, step)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int, prefix: str = "") -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         for key, value in metrics.items():
-            self._batcher.add(prefix + key, value, step)
+            self.log_metric(key, value, step)
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        client = self.connection.client()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
         try:
             if self._batcher is not None:
                 self._batcher.close()
             if exc_type is None:
-                log_checkpoint_artifacts(self.connection, self.run_id, self.model_dir)
+                log_checkpoint_artifacts(self.connection, self._client, self.run_id or "", self.model_dir)
         except BaseException:
             status = "FAILED"
             raise
         finally:
-            try:
-                self.connection.retrying("ending the training run", client.set_terminated, self.run_id, status)
-            finally:
-                self._activation.__exit__(exc_type, exc, tb)
+            self.connection.retrying("ending the training run", self._client.set_terminated, self.run_id, status)
 
 
-def log_checkpoint_artifacts(connection: MlflowConnection, run_id: str, model_dir: str) -> None:
+def log_checkpoint_artifacts(connection: MlflowConfig, client: Any, run_id: str, model_dir: str) -> None:
     """The checkpoint list (`checkpoints/checkpoints.json`) and the event files (`tensorboard/`)."""
     from .selection import list_checkpoints
 
-    client = connection.client()
     rows = [info.model_dump() for info in list_checkpoints(model_dir)]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "checkpoints.json")
@@ -246,45 +224,46 @@ def log_checkpoint_artifacts(connection: MlflowConnection, run_id: str, model_di
         connection.retrying("logging graph.pbtxt", client.log_artifact, run_id, graph, "tensorboard")
 
 
-def log_frozen_graph(connection: MlflowConnection, run_id: str, frozen) -> None:
-    """The frozen `.pb` under `frozen_graph/`, with its tensor names, digest and parity beside it.
-
-    Args:
-        frozen: a `FreezeResult`.
-    """
-    client = connection.client()
-
-    def log() -> None:
-        client.log_artifact(run_id, frozen.path, "frozen_graph")
-        client.log_dict(run_id, frozen.model_dump(mode="json"), "frozen_graph/frozen_graph.json")
-        client.set_tag(run_id, TAG_PREFIX + "frozen_graph.sha256", frozen.digest)
-
-    connection.call("logging the frozen graph", log)
-
-
-@task(name="log-frozen-graph-to-mlflow")
-def log_frozen_graph_to_mlflow(connection: MlflowConnection, run_id: Optional[str], frozen) -> Optional[str]:
-    """Log a frozen graph (`FreezeResult`) to an MLflow run: the `.pb`, tensor names, digest, parity.
+def log_frozen_graph_to_mlflow(connection: MlflowConfig, run_id: Optional[str], frozen: Any, run_name: str = "freeze") -> str:
+    """Log a frozen graph to an MLflow run: the `.pb` under `frozen_graph/`, its tensor names, digest and parity.
 
     Args:
         connection: the MLflow connection.
-        run_id: the run to log to (e.g. the training run); a new run when None.
-        frozen: the `freeze_graph` result.
+        run_id: the run to log to (e.g. the training run); a new run named `run_name` when None.
+        frozen: the `freeze_graph` result (`FreezeResult`).
+        run_name: the name of the new run, when one is created.
 
     Returns:
         The run id.
 
+    Raises:
+        MlflowUnavailableError: the server still failed after the retries.
+
     Example:
         >>> from prefect import flow
+        >>> from prefect_tensorflow.tasks import MlflowConnection, log_frozen_graph_to_mlflow
         >>> @flow
-        ... def ship(frozen, run_id: str) -> None:
-        ...     log_frozen_graph_to_mlflow(MlflowConnection(), run_id, frozen)
+        ... def ship(frozen, run_id: str) -> str:
+        ...     return log_frozen_graph_to_mlflow(MlflowConnection(), run_id, frozen)
     """
+    client = connection.client()
     if run_id is None:
         experiment_id = connection.experiment_id()
-        tags = {**prefect_tags(), TAG_PREFIX + "stage": "freeze"}
-        run_id = connection.call(
-            "creating a run", lambda: connection.client().create_run(experiment_id, run_name="freeze", tags=tags)
-        ).info.run_id
-    log_frozen_graph(connection, run_id, frozen)
+        tags = {**prefect_run_tags(), TAG_PREFIX + "stage": "export"}
+        run_id = connection.retrying("creating a run", client.create_run, experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    data = read_location_bytes(frozen.path, parameter="frozen_graph")
+    if "sha256:" + hashlib.sha256(data).hexdigest() != frozen.digest:
+        raise FreezeError(f"{frozen.path} changed since it was frozen and verified ({frozen.digest}); nothing was logged")
+
+    def log() -> None:
+        with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
+            local = os.path.join(tmp, os.path.basename(frozen.path))
+            with open(local, "wb") as handle:  # the verified bytes, wherever the graph is stored
+                handle.write(data)
+            client.log_artifact(run_id, local, "frozen_graph")
+        client.log_dict(run_id, frozen.model_dump(mode="json"), "frozen_graph/frozen_graph.json")
+        client.set_tag(run_id, TAG_PREFIX + "frozen_graph.sha256", frozen.digest)
+
+    connection.retrying("logging the frozen graph", log)
     return run_id

@@ -13,14 +13,21 @@ beside them.
 the same call finishes the same training. With the same seed, TensorFlow's op
 determinism makes a resumed run end with the weights of an uninterrupted one.
 
+The run, step by step: resolve the model code (`model_code`), prepare the
+model dir, build the model and the input pipeline, resume from the newest
+checkpoint that restores (`restore.resume_from_newest`), then loop: one
+`tf.function` step, a summary every N steps, a checkpoint when the policy says
+so (`CheckpointPolicy.is_due`), written by `CheckpointSaver`.
+
 Example:
-    >>> from prefect import flow
-    >>> from prefect_tensorflow.tasks.training import train_with_checkpoints
+    >>> from prefect_tensorflow.tasks.configs import TrainingConfig
     >>> from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    >>> @flow
-    ... def nightly(model_dir: str = "/models/iris") -> int:
-    ...     policy = CheckpointPolicy(save_checkpoints_steps=200)
-    ...     return train_with_checkpoints(model_dir, more_steps=1000, policy=policy).final_step
+    >>> from prefect_tensorflow.tasks.training import train_with_checkpoints
+    >>> import tempfile
+    >>> config = TrainingConfig(steps=20, policy=CheckpointPolicy(save_checkpoints_steps=10))
+    >>> result = train_with_checkpoints(tempfile.mkdtemp(), config)
+    >>> result.final_step, result.checkpoints_saved
+    (20, 3)
 """
 
 from __future__ import annotations
@@ -29,27 +36,33 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
-from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import iris
-from .async_save import enable_keras_async_checkpoint
-from .checkpoint_files import checkpoint_prefixes, step_of, uncommitted_temp_dirs
-from .errors import InvalidCheckpointError, ModelDirError, NoValidCheckpointError, TrainingError
-from .importing import build_model, load_object
-from .logs import get_logger
-from .metrics_log import append_metrics
-from .mlflow_connection import MlflowConnection
-from .policy import CheckpointPolicy
+from . import evaluation, model_code
+from .checkpoint_files import uncommitted_temp_dirs
+from .checkpoint_writer import CheckpointWriter
+from .configs import TrainingConfig
+from .errors import ModelDirError, NoValidCheckpointError, TrainingError
+from .metrics_log import append_metrics, read_metrics
+from .mlflow_connection import MlflowConfig
 from .preemption import PreemptionGuard
-from .restore import restore_strict
-from .selection import CheckpointRef, checkpoint_ref, find_latest_checkpoint
+from .remote_checkpoints import RemoteModelDir
+from .restore import checkpoint_keys, resume_from_newest
+from .run_context import get_logger
+from .selection import select_latest_checkpoint
+from .storage import parse_location
 from .tracking import TrainingRun
 
 ProgressCallback = Callable[[int, int, Optional[float]], None]
+"""`(step, target, loss)`: called with the loss at every summary step (every `summary_every_n_steps`),
+and with `loss=None` as training advances in between (at most every `PROGRESS_INTERVAL` s)."""
 CheckpointCallback = Callable[[int, str, dict[str, float]], None]
+"""`(step, checkpoint prefix, metrics)`: called after every checkpoint."""
+PROGRESS_INTERVAL = 0.2
+PREEMPTED_EVALUATION_WAIT = 30.0
 
 
 class TrainResult(BaseModel):
@@ -66,41 +79,137 @@ class TrainResult(BaseModel):
     checkpoints_saved: int
     final_metrics: dict[str, float] = Field(default_factory=dict)
     preempted: bool = False
-    elapsed_seconds: float = 0.0
+    elapsed_seconds: float = Field(default=0.0, description="The whole call, waiting for the last write and evaluation")
+    loop_seconds: float = Field(
+        default=0.0, description="The training loop alone: first step to the last save's return (0 from train_multi_worker)"
+    )
     mlflow_run_id: Optional[str] = Field(default=None, description="The MLflow run that tracked the training")
     mlflow_run_url: Optional[str] = None
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, received {value!r}")
-    return value
+def train_with_checkpoints(
+    model_dir: str,
+    config: Optional[TrainingConfig] = None,
+    tracking: Optional[MlflowConfig] = None,
+    *,
+    on_progress: Optional[ProgressCallback] = None,
+    on_checkpoint: Optional[CheckpointCallback] = None,
+) -> TrainResult:
+    """Train a model with checkpoints, resuming from the model dir's newest valid checkpoint.
 
+    Args:
+        model_dir: where checkpoints, event files and `graph.pbtxt` are written (created if missing).
+        config: what to train: model, data, steps, batch size, seed, checkpoint policy
+            (default: the bundled iris, 1000 steps, the Estimator's policy).
+        tracking: the MLflow connection to track the run in (params, the loss,
+            checkpoint metrics, the checkpoint list and event files); None for no MLflow run.
+        on_progress: called as training advances (the CLI's progress bar).
+        on_checkpoint: called after every checkpoint.
 
-def check_arguments(
-    *, model: str = iris.MODEL, data: str = iris.DATA, steps: int = 1000, more_steps: Optional[int] = None,
-    batch_size: int = 32, seed: int = 0, shuffle_buffer: int = 1000, summary_every_n_steps: int = 100,
-    **_: Any,
-) -> None:
-    """Check `train`'s counts and import strings before anything is written.
+    Returns:
+        What the run did: steps, the last checkpoint, its metrics, the MLflow run.
 
     Raises:
-        ValueError: a count is not an integer in range.
-        ImportStringError: `model` or `data` names nothing importable.
+        ImportStringError: `config.model` or `config.data` is refused or names nothing importable
+            (before anything is written, an MLflow run included).
+        ModelDirError: `model_dir` is a file or cannot be created.
+        TrainingError: the model or data do not follow their contracts, or the model dir's
+            checkpoints are all broken.
+        CheckpointMismatchError: the newest checkpoint was written by another model.
+
+    Example:
+        >>> from prefect import flow
+        >>> from prefect_tensorflow.tasks import TrainingConfig, train_with_checkpoints
+        >>> @flow
+        ... def nightly(model_dir: str = "/models/iris") -> int:
+        ...     return train_with_checkpoints(model_dir, TrainingConfig(more_steps=1000)).final_step
     """
-    _check_int("steps", steps, 0)
-    if more_steps is not None:
-        _check_int("more_steps", more_steps, 0)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("shuffle_buffer", shuffle_buffer, 1)
-    _check_int("summary_every_n_steps", summary_every_n_steps, 1)
-    _check_int("seed", seed, 0)
-    load_object(model, parameter="model")
-    load_object(data, parameter="data")
+    config = config if isinstance(config, TrainingConfig) else TrainingConfig.model_validate(config or {})
+    resolve_model_code(config)
+    if config.workers > 1:
+        from .multi_worker import train_multi_worker
+
+        return train_multi_worker(model_dir, config, tracking, on_progress=on_progress, on_checkpoint=on_checkpoint)
+    location = parse_location(model_dir, parameter="model_dir")
+    mirror = None if location.is_local else RemoteModelDir(location.uri)
+    local_dir = prepare_model_dir(location.uri) if mirror is None else mirror.pull()
+    hooks = _Hooks(on_progress, on_checkpoint, mirror)
+    try:
+        if tracking is None:
+            result = _train(local_dir, config, hooks.progress, hooks.checkpointed)
+        else:
+            params = {"model_dir": location.uri, **config.mlflow_params()}
+            with TrainingRun(tracking, model_dir=local_dir, params=params, run_name=f"train-{location.name}") as run:
+                hooks.run = run
+                result = _train(local_dir, config, hooks.progress, hooks.checkpointed)
+                if config.evaluation == "sidecar":
+                    hooks.log_evaluations(local_dir)
+            result = result.model_copy(update={"mlflow_run_id": run.run_id, "mlflow_run_url": run.url})
+    finally:
+        if mirror is not None:
+            mirror.close()
+    if mirror is None:
+        return result
+    return result.model_copy(update={"model_dir": location.uri, "last_checkpoint": mirror.remote_prefix(result.last_checkpoint)})
 
 
-def _prepare_model_dir(model_dir: str | os.PathLike) -> str:
-    path = os.path.abspath(os.fspath(model_dir))
+class _Hooks:
+    """What happens beside the training loop: MLflow metrics, checkpoint publishing, the caller's callbacks."""
+
+    def __init__(
+        self,
+        on_progress: Optional[ProgressCallback],
+        on_checkpoint: Optional[CheckpointCallback],
+        mirror: Optional[RemoteModelDir],
+    ):
+        self.on_progress, self.on_checkpoint, self.mirror = on_progress, on_checkpoint, mirror
+        self.run: Optional[TrainingRun] = None
+        self.committed: list[int] = []
+
+    def progress(self, step: int, target: int, loss: Optional[float]) -> None:
+        if loss is not None and self.run is not None:
+            self.run.log_metric("loss", loss, step)
+        if self.on_progress is not None:
+            self.on_progress(step, target, loss)
+
+    def checkpointed(self, step: int, prefix: str, metrics: dict[str, float]) -> None:
+        self.committed.append(step)
+        if self.mirror is not None:
+            self.mirror.publish(step, prefix)
+        if self.run is not None:
+            self.run.log_metrics(checkpoint_metric_names(metrics), step)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(step, self.mirror.remote_prefix(prefix) or prefix if self.mirror else prefix, metrics)
+
+    def log_evaluations(self, model_dir: str) -> None:
+        """Send the evaluation metrics the sidecar recorded for this run's checkpoints to MLflow."""
+        if self.run is None:
+            return
+        recorded = read_metrics(model_dir)
+        for step in self.committed:
+            evaluated = {k: v for k, v in recorded.get(step, {}).items() if k != "train_loss"}
+            if evaluated:
+                self.run.log_metrics(checkpoint_metric_names(evaluated), step)
+
+
+def resolve_model_code(config: TrainingConfig) -> None:
+    """Check and import the config's model builder and dataset loader, before anything is written.
+
+    Raises:
+        ImportStringError: either is refused (see `model_code.import_string`) or does not import.
+        TrainingError: the builder does not accept the config's `hparams`.
+    """
+    model_code.check_hparams(config.model, dict(config.hparams))
+    model_code.load(config.data, "data")
+
+
+def prepare_model_dir(model_dir: str | os.PathLike) -> str:
+    """Create `model_dir` if needed and check it is a writable directory; returns its absolute path.
+
+    Raises:
+        ModelDirError: it is a file, cannot be created or is not writable.
+    """
+    path = parse_location(model_dir, parameter="model_dir").uri
     if os.path.exists(path) and not os.path.isdir(path):
         raise ModelDirError(path, "is a file; expected a directory (existing or to be created)")
     try:
@@ -112,246 +221,159 @@ def _prepare_model_dir(model_dir: str | os.PathLike) -> str:
     return path
 
 
-def _build(model: str, data: str, hparams: dict[str, Any]):
-    import tensorflow as tf
-
-    net = build_model(model, hparams)
-    if getattr(net, "optimizer", None) is None or getattr(net, "loss", None) is None:
-        raise TrainingError(
-            f"model {model!r}: expected a compiled model (model.compile(optimizer=..., loss=...)), "
-            "received one without an optimizer or a loss"
-        )
-    loader = load_object(data, parameter="data")
-    datasets = {}
-    for split in ("train", "eval"):
-        ds = loader(split)
-        if not isinstance(ds, tf.data.Dataset):
-            raise TrainingError(
-                f"data {data!r}: expected {split!r} to give a tf.data.Dataset of (features, label), "
-                f"received {type(ds).__name__}"
-            )
-        datasets[split] = ds
-    return net, datasets["train"], datasets["eval"]
+def checkpoint_metric_names(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Evaluation metrics under `eval/` (as in TensorBoard); `train_loss` (mean since the last checkpoint) as is."""
+    return {(key if key == "train_loss" else f"eval/{key}"): value for key, value in metrics.items()}
 
 
-def train(
-    model_dir: str | os.PathLike,
-    *,
-    model: str = iris.MODEL,
-    data: str = iris.DATA,
-    steps: int = 1000,
-    more_steps: Optional[int] = None,
-    batch_size: int = 32,
-    seed: int = 0,
-    policy: Optional[CheckpointPolicy] = None,
-    hparams: Optional[dict[str, Any]] = None,
-    shuffle_buffer: int = 1000,
-    summary_every_n_steps: int = 100,
-    on_progress: Optional[ProgressCallback] = None,
-    on_checkpoint: Optional[CheckpointCallback] = None,
+# --- the run, step by step -----------------------------------------------------------------
+
+
+def _train(
+    model_dir: str,
+    config: TrainingConfig,
+    on_progress: Optional[ProgressCallback],
+    on_checkpoint: Optional[CheckpointCallback],
 ) -> TrainResult:
-    """Train to global step `steps` (or `more_steps` past the newest checkpoint), checkpointing.
-
-    The plain function behind `train_with_checkpoints`; see the module docstring.
-    `on_progress(step, target, loss)` is called after every step and
-    `on_checkpoint(step, prefix, metrics)` after every checkpoint.
-
-    Raises:
-        ValueError: a count is not a non-negative integer.
-        ModelDirError: `model_dir` is a file or cannot be created.
-        ImportStringError: `model` or `data` names nothing importable.
-        TrainingError: the model or data do not follow their contracts.
-        CheckpointMismatchError: the newest checkpoint was written by another model.
-    """
-    started = time.monotonic()
-    check_arguments(
-        model=model, data=data, steps=steps, more_steps=more_steps, batch_size=batch_size, seed=seed,
-        shuffle_buffer=shuffle_buffer, summary_every_n_steps=summary_every_n_steps,
-    )
-    policy = policy or CheckpointPolicy()
-    hparams = dict(hparams or {})
-    model_dir = _prepare_model_dir(model_dir)
-    log = get_logger()
-
-    import keras
     import tensorflow as tf
 
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-    net, train_ds, eval_ds = _build(model, data, hparams)
-    pipeline = input_pipeline(train_ds, seed=seed, shuffle_buffer=shuffle_buffer, batch_size=batch_size)
-    eval_batches = eval_ds.batch(max(batch_size, 256))
-    iterator = iter(pipeline)
+    started = time.monotonic()
+    log = get_logger()
+    policy = config.policy
+    net, train_ds, eval_ds = build_model_and_data(config)
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
     net.optimizer.build(net.trainable_variables)
-    ckpt = tf.train.Checkpoint(
-        model=net, optimizer=net.optimizer, global_step=global_step, input_iterator=iterator
-    )
+    objects = {"model": net, "optimizer": net.optimizer, "global_step": global_step}
 
     for leftover in uncommitted_temp_dirs(model_dir):
         log.warning("removing %s, a checkpoint write cut short by a crash", leftover)
         shutil.rmtree(leftover, ignore_errors=True)
-    latest = _resume(ckpt, model_dir)
+    if _written_without_input_position(model_dir):
+        # Written by several workers (tasks/multi_worker.py): their input position is
+        # skip(global_step) over the same seeded stream, and so is this process's.
+        latest = resume_from_newest(tf.train.Checkpoint(**objects), model_dir)
+        iterator = iter(input_pipeline(train_ds, config).skip(int(global_step.numpy())))
+        ckpt = tf.train.Checkpoint(**objects, input_iterator=iterator)
+    else:
+        iterator = iter(input_pipeline(train_ds, config))
+        ckpt = tf.train.Checkpoint(**objects, input_iterator=iterator)
+        latest = resume_from_newest(ckpt, model_dir)
     if latest is not None:
         log.info("resumed from %s (step %d)", latest.path, int(global_step.numpy()))
-    manager = tf.train.CheckpointManager(
+    start_step = step = int(global_step.numpy())
+    target = config.target_step(start_step)
+    if target < start_step:
+        log.warning("%s is already at step %d, past the target step %d; nothing to train", model_dir, start_step, target)
+
+    loss_window = LossWindow()
+    train_step = make_train_step(net, global_step, loss_window)
+    summaries = SummaryWriters(model_dir)
+    if step < target:
+        # Written before the first save, so that the state file stays the last change
+        # to the directory (see checkpoint_files.state_file_is_last_change).
+        write_graph(train_step, iterator, model_dir)
+        summaries.create()
+        evaluation.prepare(model_dir)
+    evaluator = None
+    if config.evaluation == "sidecar" and step < target:
+        evaluator = evaluation.SidecarEvaluator(model_dir, evaluation_spec(config))
+    saver = CheckpointSaver(
         ckpt,
         model_dir,
-        max_to_keep=policy.keep_checkpoint_max,
-        keep_checkpoint_every_n_hours=policy.keep_checkpoint_every_n_hours,
-        checkpoint_name=policy.checkpoint_name,
+        config,
+        net,
+        eval_ds.batch(max(config.batch_size, 256)),
+        loss_window,
+        summaries,
+        on_checkpoint,
+        evaluator,
+        last_step=latest.step if latest is not None else None,
+        metrics=dict(latest.metrics) if latest is not None else {},
     )
-    if policy.async_save:
-        enable_keras_async_checkpoint()
-    options = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=policy.async_save)
-
-    start_step = step = int(global_step.numpy())
-    target = start_step + more_steps if more_steps is not None else steps
-    if target < start_step:
-        log.warning(
-            "%s is already at step %d, past the target step %d; nothing to train",
-            model_dir, start_step, target,
-        )
-
-    # Training loss since the last checkpoint, summed on the device: no per-step sync.
-    # Not part of the checkpoint, so after a resume the first window is shorter.
-    loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-    loss_count = tf.Variable(0, dtype=tf.int64, trainable=False)
-
-    @tf.function(reduce_retracing=True)
-    def train_step(it):
-        x, y = next(it)
-        with tf.GradientTape() as tape:
-            y_pred = net(x, training=True)
-            loss = net.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
-        grads = tape.gradient(loss, net.trainable_variables)
-        net.optimizer.apply_gradients(zip(grads, net.trainable_variables))
-        global_step.assign_add(1)
-        loss_sum.assign_add(tf.cast(loss, tf.float64))
-        loss_count.assign_add(1)
-        return loss
-
-    writers = _SummaryWriters(model_dir)  # no event files for a run with nothing to train
-    saved: list[str] = []
-    last_saved_step = latest.step if latest is not None else None
-    last_save_time = time.monotonic()
-    metrics: dict[str, float] = dict(latest.metrics) if latest is not None else {}
-    rate_time = time.monotonic()
-
-    def save() -> None:
-        nonlocal last_saved_step, last_save_time, metrics
-        metrics = _evaluate(net, eval_batches)
-        if int(loss_count.numpy()):
-            metrics["train_loss"] = float(loss_sum.numpy()) / int(loss_count.numpy())
-        loss_sum.assign(0.0)
-        loss_count.assign(0)
-        name = f"{policy.checkpoint_name}-{step}"
-        append_metrics(model_dir, step=step, checkpoint=name, metrics=metrics)
-        path = manager.save(checkpoint_number=step, options=options)
-        with writers.eval.as_default(step=step):
-            for key, value in metrics.items():
-                tf.summary.scalar(key, value)
-        writers.eval.flush()
-        saved.append(path)
-        last_saved_step, last_save_time = step, time.monotonic()
-        log.info("saved checkpoint %s (%s)", path, _fmt(metrics))
-        if on_checkpoint is not None:
-            on_checkpoint(step, path, dict(metrics))
-
+    progress = ProgressReporter(on_progress, target)
     preempted = False
-    if step < target:
-        # Written before the first save, so that the state file stays the last
-        # change to the directory (see checkpoint_files.state_file_is_last_change).
-        _write_graph(train_step, iterator, model_dir)
-        writers.train, writers.eval  # create the event files now, before the first save
+    loop_started = time.monotonic()
     with PreemptionGuard() as guard:
-        if policy.save_at_start and last_saved_step != step and step < target:
-            save()
+        if policy.is_due_at_start(step, target, saver.last_step):
+            saver.save(step)
         while step < target:
             if guard.requested:
                 preempted = True
                 log.warning("SIGTERM received at step %d: saving a checkpoint before exiting", step)
                 break
-            loss_value = train_step(iterator)
+            loss = train_step(iterator)
             step += 1
-            summary_due = step % summary_every_n_steps == 0
-            loss = float(loss_value) if summary_due or on_progress is not None else None
-            if summary_due:
-                now = time.monotonic()
-                rate = summary_every_n_steps / max(now - rate_time, 1e-9)
-                rate_time = now
-                with writers.train.as_default(step=step):
-                    tf.summary.scalar("loss", loss)
-                    tf.summary.scalar("global_step/sec", rate)
-                log.info("step %d/%d: loss %.4f (%.0f steps/s)", step, target, loss, rate)
-            if on_progress is not None:
-                on_progress(step, target, loss)
-            if (
-                policy.save_checkpoints_steps is not None and step % policy.save_checkpoints_steps == 0
-            ) or (
-                policy.save_checkpoints_secs is not None
-                and time.monotonic() - last_save_time >= policy.save_checkpoints_secs
-            ):
-                save()
-        if (preempted or policy.save_at_end) and last_saved_step != step:
-            save()
-        if policy.async_save:
-            ckpt.sync()
-        writers.flush()
+            if step % config.summary_every_n_steps == 0:
+                progress.loss_at(step, summaries.training_step(step, float(loss), config.summary_every_n_steps, target))
+            else:
+                progress.advance(step)
+            if policy.is_due(step, saver.seconds_since_save()):
+                saver.save(step)
+        if policy.is_due_at_end(step, saver.last_step, preempted=preempted):
+            saver.save(step)
+        loop_seconds = time.monotonic() - loop_started
+        progress.finish(step)
+        # After a preemption the evaluator gets a bounded wait: the grace period may be short.
+        saver.finish(evaluation_timeout=PREEMPTED_EVALUATION_WAIT if preempted else None)
+        summaries.flush()
 
     return TrainResult(
         model_dir=model_dir,
         start_step=start_step,
         final_step=step,
         target_step=target,
-        steps_run=step - start_step,
-        last_checkpoint=saved[-1] if saved else (latest.path if latest else None),
-        checkpoints_saved=len(saved),
-        final_metrics=metrics,
+        steps_run=max(step - start_step, 0),
+        last_checkpoint=saver.saved[-1] if saver.saved else (latest.path if latest else None),
+        checkpoints_saved=len(saver.saved),
+        final_metrics=saver.metrics,
         preempted=preempted,
         elapsed_seconds=time.monotonic() - started,
+        loop_seconds=loop_seconds,
     )
 
 
-def _resume(ckpt, model_dir: str) -> Optional[CheckpointRef]:
-    """Restore `ckpt` from the newest checkpoint of `model_dir` that restores; None if there is none.
+def _written_without_input_position(model_dir: str) -> bool:
+    """Whether the newest valid checkpoint lacks `input_iterator` (multi-worker checkpoints do)."""
+    try:
+        newest = select_latest_checkpoint(model_dir).path
+    except (NoValidCheckpointError, ModelDirError):
+        return False
+    return not any(key.startswith("input_iterator/") for key in checkpoint_keys(newest))
 
-    A checkpoint can pass the cheap validation and still fail to restore (a
-    flipped bit fails its CRC32C); then the next older valid one is tried.
+
+def build_model_and_data(config: TrainingConfig):
+    """Seed everything, build the compiled model and both splits, checking each contract.
 
     Raises:
-        TrainingError: `model_dir` holds checkpoints but none is valid or none
-            restores. Training from scratch over them would silently throw a
-            long training away; move them aside to start over.
-        CheckpointMismatchError: the checkpoints were written by another model.
+        TrainingError: the builder refused the hparams, returned something else than a
+            compiled `keras.Model`, or the loader did not return a `tf.data.Dataset`.
     """
-    log = get_logger()
-    prefixes = checkpoint_prefixes(model_dir)
-    try:
-        candidates = [find_latest_checkpoint(model_dir).path]
-    except NoValidCheckpointError as err:
-        if prefixes:
-            raise TrainingError(f"{err}. Move them aside to train from scratch.") from err
-        return None
-    newest = step_of(candidates[0]) or 0
-    candidates += [p for p in prefixes if step_of(p) is not None and step_of(p) < newest]
-    failures = []
-    for prefix in candidates:
-        try:
-            ref = checkpoint_ref(prefix)
-            restore_strict(ckpt, ref.path)
-            return ref
-        except InvalidCheckpointError as err:
-            failures.append(f"{os.path.basename(prefix)}: {err.reason}")
-            log.warning("cannot resume from %s: %s; trying an older checkpoint", prefix, err.reason)
-    raise TrainingError(
-        f"model dir {model_dir}: no checkpoint restores ({'; '.join(failures)}). "
-        "Move them aside to train from scratch."
-    )
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    net = model_code.build_model(config.model, dict(config.hparams))
+    if getattr(net, "optimizer", None) is None or getattr(net, "loss", None) is None:
+        raise TrainingError(
+            f"model {config.model!r}: expected a compiled model (model.compile(optimizer=..., loss=...)), "
+            "received one without an optimizer or a loss"
+        )
+    loader = model_code.load(config.data, "data")
+    splits = []
+    for split in ("train", "eval"):
+        dataset = loader(split)
+        if not isinstance(dataset, tf.data.Dataset):
+            raise TrainingError(
+                f"data {config.data!r}: expected {split!r} to give a tf.data.Dataset of (features, label), "
+                f"received {type(dataset).__name__}"
+            )
+        splits.append(dataset)
+    return net, splits[0], splits[1]
 
 
-def input_pipeline(dataset, *, seed: int, shuffle_buffer: int, batch_size: int):
-    """Repeat `dataset` forever, shuffle the stream with `seed`, and batch it.
+def input_pipeline(dataset, config: TrainingConfig):
+    """Repeat `dataset` forever, shuffle the stream with the config's seed, and batch it.
 
     Repeating before shuffling means the shuffle is instantiated once, when
     the training iterator is created. Shuffling after repeating would draw each
@@ -367,34 +389,173 @@ def input_pipeline(dataset, *, seed: int, shuffle_buffer: int, batch_size: int):
     options.autotune.enabled = False
     return (
         dataset.repeat()
-        .shuffle(shuffle_buffer, seed=seed)
-        .batch(batch_size, drop_remainder=True)
+        .shuffle(config.shuffle_buffer, seed=config.seed)
+        .batch(config.batch_size, drop_remainder=True)
         .with_options(options)
     )
 
 
-class _SummaryWriters:
-    """TensorBoard writers for `model_dir` (training) and `model_dir/eval`, created on first use."""
+class LossWindow:
+    """The training loss summed on the device since the last checkpoint: no per-step host sync.
+
+    Not part of the checkpoint, so after a resume the first window is shorter.
+    """
+
+    def __init__(self) -> None:
+        import tensorflow as tf
+
+        self.total = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self.count = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def take_mean(self) -> Optional[float]:
+        """The mean since the last call (None if no step ran), and start a new window."""
+        count = int(self.count.numpy())
+        mean = float(self.total.numpy()) / count if count else None
+        self.total.assign(0.0)
+        self.count.assign(0)
+        return mean
+
+
+def make_train_step(net, global_step, window: LossWindow):
+    """One optimisation step as a `tf.function` over the input iterator; returns the loss tensor."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def train_step(iterator):
+        x, y = next(iterator)
+        with tf.GradientTape() as tape:
+            y_pred = net(x, training=True)
+            loss = net.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+        grads = tape.gradient(loss, net.trainable_variables)
+        net.optimizer.apply_gradients(zip(grads, net.trainable_variables))
+        global_step.assign_add(1)
+        window.total.assign_add(tf.cast(loss, tf.float64))
+        window.count.assign_add(1)
+        return loss
+
+    return train_step
+
+
+class CheckpointSaver:
+    """Takes each checkpoint: the training loss of its window, its metrics as the evaluation mode says, the write.
+
+    - `in_loop`: evaluate now, append the metrics line, then save (the line is there before the commit);
+    - `sidecar`: save; once committed, the sidecar evaluator is told, and writes the line;
+    - `none`: append a line with the training loss only, then save.
+
+    The write is `CheckpointWriter`'s: a snapshot now, the files and the commit in the background
+    (`policy.async_save`). `on_checkpoint(step, prefix, metrics)` is called once a checkpoint is committed.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Any,
+        model_dir: str,
+        config: TrainingConfig,
+        net: Any,
+        eval_batches: Any,
+        loss_window: LossWindow,
+        summaries: SummaryWriters,
+        on_checkpoint: Optional[CheckpointCallback],
+        evaluator: Optional[evaluation.SidecarEvaluator],
+        *,
+        last_step: Optional[int],
+        metrics: dict[str, float],
+    ):
+        self.model_dir, self.config, self.policy = model_dir, config, config.policy
+        self.net, self.eval_batches, self.loss_window = net, eval_batches, loss_window
+        self.summaries, self.on_checkpoint, self.evaluator = summaries, on_checkpoint, evaluator
+        self.last_step, self.metrics = last_step, metrics
+        self.saved: list[str] = []
+        self._pending: dict[int, dict[str, float]] = {}
+        self._last_time = time.monotonic()
+        self.writer = CheckpointWriter(checkpoint, model_dir, self.policy, on_committed=self._committed)
+
+    def seconds_since_save(self) -> float:
+        return time.monotonic() - self._last_time
+
+    def save(self, step: int) -> str:
+        train_loss = self.loss_window.take_mean()
+        metrics: dict[str, float] = {} if train_loss is None else {"train_loss": train_loss}
+        if self.config.evaluation != "sidecar":
+            if self.config.evaluation == "in_loop":
+                metrics = {**evaluate(self.net, self.eval_batches), **metrics}
+                self.summaries.evaluation(step, metrics)
+            append_metrics(self.model_dir, step=step, checkpoint=f"{self.policy.checkpoint_name}-{step}", metrics=metrics)
+        self._pending[step] = metrics
+        path = self.writer.save(step)
+        self.saved.append(path)
+        self.last_step, self.metrics, self._last_time = step, metrics, time.monotonic()
+        get_logger().info("saved checkpoint %s (%s)", path, format_metrics(metrics) or "evaluation to follow")
+        return path
+
+    def _committed(self, step: int, prefix: str) -> None:
+        metrics = self._pending.pop(step, {})
+        if self.evaluator is not None:
+            self.evaluator.notify(step, metrics.get("train_loss"))
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(step, prefix, dict(metrics))
+
+    def finish(self, *, evaluation_timeout: Optional[float]) -> None:
+        """Wait for the writes and for the evaluator (at most `evaluation_timeout` s); take the last checkpoint's metrics."""
+        self.writer.finish()
+        if self.evaluator is not None:
+            self.evaluator.finish(timeout=evaluation_timeout)
+        if self.last_step is not None:
+            self.metrics = read_metrics(self.model_dir).get(self.last_step, self.metrics)
+
+
+def evaluation_spec(config: TrainingConfig) -> evaluation.EvaluationSpec:
+    """What the sidecar evaluator needs, with the model code as trusted import strings (already checked)."""
+    return evaluation.EvaluationSpec(
+        model=model_code.import_string(config.model, "model"),
+        data=model_code.import_string(config.data, "data"),
+        hparams=dict(config.hparams),
+        batch_size=max(config.batch_size, 256),
+        checkpoint_name=config.policy.checkpoint_name,
+    )
+
+
+class SummaryWriters:
+    """TensorBoard event files: the training loss and steps/s in `model_dir`, eval metrics in `model_dir/eval`."""
 
     def __init__(self, model_dir: str):
-        self._model_dir = model_dir
-        self._train = self._eval = None
+        self.model_dir = model_dir
+        self._train: Any = None
+        self._eval: Any = None
+        self._rate_time = time.monotonic()
 
-    @property
-    def train(self):
+    def create(self) -> None:
+        """Create the event files now (before the first save: see `_train`)."""
         import tensorflow as tf
 
         if self._train is None:
-            self._train = tf.summary.create_file_writer(self._model_dir)
-        return self._train
+            self._train = tf.summary.create_file_writer(self.model_dir)
+            self._eval = tf.summary.create_file_writer(os.path.join(self.model_dir, "eval"))
 
-    @property
-    def eval(self):
+    def training_step(self, step: int, loss: float, every: int, target: int) -> float:
+        """Write the loss and the step rate at `step`; log them; return the loss."""
         import tensorflow as tf
 
-        if self._eval is None:
-            self._eval = tf.summary.create_file_writer(os.path.join(self._model_dir, "eval"))
-        return self._eval
+        now = time.monotonic()
+        rate = every / max(now - self._rate_time, 1e-9)
+        self._rate_time = now
+        self.create()
+        with self._train.as_default(step=step):
+            tf.summary.scalar("loss", loss)
+            tf.summary.scalar("global_step/sec", rate)
+        get_logger().info("step %d/%d: loss %.4f (%.0f steps/s)", step, target, loss, rate)
+        return loss
+
+    def evaluation(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Write a checkpoint's evaluation metrics to `eval/` at `step`."""
+        import tensorflow as tf
+
+        self.create()
+        with self._eval.as_default(step=step):
+            for key, value in metrics.items():
+                tf.summary.scalar(key, value)
+        self._eval.flush()
 
     def flush(self) -> None:
         for writer in (self._train, self._eval):
@@ -402,101 +563,45 @@ class _SummaryWriters:
                 writer.flush()
 
 
-def _evaluate(net, batches) -> dict[str, float]:
+class ProgressReporter:
+    """Calls `on_progress` with each summary step's loss, and in between at most every
+    `PROGRESS_INTERVAL` seconds (a step costs a comparison, never a host sync), and at the end."""
+
+    def __init__(self, callback: Optional[ProgressCallback], target: int):
+        self.callback, self.target = callback, target
+        self._next = 0.0
+
+    def loss_at(self, step: int, loss: float) -> None:
+        if self.callback is not None:
+            self._next = time.monotonic() + PROGRESS_INTERVAL
+            self.callback(step, self.target, loss)
+
+    def advance(self, step: int) -> None:
+        if self.callback is None:
+            return
+        now = time.monotonic()
+        if now >= self._next or step == self.target:
+            self._next = now + PROGRESS_INTERVAL
+            self.callback(step, self.target, None)
+
+    def finish(self, step: int) -> None:
+        if self.callback is not None:
+            self.callback(step, self.target, None)
+
+
+def evaluate(net, batches) -> dict[str, float]:
+    """The compiled metrics of `net` on `batches`, finite values only."""
     values = net.evaluate(batches, verbose=0, return_dict=True)
     return {str(k): float(v) for k, v in values.items() if math.isfinite(float(v))}
 
 
-def _write_graph(train_step, iterator, model_dir: str) -> None:
+def write_graph(train_step, iterator, model_dir: str) -> None:
+    """`graph.pbtxt`: the training step's graph, as the Estimator wrote it."""
     import tensorflow as tf
 
     graph_def = train_step.get_concrete_function(iterator).graph.as_graph_def()
     tf.io.write_graph(graph_def, model_dir, "graph.pbtxt", as_text=True)
 
 
-def _fmt(metrics: dict[str, float]) -> str:
+def format_metrics(metrics: Mapping[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-
-
-@task(name="train-with-checkpoints")
-def train_with_checkpoints(
-    model_dir: str,
-    model: str = iris.MODEL,
-    data: str = iris.DATA,
-    steps: int = 1000,
-    more_steps: Optional[int] = None,
-    batch_size: int = 32,
-    seed: int = 0,
-    policy: Optional[CheckpointPolicy] = None,
-    hparams: Optional[dict[str, Any]] = None,
-    tracking: Optional[MlflowConnection] = None,
-) -> TrainResult:
-    """Train a model with checkpoints, resuming from the model dir's newest valid checkpoint.
-
-    Args:
-        model_dir: where checkpoints, event files and `graph.pbtxt` are written.
-        model: `"module:attr"` of a builder returning a compiled `keras.Model`.
-        data: `"module:attr"` of a loader `(split) -> tf.data.Dataset` of (features, label).
-        steps: target global step (the Estimator's `max_steps`).
-        more_steps: train this many steps past the newest checkpoint instead.
-        batch_size: examples per step.
-        seed: random seed of initialisation and shuffling.
-        policy: when to checkpoint and what to keep; Estimator defaults when None.
-        hparams: keyword arguments for the model builder.
-        tracking: the MLflow connection to track the run in (params, the loss
-            at every step, checkpoint metrics, the checkpoint list and event
-            files); None for no MLflow run.
-
-    Returns:
-        What the run did: steps, the last checkpoint, its metrics.
-
-    Raises:
-        ModelDirError, ImportStringError, TrainingError, CheckpointMismatchError.
-
-    Example:
-        >>> from prefect import flow
-        >>> @flow
-        ... def train_iris(model_dir: str = "/models/iris") -> str:
-        ...     return train_with_checkpoints(model_dir, steps=2000).last_checkpoint
-    """
-    kwargs = dict(
-        model=model, data=data, steps=steps, more_steps=more_steps, batch_size=batch_size, seed=seed,
-        policy=policy, hparams=hparams,
-    )
-    if tracking is None:
-        return train(model_dir, **kwargs)
-    return train_tracked(model_dir, tracking, **kwargs)
-
-
-def _checkpoint_metric_names(metrics: dict[str, float]) -> dict[str, float]:
-    """Evaluation metrics under `eval/` (as in TensorBoard); `train_loss` (mean since the last checkpoint) as is."""
-    return {(key if key == "train_loss" else f"eval/{key}"): value for key, value in metrics.items()}
-
-
-def train_tracked(model_dir: str | os.PathLike, tracking: MlflowConnection, **kwargs: Any) -> TrainResult:
-    """`train(model_dir, **kwargs)` inside one MLflow run (see `tracking.TrainingRun`).
-
-    Arguments are checked before the MLflow run is created: a bad one leaves no run.
-    """
-    check_arguments(**kwargs)
-    _prepare_model_dir(model_dir)
-    policy = kwargs.get("policy") or CheckpointPolicy()
-    params = {
-        "model_dir": os.path.abspath(os.fspath(model_dir)),
-        "model": kwargs.get("model", iris.MODEL),
-        "data": kwargs.get("data", iris.DATA),
-        "steps": kwargs.get("steps", 1000),
-        "more_steps": kwargs.get("more_steps"),
-        "batch_size": kwargs.get("batch_size", 32),
-        "seed": kwargs.get("seed", 0),
-        "policy": policy.model_dump(),
-        "hparams": dict(kwargs.get("hparams") or {}),
-    }
-    with TrainingRun(tracking, model_dir=params["model_dir"], params=params) as run:
-        result = train(
-            model_dir,
-            **kwargs,
-            on_progress=lambda step, _target, loss: run.log_metric("loss", loss, step),
-            on_checkpoint=lambda step, _path, metrics: run.log_metrics(_checkpoint_metric_names(metrics), step),
-        )
-    return result.model_copy(update={"mlflow_run_id": run.run_id, "mlflow_run_url": run.url})

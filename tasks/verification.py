@@ -15,14 +15,15 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import numpy as np
-from prefect import task
 from pydantic import BaseModel, ConfigDict
 
+from . import model_code
+from .configs import ExportConfig
 from .errors import ParityError
-from .importing import load_object
 
 DEFAULT_TOLERANCE = 1e-5
 
@@ -42,9 +43,7 @@ class Parity(BaseModel):
         return self.max_abs_diff <= self.tolerance
 
 
-def compare_outputs(
-    expected: Mapping[str, Any], actual: Mapping[str, Any], tolerance: float = DEFAULT_TOLERANCE
-) -> Parity:
+def compare_outputs(expected: Mapping[str, Any], actual: Mapping[str, Any], tolerance: float = DEFAULT_TOLERANCE) -> Parity:
     """Largest absolute difference per output; outputs must have the same names and shapes.
 
     Raises:
@@ -69,13 +68,6 @@ def compare_outputs(
     )
 
 
-def default_verification_data(model: str, data: Optional[str]) -> Optional[str]:
-    """`data`, or the bundled iris loader when the model is the bundled iris one, else None (random values)."""
-    from . import iris
-
-    return data or (iris.DATA if model == iris.MODEL else None)
-
-
 def verification_batch(specs: list, data: Optional[str] = None, size: int = 32, seed: int = 0) -> list[np.ndarray]:
     """One batch per input spec: the first `size` examples of `data`'s eval split, else seeded random values.
 
@@ -86,7 +78,7 @@ def verification_batch(specs: list, data: Optional[str] = None, size: int = 32, 
     import tensorflow as tf
 
     if data is not None:
-        loader = load_object(data, parameter="data")
+        loader = model_code.load(data, "data")
         features = []
         for element in loader("eval").take(size):
             x = element[0] if isinstance(element, tuple) else element
@@ -121,13 +113,14 @@ def run_frozen_graph(graph_def, inputs: list[str], outputs: Mapping[str, str], b
     return dict(zip(names, values))
 
 
-def read_graph_def(path: str | os.PathLike):
-    """Parse a binary `GraphDef` (`.pb`)."""
+def read_graph_def(path: str | os.PathLike, *, parameter: str = "frozen_graph"):
+    """Parse a binary `GraphDef` (`.pb`), a local path or an `s3://` URI."""
     import tensorflow as tf
 
+    from .object_store import read_location_bytes
+
     graph_def = tf.compat.v1.GraphDef()
-    with open(path, "rb") as handle:
-        graph_def.ParseFromString(handle.read())
+    graph_def.ParseFromString(read_location_bytes(os.fspath(path), parameter=parameter))
     return graph_def
 
 
@@ -169,92 +162,74 @@ class VerifyReport(BaseModel):
     ok: bool
 
 
-def parity_report(
-    checkpoint: str,
-    *,
-    frozen_graph: Optional[str] = None,
-    saved_model: Optional[str] = None,
-    model: Optional[str] = None,
-    hparams: Optional[dict[str, Any]] = None,
-    data: Optional[str] = None,
-    input_name: str = "features",
-    tolerance: float = DEFAULT_TOLERANCE,
-) -> VerifyReport:
-    """Run a TF2 checkpoint, a frozen graph and a SavedModel on one batch; report each pair's max difference.
-
-    Output names are the SavedModel signature's (or `logits`, `probabilities`,
-    `class_ids` of the classifier head); the frozen graph must have tensors of
-    those names, as `freeze_graph` writes them.
-    """
-    from . import iris
-    from .serving import input_specs, restore_model, serving_function
-
-    model = model or iris.MODEL
-    net = restore_model(checkpoint, model, hparams)
-    serve = serving_function(net)
-    specs = input_specs(net)
-    batch = verification_batch(specs, default_verification_data(model, data))
-    results = {"checkpoint": {k: v.numpy() for k, v in serve(*batch).items()}}
-    names = sorted(results["checkpoint"])
-    if frozen_graph:
-        graph_def = read_graph_def(frozen_graph)
-        results["frozen_graph"] = run_frozen_graph(
-            graph_def, [f"{sp.name}:0" for sp in specs] if len(specs) > 1 else [f"{input_name}:0"],
-            {n: f"{n}:0" for n in names}, batch
-        )
-    if saved_model:
-        results["saved_model"] = run_saved_model(saved_model, batch, input_names=[sp.name for sp in specs])
-    pairs = {}
-    keys = list(results)
-    for i, a in enumerate(keys):
-        for b in keys[i + 1 :]:
-            pairs[f"{a} vs {b}"] = compare_outputs(results[a], results[b], tolerance)
-    return VerifyReport(
-        checkpoint=checkpoint, frozen_graph=frozen_graph, saved_model=saved_model,
-        pairs=pairs, ok=all(p.ok for p in pairs.values()),
-    )
-
-
-@task(name="verify-artifacts")
 def verify_artifacts(
     checkpoint: str,
     frozen_graph: Optional[str] = None,
     saved_model: Optional[str] = None,
-    model: Optional[str] = None,
-    data: Optional[str] = None,
-    tolerance: float = DEFAULT_TOLERANCE,
+    config: Optional[ExportConfig] = None,
 ) -> VerifyReport:
     """Check that a frozen graph and/or a SavedModel compute what a TF2 checkpoint computes.
 
     For exports made elsewhere. Each pair's largest absolute difference on
-    one batch is reported; the task fails when any pair exceeds `tolerance`.
+    one verification batch is reported. Output names are the SavedModel
+    signature's (or `logits`, `probabilities`, `class_ids` of the classifier
+    head); the frozen graph must have tensors of those names, as
+    `freeze_graph` writes them.
 
     Args:
         checkpoint: TF2 checkpoint prefix.
-        frozen_graph: a `.pb` with `features:0` input and outputs named like the signature.
+        frozen_graph: a `.pb` with a `features:0` input and outputs named like the signature.
         saved_model: a SavedModel version directory.
-        model: model builder import string (default: the bundled iris).
-        data: dataset loader for the batch (default: seeded random values).
-        tolerance: largest absolute difference accepted.
+        config: the model builder, head, verification data and tolerance (default: the bundled iris).
 
     Returns:
         The pairwise parity figures.
 
     Raises:
-        ParityError: a pair differs by more than `tolerance`.
+        ParityError: a pair differs by more than the tolerance (the report is its `report`).
 
     Example:
         >>> from prefect import flow
+        >>> from prefect_tensorflow.tasks import verify_artifacts
         >>> @flow
         ... def audit(checkpoint: str, export_dir: str) -> float:
         ...     report = verify_artifacts(checkpoint, saved_model=export_dir)
         ...     return max(p.max_abs_diff for p in report.pairs.values())
     """
-    report = parity_report(
-        checkpoint, frozen_graph=frozen_graph, saved_model=saved_model, model=model, data=data,
-        tolerance=tolerance,
+    from .export_base import local_export
+    from .remote_checkpoints import fetch_checkpoint, is_remote
+    from .serving import trace_checkpoint
+
+    config = config or ExportConfig()
+    model = config.model_for("tf2") or "iris"
+    local_checkpoint = fetch_checkpoint(checkpoint) if is_remote(checkpoint) else checkpoint
+    traced = trace_checkpoint(local_checkpoint, model, config.hparams, config.head, config.verification_data(model))
+    results = {"checkpoint": traced.expected}
+    names = sorted(traced.expected)
+    if frozen_graph:
+        inputs = [f"{name}:0" for name in traced.input_names]
+        results["frozen_graph"] = run_frozen_graph(
+            read_graph_def(frozen_graph), inputs, {n: f"{n}:0" for n in names}, traced.batch
+        )
+    if saved_model:
+        with local_export(saved_model) as local:
+            results["saved_model"] = run_saved_model(local, traced.batch, input_names=traced.input_names)
+    keys = list(results)
+    pairs = {
+        f"{a} vs {b}": compare_outputs(results[a], results[b], config.tolerance)
+        for i, a in enumerate(keys)
+        for b in keys[i + 1 :]
+    }
+    report = VerifyReport(
+        checkpoint=checkpoint,
+        frozen_graph=frozen_graph,
+        saved_model=saved_model,
+        pairs=pairs,
+        ok=all(p.ok for p in pairs.values()),
     )
-    bad = {pair: p.max_abs_diff for pair, p in report.pairs.items() if not p.ok}
+    bad = {pair: p.max_abs_diff for pair, p in pairs.items() if not p.ok}
     if bad:
-        raise ParityError(f"{checkpoint}: artifacts differ by more than {tolerance:g}: {bad}")
+        error = ParityError(f"{checkpoint}: artifacts differ by more than {config.tolerance:g}: {bad}")
+        error.report = report  # type: ignore[attr-defined]
+        raise error
     return report

@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import tempfile  # noqa: E402
+import tempfile
 
 # Nothing a test writes by default lands in the repo, and a user's MLflow server is never touched.
 os.environ["PREFECT_TENSORFLOW_HOME"] = tempfile.mkdtemp(prefix="prefect-tensorflow-home-")
@@ -38,8 +38,9 @@ def trained_dir(tmp_path_factory) -> Path:
 
     Shared read-only; tests that damage files use `model_dir_copy`.
     """
+    from helpers import train
+
     from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.training import train
 
     model_dir = tmp_path_factory.mktemp("trained") / "iris"
     policy = CheckpointPolicy(save_checkpoints_steps=100, keep_checkpoint_max=None)
@@ -60,13 +61,15 @@ def mlflow_template_db(tmp_path_factory) -> Path:
 @pytest.fixture
 def mlflow_store(tmp_path: Path, mlflow_template_db: Path):
     """An `MlflowConnection` to a fresh SQLite store in `tmp_path/mlflow` (artifacts beside it)."""
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+    from prefect_tensorflow.tasks.blocks import MlflowConnection
 
     (tmp_path / "mlflow").mkdir()
     shutil.copyfile(mlflow_template_db, tmp_path / "mlflow" / "mlflow.db")
     return MlflowConnection(
-        tracking_uri=f"sqlite:///{tmp_path}/mlflow/mlflow.db", experiment_name="tests",
-        request_retries=0, operation_retries=0,
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow/mlflow.db",
+        experiment_name="tests",
+        request_retries=0,
+        operation_retries=0,
     )
 
 
@@ -111,9 +114,7 @@ def write_tf1_checkpoints(model_dir: Path, steps=(100, 200, 300), signature: boo
                 if signature:
                     meta = tf.compat.v1.train.export_meta_graph()
                     meta.signature_def["serving_default"].CopyFrom(
-                        tf.compat.v1.saved_model.predict_signature_def(
-                            inputs={"features": x}, outputs={"scores": scores}
-                        )
+                        tf.compat.v1.saved_model.predict_signature_def(inputs={"features": x}, outputs={"scores": scores})
                     )
                     Path(prefix + ".meta").write_bytes(meta.SerializeToString())
 
@@ -132,3 +133,107 @@ def cli_env() -> dict[str, str]:
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(REPO / "tests")  # for the test models' import strings
     return env
+
+
+# --- the team's servers: S3 (moto), PostgreSQL, MLflow on both, Prefect on PostgreSQL ------------------
+# Session-scoped and started only by the (slow) tests that ask for them; each is stopped in `finally`.
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server in a process of its own, requests serialized (conditional writes atomic)."""
+    from prefect_tensorflow.flows.team_stack import S3Server
+
+    server = S3Server(str(tmp_path_factory.mktemp("s3-server") / "s3.log")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket of the session's S3 server, this process's environment pointing at the server.
+
+    `s3.env` is the environment a subprocess needs (AWS_* keys, AWS_ENDPOINT_URL_S3).
+    """
+    from team_servers import Bucket
+
+    bucket = Bucket(s3_server)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in bucket.env.items():
+        monkeypatch.setenv(name, value)
+    return bucket
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster (Debian's server binaries) on 127.0.0.1.
+
+    Its directory is a `mkdtemp` in /tmp, not pytest's: as root the server runs
+    as `postgres`, which cannot enter the 0700 /tmp/pytest-of-root.
+    """
+    from prefect_tensorflow.flows.team_stack import PgCluster
+
+    cluster = PgCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_team_server(postgres, s3_server, tmp_path_factory):
+    """`mlflow server` as the team runs it: PostgreSQL backend, artifacts proxied to s3://mlflow-artifacts/mlflow.
+
+    Only the server holds S3 credentials. One server for the session (start-up is
+    30-60 s on 2 cores, mostly imports): tests use names of their own. Yields its URL.
+    """
+    from team_servers import Bucket
+
+    from prefect_tensorflow.flows.servers import free_port, start_process, stop_process_group
+    from prefect_tensorflow.flows.team_stack import clean_environment, mlflow_server_command
+
+    Bucket(s3_server, name="mlflow-artifacts")
+    postgres.create_database("mlflow")
+    port = free_port()
+    log = tmp_path_factory.mktemp("mlflow-team-server") / "mlflow-server.log"
+    env = {**clean_environment(), **s3_server.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1"}
+    process = start_process(
+        mlflow_server_command(postgres.url("mlflow"), "s3://mlflow-artifacts/mlflow", port),
+        str(log),
+        env=env,
+        health_url=f"http://127.0.0.1:{port}/health",
+        timeout=300,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process_group(process)
+
+
+@pytest.fixture(scope="session")
+def prefect_pg_server(postgres, tmp_path_factory):
+    """`prefect server start` on a PostgreSQL database; yields its API URL."""
+    from prefect_tensorflow.flows.servers import free_port, start_prefect_server, stop_process_group
+    from prefect_tensorflow.flows.team_stack import clean_environment
+
+    postgres.create_database("prefect")
+    root = tmp_path_factory.mktemp("prefect-pg-server")
+    port = free_port()
+    env = {
+        **clean_environment(),
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": postgres.url("prefect", "postgresql+asyncpg"),
+        "PREFECT_API_DATABASE_TIMEOUT": "60",
+        "PREFECT_API_DATABASE_CONNECTION_TIMEOUT": "30",
+    }
+    server = start_prefect_server("127.0.0.1", port, str(root / "prefect-server.log"), env=env, timeout=300)
+    try:
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        stop_process_group(server)

@@ -7,6 +7,15 @@ back on the same port with the same database and artifact directory, as a
 restarted production server would. Its output goes to a log file, never to a
 pipe nobody reads; `log_tail()` is for failure messages.
 
+`MlflowServer(root, auth=True)` is the same server behind MLflow's basic-auth
+app (`mlflow server --app-name basic-auth`, `mlflow[auth]`): an admin user
+(`admin_username`/`admin_password`), `default_permission = READ`, its own
+SQLite user database, a random Flask secret key, and `admin()`, an auth client
+that creates users and grants permissions with the admin's explicit
+credentials (MLflow's own `get_app_client` reads them from the environment).
+With `token_users`, the server also accepts `Authorization: Bearer <token>`
+for those users (`mlflow_token_auth.py`; only the tokens' SHA-256 reach it).
+
 `FaultyProxy` is a tiny reverse proxy (http.server + http.client) in a thread
 that answers 503 to the first N requests (or to all of them) and forwards the
 rest to the real server. It is a real HTTP fault injector, not a mock: MLflow's
@@ -16,11 +25,12 @@ client talks real HTTP to it and gets real 503 responses, which a stock
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import http.server
 import os
+import secrets
 import signal
-import socket
 import socketserver
 import subprocess
 import sys
@@ -31,21 +41,10 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+from prefect_tensorflow.flows.servers import free_port, log_tail, port_is_open, stop_process_group
+
 MLFLOW = Path(sys.executable).with_name("mlflow")
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_is_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 class MlflowServer:
@@ -54,13 +53,23 @@ class MlflowServer:
     Example:
         server = MlflowServer(tmp_path)
         server.start()
-        ...  # MlflowConnection(tracking_uri=server.uri)
+        ...  # MlflowConfig(tracking_uri=server.uri)
         server.stop()
         server.start()  # same port, same db and artifacts
         server.stop()
     """
 
-    def __init__(self, root: Path, port: Optional[int] = None, startup_timeout: float = 120.0):
+    def __init__(
+        self,
+        root: Path,
+        port: Optional[int] = None,
+        startup_timeout: float = 120.0,
+        *,
+        auth: bool = False,
+        admin_username: str = "admin",
+        admin_password: Optional[str] = None,
+        token_users: Optional[dict[str, str]] = None,
+    ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -70,9 +79,39 @@ class MlflowServer:
         self.startup_timeout = startup_timeout
         self.proc: Optional[subprocess.Popen] = None
         self.starts = 0
-        # Taken now: later, a thread under test may be changing os.environ (MlflowConnection.activate).
+        # Taken now, without MLFLOW_*: a test may point its own fluent-API calls at the server with
+        # MLFLOW_TRACKING_URI, which the server process must not inherit.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         self.env["PYTHONUNBUFFERED"] = "1"
+        self.auth = auth
+        self.admin_username = admin_username
+        self.admin_password = admin_password or "admin-" + secrets.token_hex(12)  # >= 12 characters
+        if auth:
+            self._configure_auth(token_users or {})
+
+    def _configure_auth(self, token_users: dict[str, str]) -> None:
+        """The basic-auth app's ini file and environment (written once: the admin is created on first start)."""
+        function = "mlflow.server.auth:authenticate_request_basic_auth"
+        if token_users:
+            function = "mlflow_token_auth:authenticate_request_basic_or_token"
+            digests = {hashlib.sha256(token.encode()).hexdigest(): user for token, user in token_users.items()}
+            self.env["MLFLOW_TEST_TOKEN_USERS"] = ",".join(f"{digest}={user}" for digest, user in digests.items())
+            tests = str(Path(__file__).resolve().parent)
+            self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, self.env.get("PYTHONPATH")]))
+        config = self.root / "basic_auth.ini"
+        config.write_text(
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = sqlite:///{self.root / 'basic_auth.db'}\n"
+            f"admin_username = {self.admin_username}\n"
+            f"admin_password = {self.admin_password}\n"
+            f"authorization_function = {function}\n"
+            "auth_cache_ttl_seconds = 0\n"
+        )
+        config.chmod(0o600)
+        self.env["MLFLOW_AUTH_CONFIG_PATH"] = str(config)
+        self.env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(16)
+        self.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # 2 processes instead of 9
 
     @property
     def uri(self) -> str:
@@ -80,20 +119,27 @@ class MlflowServer:
 
     def command(self) -> list[str]:
         return [
-            str(MLFLOW), "server",
-            "--backend-store-uri", f"sqlite:///{self.db}",
-            "--artifacts-destination", str(self.artifacts),
+            str(MLFLOW),
+            "server",
+            *(["--app-name", "basic-auth"] if self.auth else []),
+            "--backend-store-uri",
+            f"sqlite:///{self.db}",
+            "--artifacts-destination",
+            str(self.artifacts),
             "--serve-artifacts",
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--workers", "1",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
         ]
 
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         """Start the server and wait until `GET /health` answers 200.
 
         Raises:
@@ -112,8 +158,13 @@ class MlflowServer:
             log.write(f"\n===== start #{self.starts}: {' '.join(self.command())}\n")
             log.flush()
             self.proc = subprocess.Popen(
-                self.command(), cwd=self.root, env=self.env, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                self.command(),
+                cwd=self.root,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         try:
             self.wait_healthy()
@@ -148,30 +199,42 @@ class MlflowServer:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # workers may outlive the parent: the whole group, for sure
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if proc.poll() is None:
-            proc.wait(timeout=10)
+        stop_process_group(proc, sig, timeout)  # workers may outlive the parent: the whole group
         deadline = time.monotonic() + 10
         while port_is_open(self.port) and time.monotonic() < deadline:
             time.sleep(0.1)
 
+    def admin(self):
+        """An `mlflow.server.auth.client.AuthServiceClient` acting as the admin, with explicit credentials."""
+        return auth_client(self.uri, self.admin_username, self.admin_password)
+
     def log_tail(self, chars: int = 4000) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
+        if not self.log_path.exists():
             return f"(no log at {self.log_path})"
-        return f"--- tail of {self.log_path} ---\n{text[-chars:]}"
+        return f"--- tail of {self.log_path} ---\n{log_tail(str(self.log_path), chars)}"
+
+
+def auth_client(uri: str, username: str, password: str):
+    """MLflow's auth client (users, permissions) with these credentials, not the environment's.
+
+    `AuthServiceClient._request` calls `get_default_host_creds`, i.e. `MLFLOW_TRACKING_USERNAME`
+    and `..._PASSWORD`; this subclass sends the given ones through the project's explicit
+    connection (`prefect_tensorflow.tasks.mlflow_client`).
+    """
+    from mlflow.server.auth.client import AuthServiceClient
+    from mlflow.utils.rest_utils import verify_rest_response
+
+    from prefect_tensorflow.tasks.mlflow_client import Connection, _request
+
+    connection = Connection(uri, uri, username=username, password=password, max_retries=0)
+
+    class ExplicitAuthClient(AuthServiceClient):
+        def _request(self, endpoint, method, *, expected_status: int = 200, **kwargs):
+            response = _request(connection, self.tracking_uri, endpoint, method, **kwargs)
+            response = verify_rest_response(response, endpoint, expected_status=expected_status)
+            return {} if response.status_code == 204 or not response.content else response.json()
+
+    return ExplicitAuthClient(uri)
 
 
 class FaultyProxy:
@@ -195,7 +258,11 @@ class FaultyProxy:
     """
 
     def __init__(
-        self, upstream_port: int, failures: int = 0, failures_per_path: int = 0, json_body: bool = False,
+        self,
+        upstream_port: int,
+        failures: int = 0,
+        failures_per_path: int = 0,
+        json_body: bool = False,
         lost_responses: Optional[dict[str, int]] = None,
     ):
         self.upstream_port = upstream_port
@@ -298,7 +365,7 @@ class FaultyProxy:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "FaultyProxy":
+    def __enter__(self) -> FaultyProxy:
         self._thread.start()
         return self
 

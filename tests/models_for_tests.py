@@ -46,3 +46,21 @@ def huge_model():
     model = keras.Model(inputs, logits)
     model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
+
+
+def slow_eval_dataset(split):
+    """The iris data whose eval split takes about 0.05 s per example to read: an evaluation of a
+    checkpoint lasts ~1.5 s, so a test can catch the sidecar evaluator in the middle of one."""
+    import time
+
+    import tensorflow as tf
+
+    dataset = iris.load_dataset(split)
+    if split != "eval":
+        return dataset
+
+    def slow(features):
+        time.sleep(0.05)
+        return features
+
+    return dataset.map(lambda x, y: (tf.ensure_shape(tf.numpy_function(slow, [x], tf.float32), [4]), y))

@@ -25,7 +25,7 @@ def test_index_matches_tensorflows_reader(trained_dir):
     assert set(entries) == tf_names
     reader = tf.train.load_checkpoint(prefix)
     dtypes = reader.get_variable_to_dtype_map()
-    for name, (shard, offset, size) in entries.items():
+    for name, (_shard, _offset, size) in entries.items():
         if name == OBJECT_GRAPH_KEY or dtypes[name] == tf.variant:
             continue
         value = reader.get_tensor(name)
@@ -41,8 +41,7 @@ def test_check_checkpoint_reports_format_step_and_size(trained_dir):
     assert files.format == "tf2"
     assert files.has_meta_graph is False
     assert files.size_bytes == sum(
-        os.path.getsize(trained_dir / name)
-        for name in ("model.ckpt-200.index", "model.ckpt-200.data-00000-of-00001")
+        os.path.getsize(trained_dir / name) for name in ("model.ckpt-200.index", "model.ckpt-200.data-00000-of-00001")
     )
 
 
@@ -78,7 +77,13 @@ def test_state_file_reading_stops_at_the_latest_path(tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    [b"\x00\xff\xfe garbage", b"model_checkpoint_path: unquoted\n", b"surprise_field: \"x\"\n", b"", b"all_model_checkpoint_paths: \"a\"\n"],
+    [
+        b"\x00\xff\xfe garbage",
+        b"model_checkpoint_path: unquoted\n",
+        b'surprise_field: "x"\n',
+        b"",
+        b'all_model_checkpoint_paths: "a"\n',
+    ],
 )
 def test_garbage_state_file_is_an_error(tmp_path, content):
     (tmp_path / "checkpoint").write_bytes(content)
@@ -95,7 +100,7 @@ def test_truncated_index_is_invalid(model_dir_copy):
 
 def test_random_bytes_index_is_invalid(model_dir_copy):
     (model_dir_copy / "model.ckpt-300.index").write_bytes(os.urandom(300))
-    with pytest.raises(InvalidCheckpointError, match="model.ckpt-300: index file is unreadable"):
+    with pytest.raises(InvalidCheckpointError, match=r"model\.ckpt-300: index file is unreadable"):
         check_checkpoint(model_dir_copy / "model.ckpt-300")
 
 
@@ -112,7 +117,7 @@ def test_truncated_shard_is_invalid_and_named(model_dir_copy):
 def test_missing_shard_is_invalid(model_dir_copy):
     shard = model_dir_copy / "model.ckpt-300.data-00000-of-00001"
     shard.unlink()
-    with pytest.raises(InvalidCheckpointError, match="data shard .* is missing"):
+    with pytest.raises(InvalidCheckpointError, match=r"data shard .* is missing"):
         check_checkpoint(model_dir_copy / "model.ckpt-300")
 
 
@@ -123,3 +128,19 @@ def test_prefixes_sorted_by_step_not_name(tmp_path):
     names = [os.path.basename(p) for p in checkpoint_prefixes(tmp_path)]
     assert names == ["model.ckpt-100", "model.ckpt-20", "model.ckpt-9", "other"]
     assert step_of("/x/model.ckpt-100") == 100 and step_of("/x/other") is None
+
+
+def test_uncommitted_saves_and_staged_temporaries_are_not_checkpoints(tmp_path):
+    from prefect_tensorflow.tasks.checkpoint_files import uncommitted_temp_dirs
+    from prefect_tensorflow.tasks.storage import TEMP_MARKER, temporary_sibling
+
+    (tmp_path / "model.ckpt-20_temp").mkdir()  # a save cut short by a crash
+    (tmp_path / "model.ckpt-20_temp" / "part-00000-of-00001.index").write_bytes(b"")
+    (tmp_path / "notes_temp").mkdir()  # not TensorFlow's
+    (tmp_path / "model.ckpt-30_temp").write_bytes(b"")  # a file, not a save's directory
+    (tmp_path / "model.ckpt-10.index").write_bytes(b"")
+    staged = temporary_sibling(str(tmp_path / "model.ckpt-40.index"))
+    assert TEMP_MARKER in os.path.basename(staged) and os.path.dirname(staged) == str(tmp_path)
+    open(staged, "wb").close()
+    assert uncommitted_temp_dirs(tmp_path) == [str(tmp_path / "model.ckpt-20_temp")]
+    assert checkpoint_prefixes(tmp_path) == [str(tmp_path / "model.ckpt-10")]

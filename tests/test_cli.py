@@ -39,9 +39,9 @@ def test_checkpoints_latest_and_best_json(trained_dir):
     latest = json.loads(invoke("checkpoints", "latest", str(trained_dir), "--json").stdout)
     assert latest["step"] == 300 and latest["format"] == "tf2"
     best = json.loads(invoke("checkpoints", "best", str(trained_dir), "--metric", "loss", "--mode", "min", "--json").stdout)
-    from prefect_tensorflow.tasks.selection import find_best_checkpoint
+    from prefect_tensorflow.tasks.selection import select_best_checkpoint
 
-    assert best["path"] == find_best_checkpoint(trained_dir, "loss", "min").path
+    assert best["path"] == select_best_checkpoint(trained_dir, "loss", "min").path
 
 
 def test_checkpoints_inspect(trained_dir):
@@ -49,7 +49,11 @@ def test_checkpoints_inspect(trained_dir):
     info = json.loads(result.stdout)
     assert info["valid"] and info["step"] == 300
     by_name = {v["name"]: v for v in info["variables"]}
-    assert by_name["global_step/.ATTRIBUTES/VARIABLE_VALUE"] == {"name": "global_step/.ATTRIBUTES/VARIABLE_VALUE", "shape": [], "dtype": "int64"}
+    assert by_name["global_step/.ATTRIBUTES/VARIABLE_VALUE"] == {
+        "name": "global_step/.ATTRIBUTES/VARIABLE_VALUE",
+        "shape": [],
+        "dtype": "int64",
+    }
     assert any(v["shape"] == [4, 10] and v["dtype"] == "float32" for v in info["variables"])
     text = invoke("checkpoints", "inspect", str(trained_dir / "model.ckpt-300.index")).stdout
     assert "valid tf2 checkpoint, step 300" in text
@@ -62,11 +66,28 @@ def test_checkpoints_inspect(trained_dir):
         (["checkpoints", "best", "{dir}", "--metric", "f1"], "metric 'f1' was not recorded"),
         (["checkpoints", "best", "{dir}", "--metric", "loss", "--mode", "sideways"], "mode: expected 'min' or 'max'"),
         (["checkpoints", "inspect", "{dir}/model.ckpt-999"], "model.ckpt-999: index file is missing"),
-        (["train", "--model-dir", "{dir}/x", "--model", "bad"], "model 'bad': expected 'package.module:attribute'"),
+        (["train", "--model-dir", "{dir}/x", "--model", "bad"], "model 'bad': no model builder is registered under this name"),
+        (
+            ["train", "--model-dir", "{dir}/x", "--model", "bad name"],
+            "model 'bad name': expected a registered model builder name",
+        ),
+        (
+            ["train", "--model-dir", "{dir}/x", "--data", "shutil:rmtree"],
+            "data 'shutil:rmtree': 'shutil' is a standard-library module",
+        ),
+        (["train", "--model-dir", "{dir}/x", "--hparams", "{nope"], "--hparams: expected a JSON object"),
+        (["train", "--model-dir", "s3:/team/models", "--steps", "1"], "model_dir: expected s3://bucket/prefix"),
+        (["train", "--model-dir", "hdfs://team/models", "--steps", "1"], "model_dir: unsupported scheme 'hdfs'"),
         (["train", "--model-dir", "{dir}/x", "--save-checkpoints-steps", "5", "--save-checkpoints-secs", "5"], "received both"),
         (["train", "--model-dir", "{dir}/x", "--save-checkpoints-steps", "0"], "save_checkpoints_steps"),
-        (["train", "--model-dir", "{dir}/x", "--steps", "-4"], "steps: expected an integer >= 0, received -4"),
-        (["retrain", "--model-dir", "{dir}/x", "--select", "newest"], "select: expected 'latest', a step number or 'best:<metric>[:min|max]'"),
+        (
+            ["train", "--model-dir", "{dir}/x", "--steps", "-4"],
+            "steps: expected an integer >= 0 and <= 1000000000000, received -4",
+        ),
+        (
+            ["retrain", "--model-dir", "{dir}/x", "--select", "newest"],
+            "select: expected 'latest', a step number or 'best:<metric>[:min|max]'",
+        ),
         (["retrain", "--model-dir", "{dir}/x", "--gate-mode", "sideways"], "--gate-mode: expected 'min' or 'max'"),
         (["retrain", "--model-dir", "{dir}/x", "--tracking-uri", "localhost:5000"], "tracking_uri: expected a URI"),
         (["retrain", "--model-dir", "{dir}/x", "--registered-model-name", "a/b"], "--registered-model-name: expected"),
@@ -82,8 +103,17 @@ def test_errors_are_one_clear_line(trained_dir, args, message):
 
 def test_train_shows_progress_and_prints_json(tmp_path, cli_env):
     cmd = [
-        sys.executable, "-m", "prefect_tensorflow.flows.cli", "train", "--model-dir", str(tmp_path / "m"),
-        "--steps", "200", "--save-checkpoints-steps", "100", "--json",
+        sys.executable,
+        "-m",
+        "prefect_tensorflow.flows.cli",
+        "train",
+        "--model-dir",
+        str(tmp_path / "m"),
+        "--steps",
+        "200",
+        "--save-checkpoints-steps",
+        "100",
+        "--json",
     ]
     result = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -107,9 +137,22 @@ def test_retrain_ends_with_a_registered_version_and_says_how_to_open_the_mlflow_
     """What `make run` does, on a small training: the whole chain, twice."""
     db = tmp_path / "mlflow" / "mlflow.db"
     cmd = [
-        sys.executable, "-m", "prefect_tensorflow.flows.cli", "retrain", "--model-dir", str(tmp_path / "m"),
-        "--steps", "60", "--export-base", str(tmp_path / "export"), "--frozen-dir", str(tmp_path / "frozen"),
-        "--tracking-uri", f"sqlite:///{db}", "--registered-model-name", "cli-iris",
+        sys.executable,
+        "-m",
+        "prefect_tensorflow.flows.cli",
+        "retrain",
+        "--model-dir",
+        str(tmp_path / "m"),
+        "--steps",
+        "60",
+        "--export-base",
+        str(tmp_path / "export"),
+        "--frozen-dir",
+        str(tmp_path / "frozen"),
+        "--tracking-uri",
+        f"sqlite:///{db}",
+        "--registered-model-name",
+        "cli-iris",
     ]
 
     def run(*extra: str) -> str:
@@ -129,26 +172,51 @@ def test_retrain_ends_with_a_registered_version_and_says_how_to_open_the_mlflow_
     assert "http://127.0.0.1:5000/#/models/cli-iris/versions/1" in text
 
 
-def test_export_checkpoint_command_ships_a_step_and_says_so_again(prefect_api, trained_dir, tmp_path):
+@pytest.mark.slow
+def test_export_checkpoint_command_ships_a_step_and_says_so_again(trained_dir, tmp_path, cli_env):
+    """As a user runs it: a process of its own, with Prefect's ephemeral API."""
     args = [
-        "export-checkpoint", "--model-dir", str(trained_dir), "--checkpoint", "100", "--alias", "staging",
-        "--export-base", str(tmp_path / "export"), "--frozen-dir", str(tmp_path / "frozen"),
-        "--tracking-uri", f"sqlite:///{tmp_path}/mlflow/mlflow.db", "--registered-model-name", "cli-export",
+        sys.executable,
+        "-m",
+        "prefect_tensorflow.flows.cli",
+        "export-checkpoint",
+        "--model-dir",
+        str(trained_dir),
+        "--checkpoint",
+        "100",
+        "--alias",
+        "staging",
+        "--export-base",
+        str(tmp_path / "export"),
+        "--frozen-dir",
+        str(tmp_path / "frozen"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow/mlflow.db",
+        "--registered-model-name",
+        "cli-export",
     ]
-    first = json.loads(invoke(*args, "--json").stdout)
+    env = dict(cli_env, PREFECT_HOME=str(tmp_path / "prefect-home"))
+
+    def run(*extra: str) -> str:
+        # Files, not pipes: Prefect's ephemeral server inherits them and outlives a pipe's reader.
+        with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+            code = subprocess.run(args + list(extra), env=env, stdout=out, stderr=err, timeout=600).returncode
+        assert code == 0, (tmp_path / "err").read_text()[-3000:]
+        return (tmp_path / "out").read_text()
+
+    first = json.loads(run("--json"))
     assert first["checkpoint"]["step"] == 100 and first["export"]["version"] == 1
     assert first["registered"]["aliases"] == ["challenger", "champion", "staging"]
-    again = invoke(*args)
-    assert again.exit_code == 0
-    assert "(already registered: not frozen again)" in again.stdout
-    assert "cli-export version 1 (already registered)" in again.stdout
+    again = run()
+    assert "(already registered: not frozen again)" in again
+    assert "cli-export version 1 (already registered)" in again
 
 
 def test_export_checkpoint_command_refuses_bad_options_in_one_line(trained_dir):
     for args, message in (
         (["--checkpoint", "-1"], "checkpoint: expected 'latest', a step number"),
         (["--alias", "v1"], "--alias: expected alias names"),
-        (["--registered-model-name", ""], "registered_model_name: expected a non-empty name"),
+        (["--registered-model-name", ""], "--registered-model-name: expected a registered model name"),
     ):
         result = runner.invoke(app, ["export-checkpoint", "--model-dir", str(trained_dir), *args])
         assert result.exit_code == 2 and message in result.stderr, result.output

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_and_kill
 
-from prefect_tensorflow.tasks.metrics_log import METRICS_FILE
-from prefect_tensorflow.tasks.selection import find_latest_checkpoint, list_checkpoints
+from prefect_tensorflow.tasks.checkpoint_files import read_state_file, step_of
+from prefect_tensorflow.tasks.selection import list_checkpoints, select_latest_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -23,40 +24,35 @@ STEPS = 1500
 
 def train_cmd(model_dir: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "prefect_tensorflow.flows.cli", "train",
-        "--model-dir", str(model_dir), "--steps", str(STEPS), "--batch-size", "16",
-        "--seed", "7", "--save-checkpoints-steps", "50", "--keep-checkpoint-max", "3", *extra,
+        sys.executable,
+        "-m",
+        "prefect_tensorflow.flows.cli",
+        "train",
+        "--model-dir",
+        str(model_dir),
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        "16",
+        "--seed",
+        "7",
+        "--save-checkpoints-steps",
+        "50",
+        "--keep-checkpoint-max",
+        "3",
+        *extra,
     ]
 
 
-def metrics_lines(model_dir: Path) -> int:
-    try:
-        return (model_dir / METRICS_FILE).read_text().count("\n")
-    except FileNotFoundError:
-        return 0
+def committed_step(model_dir: Path) -> int:
+    """The step of the newest committed checkpoint (the state file names it), -1 before the first.
 
-
-def run_and_kill(cmd, env, when, *, timeout=120.0) -> bool:
-    """Start `cmd`; SIGKILL it as soon as `when()` is true. Returns False if it finished first."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
+    (The kill points used to count metrics lines; with the sidecar evaluator those follow the
+    commit a little later, so the commit itself is the progress marker now.)"""
     try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace")
-                assert proc.returncode == 0, err[-3000:]
-                return False
-            if when():
-                proc.kill()
-                proc.wait()
-                assert proc.returncode == -signal.SIGKILL
-                return True
-            time.sleep(0.002)
-        raise AssertionError("the training subprocess did not reach the kill point in time")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        return step_of(read_state_file(model_dir).model_checkpoint_path) or 0
+    except (FileNotFoundError, ValueError):
+        return -1
 
 
 def run_to_end(cmd, env) -> None:
@@ -68,7 +64,7 @@ def run_to_end(cmd, env) -> None:
 def final_weights(model_dir: Path) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
-    ref = find_latest_checkpoint(model_dir, verify_checksums=True)
+    ref = select_latest_checkpoint(model_dir, verify_checksums=True)
     assert ref.step == STEPS
     reader = tf.train.load_checkpoint(ref.path)
     return {
@@ -96,15 +92,15 @@ def assert_same(weights, reference):
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_sigkill_at_many_points_then_rerun_matches_uninterrupted(tmp_path, cli_env, reference, async_save):
     model_dir = tmp_path / "m"
-    extra = ["--async-save"] if async_save else []
+    extra = ["--async-save"] if async_save else ["--no-async-save"]
     cmd = train_cmd(model_dir, *extra)
     start = time.monotonic()
     kill_points = [
         ("during start-up, before anything is written", lambda: time.monotonic() - start > 1.0),
-        ("just after the first checkpoint's metrics", lambda: metrics_lines(model_dir) >= 1),
-        ("mid-training", lambda: metrics_lines(model_dir) >= 6),
-        ("right after resuming", lambda: metrics_lines(model_dir) >= 8),
-        ("late in training", lambda: metrics_lines(model_dir) >= 20),
+        ("just after the first checkpoint", lambda: committed_step(model_dir) >= 0),
+        ("mid-training", lambda: committed_step(model_dir) >= 250),
+        ("right after resuming", lambda: committed_step(model_dir) >= 350),
+        ("late in training", lambda: committed_step(model_dir) >= 950),
     ]
     killed = []
     for label, when in kill_points:
@@ -112,7 +108,7 @@ def test_sigkill_at_many_points_then_rerun_matches_uninterrupted(tmp_path, cli_e
         if run_and_kill(cmd, cli_env, when):
             killed.append(label)
         if list(model_dir.glob("*.index")):  # whatever a kill leaves, the newest valid one reads back
-            find_latest_checkpoint(model_dir, verify_checksums=True)
+            select_latest_checkpoint(model_dir, verify_checksums=True)
     assert len(killed) >= 4, f"too few kills landed: {killed}"
     run_to_end(cmd, cli_env)
     assert_same(final_weights(model_dir), reference)
@@ -125,8 +121,8 @@ def test_sigkill_during_saves(tmp_path, cli_env, reference):
     model_dir = tmp_path / "m"
     cmd = train_cmd(model_dir)
     cmd[cmd.index("--save-checkpoints-steps") + 1] = "1"
-    for lines in (30, 90, 150):
-        run_and_kill(cmd, cli_env, lambda: metrics_lines(model_dir) >= lines)
+    for step in (30, 90, 150):
+        run_and_kill(cmd, cli_env, lambda step=step: committed_step(model_dir) >= step)
     every_step = train_cmd(model_dir)  # finish with the usual policy
     run_to_end(every_step, cli_env)
     assert_same(final_weights(model_dir), reference)
@@ -135,8 +131,14 @@ def test_sigkill_during_saves(tmp_path, cli_env, reference):
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, cli_env):
     model_dir = tmp_path / "m"
     cmd = [
-        sys.executable, "-m", "prefect_tensorflow.flows.cli", "train",
-        "--model-dir", str(model_dir), "--steps", "100000000",  # default policy: every 600 s
+        sys.executable,
+        "-m",
+        "prefect_tensorflow.flows.cli",
+        "train",
+        "--model-dir",
+        str(model_dir),
+        "--steps",
+        "100000000",  # default policy: every 600 s
     ]
     proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -151,7 +153,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, cli_env):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGTERM  # it still exits as a SIGTERM'd process would
-    ref = find_latest_checkpoint(model_dir, verify_checksums=True)
+    ref = select_latest_checkpoint(model_dir, verify_checksums=True)
     assert ref.step > 0, "no checkpoint was saved on SIGTERM"
     assert ref.metrics, "the preemption checkpoint has no recorded metrics"
 
@@ -159,11 +161,11 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, cli_env):
 FLOW_SCRIPT = """
 import sys
 from prefect import flow
-from prefect_tensorflow.tasks import train_with_checkpoints
+from prefect_tensorflow.tasks import TrainingConfig, train_with_checkpoints
 
 @flow
 def long_training(model_dir: str):
-    return train_with_checkpoints(model_dir, steps=100_000_000)
+    return train_with_checkpoints(model_dir, TrainingConfig(steps=100_000_000))
 
 long_training(sys.argv[1])
 """
@@ -174,15 +176,19 @@ def test_sigterm_in_a_prefect_flow_run_saves_then_prefect_marks_it_crashed(tmp_p
     model_dir = tmp_path / "m"
     script = tmp_path / "flow_run.py"
     script.write_text(FLOW_SCRIPT)
-    env = dict(cli_env, PREFECT_HOME=str(tmp_path / "prefect-home"),
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = dict(
+        cli_env,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
     log = tmp_path / "flow_run.log"
     # A file, not a pipe: Prefect's temporary API server inherits the output and
     # may outlive the flow-run process by a moment; its own session is cleaned up below.
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(script), str(model_dir)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(model_dir)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 300
         while not (model_dir / "model.ckpt-0.index").exists():
@@ -199,5 +205,5 @@ def test_sigterm_in_a_prefect_flow_run_saves_then_prefect_marks_it_crashed(tmp_p
     output = log.read_text()
     assert "SIGTERM received at step" in output
     assert "Crashed" in output  # Prefect still learns the run was terminated
-    ref = find_latest_checkpoint(model_dir, verify_checksums=True)
+    ref = select_latest_checkpoint(model_dir, verify_checksums=True)
     assert ref.step > 0 and f"saved checkpoint {ref.path}" in output

@@ -9,7 +9,6 @@ waited for.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,50 +17,70 @@ from pathlib import Path
 
 import pytest
 
-from prefect_tensorflow.flows.serve import start_prefect_server, stop_process_group
-from prefect_tensorflow.tasks import iris
+from prefect_tensorflow.flows.servers import free_port, start_prefect_server, stop_process_group
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BIN = os.path.dirname(sys.executable)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# The Prefect server's database. Every test runs against a server on SQLite (its own database in
+# the module's directory); the ones marked `ALSO_ON_POSTGRESQL` run against a server on PostgreSQL
+# too (`prefect_pg_server`: the team's setup). Not all of them: each deployment run costs about a
+# minute on 2 cores, and the whole suite must stay under 30 minutes; these cover deploying, a run
+# triggered as the UI does it, and two runs at once (the concurrency PostgreSQL changes).
+ALSO_ON_POSTGRESQL = pytest.mark.parametrize("env", ["sqlite", "postgresql"], indirect=True)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A real Prefect server; the environment of processes that talk to it."""
-    root = tmp_path_factory.mktemp("deployments")
-    port = _free_port()
+@pytest.fixture(scope="module", params=["sqlite"])
+def env(request, tmp_path_factory):
+    """A real Prefect server (on SQLite, or the session's on PostgreSQL); the environment of processes that talk to it."""
+    root = tmp_path_factory.mktemp(f"deployments-{request.param}")
     environ = {
         **os.environ,
         "PREFECT_HOME": str(root / "prefect-home"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_TENSORFLOW_HOME": str(root / "data"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow/mlflow.db",
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
+    if request.param == "postgresql":
+        environ["PREFECT_API_URL"] = request.getfixturevalue("prefect_pg_server")
+        yield {"environ": environ, "root": root, "database": "postgresql"}
+        return
+    port = free_port()
+    environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     server = start_prefect_server("127.0.0.1", port, str(root / "prefect-server.log"), env=environ)
     try:
-        yield {"environ": environ, "root": root}
+        yield {"environ": environ, "root": root, "database": "sqlite"}
     finally:
         stop_process_group(server)
 
 
 @pytest.fixture(scope="module")
 def served(env, trained_dir):
-    """`prefect-tensorflow serve` against the server, as `make serve` runs it."""
+    """`prefect-tensorflow serve` against the server, as `make serve` runs it.
+
+    Deployment runs reach only paths under PREFECT_TENSORFLOW_ROOTS: the data home, and the
+    trained model dir that pytest made elsewhere. Model code: the registered names, and the
+    test builders' module (PREFECT_TENSORFLOW_ALLOWED_MODULES).
+    """
     log = env["root"] / "serve.log"
+    environ = {
+        **env["environ"],
+        "PREFECT_TENSORFLOW_ROOTS": f"{env['root'] / 'data'},{trained_dir}",
+        "PREFECT_TENSORFLOW_ALLOWED_MODULES": "models_for_tests",
+        "PYTHONPATH": str(REPO / "tests"),
+    }
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [f"{BIN}/prefect-tensorflow", "serve"], env=env["environ"], cwd=env["root"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [f"{BIN}/prefect-tensorflow", "serve"],
+            env=environ,
+            cwd=env["root"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 180
@@ -110,37 +129,57 @@ def _run_from_ui(env, name: str, parameters: dict, timeout: float = 600, copies:
             time.sleep(1)
 
 
-def test_prefect_deploy_all_creates_both_deployments_with_their_schedules(env):
+@ALSO_ON_POSTGRESQL
+def test_prefect_deploy_all_creates_both_deployments_with_their_schedules(env, request):
     environ = env["environ"]
     subprocess.run(
         [f"{BIN}/prefect", "work-pool", "create", "tensorflow-process", "--type", "process"],
-        env=environ, cwd=REPO, check=True, capture_output=True, timeout=120,
+        env=environ,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     result = subprocess.run(
-        [f"{BIN}/prefect", "--no-prompt", "deploy", "--all"], env=environ, cwd=REPO, capture_output=True,
-        text=True, timeout=300,
+        [f"{BIN}/prefect", "--no-prompt", "deploy", "--all"],
+        env=environ,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     deployments = _deployments(env)
     nightly = deployments["retrain-iris"]
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.work_pool_name == "tensorflow-process"
-    assert nightly.parameters["more_steps"] == 1000
+    assert nightly.parameters["training"] == {"model": "iris", "data": "iris", "more_steps": 1000}
+    assert nightly.parameters["model_dir"] == ""  # the default under the worker's data home
     export = deployments["export-checkpoint"]
     assert export.schedules == [] and export.work_pool_name == "tensorflow-process"
-    assert export.parameter_openapi_schema["required"] == ["model_dir"]
+    schema = export.parameter_openapi_schema
+    assert schema.get("required", []) == []  # every parameter has a default
+    assert schema["properties"]["model"]["enum"] == ["iris"]  # the Run form offers the registered names
+    if env["database"] == "postgresql":  # the server keeps them in PostgreSQL
+        stored = request.getfixturevalue("postgres").sql("SELECT name FROM deployment", "prefect").split()
+        assert {"retrain-iris", "export-checkpoint"} <= set(stored)
 
 
 def test_the_python_deploy_script_applies_an_environments_overrides(env):
     result = subprocess.run(
-        [sys.executable, "deployments/deploy.py", "--env", "prod"], env=env["environ"], cwd=REPO,
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "deployments/deploy.py", "--env", "prod"],
+        env=env["environ"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     deployments = _deployments(env)
     try:
         nightly = deployments["retrain-iris"]
         assert nightly.parameters["model_dir"] == "/srv/models/iris" and nightly.parameters["select"] == "best:accuracy"
+        assert nightly.parameters["training"]["more_steps"] == 1000
         assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
         assert deployments["export-checkpoint"].work_pool_name == "tensorflow-process"
     finally:
@@ -149,20 +188,34 @@ def test_the_python_deploy_script_applies_an_environments_overrides(env):
             for deployment in deployments.values():
                 client.delete_deployment(deployment.id)
     bad = subprocess.run(
-        [sys.executable, "deployments/deploy.py", "--env", "staging"], env=env["environ"], cwd=REPO,
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "deployments/deploy.py", "--env", "staging"],
+        env=env["environ"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert bad.returncode != 0 and "--env: expected one of ['dev', 'prod'], received 'staging'" in bad.stderr
+    assert bad.returncode != 0 and "--env: expected one of ['dev', 'prod', 'team-stack'], received 'staging'" in bad.stderr
 
 
+@ALSO_ON_POSTGRESQL
 def test_export_checkpoint_triggered_like_the_ui_registers_a_version(served, trained_dir):
     import mlflow
 
-    run = _run_from_ui(served, "export-checkpoint", {
-        "model_dir": str(trained_dir), "checkpoint": "200", "registered_model_name": "ui-iris",
-        "aliases": ["staging"], "model": iris.MODEL, "data": iris.DATA,
-    })
+    run = _run_from_ui(
+        served,
+        "export-checkpoint",
+        {
+            "model_dir": str(trained_dir),
+            "checkpoint": "200",
+            "registered_model_name": "ui-iris",
+            "aliases": ["staging"],
+            "model": "iris",
+            "data": "iris",
+        },
+    )
     assert run.state.is_completed(), f"{run.state}\n{served['log'].read_text()[-3000:]}"
+    assert run.name == "export-ui-iris-200"  # the flow_run_name template
     export_dir = served["root"] / "data" / "exports" / "iris" / "1"
     assert (export_dir / "saved_model.pb").exists()
     client = mlflow.MlflowClient(served["environ"]["MLFLOW_TRACKING_URI"])
@@ -173,7 +226,8 @@ def test_export_checkpoint_triggered_like_the_ui_registers_a_version(served, tra
     assert version.tags["prefect.flow_run_id"] == str(run.id)
 
 
-def test_two_ui_runs_at_once_then_a_re_run_end_with_one_version(served, trained_dir):
+@ALSO_ON_POSTGRESQL
+def test_two_ui_runs_at_once_then_a_re_run_end_with_one_version(served, trained_dir, request):
     import mlflow
 
     parameters = {"model_dir": str(trained_dir), "checkpoint": "300", "registered_model_name": "ui-twice"}
@@ -185,11 +239,13 @@ def test_two_ui_runs_at_once_then_a_re_run_end_with_one_version(served, trained_
     versions = client.search_model_versions("name = 'ui-twice'")
     assert [str(v.version) for v in versions] == ["1"]
     exports = served["root"] / "data" / "exports" / "iris"
-    sources = [
-        (exports / v / "assets.extra" / "prefect_tensorflow.json").read_text()
-        for v in os.listdir(exports) if v.isdigit()
-    ]
+    sources = [(exports / v / "assets.extra" / "prefect_tensorflow.json").read_text() for v in os.listdir(exports) if v.isdigit()]
     assert sum("model.ckpt-300" in text for text in sources) == 1  # one SavedModel version for the checkpoint
+    if served["database"] == "postgresql":  # the three runs are rows of PostgreSQL's flow_run table
+        count = request.getfixturevalue("postgres").sql(
+            "SELECT count(*) FROM flow_run WHERE parameters->>'registered_model_name' = 'ui-twice'", "prefect"
+        )
+        assert int(count) == 3
 
 
 def test_the_served_retrain_deployment_has_its_nightly_schedule(served):
@@ -199,20 +255,59 @@ def test_the_served_retrain_deployment_has_its_nightly_schedule(served):
 
 
 @pytest.mark.parametrize(
-    "parameters, message",
+    "name, parameters, message",
     [
-        ({"model_dir": "/nonexistent/models"}, "does not exist"),
-        ({"checkpoint": "999"}, "has no checkpoint at step 999"),
-        ({"model": "not_a_module:build"}, "not_a_module"),
+        ("export-checkpoint", {"model_dir": "{data}/models/nowhere"}, "does not exist"),
+        ("export-checkpoint", {"model_dir": "/etc"}, "model_dir: resolves to /etc, outside the allowed roots"),
+        ("export-checkpoint", {"export_base": "{data}/../elsewhere"}, "export_base: resolves to"),
+        ("export-checkpoint", {"checkpoint": "999"}, "has no checkpoint at step 999"),
+        ("export-checkpoint", {"model": "not_a_module:build"}, "deployment runs accept the registered names"),
+        (
+            "export-checkpoint",
+            {"mlflow": {"tracking_uri": "sqlite:////tmp/elsewhere.db"}},
+            "accept a saved MLflow Connection block",
+        ),
+        (
+            "retrain-iris",
+            {"training": {"model": "not_a_module:build", "steps": 10}},
+            "deployment runs accept the registered names",
+        ),
+    ],
+    ids=[
+        "missing-dir",
+        "outside-roots",
+        "export-outside-roots",
+        "no-such-step",
+        "module-not-allowed",
+        "inline-mlflow",
+        "retrain-module-not-allowed",
     ],
 )
-def test_bad_ui_parameters_fail_the_run_naming_them(served, trained_dir, parameters, message):
-    run = _run_from_ui(served, "export-checkpoint", {"model_dir": str(trained_dir), **parameters,
-                                                     "registered_model_name": "bad-iris"})
-    assert run.state.is_failed()
-    assert message in (run.state.message or ""), run.state.message
+def test_bad_ui_parameters_fail_the_run_naming_them(served, trained_dir, name, parameters, message):
     import mlflow
 
-    assert mlflow.MlflowClient(served["environ"]["MLFLOW_TRACKING_URI"]).search_registered_models(
-        "name = 'bad-iris'"
-    ) == []
+    data = str(served["root"] / "data")
+    parameters = {k: (v.replace("{data}", data) if isinstance(v, str) else v) for k, v in parameters.items()}
+    if name == "export-checkpoint":
+        parameters = {"model_dir": str(trained_dir), **parameters}
+    run = _run_from_ui(served, name, {**parameters, "registered_model_name": "bad-iris"})
+    assert run.state.is_failed(), f"{run.state}\n{served['log'].read_text()[-3000:]}"
+    assert message in (run.state.message or ""), run.state.message
+    assert not (served["root"] / "elsewhere").exists()
+    assert mlflow.MlflowClient(served["environ"]["MLFLOW_TRACKING_URI"]).search_registered_models("name = 'bad-iris'") == []
+
+
+def test_an_allowed_module_is_loaded_in_a_deployment_run(served, trained_dir):
+    """Model code under PREFECT_TENSORFLOW_ALLOWED_MODULES is imported: a builder whose variables do
+    not fit the checkpoint fails the run with the mismatch, not with a refusal."""
+    run = _run_from_ui(
+        served,
+        "export-checkpoint",
+        {
+            "model_dir": str(trained_dir),
+            "model": "models_for_tests:wider_model",
+            "registered_model_name": "bad-iris",
+        },
+    )
+    assert run.state.is_failed()
+    assert "does not match the model being restored" in (run.state.message or ""), run.state.message

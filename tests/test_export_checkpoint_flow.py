@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 
 from prefect_tensorflow.flows.export_checkpoint import export_checkpoint
-from prefect_tensorflow.flows.parameters import Selection, check_aliases
+from prefect_tensorflow.tasks.configs import GateConfig
 
 
 def _kwargs(tmp_path: Path, mlflow_store, **extra):
     return {
-        "export_base": str(tmp_path / "export"), "frozen_dir": str(tmp_path / "frozen"), "mlflow": mlflow_store,
-        "registered_model_name": "ui-iris", **extra,
+        "export_base": str(tmp_path / "export"),
+        "frozen_dir": str(tmp_path / "frozen"),
+        "mlflow": mlflow_store,
+        "registered_model_name": "ui-iris",
+        **extra,
     }
 
 
@@ -30,23 +33,9 @@ def _artifacts(flow_run_id):
         return {a.key: a for a in client.read_artifacts(artifact_filter=run_filter)}
 
 
-def test_checkpoint_parameter_parsing():
-    assert Selection.parse("latest").kind == "latest"
-    assert Selection.parse("200") == Selection(kind="step", step=200)
-    assert Selection.parse(300).step == 300
-    assert Selection.parse("best:accuracy").mode == "max"
-    for bad in ("-5", "newest", "best:", "12.5", ""):
-        with pytest.raises(ValueError, match="checkpoint: expected 'latest', a step number"):
-            Selection.parse(bad, parameter="checkpoint")
-    assert check_aliases(["staging", "qa-1", "staging"]) == ["staging", "qa-1"]
-    for bad in ("v2", "latest", "1st", "with space"):
-        with pytest.raises(ValueError, match="aliases: expected alias names"):
-            check_aliases([bad])
-
-
 def test_export_checkpoint_ships_the_latest_and_publishes_what_it_did(prefect_api, model_dir_copy, mlflow_store, tmp_path):
-    state = export_checkpoint(
-        model_dir=str(model_dir_copy), aliases=["staging"], return_state=True, **_kwargs(tmp_path, mlflow_store)
+    state = export_checkpoint(  # an alias asked for twice is set once
+        model_dir=str(model_dir_copy), aliases=["staging", "staging"], return_state=True, **_kwargs(tmp_path, mlflow_store)
     )
     summary = state.result()
     assert summary.checkpoint.step == 300
@@ -59,6 +48,7 @@ def test_export_checkpoint_ships_the_latest_and_publishes_what_it_did(prefect_ap
     version = mlflow_store.client().get_model_version("ui-iris", "1")
     assert version.tags["prefect_tensorflow.aliases_requested"] == "staging"
     assert version.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    assert summary.flow_run_id == str(state.state_details.flow_run_id)
 
     artifacts = _artifacts(state.state_details.flow_run_id)
     assert {"checkpoints", "export-summary", "mlflow-model-version", "mlflow-run"} <= set(artifacts)
@@ -66,26 +56,32 @@ def test_export_checkpoint_ships_the_latest_and_publishes_what_it_did(prefect_ap
     rows = json.loads(rows) if isinstance(rows, str) else rows
     assert [r["step"] for r in rows] == [300, 200, 100, 0] and rows[0]["selected"] == "yes"
     note = artifacts["export-summary"].data
-    for text in (summary.export.path, summary.frozen_graph.path, "promoted to champion", "`features` float32",
-                 registered.version_url):
+    for text in (
+        summary.export.path,
+        summary.frozen_graph.path,
+        "promoted to champion",
+        "`features` float32",
+        registered.version_url,
+    ):
         assert text in note
 
 
 def test_a_step_or_the_best_checkpoint_can_be_shipped(prefect_api, model_dir_copy, mlflow_store, tmp_path):
-    from prefect_tensorflow.tasks.selection import find_best_checkpoint
+    from prefect_tensorflow.tasks.selection import select_best_checkpoint
 
     by_step = export_checkpoint(model_dir=str(model_dir_copy), checkpoint="100", **_kwargs(tmp_path, mlflow_store))
     assert by_step.checkpoint.step == 100 and by_step.export.source.endswith("model.ckpt-100")
     best = export_checkpoint(
-        model_dir=str(model_dir_copy), checkpoint="best:loss", gate_metric="loss", gate_mode="min",
+        model_dir=str(model_dir_copy),
+        checkpoint="best:loss",
+        gate=GateConfig(metric="loss", mode="min"),
         **_kwargs(tmp_path, mlflow_store),
     )
-    assert best.checkpoint.path == find_best_checkpoint(model_dir_copy, "loss", "min").path
+    assert best.checkpoint.path == select_best_checkpoint(model_dir_copy, "loss", "min").path
+    assert best.selection == "best:loss:min" and best.registered.gate.metric == "loss"
 
 
-def test_re_running_returns_the_existing_version_without_redoing_the_work(
-    prefect_api, model_dir_copy, mlflow_store, tmp_path
-):
+def test_re_running_returns_the_existing_version_without_redoing_the_work(prefect_api, model_dir_copy, mlflow_store, tmp_path):
     first = export_checkpoint(model_dir=str(model_dir_copy), **_kwargs(tmp_path, mlflow_store))
     frozen_mtime = os.stat(first.frozen_graph.path).st_mtime_ns
     again = export_checkpoint(model_dir=str(model_dir_copy), **_kwargs(tmp_path, mlflow_store))
@@ -107,9 +103,11 @@ def test_re_running_returns_the_existing_version_without_redoing_the_work(
         ({"checkpoint": "best:f1"}, "metric 'f1' was not recorded"),
         ({"model": "no_such_module:build"}, "no_such_module"),
         ({"data": "prefect_tensorflow.tasks.iris:nothing_here"}, "nothing_here"),
-        ({"aliases": ["v3"]}, "aliases: expected alias names"),
-        ({"gate_metric": "f1"}, "metric 'f1' was not recorded"),
-        ({"registered_model_name": "team/iris"}, "registered_model_name: expected a non-empty name"),
+        ({"aliases": ["staging", "v3"]}, "aliases.1: Value error, expected alias names"),
+        ({"aliases": ["latest"]}, "aliases.0: Value error, expected alias names"),
+        ({"gate": {"metric": "f1"}}, "metric 'f1' was not recorded"),
+        ({"gate": {"mode": "up"}}, "gate.mode: Value error, expected 'min' or 'max'"),
+        ({"registered_model_name": "team/iris"}, "registered_model_name: Value error, expected a registered model name"),
     ],
 )
 def test_bad_parameters_fail_at_once_naming_the_parameter_and_write_nothing(
@@ -132,9 +130,9 @@ def test_two_runs_for_the_same_checkpoint_at_once_end_with_one_version(prefect_a
     script = f"""
 import json
 from prefect_tensorflow.flows.export_checkpoint import export_checkpoint
-from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+from prefect_tensorflow.tasks.blocks import MlflowConnection
 summary = export_checkpoint(
-    model_dir={str(model_dir_copy)!r}, export_base={str(tmp_path / 'export')!r}, frozen_dir={str(tmp_path / 'frozen')!r},
+    model_dir={str(model_dir_copy)!r}, export_base={str(tmp_path / "export")!r}, frozen_dir={str(tmp_path / "frozen")!r},
     registered_model_name="ui-iris", mlflow=MlflowConnection(tracking_uri={mlflow_store.tracking_uri!r}, experiment_name="tests"),
 )
 print(json.dumps({{"export": summary.export.version, "model": summary.registered.version}}))
@@ -158,33 +156,55 @@ print(json.dumps({{"export": summary.export.version, "model": summary.registered
     assert len(mlflow_store.client().search_model_versions("name = 'ui-iris'")) == 1
 
 
-def test_mlflow_tasks_are_retried_only_when_the_server_was_unavailable(prefect_api):
-    from prefect import flow, task
+def test_mlflow_tasks_are_retried_only_when_the_server_was_unavailable(prefect_api, trained_dir):
+    """The retries declared on the real tasks: a server that stays down is tried again, a bad input is not."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
 
-    from prefect_tensorflow.tasks.mlflow_connection import MLFLOW_TASK_RETRIES
-    from prefect_tensorflow.tasks.errors import InvalidCheckpointError, MlflowUnavailableError
+    from prefect_tensorflow.flows.servers import free_port
+    from prefect_tensorflow.tasks import prefect_tasks
+    from prefect_tensorflow.tasks.errors import MetricNotFoundError, MlflowUnavailableError
+    from prefect_tensorflow.tasks.exporting import ExportResult
+    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
+    from prefect_tensorflow.tasks.selection import checkpoint_ref
 
-    calls = {"down": 0, "corrupt": 0}
-
-    @task
-    def server_down_once() -> str:
-        calls["down"] += 1
-        if calls["down"] == 1:
-            raise MlflowUnavailableError("http://127.0.0.1:5000", "registering", 4, "Connection refused")
-        return "registered"
-
-    @task
-    def corrupt_checkpoint() -> None:
-        calls["corrupt"] += 1
-        raise InvalidCheckpointError("/models/iris/model.ckpt-100", "shard is truncated")
-
-    options = {**MLFLOW_TASK_RETRIES, "retry_delay_seconds": 0}
+    for task in (
+        prefect_tasks.train_with_checkpoints,
+        prefect_tasks.log_frozen_graph_to_mlflow,
+        prefect_tasks.register_model_version,
+        prefect_tasks.find_registered_version,
+        prefect_tasks.set_model_version_aliases,
+    ):
+        assert task.retries >= 1 and task.retry_condition_fn is prefect_tasks.retry_if_server_unavailable, task.name
+    down = MlflowConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", request_retries=0, operation_retries=0)
+    export = ExportResult.model_construct(path="/nowhere/1", fingerprint="0" * 64)
+    checkpoint = checkpoint_ref(trained_dir / "model.ckpt-100")
 
     @flow
     def both():
-        first = server_down_once.with_options(**options)()
-        state = corrupt_checkpoint.with_options(**options)(return_state=True)
-        return first, state.is_failed()
+        lookup = prefect_tasks.find_registered_version.with_options(retry_delay_seconds=0)
+        register = prefect_tasks.register_model_version.with_options(retry_delay_seconds=0)
+        unavailable = lookup(export, "iris", down, return_state=True)
+        no_metric = register(export, "iris", down, checkpoint=checkpoint, gate=GateConfig(metric="f1"), return_state=True)
+        return [(type(s.result(raise_on_failure=False)), s.state_details.task_run_id) for s in (unavailable, no_metric)]
 
-    assert both() == ("registered", True)
-    assert calls == {"down": 2, "corrupt": 1}
+    (unavailable, unavailable_id), (no_metric, no_metric_id) = both()
+    assert (unavailable, no_metric) == (MlflowUnavailableError, MetricNotFoundError)
+    with get_client(sync_client=True) as client:
+        run_counts = [client.read_task_run(i).run_count for i in (unavailable_id, no_metric_id)]
+    assert run_counts == [prefect_tasks.find_registered_version.retries + 1, 1]
+
+
+def test_without_paths_it_ships_the_model_dir_under_the_data_home(
+    prefect_api, model_dir_copy, mlflow_store, tmp_path, monkeypatch
+):
+    import shutil
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("PREFECT_TENSORFLOW_HOME", str(home))
+    shutil.copytree(model_dir_copy, home / "models" / "iris")
+    summary = export_checkpoint(checkpoint="200", mlflow=mlflow_store)
+    assert summary.checkpoint.path == str(home / "models" / "iris" / "model.ckpt-200")
+    assert summary.export.path == str(home / "exports" / "iris" / "1")
+    assert summary.frozen_graph.path == str(home / "frozen" / "iris" / "model.ckpt-200.pb")
+    assert (summary.registered.name, summary.registered.version) == ("iris", 1)

@@ -1,10 +1,16 @@
-"""The distribution installs `prefect_tensorflow.tasks` and `.flows`, and nothing bare."""
+"""The distribution installs `prefect_tensorflow.tasks` and `.flows`, and nothing bare; what imports what."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_namespace_layout_from_another_directory(tmp_path):
@@ -27,6 +33,8 @@ def test_distribution_metadata():
     eps = dist.entry_points
     assert any(ep.group == "prefect.collections" and ep.value == "prefect_tensorflow.tasks" for ep in eps)
     assert any(ep.group == "console_scripts" and ep.name == "prefect-tensorflow" for ep in eps)
+    for group in ("prefect_tensorflow.models", "prefect_tensorflow.datasets"):
+        assert any(ep.group == group and ep.name == "iris" for ep in eps), f"iris is not registered in {group}"
     requires = {r.split("<")[0].split(">")[0].split("=")[0]: r for r in dist.requires or []}
     for name in ("prefect", "tensorflow", "mlflow"):
         assert ">=" in requires[name], f"{name} needs a tested lower bound"
@@ -41,19 +49,25 @@ def test_iris_data_ships_in_the_package():
     assert [labels.count(c) for c in (0, 1, 2)] == [50, 50, 50]
 
 
-def test_prefect_yaml_declares_the_nightly_retraining_and_the_on_demand_export():
-    from pathlib import Path
-
+def _repo_deployments() -> dict:
     import yaml
+
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    return {d["name"]: d for d in config["deployments"]}
+
+
+def test_prefect_yaml_declares_the_nightly_retraining_and_the_on_demand_export():
     from prefect.flows import load_flow_from_entrypoint
 
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())
-    deployments = {d["name"]: d for d in config["deployments"]}
+    from prefect_tensorflow.tasks.configs import TrainingConfig
+
+    deployments = _repo_deployments()
     nightly = deployments["retrain-iris"]
     assert nightly["schedules"][0]["cron"] == "0 2 * * *"
     assert nightly["work_pool"]["name"] == "tensorflow-process"
     assert not nightly["work_pool"]["name"].startswith("prefect")  # reserved by Prefect
-    assert nightly["parameters"]["more_steps"] == 1000
+    assert nightly["parameters"]["training"]["more_steps"] == 1000
+    TrainingConfig.model_validate(nightly["parameters"]["training"])  # the nested settings are valid as written
     flow = load_flow_from_entrypoint(nightly["entrypoint"])
     assert flow.name == "retrain"
     assert set(nightly["parameters"]) <= set(flow.parameters.properties)
@@ -62,30 +76,109 @@ def test_prefect_yaml_declares_the_nightly_retraining_and_the_on_demand_export()
     export_flow = load_flow_from_entrypoint(export["entrypoint"])
     assert export_flow.name == "export-checkpoint"
     assert set(export["parameters"]) <= set(export_flow.parameters.properties)
-    assert "model_dir" in export_flow.parameters.required
+    assert export_flow.parameters.required == []  # model_dir defaults under the data home
+    for deployment in deployments.values():  # paths left empty: the flows' defaults under the data home
+        paths = {
+            p: v for p, v in deployment["parameters"].items() if p in ("model_dir", "sweep_root", "export_base", "frozen_dir")
+        }
+        assert len(paths) == 3 and set(paths.values()) == {""}, (deployment["name"], paths)
 
 
-def test_flow_parameters_are_typed_for_the_ui_form():
+def test_the_package_ships_prefect_yaml_and_load_definitions_reads_the_repos():
+    from importlib import resources
+
+    from prefect_tensorflow.flows.deployments import load_definitions
+
+    shipped = resources.files("prefect_tensorflow.flows").joinpath("prefect.yaml")
+    assert shipped.is_file()
+    loaded = {d.name: d for d in load_definitions()}
+    expected = _repo_deployments()
+    assert list(loaded) == list(expected)
+    for name, raw in expected.items():
+        definition = loaded[name]
+        assert definition.entrypoint == raw["entrypoint"]
+        assert definition.parameters == raw["parameters"]
+        assert [s.cron for s in definition.schedules] == [s["cron"] for s in raw["schedules"]]
+        assert definition.work_pool["name"] == raw["work_pool"]["name"]
+        assert definition.tags == raw["tags"]
+
+
+def _resolve(schema: dict, node: dict) -> dict:
+    ref = node.get("$ref") or next((a["$ref"] for a in node.get("anyOf", []) if "$ref" in a), None)
+    if ref is None:
+        return node
+    return schema["definitions"][ref.rsplit("/", 1)[-1]]
+
+
+def test_flow_parameters_are_described_and_typed_for_the_ui_form():
     from prefect_tensorflow.flows.export_checkpoint import export_checkpoint
     from prefect_tensorflow.flows.retrain import retrain
 
-    for flow, names in ((retrain, ["model_dir", "steps", "export_base", "registered_model_name", "model", "data"]),
-                        (export_checkpoint, ["model_dir", "checkpoint", "export_base", "registered_model_name", "model", "data"])):
+    for flow in (retrain, export_checkpoint):
         properties = flow.parameters.properties
-        for name in names:
-            assert properties[name].get("description") or properties[name].get("title"), (flow.name, name)
-    schema = retrain.parameters.properties
-    assert schema["steps"]["type"] == "integer" and schema["steps"]["minimum"] == 0
-    assert export_checkpoint.parameters.properties["gate_mode"].get("enum") == ["min", "max"] or "anyOf" in str(
-        export_checkpoint.parameters.properties["gate_mode"]
-    )
+        assert properties, flow.name
+        for name, prop in properties.items():
+            assert prop.get("description", "").strip(), f"{flow.name}: parameter {name!r} has no description"
+        schema = flow.parameters.model_dump()
+        gate = properties["gate"]
+        assert gate.get("$ref", "").endswith("/GateConfig"), (flow.name, gate)
+        assert _resolve(schema, gate)["properties"]["mode"]["enum"] == ["min", "max"]
+
+    export_props = export_checkpoint.parameters.properties
+    for name in ("model", "data"):
+        assert "iris" in export_props[name]["enum"], (name, export_props[name])
+    assert export_props["aliases"]["type"] == "array" and export_props["aliases"]["items"]["type"] == "string"
+
+    retrain_schema = retrain.parameters.model_dump()
+    training = _resolve(retrain_schema, retrain.parameters.properties["training"])
+    assert training["title"] == "TrainingConfig"
+    assert "iris" in training["properties"]["model"]["enum"] and "iris" in training["properties"]["data"]["enum"]
+    steps = training["properties"]["steps"]
+    assert steps["type"] == "integer" and steps.get("minimum") == 0, steps
+
+
+def _module_level_imports(tree: ast.Module) -> set[str]:
+    """Top-level modules imported by the module's own statements (not inside functions or classes)."""
+    found: set[str] = set()
+    nodes = list(tree.body)
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, (ast.If, ast.Try)):  # `if TYPE_CHECKING:` / `try: import ...` run at import too
+            nodes.extend(node.body + node.orelse + getattr(node, "finalbody", []))
+            for handler in getattr(node, "handlers", []):
+                nodes.extend(handler.body)
+    return found
+
+
+def test_only_prefect_tasks_and_blocks_import_prefect():
+    """The plain modules stay usable without Prefect: the CLI's plain commands and library callers."""
+    allowed = {"prefect_tasks.py", "blocks.py"}
+    modules = sorted((REPO / "tasks").glob("*.py"))
+    assert {"training.py", "selection.py", "registry.py"} <= {m.name for m in modules}
+    importers = {m.name for m in modules if "prefect" in _module_level_imports(ast.parse(m.read_text(), str(m)))}
+    assert importers == allowed, f"modules importing prefect at module level: {sorted(importers)}"
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("import prefect.flows\n", {"prefect"}),
+        ("from prefect import task\n", {"prefect"}),
+        ("if True:\n    from prefect.blocks.core import Block\n", {"prefect"}),
+        ("def f():\n    import prefect\n", set()),
+        ("from .blocks import MlflowConnection\n", set()),
+    ],
+)
+def test_the_import_scan_sees_module_level_imports_only(source, expected):
+    assert _module_level_imports(ast.parse(source)) == expected
 
 
 def test_the_cli_module_imports_neither_prefect_nor_tensorflow():
     """`main()` sets Prefect's and TensorFlow's environment defaults; they read them when they load."""
-    import subprocess
-    import sys
-
     code = "import sys, prefect_tensorflow.flows.cli; print(sorted({'prefect', 'tensorflow', 'mlflow'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -1,27 +1,19 @@
-"""MlflowConnection: precedence of fields, environment and defaults; the secret token; retries."""
+"""MlflowConfig / MlflowConnection: precedence of fields, environment and defaults; secrets; retries;
+explicit clients that change nothing process-wide."""
 
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
 from pydantic import ValidationError
 
+from prefect_tensorflow.flows.servers import free_port
 from prefect_tensorflow.tasks.errors import MlflowUnavailableError
-from prefect_tensorflow.tasks.mlflow_connection import (
-    DEFAULT_EXPERIMENT,
-    MlflowConnection,
-    default_tracking_uri,
-    is_transient,
-)
+from prefect_tensorflow.tasks.mlflow_connection import DEFAULT_EXPERIMENT, MlflowConfig, default_tracking_uri, is_transient
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+MlflowConnection = MlflowConfig  # the block is the same config, saved; these tests need no Prefect
 
 
 def test_defaults_are_a_sqlite_store_under_the_data_home(monkeypatch, tmp_path):
@@ -50,8 +42,12 @@ def test_environment_wins_over_defaults_and_fields_win_over_environment(monkeypa
 
 @pytest.mark.parametrize(
     "field, value",
-    [("tracking_uri", "localhost:5000"), ("tracking_uri", "ftp://host/x"), ("registry_uri", "nowhere"),
-     ("ui_url", "sqlite:///x.db")],
+    [
+        ("tracking_uri", "localhost:5000"),
+        ("tracking_uri", "ftp://host/x"),
+        ("registry_uri", "nowhere"),
+        ("ui_url", "sqlite:///x.db"),
+    ],
 )
 def test_a_malformed_uri_is_refused_naming_the_field(field, value):
     with pytest.raises(ValidationError) as info:
@@ -65,34 +61,45 @@ def test_out_of_range_settings_are_refused(field, value):
         MlflowConnection(**{field: value})
 
 
-def test_the_token_is_secret_and_only_set_while_active(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
-    conn = MlflowConnection(tracking_uri="http://127.0.0.1:5999", token="s3cr3t-token")
-    assert "s3cr3t-token" not in repr(conn) and "s3cr3t-token" not in str(conn.model_dump())
-    with conn.activate():
-        assert os.environ["MLFLOW_TRACKING_TOKEN"] == "s3cr3t-token"
-    assert "MLFLOW_TRACKING_TOKEN" not in os.environ
-
-
-def test_activate_restores_the_environment_and_mlflows_globals(monkeypatch, tmp_path):
+def test_secrets_stay_secret_and_nothing_process_wide_changes(monkeypatch, tmp_path):
     import mlflow
 
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "11")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    before = mlflow.get_tracking_uri()
-    conn = MlflowConnection(tracking_uri=f"sqlite:///{tmp_path}/x/mlflow.db", request_retries=1)
-    with conn.activate():
-        assert mlflow.get_tracking_uri() == conn.resolved_tracking_uri()
-        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
-        assert (tmp_path / "x").is_dir()
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "11"
-    assert "MLFLOW_TRACKING_URI" not in os.environ
-    assert mlflow.get_tracking_uri() == before
+    conn = MlflowConnection(tracking_uri="http://127.0.0.1:5999", token="s3cr3t-token", username="ci", password="pa55-word")
+    assert "s3cr3t-token" not in repr(conn) and "s3cr3t-token" not in str(conn.model_dump())
+    assert "pa55-word" not in repr(conn) and "pa55-word" not in str(conn.model_dump())
+    environ, uri = dict(os.environ), mlflow.get_tracking_uri()
+    client = conn.client()
+    creds = client._tracking_client.store.get_host_creds()
+    assert (creds.host, creds.token, creds.username, creds.password) == (
+        "http://127.0.0.1:5999",
+        "s3cr3t-token",
+        "ci",
+        "pa55-word",
+    )
+    sqlite = MlflowConnection(tracking_uri=f"sqlite:///{tmp_path}/x/mlflow.db").client()
+    assert sqlite.tracking_uri.startswith("sqlite:///") and (tmp_path / "x").is_dir()
+    assert dict(os.environ) == environ and mlflow.get_tracking_uri() == uri
 
 
-def test_credentials_never_appear_in_the_server_label():
-    conn = MlflowConnection(tracking_uri="https://user:pa55@mlflow.example.com/path")
-    assert conn.server_label() == "https://mlflow.example.com/path"
+def test_the_secret_json_for_a_child_process_round_trips():
+    conn = MlflowConnection(tracking_uri="http://127.0.0.1:5999", token="s3cr3t-token", password="pa55-word")
+    again = MlflowConfig.model_validate_json(conn.to_secret_json())
+    assert again.resolved_token() == "s3cr3t-token" and again.resolved_password() == "pa55-word"
+    assert again.tracking_uri == conn.tracking_uri
+
+
+def test_the_private_mlflow_names_the_explicit_clients_use_are_all_there():
+    """An MLflow upgrade that moves them fails here, not in a production registration."""
+    from prefect_tensorflow.tasks.mlflow_client import check_private_api
+
+    assert check_private_api() == []
+
+
+def test_credentials_in_a_uri_are_refused():
+    with pytest.raises(ValidationError, match="give credentials as username/password or token"):
+        MlflowConnection(tracking_uri="https://user:pa55@mlflow.example.com/path")
 
 
 def test_experiment_is_created_once_with_artifacts_beside_the_database(mlflow_store, tmp_path):
@@ -104,10 +111,13 @@ def test_experiment_is_created_once_with_artifacts_beside_the_database(mlflow_st
 
 
 def test_a_server_that_is_not_there_fails_with_an_error_naming_it_after_the_retries():
-    port = _free_port()  # nothing listens: connection refused, for real
+    port = free_port()  # nothing listens: connection refused, for real
     conn = MlflowConnection(
-        tracking_uri=f"http://127.0.0.1:{port}", request_retries=1, request_backoff_factor=0,
-        operation_retries=2, operation_retry_delay=0.2,
+        tracking_uri=f"http://127.0.0.1:{port}",
+        request_retries=1,
+        request_backoff_factor=0,
+        operation_retries=2,
+        operation_retry_delay=0.2,
     )
     started = time.monotonic()
     with pytest.raises(MlflowUnavailableError) as info:

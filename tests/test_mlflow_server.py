@@ -10,25 +10,28 @@ real HTTP proxy, for the 5xx responses a stock server cannot be made to send on 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pytest
+from helpers import export, register_export, train
+from mlflow_server import FaultyProxy, MlflowServer
 
-from mlflow_server import FaultyProxy, MlflowServer, free_port
+from prefect_tensorflow.flows.servers import free_port
 from prefect_tensorflow.tasks.errors import MlflowUnavailableError
-from prefect_tensorflow.tasks.exporting import ExportResult, export, saved_model_digest
-from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+from prefect_tensorflow.tasks.exporting import ExportResult, saved_model_digest
+from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
 from prefect_tensorflow.tasks.policy import CheckpointPolicy
-from prefect_tensorflow.tasks.registry import CHALLENGER, CHAMPION, FINGERPRINT_TAG, register_export
+from prefect_tensorflow.tasks.registry import CHALLENGER, CHAMPION, FINGERPRINT_TAG
 from prefect_tensorflow.tasks.selection import checkpoint_ref
 from prefect_tensorflow.tasks.tracking import TAG_PREFIX
-from prefect_tensorflow.tasks.training import train_tracked
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +64,12 @@ def server(mlflow_server: MlflowServer, request):
         print(mlflow_server.log_tail())  # shown with the failure ("Captured stdout teardown")
 
 
-def connection(uri: str, experiment: str, **retries: Any) -> MlflowConnection:
-    return MlflowConnection(tracking_uri=uri, experiment_name=experiment, **retries)
+def connection(uri: str, experiment: str, **retries: Any) -> MlflowConfig:
+    return MlflowConfig(tracking_uri=uri, experiment_name=experiment, **retries)
+
+
+def train_tracked(model_dir: str, conn: MlflowConfig, **config: Any):
+    return train(model_dir, tracking=conn, **config)
 
 
 def direct_client(server: MlflowServer):
@@ -84,16 +91,29 @@ def versions_with(server: MlflowServer, name: str, fingerprint: str) -> list:
     return client.search_model_versions(f"name = '{name}' and tags.`{FINGERPRINT_TAG}` = '{fingerprint}'")
 
 
-def download_version(conn: MlflowConnection, name: str, version: int, dst: Path) -> Path:
+@pytest.fixture
+def consumer(monkeypatch, server: MlflowServer):
+    """Call it to point MLflow's fluent API at the server, as a team that loads the models has it
+    (MLFLOW_TRACKING_URI); only once the code under test is done, so that nothing it does can lean on it."""
+
+    def point_at_server() -> None:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+
+    return point_at_server
+
+
+def download_version(name: str, version: int, dst: Path) -> Path:
+    """`models:/name/version` downloaded as a consumer does (after `consumer()`)."""
     import mlflow
 
-    with conn.activate():
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
+    assert os.environ.get("MLFLOW_TRACKING_URI"), "call consumer() first: MLflow would fall back to ./mlflow.db"
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
 
 
-def assert_complete(conn: MlflowConnection, name: str, version: int, exported: ExportResult, dst: Path) -> Path:
+def assert_complete(name: str, version: int, exported: ExportResult, dst: Path) -> Path:
     """The version's model downloads from the server and holds the export's very SavedModel."""
-    local = download_version(conn, name, version, dst)
+    local = download_version(name, version, dst)
     copied = local / "artifacts" / os.path.basename(exported.path)
     assert copied.is_dir(), f"models:/{name}/{version} has no SavedModel artifact: {sorted(os.listdir(local))}"
     assert saved_model_digest(str(copied)) == exported.digest
@@ -145,39 +165,45 @@ def artifact_files(root: Path) -> set[str]:
 # 1. The whole flow against the real server -----------------------------------------------------------
 
 
-def test_retrain_flow_tracks_and_registers_on_a_real_server(prefect_api, server, tmp_path):
+def test_retrain_flow_tracks_and_registers_on_a_real_server(prefect_api, server, tmp_path, consumer):
     import mlflow
     import tensorflow as tf
 
     from prefect_tensorflow.flows.retrain import retrain
+    from prefect_tensorflow.tasks.blocks import MlflowConnection
+    from prefect_tensorflow.tasks.configs import TrainingConfig
     from prefect_tensorflow.tasks.iris import read_iris
 
-    conn = connection(server.uri, "flow")
+    conn = MlflowConnection(tracking_uri=server.uri, experiment_name="flow")
     policy = CheckpointPolicy(save_checkpoints_steps=100, keep_checkpoint_max=None)
     summary = retrain(
-        model_dir=str(tmp_path / "m"), steps=200, policy=policy, export_base=str(tmp_path / "export"),
-        frozen_dir=str(tmp_path / "frozen"), registered_model_name="iris-flow", mlflow=conn,
+        model_dir=str(tmp_path / "m"),
+        training=TrainingConfig(steps=200, policy=policy, summary_every_n_steps=10),
+        export_base=str(tmp_path / "export"),
+        frozen_dir=str(tmp_path / "frozen"),
+        registered_model_name="iris-flow",
+        mlflow=conn,
     )
     client = direct_client(server)
 
-    # The training run: params, every step's loss, checkpoint metrics, artifacts.
+    # The training run: params, the loss at every summary step, checkpoint metrics, artifacts.
     run = client.get_run(summary.training.mlflow_run_id)
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["steps"] == "200" and params["policy.save_checkpoints_steps"] == "100"
-    assert params["model"] == "prefect_tensorflow.tasks.iris:build_model" and params["seed"] == "0"
+    assert params["model"] == "iris" and params["seed"] == "0" and params["summary_every_n_steps"] == "10"
     assert run.data.tags[TAG_PREFIX + "stage"] == "train" and "prefect.flow_run_id" in run.data.tags
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert summary.training.steps_run == 200
-    assert sorted(m.step for m in losses) == list(range(1, 201))
+    assert sorted(m.step for m in losses) == list(range(10, 201, 10))  # none lost or doubled
     for key in ("eval/accuracy", "eval/loss"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 100, 200]
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [100, 200]
 
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoints", "tensorboard", "frozen_graph"} <= top
-    with conn.activate():
-        rows = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/checkpoints/checkpoints.json")
+    listed = client.download_artifacts(run.info.run_id, "checkpoints/checkpoints.json", str(tmp_path))
+    rows = json.loads(Path(listed).read_text())
     assert sorted(row["step"] for row in rows) == [0, 100, 200]
     board = {a.path: a for a in client.list_artifacts(run.info.run_id, "tensorboard")}
     assert any(os.path.basename(p).startswith("events.out.tfevents.") for p in board)
@@ -205,14 +231,12 @@ def test_retrain_flow_tracks_and_registers_on_a_real_server(prefect_api, server,
     assert any(saved_model_digest(str(d)) == summary.export.digest for d in on_server), (
         f"no copy of the export's SavedModel in the server's artifact store {server.artifacts}"
     )
-    local = assert_complete(conn, "iris-flow", 1, summary.export, tmp_path / "download")
+    consumer()
+    local = assert_complete("iris-flow", 1, summary.export, tmp_path / "download")
     features = np.asarray(read_iris()[0], dtype=np.float32)
     (input_name,) = summary.export.signature.inputs
-    with conn.activate():
-        predicted = mlflow.pyfunc.load_model(str(local)).predict({input_name: features})
-    expected = tf.saved_model.load(summary.export.path).signatures["serving_default"](
-        **{input_name: tf.constant(features)}
-    )
+    predicted = mlflow.pyfunc.load_model(str(local)).predict({input_name: features})
+    expected = tf.saved_model.load(summary.export.path).signatures["serving_default"](**{input_name: tf.constant(features)})
     assert set(predicted) == set(expected)
     for key, value in expected.items():
         np.testing.assert_allclose(predicted[key], value.numpy(), rtol=0, atol=1e-6, err_msg=key)
@@ -226,7 +250,10 @@ def test_tracked_training_survives_a_server_restart(server, tmp_path):
     model_dir = tmp_path / "m"
     steps = 1500
     policy = CheckpointPolicy(save_checkpoints_steps=250)
-    job = Background(lambda: train_tracked(str(model_dir), conn, steps=steps, policy=policy), "train_tracked")
+    every = 10  # the loss is logged at every summary step
+    job = Background(
+        lambda: train_tracked(str(model_dir), conn, steps=steps, policy=policy, summary_every_n_steps=every), "train"
+    )
     wait_for(lambda: (model_dir / "model.ckpt-250.index").exists(), "checkpoint at step 250", job, server)
     assert job.alive() and not (model_dir / f"model.ckpt-{steps}.index").exists()
     server.stop(signal.SIGKILL)
@@ -240,14 +267,14 @@ def test_tracked_training_survives_a_server_restart(server, tmp_path):
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED", server.log_tail()
     losses = client.get_metric_history(run.info.run_id, "loss")
-    assert len(losses) == steps, f"{len(losses)} loss values for {steps} steps"
-    assert sorted(m.step for m in losses) == list(range(1, steps + 1))
+    assert len(losses) == steps // every, f"{len(losses)} loss values for {steps // every} summary steps"
+    assert sorted(m.step for m in losses) == list(range(every, steps + 1, every))
     accuracy = client.get_metric_history(run.info.run_id, "eval/accuracy")
     assert sorted(m.step for m in accuracy) == list(range(0, steps + 1, 250))
     assert {"checkpoints", "tensorboard"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_registration_waits_for_a_server_restart(server, trained_dir, tmp_path):
+def test_registration_waits_for_a_server_restart(server, trained_dir, tmp_path, consumer):
     exported = export_checkpoint(trained_dir, 100, tmp_path)
     ref = checkpoint_ref(exported.source)
     conn = connection(server.uri, "restart-registration", **PATIENT)
@@ -262,7 +289,8 @@ def test_registration_waits_for_a_server_restart(server, trained_dir, tmp_path):
     found = versions_with(server, "iris-restart", exported.fingerprint)
     assert [int(mv.version) for mv in found] == [1]
     assert {CHALLENGER, CHAMPION} <= set(direct_client(server).get_model_version("iris-restart", "1").aliases)
-    assert_complete(conn, "iris-restart", 1, exported, tmp_path / "download")
+    consumer()
+    assert_complete("iris-restart", 1, exported, tmp_path / "download")
 
 
 # 3. Down for good -----------------------------------------------------------------------------------
@@ -308,12 +336,15 @@ def test_server_down_for_good_raises_naming_it_and_registers_nothing(server, tra
 # 4. HTTP 5xx through a real proxy -------------------------------------------------------------------
 
 
-def test_503_on_every_endpoint_is_retried(server, trained_dir, tmp_path):
+def test_503_on_every_endpoint_is_retried(server, trained_dir, tmp_path, consumer):
     exported = export_checkpoint(trained_dir, 300, tmp_path)
     with FaultyProxy(server.port, failures_per_path=1) as proxy:
-        conn = connection(proxy.uri, "http-503", request_retries=2, request_backoff_factor=0,
-                          operation_retries=2, operation_retry_delay=0.2)
-        trained = train_tracked(str(tmp_path / "m"), conn, steps=50, policy=CheckpointPolicy(save_checkpoints_steps=25))
+        conn = connection(
+            proxy.uri, "http-503", request_retries=2, request_backoff_factor=0, operation_retries=2, operation_retry_delay=0.2
+        )
+        trained = train_tracked(
+            str(tmp_path / "m"), conn, steps=50, policy=CheckpointPolicy(save_checkpoints_steps=25), summary_every_n_steps=5
+        )
         registered = register_export(exported, "iris-503", connection=conn, checkpoint=checkpoint_ref(exported.source))
     failed = {(method, path) for method, path, status in proxy.log if status == 503}
     assert ("POST", "/api/2.0/mlflow/runs/log-batch") in failed
@@ -322,10 +353,11 @@ def test_503_on_every_endpoint_is_retried(server, trained_dir, tmp_path):
     assert any(m == "GET" and "/mlflow-artifacts/artifacts/" in p for m, p in failed)
 
     client = direct_client(server)
-    assert sorted(m.step for m in client.get_metric_history(trained.mlflow_run_id, "loss")) == list(range(1, 51))
+    assert sorted(m.step for m in client.get_metric_history(trained.mlflow_run_id, "loss")) == list(range(5, 51, 5))
     assert client.get_run(trained.mlflow_run_id).info.status == "FINISHED"
     assert [int(mv.version) for mv in versions_with(server, "iris-503", exported.fingerprint)] == [registered.version]
-    assert_complete(connection(server.uri, "http-503"), "iris-503", registered.version, exported, tmp_path / "dl")
+    consumer()
+    assert_complete("iris-503", registered.version, exported, tmp_path / "dl")
 
 
 def test_permanent_503_raises_naming_the_proxy(server, trained_dir, tmp_path):
@@ -342,13 +374,19 @@ def test_permanent_503_raises_naming_the_proxy(server, trained_dir, tmp_path):
     assert versions_with(server, "iris-503-forever", exported.fingerprint) == []
 
 
-def test_lost_create_model_version_response_leaves_one_complete_version(server, trained_dir, tmp_path):
+def test_lost_create_model_version_response_leaves_one_complete_version(server, trained_dir, tmp_path, consumer):
     """A gateway answers 504 after the server created the version (a timeout on the way back):
     the retry must find that version, not create a second one with the same fingerprint."""
     exported = export_checkpoint(trained_dir, 0, tmp_path)
     with FaultyProxy(server.port, lost_responses={"/api/2.0/mlflow/model-versions/create": 1}) as proxy:
-        conn = connection(proxy.uri, "lost-response", request_retries=2, request_backoff_factor=0,
-                          operation_retries=2, operation_retry_delay=0.2)
+        conn = connection(
+            proxy.uri,
+            "lost-response",
+            request_retries=2,
+            request_backoff_factor=0,
+            operation_retries=2,
+            operation_retry_delay=0.2,
+        )
         registered = register_export(exported, "iris-lost", connection=conn, checkpoint=checkpoint_ref(exported.source))
     assert ("POST", "/api/2.0/mlflow/model-versions/create", 504) in proxy.log
 
@@ -358,4 +396,5 @@ def test_lost_create_model_version_response_leaves_one_complete_version(server, 
     )
     mv = direct_client(server).get_model_version("iris-lost", "1")
     assert {CHALLENGER, CHAMPION} <= set(mv.aliases), mv.aliases
-    assert_complete(connection(server.uri, "lost-response"), "iris-lost", 1, exported, tmp_path / "dl")
+    consumer()
+    assert_complete("iris-lost", 1, exported, tmp_path / "dl")

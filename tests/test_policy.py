@@ -11,7 +11,7 @@ def test_defaults_are_the_estimators():
     assert policy.keep_checkpoint_max == 5
     assert policy.keep_checkpoint_every_n_hours == 10000
     assert policy.save_at_start and policy.save_at_end
-    assert policy.async_save is False
+    assert policy.async_save is True  # a snapshot in the loop, the files in the background (checkpoint_writer)
     assert policy.checkpoint_name == "model.ckpt"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import register_export
 
+from prefect_tensorflow.flows.servers import free_port
 from prefect_tensorflow.tasks import iris
 from prefect_tensorflow.tasks.errors import MetricNotFoundError, MlflowSettingsError, RegistryError
-from prefect_tensorflow.tasks.registry import FINGERPRINT_TAG, register_export
+from prefect_tensorflow.tasks.registry import FINGERPRINT_TAG
 from prefect_tensorflow.tasks.selection import checkpoint_ref
 
 NAME = "tests-iris"
@@ -26,7 +27,7 @@ NAME = "tests-iris"
 @pytest.fixture(scope="module")
 def exports(trained_dir: Path, tmp_path_factory):
     """Checkpoints 100 and 300 of the trained iris dir, each exported and verified."""
-    from prefect_tensorflow.tasks.exporting import export
+    from helpers import export
 
     base = tmp_path_factory.mktemp("exports") / "iris"
     out = {}
@@ -46,7 +47,7 @@ def _versions(conn, name: str = NAME):
 
 
 def test_an_export_becomes_a_registered_version_that_pyfunc_runs_like_the_saved_model(
-    exports, mlflow_store, tmp_path: Path
+    exports, mlflow_store, tmp_path: Path, monkeypatch
 ):
     import mlflow
     import tensorflow as tf
@@ -65,6 +66,8 @@ def test_an_export_becomes_a_registered_version_that_pyfunc_runs_like_the_saved_
     assert tags["prefect_tensorflow.checkpoint.step"] == "300"
     assert tags["prefect_tensorflow.export.dir"] == exported.path
     assert tags["prefect_tensorflow.export.sha256"] == exported.digest
+    # the version page's description says where it came from (tags sit below a scroll area there)
+    assert f"`{ref.path}`" in mv.description and f"`{exported.digest}`" in mv.description
     assert float(tags["prefect_tensorflow.parity.checkpoint_vs_saved_model"]) == exported.parity.max_abs_diff
     assert float(tags["prefect_tensorflow.metric.accuracy"]) == pytest.approx(ref.metrics["accuracy"])
     assert tags["prefect_tensorflow.gate.decision"] == "promoted to champion"
@@ -72,10 +75,10 @@ def test_an_export_becomes_a_registered_version_that_pyfunc_runs_like_the_saved_
     assert run.data.tags["prefect_tensorflow.stage"] == "export"
 
     features = _iris_features()
-    with mlflow_store.activate():
-        model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
-        predicted = model.predict({"features": features})
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "dl")))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store.tracking_uri)  # as a serving team loads it
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    predicted = model.predict({"features": features})
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "dl")))
     expected = tf.saved_model.load(exported.path).signatures["serving_default"](features=tf.constant(features))
     for key in ("logits", "probabilities", "class_ids"):
         np.testing.assert_array_equal(predicted[key], expected[key].numpy())
@@ -164,13 +167,13 @@ def test_two_processes_registering_one_export_end_with_one_version(exports, mlfl
     script = f"""
 import json, sys
 from prefect_tensorflow.tasks.exporting import ExportResult
-from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
-from prefect_tensorflow.tasks.registry import register_export
+from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig as MlflowConnection
+from prefect_tensorflow.tasks.registry import register_model_version
 from prefect_tensorflow.tasks.selection import CheckpointRef
-exported = ExportResult.model_validate_json(open({str(tmp_path / 'export.json')!r}).read())
-ref = CheckpointRef.model_validate_json(open({str(tmp_path / 'ref.json')!r}).read())
+exported = ExportResult.model_validate_json(open({str(tmp_path / "export.json")!r}).read())
+ref = CheckpointRef.model_validate_json(open({str(tmp_path / "ref.json")!r}).read())
 conn = MlflowConnection(tracking_uri={mlflow_store.tracking_uri!r}, experiment_name="tests")
-print(json.dumps({{"version": register_export(exported, {NAME!r}, connection=conn, checkpoint=ref).version}}))
+print(json.dumps({{"version": register_model_version(exported, {NAME!r}, conn, checkpoint=ref).version}}))
 """
     procs = [
         subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -183,26 +186,34 @@ print(json.dumps({{"version": register_export(exported, {NAME!r}, connection=con
     assert len(_versions(mlflow_store)) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_a_real_http_request_like_the_saved_model(exports, mlflow_store, tmp_path: Path):
     import tensorflow as tf
 
     ref, exported = exports[300]
     register_export(exported, NAME, connection=mlflow_store, checkpoint=ref, data=iris.DATA)
-    port = _free_port()
+    port = free_port()
     bin_dir = os.path.dirname(sys.executable)  # `mlflow models serve` execs `uvicorn` from PATH, as in an activated venv
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store.tracking_uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
-        [os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            os.path.join(bin_dir, "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 240

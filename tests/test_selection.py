@@ -16,9 +16,9 @@ from prefect_tensorflow.tasks.errors import (
 )
 from prefect_tensorflow.tasks.metrics_log import read_metrics
 from prefect_tensorflow.tasks.selection import (
-    find_best_checkpoint,
-    find_latest_checkpoint,
     list_checkpoints,
+    select_best_checkpoint,
+    select_latest_checkpoint,
 )
 
 
@@ -42,7 +42,7 @@ def test_sound_state_file_is_answered_without_listing(model_dir_copy, monkeypatc
         raise AssertionError("listed the directory although the state file is sound")
 
     monkeypatch.setattr(selection, "checkpoint_prefixes", no_listing)
-    ref = find_latest_checkpoint(model_dir_copy)
+    ref = select_latest_checkpoint(model_dir_copy)
     assert ref.step == 300
     assert ref.path == str(model_dir_copy / "model.ckpt-300")
     assert ref.format == "tf2"
@@ -53,19 +53,19 @@ def test_sound_state_file_is_answered_without_listing(model_dir_copy, monkeypatc
 def test_agrees_with_tf_latest_checkpoint_when_sound(trained_dir):
     import tensorflow as tf
 
-    assert find_latest_checkpoint(trained_dir).path == tf.train.latest_checkpoint(str(trained_dir))
+    assert select_latest_checkpoint(trained_dir).path == tf.train.latest_checkpoint(str(trained_dir))
 
 
 def test_missing_state_file_falls_back_to_highest_step(model_dir_copy):
     (model_dir_copy / "checkpoint").unlink()
-    assert find_latest_checkpoint(model_dir_copy).step == 300
+    assert select_latest_checkpoint(model_dir_copy).step == 300
 
 
 @pytest.mark.parametrize("content", [b"\x00\x01garbage\xff", b"model_checkpoint_path: 12\n", b"nonsense"])
 def test_garbage_state_file_falls_back_and_logs(model_dir_copy, content, caplog):
     (model_dir_copy / "checkpoint").write_bytes(content)
     with caplog.at_level(logging.WARNING, logger="prefect_tensorflow"):
-        assert find_latest_checkpoint(model_dir_copy).step == 300
+        assert select_latest_checkpoint(model_dir_copy).step == 300
     assert "state file is unreadable" in caplog.text
 
 
@@ -76,7 +76,7 @@ def test_stale_state_after_crash_between_commit_and_state_update(model_dir_copy,
 
     assert tf.train.latest_checkpoint(str(model_dir_copy)).endswith("model.ckpt-300")
     with caplog.at_level(logging.WARNING, logger="prefect_tensorflow"):
-        ref = find_latest_checkpoint(model_dir_copy)
+        ref = select_latest_checkpoint(model_dir_copy)
     assert ref.step == 400
     assert "model.ckpt-400 is the newest valid checkpoint" in caplog.text
 
@@ -84,14 +84,14 @@ def test_stale_state_after_crash_between_commit_and_state_update(model_dir_copy,
 def test_stale_state_file_copied_over_in_place(model_dir_copy):
     # An old state file copied back over the current one names step 100.
     (model_dir_copy / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-100"\n')
-    assert find_latest_checkpoint(model_dir_copy).step == 300
+    assert select_latest_checkpoint(model_dir_copy).step == 300
 
 
 def test_state_naming_deleted_checkpoint(model_dir_copy, caplog):
     for suffix in (".index", ".data-00000-of-00001"):
         (model_dir_copy / f"model.ckpt-300{suffix}").unlink()
     with caplog.at_level(logging.WARNING, logger="prefect_tensorflow"):
-        assert find_latest_checkpoint(model_dir_copy).step == 200
+        assert select_latest_checkpoint(model_dir_copy).step == 200
     assert "model.ckpt-300, which is invalid: index file is missing" in caplog.text
 
 
@@ -99,13 +99,13 @@ def test_state_naming_truncated_checkpoint(model_dir_copy, caplog):
     shard = model_dir_copy / "model.ckpt-300.data-00000-of-00001"
     os.truncate(shard, shard.stat().st_size // 2)
     with caplog.at_level(logging.WARNING, logger="prefect_tensorflow"):
-        assert find_latest_checkpoint(model_dir_copy).step == 200
+        assert select_latest_checkpoint(model_dir_copy).step == 200
     assert "is truncated" in caplog.text
 
 
 def test_deleted_index_is_uncommitted(model_dir_copy):
     (model_dir_copy / "model.ckpt-300.index").unlink()
-    assert find_latest_checkpoint(model_dir_copy).step == 200
+    assert select_latest_checkpoint(model_dir_copy).step == 200
 
 
 def test_skips_every_invalid_newer_checkpoint_and_says_why(model_dir_copy, caplog):
@@ -113,7 +113,7 @@ def test_skips_every_invalid_newer_checkpoint_and_says_why(model_dir_copy, caplo
     (model_dir_copy / "model.ckpt-300.data-00000-of-00001").unlink()
     (model_dir_copy / "model.ckpt-200.index").write_bytes(b"not a table")
     with caplog.at_level(logging.WARNING, logger="prefect_tensorflow"):
-        assert find_latest_checkpoint(model_dir_copy).step == 100
+        assert select_latest_checkpoint(model_dir_copy).step == 100
     assert "skipping checkpoint" in caplog.text and "model.ckpt-300" in caplog.text
     assert "model.ckpt-200" in caplog.text
 
@@ -125,24 +125,24 @@ def test_none_valid_is_a_clear_error_and_nothing_is_deleted(model_dir_copy):
             os.truncate(shard, 3)
     before = sorted(os.listdir(model_dir_copy))
     with pytest.raises(NoValidCheckpointError) as info:
-        find_latest_checkpoint(model_dir_copy)
+        select_latest_checkpoint(model_dir_copy)
     assert str(model_dir_copy) in str(info.value)
     assert "model.ckpt-300: data shard" in str(info.value)
     assert sorted(os.listdir(model_dir_copy)) == before
 
 
 def test_empty_dir(tmp_path):
-    with pytest.raises(NoValidCheckpointError, match="no valid checkpoint in .*no <prefix>-<step>.index files"):
-        find_latest_checkpoint(tmp_path)
+    with pytest.raises(NoValidCheckpointError, match=r"no valid checkpoint in .*no <prefix>-<step>\.index files"):
+        select_latest_checkpoint(tmp_path)
 
 
 def test_model_dir_is_a_file(tmp_path):
     path = tmp_path / "model_dir"
     path.write_text("oops")
     with pytest.raises(ModelDirError, match="is a file; expected a directory"):
-        find_latest_checkpoint(path)
+        select_latest_checkpoint(path)
     with pytest.raises(ModelDirError, match="does not exist"):
-        find_latest_checkpoint(tmp_path / "absent")
+        select_latest_checkpoint(tmp_path / "absent")
 
 
 def _flip_byte_in(model_dir, step, tensor_fragment):
@@ -160,29 +160,29 @@ def _flip_byte_in(model_dir, step, tensor_fragment):
 @pytest.mark.parametrize("tensor", ["_trainable_variables/0/", "ITERATOR_STATE"])
 def test_verify_checksums_catches_a_flipped_byte(model_dir_copy, tensor, caplog):
     _flip_byte_in(model_dir_copy, 300, tensor)
-    assert find_latest_checkpoint(model_dir_copy).step == 300  # sizes are still right
+    assert select_latest_checkpoint(model_dir_copy).step == 300  # sizes are still right
     with caplog.at_level(logging.WARNING, logger="prefect_tensorflow"):
-        assert find_latest_checkpoint(model_dir_copy, verify_checksums=True).step == 200
+        assert select_latest_checkpoint(model_dir_copy, verify_checksums=True).step == 200
     assert "does not read back" in caplog.text
 
 
 def test_tf1_saver_model_dir(tmp_path, tf1_checkpoints):
     tf1_checkpoints(tmp_path, steps=(100, 200, 300))
-    ref = find_latest_checkpoint(tmp_path)
+    ref = select_latest_checkpoint(tmp_path)
     assert (ref.step, ref.format, ref.has_meta_graph) == (300, "tf1", True)
     (tmp_path / "checkpoint").unlink()
     (tmp_path / "model.ckpt-300.index").unlink()
-    assert find_latest_checkpoint(tmp_path, verify_checksums=True).step == 200
+    assert select_latest_checkpoint(tmp_path, verify_checksums=True).step == 200
 
 
 def test_best_by_metric(trained_dir):
     recorded = read_metrics(trained_dir)
     best_loss_step = min(recorded, key=lambda s: (recorded[s]["loss"], -s))
-    ref = find_best_checkpoint(trained_dir, "loss", "min")
+    ref = select_best_checkpoint(trained_dir, "loss", "min")
     assert ref.step == best_loss_step
     assert ref.metrics["loss"] == recorded[best_loss_step]["loss"]
     best_acc = max(v["accuracy"] for v in recorded.values())
-    ref = find_best_checkpoint(trained_dir, "accuracy", "max")
+    ref = select_best_checkpoint(trained_dir, "accuracy", "max")
     assert ref.metrics["accuracy"] == best_acc
     assert ref.step == max(s for s, v in recorded.items() if v["accuracy"] == best_acc)
 
@@ -191,27 +191,27 @@ def test_best_skips_invalid_checkpoints(model_dir_copy):
     recorded = read_metrics(model_dir_copy)
     best = min(recorded, key=lambda s: (recorded[s]["loss"], -s))
     os.truncate(model_dir_copy / f"model.ckpt-{best}.data-00000-of-00001", 0)
-    ref = find_best_checkpoint(model_dir_copy, "loss", "min")
+    ref = select_best_checkpoint(model_dir_copy, "loss", "min")
     assert ref.step != best
 
 
 def test_best_unknown_metric_lists_recorded_ones(trained_dir):
     with pytest.raises(MetricNotFoundError) as info:
-        find_best_checkpoint(trained_dir, "f1", "max")
+        select_best_checkpoint(trained_dir, "f1", "max")
     assert "metric 'f1' was not recorded" in str(info.value)
     assert "accuracy, loss" in str(info.value)
 
 
 def test_best_bad_mode(trained_dir):
     with pytest.raises(ValueError, match="mode: expected 'min' or 'max', received 'up'"):
-        find_best_checkpoint(trained_dir, "loss", "up")
+        select_best_checkpoint(trained_dir, "loss", "up")
 
 
 def test_metrics_log_survives_a_torn_last_line(model_dir_copy):
     with open(model_dir_copy / "checkpoint_metrics.jsonl", "a") as handle:
         handle.write('{"step": 400, "metrics": {"loss": 0.0')  # a crash mid-append
     assert 400 not in read_metrics(model_dir_copy)
-    assert find_best_checkpoint(model_dir_copy, "loss", "min").step in (0, 100, 200, 300)
+    assert select_best_checkpoint(model_dir_copy, "loss", "min").step in (0, 100, 200, 300)
 
 
 def test_list_checkpoints_reports_validity(model_dir_copy):
@@ -233,6 +233,45 @@ def test_tasks_run_in_a_flow(prefect_api, trained_dir):
     def pick(model_dir: str):
         return select_latest_checkpoint(model_dir), select_best_checkpoint(model_dir, "loss", "min")
 
+    assert select_latest_checkpoint.fn is selection.select_latest_checkpoint  # the task is the plain function
+    assert select_best_checkpoint.name == "select-best-checkpoint"
     latest, best = pick(str(trained_dir))
     assert latest.step == 300
-    assert best == find_best_checkpoint(trained_dir, "loss", "min")
+    assert best == select_best_checkpoint(trained_dir, "loss", "min")
+
+
+def test_checkpoint_selection_parsing():
+    from prefect_tensorflow.tasks.selection import CheckpointSelection
+
+    assert CheckpointSelection.parse("latest").kind == "latest"
+    assert CheckpointSelection.parse("200") == CheckpointSelection(kind="step", step=200)
+    assert CheckpointSelection.parse(300).step == 300
+    assert CheckpointSelection.parse("best:accuracy") == CheckpointSelection(kind="best", metric="accuracy", mode="max")
+    assert CheckpointSelection.parse("best:loss") == CheckpointSelection(kind="best", metric="loss", mode="min")
+    assert CheckpointSelection.parse("best:accuracy:min").mode == "min"
+    assert str(CheckpointSelection.parse("best:loss")) == "best:loss:min"
+    with pytest.raises(ValueError, match="select: expected 'latest', a step number or 'best:<metric>"):
+        CheckpointSelection.parse("best")
+    for bad in ("-5", "newest", "best:", "12.5", "", True):
+        with pytest.raises(ValueError, match="checkpoint: expected 'latest', a step number"):
+            CheckpointSelection.parse(bad, parameter="checkpoint")
+
+
+def test_select_checkpoint_at_a_step_and_by_selection(model_dir_copy):
+    from prefect_tensorflow.tasks.selection import select_checkpoint, select_checkpoint_at_step
+
+    ref = select_checkpoint_at_step(model_dir_copy, 100)
+    assert (ref.step, ref.path) == (100, str(model_dir_copy / "model.ckpt-100")) and ref.metrics
+    assert select_checkpoint(model_dir_copy, "200").step == 200
+    assert select_checkpoint(model_dir_copy, "latest").step == 300
+    assert select_checkpoint(model_dir_copy, "best:loss") == select_best_checkpoint(model_dir_copy, "loss", "min")
+    with pytest.raises(NoValidCheckpointError, match=r"has no checkpoint at step 150; steps present: \[0, 100, 200, 300\]"):
+        select_checkpoint_at_step(model_dir_copy, 150)
+    os.truncate(model_dir_copy / "model.ckpt-200.data-00000-of-00001", 10)
+    with pytest.raises(NoValidCheckpointError, match=r"the checkpoint at step 200 is invalid: .*truncated"):
+        select_checkpoint_at_step(model_dir_copy, 200)
+    # through select_checkpoint the errors name the flow parameter the selection came from
+    with pytest.raises(NoValidCheckpointError, match=r"checkpoint '150': has no checkpoint at step 150"):
+        select_checkpoint(model_dir_copy, "150", parameter="checkpoint")
+    with pytest.raises(MetricNotFoundError, match=r"^select 'best:f1:max': metric 'f1' was not recorded"):
+        select_checkpoint(model_dir_copy, "best:f1")

@@ -6,9 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import train
 
 from prefect_tensorflow.tasks.policy import CheckpointPolicy
-from prefect_tensorflow.tasks.training import train_tracked
+
+
+def train_tracked(model_dir, tracking, **config):
+    return train(model_dir, tracking=tracking, **config)
 
 
 def _runs(conn):
@@ -18,11 +22,11 @@ def _runs(conn):
     return conn.client().search_runs([experiment.experiment_id])
 
 
-def test_a_tracked_training_logs_params_every_step_checkpoint_metrics_and_artifacts(
+def test_a_tracked_training_logs_params_the_loss_checkpoint_metrics_and_artifacts(
     model_dir_copy: Path, mlflow_store, tmp_path: Path
 ):
     policy = CheckpointPolicy(save_checkpoints_steps=50, save_at_start=False)
-    result = train_tracked(model_dir_copy, mlflow_store, more_steps=100, policy=policy, seed=3)
+    result = train_tracked(model_dir_copy, mlflow_store, more_steps=100, policy=policy, seed=3, summary_every_n_steps=10)
     assert (result.start_step, result.final_step) == (300, 400)
 
     client = mlflow_store.client()
@@ -31,12 +35,11 @@ def test_a_tracked_training_logs_params_every_step_checkpoint_metrics_and_artifa
     params = run.data.params
     assert params["policy.save_checkpoints_steps"] == "50"
     assert params["seed"] == "3" and params["more_steps"] == "100"
-    assert params["model"] == "prefect_tensorflow.tasks.iris:build_model"
-    assert params["data"] == "prefect_tensorflow.tasks.iris:load_dataset"
+    assert params["model"] == "iris" and params["data"] == "iris"
     assert run.data.tags["prefect_tensorflow.stage"] == "train"
 
     loss = client.get_metric_history(result.mlflow_run_id, "loss")
-    assert sorted(m.step for m in loss) == list(range(301, 401))  # every step, none lost or doubled
+    assert sorted(m.step for m in loss) == list(range(310, 401, 10))  # every summary step, none lost or doubled
     accuracy = client.get_metric_history(result.mlflow_run_id, "eval/accuracy")
     assert sorted(m.step for m in accuracy) == [350, 400]
     last = max(accuracy, key=lambda m: m.step)
@@ -54,10 +57,13 @@ def test_a_tracked_training_logs_params_every_step_checkpoint_metrics_and_artifa
 
 
 def test_a_bad_argument_fails_before_any_run_is_created(mlflow_store, tmp_path: Path):
-    with pytest.raises(ValueError, match="batch_size: expected an integer >= 1"):
+    with pytest.raises(ValueError, match="expected an integer >= 1"):
         train_tracked(tmp_path / "m", mlflow_store, steps=10, batch_size=0)
     with pytest.raises(Exception, match="no_such_module"):
         train_tracked(tmp_path / "m", mlflow_store, steps=10, model="no_such_module:build")
+    # hparams the builder does not take (typed into a Run form, say) are refused by its signature
+    with pytest.raises(Exception, match=r"^hparams: model 'iris' \(hidden_units=.*does not accept .*__import__"):
+        train_tracked(tmp_path / "m", mlflow_store, steps=10, hparams={"__import__": "os"})
     assert _runs(mlflow_store) == []
 
 
@@ -71,11 +77,9 @@ def test_a_training_that_fails_ends_its_run_failed(mlflow_store, tmp_path: Path)
 
 
 def test_the_token_is_never_written_as_a_param_or_tag(model_dir_copy: Path, mlflow_store):
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
 
-    conn = MlflowConnection(
-        tracking_uri=mlflow_store.tracking_uri, experiment_name="tests", token="tok-9f2c7e"
-    )
+    conn = MlflowConfig(tracking_uri=mlflow_store.tracking_uri, experiment_name="tests", token="tok-9f2c7e")
     result = train_tracked(model_dir_copy, conn, more_steps=5, policy=CheckpointPolicy(save_at_start=False))
     run = conn.client().get_run(result.mlflow_run_id)
     assert "tok-9f2c7e" not in json.dumps({**run.data.params, **run.data.tags})
@@ -85,11 +89,11 @@ def test_the_training_task_tags_its_run_with_the_prefect_flow_run(prefect_api, m
     from prefect import flow
     from prefect.runtime import flow_run
 
-    from prefect_tensorflow.tasks.training import train_with_checkpoints
+    from prefect_tensorflow.tasks import TrainingConfig, train_with_checkpoints
 
     @flow
     def tracked(model_dir: str):
-        result = train_with_checkpoints(model_dir, more_steps=10, tracking=mlflow_store)
+        result = train_with_checkpoints(model_dir, TrainingConfig(more_steps=10), tracking=mlflow_store)
         return result, flow_run.id
 
     result, flow_run_id = tracked(str(model_dir_copy))
@@ -100,22 +104,18 @@ def test_the_training_task_tags_its_run_with_the_prefect_flow_run(prefect_api, m
 
 
 def test_metrics_that_cannot_be_sent_fail_the_run_naming_the_server():
-    import socket
-
+    from prefect_tensorflow.flows.servers import free_port
     from prefect_tensorflow.tasks.errors import MlflowUnavailableError
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
     from prefect_tensorflow.tasks.tracking import MetricBatcher
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    conn = MlflowConnection(
+    port = free_port()  # nothing listens there
+    conn = MlflowConfig(
         tracking_uri=f"http://127.0.0.1:{port}", request_retries=0, operation_retries=1, operation_retry_delay=0.1
     )
-    with conn.activate():
-        batcher = MetricBatcher(conn, "0" * 32, interval=0.1)
-        for step in range(1, 51):
-            batcher.add("loss", 1.0 / step, step)
-        with pytest.raises(MlflowUnavailableError) as info:
-            batcher.close()
+    batcher = MetricBatcher(conn, "0" * 32, interval=0.1)
+    for step in range(1, 51):
+        batcher.add("loss", 1.0 / step, step)
+    with pytest.raises(MlflowUnavailableError) as info:
+        batcher.close()
     assert f"http://127.0.0.1:{port}" in str(info.value) and "logging the metrics" in str(info.value)

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import train
 
 from prefect_tensorflow.tasks.errors import (
     CheckpointMismatchError,
@@ -13,8 +14,7 @@ from prefect_tensorflow.tasks.errors import (
 )
 from prefect_tensorflow.tasks.metrics_log import read_metrics
 from prefect_tensorflow.tasks.policy import CheckpointPolicy
-from prefect_tensorflow.tasks.selection import find_latest_checkpoint
-from prefect_tensorflow.tasks.training import train
+from prefect_tensorflow.tasks.selection import select_latest_checkpoint
 
 
 def weights(prefix):
@@ -99,7 +99,7 @@ def test_more_steps_counts_from_the_newest_checkpoint(tmp_path):
     train(tmp_path / "m", steps=40, policy=policy)
     result = train(tmp_path / "m", more_steps=25, policy=policy)
     assert (result.start_step, result.final_step) == (40, 65)
-    assert find_latest_checkpoint(tmp_path / "m").step == 65
+    assert select_latest_checkpoint(tmp_path / "m").step == 65
 
 
 def test_keep_checkpoint_max(tmp_path):
@@ -112,7 +112,7 @@ def test_async_save_writes_valid_checkpoints_and_same_weights(tmp_path):
     sync = train(tmp_path / "sync", steps=60, policy=CheckpointPolicy(save_checkpoints_steps=20))
     asyn = train(tmp_path / "async", steps=60, policy=CheckpointPolicy(save_checkpoints_steps=20, async_save=True))
     assert asyn.checkpoints_saved == sync.checkpoints_saved == 4
-    assert find_latest_checkpoint(tmp_path / "async", verify_checksums=True).step == 60
+    assert select_latest_checkpoint(tmp_path / "async", verify_checksums=True).step == 60
     for step in (20, 40, 60):  # each async checkpoint holds the values of its own step
         assert_same_weights(tmp_path / "sync" / f"model.ckpt-{step}", tmp_path / "async" / f"model.ckpt-{step}")
 
@@ -163,23 +163,32 @@ def test_model_dir_is_a_file(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, error, fragment",
     [
-        ({"model": "nope"}, ImportStringError, "model 'nope': expected 'package.module:attribute'"),
+        ({"model": "nope"}, ImportStringError, "model 'nope': no model builder is registered under this name"),
+        (
+            {"model": "bad name!"},
+            ValueError,
+            "expected a registered model builder name (e.g. 'iris') or 'package.module:attribute'",
+        ),
+        ({"data": "shutil:rmtree"}, ImportStringError, "'shutil' is a standard-library module"),
         ({"model": "missing_module_q:f"}, ImportStringError, "cannot be imported"),
         ({"data": "prefect_tensorflow.tasks.iris:nothing"}, ImportStringError, "data 'prefect_tensorflow.tasks.iris:nothing'"),
         ({"model": "models_for_tests:not_a_model"}, TrainingError, "expected a keras.Model, received str"),
         ({"model": "models_for_tests:uncompiled_model"}, TrainingError, "expected a compiled model"),
         ({"data": "models_for_tests:not_a_dataset"}, TrainingError, "expected 'train' to give a tf.data.Dataset"),
         ({"hparams": {"depth": 3}}, TrainingError, "calling it with hparams {'depth': 3} failed"),
-        ({"steps": -1}, ValueError, "steps: expected an integer >= 0, received -1"),
-        ({"more_steps": -5}, ValueError, "more_steps: expected an integer >= 0, received -5"),
-        ({"batch_size": 0}, ValueError, "batch_size: expected an integer >= 1, received 0"),
+        ({"steps": -1}, ValueError, "steps: expected an integer >= 0 and <= 1000000000000, received -1"),
+        ({"more_steps": -5}, ValueError, "more_steps: expected an integer >= 0 and <= 1000000000000, received -5"),
+        ({"batch_size": 0}, ValueError, "batch_size: expected an integer >= 1 and <= 1048576, received 0"),
+        ({"steps": True}, ValueError, "steps: expected an integer >= 0 and <= 1000000000000, received True"),
     ],
 )
 def test_bad_inputs_fail_before_writing(tmp_path, kwargs, error, fragment):
+    from prefect_tensorflow.tasks.validation import one_line
+
     target = tmp_path / "m"
     with pytest.raises(error) as info:
         train(target, **{"steps": 5, **kwargs})
-    assert fragment in str(info.value)
+    assert fragment in one_line(info.value)
     if isinstance(info.value, (ImportStringError, ValueError)) and not isinstance(info.value, TrainingError):
         assert not target.exists()  # rejected before anything was created
     else:
@@ -196,17 +205,18 @@ def test_corrupt_newest_checkpoint_resumes_from_previous(tmp_path, caplog):
         result = train(tmp_path / "m", steps=60, policy=policy)
     assert result.start_step == 20
     assert "resumed from" in caplog.text and "model.ckpt-20" in caplog.text
-    assert find_latest_checkpoint(tmp_path / "m").step == 60
+    assert select_latest_checkpoint(tmp_path / "m").step == 60
 
 
 def test_task_in_a_flow_returns_a_small_result(prefect_api, tmp_path):
     from prefect import flow
 
-    from prefect_tensorflow.tasks import TrainResult, train_with_checkpoints
+    from prefect_tensorflow.tasks import TrainingConfig, TrainResult, train_with_checkpoints
 
     @flow
     def nightly(model_dir: str) -> TrainResult:
-        return train_with_checkpoints(model_dir, steps=30, policy=CheckpointPolicy(save_checkpoints_steps=10))
+        config = TrainingConfig(steps=30, policy=CheckpointPolicy(save_checkpoints_steps=10))
+        return train_with_checkpoints(model_dir, config)
 
     result = nightly(str(tmp_path / "m"))
     assert isinstance(result, TrainResult)
@@ -225,7 +235,7 @@ def test_leftover_temp_dir_of_a_cut_short_save_is_removed(tmp_path):
     keep.mkdir()
     train(tmp_path / "m", steps=20, policy=policy)
     assert not leftover.exists() and keep.exists()
-    assert find_latest_checkpoint(tmp_path / "m").step == 20
+    assert select_latest_checkpoint(tmp_path / "m").step == 20
 
 
 def test_state_file_is_the_last_write_so_selection_needs_no_listing(tmp_path):
@@ -274,3 +284,23 @@ def test_model_dir_with_only_broken_checkpoints_is_not_silently_restarted(tmp_pa
     with pytest.raises(TrainingError, match="Move them aside to train from scratch"):
         train(tmp_path / "m", steps=40, policy=policy)
     assert sorted(os.listdir(tmp_path / "m")) == before
+
+
+def test_the_cli_process_imports_tensorflow_without_kerass_optional_extras():
+    """CLI, evaluator and deployment-run processes skip sklearn/matplotlib/pandas during TensorFlow's import
+    (tasks/lean_import.py); afterwards they import normally, and TensorFlow works."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from prefect_tensorflow.flows.defaults import apply_environment_defaults\n"
+        "apply_environment_defaults()\n"
+        "import tensorflow as tf\n"
+        "skipped = [m for m in ('sklearn', 'matplotlib', 'pandas') if m in sys.modules]\n"
+        "import pandas\n"
+        "print(skipped, float(tf.reduce_sum(tf.constant([1.0, 2.0]))), pandas.DataFrame({'a': [1]}).shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[] 3.0 (1, 1)"

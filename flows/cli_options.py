@@ -1,0 +1,114 @@
+"""Command-line options made from the configs' fields, so each setting is spelled out once.
+
+`with_training_options` adds one option per field of `TrainingConfig` and
+`CheckpointPolicy` to a Typer command (`--steps`, `--batch-size`,
+`--save-checkpoints-steps`, ...), each defaulting to "the config's default",
+with the field's description as help; the command receives the validated
+`TrainingConfig` as its `training` argument. Validation happens once, in the
+config; a bad value is one error line naming the option.
+
+Example:
+    >>> import typer
+    >>> from prefect_tensorflow.flows.cli_options import with_training_options
+    >>> @with_training_options
+    ... def show(training) -> None:
+    ...     print(training.steps)
+    >>> sorted(p for p in __import__("inspect").signature(show).parameters)[:3]
+    ['async_save', 'batch_size', 'checkpoint_name']
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Optional
+
+import typer
+from pydantic import BaseModel, ValidationError
+
+from prefect_tensorflow.tasks.configs import TrainingConfig
+from prefect_tensorflow.tasks.policy import CheckpointPolicy
+from prefect_tensorflow.tasks.validation import one_line
+
+# Options whose "None" is spelled 0 on the command line (typer has no way to type None).
+ZERO_MEANS_NONE = {"keep_checkpoint_max": "0 keeps every checkpoint"}
+SKIPPED = {"policy"}
+
+
+def _base_type(annotation: Any) -> Any:
+    """`int` for `Optional[Annotated[int, ...]]`, and so on."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        else:
+            return annotation
+
+
+def _options(model: type[BaseModel]) -> list[inspect.Parameter]:
+    params = []
+    for name, field in model.model_fields.items():
+        if name in SKIPPED:
+            continue
+        base = _base_type(field.annotation)
+        kind = base if base in (int, float, str, bool) else str  # dicts (hparams) as JSON text
+        default = field.get_default(call_default_factory=True)
+        shown = json.dumps(default) if isinstance(default, dict) else default
+        help_text = f"{field.description or name} (default: {shown})"
+        if name in ZERO_MEANS_NONE:
+            help_text += f"; {ZERO_MEANS_NONE[name]}"
+        flag = "--" + name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        option = typer.Option(None, *decls, help=help_text, show_default=False)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
+    return params
+
+
+def training_config(values: dict[str, Any]) -> TrainingConfig:
+    """A `TrainingConfig` from the options given (None: not given).
+
+    Raises:
+        typer.BadParameter-free: a `ValueError` with one line naming the option.
+    """
+    given = {k: v for k, v in values.items() if v is not None}
+    for name in ZERO_MEANS_NONE:
+        if given.get(name) == 0:
+            given[name] = None
+    if isinstance(given.get("hparams"), str):
+        try:
+            given["hparams"] = json.loads(given["hparams"])
+        except ValueError as err:
+            raise ValueError(f"--hparams: expected a JSON object, e.g. '{{\"hidden_units\": [16, 8]}}': {err}") from err
+    policy = {k: given.pop(k) for k in list(given) if k in CheckpointPolicy.model_fields}
+    try:
+        return TrainingConfig(**given, policy=CheckpointPolicy(**policy))
+    except ValidationError as err:
+        raise ValueError(one_line(err)) from err
+
+
+def with_training_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a Typer command the training options; it receives `training=TrainingConfig(...)`."""
+    option_params = _options(TrainingConfig) + _options(CheckpointPolicy)
+    names = {p.name for p in option_params}
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "training"]
+
+    def wrapper(**kwargs: Any) -> Any:
+        from .cli import fail
+
+        values = {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+        try:
+            training = training_config(values)
+        except ValueError as err:
+            fail(err)
+        return command(training=training, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__, wrapper.__module__ = command.__name__, command.__doc__, command.__module__
+    wrapper.__signature__ = signature.replace(parameters=own + option_params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + option_params}
+    return wrapper

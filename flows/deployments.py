@@ -1,0 +1,221 @@
+"""The deployments, defined once in `prefect.yaml`, served or deployed from that one definition.
+
+`prefect deploy --all` reads `prefect.yaml` itself; `prefect-tensorflow serve`
+(`make serve`) and `deployments/deploy.py` read the same file through
+`load_definitions`, apply an environment's overrides
+(`deployments/environments/<env>.yaml`: `parameters`, `cron`, `paused`,
+`tags`, `description` per deployment) and build Prefect deployments from it.
+The package carries the file (`prefect_tensorflow/flows/prefect.yaml` is the
+repository's `prefect.yaml`).
+
+`serve` starts `prefect server start` on 127.0.0.1:4200 when no
+`PREFECT_API_URL` is set. It refuses to bind any other address unless
+`PREFECT_SERVER_API_AUTH_STRING` is set: anyone who reaches the UI can press
+Run.
+
+Example:
+    >>> from prefect_tensorflow.flows.deployments import load_definitions
+    >>> [d.name for d in load_definitions()]
+    ['retrain-iris', 'export-checkpoint', 'sweep-iris']
+"""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from prefect_tensorflow.tasks.errors import PrefectTensorFlowError
+from prefect_tensorflow.tasks.settings import get_settings
+
+from .servers import answers, start_prefect_server, stop_process_group
+
+SERVER_HOST = "127.0.0.1"
+SERVER_PORT = 4200
+RUNNER_POLL_SECONDS = 2
+OVERRIDE_KEYS = {"parameters", "cron", "paused", "tags", "description"}
+
+
+class DeploymentError(PrefectTensorFlowError, ValueError):
+    """A deployment definition or an environment's overrides are malformed, or serving is unsafe."""
+
+
+class Schedule(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    cron: str
+    timezone: str = "UTC"
+
+
+class DeploymentDefinition(BaseModel):
+    """One entry of `prefect.yaml`'s `deployments:` list (the keys serve and deploy use)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    entrypoint: str
+    description: str = ""
+    tags: list[str] = Field(default_factory=list)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    schedules: list[Schedule] = Field(default_factory=list)
+    paused: Optional[bool] = None
+    work_pool: dict[str, Any] = Field(default_factory=dict)
+
+    def flow(self) -> Any:
+        """The flow object the entrypoint (`module.path:attr`) names."""
+        module, _, attr = self.entrypoint.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+def prefect_yaml_path() -> str:
+    """The `prefect.yaml` shipped with the package (the repository's own, through a link)."""
+    return str(resources.files("prefect_tensorflow.flows").joinpath("prefect.yaml"))
+
+
+def load_definitions(path: Optional[str] = None) -> list[DeploymentDefinition]:
+    """The deployments of `prefect.yaml` (default: the package's)."""
+    path = path or prefect_yaml_path()
+    with open(path, encoding="utf-8") as handle:
+        config = yaml.safe_load(handle) or {}
+    return [DeploymentDefinition.model_validate(entry) for entry in config.get("deployments", [])]
+
+
+def load_overrides(env: Optional[str], directory: str) -> dict[str, dict[str, Any]]:
+    """The overrides in `<directory>/<env>.yaml` (none for None), checked: only known deployments and keys.
+
+    Raises:
+        DeploymentError: no such environment, an unknown deployment or key.
+    """
+    if env is None:
+        return {}
+    path = os.path.join(directory, f"{env}.yaml")
+    if not os.path.exists(path):
+        choices = sorted(f[:-5] for f in os.listdir(directory) if f.endswith(".yaml"))
+        raise DeploymentError(f"--env: expected one of {choices}, received {env!r} (no {path})")
+    with open(path, encoding="utf-8") as handle:
+        overrides = yaml.safe_load(handle) or {}
+    known = [d.name for d in load_definitions()]
+    for name, settings in overrides.items():
+        if name not in known:
+            raise DeploymentError(f"{path}: unknown deployment {name!r}; expected one of {known}")
+        unknown = set(settings) - OVERRIDE_KEYS
+        if unknown:
+            raise DeploymentError(f"{path}: {name}: unknown keys {sorted(unknown)}; expected {sorted(OVERRIDE_KEYS)}")
+    return overrides
+
+
+def apply_overrides(definitions: list[DeploymentDefinition], overrides: dict[str, dict[str, Any]]) -> list[DeploymentDefinition]:
+    """The definitions with an environment's overrides merged in (parameters merged, the rest replaced)."""
+    out = []
+    for definition in definitions:
+        extra = overrides.get(definition.name, {})
+        update: dict[str, Any] = {"parameters": {**definition.parameters, **extra.get("parameters", {})}}
+        if "cron" in extra:
+            update["schedules"] = [Schedule(cron=extra["cron"])] if extra["cron"] else []
+        for key in ("paused", "tags", "description"):
+            if key in extra:
+                update[key] = extra[key]
+        out.append(definition.model_copy(update=update))
+    return out
+
+
+def build_deployments(definitions: list[DeploymentDefinition]) -> list:
+    """`RunnerDeployment`s of the definitions (module entrypoints: the flows live in the package)."""
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron
+
+    return [
+        definition.flow().to_deployment(
+            name=definition.name,
+            description=definition.description,
+            tags=definition.tags,
+            parameters=definition.parameters,
+            schedules=[Cron(s.cron, timezone=s.timezone) for s in definition.schedules],
+            paused=definition.paused,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+        for definition in definitions
+    ]
+
+
+def check_bind_address(host: str) -> None:
+    """Refuse to start a Prefect server on a non-loopback address without API auth.
+
+    Raises:
+        DeploymentError: `host` is not loopback and `PREFECT_SERVER_API_AUTH_STRING` is unset.
+    """
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
+        raise DeploymentError(
+            f"--host {host}: a Prefect server reachable beyond this machine lets anyone who reaches it press "
+            "Run; set PREFECT_SERVER_API_AUTH_STRING='user:password' (and PREFECT_API_AUTH_STRING for "
+            "clients) first, or serve on 127.0.0.1"
+        )
+
+
+@contextmanager
+def local_server(host: Optional[str] = None, port: int = SERVER_PORT) -> Iterator[str]:
+    """The configured Prefect API, or a `prefect server start` on `host:port` for as long as the block runs.
+
+    Yields the API URL. A server this starts is stopped afterwards; one already
+    answering on that address is used as it is.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        yield configured
+        return
+    host = host or SERVER_HOST
+    check_bind_address(host)
+    reach = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    api_url = f"http://{reach}:{port}/api"
+    process = None
+    if not answers(f"{api_url}/health"):
+        home = get_settings().home
+        os.makedirs(home, exist_ok=True)
+        process = start_prefect_server(
+            host, port, os.path.join(home, "prefect-server.log"), timeout=get_settings().server_startup_timeout
+        )
+    os.environ["PREFECT_API_URL"] = api_url  # for the flow-run subprocesses too
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield api_url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        if process is not None:
+            stop_process_group(process)
+
+
+def serve_deployments(
+    overrides: Optional[dict[str, dict[str, Any]]] = None, limit: Optional[int] = None, host: Optional[str] = None
+) -> None:
+    """Start (if needed) a local Prefect server and serve every deployment of `prefect.yaml` until interrupted.
+
+    The runner looks for new runs every 2 s (Prefect's default is 10 s: a run
+    started with the UI's Run button would wait up to that long), unless
+    `PREFECT_RUNNER_POLL_FREQUENCY` is set.
+    """
+    from prefect import serve
+    from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY, temporary_settings
+
+    from prefect_tensorflow.tasks.blocks import MlflowConnection
+
+    definitions = apply_overrides(load_definitions(), overrides or {})
+    with local_server(host) as api_url:
+        MlflowConnection.register_type_and_schema()  # so the UI offers the block in the forms
+        ui = api_url.removesuffix("/api")
+        print(f"Prefect UI: {ui}  (deployments: {', '.join(d.name for d in definitions)})")
+        poll = {} if "PREFECT_RUNNER_POLL_FREQUENCY" in os.environ else {PREFECT_RUNNER_POLL_FREQUENCY: RUNNER_POLL_SECONDS}
+        with temporary_settings(updates=poll):
+            serve(*build_deployments(definitions), limit=limit)

@@ -1,0 +1,151 @@
+"""The configurations passed down whole: what to train, how to export, the champion gate.
+
+Each is a frozen pydantic model validated where it is built (a flow's
+parameters, the CLI's options, a library call), so a bad value fails at once
+naming the field, and every stage below receives settings that are already
+checked. `model` and `data` are registered names or import strings
+(`model_code`); they are only checked for shape here and imported when used.
+
+Example:
+    >>> from prefect_tensorflow.tasks.configs import GateConfig, TrainingConfig
+    >>> TrainingConfig(steps=500, batch_size=16).policy.save_checkpoints_secs
+    600.0
+    >>> GateConfig(metric="loss", mode="min").mode
+    'min'
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
+
+from . import model_code
+from .policy import CheckpointPolicy
+from .validation import PositiveNumber, integer_between, one_of, text_matching
+
+ModelRef = Annotated[
+    str, AfterValidator(lambda ref: model_code.check_syntax(ref, "model")), model_code.RegisteredChoices("model")
+]
+DataRef = Annotated[str, AfterValidator(lambda ref: model_code.check_syntax(ref, "data")), model_code.RegisteredChoices("data")]
+MetricName = Annotated[
+    str, AfterValidator(text_matching(r"[A-Za-z0-9_./-]{1,128}", "a metric name of letters, digits, '_', '.', '/' or '-'", 128))
+]
+RegisteredModelName = Annotated[
+    str,
+    AfterValidator(
+        text_matching(
+            r"[A-Za-z0-9_.-][A-Za-z0-9 _.-]{0,254}",
+            "a registered model name of letters, digits, ' ', '_', '.' or '-' (no '/', which breaks models:/ URIs)",
+            255,
+        )
+    ),
+]
+AliasName = Annotated[
+    str,
+    AfterValidator(
+        text_matching(
+            r"(?!(?i:latest|v\d+)$)[A-Za-z_][A-Za-z0-9_-]{0,254}",
+            "alias names like 'staging' (a letter or '_' first, then letters, digits, '_' or '-'; not 'latest' or 'v<N>')",
+            255,
+        )
+    ),
+]
+TensorName = Annotated[str, AfterValidator(text_matching(r"[A-Za-z0-9_./:-]{1,256}", "a tensor or node name", 256))]
+MAX_STEPS = 10**12
+# The validator gives the package's one-line message; `Field` puts the bounds in the JSON schema (the UI form).
+Steps = Annotated[int, Field(ge=0, le=MAX_STEPS), BeforeValidator(integer_between(0, MAX_STEPS))]
+BatchSize = Annotated[int, Field(ge=1, le=2**20), BeforeValidator(integer_between(1, 2**20))]
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(integer_between(0, 2**31 - 1))]
+ShuffleBuffer = Annotated[int, Field(ge=1, le=10**8), BeforeValidator(integer_between(1, 10**8))]
+Workers = Annotated[int, Field(ge=1, le=64), BeforeValidator(integer_between(1, 64))]
+EveryNSteps = Annotated[int, Field(ge=1, le=MAX_STEPS), BeforeValidator(integer_between(1, MAX_STEPS))]
+GateMode = Annotated[Literal["min", "max"], BeforeValidator(one_of("min", "max"))]
+Head = Annotated[Literal["classifier", "raw"], BeforeValidator(one_of("classifier", "raw"))]
+
+
+class TrainingConfig(BaseModel):
+    """Everything that decides what a training computes, but where it writes.
+
+    `steps` is the target global step (the Estimator's `max_steps`); with
+    `more_steps`, the target is that many steps past the newest checkpoint.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelRef = Field(default="iris", description="Registered model builder name, or 'module:attr' (library and CLI)")
+    data: DataRef = Field(default="iris", description="Registered dataset loader name, or 'module:attr' (library and CLI)")
+    hparams: dict[str, JsonValue] = Field(default_factory=dict, description="Keyword arguments of the model builder")
+    steps: Steps = Field(default=1000, description="Target global step")
+    more_steps: Optional[Steps] = Field(
+        default=None, description="Train this many steps past the newest checkpoint instead of to `steps`"
+    )
+    batch_size: BatchSize = Field(default=32, description="Examples per step")
+    seed: Seed = Field(default=0, description="Seed of initialisation and shuffling")
+    shuffle_buffer: ShuffleBuffer = Field(default=1000, description="Examples in the shuffle buffer")
+    summary_every_n_steps: EveryNSteps = Field(
+        default=100, description="Write the loss to TensorBoard (and log it) every this many steps"
+    )
+    policy: CheckpointPolicy = Field(default_factory=CheckpointPolicy, description="When to checkpoint, what to keep")
+    evaluation: Annotated[Literal["sidecar", "in_loop", "none"], BeforeValidator(one_of("sidecar", "in_loop", "none"))] = Field(
+        default="sidecar",
+        description="Where checkpoints are evaluated: 'sidecar' (a low-priority process beside training), 'in_loop' "
+        "(before each save, in the training loop), 'none'",
+    )
+    workers: Workers = Field(
+        default=1,
+        description="TensorFlow worker processes training this one model (MultiWorkerMirroredStrategy); 1: this process",
+    )
+
+    def target_step(self, start_step: int) -> int:
+        """The global step this training ends at when it starts (or resumes) at `start_step`."""
+        return start_step + self.more_steps if self.more_steps is not None else self.steps
+
+    def mlflow_params(self) -> dict[str, Any]:
+        """The config as MLflow params (nested keys are flattened by the tracker)."""
+        return self.model_dump(mode="json")
+
+
+class ExportConfig(BaseModel):
+    """How a checkpoint becomes a serving graph (frozen `.pb` or SavedModel) and how it is verified."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: Optional[ModelRef] = Field(
+        default=None, description="Model builder of a TF2 checkpoint (default: the bundled iris); none for a TF1 one with .meta"
+    )
+    hparams: dict[str, JsonValue] = Field(default_factory=dict, description="Keyword arguments of the model builder")
+    head: Head = Field(
+        default="classifier", description="'classifier': logits, probabilities, class_ids; 'raw': the model's output"
+    )
+    input_nodes: Optional[list[TensorName]] = Field(default=None, description="TF1 only: input tensor names")
+    output_nodes: Optional[list[TensorName]] = Field(default=None, description="TF1 only: output node names")
+    data: Optional[DataRef] = Field(
+        default=None, description="Dataset loader for the verification batch (default: iris for iris, else random values)"
+    )
+    tolerance: PositiveNumber = Field(default=1e-5, description="Largest absolute difference accepted in verification")
+
+    def model_for(self, checkpoint_format: str) -> Optional[str]:
+        """The model builder a checkpoint of this format is rebuilt with: None means its TF1 meta graph."""
+        if checkpoint_format == "tf1" and self.model is None:
+            return None
+        return self.model or "iris"
+
+    def verification_data(self, model: Optional[str]) -> Optional[str]:
+        """`data`, or the bundled iris loader for the bundled iris model, else None (seeded random values)."""
+        if self.data is not None:
+            return self.data
+        if model is not None and model_code.import_string(model, "model") == model_code.import_string("iris", "model"):
+            return "iris"
+        return None
+
+
+class GateConfig(BaseModel):
+    """The champion gate: `champion` moves to a new version only when `metric` beats the champion's."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    metric: Optional[MetricName] = Field(
+        default="accuracy", description="Checkpoint metric the new version must beat the champion on; None: never move champion"
+    )
+    mode: GateMode = Field(default="max", description="'max' if higher is better, 'min' if lower is")

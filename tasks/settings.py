@@ -1,0 +1,80 @@
+"""`Settings`: every knob of the package that is not a task argument, from `PREFECT_TENSORFLOW_*`.
+
+One pydantic-settings class, read fresh on each `get_settings()` call (no
+module-level state, so a test or a worker can change the environment between
+runs):
+
+| variable | meaning | default |
+|---|---|---|
+| `PREFECT_TENSORFLOW_HOME` | the data home: embedded model dirs, exports, frozen graphs, MLflow store | `./.prefect-tensorflow` |
+| `PREFECT_TENSORFLOW_ROOTS` | where paths typed into a deployment's Run form may point (comma-separated paths or `s3://bucket/prefix`) | the data home |
+| `PREFECT_TENSORFLOW_ALLOWED_MODULES` | module prefixes whose `module:attr` import strings a deployment run may load, beside the registered names | none |
+| `PREFECT_TENSORFLOW_METRICS_TIMEOUT` | seconds selection waits for a checkpoint's evaluation metrics | 900 |
+| `PREFECT_TENSORFLOW_SERVER_STARTUP_TIMEOUT` | seconds to wait for a Prefect or MLflow server to answer | 180 |
+| `PREFECT_TENSORFLOW_DASK_ADDRESS` | scheduler of an existing Dask cluster for `sweep` | a local cluster |
+
+Example:
+    >>> import os
+    >>> from prefect_tensorflow.tasks.settings import get_settings
+    >>> os.environ["PREFECT_TENSORFLOW_ROOTS"] = "/srv/models, s3://team/models"
+    >>> get_settings().roots
+    ['/srv/models', 's3://team/models']
+    >>> del os.environ["PREFECT_TENSORFLOW_ROOTS"]
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Optional
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_HOME = ".prefect-tensorflow"
+
+
+class Settings(BaseSettings):
+    """The package's settings; see the module docstring for the variables."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFECT_TENSORFLOW_", frozen=True, extra="ignore")
+
+    home: str = Field(default=DEFAULT_HOME, description="The data home (made absolute when read).")
+    roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Roots that deployment path parameters must resolve under."
+    )
+    allowed_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Module prefixes deployment runs may import model code from."
+    )
+    metrics_timeout: float = Field(default=900.0, gt=0, description="Seconds to wait for checkpoint metrics.")
+    server_startup_timeout: float = Field(default=180.0, gt=0, description="Seconds to wait for a server.")
+    dask_address: Optional[str] = Field(default=None, description="An existing Dask scheduler, tcp://host:port.")
+
+    @field_validator("roots", "allowed_modules", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: str) -> str:
+        return os.path.abspath(value or DEFAULT_HOME)
+
+    def allowed_roots(self) -> list[str]:
+        """`roots`, or the data home when none are configured."""
+        return list(self.roots) or [self.home]
+
+    def default_path(self, kind: str, name: str = "iris") -> str:
+        """`<home>/<kind>/<name>`: where the embedded defaults put model dirs, exports and frozen graphs."""
+        return os.path.join(self.home, kind, name)
+
+
+def get_settings() -> Settings:
+    """The settings as the environment says now."""
+    return Settings()
+
+
+def data_home() -> str:
+    """The absolute data home: `$PREFECT_TENSORFLOW_HOME` or `./.prefect-tensorflow`."""
+    return get_settings().home

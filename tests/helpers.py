@@ -1,0 +1,66 @@
+"""Short spellings of the plain functions for the tests: keyword arguments instead of configs.
+
+`train(model_dir, steps=300, policy=...)` is
+`train_with_checkpoints(model_dir, TrainingConfig(steps=300, policy=...))`, and so on.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prefect_tensorflow.tasks.configs import ExportConfig, TrainingConfig
+from prefect_tensorflow.tasks.exporting import export_saved_model
+from prefect_tensorflow.tasks.freezing import freeze_graph
+from prefect_tensorflow.tasks.training import train_with_checkpoints
+
+
+def train(model_dir, *, tracking=None, on_progress=None, on_checkpoint=None, **config: Any):
+    return train_with_checkpoints(
+        str(model_dir), TrainingConfig(**config), tracking, on_progress=on_progress, on_checkpoint=on_checkpoint
+    )
+
+
+def export(checkpoint, export_base, **config: Any):
+    return export_saved_model(str(checkpoint), str(export_base), ExportConfig(**config))
+
+
+def freeze(source, output, *, as_text: bool = False, **config: Any):
+    return freeze_graph(str(source), str(output), ExportConfig(**config), as_text=as_text)
+
+
+def register_export(export_result, name, *, connection=None, gate_metric="accuracy", gate_mode="max", **kwargs: Any):
+    from prefect_tensorflow.tasks.configs import GateConfig
+    from prefect_tensorflow.tasks.registry import register_model_version
+
+    gate = GateConfig(metric=gate_metric, mode=gate_mode)
+    return register_model_version(export_result, name, connection, gate=gate, **kwargs)
+
+
+def run_and_kill(cmd: list[str], env: dict, when: Callable[[], bool], *, timeout: float = 120.0, poll: float = 0.002) -> bool:
+    """Start `cmd`; SIGKILL it as soon as `when()` is true (checked every `poll` s). False if it finished first.
+
+    Example: `run_and_kill(train_cmd, env, lambda: committed_step(model_dir) >= 100)`.
+    """
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                assert proc.returncode == 0, err[-3000:]
+                return False
+            if when():
+                proc.kill()
+                proc.wait()
+                assert proc.returncode == -signal.SIGKILL
+                return True
+            time.sleep(poll)
+        raise AssertionError("the subprocess did not reach the kill point in time")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
