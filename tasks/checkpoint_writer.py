@@ -1,0 +1,295 @@
+"""`CheckpointWriter`: checkpoints whose only cost in the training loop is a snapshot of the state.
+
+TensorFlow's `Checkpoint.save` walks the object graph in Python on every save
+(the object graph proto, a saveable per variable, the iterator): tens of
+milliseconds of a training thread for even a tiny model, and its async mode
+still copies every variable and rebuilds a twin input iterator in the loop.
+This writer learns the checkpoint's keys once (`save_util.serialize_graph_view`,
+the same code TensorFlow's own save uses, so the keys, the object graph and
+the file format are TensorFlow's), then at each save:
+
+1. in the training thread: one `tf.function` that reads every variable and
+   serializes the input iterator: a consistent snapshot of the step, a few
+   small ops (on the CPU a read shares the variable's buffer; the next update
+   copies it first, so the snapshot costs about one copy of the variables);
+2. in one background thread, in order: `SaveV2` of the snapshot into
+   `<prefix>_temp/` and `MergeV2Checkpoints` into `<prefix>.index` + `.data-*`
+   (TensorFlow's own commit of the files), then the `checkpoint` state file,
+   rewritten by TensorFlow's `update_checkpoint_state_internal` (a temp file
+   and a rename): the commit; then the keep policy (the newest
+   `keep_checkpoint_max`, one every `keep_checkpoint_every_n_hours`) deletes
+   what it drops, as `tf.train.CheckpointManager` does.
+
+A crash at any moment leaves the previous committed checkpoint as the latest:
+an uncommitted `_temp` directory (removed at the next start) or files the
+state file does not name yet (selection validates and skips them). With
+`async_save=False` the same work happens before `save` returns.
+
+Anything the recipe cannot handle (a trackable with a registered saver, a
+Python-state object) makes it fall back to `tf.train.Checkpoint.write` for
+the files, still committed the same way.
+
+Example:
+    >>> import os, tempfile
+    >>> import tensorflow as tf
+    >>> from prefect_tensorflow.tasks.checkpoint_writer import CheckpointWriter
+    >>> from prefect_tensorflow.tasks.policy import CheckpointPolicy
+    >>> step = tf.Variable(0, dtype=tf.int64)
+    >>> model_dir = tempfile.mkdtemp()
+    >>> writer = CheckpointWriter(tf.train.Checkpoint(global_step=step), model_dir, CheckpointPolicy(keep_checkpoint_max=2))
+    >>> for n in (1, 2, 3):
+    ...     _ = step.assign(n)
+    ...     _ = writer.save(n)
+    >>> writer.finish()
+    >>> sorted(f for f in os.listdir(model_dir) if f.endswith(".index"))
+    ['model.ckpt-2.index', 'model.ckpt-3.index']
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+from .checkpoint_files import STATE_FILE
+from .errors import TrainingError
+from .policy import CheckpointPolicy
+from .run_context import get_logger
+
+CommittedCallback = Callable[[int, str], None]
+
+
+class CheckpointWriter:
+    """Saves `checkpoint` into `model_dir` under the policy's name and keep rules (see the module docstring).
+
+    Args:
+        checkpoint: the `tf.train.Checkpoint` to save (its objects must all be built).
+        model_dir: the local directory the files go to.
+        policy: `checkpoint_name`, `keep_checkpoint_max`, `keep_checkpoint_every_n_hours`, `async_save`.
+        on_committed: called (in the writer's thread when async) after each checkpoint is committed.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Any,
+        model_dir: str,
+        policy: CheckpointPolicy,
+        on_committed: Optional[CommittedCallback] = None,
+    ):
+        self.checkpoint, self.model_dir, self.policy = checkpoint, model_dir, policy
+        self.on_committed = on_committed
+        self._prefix = os.path.join(model_dir, policy.checkpoint_name)
+        self._recipe: Optional[_Recipe] = None
+        self._kept: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._last_preserved = time.time()
+        self._recover_state()
+        self._queue: queue.Queue = queue.Queue(maxsize=1)  # one save in flight: a second one waits for it
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def save(self, step: int) -> str:
+        """Snapshot the state now and write checkpoint `<name>-<step>` (in the background when async).
+
+        Returns:
+            The checkpoint prefix (committed when `finish()` returns, or now when not async).
+
+        Raises:
+            TrainingError: an earlier background write failed.
+        """
+        self._raise_background_error()
+        prefix = f"{self._prefix}-{step}"
+        if self._recipe is None:
+            self._recipe = _Recipe.learn(self.checkpoint)
+        snapshot = self._recipe.snapshot()
+        if not self.policy.async_save:
+            self._write(step, prefix, snapshot)
+            return prefix
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="checkpoint-writer", daemon=True)
+            self._thread.start()
+        self._queue.put((step, prefix, snapshot))
+        return prefix
+
+    def finish(self) -> None:
+        """Wait until every checkpoint asked for is committed.
+
+        Raises:
+            TrainingError: a background write failed.
+        """
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self._raise_background_error()
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """The kept checkpoints (prefixes), oldest first."""
+        return list(self._kept)
+
+    # --- the background half ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self._write(*item)
+                except BaseException as err:  # noqa: BLE001 - raised in the training thread by the next save or finish()
+                    self._error = err
+
+    def _raise_background_error(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise TrainingError(f"{self.model_dir}: writing a checkpoint failed: {err}") from err
+
+    def _write(self, step: int, prefix: str, snapshot: Any) -> None:
+        assert self._recipe is not None
+        self._recipe.write(prefix, snapshot)
+        self._commit(prefix)
+        if self.on_committed is not None:
+            self.on_committed(step, prefix)
+
+    def _commit(self, prefix: str) -> None:
+        """Record `prefix` in the state file (the commit), then apply the keep policy, as CheckpointManager does."""
+        self._kept.pop(prefix, None)
+        self._kept[prefix] = time.time()
+        self._record_state(prefix)
+        if self._sweep():
+            self._record_state(prefix)
+
+    def _record_state(self, latest: str) -> None:
+        from tensorflow.python.checkpoint.checkpoint_management import update_checkpoint_state_internal
+
+        update_checkpoint_state_internal(
+            self.model_dir,
+            model_checkpoint_path=latest,
+            all_model_checkpoint_paths=list(self._kept),
+            all_model_checkpoint_timestamps=list(self._kept.values()),
+            last_preserved_timestamp=self._last_preserved,
+            save_relative_paths=True,
+        )
+
+    def _sweep(self) -> bool:
+        """Drop the oldest kept checkpoints past `keep_checkpoint_max`, keeping one per `keep_checkpoint_every_n_hours`."""
+        limit, hours = self.policy.keep_checkpoint_max, self.policy.keep_checkpoint_every_n_hours
+        if not limit:
+            return False
+        swept = False
+        while len(self._kept) > limit:
+            prefix, timestamp = self._kept.popitem(last=False)
+            swept = True
+            if hours and timestamp - hours * 3600.0 >= self._last_preserved:
+                self._last_preserved = timestamp  # preserved: dropped from the list, files kept
+                continue
+            directory, name = os.path.split(prefix)
+            for entry in os.listdir(directory):
+                if entry == name + ".index" or entry.startswith(name + ".data-"):
+                    try:
+                        os.remove(os.path.join(directory, entry))
+                    except FileNotFoundError:
+                        pass
+        return swept
+
+    def _recover_state(self) -> None:
+        """Take over the kept list of an existing state file (a resumed training), as CheckpointManager does."""
+        from tensorflow.python.checkpoint.checkpoint_management import get_checkpoint_state
+
+        if not os.path.exists(os.path.join(self.model_dir, STATE_FILE)):
+            return
+        try:
+            state = get_checkpoint_state(self.model_dir)
+        except Exception as err:  # noqa: BLE001 - an unreadable state file is rewritten at the first commit
+            get_logger().warning("%s: state file unreadable (%s); starting a new one", self.model_dir, err)
+            return
+        if state is None:
+            return
+        now = time.time()
+        self._last_preserved = min(state.last_preserved_timestamp or now, now)
+        timestamps = list(state.all_model_checkpoint_timestamps) or [self._last_preserved] * len(state.all_model_checkpoint_paths)
+        for path, timestamp in zip(state.all_model_checkpoint_paths, timestamps):
+            path = path if os.path.isabs(path) else os.path.join(self.model_dir, path)
+            if min(timestamp, now) > self._last_preserved:
+                self._kept[path] = min(timestamp, now)
+
+
+class _Recipe:
+    """How to snapshot and write one `tf.train.Checkpoint`: its keys, object graph and tensor sources."""
+
+    def __init__(self, checkpoint: Any, keys: list[str], graph_proto: bytes, read: Any, fallback: bool):
+        self.checkpoint, self.keys, self.graph_proto, self._read, self.fallback = checkpoint, keys, graph_proto, read, fallback
+
+    @classmethod
+    def learn(cls, checkpoint: Any) -> _Recipe:
+        """Serialize the object graph once, with TensorFlow's own code, and keep what each save needs."""
+        import tensorflow as tf
+        from tensorflow.python.checkpoint import graph_view, save_util
+        from tensorflow.python.training.saving.saveable_object import SaveSpec
+        from tensorflow.python.training.saving.saveable_object_util import SaveableCompatibilityConverter
+
+        checkpoint.save_counter  # noqa: B018 - created lazily; it is part of every checkpoint
+        serialized, _, registered, proto = save_util.serialize_graph_view(graph_view.ObjectGraphView(checkpoint))
+        readers: list[tuple[str, Callable[[], Any]]] = []  # (key, how to get its tensor inside the snapshot function)
+        plain = not registered
+        for trackable, tensors in serialized.items():
+            if trackable is None:
+                continue
+            if isinstance(trackable, SaveableCompatibilityConverter):  # wraps e.g. the input iterator
+                for saveable in trackable.saveables:
+                    if not hasattr(trackable.obj, "_serialize_to_tensors"):
+                        plain = False
+                        continue
+                    for spec in saveable.specs:  # spec names are the saveable's name + the object's own key
+                        own_key = spec.name[len(saveable.name) :] or spec.name.rsplit("/", 1)[-1]
+                        readers.append((spec.name, _serialized_reader(trackable.obj, own_key)))
+                continue
+            for key, value in tensors.items():
+                if isinstance(value, dict):  # sliced (partitioned) tensors: let TensorFlow write them
+                    plain = False
+                elif isinstance(value, SaveSpec) and not hasattr(value, "numpy"):
+                    readers.append((key, _variable_reader(trackable)))
+                else:
+                    readers.append((key, _serialized_reader(trackable, key.rsplit("/", 1)[-1])))
+        if not plain:
+            get_logger().info("this checkpoint has parts only TensorFlow's own save writes; using it")
+            return cls(checkpoint, [], b"", None, fallback=True)
+
+        @tf.function
+        def read() -> list:
+            return [tf.identity(reader()) for _, reader in readers]
+
+        return cls(checkpoint, [key for key, _ in readers], proto.SerializeToString(), read, fallback=False)
+
+    def snapshot(self) -> Any:
+        """The tensors of this step (or None: the fallback writes the live objects)."""
+        if self.fallback:
+            return None
+        self.checkpoint.save_counter.assign_add(1)
+        return self._read()
+
+    def write(self, prefix: str, snapshot: Any) -> None:
+        """Write the snapshot as TensorFlow would, the index appearing last (its merge)."""
+        import tensorflow as tf
+
+        if self.fallback:
+            self.checkpoint.write(prefix)
+            return
+        names = ["_CHECKPOINTABLE_OBJECT_GRAPH", *self.keys]
+        tensors = [tf.constant(self.graph_proto), *snapshot]
+        temp = f"{prefix}_temp/part-00000-of-00001"
+        tf.raw_ops.SaveV2(prefix=temp, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
+        tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=[temp], destination_prefix=prefix, delete_old_dirs=True)
+
+
+def _variable_reader(variable: Any) -> Callable[[], Any]:
+    return lambda: variable.read_value() if hasattr(variable, "read_value") else variable.value
+
+
+def _serialized_reader(trackable: Any, name: str) -> Callable[[], Any]:
+    return lambda: trackable._serialize_to_tensors()[name]

@@ -1,0 +1,138 @@
+"""Evaluation off the training loop: the sidecar evaluator, its one line per checkpoint, and waiting for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from helpers import train
+
+from prefect_tensorflow.tasks.checkpoint_files import checkpoint_prefixes, read_state_file, step_of
+from prefect_tensorflow.tasks.errors import MetricsTimeoutError
+from prefect_tensorflow.tasks.metrics_log import METRICS_FILE, read_metrics
+from prefect_tensorflow.tasks.policy import CheckpointPolicy
+
+
+def line_steps(model_dir: Path) -> Counter:
+    """How many metrics lines each step has (raw lines, duplicates counted)."""
+    counts: Counter = Counter()
+    path = model_dir / METRICS_FILE
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                counts[json.loads(line)["step"]] += 1
+    return counts
+
+
+def committed_steps(model_dir: Path) -> list[int]:
+    return sorted(s for s in (step_of(p) for p in checkpoint_prefixes(model_dir)) if s is not None)
+
+
+def test_the_sidecar_writes_one_line_per_checkpoint_with_the_training_loss(tmp_path):
+    policy = CheckpointPolicy(save_checkpoints_steps=50, keep_checkpoint_max=None)
+    result = train(tmp_path / "m", steps=200, policy=policy)  # evaluation="sidecar" is the default
+    counts = line_steps(tmp_path / "m")
+    assert sorted(counts) == committed_steps(tmp_path / "m") == [0, 50, 100, 150, 200]
+    assert set(counts.values()) == {1}
+    recorded = read_metrics(tmp_path / "m")
+    assert {"loss", "accuracy", "train_loss"} <= set(recorded[200])
+    assert "train_loss" not in recorded[0]  # no step had run before the first checkpoint
+    assert result.final_metrics == recorded[200]  # train() waits for the evaluator before it returns
+    assert any(n.startswith("events.out.tfevents.") for n in os.listdir(tmp_path / "m" / "eval"))
+
+
+def test_in_loop_and_no_evaluation_remain_available(tmp_path):
+    policy = CheckpointPolicy(save_checkpoints_steps=50)
+    train(tmp_path / "in", steps=100, policy=policy, evaluation="in_loop")
+    assert {"loss", "accuracy", "train_loss"} <= set(read_metrics(tmp_path / "in")[100])
+    train(tmp_path / "none", steps=100, policy=policy, evaluation="none")
+    assert set(read_metrics(tmp_path / "none")[100]) == {"train_loss"}
+
+
+def test_best_is_never_chosen_from_incomplete_metrics(tmp_path, monkeypatch):
+    from prefect_tensorflow.tasks.evaluation import EvaluationSpec, evaluate_missing, evaluator_lock
+    from prefect_tensorflow.tasks.selection import select_best_checkpoint
+
+    model_dir = tmp_path / "m"
+    train(model_dir, steps=150, policy=CheckpointPolicy(save_checkpoints_steps=50, keep_checkpoint_max=None), evaluation="none")
+    lines = (model_dir / METRICS_FILE).read_text().splitlines(keepends=True)
+    evaluated = {100: 0.1}
+    (model_dir / METRICS_FILE).write_text(
+        "".join(
+            line.replace('"metrics": {', f'"metrics": {{"loss": {evaluated[100]}, ') for line in lines if '"step": 100' in line
+        )
+    )  # only step 100 has an evaluation: the others are missing
+    with pytest.raises(MetricsTimeoutError) as info:
+        select_best_checkpoint(str(model_dir), "loss", "min")
+    assert "[0, 50, 150]" in str(info.value) and "no evaluator is running" in str(info.value)
+
+    monkeypatch.setenv("PREFECT_TENSORFLOW_METRICS_TIMEOUT", "1")
+    with evaluator_lock(str(model_dir)):  # an evaluator at work that never finishes: a bounded wait
+        started = time.monotonic()
+        with pytest.raises(MetricsTimeoutError, match="did not record them within 1 s"):
+            select_best_checkpoint(str(model_dir), "loss", "min")
+        assert time.monotonic() - started >= 1.0
+
+    assert (
+        evaluate_missing(
+            str(model_dir),
+            EvaluationSpec(model="prefect_tensorflow.tasks.iris:build_model", data="prefect_tensorflow.tasks.iris:load_dataset"),
+        )
+        == 3
+    )
+    assert select_best_checkpoint(str(model_dir), "loss", "min").step in (0, 50, 100, 150)
+
+
+@pytest.mark.slow
+def test_killing_the_trainer_while_the_evaluator_is_mid_checkpoint_leaves_one_line_per_checkpoint(tmp_path, cli_env):
+    model_dir = tmp_path / "m"
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefect_tensorflow.flows.cli",
+        "train",
+        "--model-dir",
+        str(model_dir),
+        "--steps",
+        "600",
+        "--save-checkpoints-steps",
+        "100",
+        "--keep-checkpoint-max",
+        "0",
+        "--data",
+        "models_for_tests:slow_eval_dataset",
+    ]
+    trainer = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = model_dir / "eval" / "evaluator.log"
+    deadline = time.monotonic() + 300
+    try:
+        while True:  # the evaluator has started on a checkpoint and the trainer has committed more
+            started = log.read_text().count("evaluating") if log.exists() else 0
+            if started >= 2 and len(line_steps(model_dir)) < started:
+                break
+            assert trainer.poll() is None, "training finished before the evaluator could be caught mid-checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        trainer.send_signal(signal.SIGKILL)  # the trainer only: its evaluator lives on
+        trainer.wait()
+        killed_at = committed_steps(model_dir)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    result = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=900)  # resume to the end
+    assert result.returncode == 0, result.stderr[-3000:]
+    deadline = time.monotonic() + 300
+    while set(line_steps(model_dir)) != set(committed_steps(model_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first evaluator may still be finishing what it was told
+    counts = line_steps(model_dir)
+    assert committed_steps(model_dir) == [0, 100, 200, 300, 400, 500, 600]
+    assert sorted(counts) == committed_steps(model_dir), (counts, killed_at)
+    assert set(counts.values()) == {1}, counts  # exactly one line each: no checkpoint evaluated twice
+    assert step_of(read_state_file(model_dir).model_checkpoint_path) == 600
