@@ -1,0 +1,202 @@
+"""Model code by name: the registered model builders and dataset loaders, and import strings.
+
+A model builder (`build(**hparams) -> compiled keras.Model`) or a dataset
+loader (`load(split) -> tf.data.Dataset` of `(features, label)`) is named
+either
+
+- by a registered name: a Python entry point in the group
+  `prefect_tensorflow.models` (builders) or `prefect_tensorflow.datasets`
+  (loaders); this package registers `iris` in both; or
+- by an import string `"package.module:attr"`.
+
+Library and CLI callers run their own code: any import string is accepted
+(except standard-library callables, which are never a model builder or a
+loader: `shutil:rmtree` as a loader would delete a directory named `train`).
+In a flow run started from a deployment, parameters were typed into the
+Prefect UI and are untrusted: only registered names, and import strings whose
+module is under a prefix of `PREFECT_TENSORFLOW_ALLOWED_MODULES`, are
+accepted, and nothing else is imported, not even to validate it.
+
+Example:
+    >>> from prefect_tensorflow.tasks.model_code import import_string, registered_names
+    >>> "iris" in registered_names("model")
+    True
+    >>> import_string("iris", "data")
+    'prefect_tensorflow.tasks.iris:load_dataset'
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import sys
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any, Literal, Optional
+
+from .errors import ImportStringError, TrainingError
+from .run_context import in_deployment_run
+from .settings import get_settings
+
+Kind = Literal["model", "data"]
+ENTRY_POINT_GROUPS: dict[str, str] = {"model": "prefect_tensorflow.models", "data": "prefect_tensorflow.datasets"}
+WHAT = {"model": "model builder", "data": "dataset loader"}
+IMPORT_STRING = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+CODE_REF_PATTERN = rf"(?:{NAME.pattern})|(?:{IMPORT_STRING.pattern})"
+MAX_LENGTH = 256
+
+
+def registered_names(kind: Kind) -> dict[str, str]:
+    """Registered name -> import string of every `kind` entry point (nothing is imported)."""
+    found = metadata.entry_points(group=ENTRY_POINT_GROUPS[kind])
+    return {ep.name: ep.value.replace(" ", "") for ep in sorted(found, key=lambda ep: ep.name)}
+
+
+class RegisteredChoices:
+    """Pydantic metadata: the JSON schema of a model-code field lists the registered names (`enum`),
+    so the Prefect UI shows a choice, not a text box. Computed when a deployment is built. With
+    `PREFECT_TENSORFLOW_ALLOWED_MODULES` set, import strings under those prefixes are allowed too,
+    so the field stays free text (with the names as examples)."""
+
+    def __init__(self, kind: Kind):
+        self.kind = kind
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        schema = handler(core_schema)
+        names = list(registered_names(self.kind))
+        if get_settings().allowed_modules:
+            schema["examples"] = names
+        else:
+            schema["enum"] = names
+        return schema
+
+
+def check_syntax(ref: Any, kind: Kind) -> str:
+    """`ref` is a registered-name-shaped word or an import string; nothing is looked up.
+
+    Raises:
+        ImportStringError: naming the parameter (`model` or `data`).
+    """
+    if not isinstance(ref, str) or len(ref) > MAX_LENGTH or not re.fullmatch(CODE_REF_PATTERN, ref):
+        raise ImportStringError(
+            ref,
+            f"expected a registered {WHAT[kind]} name (e.g. 'iris') or 'package.module:attribute', "
+            f"e.g. 'prefect_tensorflow.tasks.iris:build_model'",
+            parameter=kind,
+        )
+    return ref
+
+
+def import_string(ref: str, kind: Kind, *, untrusted: Optional[bool] = None) -> str:
+    """The import string `ref` stands for, checked against who is asking; nothing is imported.
+
+    Args:
+        ref: a registered name or an import string.
+        kind: "model" (builders) or "data" (loaders); also the parameter named in errors.
+        untrusted: True in deployment runs; default: detected from the Prefect run context.
+
+    Raises:
+        ImportStringError: malformed, an unknown name, a standard-library module,
+            or (untrusted) a module outside `PREFECT_TENSORFLOW_ALLOWED_MODULES`.
+    """
+    check_syntax(ref, kind)
+    names = registered_names(kind)
+    if ref in names:
+        return names[ref]
+    if ":" not in ref:
+        raise ImportStringError(
+            ref,
+            f"no {WHAT[kind]} is registered under this name; registered: {', '.join(names) or 'none'} "
+            f"(entry point group {ENTRY_POINT_GROUPS[kind]!r})",
+            parameter=kind,
+        )
+    module = ref.partition(":")[0]
+    if module.split(".")[0] in sys.stdlib_module_names:
+        raise ImportStringError(
+            ref,
+            f"{module!r} is a standard-library module; expected your own {WHAT[kind]}",
+            parameter=kind,
+        )
+    if untrusted if untrusted is not None else in_deployment_run():
+        allowed = get_settings().allowed_modules
+        if not any(module == prefix or module.startswith(prefix.rstrip(".") + ".") for prefix in allowed):
+            raise ImportStringError(
+                ref,
+                f"deployment runs accept the registered names ({', '.join(names)}) or modules under "
+                f"PREFECT_TENSORFLOW_ALLOWED_MODULES ({', '.join(allowed) or 'none set'}); nothing was imported",
+                parameter=kind,
+            )
+    return ref
+
+
+def load(ref: str, kind: Kind, *, untrusted: Optional[bool] = None) -> Callable[..., Any]:
+    """Import the builder or loader `ref` names, once `import_string` has accepted it.
+
+    Raises:
+        ImportStringError: refused (see `import_string`), or it does not import, or it is not callable.
+    """
+    spec = import_string(ref, kind, untrusted=untrusted)
+    module_name, _, attr_path = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportStringError(ref, f"module {module_name!r} cannot be imported ({err})", parameter=kind) from err
+    for attr in attr_path.split("."):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError as err:
+            raise ImportStringError(ref, f"module {module_name!r} has no attribute {attr_path!r}", parameter=kind) from err
+    if not callable(obj):
+        raise ImportStringError(ref, f"expected a callable, got {type(obj).__name__}", parameter=kind)
+    return obj
+
+
+def check_hparams(ref: str, hparams: Optional[dict[str, Any]]) -> None:
+    """Check that the model builder `ref` names accepts `hparams` as keyword arguments, without calling it.
+
+    Raises:
+        ImportStringError: see `load`.
+        TrainingError: naming `hparams`, with the builder's signature, when it does not accept them.
+
+    Example:
+        >>> check_hparams("iris", {"hidden_units": [16, 16]})
+        >>> check_hparams("iris", {"__import__": "os"})
+        Traceback (most recent call last):
+        ...
+        prefect_tensorflow.tasks.errors.TrainingError: hparams: model 'iris' (hidden_units=(10, 10), n_classes=3, learning_rate=0.05) does not accept {'__import__': 'os'}: got an unexpected keyword argument '__import__'
+    """
+    builder = load(ref, "model")
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):
+        return  # no signature to check against (a builtin or C callable): the call decides
+    try:
+        signature.bind(**dict(hparams or {}))
+    except TypeError as err:
+        raise TrainingError(f"hparams: model {ref!r} ({_parameters(signature)}) does not accept {hparams}: {err}") from None
+
+
+def _parameters(signature: inspect.Signature) -> str:
+    """`a, b=1, **kwargs`: the builder's parameters without their annotations."""
+    return ", ".join(str(p.replace(annotation=inspect.Parameter.empty)) for p in signature.parameters.values())
+
+
+def build_model(ref: str, hparams: Optional[dict[str, Any]] = None) -> Any:
+    """Call the model builder `ref` names with `hparams` and check it returned a `keras.Model`.
+
+    Raises:
+        ImportStringError: see `load`.
+        TrainingError: the builder refused the hparams or returned something else.
+    """
+    import keras
+
+    builder = load(ref, "model")
+    try:
+        net = builder(**dict(hparams or {}))
+    except TypeError as err:
+        raise TrainingError(f"model {ref!r}: calling it with hparams {hparams or {}} failed: {err}") from err
+    if not isinstance(net, keras.Model):
+        raise TrainingError(f"model {ref!r}: expected a keras.Model, received {type(net).__name__}")
+    return net
