@@ -1,0 +1,357 @@
+"""The `sweep` flow: train candidates in parallel on Dask, ship the best one as `retrain` ships its model.
+
+Each candidate (hyperparameters, seed, target step over a base
+`TrainingConfig`) is one Prefect task on a Dask worker, which trains it in a
+child process into `<sweep root>/<candidate id>` (`tasks.sweep_training`).
+The candidates' best checkpoints (`select`, e.g. `best:accuracy`) are
+compared; the winner's is frozen, exported, logged, registered and gated with
+retrain's tasks (`flows.shipping`). With MLflow, the sweep is a parent run
+holding the comparison table and every candidate a child run.
+
+Dask: a temporary `LocalCluster` of worker processes on 127.0.0.1 (one thread
+each, dashboard on a free 127.0.0.1 port) unless `dask_address` (or
+`PREFECT_TENSORFLOW_DASK_ADDRESS`) names the scheduler of an existing cluster.
+A Dask worker that dies mid-training takes its trainer with it; Dask runs the
+task again elsewhere and the candidate resumes from its newest valid
+checkpoint. A future is released as soon as its state is known, so a later
+worker death never makes Dask run a finished candidate again (and its result
+file would skip it anyway). A candidate Dask gives up on (`KilledWorker`)
+fails the sweep after the others finished; running the sweep again trains
+only what is missing.
+
+Example:
+    >>> from prefect_tensorflow.flows.sweep import sweep
+    >>> sweep.name
+    'sweep'
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Any, Optional, Union
+
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
+
+from prefect_tensorflow.tasks import prefect_tasks as tasks
+from prefect_tensorflow.tasks.blocks import MlflowConnection
+from prefect_tensorflow.tasks.configs import GateConfig, RegisteredModelName, TrainingConfig
+from prefect_tensorflow.tasks.errors import StorageError, UnsafeParameterError
+from prefect_tensorflow.tasks.exporting import ExportResult
+from prefect_tensorflow.tasks.freezing import FreezeResult
+from prefect_tensorflow.tasks.registry import RegisteredVersion
+from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger, in_deployment_run, prefect_run_tags
+from prefect_tensorflow.tasks.security import check_mlflow_connection
+from prefect_tensorflow.tasks.selection import CheckpointRef, CheckpointSelection
+from prefect_tensorflow.tasks.settings import get_settings
+from prefect_tensorflow.tasks.storage import parse_location
+from prefect_tensorflow.tasks.sweep_training import (
+    Candidate,
+    CandidateResult,
+    Candidates,
+    CandidateSpec,
+    SweepError,
+    comparison_rows,
+    plan_candidates,
+    rank_candidates,
+)
+from prefect_tensorflow.tasks.validation import short_repr
+
+from .parameters import checked_code, checked_paths
+from .shipping import publish_shipped, ship_checkpoint
+
+DASK_ADDRESS = re.compile(r"(tcp|tls|inproc|ws|wss)://[A-Za-z0-9_.:\[\]-]{1,253}")
+DEFAULT_CANDIDATES = [
+    Candidate(hparams={"learning_rate": 0.05}, seed=0),
+    Candidate(hparams={"learning_rate": 0.1}, seed=0),
+]
+DaskWorkers = Annotated[int, Field(ge=0, le=64)]
+Threads = Annotated[int, Field(ge=0, le=64)]
+
+
+class SweepSummary(BaseModel):
+    """What a `sweep` run produced."""
+
+    model_config = ConfigDict(frozen=True)
+
+    candidates: list[CandidateResult]
+    comparison: list[dict[str, Any]] = Field(description="The comparison table, one row per candidate")
+    winner: str = Field(description="The winning candidate's id")
+    checkpoint: CheckpointRef = Field(description="The winner's checkpoint that was shipped")
+    selection: str
+    frozen_graph: FreezeResult
+    export: ExportResult
+    registered: Optional[RegisteredVersion] = Field(default=None, description="None when track=False")
+    mlflow_parent_run_id: Optional[str] = None
+    flow_run_id: Optional[str] = None
+
+
+def sweep_selection(select: str) -> CheckpointSelection:
+    """`select` parsed; a sweep compares candidates by a metric, so it must be `best:<metric>[:min|max]`.
+
+    Raises:
+        ValueError: naming `select`.
+    """
+    selection = CheckpointSelection.parse(select)
+    if selection.kind != "best":
+        raise ValueError(
+            f"select: a sweep compares its candidates by a metric; expected 'best:<metric>[:min|max]', received {select!r}"
+        )
+    return selection
+
+
+def checked_dask_address(address: str) -> Optional[str]:
+    """The scheduler to use: `address`, else `PREFECT_TENSORFLOW_DASK_ADDRESS`, else None (a local cluster).
+
+    A deployment run may not name a scheduler of its own: the flow sends it
+    pickled tasks and unpickles what comes back, so a scheduler typed into
+    the Run form could run code in the flow's process.
+
+    Raises:
+        ValueError: `address` is not `tcp://host:port` (or tls://, ...).
+        UnsafeParameterError: in a deployment run, an address other than the configured one.
+    """
+    configured = get_settings().dask_address or None
+    if not address:
+        return configured
+    if not DASK_ADDRESS.fullmatch(address):
+        raise ValueError(f"dask_address: expected a scheduler address like tcp://127.0.0.1:8786, received {short_repr(address)}")
+    if in_deployment_run() and address != configured:
+        raise UnsafeParameterError(
+            "dask_address",
+            address,
+            "deployment runs use the scheduler in PREFECT_TENSORFLOW_DASK_ADDRESS (or a local cluster), "
+            "not one typed into the form",
+        )
+    return address
+
+
+def dask_task_runner(address: Optional[str], workers: int) -> Any:
+    """prefect-dask's `DaskTaskRunner`: on `address`, else a temporary LocalCluster of `workers` processes on 127.0.0.1."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": "127.0.0.1:0",  # Dask's default is :8787 on every interface
+        }
+    )
+
+
+def train_on_dask(
+    specs: list[CandidateSpec], address: Optional[str], workers: int
+) -> dict[int, Union[CandidateResult, BaseException]]:
+    """Train every candidate as a task on Dask; each one's result, or what stopped it, by index."""
+    import dask
+    import distributed
+
+    log = get_logger()
+    outcomes: dict[int, Union[CandidateResult, BaseException]] = {}
+    with dask_task_runner(address, workers or min(len(specs), os.cpu_count() or 1)) as runner:
+        client = runner.client
+        declared = any("trainer" in (w.get("resources") or {}) for w in client.scheduler_info(n_workers=-1)["workers"].values())
+        # Workers that declare a `trainer` resource run one candidate at a time, whatever their thread count.
+        with dask.annotate(**({"resources": {"trainer": 1}} if declared else {})):
+            futures = [runner.submit(tasks.train_sweep_candidate, parameters={"spec": spec}) for spec in specs]
+        by_key = {future.wrapped_future.key: (future, spec) for future, spec in zip(futures, specs)}
+        for done in distributed.as_completed([future.wrapped_future for future in futures], loop=client.loop):
+            future, spec = by_key[done.key]
+            try:
+                outcomes[spec.index] = future.result()
+            except Exception as err:  # noqa: BLE001 - KilledWorker, or the task failed: reported, the others go on
+                outcomes[spec.index] = err
+                log.error("candidate %d (%s) did not finish: %s: %s", spec.index, spec.candidate_id, type(err).__name__, err)
+                if type(err).__name__ == "KilledWorker":
+                    _mark_crashed(future.task_run_id, f"Dask gave up on it: {err}")
+            finally:
+                future.wrapped_future.release()  # a dead worker must not make Dask run it again
+    return outcomes
+
+
+def _mark_crashed(task_run_id: Any, message: str) -> None:
+    """prefect-dask leaves a task run Running when Dask gives up on it (PrefectHQ/prefect#21638): set it Crashed."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
+    except Exception as err:  # noqa: BLE001 - a state for the UI only
+        get_logger().warning("could not mark task run %s Crashed: %s", task_run_id, err)
+
+
+def publish_comparison(rows: list[dict[str, Any]], selection: str) -> None:
+    """The comparison table as a Prefect table artifact (`sweep-comparison`)."""
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(key="sweep-comparison", table=rows, description=f"Sweep candidates compared by {selection}")
+
+
+@flow(name="sweep", flow_run_name="sweep-{registered_model_name}", log_prints=True)
+def sweep(
+    candidates: Candidates = DEFAULT_CANDIDATES,  # a list default: Prefect copies parameters
+    sweep_root: str = "",
+    training: TrainingConfig = TrainingConfig(),
+    select: str = "best:accuracy",
+    export_base: str = "",
+    frozen_dir: str = "",
+    registered_model_name: RegisteredModelName = "iris",
+    gate: GateConfig = GateConfig(),
+    mlflow: Optional[MlflowConnection] = None,
+    track: bool = True,
+    dask_address: str = "",
+    dask_workers: DaskWorkers = 0,
+    threads_per_candidate: Threads = 1,
+) -> SweepSummary:
+    """Train the candidates in parallel on Dask, compare them, ship the best as `retrain` does.
+
+    Args:
+        candidates: The variants to train: each its hyperparameters (over the base training's),
+            seed and target step (empty: the base training's).
+        sweep_root: Directory holding one model dir per candidate (<sweep root>/<candidate id>);
+            empty for <data home>/sweeps/iris. Every Dask worker must see it (shared storage).
+        training: The base training: model, data, batch size, checkpoint policy; the candidates
+            override its hparams, seed and steps.
+        select: How candidates are compared: each one's best checkpoint by this metric,
+            'best:<metric>[:min|max]' (e.g. 'best:accuracy').
+        export_base: Directory of SavedModel versions for TF Serving; empty for <data home>/exports/iris.
+        frozen_dir: Directory for the frozen .pb; empty for <data home>/frozen/iris.
+        registered_model_name: The MLflow registered model the winner's export becomes a version of.
+        gate: Champion gate: the checkpoint metric a new version must beat the champion on, and
+            whether higher ('max') or lower ('min') is better.
+        mlflow: A saved MLflow Connection block; empty for the worker's MLFLOW_TRACKING_URI
+            (else a local SQLite store).
+        track: Track in MLflow (a parent run, a child run per candidate) and register the winner.
+        dask_address: Scheduler of an existing Dask cluster (tcp://host:port); empty for
+            PREFECT_TENSORFLOW_DASK_ADDRESS, else a temporary local cluster.
+        dask_workers: Worker processes of the local cluster; 0 for one per candidate, at most one per core.
+        threads_per_candidate: TensorFlow threads per pool in each candidate's process (1: N
+            candidates on N cores do not oversubscribe); 0 for TensorFlow's default.
+
+    Raises:
+        ValueError: `select`, a path, an address or a count is malformed (checked before anything is written).
+        SweepError: two candidates are the same, or candidates failed (the others are kept: run again).
+        UnsafeParameterError: in a deployment run, a path outside the roots, an inline MLflow
+            connection or a Dask scheduler other than the configured one.
+    """
+    log = get_logger()
+    selection = sweep_selection(select)
+    settings = get_settings()
+    paths = checked_paths(
+        sweep_root=sweep_root or settings.default_path("sweeps"),
+        export_base=export_base or settings.default_path("exports"),
+        frozen_dir=frozen_dir or settings.default_path("frozen"),
+    )
+    if not parse_location(paths["sweep_root"], parameter="sweep_root").is_local:
+        raise StorageError(f"sweep_root: {paths['sweep_root']}: expected a local or shared-filesystem directory")
+    checked_code(model=training.model, data=training.data)
+    check_mlflow_connection(mlflow)
+    address = checked_dask_address(dask_address)
+    specs = plan_candidates(paths["sweep_root"], training, list(candidates), threads=threads_per_candidate)
+    connection = (mlflow or MlflowConnection()) if track else None
+    parent_run_id = None
+    if connection is not None:
+        tasks.check_can_register(registered_model_name, connection)
+        parent_run_id = tasks.start_sweep_run(
+            connection,
+            f"sweep-{registered_model_name}",
+            {
+                "sweep_root": paths["sweep_root"],
+                "select": str(selection),
+                "candidates": [c.model_dump(mode="json") for c in candidates],
+                "training": training.mlflow_params(),
+            },
+        )
+        tags = prefect_run_tags()
+        specs = [
+            spec.model_copy(update={"tracking": connection.plain(), "parent_run_id": parent_run_id, "run_tags": tags})
+            for spec in specs
+        ]
+    status = "FAILED"
+    try:
+        summary = _train_compare_ship(
+            specs, address, dask_workers, selection, training, paths, connection, registered_model_name, gate, parent_run_id
+        )
+        status = "FINISHED"
+        return summary
+    finally:
+        if connection is not None and parent_run_id is not None:
+            try:
+                tasks.end_sweep_run(connection, parent_run_id, status)
+            except Exception as err:  # noqa: BLE001 - the sweep's own outcome matters more
+                log.warning("could not end the MLflow sweep run %s: %s", parent_run_id, err)
+
+
+def _train_compare_ship(
+    specs: list[CandidateSpec],
+    address: Optional[str],
+    dask_workers: int,
+    selection: CheckpointSelection,
+    training: TrainingConfig,
+    paths: dict[str, str],
+    connection: Optional[MlflowConnection],
+    registered_model_name: str,
+    gate: GateConfig,
+    parent_run_id: Optional[str],
+) -> SweepSummary:
+    log = get_logger()
+    outcomes = train_on_dask(specs, address, dask_workers)
+    results = [o for o in outcomes.values() if isinstance(o, CandidateResult)]
+    failed = {i: o for i, o in outcomes.items() if not isinstance(o, CandidateResult)}
+    refs = {r.index: tasks.select_checkpoint(r.model_dir, selection) for r in sorted(results, key=lambda r: r.index)}
+    metric = selection.metric or ""
+    ranking = rank_candidates({i: ref.metrics[metric] for i, ref in refs.items()}, selection.mode) if not failed else []
+    winner_index = ranking[0] if ranking else None
+    rows = comparison_rows(
+        results, {i: ref.metrics for i, ref in refs.items()}, {i: ref.step for i, ref in refs.items()}, winner_index
+    )
+    for index, error in sorted(failed.items()):
+        rows.append(
+            {"candidate": index, "id": specs[index].candidate_id, "winner": "", "trained": f"FAILED: {type(error).__name__}"}
+        )
+    publish_comparison(rows, str(selection))
+    winner = next((r for r in results if r.index == winner_index), None)
+    if connection is not None and parent_run_id is not None:
+        tasks.record_sweep_comparison(connection, parent_run_id, rows, metric, winner.candidate_id if winner else None)
+    if failed or winner is None:
+        detail = "; ".join(
+            f"{i} ({specs[i].candidate_id}): {type(e).__name__}: {str(e)[:300]}" for i, e in sorted(failed.items())
+        )
+        raise SweepError(
+            f"{len(failed)} of {len(specs)} candidates did not finish: {detail}. The others are kept; "
+            "run the sweep again to train only what is missing"
+        )
+    ref = refs[winner.index]
+    log.info(
+        "winner: candidate %d (%s), %s=%s at step %s", winner.index, winner.candidate_id, metric, ref.metrics[metric], ref.step
+    )
+    winner_training = specs[winner.index].config.model_copy(update={"model": training.model, "data": training.data})
+    shipped = ship_checkpoint(
+        ref,
+        winner_training,
+        export_base=paths["export_base"],
+        frozen_dir=paths["frozen_dir"],
+        connection=connection,
+        registered_model_name=registered_model_name,
+        gate=gate,
+        run_id=winner.training.mlflow_run_id,
+    )
+    publish_shipped(winner.training, ref, str(selection), shipped)
+    return SweepSummary(
+        candidates=sorted(results, key=lambda r: r.index),
+        comparison=rows,
+        winner=winner.candidate_id,
+        checkpoint=ref,
+        selection=str(selection),
+        frozen_graph=shipped.frozen_graph,
+        export=shipped.export,
+        registered=shipped.registered,
+        mlflow_parent_run_id=parent_run_id,
+        flow_run_id=current_flow_run_id(),
+    )
