@@ -6,16 +6,26 @@ against a threshold: the machines this runs on are small and noisy. Each
 benchmark prints a plain-text table and writes `bench/results/<name>.json`.
 
 Benchmarks:
-    checkpoint_save     tf.train.Checkpoint write vs a raw write of the same bytes;
-                        sync vs async CheckpointManager.save blocking time.
-    training_overhead   train() steps/s with a checkpoint every 100 steps vs none.
-    select_latest       find_latest_checkpoint on 10,000 checkpoints vs 1.
-    export              export() and freeze() of a checkpoint vs a bare tf.saved_model.save.
-    mlflow_logging      train() with per-step MLflow metric logging (train_tracked) vs without.
-    mlflow_register     register_export() vs mlflow.tensorflow.log_model(registered_model_name=...).
+    checkpoint_save     tf.train.Checkpoint write (and sharded) vs a raw write of the same bytes;
+                        the loop's stall per save (CheckpointWriter, TF sync/async) vs one memcpy.
+    training_overhead   train_with_checkpoints() steps/s with a checkpoint every 100 steps vs none,
+                        per evaluation mode (sidecar, in-loop, none) and save mode (async, sync).
+    checkpoint_fixed_cost  the training thread's time per save of the tiny iris state: the writer
+                        vs TensorFlow's bare CheckpointManager.save, and the input iterator's share.
+    large_model         the same on a 100 MB model whose step is >= 50 ms, a checkpoint every 20 steps.
+    progress_bar        train_with_checkpoints() with the CLI's progress bar vs without.
+    first_run           the first train_with_checkpoints() in a fresh process vs a warm one, and why.
+    select_latest       select_latest_checkpoint on 10,000 checkpoints vs 1.
+    export              export_saved_model() and freeze_graph() of a checkpoint vs a bare tf.saved_model.save.
+    mlflow_logging      train_with_checkpoints() tracked in MLflow (metrics sent in batches) vs not.
+    mlflow_register     register_model_version() vs mlflow.tensorflow.log_model(registered_model_name=...).
     retrain_flow        the retrain flow's wall time vs a plain script making the same TF and MLflow calls.
     export_run          an export-checkpoint run created through a real server, to its registered
                         version, vs the same work in-process.
+    remote_storage      publishing a checkpoint to an S3 server vs plain put_object of its files;
+                        select_latest_checkpoint on 10,000 remote checkpoints vs 1.
+    sweep               4 candidates on 2 Dask workers vs one after another; Prefect+Dask overhead.
+    multi_worker        steps/s of 2 MultiWorkerMirroredStrategy workers vs 1 process.
 """
 
 import os
@@ -24,6 +34,19 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 BENCHMARKS = (
-    "checkpoint_save", "training_overhead", "select_latest", "export", "mlflow_logging", "mlflow_register",
-    "retrain_flow", "export_run",
+    "checkpoint_save",
+    "training_overhead",
+    "checkpoint_fixed_cost",
+    "large_model",
+    "progress_bar",
+    "first_run",
+    "select_latest",
+    "export",
+    "mlflow_logging",
+    "mlflow_register",
+    "retrain_flow",
+    "export_run",
+    "remote_storage",
+    "sweep",
+    "multi_worker",
 )

@@ -14,8 +14,7 @@ def main(argv: list[str]) -> int:
     names = argv or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        print(f"unknown benchmark(s): {', '.join(unknown)}; expected one of: {', '.join(BENCHMARKS)}",
-              file=sys.stderr)
+        print(f"unknown benchmark(s): {', '.join(unknown)}; expected one of: {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
     started = time.perf_counter()
     tables = []

@@ -1,4 +1,4 @@
-"""Checkpoint save throughput against a raw write of the same bytes; sync vs async save.
+"""Checkpoint save throughput against a raw write of the same bytes; the training-loop stall of a save.
 
 What it measures, on 256 MiB (268 MB) of float32 `tf.Variable`s (4
 variables of 64 MiB, random values) held by one `tf.train.Checkpoint`, every
@@ -37,6 +37,18 @@ order each round) and the median taken:
     is what a training loop really waits for per save, async over sync
     (below 1.0 means async saves the loop time).
 
+(d) this package's `CheckpointWriter` (what `train_with_checkpoints` uses),
+    async and sync, each followed at once by the first update (for async,
+    while the background thread writes): `stall = save() + first update -
+    a plain update` is what the loop waits for per save. Baseline: (e) one
+    in-memory copy of the same variables (`numpy.copy` of each buffer), the
+    floor of any snapshot on a CPU; the issue's goal is stall <= 1.5 x (e).
+
+(f) `tf.train.Checkpoint.write` with
+    `CheckpointOptions(experimental_sharding_callback=MaxShardSizePolicy(...))`
+    (TensorFlow's sharding option: several `.data-*` shards) against the same
+    raw write as (b), to see whether sharding buys write throughput.
+
 One untimed warm-up of each case comes first (TensorFlow builds its save
 functions and the async helper its variable twins on the first call).
 Temp dirs are removed after every repetition (outside the timed region).
@@ -48,9 +60,10 @@ import os
 import shutil
 import time
 
-from .common import Scratch, fmt, interleaved, median, ratio_table, spread, timed, report
+from .common import Scratch, fmt, interleaved, median, ratio_table, report, spread, timed
 
 NAME = "checkpoint_save"
+SHARD_BYTES = 32 * 1024 * 1024
 NUM_VARIABLES = 4
 FLOATS_PER_VARIABLE = 16 * 1024 * 1024  # 64 MiB of float32 each
 ROUNDS = 7
@@ -58,18 +71,18 @@ MB = 1e6
 
 
 def _dir_bytes(path: str) -> int:
-    return sum(
-        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
-    )
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
 def run() -> dict:
     import tensorflow as tf
 
+    from prefect_tensorflow.tasks.checkpoint_writer import CheckpointWriter
+    from prefect_tensorflow.tasks.policy import CheckpointPolicy
+
     tf.random.set_seed(0)
     variables = [
-        tf.Variable(tf.random.uniform([FLOATS_PER_VARIABLE], dtype=tf.float32), name=f"w{i}")
-        for i in range(NUM_VARIABLES)
+        tf.Variable(tf.random.uniform([FLOATS_PER_VARIABLE], dtype=tf.float32), name=f"w{i}") for i in range(NUM_VARIABLES)
     ]
     arrays = [v.numpy() for v in variables]  # the same bytes, already in host memory
     payload = sum(a.nbytes for a in arrays)
@@ -100,7 +113,7 @@ def run() -> dict:
                     for array in arrays:
                         view = memoryview(array).cast("B")
                         while view:
-                            view = view[handle.write(view):]
+                            view = view[handle.write(view) :]
                 os.replace(tmp, final)
 
             seconds = timed(write)
@@ -140,12 +153,54 @@ def run() -> dict:
             shutil.rmtree(d)
             return {"blocking": returned - start, "complete": done - start, "first_update": update}
 
-        for warm in (checkpoint_write, raw_write, manager_sync, manager_async):
-            warm()
-        ab = interleaved({"checkpoint": checkpoint_write, "raw": raw_write}, ROUNDS)
-        sa = interleaved({"sync": manager_sync, "async": manager_async}, ROUNDS)
+        sharded_options = tf.train.CheckpointOptions(
+            experimental_sharding_callback=tf.train.experimental.MaxShardSizePolicy(max_shard_size=SHARD_BYTES)
+        )
 
-    t_ckpt, t_raw = median(ab["checkpoint"]), median(ab["raw"])
+        def sharded_write() -> float:
+            d = scratch.fresh("sharded")
+            seconds = timed(lambda: ckpt_write.write(os.path.join(d, "ckpt"), options=sharded_options))
+            sizes["sharded_files"] = _dir_bytes(d)
+            sizes["sharded_data_files"] = sum(".data-" in f for f in os.listdir(d))
+            shutil.rmtree(d)
+            return seconds
+
+        def memcpy() -> float:
+            return timed(lambda: [array.copy() for array in arrays])
+
+        def writer(async_save: bool):
+            policy = CheckpointPolicy(keep_checkpoint_max=1, async_save=async_save)
+            step = iter(range(1, 10**6))
+
+            def go() -> dict:
+                d = scratch.fresh("writer-async" if async_save else "writer-sync")
+                ckpt = tf.train.Checkpoint(variables=variables)
+                w = CheckpointWriter(ckpt, d, policy)
+                w.save(0)  # learns the keys (once per writer, as once per training run)
+                w.finish()
+                start = time.perf_counter()
+                w.save(next(step))
+                returned = time.perf_counter()
+                update = update_all()
+                w.finish()
+                done = time.perf_counter()
+                assert tf.train.latest_checkpoint(d) is not None
+                shutil.rmtree(d)
+                return {"blocking": returned - start, "first_update": update, "complete": done - start}
+
+            return go
+
+        for warm in (checkpoint_write, raw_write, manager_sync, manager_async, sharded_write, writer(True), writer(False)):
+            warm()
+        ab = interleaved({"checkpoint": checkpoint_write, "raw": raw_write, "sharded": sharded_write}, ROUNDS)
+        sa = interleaved({"sync": manager_sync, "async": manager_async}, ROUNDS)
+        wr = interleaved({"async": writer(True), "sync": writer(False), "memcpy": memcpy, "plain_update": update_all}, ROUNDS)
+
+    t_ckpt, t_raw, t_sharded = median(ab["checkpoint"]), median(ab["raw"]), median(ab["sharded"])
+    t_memcpy, t_plain = median(wr["memcpy"]), median(wr["plain_update"])
+    writer_stall = {k: [s["blocking"] + s["first_update"] - t_plain for s in wr[k]] for k in ("async", "sync")}
+    writer_complete = {k: median(s["complete"] for s in wr[k]) for k in ("async", "sync")}
+    w_async, w_sync = median(writer_stall["async"]), median(writer_stall["sync"])
     samples = {
         "checkpoint_write": ab["checkpoint"],
         "raw_write": ab["raw"],
@@ -183,7 +238,22 @@ def run() -> dict:
             "async_complete_over_sync_blocking": med["async_complete"] / med["sync_blocking"],
             "async_first_update_over_sync_first_update": med["async_first_update"] / med["sync_first_update"],
             "async_stall_over_sync_stall": med["async_stall"] / med["sync_stall"],
+            "sharded_over_raw_throughput": t_raw / t_sharded,
+            "sharded_over_unsharded_throughput": t_ckpt / t_sharded,
+            "writer_async_stall_over_memcpy": w_async / t_memcpy,
+            "writer_async_stall_over_writer_sync_stall": w_async / w_sync,
+            "writer_async_stall_over_tf_sync_stall": w_async / med["sync_stall"],
         },
+        "writer": {
+            "memcpy_seconds": t_memcpy,
+            "plain_update_seconds": t_plain,
+            "async_stall_seconds": w_async,
+            "sync_stall_seconds": w_sync,
+            "async_complete_seconds": writer_complete["async"],
+            "sync_complete_seconds": writer_complete["sync"],
+            "samples": wr,
+        },
+        "shard_bytes": SHARD_BYTES,
     }
     r = result["ratios"]
     result["table"] = ratio_table(
@@ -192,22 +262,101 @@ def run() -> dict:
         ["case", "median s", "min..max s", "MB/s", "ratio", "ratio is"],
         [
             ["(b) raw file write + rename", t_raw, spread(ab["raw"]), mbps(t_raw), 1.0, "baseline"],
-            ["(a) tf.train.Checkpoint.write", t_ckpt, spread(ab["checkpoint"]), mbps(t_ckpt),
-             r["checkpoint_over_raw_throughput"], "checkpoint/raw throughput"],
-            ["(c) manager.save() sync: blocking", med["sync_blocking"], spread(samples["sync_blocking"]),
-             mbps(med["sync_blocking"]), 1.0, "baseline"],
-            ["(c) manager.save() async: blocking", med["async_blocking"], spread(samples["async_blocking"]),
-             "-", r["async_blocking_over_sync_blocking"], "async_blocking/sync_blocking"],
-            ["(c) async: until sync() returns", med["async_complete"], spread(samples["async_complete"]),
-             mbps(med["async_complete"]), r["async_complete_over_sync_blocking"], "async_complete/sync_blocking"],
-            ["(c') first update after sync save", med["sync_first_update"], spread(samples["sync_first_update"]),
-             "-", 1.0, "baseline"],
-            ["(c') first update after async save", med["async_first_update"], spread(samples["async_first_update"]),
-             "-", r["async_first_update_over_sync_first_update"], "async/sync first update"],
-            ["(c') stall = blocking + first update", med["async_stall"], spread(samples["async_stall"]),
-             "-", r["async_stall_over_sync_stall"], "async/sync (sync: " + fmt(med["sync_stall"]) + " s)"],
+            [
+                "(a) tf.train.Checkpoint.write",
+                t_ckpt,
+                spread(ab["checkpoint"]),
+                mbps(t_ckpt),
+                r["checkpoint_over_raw_throughput"],
+                "checkpoint/raw throughput",
+            ],
+            [
+                "(c) manager.save() sync: blocking",
+                med["sync_blocking"],
+                spread(samples["sync_blocking"]),
+                mbps(med["sync_blocking"]),
+                1.0,
+                "baseline",
+            ],
+            [
+                "(c) manager.save() async: blocking",
+                med["async_blocking"],
+                spread(samples["async_blocking"]),
+                "-",
+                r["async_blocking_over_sync_blocking"],
+                "async_blocking/sync_blocking",
+            ],
+            [
+                "(c) async: until sync() returns",
+                med["async_complete"],
+                spread(samples["async_complete"]),
+                mbps(med["async_complete"]),
+                r["async_complete_over_sync_blocking"],
+                "async_complete/sync_blocking",
+            ],
+            [
+                "(c') first update after sync save",
+                med["sync_first_update"],
+                spread(samples["sync_first_update"]),
+                "-",
+                1.0,
+                "baseline",
+            ],
+            [
+                "(c') first update after async save",
+                med["async_first_update"],
+                spread(samples["async_first_update"]),
+                "-",
+                r["async_first_update_over_sync_first_update"],
+                "async/sync first update",
+            ],
+            [
+                "(c') stall = blocking + first update",
+                med["async_stall"],
+                spread(samples["async_stall"]),
+                "-",
+                r["async_stall_over_sync_stall"],
+                "async/sync (sync: " + fmt(med["sync_stall"]) + " s)",
+            ],
+            [
+                f"(f) Checkpoint.write, {SHARD_BYTES // 2**20} MiB shards",
+                t_sharded,
+                spread(ab["sharded"]),
+                mbps(t_sharded),
+                r["sharded_over_raw_throughput"],
+                "sharded/raw throughput",
+            ],
+            ["(e) one in-memory copy (numpy.copy)", t_memcpy, spread(wr["memcpy"]), mbps(t_memcpy), 1.0, "baseline"],
+            [
+                "(d) CheckpointWriter sync: stall",
+                w_sync,
+                spread(writer_stall["sync"]),
+                "-",
+                w_sync / t_memcpy,
+                "stall/memcpy",
+            ],
+            [
+                "(d) CheckpointWriter async: stall",
+                w_async,
+                spread(writer_stall["async"]),
+                "-",
+                r["writer_async_stall_over_memcpy"],
+                "stall/memcpy (goal <= 1.5)",
+            ],
+            [
+                "(d) CheckpointWriter async: committed",
+                writer_complete["async"],
+                "-",
+                mbps(writer_complete["async"]),
+                writer_complete["async"] / writer_complete["sync"],
+                "async/sync complete",
+            ],
         ],
         notes=[
+            f"(d) stall = save() + the first update after it - a plain update ({fmt(t_plain)} s);"
+            f" async/TF-sync stall {fmt(r['writer_async_stall_over_tf_sync_stall'])}.",
+            f"(f) sharded write: {sizes.get('sharded_data_files', 0)} data files;"
+            f" sharded/unsharded throughput {fmt(r['sharded_over_unsharded_throughput'])} (adopt if >= 1.5).",
             f"checkpoint files {fmt(sizes.get('checkpoint_files', 0) / MB)} MB, raw file "
             f"{fmt(sizes.get('raw_file', 0) / MB)} MB (MB = 10**6 bytes; MB/s counts variable payload).",
             "first update = one assign_add to every variable right after the save (sync) or after",

@@ -11,14 +11,13 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Optional
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def interleaved(
-    cases: Mapping[str, Callable[[], Any]], rounds: int, seed: int = 0
-) -> dict[str, list[Any]]:
+def interleaved(cases: Mapping[str, Callable[[], Any]], rounds: int, seed: int = 0) -> dict[str, list[Any]]:
     """Run every case once per round, in a fresh random order each round; collect what each returns.
 
     A seeded shuffle per round (not a fixed or rotated order, where a case
@@ -68,9 +67,7 @@ def ratio_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
 
     def line(row: Sequence[str]) -> str:
         # first column left-aligned (labels), the rest right-aligned (numbers)
-        return "  ".join(
-            row[i].ljust(widths[i]) if i == 0 else row[i].rjust(widths[i]) for i in range(len(row))
-        ).rstrip()
+        return "  ".join(row[i].ljust(widths[i]) if i == 0 else row[i].rjust(widths[i]) for i in range(len(row))).rstrip()
 
     rule = "-" * len(line(cells[0]))
     text = [title, rule, line(cells[0]), rule] + [line(r) for r in cells[1:]] + [rule]
@@ -117,7 +114,7 @@ class Scratch:
         os.makedirs(path)
         return path
 
-    def __enter__(self) -> "Scratch":
+    def __enter__(self) -> Scratch:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -1,6 +1,6 @@
-"""Export time: `export()` and `freeze()` against a bare `tf.saved_model.save` of the same model.
+"""Export time: `export_saved_model()` and `freeze_graph()` against a bare `tf.saved_model.save` of the same model.
 
-What it measures, on one real iris checkpoint (`train(steps=200)` with one
+What it measures, on one real iris checkpoint (`train_with_checkpoints`, 200 steps, with one
 save at step 200, made once in a temp dir), every case run in the same
 process with repetitions interleaved (a seeded random order each round) and
 the median taken:
@@ -14,9 +14,9 @@ the median taken:
   as it does in the library. This is the baseline: ratio 1.
 - B1 "restore + bare save": the same with `restore_model` (build the model,
   read the checkpoint, check every variable matched) and `serving_function`
-  inside the timed region: the work `export()` does minus its checks,
+  inside the timed region: the work `export_saved_model()` does minus its checks,
   verification and publishing.
-- E `exporting.export(checkpoint, export_base)` into a fresh, empty
+- E `exporting.export_saved_model(checkpoint, export_base, ExportConfig())` into a fresh, empty
   `export_base` every round (an export of a checkpoint already in the base is
   only a lookup, see R): check the checkpoint files, fingerprint its index,
   take the lock, restore + save into a hidden temp dir (B1), build the
@@ -24,13 +24,13 @@ the median taken:
   outputs, reload the SavedModel and compare, read its signature (a second
   `tf.saved_model.load`), sha256 the files, write the info file, rename to
   `<export_base>/1`.
-- F `freezing.freeze(checkpoint, output_pb)` to a fresh path every round:
+- F `freezing.freeze_graph(checkpoint, output_pb, ExportConfig())` to a fresh path every round:
   restore, trace, `convert_variables_to_constants_v2`, write a temp file,
   read it back, run it in a `tf.compat.v1.Session` and compare, rename.
 - E+F: E and F of the same round added up, then the median of those sums:
   "freeze + SavedModel + verification", everything a checkpoint goes through
   to ship both artifacts.
-- R: `export()` of the same checkpoint into a base that already holds its
+- R: `export_saved_model()` of the same checkpoint into a base that already holds its
   version (made during the warm-up): the idempotent lookup (check the
   checkpoint, fingerprint, lock, read each version's info file), which
   returns `reused=True` without touching TensorFlow.
@@ -56,7 +56,7 @@ import os
 import shutil
 import time
 
-from .common import Scratch, fmt, interleaved, median, ratio_table, spread, timed, report
+from .common import Scratch, fmt, interleaved, median, ratio_table, report, spread, timed
 
 NAME = "export"
 TRAIN_STEPS = 200
@@ -64,30 +64,35 @@ ROUNDS = 15
 
 
 def _dir_bytes(path: str) -> int:
-    return sum(
-        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
-    )
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
 def run() -> dict:
     import tensorflow as tf
 
     from prefect_tensorflow.tasks import iris
-    from prefect_tensorflow.tasks.exporting import export
-    from prefect_tensorflow.tasks.freezing import freeze
+    from prefect_tensorflow.tasks.configs import ExportConfig, TrainingConfig
+    from prefect_tensorflow.tasks.exporting import export_saved_model
+    from prefect_tensorflow.tasks.freezing import freeze_graph
     from prefect_tensorflow.tasks.policy import CheckpointPolicy
     from prefect_tensorflow.tasks.serving import restore_model, serving_function
-    from prefect_tensorflow.tasks.training import train
+    from prefect_tensorflow.tasks.training import train_with_checkpoints
     from prefect_tensorflow.tasks.verification import run_saved_model, verification_batch
+
+    config = ExportConfig()  # the bundled iris model, verified on the iris eval split
+
+    def export(prefix: str, base: str):
+        return export_saved_model(prefix, base, config)
+
+    def freeze(prefix: str, output: str):
+        return freeze_graph(prefix, output, config)
 
     sizes: dict[str, int] = {}
 
     with Scratch(NAME) as scratch:
         started = time.perf_counter()
-        trained = train(
-            scratch.fresh("model"), steps=TRAIN_STEPS, seed=0,
-            policy=CheckpointPolicy(save_checkpoints_steps=TRAIN_STEPS, save_at_start=False, save_at_end=True),
-        )
+        policy = CheckpointPolicy(save_checkpoints_steps=TRAIN_STEPS, save_at_start=False, save_at_end=True)
+        trained = train_with_checkpoints(scratch.fresh("model"), TrainingConfig(steps=TRAIN_STEPS, seed=0, policy=policy))
         train_seconds = time.perf_counter() - started
         prefix = trained.last_checkpoint
         if prefix is None or not prefix.endswith(f"-{TRAIN_STEPS}"):
@@ -182,9 +187,7 @@ def run() -> dict:
     samples = {**runs, "E+F": [a + b for a, b in zip(runs["E"], runs["F"])], "L": loads}
     med = {key: median(values) for key, values in samples.items()}
     b0_med, b1_med = med["B0"], med["B1"]
-    ratios = {
-        key: {"over_B0": med[key] / b0_med, "over_B1": med[key] / b1_med} for key in samples
-    }
+    ratios = {key: {"over_B0": med[key] / b0_med, "over_B1": med[key] / b1_med} for key in samples}
 
     result = {
         "parameters": {
@@ -212,20 +215,19 @@ def run() -> dict:
         [
             row("B0", "B0 bare tf.saved_model.save", "save of a restored model (baseline)"),
             row("B1", "B1 restore + bare save", "restore_model + serving_function + save"),
-            row("E", "E  export()", "B1 + verify + sign. + digest + publish"),
-            row("F", "F  freeze()", "restore + freeze + write + verify"),
+            row("E", "E  export_saved_model()", "B1 + verify + sign. + digest + publish"),
+            row("F", "F  freeze_graph()", "restore + freeze + write + verify"),
             row("E+F", "E+F per round", "freeze + SavedModel + verification"),
             row("R", "R  re-export, existing version", "idempotent lookup, reused=True"),
             row("L", "L  one load + call of a SavedModel", "what E pays once to verify"),
         ],
         notes=[
-            f"xB0 / xB1 = median over B0's ({fmt(b0_med)} s) / B1's ({fmt(b1_med)} s) median; "
-            "E+F = median of per-round sums.",
+            f"xB0 / xB1 = median over B0's ({fmt(b0_med)} s) / B1's ({fmt(b1_med)} s) median; E+F = median of per-round sums.",
             f"SavedModel {fmt(sizes.get('saved_model', 0) / 1e3)} kB, exported version "
             f"{fmt(sizes.get('export_version', 0) / 1e3)} kB, frozen .pb "
             f"{fmt(sizes.get('frozen_pb', 0) / 1e3)} kB; verification on the {len(eval_batch[0])} iris eval rows.",
             f"warm-up (untimed, every path once): {fmt(warmup_seconds)} s; "
-            f"checkpoint made by train(steps={TRAIN_STEPS}) in {fmt(train_seconds)} s.",
+            f"checkpoint made by train_with_checkpoints({TRAIN_STEPS} steps) in {fmt(train_seconds)} s.",
         ],
     )
     return result

@@ -6,29 +6,30 @@ start` on a free port of 127.0.0.1 (its own `PREFECT_HOME` in the scratch
 dir) and a real `prefect-tensorflow serve` against it (what `make serve`
 runs; `PREFECT_API_URL`, `PREFECT_TENSORFLOW_HOME` and `MLFLOW_TRACKING_URI`
 pointing into the scratch dir), set up as `tests/test_deployments.py` does,
-on one iris model dir trained once in this process (`train(steps=300)`, a
-checkpoint every 100 steps, all kept). Every case registers the step-300
+on one iris model dir trained once in this process (`train_with_checkpoints`,
+300 steps, a checkpoint every 100, all kept). Deployment runs only reach
+paths under `PREFECT_TENSORFLOW_ROOTS`: serve's is the scratch dir. Every case registers the step-300
 checkpoint as version 1 of a fresh registered model name each round, into a
 fresh export base and frozen dir, in the same embedded SQLite MLflow store
 (`sqlite:////<scratch>/mlflow/mlflow.db`, artifacts beside it):
 
 - A "in-process": the `export-checkpoint` flow's body with the plain
-  functions behind its tasks, in this process (TensorFlow imported and warm):
-  `find_latest_checkpoint`, `gate_value`, `export` (verified SavedModel
-  version 1), `freeze` (verified `.pb`), `log_frozen_graph_to_mlflow.fn`
-  (the task's own function without Prefect: a new "freeze" run, then
-  `log_frozen_graph`), `register_export` (pyfunc model logged, downloaded
+  functions its tasks are made from, in this process (TensorFlow imported and
+  warm): `select_checkpoint("latest")`, `gate_value`, `export_saved_model`
+  (verified SavedModel version 1), `find_registered_version` (only for a
+  reused export), `freeze_graph` (verified `.pb`), `log_frozen_graph_to_mlflow`
+  (a new run), `register_model_version` (pyfunc model logged, downloaded
   back and checked, version created, `challenger` + `champion`),
-  `set_aliases(["staging"])`.
+  `set_model_version_aliases(["staging"])`.
 - B "deployment run": `create_flow_run_from_deployment` of the served
   `export-checkpoint` deployment with the same parameters (`model_dir`,
   `checkpoint="latest"`, the registered model name, export base, frozen dir,
-  `aliases=["staging"]`, model, data), what the UI's Run form posts; then
+  `aliases=["staging"]`, model and data "iris"), what the UI's Run form posts; then
   poll (`read_flow_run` every `POLL` s) until the run is in a final state
   and `get_model_version_by_alias(name, "staging")` answers with version 1
   tagged with that flow run's id. Timed from the create call to that answer.
-  It includes the runner's wait for scheduled work (`prefect serve` polls
-  every `PREFECT_RUNNER_POLL_FREQUENCY`, 10 s by default, left as it is),
+  It includes the runner's wait for scheduled work (`prefect-tensorflow serve`
+  polls every 2 s unless `PREFECT_RUNNER_POLL_FREQUENCY` says otherwise),
   the start of the flow-run subprocess (a spawned Python that imports
   Prefect and the flow module), the flow (TensorFlow is imported lazily, so
   by its first task inside the run; task runs, logs and artifacts sent to
@@ -60,13 +61,12 @@ subprocess, and the flow itself.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from datetime import datetime
 
-from .common import Scratch, fmt, interleaved, median, ratio_table, spread, timed, report
+from .common import Scratch, fmt, interleaved, median, ratio_table, report, spread, timed
 from .mlflow_logging import check_store
 
 NAME = "export_run"
@@ -79,26 +79,12 @@ GATE_METRIC = "accuracy"
 BIN = os.path.dirname(sys.executable)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tail(path: str, chars: int = 3000) -> str:
-    try:
-        with open(path, errors="replace") as handle:
-            return handle.read()[-chars:]
-    except OSError:
-        return ""
-
-
 def _ts(value) -> float:
     return value.timestamp() if isinstance(value, datetime) else float(value)
 
 
 def run() -> dict:
-    from prefect_tensorflow.tasks.data_home import HOME_ENV
+    HOME_ENV = "PREFECT_TENSORFLOW_HOME"  # noqa: N806
 
     saved_home = os.environ.get(HOME_ENV)
     try:
@@ -118,21 +104,27 @@ def _run(scratch: Scratch) -> dict:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from prefect_tensorflow.flows.serve import start_prefect_server, stop_process_group
+    from prefect_tensorflow.flows.servers import free_port, log_tail, start_prefect_server, stop_process_group
     from prefect_tensorflow.tasks import iris
-    from prefect_tensorflow.tasks.exporting import export
-    from prefect_tensorflow.tasks.freezing import freeze
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+    from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, TrainingConfig
+    from prefect_tensorflow.tasks.exporting import export_saved_model
+    from prefect_tensorflow.tasks.freezing import freeze_graph
+    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
     from prefect_tensorflow.tasks.policy import CheckpointPolicy
     from prefect_tensorflow.tasks.registry import (
-        CHALLENGER, CHAMPION, gate_value, register_export, registered_version_for, set_aliases,
+        CHALLENGER,
+        CHAMPION,
+        find_registered_version,
+        gate_value,
+        register_model_version,
+        set_model_version_aliases,
     )
-    from prefect_tensorflow.tasks.selection import find_latest_checkpoint
+    from prefect_tensorflow.tasks.selection import select_checkpoint
     from prefect_tensorflow.tasks.tracking import log_frozen_graph_to_mlflow
-    from prefect_tensorflow.tasks.training import train
+    from prefect_tensorflow.tasks.training import train_with_checkpoints
 
     root = scratch.path
-    port = _free_port()
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     tracking_uri = "sqlite:///" + os.path.join(root, "mlflow", "mlflow.db")
     environ = {
@@ -141,6 +133,7 @@ def _run(scratch: Scratch) -> dict:
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_TENSORFLOW_HOME": os.path.join(root, "data"),
+        "PREFECT_TENSORFLOW_ROOTS": root,  # the trained dir, export bases and frozen dirs are all under it
         "MLFLOW_TRACKING_URI": tracking_uri,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "TF_CPP_MIN_LOG_LEVEL": "3",
@@ -150,13 +143,15 @@ def _run(scratch: Scratch) -> dict:
 
     started = time.perf_counter()
     model_dir = os.path.join(scratch.fresh("trained"), "iris")
-    trained = train(model_dir, steps=TRAIN_STEPS, seed=0,
-                    policy=CheckpointPolicy(save_checkpoints_steps=100, keep_checkpoint_max=None))
+    policy = CheckpointPolicy(save_checkpoints_steps=100, keep_checkpoint_max=None)
+    trained = train_with_checkpoints(model_dir, TrainingConfig(steps=TRAIN_STEPS, seed=0, policy=policy))
     if trained.final_step != TRAIN_STEPS:
         raise AssertionError(f"expected a model dir at step {TRAIN_STEPS}, got {trained!r}")
     train_seconds = time.perf_counter() - started
 
-    conn = MlflowConnection(tracking_uri=tracking_uri)
+    conn = MlflowConfig(tracking_uri=tracking_uri)
+    config = ExportConfig(model="iris", data="iris")
+    gate = GateConfig(metric=GATE_METRIC, mode="max")
     check_store(conn, root)  # creates and migrates the store before anything is timed
     registry = mlflow.MlflowClient(tracking_uri)
 
@@ -177,8 +172,12 @@ def _run(scratch: Scratch) -> dict:
         t0 = time.perf_counter()
         with open(serve_log, "w") as out:
             serve = subprocess.Popen(
-                [os.path.join(BIN, "prefect-tensorflow"), "serve"], env=environ, cwd=root,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                [os.path.join(BIN, "prefect-tensorflow"), "serve"],
+                env=environ,
+                cwd=root,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         processes.append(serve)
         deadline = time.monotonic() + 180
@@ -190,7 +189,7 @@ def _run(scratch: Scratch) -> dict:
                 deployment = found[0]
                 break
             if serve.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"serve did not create the export-checkpoint deployment:\n{_tail(serve_log)}")
+                raise RuntimeError(f"serve did not create the export-checkpoint deployment:\n{log_tail(serve_log)}")
             time.sleep(0.5)
         serve_seconds = time.perf_counter() - t0
 
@@ -199,44 +198,60 @@ def _run(scratch: Scratch) -> dict:
         def fresh(case: str) -> dict:
             n = next(counter)
             d = scratch.fresh(f"{case}-{n}")
-            return {"export_base": os.path.join(d, "export"), "frozen_dir": os.path.join(d, "frozen"),
-                    "name": f"bench-{case}-{n}"}
+            return {
+                "export_base": os.path.join(d, "export"),
+                "frozen_dir": os.path.join(d, "frozen"),
+                "name": f"bench-{case}-{n}",
+            }
 
         def plain(d: dict):
-            """The export-checkpoint flow's body with the plain functions behind its tasks."""
-            ref = find_latest_checkpoint(os.path.abspath(model_dir))
-            gate_value(ref, GATE_METRIC)
-            exported = export(ref.path, d["export_base"], model=iris.MODEL, data=iris.DATA)
-            registered = registered_version_for(exported, d["name"], conn) if exported.reused else None
+            """The export-checkpoint flow's body with the plain functions its tasks are made from."""
+            ref = select_checkpoint(os.path.abspath(model_dir), "latest")
+            gate_value(ref, gate.metric)
+            exported = export_saved_model(ref.path, d["export_base"], config)
+            registered = find_registered_version(exported, d["name"], conn) if exported.reused else None
             if registered is None:
                 os.makedirs(d["frozen_dir"], exist_ok=True)
-                frozen = freeze(
-                    ref.path, os.path.join(d["frozen_dir"], os.path.basename(ref.path) + ".pb"),
-                    model=iris.MODEL, data=iris.DATA,
+                frozen = freeze_graph(ref.path, os.path.join(d["frozen_dir"], os.path.basename(ref.path) + ".pb"), config)
+                run_name = f"export-checkpoint-{d['name']}-step-{ref.step}"
+                run_id = log_frozen_graph_to_mlflow(conn, None, frozen, run_name=run_name)
+                registered = register_model_version(
+                    exported,
+                    d["name"],
+                    conn,
+                    checkpoint=ref,
+                    frozen=frozen,
+                    run_id=run_id,
+                    data="iris",
+                    gate=gate,
                 )
-                run_id = log_frozen_graph_to_mlflow.fn(conn, None, frozen)
-                registered = register_export(
-                    exported, d["name"], connection=conn, checkpoint=ref, frozen=frozen, run_id=run_id,
-                    data=iris.DATA, gate_metric=GATE_METRIC, gate_mode="max",
-                )
-            return set_aliases(registered, [ALIAS], conn)
+            return set_model_version_aliases(registered, [ALIAS], conn)
 
         def a() -> dict:
             d = fresh("a")
             out = {}
             seconds = timed(lambda: out.setdefault("r", plain(d)))
             registered = out["r"]
-            if (registered.reused or registered.version != 1 or registered.name != d["name"]
-                    or set(registered.aliases) != {CHALLENGER, CHAMPION, ALIAS}):
+            if (
+                registered.reused
+                or registered.version != 1
+                or registered.name != d["name"]
+                or set(registered.aliases) != {CHALLENGER, CHAMPION, ALIAS}
+            ):
                 raise AssertionError(f"A: expected a fresh version 1 with three aliases, got {registered!r}")
             return {"seconds": seconds, "name": d["name"]}
 
         def b() -> dict:
             d = fresh("b")
             parameters = {
-                "model_dir": model_dir, "checkpoint": "latest", "registered_model_name": d["name"],
-                "export_base": d["export_base"], "frozen_dir": d["frozen_dir"], "aliases": [ALIAS],
-                "model": iris.MODEL, "data": iris.DATA,
+                "model_dir": model_dir,
+                "checkpoint": "latest",
+                "registered_model_name": d["name"],
+                "export_base": d["export_base"],
+                "frozen_dir": d["frozen_dir"],
+                "aliases": [ALIAS],
+                "model": "iris",
+                "data": "iris",
             }
             created_wall = time.time()
             start = time.perf_counter()
@@ -252,12 +267,15 @@ def _run(scratch: Scratch) -> dict:
                     raise AssertionError(f"B: flow run {run.id} still {run.state} after {RUN_TIMEOUT} s")
                 time.sleep(POLL)
             if not run.state.is_completed():
-                raise AssertionError(f"B: flow run {run.id} ended {run.state}:\n{_tail(serve_log)}")
+                raise AssertionError(f"B: flow run {run.id} ended {run.state}:\n{log_tail(serve_log)}")
             version = registry.get_model_version_by_alias(d["name"], ALIAS)
             seconds = time.perf_counter() - start
             seen_wall = created_wall + seconds
-            if (str(version.version) != "1" or set(version.aliases) != {CHALLENGER, CHAMPION, ALIAS}
-                    or version.tags.get("prefect.flow_run_id") != str(run.id)):
+            if (
+                str(version.version) != "1"
+                or set(version.aliases) != {CHALLENGER, CHAMPION, ALIAS}
+                or version.tags.get("prefect.flow_run_id") != str(run.id)
+            ):
                 raise AssertionError(f"B: expected version 1 of {d['name']} from run {run.id}, got {version!r}")
             first: dict[str, float] = {}
             for state in sorted(client.read_flow_run_states(run.id), key=lambda s: _ts(s.timestamp)):
@@ -271,16 +289,22 @@ def _run(scratch: Scratch) -> dict:
                     "flow": marks[3] - marks[2],
                     "seen": marks[4] - marks[3],
                 }
-            return {"seconds": seconds, "name": d["name"], "flow_run_id": str(run.id), "polls": polls,
-                    "phases": phases}
+            return {"seconds": seconds, "name": d["name"], "flow_run_id": str(run.id), "polls": polls, "phases": phases}
 
         def subprocess_case(code: str):
             def go() -> dict:
                 env = {**environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
                 def call() -> None:
-                    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=root,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+                    subprocess.run(
+                        [sys.executable, "-c", code],
+                        env=env,
+                        check=True,
+                        cwd=root,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        timeout=600,
+                    )
 
                 return {"seconds": timed(call)}
 
@@ -307,9 +331,7 @@ def _run(scratch: Scratch) -> dict:
 
     samples = {key: [r["seconds"] for r in values] for key, values in runs.items()}
     phase_names = ("pickup", "start", "flow", "seen")
-    phase_samples = {
-        p: [r["phases"][p] for r in runs["B"] if r["phases"]] for p in phase_names
-    }
+    phase_samples = {p: [r["phases"][p] for r in runs["B"] if r["phases"]] for p in phase_names}
     med = {key: median(values) for key, values in samples.items()}
     phase_med = {p: (median(v) if v else None) for p, v in phase_samples.items()}
     a_med = med["A"]
@@ -322,7 +344,7 @@ def _run(scratch: Scratch) -> dict:
             "checkpoint_step": TRAIN_STEPS,
             "rounds": ROUNDS,
             "poll_seconds": POLL,
-            "runner_poll_frequency": os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "10 (Prefect default)"),
+            "runner_poll_frequency": os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "2 (serve's default)"),
             "tracking_store": "embedded sqlite in the scratch dir, shared by A and the served runs",
             "aliases": [ALIAS],
         },
@@ -369,7 +391,7 @@ def _run(scratch: Scratch) -> dict:
             "timestamps), so they need not add up to B.",
             "every A and B registers version 1 of a fresh name (challenger, champion, staging checked; "
             "B's version carries its flow run id) from a fresh export base and frozen dir.",
-            f"once, untimed: train({TRAIN_STEPS} steps) {fmt(train_seconds)} s; prefect server start -> "
+            f"once, untimed: train_with_checkpoints({TRAIN_STEPS} steps) {fmt(train_seconds)} s; prefect server start -> "
             f"/api/health {fmt(server_seconds)} s; prefect-tensorflow serve -> deployments {fmt(serve_seconds)} s; "
             f"warm-up (A and B once) {fmt(warmup_seconds)} s.",
             f"runner poll frequency {result['parameters']['runner_poll_frequency']} s; load average at the "

@@ -6,20 +6,22 @@ one run, for a training of about a minute". What it measures, in one
 process, on the bundled iris model (batch 32, seed 0, `STEPS` steps from
 scratch, a checkpoint every `EVERY` steps, the last `keep_checkpoint_max=5`
 kept), all MLflow runs and registered models in one embedded SQLite store in
-the scratch dir (`MlflowConnection(tracking_uri="sqlite:////<scratch>/mlflow/mlflow.db")`,
+the scratch dir (`MlflowConnection(tracking_uri="sqlite:////<scratch>/mlflow/mlflow.db")`, the block
+the flow's `mlflow` parameter takes, used by both cases,
 `PREFECT_TENSORFLOW_HOME` pointing at the scratch dir while it runs), every
 round into a fresh model dir, export base, frozen dir and registered model
 name, so that every call really trains, exports and registers version 1:
 
-- A "plain script": the plain functions the flow's tasks wrap, in the
-  flow's order with the flow's arguments: `train_tracked(model_dir,
-  connection, ...)` (one MLflow run, per-step loss sent by the
-  `metric_sender` process, checkpoint list and event files as artifacts),
-  `find_latest_checkpoint`, `freeze` (verified `.pb`), `export` (verified
-  SavedModel version 1), `log_frozen_graph` into the training run,
-  `register_export` (pyfunc model logged, downloaded back and checked,
+- A "plain script": the plain functions the flow's tasks are made from
+  (`prefect_tasks`), in the flow's order with the flow's arguments:
+  `train_with_checkpoints(model_dir, TrainingConfig(...), connection)` (one
+  MLflow run, the loss of every summary step sent by the `metric_sender`
+  process, checkpoint list and event files as artifacts), `select_checkpoint`
+  ("latest"), `freeze_graph` (verified `.pb`), `export_saved_model` (verified
+  SavedModel version 1), `log_frozen_graph_to_mlflow` into the training run,
+  `register_model_version` (pyfunc model logged, downloaded back and checked,
   version created, `challenger` + `champion`).
-- B "retrain flow": `retrain(model_dir=..., steps=STEPS, policy=...,
+- B "retrain flow": `retrain(model_dir=..., training=TrainingConfig(...),
   export_base=..., frozen_dir=..., registered_model_name=..., mlflow=connection)`
   called in this process: the same work as A through Prefect: a flow run and
   6 task runs with their state changes (and the task retry options), the
@@ -34,9 +36,9 @@ own row (H, one sample), not part of B. The harness's server process is
 alive during A too (it is idle then), so both cases share the machine with
 it.
 
-Reported per case: the wall time of the whole call, the `train()` loop's own
+Reported per case: the wall time of the whole call, the training loop's own
 `elapsed_seconds` (the `TrainResult`; for B the one the task returned), and
-the rest (wall - train(): MLflow run set-up and close, select, freeze,
+the rest (wall - training loop: MLflow run set-up and close, select, freeze,
 export, log, register, and for B Prefect's orchestration). One untimed
 warm-up of each path with a short training (`WARM_STEPS`) comes first (the
 first call in a process pays imports, tracing, the MLflow store's
@@ -54,7 +56,7 @@ import os
 import shutil
 import time
 
-from .common import Scratch, fmt, interleaved, median, ratio_table, spread, timed, report
+from .common import Scratch, fmt, interleaved, median, ratio_table, report, spread, timed
 from .mlflow_logging import check_store
 
 NAME = "retrain_flow"
@@ -76,14 +78,13 @@ _ENV_DEFAULTS = {
 
 def run() -> dict:
     from prefect_tensorflow.tasks import iris
-    from prefect_tensorflow.tasks.data_home import HOME_ENV
 
-    saved_env = {key: os.environ.get(key) for key in (HOME_ENV, *_ENV_DEFAULTS)}
+    saved_env = {key: os.environ.get(key) for key in ("PREFECT_TENSORFLOW_HOME", *_ENV_DEFAULTS)}
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     try:
         with Scratch(NAME) as scratch:
-            os.environ[HOME_ENV] = scratch.path
+            os.environ["PREFECT_TENSORFLOW_HOME"] = scratch.path
             return _run(scratch, iris)
     finally:
         for key, value in saved_env.items():
@@ -97,17 +98,23 @@ def _run(scratch: Scratch, iris) -> dict:
     from prefect.testing.utilities import prefect_test_harness
 
     from prefect_tensorflow.flows.retrain import retrain
-    from prefect_tensorflow.tasks.exporting import export
-    from prefect_tensorflow.tasks.freezing import freeze
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConnection
+    from prefect_tensorflow.tasks.blocks import MlflowConnection
+    from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, TrainingConfig
+    from prefect_tensorflow.tasks.exporting import export_saved_model
+    from prefect_tensorflow.tasks.freezing import freeze_graph
     from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.registry import CHALLENGER, CHAMPION, register_export
-    from prefect_tensorflow.tasks.selection import find_latest_checkpoint
-    from prefect_tensorflow.tasks.tracking import log_frozen_graph
-    from prefect_tensorflow.tasks.training import train_tracked
+    from prefect_tensorflow.tasks.registry import CHALLENGER, CHAMPION, register_model_version
+    from prefect_tensorflow.tasks.selection import select_checkpoint
+    from prefect_tensorflow.tasks.tracking import log_frozen_graph_to_mlflow
+    from prefect_tensorflow.tasks.training import train_with_checkpoints
 
     policy = CheckpointPolicy(save_checkpoints_steps=EVERY)
+    gate = GateConfig(metric=GATE_METRIC, mode="max")
     conn = MlflowConnection(tracking_uri="sqlite:///" + os.path.join(scratch.path, "mlflow", "mlflow.db"))
+
+    def training(steps: int) -> TrainingConfig:
+        return TrainingConfig(model="iris", data="iris", steps=steps, batch_size=32, seed=0, policy=policy)
+
     counter = iter(range(10**6))
 
     def dirs(case: str) -> dict:
@@ -122,31 +129,42 @@ def _run(scratch: Scratch, iris) -> dict:
 
     def plain(d: dict, steps: int) -> dict:
         """What `retrain` does, with the plain functions behind its tasks."""
-        result = train_tracked(
-            d["model_dir"], conn, model=iris.MODEL, data=iris.DATA, steps=steps, more_steps=None,
-            batch_size=32, seed=0, policy=policy, hparams=None,
-        )
-        ref = find_latest_checkpoint(result.model_dir)
+        config = training(steps)
+        result = train_with_checkpoints(d["model_dir"], config, conn)
+        ref = select_checkpoint(result.model_dir, "latest")
         os.makedirs(d["frozen_dir"], exist_ok=True)
-        frozen = freeze(
-            ref.path, os.path.join(d["frozen_dir"], os.path.basename(ref.path) + ".pb"), model=iris.MODEL,
-            data=iris.DATA,
-        )
-        exported = export(ref.path, d["export_base"], model=iris.MODEL, data=iris.DATA)
-        log_frozen_graph(conn, result.mlflow_run_id, frozen)
-        registered = register_export(
-            exported, d["name"], connection=conn, checkpoint=ref, frozen=frozen, run_id=result.mlflow_run_id,
-            data=iris.DATA, gate_metric=GATE_METRIC, gate_mode="max",
+        export = ExportConfig(model=config.model, hparams=config.hparams, data=config.data)
+        frozen = freeze_graph(ref.path, os.path.join(d["frozen_dir"], os.path.basename(ref.path) + ".pb"), export)
+        exported = export_saved_model(ref.path, d["export_base"], export)
+        log_frozen_graph_to_mlflow(conn, result.mlflow_run_id, frozen)
+        registered = register_model_version(
+            exported,
+            d["name"],
+            conn,
+            checkpoint=ref,
+            frozen=frozen,
+            run_id=result.mlflow_run_id,
+            data=config.data,
+            gate=gate,
         )
         return {"training": result, "checkpoint": ref, "export": exported, "registered": registered}
 
     def flow(d: dict, steps: int) -> dict:
         summary = retrain(
-            model_dir=d["model_dir"], steps=steps, policy=policy, export_base=d["export_base"],
-            frozen_dir=d["frozen_dir"], registered_model_name=d["name"], mlflow=conn,
+            model_dir=d["model_dir"],
+            training=training(steps),
+            export_base=d["export_base"],
+            frozen_dir=d["frozen_dir"],
+            registered_model_name=d["name"],
+            gate=gate,
+            mlflow=conn,
         )
-        return {"training": summary.training, "checkpoint": summary.checkpoint, "export": summary.export,
-                "registered": summary.registered}
+        return {
+            "training": summary.training,
+            "checkpoint": summary.checkpoint,
+            "export": summary.export,
+            "registered": summary.registered,
+        }
 
     def check(case: str, out: dict, d: dict, steps: int) -> None:
         training, registered = out["training"], out["registered"]
@@ -157,9 +175,14 @@ def _run(scratch: Scratch, iris) -> dict:
             problems.append(f"selected step {out['checkpoint'].step}")
         if out["export"].reused or out["export"].version != 1:
             problems.append(f"export version {out['export'].version} reused={out['export'].reused}")
-        if (registered is None or registered.reused or registered.version != 1 or registered.name != d["name"]
-                or set(registered.aliases) != {CHALLENGER, CHAMPION}
-                or registered.run_id != training.mlflow_run_id):
+        if (
+            registered is None
+            or registered.reused
+            or registered.version != 1
+            or registered.name != d["name"]
+            or set(registered.aliases) != {CHALLENGER, CHAMPION}
+            or registered.run_id != training.mlflow_run_id
+        ):
             problems.append(f"registered {registered!r}")
         if problems:
             raise AssertionError(f"{case}: " + "; ".join(problems))
@@ -173,8 +196,13 @@ def _run(scratch: Scratch, iris) -> dict:
             check(kind, out, d, steps)
             elapsed = out["training"].elapsed_seconds
             shutil.rmtree(d["root"], ignore_errors=True)
-            return {"seconds": seconds, "train": elapsed, "rest": seconds - elapsed,
-                    "name": d["name"], "mlflow_run_id": out["training"].mlflow_run_id}
+            return {
+                "seconds": seconds,
+                "train": elapsed,
+                "rest": seconds - elapsed,
+                "name": d["name"],
+                "mlflow_run_id": out["training"].mlflow_run_id,
+            }
 
         return go
 
@@ -228,19 +256,23 @@ def _run(scratch: Scratch, iris) -> dict:
         f"(checkpoint every {EVERY:,}), {ROUNDS} interleaved rounds, medians",
         ["case", "median s", "min..max s", "xA", "what it does"],
         [
-            row("A_seconds", "A  plain script, wall", "train_tracked..register_export"),
+            row("A_seconds", "A  plain script, wall", "train_with_checkpoints..register_model_version"),
             row("B_seconds", "B  retrain flow, wall", "the same as a Prefect flow run"),
-            row("A_train", "A  train() loop", "TrainResult.elapsed_seconds"),
-            row("B_train", "B  train() loop", "the same, inside the task"),
-            row("A_rest", "A  wall - train()", "MLflow run, select..register"),
-            row("B_rest", "B  wall - train()", "the same + Prefect orchestration"),
-            ["H  Prefect API start-up", harness_seconds, "1 sample", harness_seconds / a_med,
-             "prefect_test_harness, once, untimed in B"],
+            row("A_train", "A  training loop", "TrainResult.elapsed_seconds"),
+            row("B_train", "B  training loop", "the same, inside the task"),
+            row("A_rest", "A  wall - training loop", "MLflow run, select..register"),
+            row("B_rest", "B  wall - training loop", "the same + Prefect orchestration"),
+            [
+                "H  Prefect API start-up",
+                harness_seconds,
+                "1 sample",
+                harness_seconds / a_med,
+                "prefect_test_harness, once, untimed in B",
+            ],
         ],
         notes=[
             f"B/A = {fmt(ratios['B_over_A'])}; Prefect overhead B-A = {fmt(overhead)} s of medians "
-            f"({fmt(100 * overhead / a_med, 3)}% of A); per-round paired B-A: "
-            + ", ".join(f"{p:+.1f}" for p in paired) + " s.",
+            f"({fmt(100 * overhead / a_med, 3)}% of A); per-round paired B-A: " + ", ".join(f"{p:+.1f}" for p in paired) + " s.",
             "every round: fresh model dir, export base, frozen dir and registered model name; version 1 "
             "with challenger + champion checked, the model logged in the training run.",
             f"warm-up (untimed, each path once with {WARM_STEPS} steps): {fmt(warmup_seconds)} s; "

@@ -1,15 +1,15 @@
-"""`find_latest_checkpoint` on a model dir of 10,000 checkpoints against one of 1.
+"""`select_latest_checkpoint` on a model dir of 10,000 checkpoints against one of 1.
 
 What it measures: the per-call time of
-`prefect_tensorflow.tasks.selection.find_latest_checkpoint(model_dir)` (and
+`prefect_tensorflow.tasks.selection.select_latest_checkpoint(model_dir)` (and
 of `tf.train.latest_checkpoint`), every case called once per round, 200
 rounds in a seeded random order each round, medians taken.
 
 The model dirs:
 
-- "1 checkpoint": `train(steps=1)` with `save_at_start` and not
+- "1 checkpoint": `train_with_checkpoints(TrainingConfig(steps=1))` with `save_at_start` and not
   `save_at_end`, which commits `model.ckpt-0` (index, data shard, metrics
-  line). `train()` writes `graph.pbtxt` and its event files before the first
+  line). `train_with_checkpoints()` writes `graph.pbtxt` and its event files before the first
   save, so the state file is already the directory's last change; the
   benchmark checks that and rewrites it last anyway, so the baseline holds
   even if that ever changes.
@@ -23,7 +23,7 @@ The model dirs:
   benchmark verifies every dir takes the path it is meant to (by counting
   directory listings during one call) and finds the highest step.
 - the same with a 10,000-line metrics log (one line per checkpoint, what
-  `train()` leaves behind after 10,000 saves whatever `keep_checkpoint_max`
+  `train_with_checkpoints()` leaves behind after 10,000 saves whatever `keep_checkpoint_max`
   is): the fast path still parses the whole log on every call.
 - the same without a state file: the fallback lists the directory, sorts
   every prefix by step and validates the newest.
@@ -33,7 +33,7 @@ The model dirs:
   path parses every line of it.
 
 How to read it: each row's ratio is its median per-call time over the median
-of `find_latest_checkpoint` on the 1-checkpoint dir. About 1 means the cost
+of `select_latest_checkpoint` on the 1-checkpoint dir. About 1 means the cost
 does not grow with the number of checkpoints; the fallback row shows what
 the fast path saves; the `tf.train.latest_checkpoint` rows are TensorFlow's
 unvalidated answer for comparison. p90 is the 90th percentile of the calls.
@@ -45,7 +45,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .common import Scratch, fmt, interleaved, median, ratio_table, report
 
@@ -144,14 +144,16 @@ def _build_many(src_dir: str, dst_dir: str, src_prefix: str, metrics_lines: int,
 def run() -> dict:
     import tensorflow as tf
 
+    from prefect_tensorflow.tasks.configs import TrainingConfig
     from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.selection import find_latest_checkpoint
-    from prefect_tensorflow.tasks.training import train
+    from prefect_tensorflow.tasks.selection import select_latest_checkpoint
+    from prefect_tensorflow.tasks.training import train_with_checkpoints
 
     with Scratch(NAME) as scratch:
         one = os.path.join(scratch.path, "one")
         build_start = time.perf_counter()
-        result = train(one, steps=1, policy=CheckpointPolicy(save_at_start=True, save_at_end=False))
+        policy = CheckpointPolicy(save_at_start=True, save_at_end=False)
+        result = train_with_checkpoints(one, TrainingConfig(steps=1, policy=policy))
         assert result.checkpoints_saved == 1, result
         prefix = result.last_checkpoint
         straight_from_train = _fast_path(one)
@@ -181,7 +183,7 @@ def run() -> dict:
             ("many_nostate", dirs["many_nostate"], highest, False),
             ("many_fullstate", dirs["many_fullstate"], highest, True),
         ):
-            ref, listings = _listings_during(lambda p=path: find_latest_checkpoint(p))
+            ref, listings = _listings_during(lambda p=path: select_latest_checkpoint(p))
             fast = _fast_path(path)
             checks[key] = {"step": ref.step, "fast_path": fast, "directory_listings": listings}
             if ref.step != expect_step or fast != expect_fast or listings != (0 if expect_fast else 1):
@@ -199,12 +201,12 @@ def run() -> dict:
             return go
 
         cases = {
-            "one": call(find_latest_checkpoint, one),
-            "many": call(find_latest_checkpoint, dirs["many"]),
-            "many_nostate": call(find_latest_checkpoint, dirs["many_nostate"]),
+            "one": call(select_latest_checkpoint, one),
+            "many": call(select_latest_checkpoint, dirs["many"]),
+            "many_nostate": call(select_latest_checkpoint, dirs["many_nostate"]),
             "tf_many": call(tf.train.latest_checkpoint, dirs["many"]),
-            "many_metrics": call(find_latest_checkpoint, dirs["many_metrics"]),
-            "many_fullstate": call(find_latest_checkpoint, dirs["many_fullstate"]),
+            "many_metrics": call(select_latest_checkpoint, dirs["many_metrics"]),
+            "many_fullstate": call(select_latest_checkpoint, dirs["many_fullstate"]),
             "tf_many_fullstate": call(tf.train.latest_checkpoint, dirs["many_fullstate"]),
             "tf_one": call(tf.train.latest_checkpoint, one),
         }
@@ -219,12 +221,12 @@ def run() -> dict:
     med = {key: median(values) for key, values in samples.items()}
     base = med["one"]
     labels = {
-        "one": "find_latest, 1 checkpoint",
-        "many": f"find_latest, {CHECKPOINTS:,} checkpoints, state file current",
-        "many_nostate": f"find_latest, {CHECKPOINTS:,} checkpoints, no state file (fallback)",
+        "one": "select_latest, 1 checkpoint",
+        "many": f"select_latest, {CHECKPOINTS:,} checkpoints, state file current",
+        "many_nostate": f"select_latest, {CHECKPOINTS:,} checkpoints, no state file (fallback)",
         "tf_many": f"tf.train.latest_checkpoint, {CHECKPOINTS:,} checkpoints",
-        "many_metrics": f"find_latest, {CHECKPOINTS:,} checkpoints + {CHECKPOINTS:,}-line metrics log",
-        "many_fullstate": f"find_latest, {CHECKPOINTS:,} checkpoints, state file lists all {CHECKPOINTS:,}",
+        "many_metrics": f"select_latest, {CHECKPOINTS:,} checkpoints + {CHECKPOINTS:,}-line metrics log",
+        "many_fullstate": f"select_latest, {CHECKPOINTS:,} checkpoints, state file lists all {CHECKPOINTS:,}",
         "tf_many_fullstate": "tf.train.latest_checkpoint, same dir (state file lists all)",
         "tf_one": "tf.train.latest_checkpoint, 1 checkpoint",
     }
@@ -262,7 +264,7 @@ def run() -> dict:
             f"state file lists the {KEEP_IN_STATE} newest ({built['many']['state_file_bytes']:,} bytes) or, "
             f"as CheckpointManager(max_to_keep=None)",
             f"writes it, all {CHECKPOINTS:,} with timestamps ({built['many_fullstate']['state_file_bytes']:,} bytes).",
-            f"straight out of train(steps=1, save_at_start) the 1-checkpoint dir "
+            f"straight out of train_with_checkpoints(steps=1, save_at_start) the 1-checkpoint dir "
             f"{'takes' if straight_from_train else 'MISSES'} the fast path;",
             "its state file was rewritten last all the same.",
             f"checkpoint files made by {built['many']['files']}; dirs built in {fmt(build_seconds)} s.",

@@ -1,0 +1,121 @@
+"""The per-checkpoint fixed cost of a tiny model, measured on its own, against TensorFlow's bare save.
+
+What it measures: the iris training state exactly as `train_with_checkpoints`
+checkpoints it (model, Adagrad slots, `global_step`, and the input iterator
+over `repeat().shuffle(buffer).batch(32)`), after a few steps, saved again and
+again into one model dir (keeping 5), cases interleaved, medians of the time
+the training thread is held:
+
+- A `tf.train.CheckpointManager(...).save()`: TensorFlow's bare synchronous save;
+- B this package's `CheckpointWriter.save()`, async (the default): the snapshot;
+  the files, the commit and the keep sweep happen in its background thread;
+- C `CheckpointWriter.save()` with `async_save=False`: everything before it returns;
+- D the input iterator's serialization alone (`SerializeIterator`, which B includes);
+
+for the default shuffle buffer (1,000 examples) and for 100. Reading:
+`B/A` is the share of a bare save that training still pays; D/B shows how
+much of that is the input pipeline's state: with exact resume the shuffle
+buffer's contents have to be captured at the step, in the training thread,
+and its cost grows with the buffer, whatever the model.
+"""
+
+from __future__ import annotations
+
+from .common import Scratch, interleaved, median, ratio_table, report, spread, timed
+
+NAME = "checkpoint_fixed_cost"
+SAVES = 40
+BUFFERS = (1000, 100)
+
+
+def _measure(buffer: int, scratch: Scratch) -> dict:
+    import tensorflow as tf
+
+    from prefect_tensorflow.tasks.checkpoint_writer import CheckpointWriter
+    from prefect_tensorflow.tasks.configs import TrainingConfig
+    from prefect_tensorflow.tasks.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.training import LossWindow, build_model_and_data, input_pipeline, make_train_step
+
+    config = TrainingConfig(seed=0, shuffle_buffer=buffer)
+    net, train_ds, _ = build_model_and_data(config)
+    iterator = iter(input_pipeline(train_ds, config))
+    global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+    net.optimizer.build(net.trainable_variables)
+    step = make_train_step(net, global_step, LossWindow())
+    for _ in range(50):
+        step(iterator)
+
+    def checkpoint():
+        return tf.train.Checkpoint(model=net, optimizer=net.optimizer, global_step=global_step, input_iterator=iterator)
+
+    manager = tf.train.CheckpointManager(checkpoint(), scratch.fresh(f"bare-{buffer}"), max_to_keep=5)
+    writers = {
+        mode: CheckpointWriter(
+            checkpoint(),
+            scratch.fresh(f"{mode}-{buffer}"),
+            CheckpointPolicy(keep_checkpoint_max=5, async_save=mode == "async"),
+        )
+        for mode in ("async", "sync")
+    }
+    counter = iter(range(1, 10**6))
+
+    def writer_save(mode: str):
+        writer = writers[mode]
+
+        def go() -> float:
+            seconds = timed(lambda: writer.save(next(counter)))
+            writer.finish()  # outside the timed region: the next save starts from an idle writer
+            return seconds
+
+        return go
+
+    def serialize_iterator() -> float:
+        resource = iterator._iterator_resource
+        return timed(lambda: tf.raw_ops.SerializeIterator(resource_handle=resource, external_state_policy=1))
+
+    cases = {"A": lambda: timed(manager.save), "B": writer_save("async"), "C": writer_save("sync"), "D": serialize_iterator}
+    for case in cases.values():  # warm-up: traced functions, learned keys
+        case()
+    runs = interleaved(cases, SAVES)
+    for writer in writers.values():
+        writer.finish()
+    return {"runs": runs, "median_seconds": {key: median(values) for key, values in runs.items()}}
+
+
+def run() -> dict:
+    results, rows = {}, []
+    with Scratch(NAME) as scratch:
+        for buffer in BUFFERS:
+            results[buffer] = r = _measure(buffer, scratch)
+            med, runs = r["median_seconds"], r["runs"]
+
+            def ms(key: str) -> str:
+                return spread([v * 1000 for v in runs[key]])  # noqa: B023 - used at once
+
+            a = med["A"]
+            rows += [
+                [f"A bare CheckpointManager.save (buffer {buffer})", a * 1000, ms("A"), 1.0, "baseline"],
+                ["B CheckpointWriter async: save()", med["B"] * 1000, ms("B"), med["B"] / a, "B/A"],
+                ["C CheckpointWriter sync: save()", med["C"] * 1000, ms("C"), med["C"] / a, "C/A"],
+                ["D the iterator's serialization alone", med["D"] * 1000, ms("D"), med["D"] / med["B"], "D/B"],
+            ]
+    result = {
+        "parameters": {"model": "iris", "saves": SAVES, "shuffle_buffers": list(BUFFERS), "keep_checkpoint_max": 5},
+        "by_shuffle_buffer": results,
+        "ratios": {
+            f"writer_async_over_bare_manager_buffer_{b}": r["median_seconds"]["B"] / r["median_seconds"]["A"]
+            for b, r in results.items()
+        },
+    }
+    result["table"] = ratio_table(
+        f"checkpoint_fixed_cost: the training thread's time per save of the iris state, {SAVES} saves per case "
+        "interleaved, medians (ms)",
+        ["case", "median ms", "min..max ms", "ratio", "ratio is"],
+        rows,
+        notes=["B includes D: the input iterator's state is captured at the step, in the training thread."],
+    )
+    return result
+
+
+if __name__ == "__main__":
+    report(NAME, run)
