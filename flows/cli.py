@@ -616,7 +616,9 @@ def _named(parameter: str, check: Callable[[], Any]) -> Any:
     try:
         return check()
     except ValidationError as err:
-        raise ValueError(f"{parameter}: {one_line(err).split(': ', 1)[-1]}") from err
+        # A nested error keeps its location ("0.seed: ..."); a top-level one loses the type's title.
+        message = one_line(err).removeprefix(f"{err.title}: ")
+        raise ValueError(f"{parameter}: {message}") from err
 
 
 def _sweep_candidates(text: str) -> list:

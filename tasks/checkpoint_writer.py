@@ -18,7 +18,10 @@ the file format are TensorFlow's), then at each save:
    rewritten by TensorFlow's `update_checkpoint_state_internal` (a temp file
    and a rename): the commit; then the keep policy (the newest
    `keep_checkpoint_max`, one every `keep_checkpoint_every_n_hours`) deletes
-   what it drops, as `tf.train.CheckpointManager` does.
+   what it drops, as `tf.train.CheckpointManager` does, except a checkpoint
+   `may_delete` holds back (the sidecar evaluator has not written its
+   metrics line yet): that one stays kept, past the limit, and listed in the
+   state file, until a later commit or `apply_keep_policy()` at the end.
 
 A crash at any moment leaves the previous committed checkpoint as the latest:
 an uncommitted `_temp` directory (removed at the next start) or files the
@@ -71,6 +74,9 @@ class CheckpointWriter:
         model_dir: the local directory the files go to.
         policy: `checkpoint_name`, `keep_checkpoint_max`, `keep_checkpoint_every_n_hours`, `async_save`.
         on_committed: called (in the writer's thread when async) after each checkpoint is committed.
+        may_delete: whether the keep policy may delete a checkpoint yet (the sidecar's: once it has its
+            metrics line); one it may not stays kept, past `keep_checkpoint_max`, until a later commit or
+            `apply_keep_policy()`.
     """
 
     def __init__(
@@ -79,9 +85,10 @@ class CheckpointWriter:
         model_dir: str,
         policy: CheckpointPolicy,
         on_committed: Optional[CommittedCallback] = None,
+        may_delete: Optional[Callable[[str], bool]] = None,
     ):
         self.checkpoint, self.model_dir, self.policy = checkpoint, model_dir, policy
-        self.on_committed = on_committed
+        self.on_committed, self.may_delete = on_committed, may_delete
         self._prefix = os.path.join(model_dir, policy.checkpoint_name)
         self._recipe: Optional[_Recipe] = None
         self._kept: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -125,6 +132,11 @@ class CheckpointWriter:
             self._thread.join()
             self._thread = None
         self._raise_background_error()
+
+    def apply_keep_policy(self) -> None:
+        """Delete what the keep policy dropped, `may_delete` or not (after `finish()`, once evaluation is over)."""
+        if self._kept and self._sweep(force=True):
+            self._record_state(next(reversed(self._kept)))
 
     @property
     def checkpoints(self) -> list[str]:
@@ -176,14 +188,19 @@ class CheckpointWriter:
             save_relative_paths=True,
         )
 
-    def _sweep(self) -> bool:
-        """Drop the oldest kept checkpoints past `keep_checkpoint_max`, keeping one per `keep_checkpoint_every_n_hours`."""
+    def _sweep(self, force: bool = False) -> bool:
+        """Drop the oldest kept checkpoints past `keep_checkpoint_max`, keeping one per `keep_checkpoint_every_n_hours`.
+
+        Unless `force`, a checkpoint `may_delete` holds back stays in the kept list for a later sweep.
+        """
         limit, hours = self.policy.keep_checkpoint_max, self.policy.keep_checkpoint_every_n_hours
-        if not limit:
+        if not limit or len(self._kept) <= limit:
             return False
         swept = False
-        while len(self._kept) > limit:
-            prefix, timestamp = self._kept.popitem(last=False)
+        for prefix in list(self._kept)[: len(self._kept) - limit]:
+            if not force and self.may_delete is not None and not self.may_delete(prefix):
+                continue
+            timestamp = self._kept.pop(prefix)
             swept = True
             if hours and timestamp - hours * 3600.0 >= self._last_preserved:
                 self._last_preserved = timestamp  # preserved: dropped from the list, files kept

@@ -231,6 +231,10 @@ class SidecarEvaluator:
         """Checkpoint `step` is committed; its window's training loss (None after a resume)."""
         self._send(json.dumps({"step": step, "train_loss": train_loss}))
 
+    def alive(self) -> bool:
+        """Whether the evaluator process is still running."""
+        return self._process.poll() is None
+
     def finish(self, timeout: Optional[float] = None) -> None:
         """Close its input and wait until it has evaluated everything committed (at most `timeout` s)."""
         with self._lock:

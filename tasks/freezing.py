@@ -83,6 +83,36 @@ def _check_size(graph_def, source: str) -> bytes:
     return graph_def.SerializeToString()
 
 
+def _model_variable_bytes(checkpoint: str) -> int:
+    """Bytes of the model's variables in a TF2 checkpoint, read from its index (no tensor is read).
+
+    A variable is saved once, under the first path that reaches it: `model/...`, or (Keras 3, the
+    optimizer tracked first) `optimizer/_trainable_variables/...`; optimizer slots are left out.
+    """
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(checkpoint)
+    shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+    total = 0
+    for key, shape in shapes.items():
+        model_variable = key.startswith(("model/", "optimizer/_trainable_variables/"))
+        if model_variable and key.endswith("/.ATTRIBUTES/VARIABLE_VALUE") and ".OPTIMIZER_SLOT" not in key:
+            count = 1
+            for dim in shape:
+                count *= int(dim)
+            total += count * dtypes[key].size
+    return total
+
+
+def _check_variable_bytes(checkpoint: str, var_bytes: int) -> None:
+    if var_bytes > PROTOBUF_LIMIT:
+        raise GraphTooLargeError(
+            f"{checkpoint}: the model's variables take {var_bytes / 2**30:.2f} GiB; a frozen graph "
+            "holds them as constants and would pass protobuf's 2 GiB limit for a GraphDef; export "
+            "a SavedModel instead (export_saved_model / `prefect-tensorflow export`)"
+        )
+
+
 # --- the three sources -------------------------------------------------------------
 
 
@@ -90,14 +120,11 @@ def _freeze_tf2(checkpoint: str, model: str, config: ExportConfig):
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
+    # Checked on the checkpoint's own metadata first: running a model that large on the
+    # verification batch can take more memory than the machine has.
+    _check_variable_bytes(checkpoint, _model_variable_bytes(checkpoint))
     traced = trace_checkpoint(checkpoint, model, config.hparams, config.head, config.verification_data(model))
-    var_bytes = sum(int(tf.size(v).numpy()) * tf.as_dtype(v.dtype).size for v in traced.net.variables)
-    if var_bytes > PROTOBUF_LIMIT:
-        raise GraphTooLargeError(
-            f"{checkpoint}: the model's variables take {var_bytes / 2**30:.2f} GiB; a frozen graph "
-            "holds them as constants and would pass protobuf's 2 GiB limit for a GraphDef; export "
-            "a SavedModel instead (export_saved_model / `prefect-tensorflow export`)"
-        )
+    _check_variable_bytes(checkpoint, sum(int(tf.size(v).numpy()) * tf.as_dtype(v.dtype).size for v in traced.net.variables))
     concrete = traced.serve.get_concrete_function()
     frozen = convert_variables_to_constants_v2(concrete)
     inputs = [t.name for t in frozen.inputs]

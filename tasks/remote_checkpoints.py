@@ -316,6 +316,12 @@ class RemoteModelDir:
             self._thread.join(timeout)
         if self._error is not None:
             raise StorageError(f"{self.uri}: publishing checkpoints failed: {self._error}") from self._error
+        # The keep policy's last deletions (held back until their metrics lines existed) come after the
+        # last commit: publish that state file too.
+        for _ in range(1000):
+            if self.publish_committed():
+                break
+            time.sleep(0.01)
         # The sidecar evaluator writes a checkpoint's metrics line after its commit: each publish
         # carries the lines written so far, and this one those of the last checkpoints.
         metrics = os.path.join(self.local_dir, METRICS_FILE)

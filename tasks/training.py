@@ -42,7 +42,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import evaluation, model_code
-from .checkpoint_files import uncommitted_temp_dirs
+from .checkpoint_files import step_of, uncommitted_temp_dirs
 from .checkpoint_writer import CheckpointWriter
 from .configs import TrainingConfig
 from .errors import ModelDirError, NoValidCheckpointError, TrainingError
@@ -469,7 +469,9 @@ class CheckpointSaver:
         self.saved: list[str] = []
         self._pending: dict[int, dict[str, float]] = {}
         self._last_time = time.monotonic()
-        self.writer = CheckpointWriter(checkpoint, model_dir, self.policy, on_committed=self._committed)
+        self.writer = CheckpointWriter(
+            checkpoint, model_dir, self.policy, on_committed=self._committed, may_delete=self._evaluated
+        )
 
     def seconds_since_save(self) -> float:
         return time.monotonic() - self._last_time
@@ -489,6 +491,12 @@ class CheckpointSaver:
         get_logger().info("saved checkpoint %s (%s)", path, format_metrics(metrics) or "evaluation to follow")
         return path
 
+    def _evaluated(self, prefix: str) -> bool:
+        """Whether the keep policy may delete `prefix`: the sidecar has written its line (or is gone)."""
+        if self.evaluator is None or not self.evaluator.alive():
+            return True
+        return step_of(prefix) in read_metrics(self.model_dir)
+
     def _committed(self, step: int, prefix: str) -> None:
         metrics = self._pending.pop(step, {})
         if self.evaluator is not None:
@@ -501,6 +509,7 @@ class CheckpointSaver:
         self.writer.finish()
         if self.evaluator is not None:
             self.evaluator.finish(timeout=evaluation_timeout)
+        self.writer.apply_keep_policy()
         if self.last_step is not None:
             self.metrics = read_metrics(self.model_dir).get(self.last_step, self.metrics)
 

@@ -136,3 +136,15 @@ def test_killing_the_trainer_while_the_evaluator_is_mid_checkpoint_leaves_one_li
     assert sorted(counts) == committed_steps(model_dir), (counts, killed_at)
     assert set(counts.values()) == {1}, counts  # exactly one line each: no checkpoint evaluated twice
     assert step_of(read_state_file(model_dir).model_checkpoint_path) == 600
+
+
+def test_the_keep_policy_waits_for_the_sidecar_so_every_checkpoint_gets_its_line(tmp_path):
+    """A training faster than the evaluator's start-up: the checkpoints the keep policy drops are
+    still evaluated first, then deleted; the model dir ends with the newest `keep_checkpoint_max`."""
+    model_dir = tmp_path / "m"
+    train(model_dir, steps=1500, policy=CheckpointPolicy(save_checkpoints_steps=250, keep_checkpoint_max=2))
+    assert line_steps(model_dir) == Counter({step: 1 for step in range(0, 1501, 250)})
+    assert all("accuracy" in metrics for metrics in read_metrics(str(model_dir)).values())
+    assert committed_steps(model_dir) == [1250, 1500]  # the files
+    state = (model_dir / "checkpoint").read_text()
+    assert state.count("all_model_checkpoint_paths:") == 2 and 'model_checkpoint_path: "model.ckpt-1500"' in state

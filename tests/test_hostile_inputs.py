@@ -526,7 +526,7 @@ def mlflow_snapshot(ctx) -> dict[str, Any]:
         for model in client.search_registered_models(max_results=1000)
     }
     versions = {
-        (v.name, v.version): (v.source, v.run_id, v.status, sorted(v.tags.items()))
+        (v.name, str(v.version)): (v.source, v.run_id, v.status, sorted(v.tags.items()))
         for v in client.search_model_versions(max_results=10000)
     }
     experiments = client.search_experiments(view_type=ViewType.ALL)

@@ -175,7 +175,11 @@ def test_model_dir_is_a_file(tmp_path):
         ({"model": "models_for_tests:not_a_model"}, TrainingError, "expected a keras.Model, received str"),
         ({"model": "models_for_tests:uncompiled_model"}, TrainingError, "expected a compiled model"),
         ({"data": "models_for_tests:not_a_dataset"}, TrainingError, "expected 'train' to give a tf.data.Dataset"),
-        ({"hparams": {"depth": 3}}, TrainingError, "calling it with hparams {'depth': 3} failed"),
+        (
+            {"hparams": {"depth": 3}},
+            TrainingError,
+            "hparams: model 'iris' (hidden_units=(10, 10), n_classes=3, learning_rate=0.05) does not accept {'depth': 3}",
+        ),
         ({"steps": -1}, ValueError, "steps: expected an integer >= 0 and <= 1000000000000, received -1"),
         ({"more_steps": -5}, ValueError, "more_steps: expected an integer >= 0 and <= 1000000000000, received -5"),
         ({"batch_size": 0}, ValueError, "batch_size: expected an integer >= 1 and <= 1048576, received 0"),
@@ -191,8 +195,8 @@ def test_bad_inputs_fail_before_writing(tmp_path, kwargs, error, fragment):
     assert fragment in one_line(info.value)
     if isinstance(info.value, (ImportStringError, ValueError)) and not isinstance(info.value, TrainingError):
         assert not target.exists()  # rejected before anything was created
-    else:
-        assert not any(n.endswith(".index") for n in os.listdir(target))
+    else:  # refused before the model dir was made (hparams), or after, before any checkpoint
+        assert not target.exists() or not any(n.endswith(".index") for n in os.listdir(target))
 
 
 def test_corrupt_newest_checkpoint_resumes_from_previous(tmp_path, caplog):
