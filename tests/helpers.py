@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,11 @@ def register_export(export_result, name, *, connection=None, gate_metric="accura
 
     gate = GateConfig(metric=gate_metric, mode=gate_mode)
     return register_model_version(export_result, name, connection, gate=gate, **kwargs)
+
+
+def cli_command(*args: object) -> list[str]:
+    """The `prefect-tensorflow` command line run by this interpreter: `cli_command("train", "--steps", 5)`."""
+    return [sys.executable, "-m", "prefect_tensorflow.flows.cli", *map(str, args)]
 
 
 def run_and_kill(cmd: list[str], env: dict, when: Callable[[], bool], *, timeout: float = 120.0, poll: float = 0.002) -> bool:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import cli_command
 from typer.testing import CliRunner
 
 from prefect_tensorflow.flows.cli import app
@@ -102,10 +103,7 @@ def test_errors_are_one_clear_line(trained_dir, args, message):
 
 
 def test_train_shows_progress_and_prints_json(tmp_path, cli_env):
-    cmd = [
-        sys.executable,
-        "-m",
-        "prefect_tensorflow.flows.cli",
+    cmd = cli_command(
         "train",
         "--model-dir",
         str(tmp_path / "m"),
@@ -114,7 +112,7 @@ def test_train_shows_progress_and_prints_json(tmp_path, cli_env):
         "--save-checkpoints-steps",
         "100",
         "--json",
-    ]
+    )
     result = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout)
@@ -136,10 +134,7 @@ def test_console_script_is_installed(cli_env):
 def test_retrain_ends_with_a_registered_version_and_says_how_to_open_the_mlflow_ui(tmp_path, cli_env):
     """What `make run` does, on a small training: the whole chain, twice."""
     db = tmp_path / "mlflow" / "mlflow.db"
-    cmd = [
-        sys.executable,
-        "-m",
-        "prefect_tensorflow.flows.cli",
+    cmd = cli_command(
         "retrain",
         "--model-dir",
         str(tmp_path / "m"),
@@ -153,7 +148,7 @@ def test_retrain_ends_with_a_registered_version_and_says_how_to_open_the_mlflow_
         f"sqlite:///{db}",
         "--registered-model-name",
         "cli-iris",
-    ]
+    )
 
     def run(*extra: str) -> str:
         # Files, not pipes: Prefect's ephemeral server inherits them and outlives a pipe's reader.
@@ -175,10 +170,7 @@ def test_retrain_ends_with_a_registered_version_and_says_how_to_open_the_mlflow_
 @pytest.mark.slow
 def test_export_checkpoint_command_ships_a_step_and_says_so_again(trained_dir, tmp_path, cli_env):
     """As a user runs it: a process of its own, with Prefect's ephemeral API."""
-    args = [
-        sys.executable,
-        "-m",
-        "prefect_tensorflow.flows.cli",
+    args = cli_command(
         "export-checkpoint",
         "--model-dir",
         str(trained_dir),
@@ -194,7 +186,7 @@ def test_export_checkpoint_command_ships_a_step_and_says_so_again(trained_dir, t
         f"sqlite:///{tmp_path}/mlflow/mlflow.db",
         "--registered-model-name",
         "cli-export",
-    ]
+    )
     env = dict(cli_env, PREFECT_HOME=str(tmp_path / "prefect-home"))
 
     def run(*extra: str) -> str:

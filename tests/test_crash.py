@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_and_kill
+from helpers import cli_command, run_and_kill
 
 from prefect_tensorflow.tasks.checkpoint_files import read_state_file, step_of
 from prefect_tensorflow.tasks.selection import list_checkpoints, select_latest_checkpoint
@@ -23,10 +23,7 @@ STEPS = 1500
 
 
 def train_cmd(model_dir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "prefect_tensorflow.flows.cli",
+    return cli_command(
         "train",
         "--model-dir",
         str(model_dir),
@@ -41,7 +38,7 @@ def train_cmd(model_dir: Path, *extra: str) -> list[str]:
         "--keep-checkpoint-max",
         "3",
         *extra,
-    ]
+    )
 
 
 def committed_step(model_dir: Path) -> int:
@@ -130,16 +127,13 @@ def test_sigkill_during_saves(tmp_path, cli_env, reference):
 
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, cli_env):
     model_dir = tmp_path / "m"
-    cmd = [
-        sys.executable,
-        "-m",
-        "prefect_tensorflow.flows.cli",
+    cmd = cli_command(
         "train",
         "--model-dir",
         str(model_dir),
         "--steps",
         "100000000",  # default policy: every 600 s
-    ]
+    )
     proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120

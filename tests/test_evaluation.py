@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import train
+from helpers import cli_command, train
 
 from prefect_tensorflow.tasks.checkpoint_files import checkpoint_prefixes, read_state_file, step_of
 from prefect_tensorflow.tasks.errors import MetricsTimeoutError
@@ -93,10 +92,7 @@ def test_best_is_never_chosen_from_incomplete_metrics(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_killing_the_trainer_while_the_evaluator_is_mid_checkpoint_leaves_one_line_per_checkpoint(tmp_path, cli_env):
     model_dir = tmp_path / "m"
-    cmd = [
-        sys.executable,
-        "-m",
-        "prefect_tensorflow.flows.cli",
+    cmd = cli_command(
         "train",
         "--model-dir",
         str(model_dir),
@@ -108,7 +104,7 @@ def test_killing_the_trainer_while_the_evaluator_is_mid_checkpoint_leaves_one_li
         "0",
         "--data",
         "models_for_tests:slow_eval_dataset",
-    ]
+    )
     trainer = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = model_dir / "eval" / "evaluator.log"
     deadline = time.monotonic() + 300

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import export
+from helpers import cli_command, export
 
 from prefect_tensorflow.tasks.errors import CheckpointMismatchError
 from prefect_tensorflow.tasks.exporting import ExportError
@@ -67,16 +67,13 @@ def test_same_checkpoint_again_returns_the_existing_version(trained_dir, tmp_pat
 
 
 def test_two_processes_exporting_one_checkpoint_make_one_version(trained_dir, tmp_path, cli_env):
-    cmd = [
-        sys.executable,
-        "-m",
-        "prefect_tensorflow.flows.cli",
+    cmd = cli_command(
         "export",
         str(trained_dir / "model.ckpt-300"),
         "--export-base",
         str(tmp_path / "export"),
         "--json",
-    ]
+    )
     procs = [subprocess.Popen(cmd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]

@@ -19,12 +19,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from helpers import run_and_kill, train
+from helpers import cli_command, run_and_kill, train
 from team_servers import DelayingProxy
 
 from prefect_tensorflow.tasks.checkpoint_files import parse_state_lines, step_of
@@ -39,10 +38,7 @@ CHECKPOINT_FILE = re.compile(r"^(.+-\d+)\.(index|meta|data-\d{5}-of-\d{5})$")
 
 
 def train_cmd(model_dir: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "prefect_tensorflow.flows.cli",
+    return cli_command(
         "train",
         "--model-dir",
         model_dir,
@@ -61,7 +57,7 @@ def train_cmd(model_dir: str, *extra: str) -> list[str]:
         "--evaluation",
         "in_loop",
         *extra,
-    ]
+    )
 
 
 def checkpoint_files(names) -> set[str]:

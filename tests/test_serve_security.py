@@ -5,11 +5,11 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 
 import pytest
+from helpers import cli_command
 
 from prefect_tensorflow.flows.deployments import DeploymentError, check_bind_address
 from prefect_tensorflow.flows.servers import free_port, start_prefect_server, stop_process_group
@@ -30,7 +30,7 @@ def test_serve_refuses_to_bind_every_interface_without_auth(cli_env, tmp_path):
     env = {k: v for k, v in cli_env.items() if k not in ("PREFECT_API_URL", "PREFECT_SERVER_API_AUTH_STRING")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     result = subprocess.run(
-        [sys.executable, "-m", "prefect_tensorflow.flows.cli", "serve", "--host", "0.0.0.0"],
+        cli_command("serve", "--host", "0.0.0.0"),
         env=env,
         capture_output=True,
         text=True,
