@@ -62,7 +62,7 @@ from .metrics_log import METRICS_FILE, metrics_by_step
 from .object_store import ObjectInfo, ObjectStore
 from .run_context import get_logger
 from .settings import get_settings
-from .storage import parse_location
+from .storage import parse_location, staged_file
 
 INDEX = ".index"
 _CHECKPOINT_FILE = re.compile(r"^([^/]+-\d+)\.(?:index|meta|data-\d+-of-\d+)$")
@@ -215,8 +215,9 @@ def fetch_checkpoint(prefix: str) -> str:
     for key in wanted:
         local = os.path.join(local_dir, key)
         if not (os.path.exists(local) and os.path.getsize(local) == listing[key].size):
-            store.download_file(key, local + ".part")
-            os.replace(local + ".part", local)
+            # A temporary of this process's own: two processes fetching one checkpoint share the cache.
+            with staged_file(local) as tmp:
+                store.download_file(key, tmp)
     return os.path.join(local_dir, name)
 
 
