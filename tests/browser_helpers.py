@@ -71,7 +71,13 @@ def param(page: Any, name: str) -> Any:
 
 
 def final_state_badge(page: Any) -> Any:
-    """The flow-run page's state badge once the run has reached a final state."""
+    """The flow-run page's state badge once the run has reached a final state.
+
+    After "View run" the URL changes before the page does: the router keeps the deployment page, whose
+    Runs tab lists earlier runs with their own state badges, until the flow run has loaded. So this
+    waits for a tab only the flow-run page has ("Subflow Runs") before it looks for the badge.
+    """
+    page.get_by_role("tab", name="Subflow Runs").wait_for()
     return page.locator("main [data-slot=badge]").filter(has_text=FINAL_STATES).first
 
 

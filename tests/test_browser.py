@@ -198,11 +198,16 @@ def run_export_from_the_form(page, stack, screens, *, checkpoint: str, name: str
     return run_id
 
 
-def wait_for_final_state(page, run_id: str) -> str:
+def wait_for_final_state(page, stack, run_id: str) -> str:
+    """The final state the run page shows, checked against the server's own record of the run."""
     badge = final_state_badge(page)
     badge.wait_for(timeout=RUN_TIMEOUT_MS)
     assert run_id in page.url, f"left the run page for {page.url}"
-    return badge.inner_text()
+    shown = badge.inner_text()
+    with _DIRECT.open(f"{stack['ui']}/api/flow_runs/{run_id}", timeout=30) as answer:
+        recorded = json.load(answer)["state"]["name"]
+    assert shown == recorded, f"the run page shows {shown!r}, the server has {recorded!r}"
+    return shown
 
 
 def state_message(page) -> str:
@@ -225,7 +230,7 @@ def test_export_from_the_run_form_then_follow_the_links_to_mlflow_and_back(stack
     import mlflow
 
     run_id = run_export_from_the_form(page, stack, screens, checkpoint="200", name="ui-iris", alias="staging")
-    state = wait_for_final_state(page, run_id)
+    state = wait_for_final_state(page, stack, run_id)
     screens(page, "run-final")
     if state != "Completed":
         pytest.fail(f"run {state}: {state_message(page)}\n{log_tail(str(stack['serve_log']))}")
@@ -293,7 +298,7 @@ def test_a_bad_checkpoint_typed_in_the_form_fails_the_run_and_registers_nothing(
     import mlflow
 
     run_id = run_export_from_the_form(page, stack, screens, checkpoint="best:no_such_metric", name="ui-bad-iris", alias="staging")
-    state = wait_for_final_state(page, run_id)
+    state = wait_for_final_state(page, stack, run_id)
     screens(page, "run-final")
     assert state == "Failed", f"{state}\n{log_tail(str(stack['serve_log']))}"
 
