@@ -41,7 +41,6 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from . import mlflow_client
 from .configs import GateConfig, RegisteredModelName
 from .errors import MetricNotFoundError, MlflowSettingsError, RegistryError
 from .export_base import local_export, saved_model_digest
@@ -286,6 +285,8 @@ def log_export_model(
     import mlflow
     import tensorflow as tf
 
+    from . import mlflow_client
+
     loaded = tf.saved_model.load(local_path)
     specs = loaded.signatures["serving_default"].structured_input_signature[1]
     names = sorted(specs)
@@ -425,6 +426,8 @@ def _log_and_register(job: _Registration, client: Any, local_path: str) -> Regis
     tags = version_tags(export, job.checkpoint, job.frozen, parity, gate.metric, job.value)
     # Sent once (mlflow_client.NO_RESEND): if the version was created but the answer lost, a resend
     # would create a second one. The operation retry (connection.retrying) looks the fingerprint up first.
+    from . import mlflow_client  # imported here: MLflow costs ~1.2 s, and a refused run never gets this far
+
     try:
         mv = mlflow_client.register_logged_model(client, name, logged, run_id, tags=tags, description=version_description(tags))
     except MlflowException as err:

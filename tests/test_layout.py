@@ -182,3 +182,15 @@ def test_the_cli_module_imports_neither_prefect_nor_tensorflow():
     code = "import sys, prefect_tensorflow.flows.cli; print(sorted({'prefect', 'tensorflow', 'mlflow'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_the_deployments_flow_modules_load_without_mlflow_or_tensorflow():
+    """Every deployment run (and every run refused for a bad parameter) starts a process that loads its
+    flow module; MLflow (~1.2 s) and TensorFlow (~3 s) are imported when a task needs them, not there."""
+    code = (
+        "import sys\n"
+        "import prefect_tensorflow.flows.export_checkpoint, prefect_tensorflow.flows.retrain, prefect_tensorflow.flows.sweep\n"
+        "print(sorted({'tensorflow', 'mlflow'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
