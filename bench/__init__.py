@@ -26,6 +26,8 @@ Benchmarks:
                         select_latest_checkpoint on 10,000 remote checkpoints vs 1.
     sweep               4 candidates on 2 Dask workers vs one after another; Prefect+Dask overhead.
     multi_worker        steps/s of 2 MultiWorkerMirroredStrategy workers vs 1 process.
+    flow_start          loading the deployments' flow modules (what every deployment run pays first)
+                        vs the same with the MLflow client loaded, as before it was imported lazily.
 """
 
 import os
@@ -49,4 +51,5 @@ BENCHMARKS = (
     "remote_storage",
     "sweep",
     "multi_worker",
+    "flow_start",
 )
