@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -97,10 +98,7 @@ def _model_variable_bytes(checkpoint: str) -> int:
     for key, shape in shapes.items():
         model_variable = key.startswith(("model/", "optimizer/_trainable_variables/"))
         if model_variable and key.endswith("/.ATTRIBUTES/VARIABLE_VALUE") and ".OPTIMIZER_SLOT" not in key:
-            count = 1
-            for dim in shape:
-                count *= int(dim)
-            total += count * dtypes[key].size
+            total += math.prod(shape) * dtypes[key].size
     return total
 
 

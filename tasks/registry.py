@@ -424,10 +424,10 @@ def _log_and_register(job: _Registration, client: Any, local_path: str) -> Regis
     for key, tag_value in prefect_run_tags().items():
         client.set_tag(run_id, key, tag_value)
     tags = version_tags(export, job.checkpoint, job.frozen, parity, gate.metric, job.value)
-    # Sent once (mlflow_client.NO_RESEND): if the version was created but the answer lost, a resend
-    # would create a second one. The operation retry (connection.retrying) looks the fingerprint up first.
     from . import mlflow_client  # imported here: MLflow costs ~1.2 s, and a refused run never gets this far
 
+    # Sent once (mlflow_client.NO_RESEND): if the version was created but the answer lost, a resend
+    # would create a second one. The operation retry (connection.retrying) looks the fingerprint up first.
     try:
         mv = mlflow_client.register_logged_model(client, name, logged, run_id, tags=tags, description=version_description(tags))
     except MlflowException as err:

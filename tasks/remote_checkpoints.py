@@ -319,10 +319,7 @@ class RemoteModelDir:
             raise StorageError(f"{self.uri}: publishing checkpoints failed: {self._error}") from self._error
         # The keep policy's last deletions (held back until their metrics lines existed) come after the
         # last commit: publish that state file too.
-        for _ in range(1000):
-            if self.publish_committed():
-                break
-            time.sleep(0.01)
+        self._publish_settled()
         # The sidecar evaluator writes a checkpoint's metrics line after its commit: each publish
         # carries the lines written so far, and this one those of the last checkpoints.
         metrics = os.path.join(self.local_dir, METRICS_FILE)
@@ -361,6 +358,10 @@ class RemoteModelDir:
             if time.monotonic() > deadline:
                 raise StorageError(f"{self.local_dir}: checkpoint {name} was never committed locally")
             time.sleep(0.05)
+        self._publish_settled()
+
+    def _publish_settled(self) -> None:
+        """`publish_committed()` until a round finds the local state file unchanged under it."""
         for _ in range(1000):
             if self.publish_committed():
                 return
