@@ -31,7 +31,7 @@ from prefect_tensorflow.tasks.freezing import FreezeResult
 from prefect_tensorflow.tasks.lean_import import skip_keras_optional_imports
 from prefect_tensorflow.tasks.registry import RegisteredVersion
 from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger, in_deployment_run
-from prefect_tensorflow.tasks.security import check_is_model_dir, check_mlflow_connection
+from prefect_tensorflow.tasks.security import check_can_move_aside, check_is_model_dir, check_mlflow_connection
 from prefect_tensorflow.tasks.selection import CheckpointRef, CheckpointSelection
 from prefect_tensorflow.tasks.settings import get_settings
 from prefect_tensorflow.tasks.storage import parse_location
@@ -72,6 +72,7 @@ def set_aside(model_dir: str) -> Optional[str]:
     check_is_model_dir(model_dir)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     aside = f"{model_dir}.previous-{stamp}"
+    check_can_move_aside(model_dir, aside)
     os.rename(model_dir, aside)
     get_logger().info("from scratch: moved the previous checkpoints of %s to %s", model_dir, aside)
     return aside

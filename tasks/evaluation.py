@@ -119,11 +119,11 @@ class Evaluator:
     def _build(self) -> None:
         import tensorflow as tf
 
-        from .model_code import build_model, load
+        from .model_code import build_model, load_split
 
         self._net = build_model(self.spec.model, dict(self.spec.hparams))
         self._checkpoint = tf.train.Checkpoint(model=self._net)
-        self._batches = load(self.spec.data, "data")("eval").batch(self.spec.batch_size)
+        self._batches = load_split(self.spec.data, "eval").batch(self.spec.batch_size)
         self._writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "eval"))
 
     def evaluate(self, step: int, train_loss: Optional[float] = None) -> Optional[dict[str, float]]:

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, Optional, TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.request import url2pathname
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
@@ -52,6 +54,38 @@ DEFAULT_UI_URL = "http://127.0.0.1:5000"
 _SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks", "databricks-uc")
 SECRET_FIELDS = ("token", "password")
 T = TypeVar("T")
+
+
+def local_store_path(uri: str) -> Optional[str]:
+    """The local path an MLflow store URI names, parsed the way MLflow and SQLAlchemy parse it.
+
+    MLflow takes the scheme case-insensitively; a URI without a scheme, or a
+    `file:` one, is a file store (percent-decoded); a `sqlite` one (any driver)
+    is SQLAlchemy's: `sqlite:///relative.db` is relative to the working
+    directory, `sqlite:////abs.db` absolute, and the database part is
+    percent-decoded. Returns an absolute path (not resolved), or None for a
+    server (`http`, `postgresql`, ...) or an in-memory SQLite database.
+
+    Example:
+        >>> import os
+        >>> local_store_path("SQLITE:///data/mlflow.db") == os.path.abspath("data/mlflow.db")
+        True
+        >>> local_store_path("sqlite:////srv/a%2e%2e/m.db"), local_store_path("http://127.0.0.1:5000")
+        ('/srv/a../m.db', None)
+    """
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+        path = url2pathname(unquote(parts.path)) if scheme == "file" else uri
+        return os.path.abspath(path)
+    if scheme.split("+", 1)[0] != "sqlite":
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:":
+        return None
+    return os.path.abspath(database)
 
 
 def default_mlflow_dir() -> str:
@@ -131,12 +165,15 @@ class MlflowConfig(BaseModel):
 
     def default_artifact_location(self) -> Optional[str]:
         """For a SQLite store, `artifacts/` beside the database file (MLflow's own default
-        would be `./mlruns` in whatever the working directory is); else the server's default."""
+        would be `./mlruns` in whatever the working directory is); else the server's default.
+
+        A `file://` URI whose special characters are percent-encoded, so that MLflow,
+        which decodes it, reads the same path."""
         uri = self.resolved_tracking_uri()
-        if not uri.startswith("sqlite:///"):
+        store = local_store_path(uri)
+        if store is None or not urlsplit(uri).scheme.lower().startswith("sqlite"):
             return None
-        database = uri[len("sqlite:///") :]
-        return "file://" + os.path.join(os.path.dirname(os.path.abspath(database)), "artifacts")
+        return pathlib.Path(os.path.dirname(store), "artifacts").as_uri()
 
     def server_label(self) -> str:
         """The tracking URI without credentials, for messages."""
@@ -173,7 +210,7 @@ class MlflowConfig(BaseModel):
 
         location = self.default_artifact_location()
         if location is not None:  # SQLite creates the database file, not its directory
-            os.makedirs(location[len("file://") :], exist_ok=True)
+            os.makedirs(url2pathname(urlsplit(location).path), exist_ok=True)
         return connection_client(self)
 
     def retrying(self, operation: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -13,9 +13,21 @@ Library and CLI callers run their own code: any import string is accepted
 (except standard-library callables, which are never a model builder or a
 loader: `shutil:rmtree` as a loader would delete a directory named `train`).
 In a flow run started from a deployment, parameters were typed into the
-Prefect UI and are untrusted: only registered names, and import strings whose
-module is under a prefix of `PREFECT_TENSORFLOW_ALLOWED_MODULES`, are
-accepted, and nothing else is imported, not even to validate it.
+Prefect UI and are untrusted. There a builder or loader is
+
+- a registered name (the entry point is trusted as it stands), or
+- `module:function` where `module` is under a prefix of
+  `PREFECT_TENSORFLOW_ALLOWED_MODULES` and `function` is one plain name (no
+  dots: nothing is reached *through* the module), public (no leading `_`),
+  listed in the module's `__all__` when it has one, and a Python function
+  *defined in that module* (`def` at its top level): not a class, a builtin,
+  or a function imported into it from elsewhere (`from os import system`).
+
+Everything else is refused before it is called, naming the parameter, and
+modules outside the allowlist are not even imported to check them. What the
+function returns is checked after the call: a builder must return a
+`keras.Model`, a loader a `tf.data.Dataset`; an exception it raises is
+reported naming the parameter (`model` or `data`).
 
 Example:
     >>> from prefect_tensorflow.tasks.model_code import import_string, registered_names
@@ -112,7 +124,7 @@ def import_string(ref: str, kind: Kind, *, untrusted: Optional[bool] = None) -> 
             f"(entry point group {ENTRY_POINT_GROUPS[kind]!r})",
             parameter=kind,
         )
-    module = ref.partition(":")[0]
+    module, _, attr = ref.partition(":")
     if module.split(".")[0] in sys.stdlib_module_names:
         raise ImportStringError(
             ref,
@@ -128,6 +140,13 @@ def import_string(ref: str, kind: Kind, *, untrusted: Optional[bool] = None) -> 
                 f"PREFECT_TENSORFLOW_ALLOWED_MODULES ({', '.join(allowed) or 'none set'}); nothing was imported",
                 parameter=kind,
             )
+        if "." in attr or attr.startswith("_"):
+            raise ImportStringError(
+                ref,
+                f"deployment runs accept 'module:function' with one public function name defined in the module "
+                f"(no dots, no leading underscore), received attribute {attr!r}; nothing was imported",
+                parameter=kind,
+            )
     return ref
 
 
@@ -137,12 +156,15 @@ def load(ref: str, kind: Kind, *, untrusted: Optional[bool] = None) -> Callable[
     Raises:
         ImportStringError: refused (see `import_string`), or it does not import, or it is not callable.
     """
+    untrusted = untrusted if untrusted is not None else in_deployment_run()
     spec = import_string(ref, kind, untrusted=untrusted)
     module_name, _, attr_path = spec.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
         raise ImportStringError(ref, f"module {module_name!r} cannot be imported ({err})", parameter=kind) from err
+    if untrusted and spec != registered_names(kind).get(ref):
+        return defined_function(obj, attr_path, ref, kind)
     for attr in attr_path.split("."):
         try:
             obj = getattr(obj, attr)
@@ -151,6 +173,42 @@ def load(ref: str, kind: Kind, *, untrusted: Optional[bool] = None) -> Callable[
     if not callable(obj):
         raise ImportStringError(ref, f"expected a callable, got {type(obj).__name__}", parameter=kind)
     return obj
+
+
+def defined_function(module: Any, name: str, ref: str, kind: Kind) -> Callable[..., Any]:
+    """The public function `name` defined at the top level of `module` itself (the untrusted rule).
+
+    Read from the module's own namespace (no `__getattr__`, no dotted path),
+    and checked to be a plain Python function whose `__module__` and
+    `__qualname__` say it was defined there under that name.
+
+    Raises:
+        ImportStringError: naming `kind`'s parameter, with what was found instead.
+
+    Example:
+        >>> import prefect_tensorflow.tasks.iris as iris
+        >>> defined_function(iris, "build_model", "prefect_tensorflow.tasks.iris:build_model", "model").__name__
+        'build_model'
+        >>> defined_function(iris, "os", "prefect_tensorflow.tasks.iris:os", "model")
+        Traceback (most recent call last):
+        ...
+        prefect_tensorflow.tasks.errors.ImportStringError: model 'prefect_tensorflow.tasks.iris:os': deployment runs accept a function defined in the module itself; 'os' is not one (no such function)
+    """
+    obj = vars(module).get(name)
+    exported = getattr(module, "__all__", None)
+    if not inspect.isfunction(obj):
+        found = "no such function" if obj is None or inspect.ismodule(obj) else f"a {type(obj).__name__}"
+    elif obj.__module__ != module.__name__ or obj.__qualname__ != name:
+        found = f"it is {obj.__module__}.{obj.__qualname__}, imported into the module"
+    elif exported is not None and name not in exported:
+        found = "not listed in the module's __all__"
+    else:
+        return obj
+    raise ImportStringError(
+        ref,
+        f"deployment runs accept a function defined in the module itself; {name!r} is not one ({found})",
+        parameter=kind,
+    )
 
 
 def check_hparams(ref: str, hparams: Optional[dict[str, Any]]) -> None:
@@ -197,6 +255,29 @@ def build_model(ref: str, hparams: Optional[dict[str, Any]] = None) -> Any:
         net = builder(**dict(hparams or {}))
     except TypeError as err:
         raise TrainingError(f"model {ref!r}: calling it with hparams {hparams or {}} failed: {err}") from err
+    except Exception as err:
+        raise TrainingError(f"model {ref!r}: the model builder raised {type(err).__name__}: {err}") from err
     if not isinstance(net, keras.Model):
         raise TrainingError(f"model {ref!r}: expected a keras.Model, received {type(net).__name__}")
     return net
+
+
+def load_split(ref: str, split: str) -> Any:
+    """Call the dataset loader `ref` names for `split` and check it gave a `tf.data.Dataset`.
+
+    Raises:
+        ImportStringError: see `load`.
+        TrainingError: naming `data`: the loader raised, or returned something else.
+    """
+    import tensorflow as tf
+
+    loader = load(ref, "data")
+    try:
+        dataset = loader(split)
+    except Exception as err:
+        raise TrainingError(f"data {ref!r}: the dataset loader raised {type(err).__name__} for split {split!r}: {err}") from err
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TrainingError(
+            f"data {ref!r}: expected {split!r} to give a tf.data.Dataset of (features, label), received {type(dataset).__name__}"
+        )
+    return dataset

@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import os
+import pathlib
 import tempfile
 import time
 from dataclasses import dataclass
@@ -300,7 +301,9 @@ def log_export_model(
         name=MODEL_NAME_IN_RUN,
         tags={FINGERPRINT_TAG: export.fingerprint},
         python_model=PYFUNC_CODE,
-        artifacts={"saved_model": local_path},
+        # a file URI, percent-encoded: MLflow parses the value as a URI and decodes it, so a bare
+        # path holding '%2e%2e', '?' or '#' would name another directory there
+        artifacts={"saved_model": pathlib.Path(local_path).absolute().as_uri()},
         signature=mlflow_signature(export),
         input_example=example,
         pip_requirements=pinned_requirements(),

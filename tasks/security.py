@@ -33,6 +33,8 @@ from .run_context import in_deployment_run
 from .settings import get_settings
 from .storage import Location, parse_location
 
+URI_SPECIAL = "%?#"
+
 
 def _resolved_roots(roots: Sequence[str]) -> list[Location]:
     resolved = []
@@ -64,11 +66,21 @@ def confine(value: Any, *, parameter: str, untrusted: Optional[bool] = None, roo
 
     Raises:
         StorageError: malformed, or an unsupported scheme.
-        UnsafeParameterError: outside the roots (the message names the resolved path and the roots).
+        UnsafeParameterError: outside the roots (the message names the resolved path and the roots), or
+            (untrusted) holding a character a URI parser reads differently (`%`, `?`, `#`, control).
     """
     location = parse_location(value, parameter=parameter)
     if not (untrusted if untrusted is not None else in_deployment_run()):
         return location.uri
+    reparsed = sorted({c for c in location.uri if c in URI_SPECIAL or ord(c) < 0x20 or ord(c) == 0x7F})
+    if reparsed:
+        raise UnsafeParameterError(
+            parameter,
+            value,
+            f"holds {', '.join(repr(c) for c in reparsed)}, which MLflow and other URI parsers read "
+            "differently from the file system (percent-decoding, query, fragment); deployment runs "
+            "accept paths without them",
+        )
     allowed = list(roots) if roots is not None else get_settings().allowed_roots()
     if location.is_local:
         location = Location(os.path.realpath(location.uri), "file")
@@ -102,12 +114,44 @@ def check_mlflow_connection(connection: Any, *, parameter: str = "mlflow", untru
         )
     for field in ("tracking_uri", "registry_uri"):
         uri = getattr(connection, field, None)
-        if uri and uri.split(":", 1)[0] in ("file", "sqlite"):
-            path = uri.split(":", 1)[1].lstrip("/")
-            try:
-                confine("/" + path, parameter=f"{parameter}.{field}", untrusted=True)
-            except StorageError as err:
-                raise UnsafeParameterError(f"{parameter}.{field}", uri, str(err)) from err
+        if uri:
+            check_store_uri(uri, parameter=f"{parameter}.{field}")
+
+
+def check_store_uri(uri: str, *, parameter: str) -> None:
+    """Refuse an MLflow store URI that names a local path outside the roots, read as MLflow reads it.
+
+    The URI is parsed as MLflow and SQLAlchemy do (`mlflow_connection.local_store_path`:
+    scheme in any case, relative SQLite paths against the working directory,
+    percent-decoding), and the database's directory, where MLflow also puts the
+    artifacts, is confined. SQLite options after `?` (`uri=true` makes the
+    database a `file:` URI of its own) are refused: their meaning is SQLite's.
+
+    Raises:
+        UnsafeParameterError: naming `parameter`.
+
+    Example:
+        >>> check_store_uri("sqlite:///relative/mlflow.db", parameter="mlflow.tracking_uri")
+        Traceback (most recent call last):
+        ...
+        prefect_tensorflow.tasks.errors.UnsafeParameterError: mlflow.tracking_uri: resolves to .../relative/mlflow.db, outside the allowed roots (...), received '...
+    """
+    from urllib.parse import urlsplit
+
+    from .mlflow_connection import local_store_path
+
+    try:
+        path = local_store_path(uri)
+    except Exception as err:  # SQLAlchemy's parser: whatever it cannot read, MLflow cannot either
+        raise UnsafeParameterError(parameter, uri, f"is not a store URI MLflow can read ({err})") from err
+    if path is None:
+        return
+    if urlsplit(uri).query:
+        raise UnsafeParameterError(parameter, uri, "a local store URI with options ('?...') is not accepted in deployment runs")
+    try:
+        confine(path, parameter=parameter, untrusted=True)
+    except StorageError as err:
+        raise UnsafeParameterError(parameter, uri, str(err)) from err
 
 
 MODEL_DIR_ENTRIES = ("checkpoint", "checkpoint_metrics.jsonl", "graph.pbtxt", "eval", ".evaluator.lock")
@@ -137,3 +181,46 @@ def check_is_model_dir(path: str, *, parameter: str = "model_dir") -> None:
             f"is not a model dir (it holds {', '.join(strangers[:5])}"
             f"{' and more' if len(strangers) > 5 else ''}); only a directory of checkpoints is moved aside",
         )
+
+
+def check_can_move_aside(
+    path: str,
+    destination: str,
+    *,
+    parameter: str = "model_dir",
+    untrusted: Optional[bool] = None,
+    roots: Optional[Sequence[str]] = None,
+) -> None:
+    """Refuse, in a deployment run, to rename `path` when it is a configured root or `destination` is outside the roots.
+
+    A run never creates, moves or deletes anything outside the roots: moving a
+    root aside would put its sibling (outside) in its place, and take the root
+    itself away from what the deployment's configuration names.
+
+    Raises:
+        UnsafeParameterError: naming `parameter`.
+
+    Example:
+        >>> check_can_move_aside("/srv/models/iris", "/srv/models/iris.previous-1", untrusted=True, roots=["/srv/models"])
+        >>> check_can_move_aside("/srv/models", "/srv/models.previous-1", untrusted=True, roots=["/srv/models"])
+        Traceback (most recent call last):
+        ...
+        prefect_tensorflow.tasks.errors.UnsafeParameterError: model_dir: is one of the allowed roots (/srv/models; PREFECT_TENSORFLOW_ROOTS); from_scratch would move it out of them: give a model dir below a root, received '/srv/models'
+    """
+    if not (untrusted if untrusted is not None else in_deployment_run()):
+        return
+    allowed = list(roots) if roots is not None else get_settings().allowed_roots()
+    real = os.path.realpath(path)
+    if any(root.is_local and root.uri == real for root in _resolved_roots(allowed)):
+        raise UnsafeParameterError(
+            parameter,
+            path,
+            f"is one of the allowed roots ({', '.join(allowed)}; PREFECT_TENSORFLOW_ROOTS); from_scratch would move "
+            "it out of them: give a model dir below a root",
+        )
+    try:
+        confine(destination, parameter=parameter, untrusted=True, roots=allowed)
+    except UnsafeParameterError as err:
+        raise UnsafeParameterError(
+            parameter, path, f"from_scratch would move it to {destination}, outside the allowed roots"
+        ) from err

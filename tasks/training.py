@@ -359,17 +359,7 @@ def build_model_and_data(config: TrainingConfig):
             f"model {config.model!r}: expected a compiled model (model.compile(optimizer=..., loss=...)), "
             "received one without an optimizer or a loss"
         )
-    loader = model_code.load(config.data, "data")
-    splits = []
-    for split in ("train", "eval"):
-        dataset = loader(split)
-        if not isinstance(dataset, tf.data.Dataset):
-            raise TrainingError(
-                f"data {config.data!r}: expected {split!r} to give a tf.data.Dataset of (features, label), "
-                f"received {type(dataset).__name__}"
-            )
-        splits.append(dataset)
-    return net, splits[0], splits[1]
+    return net, model_code.load_split(config.data, "train"), model_code.load_split(config.data, "eval")
 
 
 def input_pipeline(dataset, config: TrainingConfig):

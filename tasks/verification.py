@@ -78,9 +78,8 @@ def verification_batch(specs: list, data: Optional[str] = None, size: int = 32, 
     import tensorflow as tf
 
     if data is not None:
-        loader = model_code.load(data, "data")
         features = []
-        for element in loader("eval").take(size):
+        for element in model_code.load_split(data, "eval").take(size):
             x = element[0] if isinstance(element, tuple) else element
             features.append(x if isinstance(x, (list, tuple)) else [x])
         if features:

@@ -4,6 +4,9 @@ Loaded as the top-level module `models_for_tests` (pytest puts tests/ on
 sys.path; subprocesses get it through PYTHONPATH).
 """
 
+import os  # noqa: F401 - reachable as `models_for_tests:os.system` by a dotted attribute: refused in deployment runs
+from shutil import rmtree  # noqa: F401 - a function imported into an allowed module: refused in deployment runs
+
 from prefect_tensorflow.tasks import iris
 
 
@@ -64,3 +67,20 @@ def slow_eval_dataset(split):
         return features
 
     return dataset.map(lambda x, y: (tf.ensure_shape(tf.numpy_function(slow, [x], tf.float32), [4]), y))
+
+
+def _private_builder():
+    """A private helper: never named from the Run form."""
+    return iris.build_model()
+
+
+class ModelClass:
+    """A class in an allowed module: not a builder function, refused in deployment runs."""
+
+    def __init__(self, **hparams):
+        self.hparams = hparams
+
+
+def failing_loader(split):
+    """A loader that raises: the error names `data`."""
+    raise RuntimeError(f"no partition for split {split}")

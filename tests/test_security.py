@@ -129,3 +129,113 @@ def test_only_a_model_dir_is_ever_moved_aside(trained_dir, tmp_path):
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"x")
     with pytest.raises(UnsafeParameterError, match="is not a model dir"):
         check_is_model_dir(str(tmp_path / "photos"))
+
+
+# --- issue 19: the second round ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ref, fragment",
+    [
+        ("models_for_tests:os.system", "received attribute 'os.system'; nothing was imported"),
+        ("models_for_tests:iris.build_model", "received attribute 'iris.build_model'"),
+        ("models_for_tests:_private_builder", "no leading underscore"),
+        ("models_for_tests:rmtree", "it is shutil.rmtree, imported into the module"),
+        ("models_for_tests:ModelClass", "is not one (a type)"),
+        ("models_for_tests:os", "is not one (no such function)"),
+        ("models_for_tests:nothing_here", "is not one (no such function)"),
+    ],
+)
+def test_an_untrusted_caller_names_only_functions_defined_in_an_allowed_module(ref, fragment, monkeypatch):
+    monkeypatch.setenv("PREFECT_TENSORFLOW_ALLOWED_MODULES", "models_for_tests")
+    with pytest.raises(ImportStringError) as info:
+        model_code.load(ref, "model", untrusted=True)
+    assert str(info.value).startswith(f"model {ref!r}: ") and fragment in str(info.value)
+    assert model_code.load("models_for_tests:wider_model", "model", untrusted=True).__name__ == "wider_model"
+    assert model_code.load("iris", "model", untrusted=True).__name__ == "build_model"  # registered names as they are
+
+
+def test_a_module_with_all_exports_only_what_it_lists(tmp_path, monkeypatch):
+    (tmp_path / "team_models.py").write_text("__all__ = ['build']\n\ndef build():\n    pass\n\ndef cleanup(path):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PREFECT_TENSORFLOW_ALLOWED_MODULES", "team_models")
+    assert model_code.load("team_models:build", "model", untrusted=True).__name__ == "build"
+    with pytest.raises(ImportStringError, match="not listed in the module's __all__"):
+        model_code.load("team_models:cleanup", "model", untrusted=True)
+    assert model_code.load("team_models:cleanup", "model", untrusted=False).__name__ == "cleanup"  # a library caller
+
+
+def test_library_callers_keep_dotted_import_strings():
+    assert model_code.load("models_for_tests:iris.build_model", "model", untrusted=False).__name__ == "build_model"
+
+
+def test_what_model_code_raises_names_the_parameter():
+    from prefect_tensorflow.tasks.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"^data 'models_for_tests:failing_loader': the dataset loader raised RuntimeError"):
+        model_code.load_split("models_for_tests:failing_loader", "train")
+    with pytest.raises(TrainingError, match=r"^data 'models_for_tests:not_a_dataset': expected 'eval' to give a tf.data"):
+        model_code.load_split("models_for_tests:not_a_dataset", "eval")
+
+
+@pytest.mark.parametrize(
+    "uri, where",
+    [
+        ("sqlite:///relative/mlflow.db", "{cwd}/relative/mlflow.db"),  # SQLAlchemy: relative to the working dir
+        ("SQLITE:////{outside}/mlflow.db", "{outside}/mlflow.db"),  # MLflow reads schemes in any case
+        ("sqlite+pysqlite:////{outside}/mlflow.db", "{outside}/mlflow.db"),
+        ("sqlite:////{root}/%2e%2e/outside/mlflow.db", "{outside}/mlflow.db"),  # SQLAlchemy percent-decodes
+        ("file:///{outside}/mlruns", "{outside}/mlruns"),
+        ("FILE:///{root}/%2E%2E/outside/mlruns", "{outside}/mlruns"),
+    ],
+)
+def test_mlflow_store_uris_are_confined_as_mlflow_reads_them(uri, where, tmp_path, monkeypatch):
+    from prefect_tensorflow.tasks.security import check_store_uri
+
+    root, outside, cwd = tmp_path / "root", tmp_path / "outside", tmp_path / "cwd"
+    for path in (root, outside, cwd):
+        path.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("PREFECT_TENSORFLOW_ROOTS", str(root))
+    uri = uri.format(root=str(root).lstrip("/"), outside=str(outside).lstrip("/"))
+    with pytest.raises(UnsafeParameterError) as info:
+        check_store_uri(uri, parameter="mlflow.tracking_uri")
+    assert str(info.value).startswith(f"mlflow.tracking_uri: resolves to {where.format(cwd=cwd, outside=outside)}, outside")
+    check_store_uri(f"sqlite:///{root}/mlflow.db", parameter="mlflow.tracking_uri")
+    check_store_uri("http://127.0.0.1:5000", parameter="mlflow.tracking_uri")  # a server: not a local path
+    with pytest.raises(UnsafeParameterError, match="options"):
+        check_store_uri(f"sqlite:///{root}/mlflow.db?mode=ro&uri=true", parameter="mlflow.tracking_uri")
+    assert os.listdir(cwd) == []
+
+
+def test_the_default_artifact_location_is_the_file_uri_of_the_same_directory(tmp_path):
+    from urllib.parse import urlsplit
+    from urllib.request import url2pathname
+
+    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
+
+    odd = tmp_path / "a b%zz"  # '%zz' is no escape: SQLAlchemy keeps it, a file URI must encode it
+    for uri in (f"sqlite:///{odd}/mlflow.db", f"SQLITE:///{odd}/mlflow.db"):
+        location = MlflowConfig(tracking_uri=uri).default_artifact_location()
+        assert "%25zz" in location and url2pathname(urlsplit(location).path) == f"{odd}/artifacts"
+
+
+@pytest.mark.parametrize("character", ["%", "?", "#", "\n"])
+def test_an_untrusted_path_holding_what_a_uri_parser_rereads_is_refused(character, tmp_path):
+    value = f"{tmp_path}/runs/a{character}2e/exports"
+    with pytest.raises(UnsafeParameterError) as info:
+        confine(value, parameter="export_base", untrusted=True, roots=[str(tmp_path)])
+    assert str(info.value).startswith("export_base: holds ")
+    assert confine(value, parameter="export_base", untrusted=False)  # a library caller's path is its own
+
+
+def test_a_root_is_never_moved_aside(tmp_path):
+    from prefect_tensorflow.tasks.security import check_can_move_aside
+
+    roots = [str(tmp_path / "models"), str(tmp_path / "other")]
+    with pytest.raises(UnsafeParameterError, match="is one of the allowed roots"):
+        check_can_move_aside(roots[0], roots[0] + ".previous-1", untrusted=True, roots=roots)
+    check_can_move_aside(roots[0] + "/iris", roots[0] + "/iris.previous-1", untrusted=True, roots=roots)
+    with pytest.raises(UnsafeParameterError, match="outside the allowed roots"):
+        check_can_move_aside(roots[0] + "/iris", str(tmp_path / "elsewhere"), untrusted=True, roots=roots)
+    check_can_move_aside(roots[0], roots[0] + ".previous-1", untrusted=False, roots=roots)
