@@ -14,10 +14,10 @@ Example:
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from prefect_tensorflow.tasks import model_code
+from prefect_tensorflow.tasks.confined_dirs import open_directory
 from prefect_tensorflow.tasks.security import confine
 from prefect_tensorflow.tasks.storage import parse_location
 
@@ -43,8 +43,16 @@ def checked_code(*, model: Optional[str], data: Optional[str]) -> None:
 
 
 def frozen_graph_path(frozen_dir: str, checkpoint: str) -> str:
-    """`<frozen_dir>/<checkpoint name>.pb` (the directory created if it is local)."""
+    """`<frozen_dir>/<checkpoint name>.pb` (the directory created if it is local).
+
+    A local directory is created through `confined_dirs.open_directory`: in a deployment run each
+    missing component is made inside its parent, reached from the root without following a
+    symlink, so a `frozen_dir` whose path was swapped for a symlink creates nothing outside the roots.
+
+    Raises:
+        StorageError, UnsafeParameterError: naming `frozen_dir`.
+    """
     location = parse_location(frozen_dir, parameter="frozen_dir")
     if location.is_local:
-        os.makedirs(location.uri, exist_ok=True)
+        open_directory(location.uri, parameter="frozen_dir", create=True).close()
     return location.join(checkpoint.rstrip("/").rsplit("/", 1)[-1] + ".pb").uri

@@ -8,6 +8,12 @@ naming the newest one. Parsing them here keeps validation cheap (no
 TensorFlow import, no tensor reads) and independent of the number of
 checkpoints in the directory.
 
+Paths read out of these files are data, not parameters: in a deployment run
+(untrusted) the checkpoint a state file names must lie inside its model dir
+(`resolve_state_path`), and a checkpoint's files, symlinks resolved, inside
+the model dir or the roots (`confine_checkpoint_files`); anything else is
+refused with an error naming the file and the path.
+
 Example:
     >>> import os, tempfile
     >>> import tensorflow as tf
@@ -30,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import InvalidCheckpointError
+from .errors import InvalidCheckpointError, UnsafeParameterError
+from .run_context import in_deployment_run
 
 STATE_FILE = "checkpoint"
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -83,22 +90,28 @@ def data_shard_path(prefix: str, shard: int, num_shards: int) -> str:
 # --- the `checkpoint` state file -------------------------------------------------
 
 
-def read_state_file(model_dir: str | os.PathLike) -> CheckpointState:
+def read_state_file(model_dir: str | os.PathLike, *, untrusted: Optional[bool] = None) -> CheckpointState:
     """Read `model_checkpoint_path` from `<model_dir>/checkpoint`, resolved inside `model_dir`.
 
     TensorFlow writes that field first, so reading stops there: the cost does
     not grow with the `all_model_checkpoint_paths` lines that follow (10,000 of
     them with `max_to_keep=None`).
 
+    Args:
+        model_dir: the model dir.
+        untrusted: default: whether this runs in a deployment's flow run; then the path
+            must lead inside `model_dir` (see `resolve_state_path`).
+
     Raises:
         FileNotFoundError: there is no state file.
         ValueError: the state file is not a CheckpointState text proto.
+        UnsafeParameterError: untrusted, and the state file names a checkpoint outside `model_dir`.
     """
     path = os.path.join(os.fspath(model_dir), STATE_FILE)
     with open(path, "rb") as handle:
         stat = os.fstat(handle.fileno())
         latest = parse_state_lines(handle, path)
-    return CheckpointState(path, _resolve(model_dir, latest), stat.st_ctime_ns)
+    return CheckpointState(path, resolve_state_path(model_dir, latest, source=path, untrusted=untrusted), stat.st_ctime_ns)
 
 
 def parse_state_lines(lines: Iterable[bytes], path: str) -> str:
@@ -153,6 +166,106 @@ def _resolve(model_dir: str | os.PathLike, ckpt_path: str) -> str:
     if os.path.exists(ckpt_path + ".index"):
         return ckpt_path
     return os.path.join(model_dir, os.path.basename(ckpt_path))
+
+
+def is_inside(path: str, directory: str) -> bool:
+    """Whether `path`, symlinks resolved, is `directory` (symlinks resolved) or lies under it."""
+    real, top = os.path.realpath(path), os.path.realpath(directory)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def resolve_state_path(model_dir: str | os.PathLike, named: str, *, source: str, untrusted: Optional[bool] = None) -> str:
+    """A checkpoint path as a state file (`source`) names it, resolved in `model_dir`.
+
+    Trusted callers keep TensorFlow's reading (relative to the model dir; an
+    absolute path as is when it exists, else by its file name in the model dir).
+    Untrusted (default: in a deployment run) the checkpoint must be inside the
+    model dir, symlinks resolved: an absolute path elsewhere is taken by its file
+    name in the model dir when that checkpoint is there (a copied model dir), and
+    nothing outside is even looked at.
+
+    Raises:
+        UnsafeParameterError: untrusted, and the path leads outside `model_dir` (`../`, an
+            absolute path, a symlink); the message names `source` and the path.
+
+    Example:
+        >>> resolve_state_path("/srv/models/iris", "../../../etc/passwd", source="/srv/models/iris/checkpoint", untrusted=True)
+        Traceback (most recent call last):
+        ...
+        prefect_tensorflow.tasks.errors.UnsafeParameterError: model_dir: /srv/models/iris/checkpoint names ../../../etc/passwd, outside the model dir /srv/models/iris; a deployment run only ships checkpoints inside their model dir, received '/srv/models/iris'
+    """
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    if not (untrusted if untrusted is not None else in_deployment_run()):
+        return _resolve(model_dir, named)
+    candidate = os.path.normpath(os.path.join(model_dir, named))
+    if is_inside(candidate, model_dir):
+        return candidate
+    if os.path.isabs(named):
+        by_name = os.path.join(model_dir, os.path.basename(named))
+        if (
+            os.path.basename(named) not in ("", ".", "..")
+            and os.path.lexists(by_name + ".index")
+            and is_inside(by_name + ".index", model_dir)
+        ):
+            return by_name
+    raise UnsafeParameterError(
+        "model_dir",
+        model_dir,
+        f"{source} names {named}, outside the model dir {model_dir}; a deployment run only ships checkpoints inside their model dir",
+    )
+
+
+def checkpoint_file_names(prefix: str) -> list[str]:
+    """The files of checkpoint `prefix` that are there: `.index`, `.data-*` shards, `.meta`."""
+    directory, name = os.path.split(prefix)
+    try:
+        entries = os.listdir(directory or ".")
+    except OSError:
+        return []
+    return sorted(
+        os.path.join(directory, entry)
+        for entry in entries
+        if entry in (name + ".index", name + ".meta") or entry.startswith(name + ".data-")
+    )
+
+
+def confine_checkpoint_files(
+    prefix: str,
+    *,
+    model_dir: Optional[str] = None,
+    parameter: str = "model_dir",
+    untrusted: Optional[bool] = None,
+    roots: Optional[list[str]] = None,
+) -> None:
+    """In a deployment run, check a checkpoint's prefix and files (symlinks resolved) stay where they belong.
+
+    With `model_dir`: inside it (a selection). Without: under the roots (a checkpoint passed on).
+    Trusted callers are not checked.
+
+    Raises:
+        UnsafeParameterError: naming `parameter`, the file and where it leads.
+    """
+    if not (untrusted if untrusted is not None else in_deployment_run()):
+        return
+    from .security import confine
+
+    where = "the model dir " + model_dir if model_dir is not None else "the allowed roots"
+    for path in [prefix, *checkpoint_file_names(prefix)]:
+        if model_dir is not None:
+            ok = is_inside(path, model_dir)
+        else:
+            try:
+                confine(path, parameter=parameter, untrusted=True, roots=roots)
+                ok = True
+            except ValueError:
+                ok = False
+        if not ok:
+            shown = path if os.path.realpath(path) == os.path.abspath(path) else f"{path} (-> {os.path.realpath(path)})"
+            raise UnsafeParameterError(
+                parameter,
+                prefix,
+                f"checkpoint file {shown} lies outside {where}; a deployment run reads checkpoints only there",
+            )
 
 
 # --- the `.index` table ---------------------------------------------------------

@@ -7,9 +7,15 @@ promise and the package's others:
 | | local directory | `s3://bucket/prefix` |
 |---|---|---|
 | a version appears | one `rename` of a staged sibling | every file uploaded and checked, `saved_model.pb` last |
-| two exporters | `flock` on `.prefect-tensorflow.lock` | a lease object made by a conditional write |
+| two exporters | `flock` on `.prefect-tensorflow.lock` (never a symlink) | a lease object made by a conditional write |
 | what a crash leaves | a `.ptf-tmp-` sibling, removed by the next export | files without `saved_model.pb`, removed by the next export |
 | reuse check | the version's files hashed again | the version downloaded and hashed again |
+
+A local base is opened once (`confined_dirs.open_directory`: in a deployment
+run, walked from its root without following symlinks) and everything after
+that (lock file, staging, the publishing rename, clean-up) goes through that
+descriptor: replacing the base's path by a symlink during an export publishes
+nothing, anywhere.
 
 Example:
     >>> import tempfile
@@ -27,11 +33,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any
+from typing import Any, Optional
 
-from .errors import ExportError
+from .confined_dirs import OpenDir, open_directory
+from .errors import ExportError, StorageError
 from .object_store import ObjectStore, lease
-from .run_context import get_logger
+from .run_context import get_logger, in_deployment_run
 from .storage import (
     LOCK_FILE,
     Location,
@@ -71,32 +78,57 @@ def _strangers_error(base: str, strangers: list[str]) -> ExportError:
 
 
 class LocalExportBase:
-    """A directory of `<version>/` SavedModels."""
+    """A directory of `<version>/` SavedModels, held open by descriptor once `prepare`d (see the module docstring)."""
 
     def __init__(self, location: Location):
         self.uri = location.uri
         self.created = False
+        self.dir: Optional[OpenDir] = None
+
+    def _open(self, *, create: bool) -> OpenDir:
+        if create and os.path.lexists(self.uri) and not os.path.isdir(self.uri):
+            raise ExportError(f"export base {self.uri} is a file; expected a directory of version directories")
+        try:  # StorageError (not a directory) and UnsafeParameterError (a symlink, outside the roots) pass
+            return open_directory(self.uri, parameter="export_base", create=create)
+        except OSError as err:
+            raise ExportError(
+                f"export base {self.uri} cannot be {'created' if create else 'opened'}: {err.strerror or err}"
+            ) from err
 
     def prepare(self) -> None:
-        """Create the directory if missing (remembering that it did) and check it is usable."""
-        if os.path.exists(self.uri) and not os.path.isdir(self.uri):
-            raise ExportError(f"export base {self.uri} is a file; expected a directory of version directories")
-        self.created = not os.path.exists(self.uri)
-        try:
-            os.makedirs(self.uri, exist_ok=True)
-        except OSError as err:
-            raise ExportError(f"export base {self.uri} cannot be created: {err.strerror or err}") from err
-        if not os.access(self.uri, os.W_OK | os.X_OK):
+        """Open the directory (creating it if missing, remembering that it did) and check it is usable."""
+        if self.dir is None:
+            self.dir = self._open(create=True)
+            self.created = self.dir.created
+        if not os.access(self.dir.handle, os.W_OK | os.X_OK):
             raise ExportError(f"export base {self.uri} is not writable")
         self.versions()  # refuse a wrong directory before leaving a lock file in it
+
+    def close(self) -> None:
+        if self.dir is not None:
+            self.dir.close()
+            self.dir = None
+
+    def _names(self) -> list[str]:
+        return self.dir.listdir() if self.dir is not None else os.listdir(self.uri)
+
+    def _is_dir(self, name: str) -> bool:
+        return self.dir.is_dir(name) if self.dir is not None else os.path.isdir(os.path.join(self.uri, name))
+
+    def _reading_path(self, version_path: str) -> str:
+        """Where to read a version this base listed: through the descriptor when open."""
+        name = os.path.basename(version_path.rstrip(os.sep))
+        if self.dir is not None and os.path.join(self.uri, name) == version_path:
+            return self.dir.entry(name)
+        return version_path
 
     def versions(self) -> dict[int, str]:
         """Version number -> path. Raises ExportError if other (non-hidden) entries are there."""
         versions, strangers = {}, []
-        for name in sorted(os.listdir(self.uri)):
+        for name in sorted(self._names()):
             if name.startswith("."):
                 continue
-            if name.isdigit() and os.path.isdir(os.path.join(self.uri, name)):
+            if name.isdigit() and self._is_dir(name):
                 versions[int(name)] = os.path.join(self.uri, name)
             else:
                 strangers.append(name)
@@ -104,27 +136,42 @@ class LocalExportBase:
             raise _strangers_error(self.uri, strangers)
         return versions
 
-    def lock(self) -> AbstractContextManager[None]:
-        return exclusive_lock(self.uri)
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """The exclusive lock on the base's lock file (opened without following a symlink)."""
+        opened = self.dir is None
+        if opened:
+            try:
+                self.dir = open_directory(self.uri, parameter="export_base")
+            except OSError as err:
+                raise StorageError(f"{self.uri} is not writable: {err.strerror or err}") from err
+        try:
+            with exclusive_lock(self.uri, parent=self.dir):
+                yield
+        finally:
+            if opened:
+                self.close()
 
     def info(self, version_path: str) -> dict[str, Any]:
         try:
-            with open(os.path.join(version_path, INFO_FILE), encoding="utf-8") as handle:
+            with open(os.path.join(self._reading_path(version_path), INFO_FILE), encoding="utf-8") as handle:
                 return json.load(handle)
         except (OSError, ValueError):
             return {}
 
     def digest(self, version_path: str) -> str:
-        return saved_model_digest(version_path)
+        return saved_model_digest(self._reading_path(version_path))
 
     def clean_up(self) -> list[str]:
         """Remove what an export cut short by a crash left (call under the lock)."""
-        return remove_abandoned_temporaries(self.uri)
+        return remove_abandoned_temporaries(self.uri, directory=self.dir)
 
     @contextmanager
     def staged(self, version: int) -> Iterator[str]:
-        """A staging directory for `version`, published by one rename when the block ends cleanly."""
-        with staged_directory(os.path.join(self.uri, str(version))) as tmp:
+        """A staging directory for `version` (it exists, empty), published by one rename when the block ends cleanly."""
+        if self.dir is None:
+            raise ExportError(f"export base {self.uri}: prepare() it before staging a version")
+        with staged_directory(str(version), parent=self.dir) as tmp:
             yield tmp
 
     def path(self, version: int) -> str:
@@ -136,14 +183,8 @@ class LocalExportBase:
 
     def forget_if_created(self) -> None:
         """After a failed export into a base this call created: remove it if nobody else wrote in it."""
-        if not self.created:
-            return
-        try:
-            if os.listdir(self.uri) == [LOCK_FILE]:
-                os.remove(os.path.join(self.uri, LOCK_FILE))
-            os.rmdir(self.uri)
-        except OSError:
-            pass
+        if self.created and self.dir is not None:
+            self.dir.remove_if_empty(but=[LOCK_FILE])
 
 
 class RemoteExportBase:
@@ -223,6 +264,9 @@ class RemoteExportBase:
     def forget_if_created(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 def open_export_base(export_base: str) -> LocalExportBase | RemoteExportBase:
     """The export base at a path or `s3://` URI (nothing is created yet: see `prepare`)."""
@@ -232,9 +276,21 @@ def open_export_base(export_base: str) -> LocalExportBase | RemoteExportBase:
 
 @contextmanager
 def local_export(path: str) -> Iterator[str]:
-    """A SavedModel version directory on this machine: itself, or a downloaded copy of a remote one."""
+    """A SavedModel version directory on this machine: itself, or a downloaded copy of a remote one.
+
+    In a deployment run a local one must still resolve under the roots (it may have been swapped
+    for a symlink since it was exported): nothing outside them is read or registered.
+
+    Raises:
+        UnsafeParameterError: in a deployment run, the local path now resolves outside the roots.
+    """
     location = parse_location(path, parameter="export")
     if location.is_local:
+        if in_deployment_run():
+            from .security import confine
+
+            yield confine(location.uri, parameter="export", untrusted=True)
+            return
         yield location.uri
         return
     base_uri, _ = location.uri.rsplit("/", 1)

@@ -12,7 +12,9 @@ CRC32C) and of the export settings is kept in
 `<version>/assets.extra/prefect_tensorflow.json`; exporting the same
 checkpoint with the same settings again returns that version. An exclusive
 lock on `export_base` makes concurrent exports of one checkpoint end with one
-version.
+version. A local `export_base` is opened once, before anything is written, and
+staged into and published through that handle (`export_base.LocalExportBase`):
+a base swapped for a symlink mid-export publishes nothing.
 
 Example:
     >>> from prefect_tensorflow.tasks.exporting import checkpoint_fingerprint
@@ -25,13 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from contextlib import AbstractContextManager
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import model_code, remote_checkpoints
+from .checkpoint_files import confine_checkpoint_files
 from .configs import ExportConfig
 from .errors import ExportError, ParityError
 from .export_base import INFO_FILE, LocalExportBase, RemoteExportBase, open_export_base, saved_model_digest
@@ -172,6 +174,8 @@ def export_saved_model(checkpoint: str, export_base: str, config: Optional[Expor
     """
     config = config or ExportConfig()
     remote_source = remote_checkpoints.is_remote(checkpoint)
+    if not remote_source:
+        confine_checkpoint_files(os.fspath(checkpoint), parameter="checkpoint")  # a deployment run reads only under the roots
     files = validate_checkpoint(checkpoint)
     local_prefix = remote_checkpoints.fetch_checkpoint(files.prefix) if remote_source else files.prefix
     model = config.model_for(files.format)
@@ -189,13 +193,15 @@ def export_saved_model(checkpoint: str, export_base: str, config: Optional[Expor
             model_code.load(config.verification_data(model) or "", "data")
     fingerprint = checkpoint_fingerprint(local_prefix, settings)
     base = open_export_base(os.fspath(export_base))
-    base.prepare()
     try:
+        base.prepare()  # a local base is opened once here: every write below goes through that handle
         with base.lock():
             return _export_locked(base, files.prefix, local_prefix, model, config, settings, fingerprint)
     except BaseException:
         base.forget_if_created()  # a failed export into a new base leaves no base behind
         raise
+    finally:
+        base.close()
 
 
 def _export_locked(
@@ -223,9 +229,7 @@ def _export_locked(
     for leftover in base.clean_up():  # exports cut short by a crash
         log.warning("removed %s, an export cut short", leftover)
     version = max(base.versions(), default=0) + 1
-    with base.staged(version) as tmp:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)  # the SavedModel writers create the directory themselves
+    with base.staged(version) as tmp:  # an empty directory, which both SavedModel writers accept
         if model is None:
             batch, names, expected = _save_tf1(prefix, tmp, config)
         else:

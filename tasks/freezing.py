@@ -13,7 +13,10 @@ checkpoint, for three sources:
 The graph is written to a temporary sibling, loaded back with
 `tf.compat.v1.import_graph_def`, run on a verification batch and compared
 with the source; only then is it renamed into place. A mismatch above the
-tolerance fails the task and leaves no `.pb` behind.
+tolerance fails the task and leaves no `.pb` behind. A local output directory
+is opened once, before the model is rebuilt, and the graph is staged into and
+published through that handle (`confined_dirs`): a directory swapped for a
+symlink meanwhile receives nothing.
 
 Example:
     >>> from prefect import flow
@@ -35,12 +38,14 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import remote_checkpoints
-from .checkpoint_files import check_checkpoint
+from .checkpoint_files import check_checkpoint, confine_checkpoint_files
 from .configs import ExportConfig
-from .errors import FreezeError, GraphTooLargeError, ParityError
+from .confined_dirs import OpenDir, open_directory
+from .errors import FreezeError, GraphTooLargeError, ParityError, StorageError
 from .meta_graph import load_meta_graph
 from .object_store import ObjectStore
-from .run_context import get_logger
+from .run_context import get_logger, in_deployment_run
+from .security import confine
 from .selection import validate_checkpoint
 from .serving import trace_checkpoint
 from .storage import Location, parse_location, remove_abandoned_temporaries, scratch_dir, staged_file
@@ -201,20 +206,48 @@ def freeze_graph(checkpoint: str, output: str, config: Optional[ExportConfig] = 
         ... def freeze_latest(checkpoint: str) -> str:
         ...     return freeze_graph(checkpoint, "/tmp/iris.pb").digest
     """
-    import tensorflow as tf
-
     config = config or ExportConfig()
     source = os.fspath(checkpoint)
     target = parse_location(output, parameter="output")
+    directory = _open_output_dir(target.uri) if target.is_local else None
+    try:
+        return _freeze(source, target, directory, config, as_text)
+    finally:
+        if directory is not None:
+            directory.close()
+
+
+def _open_output_dir(output: str) -> OpenDir:
+    """The output's directory, opened once (in a deployment run, reached from its root without symlinks).
+
+    Raises:
+        FreezeError: missing, not a directory, not writable, or `output` is a directory.
+        UnsafeParameterError: in a deployment run, outside the roots or through a symlink.
+    """
+    out_dir = os.path.dirname(output)
+    try:
+        directory = open_directory(out_dir, parameter="output")
+    except FileNotFoundError as err:
+        raise FreezeError(f"output {output}: directory {out_dir} does not exist") from err
+    except StorageError as err:  # not a directory (an UnsafeParameterError is no StorageError: it passes)
+        raise FreezeError(f"output {output}: {err}") from err
+    except OSError as err:
+        raise FreezeError(f"output {output}: directory {out_dir} cannot be opened: {err.strerror or err}") from err
+    if not os.access(directory.handle, os.W_OK):
+        directory.close()
+        raise FreezeError(f"output {output}: directory {out_dir} is not writable")
+    if directory.is_dir(os.path.basename(output)):
+        directory.close()
+        raise FreezeError(f"output {output} is a directory; expected a .pb file path")
+    return directory
+
+
+def _freeze(source: str, target: Location, directory: Optional[OpenDir], config: ExportConfig, as_text: bool) -> FreezeResult:
+    import tensorflow as tf
+
     output = target.uri
-    if target.is_local:
-        out_dir = os.path.dirname(output)
-        if not os.path.isdir(out_dir):
-            raise FreezeError(f"output {output}: directory {out_dir} does not exist")
-        if not os.access(out_dir, os.W_OK):
-            raise FreezeError(f"output {output}: directory {out_dir} is not writable")
-        if os.path.isdir(output):
-            raise FreezeError(f"output {output} is a directory; expected a .pb file path")
+    if directory is not None:
+        out_dir = directory.path
     else:  # written here and uploaded once verified: one object appears whole or not at all
         out_dir = tempfile.mkdtemp(prefix="ptf-freeze-", dir=scratch_dir())
 
@@ -229,8 +262,11 @@ def freeze_graph(checkpoint: str, output: str, config: Optional[ExportConfig] = 
             graph_def, inputs, outputs, batch, expected = _freeze_tf2(local, model, config)
     elif is_saved_model_dir(source):
         fmt = "saved_model"
+        if in_deployment_run():
+            confine(source, parameter="checkpoint", untrusted=True)
         graph_def, inputs, outputs, batch, expected = _freeze_saved_model(source, config.data)
     else:
+        confine_checkpoint_files(source, parameter="checkpoint")  # a deployment run reads only under the roots
         files = check_checkpoint(source)
         model = config.model_for(files.format)
         if model is None:
@@ -245,8 +281,8 @@ def freeze_graph(checkpoint: str, output: str, config: Optional[ExportConfig] = 
 
     local_output = output if target.is_local else os.path.join(out_dir, target.name)
     pbtxt = os.path.splitext(local_output)[0] + ".pbtxt" if as_text else None
-    remove_abandoned_temporaries(out_dir)
-    with staged_file(local_output) as tmp:
+    remove_abandoned_temporaries(out_dir, directory=directory)
+    with staged_file(local_output, parent=directory) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(data_bytes)
         actual = run_frozen_graph(read_graph_def(tmp), inputs, outputs, batch)
@@ -257,7 +293,7 @@ def freeze_graph(checkpoint: str, output: str, config: Optional[ExportConfig] = 
                 f"(tolerance {config.tolerance:g}): {parity.per_output}; nothing was written"
             )
         if pbtxt is not None:
-            with staged_file(pbtxt) as text_tmp:
+            with staged_file(pbtxt, parent=directory) as text_tmp:
                 tf.io.write_graph(graph_def, os.path.dirname(text_tmp), os.path.basename(text_tmp), as_text=True)
     if not target.is_local:
         pbtxt = _upload(target, local_output, pbtxt)

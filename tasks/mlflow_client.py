@@ -23,6 +23,12 @@ lookup retries instead.
 (create the logged model, save locally, upload, finalize), and
 `register_logged_model` registers it without MLflow's global client.
 
+Artifact locations are MLflow's answers, not the run's parameters: in a
+deployment run, a local one (`file:` or a bare path: the client itself would
+write or read there) must lie under the roots, or beside the worker's own
+SQLite store (`check_artifact_location`); every artifact repository these
+clients make, for runs and logged models alike, is checked before use.
+
 Example:
     >>> from prefect_tensorflow.tasks.mlflow_client import check_private_api
     >>> check_private_api()
@@ -42,7 +48,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
 
 from mlflow import MlflowClient
 from mlflow.entities import FileInfo
@@ -89,7 +96,7 @@ def connection_client(config: Any) -> MlflowClient:
     """An `MlflowClient` for the `MlflowConfig` `config` alone (see the module docstring)."""
     tracking, registry = config.resolved_tracking_uri(), config.resolved_registry_uri()
     if urlsplit(tracking).scheme not in ("http", "https"):
-        return MlflowClient(tracking, registry)
+        return ConfinedMlflowClient(tracking, registry)
     connection = Connection(
         tracking_uri=tracking,
         registry_uri=registry,
@@ -266,8 +273,70 @@ class ExplicitHttpArtifactRepository(HttpArtifactRepository):
         augmented_raise_for_status(self._http(self.artifact_uri, endpoint, "DELETE", stream=True))
 
 
-def artifact_repository(conn: Connection, location: str):
-    """The artifact repository for `location` (a run's or logged model's artifact URI)."""
+def local_artifact_path(location: str) -> Optional[str]:
+    """The local path an artifact location names (`file:` URI or bare path), as MLflow reads it; None if remote."""
+    parts = urlsplit(location)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return os.path.abspath(url2pathname(unquote(parts.path)))
+    if scheme == "" or (len(scheme) == 1 and os.name == "nt"):
+        return os.path.abspath(location)
+    return None
+
+
+def check_artifact_location(location: str, tracking_uri: str, *, what: str, untrusted: Optional[bool] = None) -> None:
+    """In a deployment run, refuse a local artifact location (from an MLflow answer) outside the roots.
+
+    An experiment's artifact location is chosen by whoever created it, and anyone
+    with the connection's MLflow identity can create one; a `file:` location makes
+    this worker write (and read back) the artifacts on its own disk. Allowed: under
+    `PREFECT_TENSORFLOW_ROOTS`, or in the directory of the store's own SQLite
+    database (where `MlflowConfig` puts the artifacts). Remote locations
+    (`mlflow-artifacts:`, `http(s)`, `s3://`, ...) are the server's business.
+
+    Raises:
+        UnsafeParameterError: naming `mlflow`, what the location is for, and the location.
+
+    Example:
+        >>> check_artifact_location("file:///etc/cron.d", "http://127.0.0.1:5000", what="run 1f2e", untrusted=True)
+        Traceback (most recent call last):
+        ...
+        prefect_tensorflow.tasks.errors.UnsafeParameterError: mlflow: the MLflow answer for run 1f2e names the local artifact location file:///etc/cron.d, which resolves to /etc/cron.d, outside the allowed roots (...); a deployment run writes and reads local artifacts only there, received 'file:///etc/cron.d'
+    """
+    from .errors import UnsafeParameterError
+    from .run_context import in_deployment_run
+
+    if not (untrusted if untrusted is not None else in_deployment_run()):
+        return
+    path = local_artifact_path(location)
+    if path is None:
+        return
+    from .mlflow_connection import local_store_path
+    from .security import confine
+    from .settings import get_settings
+
+    allowed = get_settings().allowed_roots()
+    try:
+        store = local_store_path(tracking_uri)
+    except Exception:  # noqa: BLE001 - an unreadable store URI adds no allowed directory
+        store = None
+    if store is not None and urlsplit(tracking_uri).scheme.lower().startswith("sqlite"):
+        allowed.append(os.path.dirname(store))
+    try:
+        confine(path, parameter="mlflow", untrusted=True, roots=allowed)
+    except ValueError as err:
+        detail = str(err).removeprefix("mlflow: ").rsplit(", received ", 1)[0]
+        raise UnsafeParameterError(
+            "mlflow",
+            location,
+            f"the MLflow answer for {what} names the local artifact location {location}, which {detail}; "
+            "a deployment run writes and reads local artifacts only there",
+        ) from None
+
+
+def artifact_repository(conn: Connection, location: str, *, what: str = "an artifact location"):
+    """The artifact repository for `location` (a run's or logged model's artifact URI), checked when local."""
+    check_artifact_location(location, conn.tracking_uri, what=what)
     scheme = urlsplit(location).scheme
     if scheme == "mlflow-artifacts":
         return ExplicitHttpArtifactRepository(MlflowArtifactsRepository.resolve_uri(location, conn.tracking_uri), conn)
@@ -302,7 +371,7 @@ class _ExplicitTrackingServiceClient(TrackingServiceClient):
                 location = self.get_logged_model(resource_id).artifact_location
             else:
                 raise ValueError(f"Unexpected resource type {resource!r}.")
-            repo = self._repos[key] = artifact_repository(self._conn, location)
+            repo = self._repos[key] = artifact_repository(self._conn, location, what=f"{resource} {resource_id}")
         return repo
 
     def list_artifacts(self, run_id, path=None):
@@ -312,6 +381,23 @@ class _ExplicitTrackingServiceClient(TrackingServiceClient):
         if dst_path is not None:
             os.makedirs(dst_path, exist_ok=True)
         return self._get_artifact_repo(run_id).download_artifacts(path, dst_path)
+
+
+class _ConfinedTrackingServiceClient(TrackingServiceClient):
+    """MLflow's own tracking client (database stores), its artifact locations checked (`check_artifact_location`)."""
+
+    def _get_artifact_repo(self, resource_id, *, resource="run"):
+        repo = super()._get_artifact_repo(resource_id, resource=resource)
+        check_artifact_location(repo.artifact_uri, self.tracking_uri, what=f"{resource} {resource_id}")
+        return repo
+
+
+class ConfinedMlflowClient(MlflowClient):
+    """A plain `MlflowClient` (database store URIs) whose artifact repositories are checked before use."""
+
+    def __init__(self, tracking_uri: str, registry_uri: str):
+        super().__init__(tracking_uri, registry_uri)
+        self._tracking_client = _ConfinedTrackingServiceClient(self._tracking_client.tracking_uri)
 
 
 class _ExplicitModelRegistryClient(ModelRegistryClient):
@@ -349,8 +435,9 @@ class ExplicitMlflowClient(MlflowClient):
         if mv.model_id:
             return self.download_logged_model(mv.model_id, dst_path)
         location = self.get_model_version_download_uri(name, version)
+        repo = artifact_repository(self.connection, location, what=f"model version {name} {version}")
         os.makedirs(dst_path, exist_ok=True)
-        return artifact_repository(self.connection, location).download_artifacts("", dst_path=dst_path)
+        return repo.download_artifacts("", dst_path=dst_path)
 
 
 def check_private_api() -> list[str]:
@@ -492,5 +579,6 @@ def download_logged_model(client: MlflowClient, model_id: str, dst_path: str) ->
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     location = client.get_logged_model(model_id).artifact_location
+    check_artifact_location(location, client._tracking_client.tracking_uri, what=f"logged model {model_id}")
     os.makedirs(dst_path, exist_ok=True)
     return get_artifact_repository(location).download_artifacts("", dst_path=dst_path)

@@ -8,6 +8,12 @@ missing, stale, garbage or names a checkpoint that is gone or damaged, the
 newest valid checkpoint by step is chosen instead, with a log line for each
 one skipped.
 
+In a deployment run (untrusted) what the model dir's files name is confined
+too: a state file naming a checkpoint outside the model dir (absolute, `../`,
+through a symlink), a checkpoint whose files are symlinks leading out of it,
+or a metrics log that is a symlink out of it fails the selection with an
+`UnsafeParameterError` naming the file and the path; nothing outside is read.
+
 Example:
     >>> from prefect import flow
     >>> from prefect_tensorflow.tasks.selection import select_latest_checkpoint
@@ -30,6 +36,8 @@ from .checkpoint_files import (
     CheckpointFiles,
     check_checkpoint,
     checkpoint_prefixes,
+    confine_checkpoint_files,
+    is_inside,
     read_state_file,
     state_file_is_last_change,
     step_of,
@@ -39,9 +47,10 @@ from .errors import (
     MetricNotFoundError,
     ModelDirError,
     NoValidCheckpointError,
+    UnsafeParameterError,
 )
-from .metrics_log import metrics_at, read_metrics
-from .run_context import get_logger
+from .metrics_log import METRICS_FILE, metrics_at, read_metrics
+from .run_context import get_logger, in_deployment_run
 from .storage import parse_location
 from .validation import short_repr
 
@@ -150,7 +159,54 @@ def _model_dir(model_dir: str | os.PathLike) -> str:
         raise ModelDirError(path, "does not exist; expected a directory of checkpoints")
     if not os.path.isdir(path):
         raise ModelDirError(path, "is a file; expected a directory of checkpoints")
+    if in_deployment_run():
+        _check_metrics_log(path)
     return path
+
+
+def _check_metrics_log(model_dir: str) -> None:
+    """Untrusted: the model dir's metrics log, if any, must not lead out of it (a symlink)."""
+    log = os.path.join(model_dir, METRICS_FILE)
+    if os.path.lexists(log) and not is_inside(log, model_dir):
+        raise UnsafeParameterError(
+            "model_dir",
+            model_dir,
+            f"metrics log {log} leads to {os.path.realpath(log)}, outside the model dir; a deployment run reads only inside it",
+        )
+
+
+def _confined(prefix: str, model_dir: str) -> None:
+    """Untrusted and local: the checkpoint and its files (symlinks resolved) are inside the model dir."""
+    if not remote_checkpoints.is_remote(prefix):
+        confine_checkpoint_files(prefix, model_dir=model_dir)
+
+
+def _links_out(model_dir: str) -> dict[str, str]:
+    """Untrusted and local: the model dir's entries that are symlinks leading out of it (name -> target).
+
+    One listing for a whole selection, so that checking each of 10,000 listed checkpoints stays cheap.
+    """
+    if remote_checkpoints.is_remote(model_dir) or not in_deployment_run():
+        return {}
+    links = {}
+    with os.scandir(model_dir) as entries:
+        for entry in entries:
+            if entry.is_symlink() and not is_inside(entry.path, model_dir):
+                links[entry.name] = os.path.realpath(entry.path)
+    return links
+
+
+def _refuse_links(prefix: str, model_dir: str, links: dict[str, str]) -> None:
+    """Refuse a listed checkpoint one of whose files is a symlink out of the model dir (`_links_out`)."""
+    name = os.path.basename(prefix)
+    for entry, target in links.items():
+        if entry in (name + ".index", name + ".meta") or entry.startswith(name + ".data-"):
+            raise UnsafeParameterError(
+                "model_dir",
+                model_dir,
+                f"checkpoint file {os.path.join(model_dir, entry)} (-> {target}) lies outside the model dir "
+                f"{model_dir}; a deployment run reads checkpoints only there",
+            )
 
 
 def validate_checkpoint(prefix: str | os.PathLike, *, verify_checksums: bool = False) -> CheckpointFiles:
@@ -215,7 +271,9 @@ def _checkpoints(model_dir: str, verify_checksums: bool) -> Iterator[tuple[str, 
                     files, reason = None, err.reason
             yield prefix, files, reason
         return
+    links = _links_out(model_dir)
     for prefix in checkpoint_prefixes(model_dir):
+        _refuse_links(prefix, model_dir, links)
         try:
             yield prefix, validate_checkpoint(prefix, verify_checksums=verify_checksums), None
         except InvalidCheckpointError as err:
@@ -228,12 +286,16 @@ def checkpoint_ref(prefix: str | os.PathLike, *, verify_checksums: bool = False)
     Raises:
         InvalidCheckpointError: the checkpoint is incomplete or corrupt.
     """
+    if not remote_checkpoints.is_remote(prefix):
+        confine_checkpoint_files(os.fspath(prefix), parameter="checkpoint")
     files = validate_checkpoint(prefix, verify_checksums=verify_checksums)
     model_dir = (
         files.prefix.rsplit("/", 1)[0]
         if remote_checkpoints.is_remote(files.prefix)
         else os.path.dirname(os.path.abspath(files.prefix))
     )
+    if in_deployment_run() and not remote_checkpoints.is_remote(model_dir):
+        _check_metrics_log(model_dir)
     return _ref(files, model_dir, _metrics_at(model_dir, files.step))
 
 
@@ -309,6 +371,8 @@ def _latest(model_dir: str, verify_checksums: bool) -> CheckpointRef:
     log = get_logger()
     try:
         state = read_state_file(model_dir)
+    except UnsafeParameterError:
+        raise  # a state file naming a checkpoint outside the model dir (deployment runs): refused, not skipped
     except FileNotFoundError:
         state = None
         why = "no 'checkpoint' state file"
@@ -318,6 +382,7 @@ def _latest(model_dir: str, verify_checksums: bool) -> CheckpointRef:
         log.warning("%s: %s; looking for the newest valid checkpoint instead", model_dir, why)
 
     if state is not None:
+        _confined(state.model_checkpoint_path, model_dir)
         try:
             files = validate_checkpoint(state.model_checkpoint_path, verify_checksums=verify_checksums)
         except InvalidCheckpointError as err:
@@ -329,9 +394,11 @@ def _latest(model_dir: str, verify_checksums: bool) -> CheckpointRef:
             why = "the directory changed after the state file was written"
 
     skipped: list[str] = []
+    links = _links_out(model_dir)
     for prefix in checkpoint_prefixes(model_dir):
         if step_of(prefix) is None:
             continue
+        _refuse_links(prefix, model_dir, links)
         try:
             files = validate_checkpoint(prefix, verify_checksums=verify_checksums)
         except InvalidCheckpointError as err:
@@ -446,6 +513,7 @@ def select_checkpoint_at_step(model_dir: str, step: int, verify_checksums: bool 
     if step not in prefixes:
         steps = sorted(s for s in prefixes if s is not None)
         raise NoValidCheckpointError(model_dir, f"has no checkpoint at step {step}; steps present: {steps or 'none'}")
+    _confined(prefixes[step], model_dir)
     try:
         files = validate_checkpoint(prefixes[step], verify_checksums=verify_checksums)
     except InvalidCheckpointError as err:

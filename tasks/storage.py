@@ -35,14 +35,19 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 from .errors import StorageError
 from .validation import short_repr
+
+if TYPE_CHECKING:
+    from .confined_dirs import OpenDir
 
 TEMP_MARKER = ".ptf-tmp-"
 LOCK_FILE = ".prefect-tensorflow.lock"
@@ -133,21 +138,59 @@ def scratch_dir() -> str:
 
 
 # --- local atomic publishing ---------------------------------------------------------------
+#
+# Each helper takes an optional `parent` (`confined_dirs.OpenDir`): the directory, opened once, that
+# `final` is a name in. With it, everything is created, renamed and removed relative to the
+# directory's descriptor, the writer is handed a path through that descriptor, and the directory is
+# verified (`OpenDir.verify`) right before the publishing rename; without it, plain paths as before.
+
+
+def _temporary_name(name: str) -> str:
+    return f".{name}{TEMP_MARKER}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def temporary_sibling(final: str) -> str:
     """`<dir>/.<name>.ptf-tmp-<host>-<pid>-<random>`: where `final` is staged before its rename."""
     parent, name = os.path.split(os.path.abspath(final))
-    return os.path.join(parent, f".{name}{TEMP_MARKER}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return os.path.join(parent, _temporary_name(name))
+
+
+def _entry_name(final: str, parent: OpenDir) -> str:
+    """`final` as a name in `parent`: a bare name, or a path whose directory is `parent`'s path."""
+    directory, name = os.path.split(final)
+    if not name or name in (".", "..") or (directory and os.path.normpath(directory) != os.path.normpath(parent.path)):
+        raise StorageError(f"{final}: expected a name in {parent.path}")
+    return name
+
+
+def _remove_entry(dir_fd: int, name: str) -> None:
+    """Remove `name` (a file, or a whole directory) inside the directory `dir_fd`, following no symlink."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, ignore_errors=True, dir_fd=dir_fd)
+    else:
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
 
 
 @contextmanager
-def staged_directory(final: str) -> Iterator[str]:
+def staged_directory(final: str, *, parent: Optional[OpenDir] = None) -> Iterator[str]:
     """Yield a new temporary sibling directory of `final`; on success rename it to `final`.
 
     `final` must not exist when the block ends (a version directory is never
     replaced). On an error the temporary is removed and nothing is published.
+    With `parent` (see above) `final` is a name in it, and the yielded path
+    resolves through `parent`'s descriptor.
     """
+    if parent is not None:
+        with _staged_directory_in(parent, _entry_name(final, parent)) as tmp:
+            yield tmp
+        return
     tmp = temporary_sibling(final)
     os.makedirs(tmp)
     try:
@@ -164,8 +207,34 @@ def staged_directory(final: str) -> Iterator[str]:
 
 
 @contextmanager
-def staged_file(final: str) -> Iterator[str]:
-    """Yield a temporary sibling path of `final`; on success atomically replace `final` with it."""
+def _staged_directory_in(parent: OpenDir, name: str) -> Iterator[str]:
+    tmp = _temporary_name(name)
+    os.mkdir(tmp, dir_fd=parent.fd)
+    try:
+        yield parent.entry(tmp)
+        parent.verify()
+        try:
+            os.rename(tmp, name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
+        except OSError as err:
+            if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise StorageError(f"{parent.display(name)} already exists; nothing was replaced") from err
+            raise
+    finally:
+        _remove_entry(parent.fd, tmp)
+
+
+@contextmanager
+def staged_file(final: str, *, parent: Optional[OpenDir] = None) -> Iterator[str]:
+    """Yield a temporary sibling path of `final`; on success atomically replace `final` with it.
+
+    With `parent` (see above) `final` is a name in it; the temporary is created
+    there at once (a new regular file, never a symlink's target) and the yielded
+    path resolves through `parent`'s descriptor.
+    """
+    if parent is not None:
+        with _staged_file_in(parent, _entry_name(final, parent)) as tmp:
+            yield tmp
+        return
     tmp = temporary_sibling(final)
     try:
         yield tmp
@@ -173,6 +242,18 @@ def staged_file(final: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextmanager
+def _staged_file_in(parent: OpenDir, name: str) -> Iterator[str]:
+    tmp = _temporary_name(name)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=parent.fd))
+    try:
+        yield parent.entry(tmp)
+        parent.verify()
+        os.replace(tmp, name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
+    finally:
+        _remove_entry(parent.fd, tmp)
 
 
 def _abandoned(name: str, mtime: float, now: float) -> bool:
@@ -194,12 +275,15 @@ def _abandoned(name: str, mtime: float, now: float) -> bool:
     return False
 
 
-def remove_abandoned_temporaries(parent: str) -> list[str]:
-    """Remove the temporaries in `parent` whose writer is gone (or that are a day old); return them."""
+def remove_abandoned_temporaries(parent: str, *, directory: Optional[OpenDir] = None) -> list[str]:
+    """Remove the temporaries in `parent` whose writer is gone (or that are a day old); return them.
+
+    With `directory` (`parent` opened once, see above) they are listed and removed through its descriptor.
+    """
     removed: list[str] = []
     now = time.time()
     try:
-        entries = list(os.scandir(parent))
+        entries = list(os.scandir(directory.fd if directory is not None else parent))
     except FileNotFoundError:
         return removed
     for entry in entries:
@@ -210,6 +294,10 @@ def remove_abandoned_temporaries(parent: str) -> list[str]:
         except FileNotFoundError:
             continue
         if stale:
+            if directory is not None:
+                _remove_entry(directory.fd, entry.name)
+                removed.append(directory.display(entry.name))
+                continue
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
@@ -222,15 +310,30 @@ def remove_abandoned_temporaries(parent: str) -> list[str]:
 
 
 @contextmanager
-def exclusive_lock(directory: str, name: str = LOCK_FILE) -> Iterator[None]:
-    """Hold an exclusive `flock` on `<directory>/<name>` (created if missing) for the block."""
+def exclusive_lock(directory: str, name: str = LOCK_FILE, *, parent: Optional[OpenDir] = None) -> Iterator[None]:
+    """Hold an exclusive `flock` on `<directory>/<name>` (created if missing) for the block.
+
+    The lock file is opened with `O_NOFOLLOW` (relative to `parent`'s descriptor when given): a
+    symlink in its place is refused, never followed to create or lock its target.
+
+    Raises:
+        StorageError: the directory is missing or not writable, or the lock file is a symlink or not a file.
+    """
+    path = os.path.join(directory, name)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        handle = open(os.path.join(directory, name), "a+")
+        fd = os.open(name, flags, 0o666, dir_fd=parent.fd) if parent is not None else os.open(path, flags, 0o666)
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise StorageError(f"lock file {path} is a symbolic link; refused (a lock file is never followed)") from err
         raise StorageError(f"{directory} is not writable: {err.strerror or err}") from err
-    with handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StorageError(f"lock file {path} is not a regular file; refused")
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -144,3 +144,68 @@ def test_uncommitted_saves_and_staged_temporaries_are_not_checkpoints(tmp_path):
     open(staged, "wb").close()
     assert uncommitted_temp_dirs(tmp_path) == [str(tmp_path / "model.ckpt-20_temp")]
     assert checkpoint_prefixes(tmp_path) == [str(tmp_path / "model.ckpt-10")]
+
+
+# --- paths read out of the state file, in a deployment run (issue 19, class 4) ----------------------
+
+
+def test_an_untrusted_state_file_may_only_name_a_checkpoint_inside_its_model_dir(tmp_path):
+    from prefect_tensorflow.tasks.checkpoint_files import resolve_state_path
+    from prefect_tensorflow.tasks.errors import UnsafeParameterError
+
+    model_dir = tmp_path / "roots" / "models" / "evil"
+    model_dir.mkdir(parents=True)
+    state = str(model_dir / "checkpoint")
+    outside = tmp_path / "canary" / "model.ckpt-300"
+    outside.parent.mkdir()
+    (tmp_path / "canary" / "model.ckpt-300.index").write_bytes(b"x")
+    for named in (str(outside), "../../../canary/model.ckpt-300", "sub/../../evil/../../../canary/model.ckpt-300"):
+        with pytest.raises(UnsafeParameterError) as caught:
+            resolve_state_path(model_dir, named, source=state, untrusted=True)
+        assert f"{state} names {named}, outside the model dir {model_dir}" in str(caught.value)
+        assert str(caught.value).startswith("model_dir: ")
+    # trusted callers keep TensorFlow's reading: an absolute path that exists is taken as is
+    assert resolve_state_path(model_dir, str(outside), source=state, untrusted=False) == str(outside)
+    # inside, relative or absolute, is fine; an absolute path elsewhere is taken by name when that
+    # checkpoint is in the model dir (a copied Estimator model dir), without looking at the original
+    assert resolve_state_path(model_dir, "model.ckpt-5", source=state, untrusted=True) == str(model_dir / "model.ckpt-5")
+    (model_dir / "model.ckpt-300.index").write_bytes(b"x")
+    assert resolve_state_path(model_dir, str(outside), source=state, untrusted=True) == str(model_dir / "model.ckpt-300")
+
+
+def test_an_untrusted_state_file_naming_a_checkpoint_through_a_symlink_out_is_refused(tmp_path):
+    from prefect_tensorflow.tasks.errors import UnsafeParameterError
+
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (tmp_path / "canary").mkdir()
+    (model_dir / "sub").symlink_to(tmp_path / "canary")
+    (model_dir / "checkpoint").write_text('model_checkpoint_path: "sub/model.ckpt-300"\n')
+    with pytest.raises(UnsafeParameterError, match="checkpoint names sub/model.ckpt-300, outside the model dir"):
+        read_state_file(model_dir, untrusted=True)
+    assert read_state_file(model_dir, untrusted=False).model_checkpoint_path == str(model_dir / "sub" / "model.ckpt-300")
+
+
+def test_untrusted_checkpoint_files_must_resolve_inside_the_model_dir_or_the_roots(tmp_path, trained_dir):
+    import shutil
+
+    from prefect_tensorflow.tasks.checkpoint_files import confine_checkpoint_files
+    from prefect_tensorflow.tasks.errors import UnsafeParameterError
+
+    roots, canary = tmp_path / "roots", tmp_path / "canary"
+    model_dir = roots / "m"
+    model_dir.mkdir(parents=True)
+    canary.mkdir()
+    for name in ("model.ckpt-300.index", "model.ckpt-300.data-00000-of-00001"):
+        shutil.copyfile(trained_dir / name, canary / name)
+    shutil.copyfile(trained_dir / "model.ckpt-300.index", model_dir / "model.ckpt-300.index")
+    (model_dir / "model.ckpt-300.data-00000-of-00001").symlink_to(canary / "model.ckpt-300.data-00000-of-00001")
+    prefix = str(model_dir / "model.ckpt-300")
+    with pytest.raises(
+        UnsafeParameterError, match=r"model.ckpt-300.data-00000-of-00001 \(-> .*canary.*\) lies outside the model dir"
+    ):
+        confine_checkpoint_files(prefix, model_dir=str(model_dir), untrusted=True)
+    with pytest.raises(UnsafeParameterError, match="lies outside the allowed roots"):
+        confine_checkpoint_files(prefix, parameter="checkpoint", untrusted=True, roots=[str(roots)])
+    confine_checkpoint_files(prefix, model_dir=str(model_dir), untrusted=False)  # trusted: not checked
+    confine_checkpoint_files(str(canary / "model.ckpt-300"), untrusted=True, roots=[str(tmp_path)])

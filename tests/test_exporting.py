@@ -202,3 +202,81 @@ def test_verify_task_fails_on_a_mismatch(prefect_api, trained_dir, tmp_path):
     assert audit(str(trained_dir / "model.ckpt-300")) <= 1e-5
     with pytest.raises(ParityError, match="artifacts differ by more than"):
         audit(str(trained_dir / "model.ckpt-0"))
+
+
+# --- the export base swapped mid-export, its lock file a symlink (issue 19, class 6) ----------------
+
+
+@pytest.fixture
+def deployment_run(monkeypatch, tmp_path):
+    """Exporting as a deployment run does it (untrusted), with the roots at `<tmp>/roots`."""
+    from prefect_tensorflow.tasks import checkpoint_files, confined_dirs, export_base, meta_graph, model_code, security
+
+    for module in (checkpoint_files, confined_dirs, export_base, meta_graph, model_code, security):
+        monkeypatch.setattr(module, "in_deployment_run", lambda: True)
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    monkeypatch.setenv("PREFECT_TENSORFLOW_ROOTS", str(roots))
+    return roots
+
+
+@pytest.mark.parametrize("untrusted", [True, False])
+@pytest.mark.parametrize("fresh", [True, False])
+def test_an_export_base_swapped_for_a_symlink_mid_export_publishes_nothing_anywhere(
+    trained_dir, tmp_path, monkeypatch, request, untrusted, fresh
+):
+    import shutil
+
+    from prefect_tensorflow.tasks import exporting
+    from prefect_tensorflow.tasks.errors import StorageError
+
+    roots = request.getfixturevalue("deployment_run") if untrusted else tmp_path / "roots"
+    model_dir, base, outside = roots / "models" / "iris", roots / "runs" / "exports", tmp_path / "outside"
+    shutil.copytree(trained_dir, model_dir)
+    outside.mkdir()
+    if not fresh:
+        base.mkdir(parents=True)
+    original = exporting._save_tf2
+
+    def swapping(*args, **kwargs):  # after the base was checked, opened and locked; before the SavedModel is written
+        os.rename(base, str(base) + ".moved")
+        os.symlink(outside, base)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(exporting, "_save_tf2", swapping)
+    with pytest.raises(
+        StorageError, match=r"export_base .*exports was (moved or )?replaced.* while the run used it.*nothing was published"
+    ):
+        export(model_dir / "model.ckpt-300", base)
+    assert os.listdir(outside) == []  # no version, no lock file, no temporary
+    left = os.listdir(str(base) + ".moved")
+    assert [n for n in left if n != ".prefect-tensorflow.lock"] == [], left  # nothing published, the staging removed
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_never_created(trained_dir, tmp_path):
+    from prefect_tensorflow.tasks.errors import StorageError
+
+    base, target = tmp_path / "exports", tmp_path / "outside" / "authorized_keys"
+    base.mkdir()
+    target.parent.mkdir()
+    (base / ".prefect-tensorflow.lock").symlink_to(target)
+    with pytest.raises(StorageError, match=r"lock file .*\.prefect-tensorflow\.lock is a symbolic link; refused"):
+        export(trained_dir / "model.ckpt-300", base)
+    assert not target.exists() and os.listdir(base) == [".prefect-tensorflow.lock"]
+
+
+def test_an_untrusted_export_base_through_a_symlink_is_refused_and_creates_nothing(trained_dir, tmp_path, deployment_run):
+    import shutil
+
+    from prefect_tensorflow.tasks.errors import UnsafeParameterError
+
+    model_dir, outside = deployment_run / "models" / "iris", tmp_path / "outside"
+    shutil.copytree(trained_dir, model_dir)
+    outside.mkdir()
+    (deployment_run / "escape").symlink_to(outside)
+    with pytest.raises(UnsafeParameterError, match=r"export_base: .*escape is a symbolic link"):
+        export(model_dir / "model.ckpt-300", deployment_run / "escape" / "new" / "exports")
+    assert os.listdir(outside) == []
+    result = export(model_dir / "model.ckpt-300", deployment_run / "runs" / "exports")  # a sound one exports
+    assert result.version == 1 and os.path.isdir(result.path)
+    assert export(model_dir / "model.ckpt-300", deployment_run / "runs" / "exports").reused

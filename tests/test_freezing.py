@@ -202,3 +202,122 @@ def test_a_refused_export_command_writes_nothing(trained_dir, tmp_path):
         and "model 'does_not_exist.module:build': module 'does_not_exist.module' cannot be imported" in result.stderr
     )
     assert not target.exists()
+
+
+# --- a deployment run: the output dir swapped mid-freeze, .meta graphs that touch files (issue 19) ---
+
+
+@pytest.fixture
+def deployment_run(monkeypatch, tmp_path):
+    """Freezing as a deployment run does it (untrusted), with the roots at `<tmp>/roots`."""
+    from prefect_tensorflow.tasks import checkpoint_files, confined_dirs, freezing, meta_graph, model_code, security
+
+    for module in (checkpoint_files, confined_dirs, freezing, meta_graph, model_code, security):
+        monkeypatch.setattr(module, "in_deployment_run", lambda: True)
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    monkeypatch.setenv("PREFECT_TENSORFLOW_ROOTS", str(roots))
+    return roots
+
+
+def _swap_for_symlink(directory, outside):
+    """What an attacker does between a run's checks and its writes: the directory becomes a symlink out."""
+    os.rename(directory, str(directory) + ".moved")
+    os.symlink(outside, directory)
+
+
+@pytest.mark.parametrize("untrusted", [True, False])
+def test_an_output_dir_swapped_for_a_symlink_mid_freeze_receives_nothing_and_nothing_is_written_outside(
+    trained_dir, tmp_path, monkeypatch, untrusted, request
+):
+    import shutil
+
+    from prefect_tensorflow.tasks import freezing
+    from prefect_tensorflow.tasks.errors import StorageError
+
+    roots = request.getfixturevalue("deployment_run") if untrusted else tmp_path / "roots"
+    model_dir, frozen_dir, outside = roots / "models" / "iris", roots / "frozen", tmp_path / "outside"
+    shutil.copytree(trained_dir, model_dir)
+    frozen_dir.mkdir(parents=True)
+    outside.mkdir()
+    original = freezing._freeze_tf2
+
+    def swapping(*args, **kwargs):  # runs after the output dir was checked and opened, before the write
+        _swap_for_symlink(frozen_dir, outside)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(freezing, "_freeze_tf2", swapping)
+    with pytest.raises(
+        StorageError, match=r"output .*frozen was (moved or )?replaced.* while the run used it.*nothing was published"
+    ):
+        freeze(model_dir / "model.ckpt-300", frozen_dir / "model.ckpt-300.pb", as_text=True)
+    assert os.listdir(outside) == []
+    assert os.listdir(str(frozen_dir) + ".moved") == []  # the staged graph was removed, inside the roots
+
+
+def test_an_untrusted_output_through_a_symlink_or_outside_the_roots_is_refused_before_any_work(
+    trained_dir, tmp_path, deployment_run
+):
+    import shutil
+
+    from prefect_tensorflow.tasks.errors import UnsafeParameterError
+
+    model_dir, outside = deployment_run / "models" / "iris", tmp_path / "outside"
+    shutil.copytree(trained_dir, model_dir)
+    outside.mkdir()
+    (deployment_run / "escape").symlink_to(outside)
+    with pytest.raises(UnsafeParameterError, match=r"output: .*escape is a symbolic link"):
+        freeze(model_dir / "model.ckpt-300", deployment_run / "escape" / "x.pb")
+    with pytest.raises(UnsafeParameterError, match="outside the allowed roots"):
+        freeze(model_dir / "model.ckpt-300", outside / "x.pb")
+    with pytest.raises(UnsafeParameterError, match=r"checkpoint: checkpoint file .* lies outside the allowed roots"):
+        freeze(trained_dir / "model.ckpt-300", deployment_run / "x.pb")
+    assert os.listdir(outside) == []
+    assert freeze(model_dir / "model.ckpt-300", deployment_run / "x.pb").parity.ok  # a sound one freezes
+
+
+def _tf1_graph_that_writes(model_dir, target, *, asset=None):
+    """A TF1 Saver checkpoint whose `logits` depend (control input) on WriteFile(target), or carry an asset path."""
+    import tensorflow as tf
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.set_random_seed(0)  # op determinism may be on in this process
+        x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="features")
+        w = tf.compat.v1.get_variable("dense/kernel", [4, 3])
+        deps = [tf.io.write_file(str(target), "written by a .meta graph")] if target is not None else []
+        if asset is not None:
+            tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.ASSET_FILEPATHS, tf.constant(str(asset), name="vocab"))
+        with tf.control_dependencies(deps):
+            tf.identity(tf.matmul(x, w), name="logits")
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            return saver.save(sess, str(model_dir / "model.ckpt"), global_step=10)
+
+
+def test_an_untrusted_meta_graph_that_would_write_a_file_is_refused_before_it_runs(tmp_path, deployment_run, tf1_checkpoints):
+    from helpers import export
+
+    from prefect_tensorflow.tasks.errors import UnsafeParameterError
+
+    target = tmp_path / "outside-written"
+    prefix = _tf1_graph_that_writes(deployment_run / "evil", target)
+    for act in (
+        lambda: freeze(prefix, deployment_run / "x.pb", output_nodes=["logits"]),
+        lambda: export(prefix, deployment_run / "exports", output_nodes=["logits"]),
+    ):
+        with pytest.raises(
+            UnsafeParameterError, match=r"checkpoint: the graph in .*model.ckpt-10.meta would run op 'WriteFile' \(WriteFile\)"
+        ):
+            act()
+    assert not target.exists()
+    assert not (deployment_run / "exports").exists()
+    # an asset path outside the roots is refused too; a sound TF1 graph freezes as before
+    prefix = _tf1_graph_that_writes(deployment_run / "assets", None, asset="/etc/hostname")
+    with pytest.raises(UnsafeParameterError, match=r"references asset file /etc/hostname, outside the allowed roots"):
+        freeze(prefix, deployment_run / "y.pb", output_nodes=["logits"])
+    tf1_checkpoints(deployment_run / "m", signature=True)
+    assert freeze(deployment_run / "m" / "model.ckpt-300", deployment_run / "z.pb").parity.ok
+    assert freeze(deployment_run / "m" / "model.ckpt-300", deployment_run / "w.pb", output_nodes=["logits"]).parity.ok

@@ -275,3 +275,92 @@ def test_select_checkpoint_at_a_step_and_by_selection(model_dir_copy):
         select_checkpoint(model_dir_copy, "150", parameter="checkpoint")
     with pytest.raises(MetricNotFoundError, match=r"^select 'best:f1:max': metric 'f1' was not recorded"):
         select_checkpoint(model_dir_copy, "best:f1")
+
+
+# --- paths read out of the model dir's files, in a deployment run (issue 19, class 4) ---------------
+
+
+@pytest.fixture
+def deployment_run(monkeypatch, tmp_path):
+    """Selection as a deployment run does it (untrusted), with the roots at `<tmp>/roots`."""
+    from prefect_tensorflow.tasks import checkpoint_files, security
+
+    for module in (selection, checkpoint_files, security):
+        monkeypatch.setattr(module, "in_deployment_run", lambda: True)
+    monkeypatch.setenv("PREFECT_TENSORFLOW_ROOTS", str(tmp_path / "roots"))
+    return tmp_path / "roots"
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot"])
+def test_a_state_file_naming_a_checkpoint_outside_is_refused_in_a_deployment_run(trained_dir, tmp_path, how):
+    from prefect_tensorflow.tasks import checkpoint_files, security
+    from prefect_tensorflow.tasks.errors import UnsafeParameterError
+
+    canary = tmp_path / "canary"
+    shutil.copytree(trained_dir, canary)
+    model_dir = tmp_path / "roots" / "models" / "evil"
+    model_dir.mkdir(parents=True)
+    named = str(canary / "model.ckpt-300") if how == "absolute" else "../../../canary/model.ckpt-300"
+    _write_state_atomically(model_dir, named)  # the last change: TensorFlow would trust it without listing
+    # a library caller reads the state file as TensorFlow does (and is trusted)
+    assert os.path.normpath(select_latest_checkpoint(model_dir).path) == str(canary / "model.ckpt-300")
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (selection, checkpoint_files, security):
+            patch.setattr(module, "in_deployment_run", lambda: True)
+        patch.setenv("PREFECT_TENSORFLOW_ROOTS", str(tmp_path / "roots"))
+        _write_state_atomically(model_dir, named)
+        opened = []
+        real_open = open
+
+        def spying_open(path, *args, **kwargs):
+            opened.append(str(path))
+            return real_open(path, *args, **kwargs)
+
+        patch.setattr("builtins.open", spying_open)
+        with pytest.raises(UnsafeParameterError) as caught:
+            selection.select_checkpoint(str(model_dir), "latest")
+    message = str(caught.value)
+    assert message.startswith(f"model_dir: {model_dir}/checkpoint names {named}, outside the model dir {model_dir}"), message
+    assert not [p for p in opened if str(canary) in os.path.realpath(p)], opened  # nothing outside was read
+
+
+def test_a_checkpoint_whose_files_link_out_of_the_model_dir_is_refused_in_a_deployment_run(trained_dir, tmp_path, deployment_run):
+    from prefect_tensorflow.tasks.errors import UnsafeParameterError
+
+    canary = tmp_path / "canary"
+    shutil.copytree(trained_dir, canary)
+    model_dir = deployment_run / "models" / "linked"
+    shutil.copytree(trained_dir, model_dir)
+    (model_dir / "checkpoint").unlink()
+    for name in ("model.ckpt-900.index", "model.ckpt-900.data-00000-of-00001"):
+        (model_dir / name).symlink_to(canary / name.replace("900", "300"))
+    for select in (lambda: select_latest_checkpoint(model_dir), lambda: select_best_checkpoint(model_dir, "accuracy", "max")):
+        with pytest.raises(
+            UnsafeParameterError, match=r"model.ckpt-900\.(index|data-00000-of-00001) \(-> .*canary.*\) lies outside"
+        ):
+            select()
+    with pytest.raises(UnsafeParameterError, match="lies outside the model dir"):
+        selection.select_checkpoint_at_step(str(model_dir), 900)
+
+
+def test_a_metrics_log_linking_out_of_the_model_dir_is_refused_in_a_deployment_run(trained_dir, tmp_path, deployment_run):
+    from prefect_tensorflow.tasks.errors import UnsafeParameterError
+
+    model_dir = deployment_run / "models" / "iris"
+    shutil.copytree(trained_dir, model_dir)
+    (tmp_path / "outside.jsonl").write_text((model_dir / "checkpoint_metrics.jsonl").read_text())
+    (model_dir / "checkpoint_metrics.jsonl").unlink()
+    (model_dir / "checkpoint_metrics.jsonl").symlink_to(tmp_path / "outside.jsonl")
+    with pytest.raises(UnsafeParameterError, match=r"metrics log .*checkpoint_metrics.jsonl leads to .*outside.jsonl, outside"):
+        select_latest_checkpoint(model_dir)
+
+
+def test_a_sound_model_dir_selects_as_before_in_a_deployment_run(trained_dir, deployment_run):
+    model_dir = deployment_run / "models" / "iris"
+    shutil.copytree(trained_dir, model_dir)
+    assert select_latest_checkpoint(model_dir).step == 300
+    assert select_best_checkpoint(model_dir, "accuracy", "max").step is not None
+    assert selection.select_checkpoint_at_step(str(model_dir), 200).step == 200
+    (model_dir / "checkpoint").unlink()
+    assert select_latest_checkpoint(model_dir).step == 300
