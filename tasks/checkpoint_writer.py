@@ -32,6 +32,18 @@ Anything the recipe cannot handle (a trackable with a registered saver, a
 Python-state object) makes it fall back to `tf.train.Checkpoint.write` for
 the files, still committed the same way.
 
+The model dir is opened once (`confined_dirs.open_directory`; in a deployment
+run walked from its root with no symlink followed) and everything goes through
+that descriptor: TensorFlow writes `/proc/self/fd/<fd>/<name>-<step>`, the state
+file is staged and renamed relative to it, the keep policy unlinks relative to
+it. Before each commit `OpenDir.verify` checks the path still names that
+directory: a model dir moved or replaced (say by a symlink) mid-training gets
+nothing more, and the training fails saying so. The keep policy only ever
+deletes files directly in the model dir: a resumed state file's
+`all_model_checkpoint_paths` are resolved with
+`checkpoint_files.resolve_state_path`; one outside the model dir is refused
+in a deployment run and dropped from the kept list, untouched, otherwise.
+
 Example:
     >>> import os, tempfile
     >>> import tensorflow as tf
@@ -55,13 +67,16 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Optional
 
-from .checkpoint_files import STATE_FILE
+from .checkpoint_files import STATE_FILE, is_inside, resolve_state_path
+from .confined_dirs import OpenDir, open_directory
 from .errors import TrainingError
 from .policy import CheckpointPolicy
-from .run_context import get_logger
+from .run_context import get_logger, in_deployment_run
+from .storage import staged_file
 
 CommittedCallback = Callable[[int, str], None]
 
@@ -77,6 +92,15 @@ class CheckpointWriter:
         may_delete: whether the keep policy may delete a checkpoint yet (the sidecar's: once it has its
             metrics line); one it may not stays kept, past `keep_checkpoint_max`, until a later commit or
             `apply_keep_policy()`.
+        directory: `model_dir` already opened (`confined_dirs.open_directory`), owned by the caller;
+            default: opened here (created if missing), closed with the writer.
+        untrusted: default: whether this runs in a deployment's flow run (then the model dir is
+            walked from its root without following symlinks, and a state file naming checkpoints
+            outside it is refused).
+
+    Raises:
+        UnsafeParameterError: untrusted, and the model dir is outside the roots or reached through a
+            symlink, or its state file names checkpoints outside it.
     """
 
     def __init__(
@@ -86,10 +110,19 @@ class CheckpointWriter:
         policy: CheckpointPolicy,
         on_committed: Optional[CommittedCallback] = None,
         may_delete: Optional[Callable[[str], bool]] = None,
+        *,
+        directory: Optional[OpenDir] = None,
+        untrusted: Optional[bool] = None,
     ):
-        self.checkpoint, self.model_dir, self.policy = checkpoint, model_dir, policy
+        self.checkpoint, self.model_dir, self.policy = checkpoint, os.path.normpath(model_dir), policy
         self.on_committed, self.may_delete = on_committed, may_delete
-        self._prefix = os.path.join(model_dir, policy.checkpoint_name)
+        self._untrusted = untrusted if untrusted is not None else in_deployment_run()
+        if directory is None:
+            directory = open_directory(self.model_dir, parameter="model_dir", create=True, untrusted=self._untrusted)
+            weakref.finalize(self, directory.close)
+        self.directory = directory
+        self._prefix = os.path.join(self.model_dir, policy.checkpoint_name)
+        self._absolute_dir = os.path.abspath(self.model_dir)
         self._recipe: Optional[_Recipe] = None
         self._kept: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._last_preserved = time.time()
@@ -163,7 +196,8 @@ class CheckpointWriter:
 
     def _write(self, step: int, prefix: str, snapshot: Any) -> None:
         assert self._recipe is not None
-        self._recipe.write(prefix, snapshot)
+        self.directory.verify()
+        self._recipe.write(self.directory.entry(os.path.basename(prefix)), snapshot)  # through the descriptor
         self._commit(prefix)
         if self.on_committed is not None:
             self.on_committed(step, prefix)
@@ -177,16 +211,7 @@ class CheckpointWriter:
             self._record_state(prefix)
 
     def _record_state(self, latest: str) -> None:
-        from tensorflow.python.checkpoint.checkpoint_management import update_checkpoint_state_internal
-
-        update_checkpoint_state_internal(
-            self.model_dir,
-            model_checkpoint_path=latest,
-            all_model_checkpoint_paths=list(self._kept),
-            all_model_checkpoint_timestamps=list(self._kept.values()),
-            last_preserved_timestamp=self._last_preserved,
-            save_relative_paths=True,
-        )
+        write_state_file(self.directory, latest, self._kept, self._last_preserved)
 
     def _sweep(self, force: bool = False) -> bool:
         """Drop the oldest kept checkpoints past `keep_checkpoint_max`, keeping one per `keep_checkpoint_every_n_hours`.
@@ -205,35 +230,134 @@ class CheckpointWriter:
             if hours and timestamp - hours * 3600.0 >= self._last_preserved:
                 self._last_preserved = timestamp  # preserved: dropped from the list, files kept
                 continue
-            directory, name = os.path.split(prefix)
-            for entry in os.listdir(directory):
-                if entry == name + ".index" or entry.startswith(name + ".data-"):
-                    try:
-                        os.remove(os.path.join(directory, entry))
-                    except FileNotFoundError:
-                        pass
+            self._delete(prefix)
         return swept
+
+    def _delete(self, prefix: str) -> None:
+        """Unlink `<prefix>.index` and `.data-*`, relative to the model dir's descriptor (no symlink followed).
+
+        Only a checkpoint directly in the model dir is ever deleted (the kept list holds nothing else).
+        """
+        directory, name = os.path.split(prefix)
+        if os.path.abspath(directory) != self._absolute_dir:
+            get_logger().warning("%s is not in the model dir %s; its files are left alone", prefix, self.model_dir)
+            return
+        self.directory.verify()
+        for entry in os.listdir(self.directory.fd):
+            if entry == name + ".index" or entry.startswith(name + ".data-"):
+                try:
+                    os.unlink(entry, dir_fd=self.directory.fd)
+                except FileNotFoundError:
+                    pass
 
     def _recover_state(self) -> None:
         """Take over the kept list of an existing state file (a resumed training), as CheckpointManager does."""
-        from tensorflow.python.checkpoint.checkpoint_management import get_checkpoint_state
+        recovered = read_kept_list(self.model_dir, untrusted=self._untrusted)
+        if recovered is not None:
+            self._kept, self._last_preserved = recovered.kept, recovered.last_preserved
 
-        if not os.path.exists(os.path.join(self.model_dir, STATE_FILE)):
-            return
-        try:
-            state = get_checkpoint_state(self.model_dir)
-        except Exception as err:  # noqa: BLE001 - an unreadable state file is rewritten at the first commit
-            get_logger().warning("%s: state file unreadable (%s); starting a new one", self.model_dir, err)
-            return
-        if state is None:
-            return
-        now = time.time()
-        self._last_preserved = min(state.last_preserved_timestamp or now, now)
-        timestamps = list(state.all_model_checkpoint_timestamps) or [self._last_preserved] * len(state.all_model_checkpoint_paths)
-        for path, timestamp in zip(state.all_model_checkpoint_paths, timestamps):
-            path = path if os.path.isabs(path) else os.path.join(self.model_dir, path)
-            if min(timestamp, now) > self._last_preserved:
-                self._kept[path] = min(timestamp, now)
+
+class KeptList:
+    """A state file's kept list as the keep policy may use it: checkpoints directly in the model dir only."""
+
+    def __init__(
+        self, latest: Optional[str], kept: collections.OrderedDict[str, float], last_preserved: float, outside: list[str]
+    ):
+        self.latest, self.kept, self.last_preserved, self.outside = latest, kept, last_preserved, outside
+
+
+def read_kept_list(model_dir: str, *, untrusted: Optional[bool] = None) -> Optional[KeptList]:
+    """The kept checkpoints of `<model_dir>/checkpoint` (None: no readable state file), each resolved with
+    `checkpoint_files.resolve_state_path`; what lies outside the model dir is left out (`outside`), never kept.
+
+    Raises:
+        UnsafeParameterError: untrusted (default: in a deployment run), and the state file names a
+            checkpoint outside the model dir (the message names the state file and the entry).
+    """
+    from tensorflow.python.checkpoint.checkpoint_management import get_checkpoint_state
+
+    untrusted = untrusted if untrusted is not None else in_deployment_run()
+    model_dir = os.path.normpath(model_dir)
+    absolute_dir = os.path.abspath(model_dir)
+    source = os.path.join(model_dir, STATE_FILE)
+    if not os.path.exists(source):
+        return None
+    try:
+        state = get_checkpoint_state(model_dir)
+    except Exception as err:  # noqa: BLE001 - an unreadable state file is rewritten at the first commit
+        get_logger().warning("%s: state file unreadable (%s); starting a new one", model_dir, err)
+        return None
+    if state is None:
+        return None
+    now = time.time()
+    last_preserved = min(state.last_preserved_timestamp or now, now)
+    timestamps = list(state.all_model_checkpoint_timestamps) or [last_preserved] * len(state.all_model_checkpoint_paths)
+    kept: collections.OrderedDict[str, float] = collections.OrderedDict()
+    outside: list[str] = []
+
+    def inside(named: str) -> Optional[str]:
+        # Untrusted: raises UnsafeParameterError for a checkpoint outside the model dir, naming the state file.
+        path = os.path.normpath(resolve_state_path(model_dir, named, source=source, untrusted=untrusted))
+        if os.path.dirname(path) != absolute_dir or not is_inside(path, model_dir):
+            get_logger().warning(
+                "%s names %s, outside the model dir %s; the keep policy leaves it alone", source, named, model_dir
+            )
+            outside.append(named)
+            return None
+        return os.path.join(model_dir, os.path.basename(path))
+
+    for named, timestamp in zip(state.all_model_checkpoint_paths, timestamps):
+        path = inside(named)
+        if path is not None and min(timestamp, now) > last_preserved:
+            kept[path] = min(timestamp, now)
+    latest = inside(state.model_checkpoint_path) if state.model_checkpoint_path else None
+    return KeptList(latest, kept, last_preserved, outside)
+
+
+def confine_kept_list(model_dir: str, *, untrusted: Optional[bool] = None) -> None:
+    """Before `tf.train.CheckpointManager` takes a state file over (multi-worker training), whose keep policy
+    deletes what the kept list names: make the list name only checkpoints directly in the model dir.
+
+    Untrusted (default: in a deployment run) a state file naming one outside is refused; a trusted caller's
+    is rewritten without them (the files outside are left alone).
+
+    Raises:
+        UnsafeParameterError: untrusted, and the state file names a checkpoint outside the model dir.
+        TrainingError: trusted, and its latest checkpoint lies outside the model dir.
+    """
+    untrusted = untrusted if untrusted is not None else in_deployment_run()
+    recovered = read_kept_list(model_dir, untrusted=untrusted)
+    if recovered is None or not recovered.outside:
+        return
+    if recovered.latest is None:
+        raise TrainingError(
+            f"{os.path.join(model_dir, STATE_FILE)} names its latest checkpoint outside the model dir {model_dir} "
+            f"({recovered.outside[-1]}); multi-worker training's keep policy would delete it: move it in, or start a new model dir"
+        )
+    kept = recovered.kept
+    kept.pop(recovered.latest, None)
+    kept[recovered.latest] = time.time()
+    with open_directory(model_dir, parameter="model_dir", untrusted=False) as directory:
+        write_state_file(directory, recovered.latest, kept, recovered.last_preserved)
+
+
+def write_state_file(directory: OpenDir, latest: str, kept: collections.OrderedDict[str, float], last_preserved: float) -> None:
+    """Rewrite `directory`'s state file (relative names, as TensorFlow's `save_relative_paths=True`), staged and
+    renamed relative to its descriptor after `verify()` (`storage.staged_file`)."""
+    from google.protobuf import text_format
+    from tensorflow.python.checkpoint.checkpoint_management import generate_checkpoint_state_proto
+
+    proto = generate_checkpoint_state_proto(
+        ".",
+        model_checkpoint_path=os.path.basename(latest),
+        all_model_checkpoint_paths=[os.path.basename(p) for p in kept],
+        all_model_checkpoint_timestamps=list(kept.values()),
+        last_preserved_timestamp=last_preserved,
+    )
+    directory.verify()
+    with staged_file(STATE_FILE, parent=directory) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text_format.MessageToString(proto))
 
 
 class _Recipe:

@@ -93,11 +93,12 @@ class OpenDir:
         mine = os.fstat(self.fd)
         try:
             if self.root is not None:
-                fd, _, _ = _walk(self.root, self.path, create=False, parameter=self.parameter)
+                fd, parent, _ = _walk(self.root, self.path, create=False, parameter=self.parameter)
                 try:
                     now = os.fstat(fd)
                 finally:
                     os.close(fd)
+                    os.close(parent)  # both: a long training verifies at every checkpoint
             else:
                 now = os.stat(self.path)
         except (OSError, StorageError, UnsafeParameterError) as err:

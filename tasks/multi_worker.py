@@ -193,6 +193,7 @@ def train_multi_worker(
         ...
         prefect_tensorflow.tasks.multi_worker.MultiWorkerError: model_dir: s3://bucket/iris: multi-worker training needs a local or shared-filesystem directory (every worker reads the chief's checkpoints)
     """
+    from .checkpoint_writer import confine_kept_list
     from .tracking import TrainingRun
     from .training import TrainResult, prepare_model_dir
 
@@ -207,6 +208,8 @@ def train_multi_worker(
     check_config(config)
     resolved = resolved_config(config)
     local_dir = prepare_model_dir(location.uri)
+    # The chief's tf.train.CheckpointManager takes the state file's kept list over, and deletes by it.
+    confine_kept_list(local_dir)
     start_step, latest_path, latest_metrics = _newest(local_dir)
     target = config.target_step(start_step)
     events = _EventHandler(on_progress, on_checkpoint)

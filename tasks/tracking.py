@@ -206,8 +206,21 @@ class TrainingRun:
 
 
 def log_checkpoint_artifacts(connection: MlflowConfig, client: Any, run_id: str, model_dir: str) -> None:
-    """The checkpoint list (`checkpoints/checkpoints.json`) and the event files (`tensorboard/`)."""
+    """The checkpoint list (`checkpoints/checkpoints.json`) and the event files (`tensorboard/`).
+
+    An event file or `graph.pbtxt` that leads out of the model dir through a symlink (of its own or of
+    a directory on the way) is not uploaded: it is skipped with a warning.
+    """
+    from .checkpoint_files import is_inside
     from .selection import list_checkpoints
+
+    def inside(path: str) -> bool:
+        if is_inside(path, model_dir):
+            return True
+        get_logger().warning(
+            "%s leads outside the model dir %s (-> %s); not logged to MLflow", path, model_dir, os.path.realpath(path)
+        )
+        return False
 
     rows = [info.model_dump() for info in list_checkpoints(model_dir)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,11 +229,13 @@ def log_checkpoint_artifacts(connection: MlflowConfig, client: Any, run_id: str,
             json.dump(rows, handle, indent=2, default=str)
         connection.retrying("logging the checkpoint list", client.log_artifact, run_id, path, "checkpoints")
     for event_file in sorted(glob.glob(os.path.join(model_dir, "**", "events.out.tfevents.*"), recursive=True)):
+        if not inside(event_file):
+            continue
         sub = os.path.relpath(os.path.dirname(event_file), model_dir)
         target = "tensorboard" if sub == "." else f"tensorboard/{sub}"
         connection.retrying("logging event files", client.log_artifact, run_id, event_file, target)
     graph = os.path.join(model_dir, "graph.pbtxt")
-    if os.path.exists(graph):
+    if os.path.exists(graph) and inside(graph):
         connection.retrying("logging graph.pbtxt", client.log_artifact, run_id, graph, "tensorboard")
 
 

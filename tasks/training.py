@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
@@ -45,15 +44,16 @@ from . import evaluation, model_code
 from .checkpoint_files import step_of, uncommitted_temp_dirs
 from .checkpoint_writer import CheckpointWriter
 from .configs import TrainingConfig
-from .errors import ModelDirError, NoValidCheckpointError, TrainingError
-from .metrics_log import append_metrics, read_metrics
+from .confined_dirs import OpenDir, open_directory
+from .errors import ModelDirError, NoValidCheckpointError, TrainingError, UnsafeParameterError
+from .metrics_log import METRICS_FILE, append_metrics, read_metrics
 from .mlflow_connection import MlflowConfig
 from .preemption import PreemptionGuard
 from .remote_checkpoints import RemoteModelDir
 from .restore import checkpoint_keys, resume_from_newest
 from .run_context import get_logger
 from .selection import select_latest_checkpoint
-from .storage import parse_location
+from .storage import _remove_entry, parse_location
 from .tracking import TrainingRun
 
 ProgressCallback = Callable[[int, int, Optional[float]], None]
@@ -134,14 +134,15 @@ def train_with_checkpoints(
     mirror = None if location.is_local else RemoteModelDir(location.uri)
     local_dir = prepare_model_dir(location.uri) if mirror is None else mirror.pull()
     hooks = _Hooks(on_progress, on_checkpoint, mirror)
+    untrusted = None if mirror is None else False  # a remote model dir's local mirror is the run's own scratch dir
     try:
         if tracking is None:
-            result = _train(local_dir, config, hooks.progress, hooks.checkpointed)
+            result = _train(local_dir, config, hooks.progress, hooks.checkpointed, untrusted=untrusted)
         else:
             params = {"model_dir": location.uri, **config.mlflow_params()}
             with TrainingRun(tracking, model_dir=local_dir, params=params, run_name=f"train-{location.name}") as run:
                 hooks.run = run
-                result = _train(local_dir, config, hooks.progress, hooks.checkpointed)
+                result = _train(local_dir, config, hooks.progress, hooks.checkpointed, untrusted=untrusted)
                 if config.evaluation == "sidecar":
                     hooks.log_evaluations(local_dir)
             result = result.model_copy(update={"mlflow_run_id": run.run_id, "mlflow_run_url": run.url})
@@ -234,6 +235,43 @@ def _train(
     config: TrainingConfig,
     on_progress: Optional[ProgressCallback],
     on_checkpoint: Optional[CheckpointCallback],
+    *,
+    untrusted: Optional[bool] = None,
+) -> TrainResult:
+    """Train in `model_dir`, opened once (`confined_dirs.open_directory`) and written through its descriptor.
+
+    The checkpoint files, the state file, the metrics lines (in-loop), `graph.pbtxt`, the event files and
+    the keep policy's deletions all go through `/proc/self/fd/<fd>` or `dir_fd=`; the state file and the
+    metrics lines are written only after `OpenDir.verify`: a model dir moved or replaced mid-training gets
+    nothing more, and the training fails saying so. `untrusted` (default: in a deployment run): walked from
+    its root without following symlinks, and `eval/`, `graph.pbtxt`, the metrics log and the evaluator's
+    lock must not be symlinks.
+    """
+    with open_directory(model_dir, parameter="model_dir", create=True, untrusted=untrusted) as directory:
+        if directory.confined:
+            _refuse_symlinked_entries(directory)
+        return _train_in(directory, model_dir, config, on_progress, on_checkpoint, untrusted=directory.confined)
+
+
+def _refuse_symlinked_entries(directory: OpenDir) -> None:
+    """The entries training (and its sidecar) open by name must not lead elsewhere through a symlink."""
+    for name in ("eval", "graph.pbtxt", METRICS_FILE, evaluation.LOCK_FILE):
+        if os.path.islink(directory.entry(name)):
+            raise UnsafeParameterError(
+                "model_dir",
+                directory.path,
+                f"{directory.display(name)} is a symbolic link; a deployment run writes only inside the model dir",
+            )
+
+
+def _train_in(
+    directory: OpenDir,
+    model_dir: str,
+    config: TrainingConfig,
+    on_progress: Optional[ProgressCallback],
+    on_checkpoint: Optional[CheckpointCallback],
+    *,
+    untrusted: bool,
 ) -> TrainResult:
     import tensorflow as tf
 
@@ -247,7 +285,7 @@ def _train(
 
     for leftover in uncommitted_temp_dirs(model_dir):
         log.warning("removing %s, a checkpoint write cut short by a crash", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
+        _remove_entry(directory.fd, os.path.basename(leftover))
     if _written_without_input_position(model_dir):
         # Written by several workers (tasks/multi_worker.py): their input position is
         # skip(global_step) over the same seeded stream, and so is this process's.
@@ -267,13 +305,13 @@ def _train(
 
     loss_window = LossWindow()
     train_step = make_train_step(net, global_step, loss_window)
-    summaries = SummaryWriters(model_dir)
+    summaries = SummaryWriters(directory.handle)
     if step < target:
         # Written before the first save, so that the state file stays the last change
         # to the directory (see checkpoint_files.state_file_is_last_change).
-        write_graph(train_step, iterator, model_dir)
+        write_graph(train_step, iterator, directory.handle)
         summaries.create()
-        evaluation.prepare(model_dir)
+        evaluation.prepare(directory.handle)
     evaluator = None
     if config.evaluation == "sidecar" and step < target:
         evaluator = evaluation.SidecarEvaluator(model_dir, evaluation_spec(config))
@@ -289,6 +327,8 @@ def _train(
         evaluator,
         last_step=latest.step if latest is not None else None,
         metrics=dict(latest.metrics) if latest is not None else {},
+        directory=directory,
+        untrusted=untrusted,
     )
     progress = ProgressReporter(on_progress, target)
     preempted = False
@@ -451,6 +491,8 @@ class CheckpointSaver:
         *,
         last_step: Optional[int],
         metrics: dict[str, float],
+        directory: Optional[OpenDir] = None,
+        untrusted: Optional[bool] = None,
     ):
         self.model_dir, self.config, self.policy = model_dir, config, config.policy
         self.net, self.eval_batches, self.loss_window = net, eval_batches, loss_window
@@ -460,8 +502,16 @@ class CheckpointSaver:
         self._pending: dict[int, dict[str, float]] = {}
         self._last_time = time.monotonic()
         self.writer = CheckpointWriter(
-            checkpoint, model_dir, self.policy, on_committed=self._committed, may_delete=self._evaluated
+            checkpoint,
+            model_dir,
+            self.policy,
+            on_committed=self._committed,
+            may_delete=self._evaluated,
+            directory=directory,
+            untrusted=untrusted,
         )
+        self.directory = self.writer.directory
+        self._handle = self.directory.handle  # the metrics log is read and appended through the descriptor
 
     def seconds_since_save(self) -> float:
         return time.monotonic() - self._last_time
@@ -473,7 +523,8 @@ class CheckpointSaver:
             if self.config.evaluation == "in_loop":
                 metrics = {**evaluate(self.net, self.eval_batches), **metrics}
                 self.summaries.evaluation(step, metrics)
-            append_metrics(self.model_dir, step=step, checkpoint=f"{self.policy.checkpoint_name}-{step}", metrics=metrics)
+            self.directory.verify()
+            append_metrics(self._handle, step=step, checkpoint=f"{self.policy.checkpoint_name}-{step}", metrics=metrics)
         self._pending[step] = metrics
         path = self.writer.save(step)
         self.saved.append(path)
@@ -485,7 +536,7 @@ class CheckpointSaver:
         """Whether the keep policy may delete `prefix`: the sidecar has written its line (or is gone)."""
         if self.evaluator is None or not self.evaluator.alive():
             return True
-        return step_of(prefix) in read_metrics(self.model_dir)
+        return step_of(prefix) in read_metrics(self._handle)
 
     def _committed(self, step: int, prefix: str) -> None:
         metrics = self._pending.pop(step, {})
@@ -501,7 +552,7 @@ class CheckpointSaver:
             self.evaluator.finish(timeout=evaluation_timeout)
         self.writer.apply_keep_policy()
         if self.last_step is not None:
-            self.metrics = read_metrics(self.model_dir).get(self.last_step, self.metrics)
+            self.metrics = read_metrics(self._handle).get(self.last_step, self.metrics)
 
 
 def evaluation_spec(config: TrainingConfig) -> evaluation.EvaluationSpec:

@@ -5,7 +5,11 @@ whose `checkpoint` state file names a checkpoint outside them (an absolute
 path, or `../`) must not make `export-checkpoint` export and register that
 checkpoint. Class 6, swaps during a run: an export base or frozen dir replaced
 by a symlink to a directory outside the roots between the run's checks and its
-writes must not make the run write, lock or publish anything there.
+writes must not make the run write, lock or publish anything there. The same
+for `retrain-iris`'s own model dir: a state file whose kept list names
+checkpoints outside the roots (recent, past `keep_checkpoint_max`) must not
+make the keep policy delete them, and a model dir swapped for a symlink out of
+the roots mid-training must get nothing more.
 
 The first part tests the pieces directly (`confined_dirs`, the `dir_fd` forms
 of `storage`'s publish helpers, the MLflow clients' artifact-location check);
@@ -131,6 +135,17 @@ def test_publishing_through_the_handle_renames_inside_the_pinned_directory(tmp_p
     assert (target / "g.pb").read_bytes() == b"graph" and (target / "1" / "saved_model.pb").read_bytes() == b"pb"
 
 
+def test_verifying_a_confined_directory_leaks_no_descriptor(tmp_path):
+    # training verifies its model dir before every commit: a leak per verify ends a long training (EMFILE)
+    with open_directory(
+        str(tmp_path / "a" / "b"), parameter="model_dir", create=True, untrusted=True, roots=[str(tmp_path)]
+    ) as d:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(200):
+            d.verify()
+        assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_the_lock_file_is_never_followed(tmp_path):
     target = tmp_path / "outside" / "victim"
     target.parent.mkdir()
@@ -198,6 +213,7 @@ def served_files(tmp_path_factory, trained_dir):
         models/pointer-dotdot/         state file: "../../../canary/iris/model.ckpt-300" (both with the metrics
                                        log, so that before the fix the outside checkpoint was registered)
     <root>/canary/iris/                outside the roots: a trained model dir
+    <root>/canary/iris-keep/           outside the roots: a trained model dir a retrain's state file names
     <root>/canary/swap-target/         outside the roots: where the swapped-in symlinks point
     <root>/swap-plan.json              what `swap_models` swaps (PTF_TEST_SWAP_PLAN)
     """
@@ -207,6 +223,7 @@ def served_files(tmp_path_factory, trained_dir):
         path.mkdir(parents=True)
     shutil.copytree(trained_dir, roots / "models" / "iris")
     shutil.copytree(trained_dir, canary / "iris")
+    shutil.copytree(trained_dir, canary / "iris-keep")
     for name, named in (
         ("pointer-absolute", str(canary / "iris" / "model.ckpt-300")),
         ("pointer-dotdot", "../../../canary/iris/model.ckpt-300"),
@@ -229,6 +246,7 @@ def served_files(tmp_path_factory, trained_dir):
     )
     stack = ServedDeployments(root, environ, limit=LIMIT)
     ctx = {
+        "trained_dir": trained_dir,
         "root": root,
         "roots": roots,
         "data": data,
@@ -259,7 +277,7 @@ def _sha1(path: Path) -> str:
 def _fs_snapshot(ctx) -> dict[str, tuple]:
     """(kind, size/target, mtime, sha1) of every entry under the test root, but the servers' own files."""
     root, stack = ctx["root"], ctx["stack"]
-    skip = {root / "prefect-home", stack.server_log, stack.serve_log, ctx["data"] / "mlflow"}
+    skip = {root / "prefect-home", stack.server_log, stack.serve_log, ctx["data"] / "mlflow", root / "swap-plan.json"}
     entries: dict[str, tuple] = {}
     for current, dirs, files in os.walk(root, followlinks=False):
         dirs[:] = [d for d in dirs if Path(current, d) not in skip]
@@ -281,13 +299,11 @@ def _changes(before: dict, after: dict) -> list[str]:
     return [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
 
 
-def _run_all(ctx, cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Create one export-checkpoint run per case (name `files-<case>`), wait for all; the final runs by case."""
+def _run_all(ctx, cases: dict[str, dict[str, Any]], deployment: str = "export-checkpoint") -> dict[str, Any]:
+    """Create one `deployment` run per case (name `files-<case>`), wait for all; the final runs by case."""
     stack = ctx["stack"]
     with stack.api() as client:
-        ids = {
-            case: stack.create_run(client, "export-checkpoint", params, name=f"files-{case}") for case, params in cases.items()
-        }
+        ids = {case: stack.create_run(client, deployment, params, name=f"files-{case}") for case, params in cases.items()}
         runs = stack.wait(client, list(ids.values()), RUN_TIMEOUT)
     return {case: runs.get(run_id) for case, run_id in ids.items()}
 
@@ -297,7 +313,10 @@ def _run_all(ctx, cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def test_files_naming_paths_outside_and_directories_swapped_mid_run_change_nothing_outside(served_files):
     ctx = served_files
     roots, data, canary = ctx["roots"], ctx["data"], ctx["canary"]
-    own = {case: data / "runs" / case for case in ("state-absolute", "state-dotdot", "swap-export", "swap-frozen", "control")}
+    own = {
+        case: data / "runs" / case
+        for case in ("state-absolute", "state-dotdot", "swap-export", "swap-frozen", "control", "retrain-keep", "swap-train")
+    }
     for path in own.values():
         path.mkdir()
     target = canary / "swap-target"
@@ -328,9 +347,45 @@ def test_files_naming_paths_outside_and_directories_swapped_mid_run_change_nothi
         "swap-frozen": params("swap-frozen", roots / "models" / "iris", SWAPPING),
         "control": params("control", roots / "models" / "iris", SWAPPING),  # the same builder, nothing to swap
     }
+    # retrain-iris: a model dir (the run's own) resumed under a state file whose kept list names two
+    # checkpoints outside the roots, recent, which keep_checkpoint_max=1 would drop (and delete)
+    keep_dir = own["retrain-keep"] / "model"
+    shutil.copytree(ctx["trained_dir"], keep_dir)
+    for name in os.listdir(keep_dir):
+        if name.startswith("model.ckpt-") and not name.startswith("model.ckpt-300."):
+            os.remove(keep_dir / name)
+    now = time.time()
+    kept = [str(canary / "iris-keep" / "model.ckpt-100"), str(canary / "iris-keep" / "model.ckpt-200"), "model.ckpt-300"]
+    (keep_dir / ".checkpoint.tmp").write_text(
+        'model_checkpoint_path: "model.ckpt-300"\n'
+        + "".join(f'all_model_checkpoint_paths: "{p}"\n' for p in kept)
+        + "".join(f"all_model_checkpoint_timestamps: {now - 30 + i}\n" for i in range(len(kept)))
+        + f"last_preserved_timestamp: {now - 3600}\n"
+    )
+    os.replace(keep_dir / ".checkpoint.tmp", keep_dir / "checkpoint")
+
+    def retrain_params(case: str, model: str = "iris") -> dict[str, Any]:
+        policy = {"save_checkpoints_steps": 10, "keep_checkpoint_max": 1}
+        return {
+            "model_dir": str(own[case] / "model"),
+            "training": {"model": model, "data": "iris", "more_steps": 20, "evaluation": "in_loop", "policy": policy},
+            "export_base": str(own[case] / "exports"),
+            "frozen_dir": str(own[case] / "frozen"),
+            "registered_model_name": f"{TARGET}-{case}",
+            "track": False,
+        }
+
+    retrain_cases = {
+        "retrain-keep": retrain_params("retrain-keep"),
+        # the builder swaps the model dir (created by the run, already opened) before the first write
+        "swap-train": retrain_params("swap-train", SWAPPING),
+    }
     fs_before, versions_before = _fs_snapshot(ctx), _mlflow_versions(ctx)
     started = time.monotonic()
     runs = _run_all(ctx, cases)
+    # then the retrains, once no export run's builder can swap anything else: the plan names the model dir only
+    (ctx["root"] / "swap-plan.json").write_text(json.dumps([{"path": str(own["swap-train"] / "model"), "to": str(target)}]))
+    runs.update(_run_all(ctx, retrain_cases, "retrain-iris"))
     elapsed = time.monotonic() - started
     fs_after, versions_after = _fs_snapshot(ctx), _mlflow_versions(ctx)
 
@@ -341,6 +396,8 @@ def test_files_naming_paths_outside_and_directories_swapped_mid_run_change_nothi
         "state-dotdot": f"checkpoint names ../../../canary/iris/model.ckpt-300, outside the model dir {roots}/models/pointer-dotdot",
         "swap-export": f"export_base {own['swap-export']}/exports was moved or replaced while the run used it",
         "swap-frozen": f"output {own['swap-frozen']}/frozen was moved or replaced while the run used it",
+        "retrain-keep": f"{keep_dir}/checkpoint names {canary}/iris-keep/model.ckpt-100, outside the model dir {keep_dir}",
+        "swap-train": f"model_dir {own['swap-train']}/model was moved or replaced while the run used it",
     }
     changed = _changes(fs_before, fs_after)
     scratch = str(data / "scratch")
@@ -354,9 +411,10 @@ def test_files_naming_paths_outside_and_directories_swapped_mid_run_change_nothi
     ]
     new_versions = sorted(set(versions_after) - set(versions_before))
     summary = (
-        f"hostile files: {len(expected)} export-checkpoint runs through a served deployment (state file naming a "
-        f"checkpoint outside the roots, absolute and ../; export base and frozen dir swapped for a symlink out of the "
-        f"roots mid-run): {sum(states[c] == 'FAILED' and expected[c] in messages[c] for c in expected)} failed naming "
+        f"hostile files: {len(expected)} export-checkpoint and retrain-iris runs through a served deployment (state "
+        f"file naming a checkpoint outside the roots, absolute and ../; export base and frozen dir swapped for a symlink "
+        f"out of the roots mid-run; retrain: a state file keeping checkpoints outside the roots past "
+        f"keep_checkpoint_max, a model dir swapped for a symlink mid-training): {sum(states[c] == 'FAILED' and expected[c] in messages[c] for c in expected)} failed naming "
         f"the file or directory; {len(outside_own)} changes outside the runs' own output, {len(os.listdir(target))} "
         f"entries in the swap target, new versions {[name for name, _ in new_versions]}; control {states['control']}; "
         f"{elapsed:.0f} s"
@@ -381,5 +439,8 @@ def test_files_naming_paths_outside_and_directories_swapped_mid_run_change_nothi
         moved = Path(str(own[case] / ("exports" if case == "swap-export" else "frozen")) + ".moved")
         if not moved.is_dir() or [n for n in os.listdir(moved) if n != LOCK_FILE]:
             problems.append(f"{case}: {moved} holds {os.listdir(moved) if moved.is_dir() else 'nothing (missing)'}")
+    moved = Path(str(own["swap-train"] / "model") + ".moved")  # what training wrote before the swap was noticed
+    if not moved.is_dir() or [n for n in os.listdir(moved) if n == "checkpoint" or n.endswith(".index")]:
+        problems.append(f"swap-train: {moved} holds {os.listdir(moved) if moved.is_dir() else 'nothing (missing)'}")
     assert (own["control"] / "exports" / "1" / "saved_model.pb").exists() or problems, "the control run exported nothing"
     assert not problems, summary + "\n" + "\n".join(problems)

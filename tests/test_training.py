@@ -308,3 +308,180 @@ def test_the_cli_process_imports_tensorflow_without_kerass_optional_extras():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[] 3.0 (1, 1)"
+
+
+# --- issue 19, classes 4 and 6: the model dir's own reads, deletes and writes ---------------------
+
+
+def _state_naming_outside(model_dir, outside, latest=None):
+    """A state file whose kept list names checkpoints outside the model dir, with recent timestamps."""
+    import time as _time
+
+    outside.mkdir(parents=True, exist_ok=True)
+    for step in (100, 200):
+        (outside / f"model.ckpt-{step}.index").write_bytes(b"index")
+        (outside / f"model.ckpt-{step}.data-00000-of-00001").write_bytes(b"data")
+    (outside / "model.ckpt-150.index").write_bytes(b"index")
+    named = [
+        str(outside / "model.ckpt-100"),
+        os.path.join(os.path.relpath(outside, model_dir), "model.ckpt-150"),
+        str(outside / "model.ckpt-200"),
+    ]
+    named += [latest] if latest else []
+    now = _time.time()
+    lines = [f'model_checkpoint_path: "{named[-1]}"']
+    lines += [f'all_model_checkpoint_paths: "{p}"' for p in named]
+    lines += [f"all_model_checkpoint_timestamps: {now - 30 + i}" for i in range(len(named))]
+    lines.append(f"last_preserved_timestamp: {now - 3600}")
+    (model_dir / "checkpoint").write_text("\n".join(lines) + "\n")
+    return sorted(os.listdir(outside))
+
+
+@pytest.mark.parametrize("untrusted", [False, True])
+def test_a_state_file_naming_checkpoints_outside_never_makes_the_keep_policy_delete_them(tmp_path, untrusted):
+    import tensorflow as tf
+
+    from prefect_tensorflow.tasks.checkpoint_writer import CheckpointWriter
+    from prefect_tensorflow.tasks.confined_dirs import open_directory
+    from prefect_tensorflow.tasks.errors import UnsafeParameterError
+
+    roots, outside = tmp_path / "roots", tmp_path / "outside"
+    model_dir = roots / "iris"
+    model_dir.mkdir(parents=True)
+    before = _state_naming_outside(model_dir, outside, None)
+    step = tf.Variable(0, dtype=tf.int64)
+    policy = CheckpointPolicy(keep_checkpoint_max=1, async_save=False)
+    with open_directory(str(model_dir), parameter="model_dir", untrusted=untrusted, roots=[str(roots)]) as d:
+        if untrusted:  # a deployment run: refused, naming the state file and the entry
+            with pytest.raises(UnsafeParameterError, match=rf"{model_dir}/checkpoint names {outside}/model.ckpt-100, outside"):
+                CheckpointWriter(tf.train.Checkpoint(global_step=step), str(model_dir), policy, directory=d, untrusted=True)
+        else:  # a library caller: dropped from the kept list, left alone
+            writer = CheckpointWriter(tf.train.Checkpoint(global_step=step), str(model_dir), policy, directory=d)
+            assert writer.checkpoints == []
+            for n in (1, 2):
+                step.assign(n)
+                writer.save(n)
+            writer.finish()
+            writer.apply_keep_policy()
+            assert writer.checkpoints == [str(model_dir / "model.ckpt-2")]
+            assert "outside" not in (model_dir / "checkpoint").read_text()
+    assert sorted(os.listdir(outside)) == before
+
+
+def test_training_resumed_under_a_state_file_naming_checkpoints_outside_deletes_nothing_there(tmp_path, trained_dir):
+    import shutil
+
+    model_dir = tmp_path / "iris"
+    shutil.copytree(trained_dir, model_dir)
+    outside = tmp_path / "outside"
+    before = _state_naming_outside(model_dir, outside, "model.ckpt-300")
+    train(model_dir, steps=320, policy=CheckpointPolicy(save_checkpoints_steps=10, keep_checkpoint_max=1), evaluation="none")
+    assert sorted(os.listdir(outside)) == before
+    assert sorted(f for f in os.listdir(model_dir) if f.endswith(".index"))[-1] == "model.ckpt-320.index"
+
+
+@pytest.mark.parametrize("untrusted", [True, False])
+def test_a_model_dir_swapped_for_a_symlink_mid_training_gets_nothing_more(tmp_path, untrusted):
+    import tensorflow as tf
+
+    from prefect_tensorflow.tasks.checkpoint_writer import CheckpointWriter
+    from prefect_tensorflow.tasks.confined_dirs import open_directory
+
+    roots, outside = tmp_path / "roots", tmp_path / "outside"
+    model_dir = roots / "iris"
+    model_dir.mkdir(parents=True)
+    outside.mkdir()
+    step = tf.Variable(0, dtype=tf.int64)
+    with open_directory(str(model_dir), parameter="model_dir", untrusted=untrusted, roots=[str(roots)]) as d:
+        writer = CheckpointWriter(
+            tf.train.Checkpoint(global_step=step), str(model_dir), CheckpointPolicy(keep_checkpoint_max=1), directory=d
+        )
+        writer.save(1)
+        writer.finish()
+        assert d.entry("x").startswith(f"/proc/self/fd/{d.fd}/")
+        os.rename(model_dir, str(model_dir) + ".moved")
+        os.symlink(outside, model_dir)
+        step.assign(2)
+        writer.save(2)
+        with pytest.raises(TrainingError, match=rf"model_dir {model_dir} was (moved or )?replaced.* while the run used it"):
+            writer.finish()
+    assert os.listdir(outside) == []
+    moved = sorted(os.listdir(str(model_dir) + ".moved"))
+    assert "model.ckpt-1.index" in moved and "model.ckpt-2.index" not in moved
+
+
+def test_training_in_a_model_dir_swapped_for_a_symlink_by_the_builder_writes_nothing_there(tmp_path, monkeypatch):
+    import json
+
+    model_dir, outside = tmp_path / "runs" / "iris", tmp_path / "outside"
+    outside.mkdir()
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps([{"path": str(model_dir), "to": str(outside)}]))
+    monkeypatch.setenv("PTF_TEST_SWAP_PLAN", str(plan))
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    with pytest.raises(
+        (TrainingError, Exception), match=rf"model_dir {model_dir} was (moved or )?replaced.* while the run used it"
+    ):
+        train(
+            model_dir,
+            steps=30,
+            model="swap_models:build_after_swapping",
+            evaluation="in_loop",
+            policy=CheckpointPolicy(save_checkpoints_steps=10),
+        )
+    assert os.listdir(outside) == []
+    assert not [f for f in os.listdir(str(model_dir) + ".moved") if f.endswith(".index") or f == "checkpoint"]
+
+
+def test_event_files_and_graph_symlinked_out_of_the_model_dir_are_not_logged(tmp_path):
+    from prefect_tensorflow.tasks.tracking import log_checkpoint_artifacts
+
+    model_dir, outside = tmp_path / "iris", tmp_path / "outside"
+    (model_dir / "eval").mkdir(parents=True)
+    (outside / "sub").mkdir(parents=True)
+    for path in (
+        model_dir / "events.out.tfevents.1",
+        outside / "events.out.tfevents.secret",
+        outside / "sub" / "events.out.tfevents.2",
+        outside / "graph.pbtxt",
+    ):
+        path.write_bytes(b"x")
+    (model_dir / "eval" / "events.out.tfevents.3").symlink_to(outside / "events.out.tfevents.secret")
+    (model_dir / "linked").symlink_to(outside / "sub")
+    (model_dir / "graph.pbtxt").symlink_to(outside / "graph.pbtxt")
+    logged = []
+
+    class Connection:
+        def retrying(self, what, fn, *args):
+            return fn(*args)
+
+    class Client:
+        def log_artifact(self, run_id, path, target):
+            logged.append((os.path.basename(path), target))
+
+    log_checkpoint_artifacts(Connection(), Client(), "run", str(model_dir))
+    assert logged == [("checkpoints.json", "checkpoints"), ("events.out.tfevents.1", "tensorboard")]
+
+
+@pytest.mark.parametrize("untrusted", [False, True])
+def test_multi_worker_training_hands_tensorflows_checkpoint_manager_no_kept_checkpoint_outside(tmp_path, untrusted):
+    import tensorflow as tf
+
+    from prefect_tensorflow.tasks.checkpoint_writer import confine_kept_list
+    from prefect_tensorflow.tasks.errors import UnsafeParameterError
+
+    model_dir, outside = tmp_path / "iris", tmp_path / "outside"
+    model_dir.mkdir()
+    step = tf.Variable(0, dtype=tf.int64)
+    tf.train.Checkpoint(global_step=step).write(str(model_dir / "model.ckpt-300"))
+    before = _state_naming_outside(model_dir, outside, "model.ckpt-300")
+    if untrusted:
+        with pytest.raises(UnsafeParameterError, match=rf"{model_dir}/checkpoint names {outside}/model.ckpt-100, outside"):
+            confine_kept_list(str(model_dir), untrusted=True)
+    else:
+        confine_kept_list(str(model_dir), untrusted=False)
+        manager = tf.train.CheckpointManager(tf.train.Checkpoint(global_step=step), str(model_dir), max_to_keep=1)
+        manager.save(checkpoint_number=301)
+        assert manager.checkpoints == [str(model_dir / "ckpt-301")]
+        assert "outside" not in (model_dir / "checkpoint").read_text()
+    assert sorted(os.listdir(outside)) == before
