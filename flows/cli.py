@@ -3,14 +3,15 @@
     prefect-tensorflow train --model-dir DIR --steps 2000 --save-checkpoints-steps 200
     prefect-tensorflow checkpoints list|latest|best|inspect ...
     prefect-tensorflow evaluate | freeze | export | verify ...
-    prefect-tensorflow retrain | export-checkpoint | sweep | serve
+    prefect-tensorflow retrain | export-checkpoint | sweep | serve | worker
 
 `train`, `checkpoints`, `evaluate`, `freeze`, `export` and `verify` call the
 plain functions of `prefect_tensorflow.tasks` (no Prefect is loaded,
 TensorFlow only when a command needs it); `retrain`, `export-checkpoint` and
-`sweep` run the Prefect flows and `serve` serves the deployments, so those
-import Prefect when they run, after `main()` has set its environment defaults. Errors print one
-line naming what is at fault and exit with status 2.
+`sweep` run the Prefect flows, `serve` serves the deployments and `worker` runs
+a process pool's runs, so those import Prefect when they run, after `main()` has
+set its environment defaults. Errors print one line naming what is at fault and
+exit with status 2.
 
 Example:
     >>> from prefect_tensorflow.flows.cli import main
@@ -731,6 +732,19 @@ def serve(
     from .deployments import serve_deployments
 
     _run(lambda: serve_deployments(limit=limit, host=host))
+
+
+@app.command()
+def worker(
+    pool: str = typer.Option("tensorflow-process", "--pool", help="The process work pool to take runs from (created if missing)"),
+    limit: Optional[int] = typer.Option(None, help="Most flow runs at once (default: no limit)"),
+    name: Optional[str] = typer.Option(None, help="Worker name (default: Prefect's)"),
+) -> None:
+    """Run the flow runs of a process work pool, as `prefect worker start --pool POOL` does, but fail a run
+    the Prefect API cannot return (a parameter it stored but cannot serialize) instead of stopping."""
+    from .unreadable_runs import run_worker
+
+    _run(lambda: run_worker(pool, limit=limit, name=name))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -204,12 +204,16 @@ def serve_deployments(
 
     The runner looks for new runs every 2 s (Prefect's default is 10 s: a run
     started with the UI's Run button would wait up to that long), unless
-    `PREFECT_RUNNER_POLL_FREQUENCY` is set.
+    `PREFECT_RUNNER_POLL_FREQUENCY` is set. It is `prefect.serve` with two
+    guards (`unreadable_runs`): the deployments' parameter schemas refuse values
+    the API could not return, and a run the API cannot return is failed instead
+    of stopping the runner.
     """
-    from prefect import serve
     from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY, temporary_settings
 
     from prefect_tensorflow.tasks.blocks import MlflowConnection
+
+    from .unreadable_runs import serve
 
     definitions = apply_overrides(load_definitions(), overrides or {})
     with local_server(host) as api_url:
@@ -218,4 +222,4 @@ def serve_deployments(
         print(f"Prefect UI: {ui}  (deployments: {', '.join(d.name for d in definitions)})")
         poll = {} if "PREFECT_RUNNER_POLL_FREQUENCY" in os.environ else {PREFECT_RUNNER_POLL_FREQUENCY: RUNNER_POLL_SECONDS}
         with temporary_settings(updates=poll):
-            serve(*build_deployments(definitions), limit=limit)
+            serve(build_deployments(definitions), limit=limit)

@@ -172,3 +172,52 @@ class ServedDeployments:
                 break
             time.sleep(poll)
         return runs
+
+    def send_run(
+        self,
+        client: Any,
+        deployment: str,
+        parameters: dict,
+        *,
+        name: Optional[str] = None,
+        enforce: Optional[bool] = None,
+        **fields: Any,
+    ) -> str:
+        """`create_run` for any JSON value, always as raw ASCII JSON: also parameters that the client's own
+        models cannot serialize (nested deeper than pydantic's limit), as the UI's JSON input sends them.
+        `fields` are other fields of the request (e.g. `tags`), sent as they are.
+
+        Raises:
+            httpx.HTTPStatusError: the server refused (or failed: a 5xx may come after the run was stored).
+        """
+        from prefect.client.schemas.actions import DeploymentFlowRunCreate
+        from prefect.states import Scheduled, to_state_create
+
+        body = DeploymentFlowRunCreate(name=name, state=to_state_create(Scheduled())).model_dump(mode="json", exclude_unset=True)
+        body["parameters"] = parameters
+        if enforce is not None:
+            body["enforce_parameter_schema"] = enforce
+        body.update(fields)
+        response = client.request(
+            "POST",
+            "/deployments/{id}/create_flow_run",
+            path_params={"id": self.deployments[deployment]},
+            content=json.dumps(body, ensure_ascii=True).encode("ascii"),
+            headers={"Content-Type": "application/json"},
+        )
+        return str(response.json()["id"])
+
+    def stored_run(self, client: Any, name: str) -> Optional[tuple[str, str]]:
+        """(id, state type) of the run named `name`, if the server stored one, without reading the run
+        (`/ui/flow_runs/history` returns no parameters: a run the API cannot serialize breaks the rest)."""
+        body = {"flow_runs": {"name": {"any_": [name]}}, "limit": 2}
+        response = client.request(
+            "POST",
+            "/ui/flow_runs/history",
+            content=json.dumps(body, ensure_ascii=True).encode("ascii"),
+            headers={"Content-Type": "application/json"},
+        )
+        found = [(str(run["id"]), str(run["state_type"])) for run in response.json()]
+        if len(found) > 1:
+            raise RuntimeError(f"{len(found)} runs named {name!r}")
+        return found[0] if found else None
