@@ -38,6 +38,7 @@ if __name__ == "__main__":
         load_definitions,
         load_overrides,
     )
+    from prefect_tensorflow.flows.unreadable_runs import bound_deployment_schemas
 
     try:
         definitions = apply_overrides(load_definitions(), load_overrides(args.env, os.path.join(HERE, "environments")))
@@ -54,4 +55,5 @@ if __name__ == "__main__":
         deployment.storage = LocalStorage(REPO)
         deployment.job_variables = dict(definition.work_pool.get("job_variables", {}))
     ids = deploy(*runner_deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False)
+    bound_deployment_schemas(ids)  # free-form values nest at most 32 levels, no lone surrogates
     print(f"created {len(ids)} deployments on work pool {pool!r}: {', '.join(d.name for d in definitions)}")

@@ -382,7 +382,16 @@ class TeamStack:
         )
         self.processes.append(
             start_process(
-                [sys.executable, "-m", "prefect", "worker", "start", "--pool", "tensorflow-process", "--limit", "1"],
+                # the project's worker: Prefect's process worker that fails a run the API cannot return
+                # instead of stopping (flows/unreadable_runs.py)
+                [
+                    os.path.join(os.path.dirname(sys.executable), "prefect-tensorflow"),
+                    "worker",
+                    "--pool",
+                    "tensorflow-process",
+                    "--limit",
+                    "1",
+                ],
                 str(self.logs / "worker.log"),
                 env=env,
                 cwd=str(self.root),

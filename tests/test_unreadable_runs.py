@@ -490,10 +490,14 @@ def test_the_worker_command_fails_unreadable_runs_and_keeps_working(stack, worke
         Case("worker-deep-hparams", "retrain-iris", {"training": {"hparams": {"units": nested(300)}}}, False, "failed"),
         Case("worker-surrogate", "export-checkpoint", {"registered_model_name": "iris\udcff"}, False, "failed"),
     ]
+    # deploy.py bounds the pool deployments' schemas as serve does: with the schema on, refused at creation
+    enforced = Case(
+        "worker-deep-hparams-enforced", "retrain-iris", {"training": {"hparams": {"units": nested(300)}}}, True, "refused"
+    )
     before = _snapshot(ctx)
     with served.api() as client:
         started = time.monotonic()
-        _send(ctx, client, cases)
+        _send(ctx, client, [*cases, enforced])
         normal = _export_run(ctx, client, "normal-worker", lambda: process.poll() is None)
         _wait_failed(ctx, client, cases)
         elapsed = time.monotonic() - started
@@ -511,6 +515,8 @@ def test_the_worker_command_fails_unreadable_runs_and_keeps_working(stack, worke
         for c in cases
         if not (c.state == "FAILED" and c.message == UNREADABLE_MESSAGE)
     ]
+    if not (enforced.status == 409 and enforced.run_id is None):
+        problems.append(f"not refused at creation by the bounded schema: {enforced.describe()}")
     if not alive:
         problems.append(f"the worker exited:\n{log_tail(str(log), 2000)}")
     if normal.state is None or normal.state.type.value != "COMPLETED":
