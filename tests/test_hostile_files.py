@@ -25,7 +25,6 @@ checked and opened and before anything is written into it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from typing import Any
 
 import pytest
 from served import REPO, ServedDeployments
+from snapshots import changed, tree_snapshot
 
 from prefect_tensorflow.flows.servers import log_tail
 from prefect_tensorflow.tasks.confined_dirs import open_directory
@@ -270,33 +270,11 @@ def _mlflow_versions(ctx) -> dict[tuple[str, str], tuple]:
     return {(v.name, str(v.version)): (v.source, v.run_id) for v in client.search_model_versions(max_results=10000)}
 
 
-def _sha1(path: Path) -> str:
-    return hashlib.sha1(path.read_bytes()).hexdigest()
-
-
 def _fs_snapshot(ctx) -> dict[str, tuple]:
-    """(kind, size/target, mtime, sha1) of every entry under the test root, but the servers' own files."""
+    """Every entry under the test root, but the servers' own files and the swap plan the test rewrites."""
     root, stack = ctx["root"], ctx["stack"]
     skip = {root / "prefect-home", stack.server_log, stack.serve_log, ctx["data"] / "mlflow", root / "swap-plan.json"}
-    entries: dict[str, tuple] = {}
-    for current, dirs, files in os.walk(root, followlinks=False):
-        dirs[:] = [d for d in dirs if Path(current, d) not in skip]
-        for name in dirs + files:
-            path = Path(current, name)
-            if path in skip:
-                continue
-            st = path.lstat()
-            if path.is_symlink():
-                entries[str(path)] = ("link", os.readlink(path))
-            elif path.is_dir():
-                entries[str(path)] = ("dir", st.st_mtime_ns)
-            else:
-                entries[str(path)] = ("file", st.st_size, st.st_mtime_ns, _sha1(path))
-    return entries
-
-
-def _changes(before: dict, after: dict) -> list[str]:
-    return [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    return tree_snapshot([root], skip)
 
 
 def _run_all(ctx, cases: dict[str, dict[str, Any]], deployment: str = "export-checkpoint") -> dict[str, Any]:
@@ -399,12 +377,12 @@ def test_files_naming_paths_outside_and_directories_swapped_mid_run_change_nothi
         "retrain-keep": f"{keep_dir}/checkpoint names {canary}/iris-keep/model.ckpt-100, outside the model dir {keep_dir}",
         "swap-train": f"model_dir {own['swap-train']}/model was moved or replaced while the run used it",
     }
-    changed = _changes(fs_before, fs_after)
+    touched = changed(fs_before, fs_after)
     scratch = str(data / "scratch")
     allowed = [str(p) for p in own.values()]
     outside_own = [
         p
-        for p in changed
+        for p in touched
         if not any(p == a or p.startswith(a + os.sep) for a in allowed)
         and p not in (str(data), str(data / "runs"), scratch)
         and not p.startswith(scratch + os.sep)

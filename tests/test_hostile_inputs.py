@@ -33,7 +33,6 @@ shows the snapshots do see writes and that the baseline parameters work.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -47,6 +46,7 @@ from typing import Any, Optional
 
 import pytest
 from served import REPO, ServedDeployments
+from snapshots import tree_snapshot
 
 from prefect_tensorflow.flows.servers import log_tail
 
@@ -589,14 +589,6 @@ def _stored_run_ids(ctx, cases: list[Case]) -> list[str]:
 # --- snapshots -----------------------------------------------------------------------------------
 
 
-def _sha1(path: str) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fs_snapshot(ctx) -> dict[str, tuple]:
     """(kind, size, mtime, sha1 or link target) of every entry under the test root and the session's
     trained dir, but the servers' own files (Prefect's home and logs) and the MLflow store (see
@@ -604,21 +596,7 @@ def fs_snapshot(ctx) -> dict[str, tuple]:
     root = ctx["root"]
     stack = ctx["stack"]
     skip = {root / "prefect-home", stack.server_log, stack.serve_log, ctx["data"] / "mlflow"}
-    entries: dict[str, tuple] = {}
-    for top in (root, ctx["session_trained"]):
-        for current, dirs, files in os.walk(top, followlinks=False):
-            dirs[:] = [d for d in dirs if Path(current, d) not in skip]
-            for name in dirs + files:
-                path = Path(current, name)
-                if path in skip:
-                    continue
-                stat = path.lstat()
-                if path.is_symlink():
-                    entries[str(path)] = ("link", os.readlink(path))
-                elif path.is_dir():
-                    entries[str(path)] = ("dir", stat.st_mode, stat.st_mtime_ns)
-                else:
-                    entries[str(path)] = ("file", stat.st_size, stat.st_mtime_ns, _sha1(str(path)))
+    entries = tree_snapshot([root, ctx["session_trained"]], skip)
     for place in ("/tmp", "/etc", "/root"):  # what hostile values name outside the test root
         for name in os.listdir(place):
             if TOKEN in name or name in ("1", "model.ckpt-300.pb", "ckpt"):

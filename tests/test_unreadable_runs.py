@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
 import os
 import shutil
 import subprocess
@@ -37,6 +36,7 @@ from typing import Any, Optional
 
 import pytest
 from served import BIN, REPO, ServedDeployments
+from snapshots import changed, tree_snapshot
 
 from prefect_tensorflow.flows.servers import log_tail, start_process, stop_process_group
 from prefect_tensorflow.flows.unreadable_runs import (
@@ -350,28 +350,15 @@ def _export_run(ctx, client: Any, label: str, alive: Callable[[], bool]) -> Any:
 
 
 def _snapshot(ctx) -> dict[str, tuple]:
-    """(kind, size, mtime, sha1) of every file under the test root but the servers' own (Prefect's home, logs)
-    and the MLflow store (a normal run adds to it)."""
+    """Every entry under the test root but the servers' own (Prefect's home, logs), the MLflow store and
+    scratch (a normal run adds to them); directories by mode only (a new entry shows by itself)."""
     root = ctx["root"]
     skip = {root / "prefect-home", ctx["data"] / "mlflow", ctx["data"] / "scratch"}
-    entries: dict[str, tuple] = {}
-    for current, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if Path(current, d) not in skip]
-        for name in dirs + files:
-            path = Path(current, name)
-            if path.suffix == ".log" and path.parent == root:
-                continue
-            stat = path.lstat()
-            if path.is_dir():  # present or not: a new entry in it changes its mtime
-                entries[str(path)] = ("dir", stat.st_mode)
-            else:
-                entries[str(path)] = ("file", stat.st_size, stat.st_mtime_ns, hashlib.sha1(path.read_bytes()).hexdigest())
-    return entries
+    return tree_snapshot([root], skip, dir_mtimes=False, ignore=lambda path: path.suffix == ".log" and path.parent == root)
 
 
 def _changed_outside(before: dict, after: dict, own: Path) -> list[str]:
-    keys = set(before) | set(after)
-    return sorted(k for k in keys if before.get(k) != after.get(k) and not (k + os.sep).startswith(str(own) + os.sep))
+    return [key for key in changed(before, after) if not (key + os.sep).startswith(str(own) + os.sep)]
 
 
 def _deployment_states(client: Any) -> dict[str, tuple[bool, int]]:
