@@ -17,6 +17,14 @@ on the eval split and appends the one metrics line of that checkpoint to
 - it holds an exclusive lock on `<model_dir>/.evaluator.lock`, and checks
   under it that a step has no line yet before writing one: one evaluator per
   model dir, one line per checkpoint;
+- it works in the directory the trainer opened, not by its path: the trainer
+  hands it the model dir's descriptor (`pass_fds`), and the evaluator reads
+  checkpoints, takes its lock (`O_NOFOLLOW`), appends its lines and writes
+  `eval/` (opened `O_NOFOLLOW`) through `/proc/self/fd/<fd>`. Before each line
+  it checks the path still names that directory (`OpenDir.verify`): a model
+  dir moved or replaced by a symlink mid-training gets nothing more, and
+  nothing is written where the symlink leads (the evaluator stops, saying so
+  in `eval/evaluator.log`);
 - when training is killed its stdin closes: it evaluates what was committed
   and exits; a resumed training starts a new one (which waits for the lock),
   and every evaluator first catches up on the committed checkpoints that have
@@ -50,7 +58,8 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from .checkpoint_files import checkpoint_prefixes, step_of
-from .errors import MetricsTimeoutError
+from .confined_dirs import OpenDir, open_directory
+from .errors import MetricsTimeoutError, StorageError
 from .lean_import import skip_keras_optional_imports
 from .metrics_log import METRICS_FILE, append_metrics, read_metrics
 from .run_context import get_logger
@@ -79,23 +88,39 @@ def prepare(model_dir: str) -> None:
     """
     os.makedirs(os.path.join(model_dir, "eval"), exist_ok=True)
     for name in (METRICS_FILE, LOCK_FILE):
-        with open(os.path.join(model_dir, name), "a", encoding="utf-8"):
-            pass
+        os.close(_open_no_follow(os.path.join(model_dir, name)))
+
+
+def _open_no_follow(path: str) -> int:
+    """Open (create) `path` for appending, refusing a symlink in its last component.
+
+    Raises:
+        StorageError: `path` is a symbolic link.
+    """
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        if os.path.islink(path):
+            raise StorageError(f"{path} is a symbolic link; the evaluator follows none in a model dir") from err
+        raise
 
 
 @contextmanager
 def evaluator_lock(model_dir: str, *, blocking: bool = True) -> Iterator[bool]:
-    """Hold the model dir's evaluator lock; yields False (without it) when not `blocking` and it is taken."""
-    with open(os.path.join(model_dir, LOCK_FILE), "a", encoding="utf-8") as handle:
+    """Hold the model dir's evaluator lock (never through a symlink); yields False (without it) when not `blocking` and it is taken."""
+    fd = _open_no_follow(os.path.join(model_dir, LOCK_FILE))
+    try:
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
         try:
             yield True
         finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def evaluator_running(model_dir: str) -> bool:
@@ -107,14 +132,23 @@ def evaluator_running(model_dir: str) -> bool:
 
 
 class Evaluator:
-    """Evaluates checkpoints of one model dir in this process (the sidecar's body, and `evaluate_missing`)."""
+    """Evaluates checkpoints of one model dir in this process (the sidecar's body, and `evaluate_missing`).
 
-    def __init__(self, model_dir: str, spec: EvaluationSpec):
-        self.model_dir, self.spec = model_dir, spec
+    Given `directory` (the sidecar: the trainer's open model dir), everything is read and written through
+    its descriptor, `eval/` is opened without following a symlink, and each line is written only after
+    `directory.verify()`.
+    """
+
+    def __init__(self, model_dir: str, spec: EvaluationSpec, directory: Optional[OpenDir] = None):
+        self.directory = directory
+        self.model_dir = directory.handle if directory is not None else model_dir
+        self.display = directory.path if directory is not None else model_dir  # for messages
+        self.spec = spec
         self._net: Any = None
         self._checkpoint: Any = None
         self._batches: Any = None
         self._writer: Any = None
+        self._eval_fd: Optional[int] = None
 
     def _build(self) -> None:
         import tensorflow as tf
@@ -124,7 +158,11 @@ class Evaluator:
         self._net = build_model(self.spec.model, dict(self.spec.hparams))
         self._checkpoint = tf.train.Checkpoint(model=self._net)
         self._batches = load_split(self.spec.data, "eval").batch(self.spec.batch_size)
-        self._writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "eval"))
+        events = os.path.join(self.model_dir, "eval")
+        if self.directory is not None:
+            self._eval_fd = _open_subdirectory(self.directory, "eval")
+            events = f"/proc/self/fd/{self._eval_fd}" if os.path.isdir("/proc/self/fd") else events
+        self._writer = tf.summary.create_file_writer(events)
 
     def evaluate(self, step: int, train_loss: Optional[float] = None) -> Optional[dict[str, float]]:
         """Evaluate checkpoint `<name>-<step>` and append its line, unless it has one or is gone; the metrics."""
@@ -137,7 +175,7 @@ class Evaluator:
             return None  # deleted by the keep policy before its turn
         if self._net is None:
             self._build()
-        print(f"evaluating {prefix}", flush=True)
+        print(f"evaluating {os.path.join(self.display, os.path.basename(prefix))}", flush=True)
         try:
             self._checkpoint.read(prefix).expect_partial()
         except (tf.errors.OpError, ValueError) as err:
@@ -147,6 +185,8 @@ class Evaluator:
         metrics = {str(k): float(v) for k, v in values.items() if math.isfinite(float(v))}
         if train_loss is not None:
             metrics["train_loss"] = train_loss
+        if self.directory is not None:
+            self.directory.verify()  # moved or replaced since the trainer opened it: nothing more (StorageError)
         append_metrics(self.model_dir, step=step, checkpoint=os.path.basename(prefix), metrics=metrics)
         with self._writer.as_default(step=step):
             for key, value in metrics.items():
@@ -161,6 +201,14 @@ class Evaluator:
             s for s in (step_of(p) for p in checkpoint_prefixes(self.model_dir)) if s is not None and s not in recorded
         )
         return sum(self.evaluate(step) is not None for step in steps)
+
+
+def _open_subdirectory(directory: OpenDir, name: str) -> int:
+    """Open `name` inside `directory` through its descriptor, refusing a symlink (StorageError)."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+    except OSError as err:
+        raise StorageError(f"{directory.display(name)} is not a directory inside the model dir ({err.strerror})") from err
 
 
 def evaluate_missing(model_dir: str, spec: EvaluationSpec) -> int:
@@ -201,14 +249,37 @@ def wait_for_metrics(model_dir: str, steps: list[int], timeout: float) -> dict[i
 
 
 class SidecarEvaluator:
-    """The trainer's handle on its evaluator process (see the module docstring)."""
+    """The trainer's handle on its evaluator process (see the module docstring).
 
-    def __init__(self, model_dir: str, spec: EvaluationSpec):
+    `directory`: the model dir as the trainer opened it; its descriptor is handed to the evaluator, which
+    works through it. Without it (multi-worker) the model dir is opened here (`confined_dirs.open_directory`).
+    """
+
+    def __init__(self, model_dir: str, spec: EvaluationSpec, directory: Optional[OpenDir] = None):
         self.model_dir = model_dir
-        prepare(model_dir)
-        self._errors = open(os.path.join(model_dir, "eval", "evaluator.log"), "ab")
+        self._own = directory is None
+        self.directory = directory if directory is not None else open_directory(model_dir, parameter="model_dir", create=True)
+        try:
+            prepare(self.directory.handle)
+            eval_fd = _open_subdirectory(self.directory, "eval")
+            try:
+                log_fd = os.open(
+                    "evaluator.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=eval_fd
+                )
+            finally:
+                os.close(eval_fd)
+        except BaseException:
+            if self._own:
+                self.directory.close()
+            raise
+        self._errors = os.fdopen(log_fd, "ab")
+        fd = self.directory.fd
+        command = [sys.executable, "-m", "prefect_tensorflow.tasks.evaluation", self.directory.path, "--fd", str(fd)]
+        if self.directory.root is not None:
+            command += ["--root", self.directory.root]
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "prefect_tensorflow.tasks.evaluation", model_dir],
+            command,
+            pass_fds=(fd,),
             stdin=subprocess.PIPE,
             stdout=self._errors,
             stderr=subprocess.STDOUT,
@@ -250,22 +321,47 @@ class SidecarEvaluator:
                 "the evaluator of %s is still running after %.0f s; it finishes on its own", self.model_dir, timeout
             )
         self._errors.close()
+        if self._own:
+            self.directory.close()
+
+
+def _inherited_directory(argv: list[str]) -> tuple[str, Optional[OpenDir]]:
+    """`<model_dir> [--fd N [--root R]]`: the model dir, and the trainer's open descriptor of it if handed over."""
+    model_dir, options = argv[0], dict(zip(argv[1::2], argv[2::2]))
+    if "--fd" not in options:
+        return model_dir, None  # an older trainer: by path, as before
+    fd = int(options["--fd"])
+    path = os.path.normpath(model_dir)
+    return model_dir, OpenDir(
+        path, fd, os.dup(fd), os.path.basename(path) or ".", False, root=options.get("--root"), parameter="model_dir"
+    )
 
 
 def main(argv: list[str]) -> int:
-    """The sidecar: `python -m prefect_tensorflow.tasks.evaluation <model_dir>`, the spec then steps on stdin."""
+    """The sidecar: `python -m prefect_tensorflow.tasks.evaluation <model_dir> [--fd N [--root R]]`, the spec then steps on stdin.
+
+    With `--fd` (the trainer's descriptor of the model dir, inherited) everything goes through it; see `Evaluator`.
+    """
     os.nice(EVALUATOR_NICE)  # one thread at a lower priority: a share of one core while training competes
     skip_keras_optional_imports()
-    model_dir = argv[0]
+    model_dir, directory = _inherited_directory(argv)
+    work_dir = directory.handle if directory is not None else model_dir
     spec = EvaluationSpec.model_validate_json(sys.stdin.readline())
-    with evaluator_lock(model_dir):  # one evaluator per model dir; a previous one finishes first
-        evaluator = Evaluator(model_dir, spec)
-        evaluator.catch_up()
-        for line in sys.stdin:
-            if line.strip():
-                message = json.loads(line)
-                evaluator.evaluate(int(message["step"]), message.get("train_loss"))
-        evaluator.catch_up()  # what a killed trainer committed but never announced
+    try:
+        with evaluator_lock(work_dir):  # one evaluator per model dir; a previous one finishes first
+            evaluator = Evaluator(model_dir, spec, directory)
+            evaluator.catch_up()
+            for line in sys.stdin:
+                if line.strip():
+                    message = json.loads(line)
+                    evaluator.evaluate(int(message["step"]), message.get("train_loss"))
+            evaluator.catch_up()  # what a killed trainer committed but never announced
+    except StorageError as err:
+        print(f"the evaluator stops: {err}", flush=True)
+        return 3
+    finally:
+        if directory is not None:
+            directory.close()
     return 0
 
 

@@ -314,7 +314,7 @@ def _train_in(
         evaluation.prepare(directory.handle)
     evaluator = None
     if config.evaluation == "sidecar" and step < target:
-        evaluator = evaluation.SidecarEvaluator(model_dir, evaluation_spec(config))
+        evaluator = evaluation.SidecarEvaluator(model_dir, evaluation_spec(config), directory)
     saver = CheckpointSaver(
         ckpt,
         model_dir,

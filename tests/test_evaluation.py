@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import cli_command, train
 
@@ -17,6 +18,8 @@ from prefect_tensorflow.tasks.checkpoint_files import checkpoint_prefixes, read_
 from prefect_tensorflow.tasks.errors import MetricsTimeoutError
 from prefect_tensorflow.tasks.metrics_log import METRICS_FILE, read_metrics
 from prefect_tensorflow.tasks.policy import CheckpointPolicy
+
+EVALUATOR_MODULE = "prefect_tensorflow.tasks.evaluation"
 
 
 def line_steps(model_dir: Path) -> Counter:
@@ -144,3 +147,73 @@ def test_the_keep_policy_waits_for_the_sidecar_so_every_checkpoint_gets_its_line
     assert committed_steps(model_dir) == [1250, 1500]  # the files
     state = (model_dir / "checkpoint").read_text()
     assert state.count("all_model_checkpoint_paths:") == 2 and 'model_checkpoint_path: "model.ckpt-1500"' in state
+
+
+@pytest.mark.slow
+def test_a_model_dir_swapped_for_a_symlink_while_the_sidecar_evaluates_gets_nothing_written_where_it_leads(tmp_path, cli_env):
+    """Issue 19, class 6: the evaluator writes through the model dir the trainer opened (its descriptor),
+    and checks before each line that the path still names it: the swapped-in symlink leads nowhere."""
+    from prefect_tensorflow.tasks.evaluation import evaluator_running
+
+    model_dir, outside = tmp_path / "m", tmp_path / "outside"
+    outside.mkdir()
+    moved = tmp_path / "m.moved"
+    cmd = cli_command(
+        "train",
+        "--model-dir",
+        str(model_dir),
+        "--steps",
+        "600",
+        "--save-checkpoints-steps",
+        "100",
+        "--keep-checkpoint-max",
+        "0",
+        "--data",
+        "models_for_tests:slow_eval_dataset",
+    )
+    trainer = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = model_dir / "eval" / "evaluator.log"
+    deadline = time.monotonic() + 300
+    try:
+        while True:  # the evaluator is in the middle of a checkpoint (~1.5 s each): swap now
+            started = log.read_text().count("evaluating") if log.exists() else 0
+            if started >= 1 and len(line_steps(model_dir)) < started:
+                break
+            assert trainer.poll() is None, "training finished before the evaluator could be caught mid-checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        evaluators = [p for p in psutil.Process(trainer.pid).children(recursive=True) if EVALUATOR_MODULE in p.cmdline()]
+        os.rename(model_dir, moved)
+        os.symlink(outside, model_dir)
+        swapped_with = len(line_steps(moved))
+        assert (moved / "eval" / "evaluator.log").read_text().count("evaluating") > swapped_with  # caught mid-checkpoint
+        _, stderr = trainer.communicate(timeout=300)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    # The trainer may be saving still (its own verify then fails the run) or already waiting for the evaluator.
+    assert trainer.returncode == 0 or b"was moved or replaced" in stderr, stderr[-3000:]
+    assert len(evaluators) == 1
+    _, alive = psutil.wait_procs(evaluators, timeout=120)  # it finishes the checkpoint it was evaluating, then stops
+    assert not alive and not evaluator_running(str(moved))
+    assert os.listdir(outside) == []  # no metrics line, event file or lock where the symlink leads
+    assert len(line_steps(moved)) == swapped_with  # and no line after the swap in the moved dir either
+    assert "the evaluator stops" in (moved / "eval" / "evaluator.log").read_text()
+
+
+def test_the_evaluator_lock_and_log_follow_no_symlink(tmp_path):
+    from prefect_tensorflow.tasks.errors import StorageError
+    from prefect_tensorflow.tasks.evaluation import LOCK_FILE, evaluator_lock, prepare
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / LOCK_FILE).symlink_to(outside)
+    with pytest.raises(StorageError, match="is a symbolic link"):
+        with evaluator_lock(str(tmp_path / "m")):
+            pass
+    (tmp_path / "n").mkdir()
+    (tmp_path / "n" / METRICS_FILE).symlink_to(outside)
+    with pytest.raises(StorageError, match="is a symbolic link"):
+        prepare(str(tmp_path / "n"))
+    assert outside.read_text() == ""
