@@ -92,10 +92,10 @@ def test_best_is_never_chosen_from_incomplete_metrics(tmp_path, monkeypatch):
     assert select_best_checkpoint(str(model_dir), "loss", "min").step in (0, 50, 100, 150)
 
 
-@pytest.mark.slow
-def test_killing_the_trainer_while_the_evaluator_is_mid_checkpoint_leaves_one_line_per_checkpoint(tmp_path, cli_env):
-    model_dir = tmp_path / "m"
-    cmd = cli_command(
+def slow_eval_training_command(model_dir) -> list[str]:
+    """`prefect-tensorflow train` of 600 steps, a checkpoint every 100, all kept, with an eval split
+    that takes ~1.5 s per checkpoint (`slow_eval_dataset`): a test can catch the sidecar mid-checkpoint."""
+    return cli_command(
         "train",
         "--model-dir",
         str(model_dir),
@@ -108,6 +108,12 @@ def test_killing_the_trainer_while_the_evaluator_is_mid_checkpoint_leaves_one_li
         "--data",
         "models_for_tests:slow_eval_dataset",
     )
+
+
+@pytest.mark.slow
+def test_killing_the_trainer_while_the_evaluator_is_mid_checkpoint_leaves_one_line_per_checkpoint(tmp_path, cli_env):
+    model_dir = tmp_path / "m"
+    cmd = slow_eval_training_command(model_dir)
     trainer = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = model_dir / "eval" / "evaluator.log"
     deadline = time.monotonic() + 300
@@ -158,19 +164,7 @@ def test_a_model_dir_swapped_for_a_symlink_while_the_sidecar_evaluates_gets_noth
     model_dir, outside = tmp_path / "m", tmp_path / "outside"
     outside.mkdir()
     moved = tmp_path / "m.moved"
-    cmd = cli_command(
-        "train",
-        "--model-dir",
-        str(model_dir),
-        "--steps",
-        "600",
-        "--save-checkpoints-steps",
-        "100",
-        "--keep-checkpoint-max",
-        "0",
-        "--data",
-        "models_for_tests:slow_eval_dataset",
-    )
+    cmd = slow_eval_training_command(model_dir)
     trainer = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = model_dir / "eval" / "evaluator.log"
     deadline = time.monotonic() + 300
