@@ -43,7 +43,6 @@ Example:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -63,6 +62,7 @@ from .errors import MetricsTimeoutError, StorageError
 from .lean_import import skip_keras_optional_imports
 from .metrics_log import METRICS_FILE, append_metrics, read_metrics
 from .run_context import get_logger
+from .storage import exclusive_lock
 
 LOCK_FILE = ".evaluator.lock"
 EVALUATOR_NICE = 10
@@ -108,19 +108,8 @@ def _open_no_follow(path: str) -> int:
 @contextmanager
 def evaluator_lock(model_dir: str, *, blocking: bool = True) -> Iterator[bool]:
     """Hold the model dir's evaluator lock (never through a symlink); yields False (without it) when not `blocking` and it is taken."""
-    fd = _open_no_follow(os.path.join(model_dir, LOCK_FILE))
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with exclusive_lock(model_dir, LOCK_FILE, blocking=blocking) as got:
+        yield got
 
 
 def evaluator_running(model_dir: str) -> bool:

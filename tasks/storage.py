@@ -310,11 +310,14 @@ def remove_abandoned_temporaries(parent: str, *, directory: Optional[OpenDir] = 
 
 
 @contextmanager
-def exclusive_lock(directory: str, name: str = LOCK_FILE, *, parent: Optional[OpenDir] = None) -> Iterator[None]:
-    """Hold an exclusive `flock` on `<directory>/<name>` (created if missing) for the block.
+def exclusive_lock(
+    directory: str, name: str = LOCK_FILE, *, parent: Optional[OpenDir] = None, blocking: bool = True
+) -> Iterator[bool]:
+    """Hold an exclusive `flock` on `<directory>/<name>` (created if missing) for the block; yields True.
 
     The lock file is opened with `O_NOFOLLOW` (relative to `parent`'s descriptor when given): a
-    symlink in its place is refused, never followed to create or lock its target.
+    symlink in its place is refused, never followed to create or lock its target. Not `blocking`,
+    it yields False (without the lock) when another holder has it.
 
     Raises:
         StorageError: the directory is missing or not writable, or the lock file is a symlink or not a file.
@@ -330,9 +333,13 @@ def exclusive_lock(directory: str, name: str = LOCK_FILE, *, parent: Optional[Op
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise StorageError(f"lock file {path} is not a regular file; refused")
-        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
