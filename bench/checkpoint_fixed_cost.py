@@ -31,10 +31,10 @@ BUFFERS = (1000, 100)
 def _measure(buffer: int, scratch: Scratch) -> dict:
     import tensorflow as tf
 
-    from prefect_tensorflow.tasks.checkpoint_writer import CheckpointWriter
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.checkpoints.writer import CheckpointWriter
     from prefect_tensorflow.tasks.configs import TrainingConfig
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.training import LossWindow, build_model_and_data, input_pipeline, make_train_step
+    from prefect_tensorflow.tasks.training.loop import LossWindow, build_model_and_data, input_pipeline, make_train_step
 
     config = TrainingConfig(seed=0, shuffle_buffer=buffer)
     net, train_ds, _ = build_model_and_data(config)

@@ -77,8 +77,8 @@ def _dir_bytes(path: str) -> int:
 def run() -> dict:
     import tensorflow as tf
 
-    from prefect_tensorflow.tasks.checkpoint_writer import CheckpointWriter
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.checkpoints.writer import CheckpointWriter
 
     tf.random.set_seed(0)
     variables = [

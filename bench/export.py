@@ -71,13 +71,13 @@ def run() -> dict:
     import tensorflow as tf
 
     from prefect_tensorflow.tasks import iris
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
     from prefect_tensorflow.tasks.configs import ExportConfig, TrainingConfig
-    from prefect_tensorflow.tasks.exporting import export_saved_model
-    from prefect_tensorflow.tasks.freezing import freeze_graph
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.serving import restore_model, serving_function
-    from prefect_tensorflow.tasks.training import train_with_checkpoints
-    from prefect_tensorflow.tasks.verification import run_saved_model, verification_batch
+    from prefect_tensorflow.tasks.export.frozen_graph import freeze_graph
+    from prefect_tensorflow.tasks.export.saved_model import export_saved_model
+    from prefect_tensorflow.tasks.export.signature import restore_model, serving_function
+    from prefect_tensorflow.tasks.export.verification import run_saved_model, verification_batch
+    from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
     config = ExportConfig()  # the bundled iris model, verified on the iris eval split
 

@@ -106,12 +106,13 @@ def _run(scratch: Scratch) -> dict:
 
     from prefect_tensorflow.flows.servers import free_port, log_tail, start_prefect_server, stop_process_group
     from prefect_tensorflow.tasks import iris
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.checkpoints.selection import select_checkpoint
     from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, TrainingConfig
-    from prefect_tensorflow.tasks.exporting import export_saved_model
-    from prefect_tensorflow.tasks.freezing import freeze_graph
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.registry import (
+    from prefect_tensorflow.tasks.export.frozen_graph import freeze_graph
+    from prefect_tensorflow.tasks.export.saved_model import export_saved_model
+    from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
+    from prefect_tensorflow.tasks.registry.model_versions import (
         CHALLENGER,
         CHAMPION,
         find_registered_version,
@@ -119,9 +120,8 @@ def _run(scratch: Scratch) -> dict:
         register_model_version,
         set_model_version_aliases,
     )
-    from prefect_tensorflow.tasks.selection import select_checkpoint
-    from prefect_tensorflow.tasks.tracking import log_frozen_graph_to_mlflow
-    from prefect_tensorflow.tasks.training import train_with_checkpoints
+    from prefect_tensorflow.tasks.registry.tracking import log_frozen_graph_to_mlflow
+    from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
     root = scratch.path
     port = free_port()

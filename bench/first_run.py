@@ -4,7 +4,7 @@ Every CLI call and every deployment run starts a fresh Python process, so it
 pays TensorFlow's start-up once. What it measures, in fresh child processes
 (`python -m bench.first_run --child`), ROUNDS times, medians:
 
-- the imports, in order: `prefect_tensorflow.tasks.training` (no TensorFlow),
+- the imports, in order: `prefect_tensorflow.tasks.training.loop` (no TensorFlow),
   `tensorflow`, `keras`;
 - the first `train_with_checkpoints()` (iris, 3,000 steps, `evaluation="none"`,
   a fresh model dir) and then the same call again in the same process (warm);
@@ -37,8 +37,8 @@ AREAS = (
     ("tf.function tracing (autograph, func_graph)", "func_graph.py:func_graph_from_py_func"),
     ("Keras model build and compile", "keras/src/models"),
     ("tf.data pipeline set-up", "tensorflow/python/data/"),
-    ("checkpoint key discovery (first save)", "checkpoint_writer.py:learn"),
-    ("graph.pbtxt", "training.py:write_graph"),
+    ("checkpoint key discovery (first save)", "checkpoints/writer.py:learn"),
+    ("graph.pbtxt", "training/loop.py:write_graph"),
     ("summary writers", "summary_ops_v2.py"),
 )
 
@@ -51,9 +51,9 @@ def child(profile: bool, lean: bool) -> dict:
 
         skip_keras_optional_imports()
     from prefect_tensorflow.tasks.configs import TrainingConfig
-    from prefect_tensorflow.tasks.training import train_with_checkpoints
+    from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
-    marks["import prefect_tensorflow.tasks.training"] = time.perf_counter() - started
+    marks["import prefect_tensorflow.tasks.training.loop"] = time.perf_counter() - started
     t = time.perf_counter()
     import tensorflow  # noqa: F401
 

@@ -6,9 +6,9 @@ one import statement inside the child (interpreter start-up excluded):
 - A "as shipped": `import` of the three deployments' flow modules
   (`retrain`, `export_checkpoint`, `sweep`), which import MLflow and TensorFlow
   only inside the tasks that need them;
-- B "MLflow at load": the same, then `prefect_tensorflow.tasks.mlflow_client` (and
+- B "MLflow at load": the same, then `prefect_tensorflow.tasks.registry.mlflow_client` (and
   with it `mlflow`), which is what loading the flow modules cost while
-  `tasks/registry.py` imported the MLflow client at module level.
+  `tasks/registry/model_versions.py` imported the MLflow client at module level.
 
 Every run the Prefect UI creates pays this once in its own process, including a run
 refused at once for a bad parameter (the hostile-input test makes 105 of those).
@@ -32,7 +32,7 @@ ROUNDS = 7
 FLOWS = "import prefect_tensorflow.flows.retrain, prefect_tensorflow.flows.export_checkpoint, prefect_tensorflow.flows.sweep"
 CASES = {
     "as shipped": FLOWS,
-    "mlflow at load": FLOWS + "; import prefect_tensorflow.tasks.mlflow_client",
+    "mlflow at load": FLOWS + "; import prefect_tensorflow.tasks.registry.mlflow_client",
 }
 _CHILD = """
 import json, sys, time

@@ -70,9 +70,9 @@ def load_dataset(split: str = "train"):
 def run() -> dict:
     import numpy as np
 
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
     from prefect_tensorflow.tasks.configs import TrainingConfig
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.training import train_with_checkpoints
+    from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
     params = int(sum(np.prod(v.shape) for v in build_model().variables))
     never = CheckpointPolicy(save_checkpoints_secs=1e9, save_at_start=False, save_at_end=False)

@@ -161,12 +161,13 @@ def wrapper_cost(calls: int = 200_000) -> float:
 
 
 def run() -> dict:
-    from prefect_tensorflow.tasks import tracking, training
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
     from prefect_tensorflow.tasks.configs import TrainingConfig
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.tracking import MetricBatcher, TrainingRun
-    from prefect_tensorflow.tasks.training import checkpoint_metric_names, train_with_checkpoints
+    from prefect_tensorflow.tasks.registry import tracking
+    from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
+    from prefect_tensorflow.tasks.registry.tracking import MetricBatcher, TrainingRun
+    from prefect_tensorflow.tasks.training import loop as training
+    from prefect_tensorflow.tasks.training.loop import checkpoint_metric_names, train_with_checkpoints
 
     policy = CheckpointPolicy(save_checkpoints_steps=EVERY, save_at_start=False, save_at_end=False)
 

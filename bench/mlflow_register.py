@@ -67,15 +67,15 @@ def run() -> dict:
     import mlflow.tensorflow
 
     from prefect_tensorflow.tasks import iris
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.checkpoints.selection import select_latest_checkpoint
     from prefect_tensorflow.tasks.configs import ExportConfig, TrainingConfig
-    from prefect_tensorflow.tasks.exporting import export_saved_model
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.registry import CHALLENGER, CHAMPION, pinned_requirements, register_model_version
-    from prefect_tensorflow.tasks.selection import select_latest_checkpoint
-    from prefect_tensorflow.tasks.serving import restore_model
-    from prefect_tensorflow.tasks.training import train_with_checkpoints
-    from prefect_tensorflow.tasks.verification import verification_batch
+    from prefect_tensorflow.tasks.export.saved_model import export_saved_model
+    from prefect_tensorflow.tasks.export.signature import restore_model
+    from prefect_tensorflow.tasks.export.verification import verification_batch
+    from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
+    from prefect_tensorflow.tasks.registry.model_versions import CHALLENGER, CHAMPION, pinned_requirements, register_model_version
+    from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
     errors: dict[str, str] = {}
     names = ("PREFECT_TENSORFLOW_HOME", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")

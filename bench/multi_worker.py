@@ -39,10 +39,10 @@ ROUNDS = 2
 
 
 def run() -> dict:
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
     from prefect_tensorflow.tasks.configs import TrainingConfig
-    from prefect_tensorflow.tasks.multi_worker import train_multi_worker
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.training import train_with_checkpoints
+    from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
+    from prefect_tensorflow.tasks.training.multi_worker import train_multi_worker
 
     policy = CheckpointPolicy(save_checkpoints_secs=1e9, save_at_start=False, save_at_end=True)
 

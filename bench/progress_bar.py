@@ -50,7 +50,7 @@ def _terminal_to_devnull():
 def run() -> dict:
     from prefect_tensorflow.flows.cli import _ProgressBar
     from prefect_tensorflow.tasks.configs import TrainingConfig
-    from prefect_tensorflow.tasks.training import train_with_checkpoints
+    from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
     config = TrainingConfig(steps=STEPS, seed=0, evaluation="none")
     calls = []

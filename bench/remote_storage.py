@@ -65,7 +65,7 @@ def _counting(client):
 
 
 def _build_dir(client, prefix: str, index: bytes, shard: bytes, metrics_line: dict, count: int) -> str:
-    from prefect_tensorflow.tasks.checkpoint_files import state_file_text
+    from prefect_tensorflow.tasks.checkpoints.files import state_file_text
 
     steps = [i * STEP_GAP for i in range(count)]
     with ThreadPoolExecutor(8) as pool:
@@ -100,12 +100,12 @@ def run() -> dict:
 
 
 def _run(server, scratch: Scratch) -> dict:
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.checkpoints.remote import RemoteModelDir
+    from prefect_tensorflow.tasks.checkpoints.selection import select_latest_checkpoint
     from prefect_tensorflow.tasks.configs import TrainingConfig
-    from prefect_tensorflow.tasks.object_store import default_client
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.remote_checkpoints import RemoteModelDir
-    from prefect_tensorflow.tasks.selection import select_latest_checkpoint
-    from prefect_tensorflow.tasks.training import train_with_checkpoints
+    from prefect_tensorflow.tasks.storage.s3 import default_client
+    from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
     client = default_client()
     client.create_bucket(Bucket=BUCKET)

@@ -99,14 +99,14 @@ def _run(scratch: Scratch, iris) -> dict:
 
     from prefect_tensorflow.flows.retrain import retrain
     from prefect_tensorflow.tasks.blocks import MlflowConnection
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.checkpoints.selection import select_checkpoint
     from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, TrainingConfig
-    from prefect_tensorflow.tasks.exporting import export_saved_model
-    from prefect_tensorflow.tasks.freezing import freeze_graph
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.registry import CHALLENGER, CHAMPION, register_model_version
-    from prefect_tensorflow.tasks.selection import select_checkpoint
-    from prefect_tensorflow.tasks.tracking import log_frozen_graph_to_mlflow
-    from prefect_tensorflow.tasks.training import train_with_checkpoints
+    from prefect_tensorflow.tasks.export.frozen_graph import freeze_graph
+    from prefect_tensorflow.tasks.export.saved_model import export_saved_model
+    from prefect_tensorflow.tasks.registry.model_versions import CHALLENGER, CHAMPION, register_model_version
+    from prefect_tensorflow.tasks.registry.tracking import log_frozen_graph_to_mlflow
+    from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
     policy = CheckpointPolicy(save_checkpoints_steps=EVERY)
     gate = GateConfig(metric=GATE_METRIC, mode="max")

@@ -1,7 +1,7 @@
 """`select_latest_checkpoint` on a model dir of 10,000 checkpoints against one of 1.
 
 What it measures: the per-call time of
-`prefect_tensorflow.tasks.selection.select_latest_checkpoint(model_dir)` (and
+`prefect_tensorflow.tasks.checkpoints.selection.select_latest_checkpoint(model_dir)` (and
 of `tf.train.latest_checkpoint`), every case called once per round, 200
 rounds in a seeded random order each round, medians taken.
 
@@ -87,7 +87,7 @@ def write_state_file(model_dir: str, steps: list[int], keep: int = KEEP_IN_STATE
 
 
 def _fast_path(model_dir: str) -> bool:
-    from prefect_tensorflow.tasks.checkpoint_files import read_state_file, state_file_is_last_change
+    from prefect_tensorflow.tasks.checkpoints.files import read_state_file, state_file_is_last_change
 
     try:
         return state_file_is_last_change(model_dir, read_state_file(model_dir))
@@ -97,7 +97,7 @@ def _fast_path(model_dir: str) -> bool:
 
 def _listings_during(fn: Callable[[], object]) -> tuple[object, int]:
     """Call `fn`, counting how often selection lists a directory (`checkpoint_prefixes`)."""
-    from prefect_tensorflow.tasks import selection
+    from prefect_tensorflow.tasks.checkpoints import selection
 
     original = selection.checkpoint_prefixes
     count = 0
@@ -144,10 +144,10 @@ def _build_many(src_dir: str, dst_dir: str, src_prefix: str, metrics_lines: int,
 def run() -> dict:
     import tensorflow as tf
 
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.checkpoints.selection import select_latest_checkpoint
     from prefect_tensorflow.tasks.configs import TrainingConfig
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.selection import select_latest_checkpoint
-    from prefect_tensorflow.tasks.training import train_with_checkpoints
+    from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
     with Scratch(NAME) as scratch:
         one = os.path.join(scratch.path, "one")

@@ -65,10 +65,10 @@ def run() -> dict:
 
     from prefect_tensorflow.flows.sweep import dask_task_runner
     from prefect_tensorflow.tasks import prefect_tasks
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
     from prefect_tensorflow.tasks.configs import TrainingConfig
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.sweep_training import ATTEMPTS_FILE, Candidate, plan_candidates
-    from prefect_tensorflow.tasks.training import train_with_checkpoints
+    from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
+    from prefect_tensorflow.tasks.training.sweep_candidates import ATTEMPTS_FILE, Candidate, plan_candidates
 
     def base(steps: int) -> TrainingConfig:
         policy = CheckpointPolicy(save_checkpoints_steps=min(EVERY, steps), keep_checkpoint_max=2)

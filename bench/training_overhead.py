@@ -53,9 +53,9 @@ CASES = {
 
 
 def run() -> dict:
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
     from prefect_tensorflow.tasks.configs import TrainingConfig
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.training import train_with_checkpoints
+    from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
     without = CheckpointPolicy(save_checkpoints_secs=1e9, save_at_start=False, save_at_end=False)
     saves = STEPS // EVERY

@@ -15,11 +15,11 @@ from typing import Optional
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from prefect_tensorflow.tasks.exporting import ExportResult
-from prefect_tensorflow.tasks.freezing import FreezeResult
-from prefect_tensorflow.tasks.registry import RegisteredVersion
-from prefect_tensorflow.tasks.selection import CheckpointRef, list_checkpoints
-from prefect_tensorflow.tasks.training import TrainResult
+from prefect_tensorflow.tasks.checkpoints.selection import CheckpointRef, list_checkpoints
+from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
+from prefect_tensorflow.tasks.export.saved_model import ExportResult
+from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion
+from prefect_tensorflow.tasks.training.loop import TrainResult
 
 
 def _utc(mtime: Optional[float]) -> str:

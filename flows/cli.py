@@ -33,13 +33,14 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import ValidationError
 
-from prefect_tensorflow.tasks import exporting, freezing, inspection, selection, verification
+from prefect_tensorflow.tasks.checkpoints import inspection, selection
+from prefect_tensorflow.tasks.config_checks import one_line
 from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, TrainingConfig
 from prefect_tensorflow.tasks.errors import ParityError, PrefectTensorFlowError
-from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig, console_command
+from prefect_tensorflow.tasks.export import frozen_graph, saved_model, verification
+from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig, console_command
 from prefect_tensorflow.tasks.settings import get_settings
-from prefect_tensorflow.tasks.training import train_with_checkpoints
-from prefect_tensorflow.tasks.validation import one_line
+from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
 from .cli_options import with_training_options
 from .defaults import apply_environment_defaults
@@ -314,7 +315,7 @@ def evaluate(
 ) -> None:
     """Evaluate the checkpoints of MODEL_DIR that have no metrics yet (what the sidecar evaluator does)."""
     from prefect_tensorflow.tasks import model_code
-    from prefect_tensorflow.tasks.evaluation import EvaluationSpec, evaluate_missing
+    from prefect_tensorflow.tasks.training.sidecar_evaluator import EvaluationSpec, evaluate_missing
 
     def run() -> int:
         spec = EvaluationSpec(
@@ -348,7 +349,7 @@ def freeze(
     config = _export_config(
         model=model, data=data, output_nodes=_nodes(output_nodes), input_nodes=_nodes(input_nodes), tolerance=tolerance
     )
-    result = _run(lambda: freezing.freeze_graph(checkpoint, output, config, as_text=as_text))
+    result = _run(lambda: frozen_graph.freeze_graph(checkpoint, output, config, as_text=as_text))
     _emit(
         result,
         as_json,
@@ -376,7 +377,7 @@ def export(
     config = _export_config(
         model=model, data=data, input_nodes=_nodes(input_nodes), output_nodes=_nodes(output_nodes), tolerance=tolerance
     )
-    result = _run(lambda: exporting.export_saved_model(checkpoint, export_base, config))
+    result = _run(lambda: saved_model.export_saved_model(checkpoint, export_base, config))
     _emit(
         result,
         as_json,
@@ -462,7 +463,7 @@ def retrain(
     as_json: JsonOption = False,
 ) -> None:
     """Run the `retrain` flow: train, select, freeze, export, then log and register in MLflow."""
-    from prefect_tensorflow.tasks.selection import CheckpointSelection
+    from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
 
     _run(lambda: CheckpointSelection.parse(select))
     gate, connection = _shipping_settings(registered_model_name, gate_metric, gate_mode, tracking_uri, experiment)
@@ -569,8 +570,8 @@ def export_checkpoint_command(
     """Run the `export-checkpoint` flow: select a checkpoint, export, freeze, register in MLflow."""
     from pydantic import TypeAdapter
 
+    from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
     from prefect_tensorflow.tasks.configs import AliasName
-    from prefect_tensorflow.tasks.selection import CheckpointSelection
 
     _run(lambda: CheckpointSelection.parse(checkpoint, parameter="checkpoint"))
     for name in alias:
@@ -626,7 +627,7 @@ def _sweep_candidates(text: str) -> list:
     """`--candidates`: a JSON list of {hparams, seed, steps}, or @FILE holding one."""
     from pydantic import TypeAdapter
 
-    from prefect_tensorflow.tasks.sweep_training import Candidates
+    from prefect_tensorflow.tasks.training.sweep_candidates import Candidates
 
     if text.startswith("@"):
         try:
@@ -678,7 +679,7 @@ def sweep(
     as_json: JsonOption = False,
 ) -> None:
     """Run the `sweep` flow: train candidates in parallel on Dask, ship the best as retrain does."""
-    from prefect_tensorflow.tasks.selection import CheckpointSelection
+    from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
 
     chosen = _run(lambda: _sweep_candidates(candidates))
     _run(lambda: CheckpointSelection.parse(select))

@@ -29,9 +29,9 @@ from typing import Any, Optional
 import typer
 from pydantic import BaseModel, ValidationError
 
+from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+from prefect_tensorflow.tasks.config_checks import one_line
 from prefect_tensorflow.tasks.configs import TrainingConfig
-from prefect_tensorflow.tasks.policy import CheckpointPolicy
-from prefect_tensorflow.tasks.validation import one_line
 
 # Options whose "None" is spelled 0 on the command line (typer has no way to type None).
 ZERO_MEANS_NONE = {"keep_checkpoint_max": "0 keeps every checkpoint"}

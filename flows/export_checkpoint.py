@@ -27,14 +27,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_tensorflow.tasks import prefect_tasks as tasks
 from prefect_tensorflow.tasks.blocks import MlflowConnection
+from prefect_tensorflow.tasks.checkpoints.selection import CheckpointRef, CheckpointSelection
 from prefect_tensorflow.tasks.configs import AliasName, DataRef, ExportConfig, GateConfig, ModelRef, RegisteredModelName
-from prefect_tensorflow.tasks.exporting import ExportResult
-from prefect_tensorflow.tasks.freezing import FreezeResult
+from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
+from prefect_tensorflow.tasks.export.saved_model import ExportResult
 from prefect_tensorflow.tasks.lean_import import skip_keras_optional_imports
-from prefect_tensorflow.tasks.registry import RegisteredVersion, gate_value
+from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion, gate_value
 from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger, in_deployment_run
 from prefect_tensorflow.tasks.security import check_mlflow_connection
-from prefect_tensorflow.tasks.selection import CheckpointRef, CheckpointSelection
 from prefect_tensorflow.tasks.settings import get_settings
 
 from .artifacts import publish_checkpoint_table, publish_export_summary, publish_mlflow_links

@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Optional
 
 from prefect_tensorflow.tasks import model_code
-from prefect_tensorflow.tasks.confined_dirs import open_directory
 from prefect_tensorflow.tasks.security import confine
-from prefect_tensorflow.tasks.storage import parse_location
+from prefect_tensorflow.tasks.storage.confined_dirs import open_directory
+from prefect_tensorflow.tasks.storage.locations import parse_location
 
 
 def checked_paths(**paths: str) -> dict[str, str]:

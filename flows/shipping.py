@@ -24,13 +24,13 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_tensorflow.tasks import prefect_tasks as tasks
+from prefect_tensorflow.tasks.checkpoints.selection import CheckpointRef
 from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, TrainingConfig
-from prefect_tensorflow.tasks.exporting import ExportResult
-from prefect_tensorflow.tasks.freezing import FreezeResult
-from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
-from prefect_tensorflow.tasks.registry import RegisteredVersion
-from prefect_tensorflow.tasks.selection import CheckpointRef
-from prefect_tensorflow.tasks.training import TrainResult
+from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
+from prefect_tensorflow.tasks.export.saved_model import ExportResult
+from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
+from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion
+from prefect_tensorflow.tasks.training.loop import TrainResult
 
 from .artifacts import publish_checkpoint_table, publish_mlflow_links, publish_training_summary
 from .parameters import frozen_graph_path

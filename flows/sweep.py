@@ -36,17 +36,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_tensorflow.tasks import prefect_tasks as tasks
 from prefect_tensorflow.tasks.blocks import MlflowConnection
+from prefect_tensorflow.tasks.checkpoints.selection import CheckpointRef, CheckpointSelection
+from prefect_tensorflow.tasks.config_checks import short_repr
 from prefect_tensorflow.tasks.configs import GateConfig, RegisteredModelName, TrainingConfig
 from prefect_tensorflow.tasks.errors import StorageError, UnsafeParameterError
-from prefect_tensorflow.tasks.exporting import ExportResult
-from prefect_tensorflow.tasks.freezing import FreezeResult
-from prefect_tensorflow.tasks.registry import RegisteredVersion
+from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
+from prefect_tensorflow.tasks.export.saved_model import ExportResult
+from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion
 from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger, in_deployment_run, prefect_run_tags
 from prefect_tensorflow.tasks.security import check_mlflow_connection
-from prefect_tensorflow.tasks.selection import CheckpointRef, CheckpointSelection
 from prefect_tensorflow.tasks.settings import get_settings
-from prefect_tensorflow.tasks.storage import parse_location
-from prefect_tensorflow.tasks.sweep_training import (
+from prefect_tensorflow.tasks.storage.locations import parse_location
+from prefect_tensorflow.tasks.training.sweep_candidates import (
     Candidate,
     CandidateResult,
     Candidates,
@@ -56,7 +57,6 @@ from prefect_tensorflow.tasks.sweep_training import (
     plan_candidates,
     rank_candidates,
 )
-from prefect_tensorflow.tasks.validation import short_repr
 
 from .parameters import checked_code, checked_paths
 from .shipping import publish_shipped, ship_checkpoint

@@ -12,7 +12,7 @@ The layout says what imports what:
 
 This package's names resolve lazily (PEP 562): `from prefect_tensorflow.tasks
 import train_with_checkpoints` gives the Prefect task (its plain function is
-`train_with_checkpoints.fn`, also `prefect_tensorflow.tasks.training.train_with_checkpoints`),
+`train_with_checkpoints.fn`, also `prefect_tensorflow.tasks.training.loop.train_with_checkpoints`),
 and only then imports Prefect. `prefect block register -m prefect_tensorflow.tasks`
 registers the block.
 
@@ -59,24 +59,24 @@ _PUBLIC = {
     "TrainingConfig": "configs",
     "ExportConfig": "configs",
     "GateConfig": "configs",
-    "CheckpointPolicy": "policy",
-    "MlflowConfig": "mlflow_connection",
-    "TrainResult": "training",
-    "CheckpointRef": "selection",
-    "CheckpointInfo": "selection",
-    "CheckpointSelection": "selection",
-    "FreezeResult": "freezing",
-    "ExportResult": "exporting",
-    "Parity": "verification",
-    "VerifyReport": "verification",
-    "RegisteredVersion": "registry",
-    "GateDecision": "registry",
+    "CheckpointPolicy": "checkpoints.policy",
+    "MlflowConfig": "registry.mlflow_connection",
+    "TrainResult": "training.loop",
+    "CheckpointRef": "checkpoints.selection",
+    "CheckpointInfo": "checkpoints.selection",
+    "CheckpointSelection": "checkpoints.selection",
+    "FreezeResult": "export.frozen_graph",
+    "ExportResult": "export.saved_model",
+    "Parity": "export.verification",
+    "VerifyReport": "export.verification",
+    "RegisteredVersion": "registry.model_versions",
+    "GateDecision": "registry.model_versions",
     "Settings": "settings",
-    "Candidate": "sweep_training",
-    "CandidateSpec": "sweep_training",
-    "CandidateResult": "sweep_training",
-    "MultiWorkerOptions": "multi_worker",
-    "train_multi_worker": "multi_worker",
+    "Candidate": "training.sweep_candidates",
+    "CandidateSpec": "training.sweep_candidates",
+    "CandidateResult": "training.sweep_candidates",
+    "MultiWorkerOptions": "training.multi_worker",
+    "train_multi_worker": "training.multi_worker",
     # errors
     "PrefectTensorFlowError": "errors",
     "CheckpointMismatchError": "errors",
@@ -96,8 +96,8 @@ _PUBLIC = {
     "StorageError": "errors",
     "TrainingError": "errors",
     "UnsafeParameterError": "errors",
-    "SweepError": "sweep_training",
-    "MultiWorkerError": "multi_worker",
+    "SweepError": "training.sweep_candidates",
+    "MultiWorkerError": "training.multi_worker",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -19,7 +19,7 @@ from typing import Any
 
 from prefect.blocks.core import Block
 
-from .mlflow_connection import MlflowConfig
+from .registry.mlflow_connection import MlflowConfig
 
 
 class MlflowConnection(MlflowConfig, Block):

@@ -21,8 +21,8 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
 
 from . import model_code
-from .policy import CheckpointPolicy
-from .validation import PositiveNumber, integer_between, one_of, text_matching
+from .checkpoints.policy import CheckpointPolicy
+from .config_checks import PositiveNumber, integer_between, one_of, text_matching
 
 ModelRef = Annotated[
     str, AfterValidator(lambda ref: model_code.check_syntax(ref, "model")), model_code.RegisteredChoices("model")

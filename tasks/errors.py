@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from .validation import short_repr
+from .config_checks import short_repr
 
 
 class PrefectTensorFlowError(Exception):

@@ -16,7 +16,7 @@ without Prefect). Retries are declared here, where the task is defined:
 Example:
     >>> from prefect_tensorflow.tasks.prefect_tasks import train_with_checkpoints
     >>> train_with_checkpoints.name, train_with_checkpoints.fn.__module__
-    ('train-with-checkpoints', 'prefect_tensorflow.tasks.training')
+    ('train-with-checkpoints', 'prefect_tensorflow.tasks.training.loop')
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from . import exporting, freezing, registry, selection, tracking, training, verification
+from .checkpoints import selection
 from .errors import MlflowUnavailableError
+from .export import frozen_graph, saved_model, verification
+from .registry import model_versions, tracking
+from .training import loop
 
 
 def retry_if_server_unavailable(task: Any, task_run: Any, state: Any) -> bool:
@@ -60,7 +63,7 @@ def _talks_to_mlflow(name: str) -> Any:
     )
 
 
-train_with_checkpoints = _talks_to_mlflow("train-with-checkpoints")(training.train_with_checkpoints)
+train_with_checkpoints = _talks_to_mlflow("train-with-checkpoints")(loop.train_with_checkpoints)
 select_latest_checkpoint = _plain("select-latest-checkpoint")(selection.select_latest_checkpoint)
 select_best_checkpoint = _plain("select-best-checkpoint", task_run_name="select-best-checkpoint-{metric}-{mode}")(
     selection.select_best_checkpoint
@@ -69,21 +72,21 @@ select_checkpoint_at_step = _plain("select-checkpoint-at-step", task_run_name="s
     selection.select_checkpoint_at_step
 )
 select_checkpoint = _plain("select-checkpoint")(selection.select_checkpoint)
-freeze_graph = _plain("freeze-graph")(freezing.freeze_graph)
-export_saved_model = _plain("export-saved-model")(exporting.export_saved_model)
+freeze_graph = _plain("freeze-graph")(frozen_graph.freeze_graph)
+export_saved_model = _plain("export-saved-model")(saved_model.export_saved_model)
 verify_artifacts = _plain("verify-artifacts")(verification.verify_artifacts)
 log_frozen_graph_to_mlflow = _talks_to_mlflow("log-frozen-graph-to-mlflow")(tracking.log_frozen_graph_to_mlflow)
-register_model_version = _talks_to_mlflow("register-model-version")(registry.register_model_version)
-check_can_register = _talks_to_mlflow("check-can-register")(registry.check_can_register)
-find_registered_version = _talks_to_mlflow("find-registered-version")(registry.find_registered_version)
-set_model_version_aliases = _talks_to_mlflow("set-model-version-aliases")(registry.set_model_version_aliases)
+register_model_version = _talks_to_mlflow("register-model-version")(model_versions.register_model_version)
+check_can_register = _talks_to_mlflow("check-can-register")(model_versions.check_can_register)
+find_registered_version = _talks_to_mlflow("find-registered-version")(model_versions.find_registered_version)
+set_model_version_aliases = _talks_to_mlflow("set-model-version-aliases")(model_versions.set_model_version_aliases)
 
-# --- sweeps (tasks/sweep_training.py): the candidate task runs on Dask workers ----------------
-from . import sweep_training  # noqa: E402 - appended section
+# --- sweeps (tasks/training/sweep_candidates.py): the candidate task runs on Dask workers ----------------
+from .training import sweep_candidates  # noqa: E402 - appended section
 
 train_sweep_candidate = _plain("train-sweep-candidate", task_run_name="train-candidate-{spec.candidate_id}")(
-    sweep_training.train_candidate
+    sweep_candidates.train_candidate
 )
-start_sweep_run = _talks_to_mlflow("start-sweep-run")(sweep_training.start_sweep_run)
-record_sweep_comparison = _talks_to_mlflow("record-sweep-comparison")(sweep_training.record_sweep_comparison)
-end_sweep_run = _talks_to_mlflow("end-sweep-run")(sweep_training.end_sweep_run)
+start_sweep_run = _talks_to_mlflow("start-sweep-run")(sweep_candidates.start_sweep_run)
+record_sweep_comparison = _talks_to_mlflow("record-sweep-comparison")(sweep_candidates.record_sweep_comparison)
+end_sweep_run = _talks_to_mlflow("end-sweep-run")(sweep_candidates.end_sweep_run)

@@ -31,7 +31,7 @@ from typing import Any, Optional
 from .errors import StorageError, UnsafeParameterError
 from .run_context import in_deployment_run
 from .settings import get_settings
-from .storage import Location, parse_location
+from .storage.locations import Location, parse_location
 
 URI_SPECIAL = "%?#"
 
@@ -138,7 +138,7 @@ def check_store_uri(uri: str, *, parameter: str) -> None:
     """
     from urllib.parse import urlsplit
 
-    from .mlflow_connection import local_store_path
+    from .registry.mlflow_connection import local_store_path
 
     try:
         path = local_store_path(uri)

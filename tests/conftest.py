@@ -40,7 +40,7 @@ def trained_dir(tmp_path_factory) -> Path:
     """
     from helpers import train
 
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
 
     model_dir = tmp_path_factory.mktemp("trained") / "iris"
     policy = CheckpointPolicy(save_checkpoints_steps=100, keep_checkpoint_max=None)

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from prefect_tensorflow.tasks.configs import ExportConfig, TrainingConfig
-from prefect_tensorflow.tasks.exporting import export_saved_model
-from prefect_tensorflow.tasks.freezing import freeze_graph
-from prefect_tensorflow.tasks.training import train_with_checkpoints
+from prefect_tensorflow.tasks.export.frozen_graph import freeze_graph
+from prefect_tensorflow.tasks.export.saved_model import export_saved_model
+from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
 
 def train(model_dir, *, tracking=None, on_progress=None, on_checkpoint=None, **config: Any):
@@ -35,7 +35,7 @@ def freeze(source, output, *, as_text: bool = False, **config: Any):
 
 def register_export(export_result, name, *, connection=None, gate_metric="accuracy", gate_mode="max", **kwargs: Any):
     from prefect_tensorflow.tasks.configs import GateConfig
-    from prefect_tensorflow.tasks.registry import register_model_version
+    from prefect_tensorflow.tasks.registry.model_versions import register_model_version
 
     gate = GateConfig(metric=gate_metric, mode=gate_mode)
     return register_model_version(export_result, name, connection, gate=gate, **kwargs)

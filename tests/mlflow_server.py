@@ -219,12 +219,12 @@ def auth_client(uri: str, username: str, password: str):
 
     `AuthServiceClient._request` calls `get_default_host_creds`, i.e. `MLFLOW_TRACKING_USERNAME`
     and `..._PASSWORD`; this subclass sends the given ones through the project's explicit
-    connection (`prefect_tensorflow.tasks.mlflow_client`).
+    connection (`prefect_tensorflow.tasks.registry.mlflow_client`).
     """
     from mlflow.server.auth.client import AuthServiceClient
     from mlflow.utils.rest_utils import verify_rest_response
 
-    from prefect_tensorflow.tasks.mlflow_client import Connection, _request
+    from prefect_tensorflow.tasks.registry.mlflow_client import Connection, _request
 
     connection = Connection(uri, uri, username=username, password=password, max_retries=0)
 

@@ -98,7 +98,7 @@ class Bucket:
 @contextmanager
 def count_requests(client: Any = None) -> Iterator[Counter]:
     """Count the S3 operations sent by `client` (default: the library's own client) during the block."""
-    from prefect_tensorflow.tasks.object_store import default_client
+    from prefect_tensorflow.tasks.storage.s3 import default_client
 
     client = client or default_client()
     counts: Counter = Counter()
@@ -196,7 +196,7 @@ def move_aliases(server, name, index, raw_rounds, safe_rounds, barrier, stop, re
     errors) on `results`. Here, not in the test module, so that the spawned processes import only MLflow."""
     from mlflow import MlflowClient
 
-    from prefect_tensorflow.tasks.registry import set_alias
+    from prefect_tensorflow.tasks.registry.model_versions import set_alias
 
     client = MlflowClient(server, server)
     version = index % 3 + 1

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from prefect_tensorflow.tasks.checkpoint_files import (
+from prefect_tensorflow.tasks.checkpoints.files import (
     OBJECT_GRAPH_KEY,
     check_checkpoint,
     checkpoint_prefixes,
@@ -131,8 +131,8 @@ def test_prefixes_sorted_by_step_not_name(tmp_path):
 
 
 def test_uncommitted_saves_and_staged_temporaries_are_not_checkpoints(tmp_path):
-    from prefect_tensorflow.tasks.checkpoint_files import uncommitted_temp_dirs
-    from prefect_tensorflow.tasks.storage import TEMP_MARKER, temporary_sibling
+    from prefect_tensorflow.tasks.checkpoints.files import uncommitted_temp_dirs
+    from prefect_tensorflow.tasks.storage.locations import TEMP_MARKER, temporary_sibling
 
     (tmp_path / "model.ckpt-20_temp").mkdir()  # a save cut short by a crash
     (tmp_path / "model.ckpt-20_temp" / "part-00000-of-00001.index").write_bytes(b"")
@@ -150,7 +150,7 @@ def test_uncommitted_saves_and_staged_temporaries_are_not_checkpoints(tmp_path):
 
 
 def test_an_untrusted_state_file_may_only_name_a_checkpoint_inside_its_model_dir(tmp_path):
-    from prefect_tensorflow.tasks.checkpoint_files import resolve_state_path
+    from prefect_tensorflow.tasks.checkpoints.files import resolve_state_path
     from prefect_tensorflow.tasks.errors import UnsafeParameterError
 
     model_dir = tmp_path / "roots" / "models" / "evil"
@@ -189,7 +189,7 @@ def test_an_untrusted_state_file_naming_a_checkpoint_through_a_symlink_out_is_re
 def test_untrusted_checkpoint_files_must_resolve_inside_the_model_dir_or_the_roots(tmp_path, trained_dir):
     import shutil
 
-    from prefect_tensorflow.tasks.checkpoint_files import confine_checkpoint_files
+    from prefect_tensorflow.tasks.checkpoints.files import confine_checkpoint_files
     from prefect_tensorflow.tasks.errors import UnsafeParameterError
 
     roots, canary = tmp_path / "roots", tmp_path / "canary"

@@ -40,7 +40,7 @@ def test_checkpoints_latest_and_best_json(trained_dir):
     latest = json.loads(invoke("checkpoints", "latest", str(trained_dir), "--json").stdout)
     assert latest["step"] == 300 and latest["format"] == "tf2"
     best = json.loads(invoke("checkpoints", "best", str(trained_dir), "--metric", "loss", "--mode", "min", "--json").stdout)
-    from prefect_tensorflow.tasks.selection import select_best_checkpoint
+    from prefect_tensorflow.tasks.checkpoints.selection import select_best_checkpoint
 
     assert best["path"] == select_best_checkpoint(trained_dir, "loss", "min").path
 

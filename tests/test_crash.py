@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from helpers import cli_command, run_and_kill
 
-from prefect_tensorflow.tasks.checkpoint_files import read_state_file, step_of
-from prefect_tensorflow.tasks.selection import list_checkpoints, select_latest_checkpoint
+from prefect_tensorflow.tasks.checkpoints.files import read_state_file, step_of
+from prefect_tensorflow.tasks.checkpoints.selection import list_checkpoints, select_latest_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import prefect_tensorflow.flows
 import prefect_tensorflow.tasks
 
 # Run by MLflow when a logged model loads (it calls mlflow.models.set_model at import); not a library module.
-NOT_IMPORTED = {"prefect_tensorflow.tasks.saved_model_pyfunc"}
+NOT_IMPORTED = {"prefect_tensorflow.tasks.registry.saved_model_pyfunc"}
 
 
 def _modules() -> list[str]:

@@ -14,12 +14,12 @@ import psutil
 import pytest
 from helpers import cli_command, train
 
-from prefect_tensorflow.tasks.checkpoint_files import checkpoint_prefixes, read_state_file, step_of
+from prefect_tensorflow.tasks.checkpoints.files import checkpoint_prefixes, read_state_file, step_of
+from prefect_tensorflow.tasks.checkpoints.metrics_log import METRICS_FILE, read_metrics
+from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
 from prefect_tensorflow.tasks.errors import MetricsTimeoutError
-from prefect_tensorflow.tasks.metrics_log import METRICS_FILE, read_metrics
-from prefect_tensorflow.tasks.policy import CheckpointPolicy
 
-EVALUATOR_MODULE = "prefect_tensorflow.tasks.evaluation"
+EVALUATOR_MODULE = "prefect_tensorflow.tasks.training.sidecar_evaluator"
 
 
 def line_steps(model_dir: Path) -> Counter:
@@ -59,8 +59,8 @@ def test_in_loop_and_no_evaluation_remain_available(tmp_path):
 
 
 def test_best_is_never_chosen_from_incomplete_metrics(tmp_path, monkeypatch):
-    from prefect_tensorflow.tasks.evaluation import EvaluationSpec, evaluate_missing, evaluator_lock
-    from prefect_tensorflow.tasks.selection import select_best_checkpoint
+    from prefect_tensorflow.tasks.checkpoints.selection import select_best_checkpoint
+    from prefect_tensorflow.tasks.training.sidecar_evaluator import EvaluationSpec, evaluate_missing, evaluator_lock
 
     model_dir = tmp_path / "m"
     train(model_dir, steps=150, policy=CheckpointPolicy(save_checkpoints_steps=50, keep_checkpoint_max=None), evaluation="none")
@@ -159,7 +159,7 @@ def test_the_keep_policy_waits_for_the_sidecar_so_every_checkpoint_gets_its_line
 def test_a_model_dir_swapped_for_a_symlink_while_the_sidecar_evaluates_gets_nothing_written_where_it_leads(tmp_path, cli_env):
     """Issue 19, class 6: the evaluator writes through the model dir the trainer opened (its descriptor),
     and checks before each line that the path still names it: the swapped-in symlink leads nowhere."""
-    from prefect_tensorflow.tasks.evaluation import evaluator_running
+    from prefect_tensorflow.tasks.training.sidecar_evaluator import evaluator_running
 
     model_dir, outside = tmp_path / "m", tmp_path / "outside"
     outside.mkdir()
@@ -197,7 +197,7 @@ def test_a_model_dir_swapped_for_a_symlink_while_the_sidecar_evaluates_gets_noth
 
 def test_the_evaluator_lock_and_log_follow_no_symlink(tmp_path):
     from prefect_tensorflow.tasks.errors import StorageError
-    from prefect_tensorflow.tasks.evaluation import LOCK_FILE, evaluator_lock, prepare
+    from prefect_tensorflow.tasks.training.sidecar_evaluator import LOCK_FILE, evaluator_lock, prepare
 
     outside = tmp_path / "outside.txt"
     outside.write_text("")

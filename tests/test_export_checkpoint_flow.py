@@ -67,7 +67,7 @@ def test_export_checkpoint_ships_the_latest_and_publishes_what_it_did(prefect_ap
 
 
 def test_a_step_or_the_best_checkpoint_can_be_shipped(prefect_api, model_dir_copy, mlflow_store, tmp_path):
-    from prefect_tensorflow.tasks.selection import select_best_checkpoint
+    from prefect_tensorflow.tasks.checkpoints.selection import select_best_checkpoint
 
     by_step = export_checkpoint(model_dir=str(model_dir_copy), checkpoint="100", **_kwargs(tmp_path, mlflow_store))
     assert by_step.checkpoint.step == 100 and by_step.export.source.endswith("model.ckpt-100")
@@ -163,10 +163,10 @@ def test_mlflow_tasks_are_retried_only_when_the_server_was_unavailable(prefect_a
 
     from prefect_tensorflow.flows.servers import free_port
     from prefect_tensorflow.tasks import prefect_tasks
+    from prefect_tensorflow.tasks.checkpoints.selection import checkpoint_ref
     from prefect_tensorflow.tasks.errors import MetricNotFoundError, MlflowUnavailableError
-    from prefect_tensorflow.tasks.exporting import ExportResult
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
-    from prefect_tensorflow.tasks.selection import checkpoint_ref
+    from prefect_tensorflow.tasks.export.saved_model import ExportResult
+    from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
 
     for task in (
         prefect_tasks.train_with_checkpoints,

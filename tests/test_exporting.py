@@ -12,15 +12,15 @@ import pytest
 from helpers import cli_command, export
 
 from prefect_tensorflow.tasks.errors import CheckpointMismatchError
-from prefect_tensorflow.tasks.exporting import ExportError
-from prefect_tensorflow.tasks.verification import ParityError, run_saved_model
+from prefect_tensorflow.tasks.export.saved_model import ExportError
+from prefect_tensorflow.tasks.export.verification import ParityError, run_saved_model
 
 
 def test_layout_signature_and_parity(trained_dir, tmp_path):
     import tensorflow as tf
 
+    from prefect_tensorflow.tasks.export.signature import restore_model, serving_function
     from prefect_tensorflow.tasks.iris import read_iris
-    from prefect_tensorflow.tasks.serving import restore_model, serving_function
 
     result = export(trained_dir / "model.ckpt-300", tmp_path / "export")
     assert result.version == 1 and result.path == str(tmp_path / "export" / "1") and not result.reused
@@ -102,7 +102,7 @@ def test_tf1_checkpoint_exports_its_graph(tmp_path, tf1_checkpoints):
 def test_failed_verification_leaves_no_version(trained_dir, tmp_path, monkeypatch):
     """A SavedModel that computes something else: TensorFlow's saver cannot be made to miscompute
     on demand, so the reloaded model's result is shifted after it ran (the one stand-in here)."""
-    from prefect_tensorflow.tasks import exporting
+    from prefect_tensorflow.tasks.export import saved_model as exporting
 
     export(trained_dir / "model.ckpt-200", tmp_path / "export")
     real = exporting.run_saved_model
@@ -142,7 +142,7 @@ def test_unusable_export_base(trained_dir, tmp_path):
 def test_verify_reports_each_pair(trained_dir, tmp_path):
     from helpers import freeze
 
-    from prefect_tensorflow.tasks.verification import verify_artifacts
+    from prefect_tensorflow.tasks.export.verification import verify_artifacts
 
     frozen = freeze(trained_dir / "model.ckpt-300", tmp_path / "iris.pb")
     exported = export(trained_dir / "model.ckpt-300", tmp_path / "export")
@@ -210,7 +210,11 @@ def test_verify_task_fails_on_a_mismatch(prefect_api, trained_dir, tmp_path):
 @pytest.fixture
 def deployment_run(monkeypatch, tmp_path):
     """Exporting as a deployment run does it (untrusted), with the roots at `<tmp>/roots`."""
-    from prefect_tensorflow.tasks import checkpoint_files, confined_dirs, export_base, meta_graph, model_code, security
+    from prefect_tensorflow.tasks import model_code, security
+    from prefect_tensorflow.tasks.checkpoints import files as checkpoint_files
+    from prefect_tensorflow.tasks.checkpoints import meta_graph
+    from prefect_tensorflow.tasks.export import export_base
+    from prefect_tensorflow.tasks.storage import confined_dirs
 
     for module in (checkpoint_files, confined_dirs, export_base, meta_graph, model_code, security):
         monkeypatch.setattr(module, "in_deployment_run", lambda: True)
@@ -227,8 +231,8 @@ def test_an_export_base_swapped_for_a_symlink_mid_export_publishes_nothing_anywh
 ):
     import shutil
 
-    from prefect_tensorflow.tasks import exporting
     from prefect_tensorflow.tasks.errors import StorageError
+    from prefect_tensorflow.tasks.export import saved_model as exporting
 
     roots = request.getfixturevalue("deployment_run") if untrusted else tmp_path / "roots"
     model_dir, base, outside = roots / "models" / "iris", roots / "runs" / "exports", tmp_path / "outside"

@@ -9,15 +9,15 @@ import pytest
 from helpers import freeze
 
 from prefect_tensorflow.tasks.errors import CheckpointMismatchError, InvalidCheckpointError
-from prefect_tensorflow.tasks.freezing import FreezeError
-from prefect_tensorflow.tasks.verification import ParityError, read_graph_def, run_frozen_graph
+from prefect_tensorflow.tasks.export.frozen_graph import FreezeError
+from prefect_tensorflow.tasks.export.verification import ParityError, read_graph_def, run_frozen_graph
 
 
 def test_tf2_checkpoint_freezes_and_computes_what_the_checkpoint_computes(trained_dir, tmp_path):
     import tensorflow as tf
 
+    from prefect_tensorflow.tasks.export.signature import restore_model, serving_function
     from prefect_tensorflow.tasks.iris import read_iris
-    from prefect_tensorflow.tasks.serving import restore_model, serving_function
 
     result = freeze(trained_dir / "model.ckpt-300", tmp_path / "iris.pb", as_text=True)
     assert result.source_format == "tf2"
@@ -117,7 +117,7 @@ def test_different_model_is_a_clear_error_and_writes_nothing(trained_dir, tmp_pa
 def test_existing_output_is_kept_when_freezing_fails(trained_dir, tmp_path, monkeypatch):
     """A frozen graph that computes something else: TensorFlow's converter cannot be made to
     miscompute on demand, so its result is shifted after it ran (the one stand-in here)."""
-    from prefect_tensorflow.tasks import freezing
+    from prefect_tensorflow.tasks.export import frozen_graph as freezing
 
     real = freezing.run_frozen_graph
     monkeypatch.setattr(freezing, "run_frozen_graph", lambda *args: {k: v + 1 for k, v in real(*args).items()})
@@ -143,7 +143,7 @@ def test_graph_past_2gb_points_to_saved_model(tmp_path):
     """A real 2.1 GB model: its frozen graph cannot be a GraphDef."""
     import tensorflow as tf
 
-    from prefect_tensorflow.tasks.freezing import GraphTooLargeError
+    from prefect_tensorflow.tasks.export.frozen_graph import GraphTooLargeError
     from prefect_tensorflow.tasks.model_code import build_model
 
     net = build_model("models_for_tests:huge_model")
@@ -210,7 +210,11 @@ def test_a_refused_export_command_writes_nothing(trained_dir, tmp_path):
 @pytest.fixture
 def deployment_run(monkeypatch, tmp_path):
     """Freezing as a deployment run does it (untrusted), with the roots at `<tmp>/roots`."""
-    from prefect_tensorflow.tasks import checkpoint_files, confined_dirs, freezing, meta_graph, model_code, security
+    from prefect_tensorflow.tasks import model_code, security
+    from prefect_tensorflow.tasks.checkpoints import files as checkpoint_files
+    from prefect_tensorflow.tasks.checkpoints import meta_graph
+    from prefect_tensorflow.tasks.export import frozen_graph as freezing
+    from prefect_tensorflow.tasks.storage import confined_dirs
 
     for module in (checkpoint_files, confined_dirs, freezing, meta_graph, model_code, security):
         monkeypatch.setattr(module, "in_deployment_run", lambda: True)
@@ -232,8 +236,8 @@ def test_an_output_dir_swapped_for_a_symlink_mid_freeze_receives_nothing_and_not
 ):
     import shutil
 
-    from prefect_tensorflow.tasks import freezing
     from prefect_tensorflow.tasks.errors import StorageError
+    from prefect_tensorflow.tasks.export import frozen_graph as freezing
 
     roots = request.getfixturevalue("deployment_run") if untrusted else tmp_path / "roots"
     model_dir, frozen_dir, outside = roots / "models" / "iris", roots / "frozen", tmp_path / "outside"

@@ -38,9 +38,9 @@ from served import REPO, ServedDeployments
 from snapshots import changed, tree_snapshot
 
 from prefect_tensorflow.flows.servers import log_tail
-from prefect_tensorflow.tasks.confined_dirs import open_directory
 from prefect_tensorflow.tasks.errors import StorageError, UnsafeParameterError
-from prefect_tensorflow.tasks.storage import (
+from prefect_tensorflow.tasks.storage.confined_dirs import open_directory
+from prefect_tensorflow.tasks.storage.locations import (
     LOCK_FILE,
     exclusive_lock,
     remove_abandoned_temporaries,
@@ -169,8 +169,8 @@ def test_the_lock_file_is_never_followed(tmp_path):
 
 def test_a_local_artifact_location_outside_the_roots_is_refused_in_a_deployment_run(tmp_path, monkeypatch):
     from prefect_tensorflow.tasks import run_context
-    from prefect_tensorflow.tasks.mlflow_client import check_artifact_location, connection_client
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
+    from prefect_tensorflow.tasks.registry.mlflow_client import check_artifact_location, connection_client
+    from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
 
     roots, outside = tmp_path / "roots", tmp_path / "outside"
     (roots / "mlflow").mkdir(parents=True)

@@ -157,9 +157,14 @@ def _module_level_imports(tree: ast.Module) -> set[str]:
 def test_only_prefect_tasks_and_blocks_import_prefect():
     """The plain modules stay usable without Prefect: the CLI's plain commands and library callers."""
     allowed = {"prefect_tasks.py", "blocks.py"}
-    modules = sorted((REPO / "tasks").glob("*.py"))
-    assert {"training.py", "selection.py", "registry.py"} <= {m.name for m in modules}
-    importers = {m.name for m in modules if "prefect" in _module_level_imports(ast.parse(m.read_text(), str(m)))}
+    modules = sorted((REPO / "tasks").rglob("*.py"))
+    names = {m.relative_to(REPO / "tasks").as_posix() for m in modules}
+    assert {"training/loop.py", "checkpoints/selection.py", "registry/model_versions.py"} <= names
+    importers = {
+        m.relative_to(REPO / "tasks").as_posix()
+        for m in modules
+        if "prefect" in _module_level_imports(ast.parse(m.read_text(), str(m)))
+    }
     assert importers == allowed, f"modules importing prefect at module level: {sorted(importers)}"
 
 

@@ -21,9 +21,9 @@ import pytest
 from mlflow_server import MlflowServer
 
 from prefect_tensorflow.tasks import iris
+from prefect_tensorflow.tasks.checkpoints.selection import checkpoint_ref
 from prefect_tensorflow.tasks.errors import RegistryError
-from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
-from prefect_tensorflow.tasks.selection import checkpoint_ref
+from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
 
 pytestmark = pytest.mark.slow
 MODEL = "guarded-iris"
@@ -117,7 +117,7 @@ def test_a_read_user_is_refused_before_anything_is_logged(auth_server, exported,
 
 
 def test_the_check_before_a_flow_refuses_a_read_user_and_accepts_an_edit_user(auth_server, poisoned_env):
-    from prefect_tensorflow.tasks.registry import check_can_register
+    from prefect_tensorflow.tasks.registry.model_versions import check_can_register
 
     with pytest.raises(RegistryError, match=f"not allowed to register '{MODEL}'.*PERMISSION_DENIED"):
         check_can_register(MODEL, connection(auth_server, "reader"))

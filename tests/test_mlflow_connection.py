@@ -11,7 +11,12 @@ from pydantic import ValidationError
 
 from prefect_tensorflow.flows.servers import free_port
 from prefect_tensorflow.tasks.errors import MlflowUnavailableError
-from prefect_tensorflow.tasks.mlflow_connection import DEFAULT_EXPERIMENT, MlflowConfig, default_tracking_uri, is_transient
+from prefect_tensorflow.tasks.registry.mlflow_connection import (
+    DEFAULT_EXPERIMENT,
+    MlflowConfig,
+    default_tracking_uri,
+    is_transient,
+)
 
 MlflowConnection = MlflowConfig  # the block is the same config, saved; these tests need no Prefect
 
@@ -92,7 +97,7 @@ def test_the_secret_json_for_a_child_process_round_trips():
 
 def test_the_private_mlflow_names_the_explicit_clients_use_are_all_there():
     """An MLflow upgrade that moves them fails here, not in a production registration."""
-    from prefect_tensorflow.tasks.mlflow_client import check_private_api
+    from prefect_tensorflow.tasks.registry.mlflow_client import check_private_api
 
     assert check_private_api() == []
 

@@ -25,13 +25,13 @@ from helpers import export, register_export, train
 from mlflow_server import FaultyProxy, MlflowServer
 
 from prefect_tensorflow.flows.servers import free_port
+from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+from prefect_tensorflow.tasks.checkpoints.selection import checkpoint_ref
 from prefect_tensorflow.tasks.errors import MlflowUnavailableError
-from prefect_tensorflow.tasks.exporting import ExportResult, saved_model_digest
-from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
-from prefect_tensorflow.tasks.policy import CheckpointPolicy
-from prefect_tensorflow.tasks.registry import CHALLENGER, CHAMPION, FINGERPRINT_TAG
-from prefect_tensorflow.tasks.selection import checkpoint_ref
-from prefect_tensorflow.tasks.tracking import TAG_PREFIX
+from prefect_tensorflow.tasks.export.saved_model import ExportResult, saved_model_digest
+from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
+from prefect_tensorflow.tasks.registry.model_versions import CHALLENGER, CHAMPION, FINGERPRINT_TAG
+from prefect_tensorflow.tasks.registry.tracking import TAG_PREFIX
 
 pytestmark = pytest.mark.slow
 

@@ -23,16 +23,22 @@ import numpy as np
 import psutil
 import pytest
 
+from prefect_tensorflow.tasks.checkpoints.metrics_log import read_metrics
+from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
 from prefect_tensorflow.tasks.configs import TrainingConfig
-from prefect_tensorflow.tasks.metrics_log import read_metrics
-from prefect_tensorflow.tasks.multi_worker import MARKER, MultiWorkerError, MultiWorkerOptions, check_config, train_multi_worker
-from prefect_tensorflow.tasks.policy import CheckpointPolicy
-from prefect_tensorflow.tasks.training import train_with_checkpoints
+from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
+from prefect_tensorflow.tasks.training.multi_worker import (
+    MARKER,
+    MultiWorkerError,
+    MultiWorkerOptions,
+    check_config,
+    train_multi_worker,
+)
 
 STEPS = 600
 POLICY = CheckpointPolicy(save_checkpoints_steps=100, keep_checkpoint_max=None)
 CONFIG = TrainingConfig(steps=STEPS, workers=2, policy=POLICY, evaluation="in_loop")
-WORKER_MODULE = "prefect_tensorflow.tasks.multi_worker"
+WORKER_MODULE = "prefect_tensorflow.tasks.training.multi_worker"
 
 
 def tensors(prefix: str) -> dict:
@@ -75,7 +81,7 @@ def reference(tmp_path_factory, mlflow_template_db) -> dict:
     """An uninterrupted 2-worker run (sidecar-free: in-loop evaluation), tracked in an SQLite MLflow store."""
     import shutil
 
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
+    from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
 
     root = tmp_path_factory.mktemp("mw-reference")
     (root / "mlflow").mkdir()
@@ -100,8 +106,8 @@ def reference(tmp_path_factory, mlflow_template_db) -> dict:
 
 @pytest.mark.slow
 def test_two_workers_write_the_layout_selection_and_export_expect(reference, tmp_path):
-    from prefect_tensorflow.tasks.exporting import export_saved_model
-    from prefect_tensorflow.tasks.selection import list_checkpoints, select_best_checkpoint, select_latest_checkpoint
+    from prefect_tensorflow.tasks.checkpoints.selection import list_checkpoints, select_best_checkpoint, select_latest_checkpoint
+    from prefect_tensorflow.tasks.export.saved_model import export_saved_model
 
     model_dir: Path = reference["dir"]
     result = reference["result"]
@@ -170,7 +176,7 @@ def test_a_killed_caller_leaves_no_process_and_running_again_resumes_bit_identic
     code = (
         "import sys\n"
         "from prefect_tensorflow.tasks.configs import TrainingConfig\n"
-        "from prefect_tensorflow.tasks.training import train_with_checkpoints\n"
+        "from prefect_tensorflow.tasks.training.loop import train_with_checkpoints\n"
         "train_with_checkpoints(sys.argv[1], TrainingConfig.model_validate_json(sys.argv[2]))\n"
     )
     caller = subprocess.Popen([sys.executable, "-c", code, str(model_dir), CONFIG.model_dump_json()], start_new_session=True)

@@ -23,11 +23,11 @@ import pytest
 from helpers import export, freeze
 from team_servers import DelayingProxy, count_requests
 
+from prefect_tensorflow.tasks.checkpoints.selection import list_checkpoints, select_best_checkpoint, select_latest_checkpoint
 from prefect_tensorflow.tasks.errors import NoValidCheckpointError, StorageError
-from prefect_tensorflow.tasks.export_base import SERVED_FILE, open_export_base, saved_model_digest
-from prefect_tensorflow.tasks.object_store import ObjectStore, lease
-from prefect_tensorflow.tasks.selection import list_checkpoints, select_best_checkpoint, select_latest_checkpoint
-from prefect_tensorflow.tasks.storage import parse_location
+from prefect_tensorflow.tasks.export.export_base import SERVED_FILE, open_export_base, saved_model_digest
+from prefect_tensorflow.tasks.storage.locations import parse_location
+from prefect_tensorflow.tasks.storage.s3 import ObjectStore, lease
 
 BIN = os.path.dirname(sys.executable)
 MANY = 10_000
@@ -114,7 +114,7 @@ def _many_checkpoints(s3_server, local: Path, name: str, count: int) -> str:
 
     from team_servers import Bucket
 
-    from prefect_tensorflow.tasks.checkpoint_files import state_file_text
+    from prefect_tensorflow.tasks.checkpoints.files import state_file_text
 
     bucket = Bucket(s3_server, name=name)
     index = (local / "model.ckpt-300.index").read_bytes()
@@ -252,7 +252,7 @@ def test_export_to_s3_is_idempotent_and_verifiable(s3, trained_dir, tmp_path):
     assert sorted(open_export_base(base).versions()) == [1, 2]
 
     from prefect_tensorflow.tasks.errors import ParityError
-    from prefect_tensorflow.tasks.verification import verify_artifacts
+    from prefect_tensorflow.tasks.export.verification import verify_artifacts
 
     report = verify_artifacts(f"{model_dir}/model.ckpt-300", saved_model=first.path)
     assert report.ok and report.pairs["checkpoint vs saved_model"].max_abs_diff <= 1e-5
@@ -346,7 +346,7 @@ def test_freeze_to_s3_uploads_the_verified_graph(s3, trained_dir, tmp_path):
     data = s3.read("frozen/iris/model.ckpt-300.pb")
     assert "sha256:" + hashlib.sha256(data).hexdigest() == remote.digest and len(data) == remote.size_bytes
     assert remote.pbtxt_path == s3.uri("frozen/iris/model.ckpt-300.pbtxt") and s3.exists("frozen/iris/model.ckpt-300.pbtxt")
-    from prefect_tensorflow.tasks.verification import verify_artifacts
+    from prefect_tensorflow.tasks.export.verification import verify_artifacts
 
     downloaded = tmp_path / "downloaded.pb"
     downloaded.write_bytes(data)
@@ -356,7 +356,7 @@ def test_freeze_to_s3_uploads_the_verified_graph(s3, trained_dir, tmp_path):
 
 @pytest.mark.slow
 def test_verify_reads_a_frozen_graph_on_s3(s3, trained_dir):
-    from prefect_tensorflow.tasks.verification import verify_artifacts
+    from prefect_tensorflow.tasks.export.verification import verify_artifacts
 
     model_dir = upload_model_dir(s3, trained_dir)
     output = s3.uri("frozen/iris/model.ckpt-300.pb")
@@ -366,7 +366,7 @@ def test_verify_reads_a_frozen_graph_on_s3(s3, trained_dir):
 
 @pytest.mark.slow
 def test_a_frozen_graph_on_s3_is_logged_to_mlflow(s3, trained_dir, mlflow_store, tmp_path):
-    from prefect_tensorflow.tasks.tracking import log_frozen_graph_to_mlflow
+    from prefect_tensorflow.tasks.registry.tracking import log_frozen_graph_to_mlflow
 
     model_dir = upload_model_dir(s3, trained_dir)
     frozen = freeze(f"{model_dir}/model.ckpt-300", s3.uri("frozen/iris/model.ckpt-300.pb"))

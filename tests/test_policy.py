@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from prefect_tensorflow.tasks.policy import CheckpointPolicy
+from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
 
 
 def test_defaults_are_the_estimators():

@@ -17,9 +17,9 @@ from helpers import register_export
 
 from prefect_tensorflow.flows.servers import free_port
 from prefect_tensorflow.tasks import iris
+from prefect_tensorflow.tasks.checkpoints.selection import checkpoint_ref
 from prefect_tensorflow.tasks.errors import MetricNotFoundError, MlflowSettingsError, RegistryError
-from prefect_tensorflow.tasks.registry import FINGERPRINT_TAG
-from prefect_tensorflow.tasks.selection import checkpoint_ref
+from prefect_tensorflow.tasks.registry.model_versions import FINGERPRINT_TAG
 
 NAME = "tests-iris"
 
@@ -166,10 +166,10 @@ def test_two_processes_registering_one_export_end_with_one_version(exports, mlfl
     (tmp_path / "ref.json").write_text(ref.model_dump_json())
     script = f"""
 import json, sys
-from prefect_tensorflow.tasks.exporting import ExportResult
-from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig as MlflowConnection
-from prefect_tensorflow.tasks.registry import register_model_version
-from prefect_tensorflow.tasks.selection import CheckpointRef
+from prefect_tensorflow.tasks.export.saved_model import ExportResult
+from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig as MlflowConnection
+from prefect_tensorflow.tasks.registry.model_versions import register_model_version
+from prefect_tensorflow.tasks.checkpoints.selection import CheckpointRef
 exported = ExportResult.model_validate_json(open({str(tmp_path / "export.json")!r}).read())
 ref = CheckpointRef.model_validate_json(open({str(tmp_path / "ref.json")!r}).read())
 conn = MlflowConnection(tracking_uri={mlflow_store.tracking_uri!r}, experiment_name="tests")

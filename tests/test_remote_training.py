@@ -26,10 +26,10 @@ import pytest
 from helpers import cli_command, run_and_kill, train
 from team_servers import DelayingProxy
 
-from prefect_tensorflow.tasks.checkpoint_files import parse_state_lines, step_of
-from prefect_tensorflow.tasks.policy import CheckpointPolicy
-from prefect_tensorflow.tasks.remote_checkpoints import fetch_checkpoint
-from prefect_tensorflow.tasks.selection import list_checkpoints, select_latest_checkpoint
+from prefect_tensorflow.tasks.checkpoints.files import parse_state_lines, step_of
+from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+from prefect_tensorflow.tasks.checkpoints.remote import fetch_checkpoint
+from prefect_tensorflow.tasks.checkpoints.selection import list_checkpoints, select_latest_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from prefect_tensorflow.flows.retrain import retrain
+from prefect_tensorflow.tasks.checkpoints.metrics_log import read_metrics
+from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
 from prefect_tensorflow.tasks.configs import GateConfig, TrainingConfig
-from prefect_tensorflow.tasks.metrics_log import read_metrics
-from prefect_tensorflow.tasks.policy import CheckpointPolicy
 
 
 def outputs(tmp_path, mlflow_store=None):

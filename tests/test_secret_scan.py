@@ -94,7 +94,7 @@ def test_secrets_of_saved_connections_appear_nowhere_after_two_retrain_runs(stac
         LogFilterFlowRunId,
     )
 
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
+    from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
 
     served, mlflow_server, found = stack["served"], stack["mlflow"], []
     secrets_ = stack["secrets"]

@@ -9,7 +9,7 @@ import pytest
 from prefect_tensorflow.tasks import model_code
 from prefect_tensorflow.tasks.errors import ImportStringError, StorageError, UnsafeParameterError
 from prefect_tensorflow.tasks.security import check_is_model_dir, check_mlflow_connection, confine
-from prefect_tensorflow.tasks.storage import parse_location
+from prefect_tensorflow.tasks.storage.locations import parse_location
 
 
 def test_registered_names_come_from_entry_points_without_importing_anything():
@@ -212,7 +212,7 @@ def test_the_default_artifact_location_is_the_file_uri_of_the_same_directory(tmp
     from urllib.parse import urlsplit
     from urllib.request import url2pathname
 
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
+    from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
 
     odd = tmp_path / "a b%zz"  # '%zz' is no escape: SQLAlchemy keeps it, a file URI must encode it
     for uri in (f"sqlite:///{odd}/mlflow.db", f"SQLITE:///{odd}/mlflow.db"):

@@ -7,18 +7,18 @@ import shutil
 
 import pytest
 
-from prefect_tensorflow.tasks import selection
-from prefect_tensorflow.tasks.checkpoint_files import read_index
+from prefect_tensorflow.tasks.checkpoints import selection
+from prefect_tensorflow.tasks.checkpoints.files import read_index
+from prefect_tensorflow.tasks.checkpoints.metrics_log import read_metrics
+from prefect_tensorflow.tasks.checkpoints.selection import (
+    list_checkpoints,
+    select_best_checkpoint,
+    select_latest_checkpoint,
+)
 from prefect_tensorflow.tasks.errors import (
     MetricNotFoundError,
     ModelDirError,
     NoValidCheckpointError,
-)
-from prefect_tensorflow.tasks.metrics_log import read_metrics
-from prefect_tensorflow.tasks.selection import (
-    list_checkpoints,
-    select_best_checkpoint,
-    select_latest_checkpoint,
 )
 
 
@@ -241,7 +241,7 @@ def test_tasks_run_in_a_flow(prefect_api, trained_dir):
 
 
 def test_checkpoint_selection_parsing():
-    from prefect_tensorflow.tasks.selection import CheckpointSelection
+    from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
 
     assert CheckpointSelection.parse("latest").kind == "latest"
     assert CheckpointSelection.parse("200") == CheckpointSelection(kind="step", step=200)
@@ -258,7 +258,7 @@ def test_checkpoint_selection_parsing():
 
 
 def test_select_checkpoint_at_a_step_and_by_selection(model_dir_copy):
-    from prefect_tensorflow.tasks.selection import select_checkpoint, select_checkpoint_at_step
+    from prefect_tensorflow.tasks.checkpoints.selection import select_checkpoint, select_checkpoint_at_step
 
     ref = select_checkpoint_at_step(model_dir_copy, 100)
     assert (ref.step, ref.path) == (100, str(model_dir_copy / "model.ckpt-100")) and ref.metrics
@@ -283,7 +283,8 @@ def test_select_checkpoint_at_a_step_and_by_selection(model_dir_copy):
 @pytest.fixture
 def deployment_run(monkeypatch, tmp_path):
     """Selection as a deployment run does it (untrusted), with the roots at `<tmp>/roots`."""
-    from prefect_tensorflow.tasks import checkpoint_files, security
+    from prefect_tensorflow.tasks import security
+    from prefect_tensorflow.tasks.checkpoints import files as checkpoint_files
 
     for module in (selection, checkpoint_files, security):
         monkeypatch.setattr(module, "in_deployment_run", lambda: True)
@@ -293,7 +294,8 @@ def deployment_run(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("how", ["absolute", "dotdot"])
 def test_a_state_file_naming_a_checkpoint_outside_is_refused_in_a_deployment_run(trained_dir, tmp_path, how):
-    from prefect_tensorflow.tasks import checkpoint_files, security
+    from prefect_tensorflow.tasks import security
+    from prefect_tensorflow.tasks.checkpoints import files as checkpoint_files
     from prefect_tensorflow.tasks.errors import UnsafeParameterError
 
     canary = tmp_path / "canary"

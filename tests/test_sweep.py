@@ -26,10 +26,10 @@ import psutil
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
+from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
 from prefect_tensorflow.tasks.configs import TrainingConfig
 from prefect_tensorflow.tasks.errors import UnsafeParameterError
-from prefect_tensorflow.tasks.policy import CheckpointPolicy
-from prefect_tensorflow.tasks.sweep_training import (
+from prefect_tensorflow.tasks.training.sweep_candidates import (
     ATTEMPTS_FILE,
     LOCK_FILE,
     Candidate,
@@ -47,7 +47,7 @@ BASE = TrainingConfig(
     steps=STEPS, policy=CheckpointPolicy(save_checkpoints_steps=500, keep_checkpoint_max=None), evaluation="in_loop"
 )
 CANDIDATES = [Candidate(hparams={"learning_rate": 0.05}, seed=0), Candidate(hparams={"learning_rate": 0.2}, seed=1)]
-TRAINER_MODULE = "prefect_tensorflow.tasks.sweep_training"
+TRAINER_MODULE = "prefect_tensorflow.tasks.training.sweep_candidates"
 DASK = str(Path(sys.executable).with_name("dask"))
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from helpers import export, register_export
 
+from prefect_tensorflow.tasks.checkpoints.selection import checkpoint_ref
 from prefect_tensorflow.tasks.errors import RegistryError
-from prefect_tensorflow.tasks.export_base import saved_model_digest
-from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
-from prefect_tensorflow.tasks.registry import CHAMPION, FINGERPRINT_TAG
-from prefect_tensorflow.tasks.selection import checkpoint_ref
+from prefect_tensorflow.tasks.export.export_base import saved_model_digest
+from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
+from prefect_tensorflow.tasks.registry.model_versions import CHAMPION, FINGERPRINT_TAG
 
 pytestmark = pytest.mark.slow
 
@@ -93,8 +93,8 @@ def test_the_flows_with_s3_paths_register_on_the_team_server_and_the_gate_decide
     from prefect_tensorflow.flows.export_checkpoint import export_checkpoint
     from prefect_tensorflow.flows.retrain import retrain
     from prefect_tensorflow.tasks.blocks import MlflowConnection
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
     from prefect_tensorflow.tasks.configs import TrainingConfig
-    from prefect_tensorflow.tasks.policy import CheckpointPolicy
 
     name = unique("team-flows")
     mlflow = MlflowConnection(tracking_uri=mlflow_team_server, experiment_name=unique("team"))
@@ -135,10 +135,10 @@ def test_the_flows_with_s3_paths_register_on_the_team_server_and_the_gate_decide
 
 REGISTER_SCRIPT = """
 import json, sys
-from prefect_tensorflow.tasks.exporting import ExportResult
-from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
-from prefect_tensorflow.tasks.registry import register_model_version
-from prefect_tensorflow.tasks.selection import checkpoint_ref
+from prefect_tensorflow.tasks.export.saved_model import ExportResult
+from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
+from prefect_tensorflow.tasks.registry.model_versions import register_model_version
+from prefect_tensorflow.tasks.checkpoints.selection import checkpoint_ref
 server, name, experiment, *paths = sys.argv[1:]
 connection = MlflowConfig(tracking_uri=server, experiment_name=experiment)
 for path in paths:

@@ -16,8 +16,8 @@ from prefect import flow
 
 from prefect_tensorflow.tasks import prefect_tasks as tasks
 from prefect_tensorflow.tasks.blocks import MlflowConnection
+from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
 from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, TrainingConfig
-from prefect_tensorflow.tasks.policy import CheckpointPolicy
 
 pytestmark = pytest.mark.slow
 CONFIG = TrainingConfig(steps=300, policy=CheckpointPolicy(save_checkpoints_steps=100), evaluation="in_loop")

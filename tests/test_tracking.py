@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import train
 
-from prefect_tensorflow.tasks.policy import CheckpointPolicy
+from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
 
 
 def train_tracked(model_dir, tracking, **config):
@@ -77,7 +77,7 @@ def test_a_training_that_fails_ends_its_run_failed(mlflow_store, tmp_path: Path)
 
 
 def test_the_token_is_never_written_as_a_param_or_tag(model_dir_copy: Path, mlflow_store):
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
+    from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
 
     conn = MlflowConfig(tracking_uri=mlflow_store.tracking_uri, experiment_name="tests", token="tok-9f2c7e")
     result = train_tracked(model_dir_copy, conn, more_steps=5, policy=CheckpointPolicy(save_at_start=False))
@@ -106,8 +106,8 @@ def test_the_training_task_tags_its_run_with_the_prefect_flow_run(prefect_api, m
 def test_metrics_that_cannot_be_sent_fail_the_run_naming_the_server():
     from prefect_tensorflow.flows.servers import free_port
     from prefect_tensorflow.tasks.errors import MlflowUnavailableError
-    from prefect_tensorflow.tasks.mlflow_connection import MlflowConfig
-    from prefect_tensorflow.tasks.tracking import MetricBatcher
+    from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
+    from prefect_tensorflow.tasks.registry.tracking import MetricBatcher
 
     port = free_port()  # nothing listens there
     conn = MlflowConfig(

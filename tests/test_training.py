@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 from helpers import train
 
+from prefect_tensorflow.tasks.checkpoints.metrics_log import read_metrics
+from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+from prefect_tensorflow.tasks.checkpoints.selection import select_latest_checkpoint
 from prefect_tensorflow.tasks.errors import (
     CheckpointMismatchError,
     ImportStringError,
     ModelDirError,
     TrainingError,
 )
-from prefect_tensorflow.tasks.metrics_log import read_metrics
-from prefect_tensorflow.tasks.policy import CheckpointPolicy
-from prefect_tensorflow.tasks.selection import select_latest_checkpoint
 
 
 def weights(prefix):
@@ -143,7 +143,7 @@ def test_extra_layer_is_reported_as_missing_keys(tmp_path, trained_dir):
 def test_restore_strict_names_missing_and_unexpected_keys(trained_dir):
     import tensorflow as tf
 
-    from prefect_tensorflow.tasks.restore import restore_strict
+    from prefect_tensorflow.tasks.checkpoints.restore import restore_strict
 
     ckpt = tf.train.Checkpoint(global_step=tf.Variable(0, dtype=tf.int64), extra=tf.Variable([1.0, 2.0]))
     with pytest.raises(CheckpointMismatchError) as info:
@@ -187,7 +187,7 @@ def test_model_dir_is_a_file(tmp_path):
     ],
 )
 def test_bad_inputs_fail_before_writing(tmp_path, kwargs, error, fragment):
-    from prefect_tensorflow.tasks.validation import one_line
+    from prefect_tensorflow.tasks.config_checks import one_line
 
     target = tmp_path / "m"
     with pytest.raises(error) as info:
@@ -243,7 +243,7 @@ def test_leftover_temp_dir_of_a_cut_short_save_is_removed(tmp_path):
 
 
 def test_state_file_is_the_last_write_so_selection_needs_no_listing(tmp_path):
-    from prefect_tensorflow.tasks.checkpoint_files import read_state_file, state_file_is_last_change
+    from prefect_tensorflow.tasks.checkpoints.files import read_state_file, state_file_is_last_change
 
     for save_at_end in (True, False):
         model_dir = tmp_path / f"m{save_at_end}"
@@ -255,7 +255,7 @@ def test_state_file_is_the_last_write_so_selection_needs_no_listing(tmp_path):
 
 
 def _flip_a_weight_byte(prefix):
-    from prefect_tensorflow.tasks.checkpoint_files import read_index
+    from prefect_tensorflow.tasks.checkpoints.files import read_index
 
     _, entries = read_index(str(prefix))
     name = next(n for n in entries if "_trainable_variables/0/" in n)
@@ -341,9 +341,9 @@ def _state_naming_outside(model_dir, outside, latest=None):
 def test_a_state_file_naming_checkpoints_outside_never_makes_the_keep_policy_delete_them(tmp_path, untrusted):
     import tensorflow as tf
 
-    from prefect_tensorflow.tasks.checkpoint_writer import CheckpointWriter
-    from prefect_tensorflow.tasks.confined_dirs import open_directory
+    from prefect_tensorflow.tasks.checkpoints.writer import CheckpointWriter
     from prefect_tensorflow.tasks.errors import UnsafeParameterError
+    from prefect_tensorflow.tasks.storage.confined_dirs import open_directory
 
     roots, outside = tmp_path / "roots", tmp_path / "outside"
     model_dir = roots / "iris"
@@ -384,8 +384,8 @@ def test_training_resumed_under_a_state_file_naming_checkpoints_outside_deletes_
 def test_a_model_dir_swapped_for_a_symlink_mid_training_gets_nothing_more(tmp_path, untrusted):
     import tensorflow as tf
 
-    from prefect_tensorflow.tasks.checkpoint_writer import CheckpointWriter
-    from prefect_tensorflow.tasks.confined_dirs import open_directory
+    from prefect_tensorflow.tasks.checkpoints.writer import CheckpointWriter
+    from prefect_tensorflow.tasks.storage.confined_dirs import open_directory
 
     roots, outside = tmp_path / "roots", tmp_path / "outside"
     model_dir = roots / "iris"
@@ -434,7 +434,7 @@ def test_training_in_a_model_dir_swapped_for_a_symlink_by_the_builder_writes_not
 
 
 def test_event_files_and_graph_symlinked_out_of_the_model_dir_are_not_logged(tmp_path):
-    from prefect_tensorflow.tasks.tracking import log_checkpoint_artifacts
+    from prefect_tensorflow.tasks.registry.tracking import log_checkpoint_artifacts
 
     model_dir, outside = tmp_path / "iris", tmp_path / "outside"
     (model_dir / "eval").mkdir(parents=True)
@@ -467,7 +467,7 @@ def test_event_files_and_graph_symlinked_out_of_the_model_dir_are_not_logged(tmp
 def test_multi_worker_training_hands_tensorflows_checkpoint_manager_no_kept_checkpoint_outside(tmp_path, untrusted):
     import tensorflow as tf
 
-    from prefect_tensorflow.tasks.checkpoint_writer import confine_kept_list
+    from prefect_tensorflow.tasks.checkpoints.writer import confine_kept_list
     from prefect_tensorflow.tasks.errors import UnsafeParameterError
 
     model_dir, outside = tmp_path / "iris", tmp_path / "outside"

@@ -1,0 +1,557 @@
+"""Choose the checkpoint to ship: the latest valid one, or the best by a metric.
+
+`select_latest_checkpoint` answers what `tf.train.latest_checkpoint` answers,
+made trustworthy: the candidate is validated (index readable, every data shard
+present and as large as the index says; optionally every tensor read back so
+TensorFlow checks its CRC32C), and when the `checkpoint` state file is
+missing, stale, garbage or names a checkpoint that is gone or damaged, the
+newest valid checkpoint by step is chosen instead, with a log line for each
+one skipped.
+
+In a deployment run (untrusted) what the model dir's files name is confined
+too: a state file naming a checkpoint outside the model dir (absolute, `../`,
+through a symlink), a checkpoint whose files are symlinks leading out of it,
+or a metrics log that is a symlink out of it fails the selection with an
+`UnsafeParameterError` naming the file and the path; nothing outside is read.
+
+Example:
+    >>> from prefect import flow
+    >>> from prefect_tensorflow.tasks.checkpoints.selection import select_latest_checkpoint
+    >>> @flow
+    ... def ship(model_dir: str) -> str:
+    ...     return select_latest_checkpoint(model_dir).path
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config_checks import short_repr
+from ..errors import (
+    InvalidCheckpointError,
+    MetricNotFoundError,
+    ModelDirError,
+    NoValidCheckpointError,
+    UnsafeParameterError,
+)
+from ..run_context import get_logger, in_deployment_run
+from ..storage.locations import parse_location
+from . import remote
+from .files import (
+    CheckpointFiles,
+    check_checkpoint,
+    checkpoint_prefixes,
+    confine_checkpoint_files,
+    is_inside,
+    read_state_file,
+    state_file_is_last_change,
+    step_of,
+)
+from .metrics_log import METRICS_FILE, metrics_at, read_metrics
+
+_BEST = re.compile(r"best:([A-Za-z0-9_./-]{1,128})(?::(min|max))?")
+
+
+class CheckpointRef(BaseModel):
+    """A validated checkpoint, as passed between tasks."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str = Field(description="Checkpoint prefix, e.g. /models/iris/model.ckpt-1000")
+    step: Optional[int] = Field(description="Global step from the file name")
+    format: Literal["tf2", "tf1"] = Field(description="tf2 object-based or tf1 Saver")
+    model_dir: str
+    size_bytes: int
+    num_tensors: int
+    has_meta_graph: bool
+    mtime: float
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class CheckpointInfo(BaseModel):
+    """One row of a checkpoint listing: valid or not, and why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    step: Optional[int]
+    valid: bool
+    reason: Optional[str] = None
+    format: Optional[str] = None
+    size_bytes: Optional[int] = None
+    mtime: Optional[float] = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+def _ref(files: CheckpointFiles, model_dir: str, metrics: dict[str, float]) -> CheckpointRef:
+    return CheckpointRef(
+        path=files.prefix,
+        step=files.step,
+        format=files.format,  # type: ignore[arg-type]
+        model_dir=model_dir,
+        size_bytes=files.size_bytes,
+        num_tensors=files.num_tensors,
+        has_meta_graph=files.has_meta_graph,
+        mtime=files.mtime,
+        metrics=metrics,
+    )
+
+
+class CheckpointSelection(BaseModel):
+    """How the checkpoint to ship is chosen: `"latest"`, a step number, or `"best:<metric>[:min|max]"`.
+
+    Example:
+        >>> CheckpointSelection.parse("best:loss")
+        CheckpointSelection(kind='best', metric='loss', mode='min', step=None)
+        >>> CheckpointSelection.parse("2000").step
+        2000
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["latest", "best", "step"]
+    metric: Optional[str] = None
+    mode: Literal["min", "max"] = "max"
+    step: Optional[int] = None
+
+    @classmethod
+    def parse(cls, text: Union[str, int], *, parameter: str = "select") -> CheckpointSelection:
+        """`"latest"`, a step (`2000` or `"2000"`), `"best:accuracy"` (max) or `"best:loss"`
+        (min: names with "loss" or "error" default to min), or an explicit `"best:<metric>:min|max"`.
+
+        Raises:
+            ValueError: the text is none of these; the message names `parameter`.
+        """
+        if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+            text = str(text)
+        value = text.strip() if isinstance(text, str) else None
+        if value == "latest":
+            return cls(kind="latest")
+        if value is not None and value.isdigit() and len(value) <= 15:
+            return cls(kind="step", step=int(value))
+        match = _BEST.fullmatch(value) if value is not None else None
+        if not match:
+            raise ValueError(
+                f"{parameter}: expected 'latest', a step number or 'best:<metric>[:min|max]', received {short_repr(text)}"
+            )
+        metric, mode = match.group(1), match.group(2)
+        if mode is None:
+            mode = "min" if ("loss" in metric or "error" in metric) else "max"
+        return cls(kind="best", metric=metric, mode=mode)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        if self.kind == "best":
+            return f"best:{self.metric}:{self.mode}"
+        return "latest" if self.kind == "latest" else str(self.step)
+
+
+def _model_dir(model_dir: str | os.PathLike) -> str:
+    location = parse_location(model_dir, parameter="model_dir")
+    if not location.is_local:
+        return location.uri  # an object store has no directories: an empty listing is the error
+    path = location.uri
+    if not os.path.exists(path):
+        raise ModelDirError(path, "does not exist; expected a directory of checkpoints")
+    if not os.path.isdir(path):
+        raise ModelDirError(path, "is a file; expected a directory of checkpoints")
+    if in_deployment_run():
+        _check_metrics_log(path)
+    return path
+
+
+def _check_metrics_log(model_dir: str) -> None:
+    """Untrusted: the model dir's metrics log, if any, must not lead out of it (a symlink)."""
+    log = os.path.join(model_dir, METRICS_FILE)
+    if os.path.lexists(log) and not is_inside(log, model_dir):
+        raise UnsafeParameterError(
+            "model_dir",
+            model_dir,
+            f"metrics log {log} leads to {os.path.realpath(log)}, outside the model dir; a deployment run reads only inside it",
+        )
+
+
+def _confined(prefix: str, model_dir: str) -> None:
+    """Untrusted and local: the checkpoint and its files (symlinks resolved) are inside the model dir."""
+    if not remote.is_remote(prefix):
+        confine_checkpoint_files(prefix, model_dir=model_dir)
+
+
+def _links_out(model_dir: str) -> dict[str, str]:
+    """Untrusted and local: the model dir's entries that are symlinks leading out of it (name -> target).
+
+    One listing for a whole selection, so that checking each of 10,000 listed checkpoints stays cheap.
+    """
+    if remote.is_remote(model_dir) or not in_deployment_run():
+        return {}
+    links = {}
+    with os.scandir(model_dir) as entries:
+        for entry in entries:
+            if entry.is_symlink() and not is_inside(entry.path, model_dir):
+                links[entry.name] = os.path.realpath(entry.path)
+    return links
+
+
+def _refuse_links(prefix: str, model_dir: str, links: dict[str, str]) -> None:
+    """Refuse a listed checkpoint one of whose files is a symlink out of the model dir (`_links_out`)."""
+    name = os.path.basename(prefix)
+    for entry, target in links.items():
+        if entry in (name + ".index", name + ".meta") or entry.startswith(name + ".data-"):
+            raise UnsafeParameterError(
+                "model_dir",
+                model_dir,
+                f"checkpoint file {os.path.join(model_dir, entry)} (-> {target}) lies outside the model dir "
+                f"{model_dir}; a deployment run reads checkpoints only there",
+            )
+
+
+def validate_checkpoint(prefix: str | os.PathLike, *, verify_checksums: bool = False) -> CheckpointFiles:
+    """Validate one checkpoint; with `verify_checksums`, read every tensor back.
+
+    Raises:
+        InvalidCheckpointError: the checkpoint is incomplete or corrupt.
+    """
+    if remote.is_remote(prefix):
+        location = parse_location(prefix, parameter="checkpoint")
+        model_dir, name = location.uri.rsplit("/", 1)
+        files = remote.check_remote_checkpoint(remote.store_of(model_dir), name)
+    else:
+        files = check_checkpoint(prefix)
+    if verify_checksums:
+        from .inspection import read_all_tensors
+
+        read_all_tensors(remote.fetch_checkpoint(files.prefix) if remote.is_remote(files.prefix) else files.prefix)
+    return files
+
+
+def _metrics(model_dir: str) -> dict[int, dict[str, float]]:
+    if remote.is_remote(model_dir):
+        return remote.remote_metrics(remote.store_of(model_dir))
+    return read_metrics(model_dir)
+
+
+def _metrics_at(model_dir: str, step: Optional[int]) -> dict[str, float]:
+    if remote.is_remote(model_dir):
+        return _metrics(model_dir).get(step, {}) if step is not None else {}
+    return metrics_at(model_dir, step)
+
+
+def _complete_metrics(model_dir: str, steps: list[int]) -> dict[int, dict[str, float]]:
+    """The metrics of `steps`, waiting for an evaluator that is still producing them (never choose from half).
+
+    Raises:
+        MetricsTimeoutError: some checkpoints are evaluated and others not, after the bounded wait.
+    """
+    metrics = _metrics(model_dir)
+    missing = [s for s in steps if s not in metrics]
+    if not missing or remote.is_remote(model_dir):
+        return metrics
+    from ..settings import get_settings
+    from ..training.sidecar_evaluator import evaluator_running, wait_for_metrics
+
+    if evaluator_running(model_dir) or len(missing) < len(steps):
+        return wait_for_metrics(model_dir, steps, get_settings().metrics_timeout)
+    return metrics  # nothing was ever evaluated here (e.g. TF1 Saver checkpoints): no metric to wait for
+
+
+def _checkpoints(model_dir: str, verify_checksums: bool) -> Iterator[tuple[str, Optional[CheckpointFiles], Optional[str]]]:
+    """Every checkpoint of a (validated) model dir, highest step first: (prefix, files or None, why invalid)."""
+    if remote.is_remote(model_dir):
+        for prefix, files, reason in remote.remote_checkpoints(model_dir):
+            if files is not None and verify_checksums:
+                try:
+                    files = validate_checkpoint(prefix, verify_checksums=True)
+                except InvalidCheckpointError as err:
+                    files, reason = None, err.reason
+            yield prefix, files, reason
+        return
+    links = _links_out(model_dir)
+    for prefix in checkpoint_prefixes(model_dir):
+        _refuse_links(prefix, model_dir, links)
+        try:
+            yield prefix, validate_checkpoint(prefix, verify_checksums=verify_checksums), None
+        except InvalidCheckpointError as err:
+            yield prefix, None, err.reason
+
+
+def checkpoint_ref(prefix: str | os.PathLike, *, verify_checksums: bool = False) -> CheckpointRef:
+    """Validate one checkpoint and describe it, its recorded metrics included.
+
+    Raises:
+        InvalidCheckpointError: the checkpoint is incomplete or corrupt.
+    """
+    if not remote.is_remote(prefix):
+        confine_checkpoint_files(os.fspath(prefix), parameter="checkpoint")
+    files = validate_checkpoint(prefix, verify_checksums=verify_checksums)
+    model_dir = (
+        files.prefix.rsplit("/", 1)[0] if remote.is_remote(files.prefix) else os.path.dirname(os.path.abspath(files.prefix))
+    )
+    if in_deployment_run() and not remote.is_remote(model_dir):
+        _check_metrics_log(model_dir)
+    return _ref(files, model_dir, _metrics_at(model_dir, files.step))
+
+
+def list_checkpoints(model_dir: str | os.PathLike, *, verify_checksums: bool = False) -> list[CheckpointInfo]:
+    """Every checkpoint in `model_dir`, newest step first, with its validity.
+
+    Example:
+        >>> import tempfile
+        >>> list_checkpoints(tempfile.mkdtemp())
+        []
+    """
+    model_dir = _model_dir(model_dir)
+    metrics = _metrics(model_dir)
+    rows = []
+    for prefix, files, reason in _checkpoints(model_dir, verify_checksums):
+        step = step_of(prefix)
+        if files is None:
+            rows.append(CheckpointInfo(path=prefix, step=step, valid=False, reason=reason))
+            continue
+        rows.append(
+            CheckpointInfo(
+                path=prefix,
+                step=step,
+                valid=True,
+                format=files.format,
+                size_bytes=files.size_bytes,
+                mtime=files.mtime,
+                metrics=metrics.get(step, {}) if step is not None else {},
+            )
+        )
+    return rows
+
+
+def select_latest_checkpoint(model_dir: str, verify_checksums: bool = False) -> CheckpointRef:
+    """Select the newest valid checkpoint of a model dir.
+
+    When the state file was the last change to the directory, the checkpoint it
+    names is validated and returned without listing the directory; otherwise the
+    highest valid step wins, and every checkpoint skipped is logged with why.
+
+    Args:
+        model_dir: directory the checkpoints were written to.
+        verify_checksums: also read every tensor so TensorFlow checks its CRC32C
+            (costs a full read of the checkpoint).
+
+    Returns:
+        The selected checkpoint, its recorded metrics included.
+
+    Raises:
+        ModelDirError: `model_dir` does not exist or is a file.
+        NoValidCheckpointError: no checkpoint in it is valid.
+
+    Example:
+        >>> from prefect import flow
+        >>> from prefect_tensorflow.tasks import select_latest_checkpoint
+        >>> @flow
+        ... def latest(model_dir: str) -> int:
+        ...     return select_latest_checkpoint(model_dir).step
+    """
+    model_dir = _model_dir(model_dir)
+    if remote.is_remote(model_dir):
+        files = remote.latest_remote_checkpoint(model_dir)
+        if verify_checksums:
+            files = validate_checkpoint(files.prefix, verify_checksums=True)
+        ref = _ref(files, model_dir, _metrics_at(model_dir, files.step))
+    else:
+        ref = _latest(model_dir, verify_checksums)
+    get_logger().info("latest valid checkpoint: %s (step %s)", ref.path, ref.step)
+    return ref
+
+
+def _latest(model_dir: str, verify_checksums: bool) -> CheckpointRef:
+    log = get_logger()
+    try:
+        state = read_state_file(model_dir)
+    except UnsafeParameterError:
+        raise  # a state file naming a checkpoint outside the model dir (deployment runs): refused, not skipped
+    except FileNotFoundError:
+        state = None
+        why = "no 'checkpoint' state file"
+    except (OSError, ValueError) as err:
+        state = None
+        why = f"state file is unreadable ({err})"
+        log.warning("%s: %s; looking for the newest valid checkpoint instead", model_dir, why)
+
+    if state is not None:
+        _confined(state.model_checkpoint_path, model_dir)
+        try:
+            files = validate_checkpoint(state.model_checkpoint_path, verify_checksums=verify_checksums)
+        except InvalidCheckpointError as err:
+            why = f"state file names {err.path}, which is invalid: {err.reason}"
+            log.warning("%s: %s; looking for the newest valid checkpoint instead", model_dir, why)
+        else:
+            if state_file_is_last_change(model_dir, state):
+                return _ref(files, model_dir, metrics_at(model_dir, files.step))
+            why = "the directory changed after the state file was written"
+
+    skipped: list[str] = []
+    links = _links_out(model_dir)
+    for prefix in checkpoint_prefixes(model_dir):
+        if step_of(prefix) is None:
+            continue
+        _refuse_links(prefix, model_dir, links)
+        try:
+            files = validate_checkpoint(prefix, verify_checksums=verify_checksums)
+        except InvalidCheckpointError as err:
+            skipped.append(f"{os.path.basename(prefix)}: {err.reason}")
+            log.warning("skipping checkpoint %s: %s", prefix, err.reason)
+            continue
+        if state is not None and os.path.abspath(files.prefix) != os.path.abspath(state.model_checkpoint_path):
+            log.warning(
+                "state file of %s names %s but %s is the newest valid checkpoint; using it",
+                model_dir,
+                os.path.basename(state.model_checkpoint_path),
+                os.path.basename(prefix),
+            )
+        return _ref(files, model_dir, metrics_at(model_dir, files.step))
+    detail = "; ".join(skipped) if skipped else "no <prefix>-<step>.index files"
+    raise NoValidCheckpointError(model_dir, f"{why}; {detail}")
+
+
+def select_best_checkpoint(
+    model_dir: str, metric: str, mode: Literal["min", "max"] = "min", verify_checksums: bool = False
+) -> CheckpointRef:
+    """Select the valid checkpoint with the lowest (`min`) or highest (`max`) recorded metric.
+
+    Ties go to the higher step; checkpoints without the metric are skipped.
+
+    Args:
+        model_dir: directory the checkpoints were written to.
+        metric: a metric recorded at each checkpoint, e.g. "loss" or "accuracy".
+        mode: "min" or "max".
+        verify_checksums: also read every tensor so TensorFlow checks its CRC32C.
+
+    Returns:
+        The selected checkpoint, its metrics included.
+
+    Raises:
+        ValueError: `mode` is not "min" or "max".
+        MetricNotFoundError: no valid checkpoint recorded `metric`.
+        NoValidCheckpointError: no checkpoint in it is valid.
+
+    Example:
+        >>> from prefect import flow
+        >>> from prefect_tensorflow.tasks import select_best_checkpoint
+        >>> @flow
+        ... def best(model_dir: str) -> str:
+        ...     return select_best_checkpoint(model_dir, "accuracy", "max").path
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode: expected 'min' or 'max', received {short_repr(mode)}")
+    model_dir = _model_dir(model_dir)
+    log = get_logger()
+    valid = []
+    for prefix, files, reason in _checkpoints(model_dir, verify_checksums):
+        if files is None:
+            log.warning("skipping checkpoint %s: %s", prefix, reason)
+        else:
+            valid.append(files)
+    metrics = _complete_metrics(model_dir, [f.step for f in valid if f.step is not None])
+    best: Optional[tuple[tuple[float, int], CheckpointFiles]] = None
+    any_valid = bool(valid)
+    recorded: set[str] = set()
+    for files in valid:
+        step = files.step
+        values = metrics.get(step, {}) if step is not None else {}
+        recorded.update(values)
+        if metric not in values:
+            continue
+        key = (values[metric] if mode == "min" else -values[metric], -(step or 0))
+        if best is None or key < best[0]:
+            best = (key, files)
+    if not any_valid:
+        raise NoValidCheckpointError(model_dir, "every checkpoint failed validation or none exist")
+    if best is None:
+        raise MetricNotFoundError(model_dir, metric, sorted(recorded))
+    files = best[1]
+    ref = _ref(files, model_dir, metrics.get(files.step, {}) if files.step is not None else {})
+    log.info("best checkpoint by %s (%s): %s (step %s, %s=%s)", metric, mode, ref.path, ref.step, metric, ref.metrics.get(metric))
+    return ref
+
+
+def select_checkpoint_at_step(model_dir: str, step: int, verify_checksums: bool = False) -> CheckpointRef:
+    """Select the checkpoint written at a given global step, validated.
+
+    Args:
+        model_dir: directory the checkpoints were written to.
+        step: the global step, e.g. 2000 for `model.ckpt-2000`.
+        verify_checksums: also read every tensor so TensorFlow checks its CRC32C.
+
+    Returns:
+        The checkpoint, its recorded metrics included.
+
+    Raises:
+        ValueError: `step` is not a non-negative integer.
+        ModelDirError: `model_dir` does not exist or is a file.
+        NoValidCheckpointError: there is no checkpoint at `step`, or it is invalid
+            (the message lists the steps that are there).
+
+    Example:
+        >>> from prefect import flow
+        >>> from prefect_tensorflow.tasks import select_checkpoint_at_step
+        >>> @flow
+        ... def pinned(model_dir: str) -> str:
+        ...     return select_checkpoint_at_step(model_dir, 2000).path
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step: expected an integer >= 0, received {short_repr(step)}")
+    model_dir = _model_dir(model_dir)
+    if remote.is_remote(model_dir):
+        names = remote.checkpoint_names(remote.store_of(model_dir).listing())
+        prefixes = {step_of(name): f"{model_dir}/{name}" for name in names}
+    else:
+        prefixes = {step_of(prefix): prefix for prefix in checkpoint_prefixes(model_dir)}
+    if step not in prefixes:
+        steps = sorted(s for s in prefixes if s is not None)
+        raise NoValidCheckpointError(model_dir, f"has no checkpoint at step {step}; steps present: {steps or 'none'}")
+    _confined(prefixes[step], model_dir)
+    try:
+        files = validate_checkpoint(prefixes[step], verify_checksums=verify_checksums)
+    except InvalidCheckpointError as err:
+        raise NoValidCheckpointError(model_dir, f"the checkpoint at step {step} is invalid: {err.reason}") from err
+    get_logger().info("checkpoint at step %d: %s", step, files.prefix)
+    return _ref(files, model_dir, _metrics_at(model_dir, files.step))
+
+
+def select_checkpoint(
+    model_dir: str, selection: Union[CheckpointSelection, str] = "latest", *, parameter: str = "select"
+) -> CheckpointRef:
+    """Select the checkpoint to ship as `selection` says: the latest, one step, or the best by a metric.
+
+    Args:
+        model_dir: directory the checkpoints were written to.
+        selection: a `CheckpointSelection`, or its text: `"latest"`, `"2000"`, `"best:accuracy"`.
+        parameter: the flow parameter `selection` came from, named in the errors.
+
+    Returns:
+        The selected checkpoint, its recorded metrics included.
+
+    Raises:
+        ValueError: `selection` is malformed.
+        ModelDirError, NoValidCheckpointError, MetricNotFoundError: nothing to select.
+
+    Example:
+        >>> from prefect import flow
+        >>> from prefect_tensorflow.tasks import select_checkpoint
+        >>> @flow
+        ... def ship(model_dir: str) -> str:
+        ...     return select_checkpoint(model_dir, "best:accuracy").path
+    """
+    if not isinstance(selection, CheckpointSelection):
+        selection = CheckpointSelection.parse(selection, parameter=parameter)
+    if selection.kind == "latest":
+        return select_latest_checkpoint(model_dir)
+    if selection.kind == "step":
+        try:
+            return select_checkpoint_at_step(model_dir, selection.step or 0)
+        except NoValidCheckpointError as err:
+            raise NoValidCheckpointError(err.model_dir, f"{parameter} {str(selection)!r}: {err.reason}") from None
+    try:
+        return select_best_checkpoint(model_dir, selection.metric or "", selection.mode)
+    except MetricNotFoundError as err:
+        raise MetricNotFoundError(err.model_dir, err.metric, err.available, parameter=f"{parameter} {str(selection)!r}") from None

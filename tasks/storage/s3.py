@@ -1,0 +1,366 @@
+"""Objects under an `s3://bucket/prefix`: read, list, publish a directory atomically, and a lease lock.
+
+Object stores have no rename and no `flock`, so the atomic-publish rules of
+`storage` are restated here:
+
+- **Publishing a directory** (`publish_directory`): every file is uploaded
+  except the ones readers look for (`last`: `saved_model.pb` of a SavedModel
+  version, the `checkpoint` state file of a model dir); the uploads are
+  checked against a listing (every key there, every size right); only then are
+  the `last` files uploaded. A reader that waits for `saved_model.pb` (TF
+  Serving) or trusts the state file never sees a partial version. An upload
+  cut short leaves parts without their `last` file, which readers skip and
+  the next writer cleans up.
+- **Mutual exclusion** (`lease`): a lock object created with a conditional
+  write (`If-None-Match: *`, so exactly one creator wins), renewed by a
+  heartbeat with `If-Match` on its ETag, and taken over with `If-Match` when
+  its holder stopped renewing it. That is what makes two processes exporting
+  one checkpoint to one remote base end with one version.
+
+boto3 does the I/O; its own configuration applies (`AWS_ACCESS_KEY_ID`, ...,
+`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` for an S3-compatible server).
+
+Example:
+    >>> from prefect_tensorflow.tasks.storage.s3 import ObjectStore
+    >>> from prefect_tensorflow.tasks.storage.locations import parse_location
+    >>> ObjectStore(parse_location("s3://team/models/iris", parameter="model_dir")).key("checkpoint")
+    'models/iris/checkpoint'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..errors import StorageError
+from ..run_context import get_logger
+from .locations import Location, parse_location
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    etag: str
+    modified: float = 0.0  # seconds since the epoch
+
+
+class ObjectStore:
+    """The objects under one `s3://bucket/prefix` location (keys are named relative to the prefix)."""
+
+    def __init__(self, location: Location, client: Any = None):
+        if location.scheme != "s3":
+            raise StorageError(f"{location}: object storage supports s3:// locations")
+        self.location = location
+        self.bucket, _, self.prefix = location.path.partition("/")
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = default_client()
+        return self._client
+
+    def key(self, *names: str) -> str:
+        return "/".join(part.strip("/") for part in (self.prefix, *names) if part.strip("/"))
+
+    def uri(self, *names: str) -> str:
+        return f"s3://{self.bucket}/{self.key(*names)}"
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def read_bytes(self, name: str) -> bytes:
+        """The object's bytes. Raises FileNotFoundError if there is none."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read()
+        except self.client.exceptions.NoSuchKey as err:
+            raise FileNotFoundError(self.uri(name)) from err
+        except Exception as err:
+            raise _translate(err, self.uri(name)) from err
+
+    def read_with_info(self, name: str) -> tuple[bytes, ObjectInfo]:
+        """The object's bytes and its size, ETag and time, in one GET. Raises FileNotFoundError if there is none."""
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
+            data = answer["Body"].read()
+        except self.client.exceptions.NoSuchKey as err:
+            raise FileNotFoundError(self.uri(name)) from err
+        except Exception as err:
+            raise _translate(err, self.uri(name)) from err
+        return data, ObjectInfo(len(data), answer["ETag"].strip('"'), answer["LastModified"].timestamp())
+
+    def head(self, name: str) -> Optional[ObjectInfo]:
+        """Size and ETag of one object, or None if it does not exist."""
+        try:
+            answer = self.client.head_object(Bucket=self.bucket, Key=self.key(name))
+        except Exception as err:
+            if _status(err) == 404:
+                return None
+            raise _translate(err, self.uri(name)) from err
+        return ObjectInfo(int(answer["ContentLength"]), answer["ETag"].strip('"'), answer["LastModified"].timestamp())
+
+    def listing(self, under: str = "", *, delimiter: bool = False, starting: str = "") -> dict[str, ObjectInfo]:
+        """Objects under `<prefix>/<under>`, keyed by name relative to the prefix (one paginated listing).
+
+        With `delimiter`, only the direct children: objects, and "directories" as names ending in '/'.
+        With `starting`, only the objects whose name (relative to the prefix) starts with it, e.g.
+        `model.ckpt-300.` for one checkpoint's files (listed on the store's side).
+        """
+        base = self.key(under)
+        start = base + "/" if base else ""
+        if starting:
+            start = self.key() + "/" + starting if self.prefix else starting
+        found: dict[str, ObjectInfo] = {}
+        cut = len(self.key()) + 1 if self.prefix else 0
+        options: dict[str, Any] = {"Bucket": self.bucket, "Prefix": start}
+        if delimiter:
+            options["Delimiter"] = "/"
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(**options):
+                for item in page.get("Contents", []):
+                    found[item["Key"][cut:]] = ObjectInfo(
+                        int(item["Size"]), item["ETag"].strip('"'), item["LastModified"].timestamp()
+                    )
+                for common in page.get("CommonPrefixes", []):
+                    found[common["Prefix"][cut:]] = ObjectInfo(0, "")
+        except Exception as err:
+            raise _translate(err, self.uri(under)) from err
+        return found
+
+    def download_file(self, name: str, local: str) -> None:
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        try:
+            self.client.download_file(self.bucket, self.key(name), local)
+        except Exception as err:
+            raise _translate(err, self.uri(name)) from err
+
+    def download_directory(self, under: str, local_dir: str) -> list[str]:
+        """Every object under `under` into `local_dir` (same relative paths); returns the names."""
+        names = [n for n in self.listing(under) if not n.endswith("/")]
+        for name in names:
+            relative = name[len(under.strip("/")) :].lstrip("/") if under else name
+            self.download_file(name, os.path.join(local_dir, relative))
+        return names
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def put_bytes(self, name: str, data: bytes, *, create_only: bool = False, if_match: Optional[str] = None) -> str:
+        """Write one object (atomically: a reader sees the old or the new bytes); returns its ETag.
+
+        Raises:
+            FileExistsError: `create_only` and the object exists (`If-None-Match: *`).
+            PreconditionFailedError: `if_match` and the object's ETag is another (or it is gone).
+        """
+        options: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(name), "Body": data}
+        if create_only:
+            options["IfNoneMatch"] = "*"
+        if if_match is not None:
+            options["IfMatch"] = f'"{if_match}"'
+        try:
+            return self.client.put_object(**options)["ETag"].strip('"')
+        except Exception as err:
+            if _status(err) == 412:
+                if create_only:
+                    raise FileExistsError(self.uri(name)) from err
+                raise PreconditionFailedError(self.uri(name)) from err
+            if _status(err) == 404 and if_match is not None:
+                raise PreconditionFailedError(self.uri(name)) from err
+            raise _translate(err, self.uri(name)) from err
+
+    def upload_file(self, local: str, name: str) -> None:
+        try:
+            self.client.upload_file(local, self.bucket, self.key(name))
+        except Exception as err:
+            raise _translate(err, self.uri(name)) from err
+
+    def delete(self, names: Sequence[str]) -> None:
+        for start in range(0, len(names), 1000):
+            chunk = [{"Key": self.key(n)} for n in names[start : start + 1000]]
+            if chunk:
+                try:
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
+                except Exception as err:
+                    raise _translate(err, self.uri()) from err
+
+    def delete_if_match(self, name: str, etag: str) -> bool:
+        """Delete one object only if its ETag is still `etag`; False if it changed or is gone."""
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(name), IfMatch=f'"{etag}"')
+            return True
+        except Exception as err:
+            if _status(err) in (404, 412):
+                return False
+            raise _translate(err, self.uri(name)) from err
+
+    def publish_directory(self, local_dir: str, under: str, last: Sequence[str] = ()) -> list[str]:
+        """Upload `local_dir` to `under/`, the `last` files (relative paths) only after all others are checked.
+
+        Returns:
+            The names uploaded, relative to the prefix.
+
+        Raises:
+            StorageError: an upload did not land whole (its key missing or of another size): `last` was not uploaded.
+        """
+        files = []
+        for root, _, names in os.walk(local_dir):
+            for filename in names:
+                relative = os.path.relpath(os.path.join(root, filename), local_dir).replace(os.sep, "/")
+                files.append(relative)
+        parts = sorted(f for f in files if f not in last)
+        for relative in parts:
+            self.upload_file(os.path.join(local_dir, relative), f"{under}/{relative}")
+        listed = self.listing(under)
+        for relative in parts:
+            info = listed.get(f"{under}/{relative}" if under else relative)
+            expected = os.path.getsize(os.path.join(local_dir, relative))
+            if info is None or info.size != expected:
+                raise StorageError(
+                    f"{self.uri(under, relative)}: uploaded, but the store lists "
+                    f"{'nothing' if info is None else f'{info.size} bytes'} where {expected} were written; "
+                    f"{', '.join(last) or 'nothing'} was not published"
+                )
+        for relative in last:
+            if relative in files:
+                self.upload_file(os.path.join(local_dir, relative), f"{under}/{relative}")
+        return [f"{under}/{f}" for f in parts + [f for f in last if f in files]]
+
+
+_CLIENT_SETTINGS = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+_clients: dict[tuple, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def read_location_bytes(path: str, *, parameter: str) -> bytes:
+    """The bytes of one file: a local path or an `s3://bucket/key` object (FileNotFoundError if none)."""
+    location = parse_location(path, parameter=parameter)
+    if location.is_local:
+        with open(location.uri, "rb") as handle:
+            return handle.read()
+    directory, _, name = location.uri.rpartition("/")
+    return ObjectStore(parse_location(directory, parameter=parameter)).read_bytes(name)
+
+
+def default_client() -> Any:
+    """A boto3 S3 client configured by the environment (boto3's own chain), one per process and setting.
+
+    Making a client costs tens of milliseconds (boto3 loads its service
+    model), more than a request to a nearby store: it is made once and
+    shared (boto3 clients are thread-safe). A change of the `AWS_*`
+    variables that choose the endpoint or the credentials gives a new one.
+    """
+    key = (os.getpid(), *(os.environ.get(name) for name in _CLIENT_SETTINGS))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3
+
+            client = _clients[key] = boto3.session.Session().client("s3")
+        return client
+
+
+class PreconditionFailedError(StorageError):
+    """A conditional write found the object changed (or gone) since it was read."""
+
+
+def _status(err: BaseException) -> Optional[int]:
+    response = getattr(err, "response", None) or {}
+    code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code is None and response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        return 404
+    return code
+
+
+def _translate(err: BaseException, uri: str) -> BaseException:
+    """A store error as a `StorageError` naming the URI (a missing bucket, refused credentials...)."""
+    if isinstance(err, (FileNotFoundError, StorageError)):
+        return err
+    code = (getattr(err, "response", None) or {}).get("Error", {}).get("Code", "")
+    if code == "NoSuchBucket":
+        return StorageError(f"{uri}: the bucket does not exist")
+    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return StorageError(f"{uri}: access refused ({code}); check the AWS credentials of this worker")
+    return StorageError(f"{uri}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
+
+
+# --- the lease lock ---------------------------------------------------------------------------
+
+
+@contextmanager
+def lease(store: ObjectStore, name: str, *, ttl: float = 60.0, wait: float = 1800.0) -> Iterator[None]:
+    """Hold the lock object `name` of `store` for the block (see the module docstring).
+
+    The holder renews it every `ttl / 3` seconds; another process takes it over
+    only when it has not been renewed for `ttl` seconds (its holder died).
+
+    Raises:
+        StorageError: the lock could not be had within `wait` seconds.
+    """
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait
+    log = get_logger()
+    etag: Optional[str] = None
+    while etag is None:
+        body = json.dumps({"owner": owner, "expires": time.time() + ttl}).encode()
+        try:
+            etag = store.put_bytes(name, body, create_only=True)
+            break
+        except FileExistsError:
+            pass
+        try:
+            held = store.client.get_object(Bucket=store.bucket, Key=store.key(name))
+            record, held_etag = json.loads(held["Body"].read()), held["ETag"].strip('"')
+        except Exception:  # noqa: BLE001 - released (or unreadable) meanwhile: try to create it again
+            record, held_etag = None, None
+        if record is not None and held_etag and float(record.get("expires", 0)) < time.time():
+            log.warning("%s: taking over the lock of %s, which stopped renewing it", store.uri(name), record.get("owner"))
+            try:
+                etag = store.put_bytes(name, body, if_match=held_etag)
+                break
+            except PreconditionFailedError:
+                pass
+        if time.monotonic() > deadline:
+            raise StorageError(f"{store.uri(name)}: held by {record and record.get('owner')} for longer than {wait:.0f} s")
+        time.sleep(0.5)
+    stop = threading.Event()
+    current: list[str] = [etag]
+    lost: list[bool] = []
+
+    def renew() -> None:
+        while not stop.wait(ttl / 3):
+            body = json.dumps({"owner": owner, "expires": time.time() + ttl}).encode()
+            try:
+                current[0] = store.put_bytes(name, body, if_match=current[0])
+            except PreconditionFailedError:
+                lost.append(True)
+                return
+            except StorageError:
+                continue  # a blip: the next heartbeat tries again before the lease runs out
+
+    heartbeat = threading.Thread(target=renew, name=f"lease-{name}", daemon=True)
+    heartbeat.start()
+    try:
+        yield
+        if lost:
+            raise StorageError(f"{store.uri(name)}: the lock was taken over while held; the work is not trusted")
+    finally:
+        stop.set()
+        heartbeat.join()
+        store.delete_if_match(name, current[0])

@@ -1,0 +1,365 @@
+"""Evaluation of checkpoints off the training loop: a sidecar evaluator process, as the Estimator's was.
+
+With `TrainingConfig.evaluation="sidecar"` (the default), training starts
+`python -m prefect_tensorflow.tasks.training.sidecar_evaluator <model_dir>` beside it and tells
+it (on its stdin) each checkpoint it commits, with the training loss of the
+window before it. The evaluator restores the checkpoint's model, evaluates it
+on the eval split and appends the one metrics line of that checkpoint to
+`checkpoint_metrics.jsonl` (and the eval metrics to TensorBoard under
+`eval/`). Training never waits for it:
+
+- it runs one TensorFlow thread at a lower CPU priority (`nice 10`): at most
+  one core, and while training competes for that core the evaluator gets
+  about a tenth of it (idle time is all its own); what is left when training
+  ends is evaluated then (`train_with_checkpoints` waits for it before
+  returning, so its result carries the final metrics; after a SIGTERM it
+  waits at most 30 s);
+- it holds an exclusive lock on `<model_dir>/.evaluator.lock`, and checks
+  under it that a step has no line yet before writing one: one evaluator per
+  model dir, one line per checkpoint;
+- it works in the directory the trainer opened, not by its path: the trainer
+  hands it the model dir's descriptor (`pass_fds`), and the evaluator reads
+  checkpoints, takes its lock (`O_NOFOLLOW`), appends its lines and writes
+  `eval/` (opened `O_NOFOLLOW`) through `/proc/self/fd/<fd>`. Before each line
+  it checks the path still names that directory (`OpenDir.verify`): a model
+  dir moved or replaced by a symlink mid-training gets nothing more, and
+  nothing is written where the symlink leads (the evaluator stops, saying so
+  in `eval/evaluator.log`);
+- when training is killed its stdin closes: it evaluates what was committed
+  and exits; a resumed training starts a new one (which waits for the lock),
+  and every evaluator first catches up on the committed checkpoints that have
+  no metrics line (their training loss, which died with the trainer, is then
+  missing from the line).
+
+`evaluate_missing` is the same catch-up in this process
+(`prefect-tensorflow evaluate MODEL_DIR`). `wait_for_metrics` is what
+selection uses so that "best" is never chosen from incomplete metrics.
+
+Example:
+    >>> from prefect_tensorflow.tasks.training.sidecar_evaluator import EvaluationSpec
+    >>> EvaluationSpec(model="iris", data="iris").batch_size
+    256
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from ..checkpoints.files import checkpoint_prefixes, step_of
+from ..checkpoints.metrics_log import METRICS_FILE, append_metrics, read_metrics
+from ..errors import MetricsTimeoutError, StorageError
+from ..lean_import import skip_keras_optional_imports
+from ..run_context import get_logger
+from ..storage.confined_dirs import OpenDir, open_directory
+from ..storage.locations import exclusive_lock
+
+LOCK_FILE = ".evaluator.lock"
+EVALUATOR_NICE = 10
+
+
+class EvaluationSpec(BaseModel):
+    """What the evaluator needs to rebuild the model and read the eval split (import strings, already trusted)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    data: str
+    hparams: dict[str, JsonValue] = Field(default_factory=dict)
+    batch_size: int = 256
+    checkpoint_name: str = "model.ckpt"
+
+
+def prepare(model_dir: str) -> None:
+    """Create the metrics log, the lock file and `eval/` before the first checkpoint.
+
+    They are created once, here: later appends add no directory entries, so
+    the state file stays the last change to the model dir (the selection's fast path).
+    """
+    os.makedirs(os.path.join(model_dir, "eval"), exist_ok=True)
+    for name in (METRICS_FILE, LOCK_FILE):
+        os.close(_open_no_follow(os.path.join(model_dir, name)))
+
+
+def _open_no_follow(path: str) -> int:
+    """Open (create) `path` for appending, refusing a symlink in its last component.
+
+    Raises:
+        StorageError: `path` is a symbolic link.
+    """
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        if os.path.islink(path):
+            raise StorageError(f"{path} is a symbolic link; the evaluator follows none in a model dir") from err
+        raise
+
+
+@contextmanager
+def evaluator_lock(model_dir: str, *, blocking: bool = True) -> Iterator[bool]:
+    """Hold the model dir's evaluator lock (never through a symlink); yields False (without it) when not `blocking` and it is taken."""
+    with exclusive_lock(model_dir, LOCK_FILE, blocking=blocking) as got:
+        yield got
+
+
+def evaluator_running(model_dir: str) -> bool:
+    """Whether an evaluator holds this model dir's lock now."""
+    if not os.path.exists(os.path.join(model_dir, LOCK_FILE)):
+        return False
+    with evaluator_lock(model_dir, blocking=False) as got:
+        return not got
+
+
+class Evaluator:
+    """Evaluates checkpoints of one model dir in this process (the sidecar's body, and `evaluate_missing`).
+
+    Given `directory` (the sidecar: the trainer's open model dir), everything is read and written through
+    its descriptor, `eval/` is opened without following a symlink, and each line is written only after
+    `directory.verify()`.
+    """
+
+    def __init__(self, model_dir: str, spec: EvaluationSpec, directory: Optional[OpenDir] = None):
+        self.directory = directory
+        self.model_dir = directory.handle if directory is not None else model_dir
+        self.display = directory.path if directory is not None else model_dir  # for messages
+        self.spec = spec
+        self._net: Any = None
+        self._checkpoint: Any = None
+        self._batches: Any = None
+        self._writer: Any = None
+        self._eval_fd: Optional[int] = None
+
+    def _build(self) -> None:
+        import tensorflow as tf
+
+        from ..model_code import build_model, load_split
+
+        self._net = build_model(self.spec.model, dict(self.spec.hparams))
+        self._checkpoint = tf.train.Checkpoint(model=self._net)
+        self._batches = load_split(self.spec.data, "eval").batch(self.spec.batch_size)
+        events = os.path.join(self.model_dir, "eval")
+        if self.directory is not None:
+            self._eval_fd = _open_subdirectory(self.directory, "eval")
+            events = f"/proc/self/fd/{self._eval_fd}" if os.path.isdir("/proc/self/fd") else events
+        self._writer = tf.summary.create_file_writer(events)
+
+    def evaluate(self, step: int, train_loss: Optional[float] = None) -> Optional[dict[str, float]]:
+        """Evaluate checkpoint `<name>-<step>` and append its line, unless it has one or is gone; the metrics."""
+        import tensorflow as tf
+
+        if step in read_metrics(self.model_dir):
+            return None
+        prefix = os.path.join(self.model_dir, f"{self.spec.checkpoint_name}-{step}")
+        if not os.path.exists(prefix + ".index"):
+            return None  # deleted by the keep policy before its turn
+        if self._net is None:
+            self._build()
+        print(f"evaluating {os.path.join(self.display, os.path.basename(prefix))}", flush=True)
+        try:
+            self._checkpoint.read(prefix).expect_partial()
+        except (tf.errors.OpError, ValueError) as err:
+            get_logger().warning("cannot evaluate %s: %s", prefix, err)
+            return None
+        values = self._net.evaluate(self._batches, verbose=0, return_dict=True)
+        metrics = {str(k): float(v) for k, v in values.items() if math.isfinite(float(v))}
+        if train_loss is not None:
+            metrics["train_loss"] = train_loss
+        if self.directory is not None:
+            self.directory.verify()  # moved or replaced since the trainer opened it: nothing more (StorageError)
+        append_metrics(self.model_dir, step=step, checkpoint=os.path.basename(prefix), metrics=metrics)
+        with self._writer.as_default(step=step):
+            for key, value in metrics.items():
+                tf.summary.scalar(key, value)
+        self._writer.flush()
+        return metrics
+
+    def catch_up(self) -> int:
+        """Evaluate every committed checkpoint that has no metrics line yet; returns how many."""
+        recorded = read_metrics(self.model_dir)
+        steps = sorted(
+            s for s in (step_of(p) for p in checkpoint_prefixes(self.model_dir)) if s is not None and s not in recorded
+        )
+        return sum(self.evaluate(step) is not None for step in steps)
+
+
+def _open_subdirectory(directory: OpenDir, name: str) -> int:
+    """Open `name` inside `directory` through its descriptor, refusing a symlink (StorageError)."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+    except OSError as err:
+        raise StorageError(f"{directory.display(name)} is not a directory inside the model dir ({err.strerror})") from err
+
+
+def evaluate_missing(model_dir: str, spec: EvaluationSpec) -> int:
+    """Evaluate, in this process, the checkpoints of `model_dir` that have no metrics line; returns how many.
+
+    Example:
+        >>> import tempfile
+        >>> evaluate_missing(tempfile.mkdtemp(), EvaluationSpec(model="iris", data="iris"))
+        0
+    """
+    prepare(model_dir)
+    with evaluator_lock(model_dir):
+        return Evaluator(model_dir, spec).catch_up()
+
+
+def wait_for_metrics(model_dir: str, steps: list[int], timeout: float) -> dict[int, dict[str, float]]:
+    """The metrics of `steps`, waiting (up to `timeout` seconds) while an evaluator is still producing them.
+
+    Raises:
+        MetricsTimeoutError: some steps still have no metrics line (named), after the wait or at
+            once when no evaluator is running.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        recorded = read_metrics(model_dir)
+        missing = sorted(s for s in steps if s not in recorded)
+        if not missing:
+            return recorded
+        running = evaluator_running(model_dir)
+        if not running or time.monotonic() > deadline:
+            why = f"the evaluator did not record them within {timeout:.0f} s" if running else "no evaluator is running"
+            raise MetricsTimeoutError(
+                f"model dir {model_dir}: no metrics yet for checkpoint step(s) {missing} ({why}); "
+                f"best is never chosen from incomplete metrics. Evaluate them with "
+                f"`prefect-tensorflow evaluate {model_dir}`, or raise PREFECT_TENSORFLOW_METRICS_TIMEOUT"
+            )
+        time.sleep(0.2)
+
+
+class SidecarEvaluator:
+    """The trainer's handle on its evaluator process (see the module docstring).
+
+    `directory`: the model dir as the trainer opened it; its descriptor is handed to the evaluator, which
+    works through it. Without it (multi-worker) the model dir is opened here (`confined_dirs.open_directory`).
+    """
+
+    def __init__(self, model_dir: str, spec: EvaluationSpec, directory: Optional[OpenDir] = None):
+        self.model_dir = model_dir
+        self._own = directory is None
+        self.directory = directory if directory is not None else open_directory(model_dir, parameter="model_dir", create=True)
+        try:
+            prepare(self.directory.handle)
+            eval_fd = _open_subdirectory(self.directory, "eval")
+            try:
+                log_fd = os.open(
+                    "evaluator.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=eval_fd
+                )
+            finally:
+                os.close(eval_fd)
+        except BaseException:
+            if self._own:
+                self.directory.close()
+            raise
+        self._errors = os.fdopen(log_fd, "ab")
+        fd = self.directory.fd
+        command = [
+            sys.executable,
+            "-m",
+            "prefect_tensorflow.tasks.training.sidecar_evaluator",
+            self.directory.path,
+            "--fd",
+            str(fd),
+        ]
+        if self.directory.root is not None:
+            command += ["--root", self.directory.root]
+        self._process = subprocess.Popen(
+            command,
+            pass_fds=(fd,),
+            stdin=subprocess.PIPE,
+            stdout=self._errors,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
+        self._lock = threading.Lock()
+        self._send(spec.model_dump_json())
+
+    def _send(self, line: str) -> None:
+        with self._lock:
+            try:
+                assert self._process.stdin is not None
+                self._process.stdin.write(line + "\n")
+                self._process.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                pass  # it died: the catch-up of the next evaluator (or `finish`) covers its checkpoints
+
+    def notify(self, step: int, train_loss: Optional[float]) -> None:
+        """Checkpoint `step` is committed; its window's training loss (None after a resume)."""
+        self._send(json.dumps({"step": step, "train_loss": train_loss}))
+
+    def alive(self) -> bool:
+        """Whether the evaluator process is still running."""
+        return self._process.poll() is None
+
+    def finish(self, timeout: Optional[float] = None) -> None:
+        """Close its input and wait until it has evaluated everything committed (at most `timeout` s)."""
+        with self._lock:
+            try:
+                assert self._process.stdin is not None
+                self._process.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
+        try:
+            self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            get_logger().warning(
+                "the evaluator of %s is still running after %.0f s; it finishes on its own", self.model_dir, timeout
+            )
+        self._errors.close()
+        if self._own:
+            self.directory.close()
+
+
+def _inherited_directory(argv: list[str]) -> tuple[str, Optional[OpenDir]]:
+    """`<model_dir> [--fd N [--root R]]`: the model dir, and the trainer's open descriptor of it if handed over."""
+    model_dir, options = argv[0], dict(zip(argv[1::2], argv[2::2]))
+    if "--fd" not in options:
+        return model_dir, None  # an older trainer: by path, as before
+    fd = int(options["--fd"])
+    path = os.path.normpath(model_dir)
+    return model_dir, OpenDir(
+        path, fd, os.dup(fd), os.path.basename(path) or ".", False, root=options.get("--root"), parameter="model_dir"
+    )
+
+
+def main(argv: list[str]) -> int:
+    """The sidecar: `python -m prefect_tensorflow.tasks.training.sidecar_evaluator <model_dir> [--fd N [--root R]]`, the spec then steps on stdin.
+
+    With `--fd` (the trainer's descriptor of the model dir, inherited) everything goes through it; see `Evaluator`.
+    """
+    os.nice(EVALUATOR_NICE)  # one thread at a lower priority: a share of one core while training competes
+    skip_keras_optional_imports()
+    model_dir, directory = _inherited_directory(argv)
+    work_dir = directory.handle if directory is not None else model_dir
+    spec = EvaluationSpec.model_validate_json(sys.stdin.readline())
+    try:
+        with evaluator_lock(work_dir):  # one evaluator per model dir; a previous one finishes first
+            evaluator = Evaluator(model_dir, spec, directory)
+            evaluator.catch_up()
+            for line in sys.stdin:
+                if line.strip():
+                    message = json.loads(line)
+                    evaluator.evaluate(int(message["step"]), message.get("train_loss"))
+            evaluator.catch_up()  # what a killed trainer committed but never announced
+    except StorageError as err:
+        print(f"the evaluator stops: {err}", flush=True)
+        return 3
+    finally:
+        if directory is not None:
+            directory.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
