@@ -70,7 +70,7 @@ _PUBLIC = {
     "Parity": "export.verification",
     "VerifyReport": "export.verification",
     "RegisteredVersion": "registry.model_versions",
-    "GateDecision": "registry.model_versions",
+    "GateDecision": "registry.gate",
     "Settings": "settings",
     "Candidate": "training.sweep_candidates",
     "CandidateSpec": "training.sweep_candidates",

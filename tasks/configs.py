@@ -10,19 +10,20 @@ Example:
     >>> from prefect_tensorflow.tasks.configs import GateConfig, TrainingConfig
     >>> TrainingConfig(steps=500, batch_size=16).policy.save_checkpoints_secs
     600.0
-    >>> GateConfig(metric="loss", mode="min").mode
-    'min'
+    >>> GateConfig(metric="loss").mode, GateConfig(metric="loss", mode="max").mode
+    ('min', 'max')
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, ValidationInfo, field_validator
 
 from . import model_code
 from .checkpoints.policy import CheckpointPolicy
 from .config_checks import PositiveNumber, integer_between, one_of, text_matching
+from .metric_order import Mode, default_mode
 
 ModelRef = Annotated[
     str, AfterValidator(lambda ref: model_code.check_syntax(ref, "model")), model_code.RegisteredChoices("model")
@@ -141,11 +142,26 @@ class ExportConfig(BaseModel):
 
 
 class GateConfig(BaseModel):
-    """The champion gate: `champion` moves to a new version only when `metric` beats the champion's."""
+    """The champion gate: `champion` moves to a new version only when `metric` beats the champion's.
+
+    `mode` left out (or None) follows the metric as `best:<metric>` does
+    (`metric_order.default_mode`: `loss`/`error` in the name -> "min", else
+    "max"); a mode given explicitly wins. The rule itself is `registry.gate`.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     metric: Optional[MetricName] = Field(
         default="accuracy", description="Checkpoint metric the new version must beat the champion on; None: never move champion"
     )
-    mode: GateMode = Field(default="max", description="'max' if higher is better, 'min' if lower is")
+    mode: Optional[GateMode] = Field(
+        default=None,
+        validate_default=True,
+        description="'max' if higher is better, 'min' if lower is; default: 'min' for a metric named like a loss "
+        "or an error, else 'max'",
+    )
+
+    @field_validator("mode", mode="after")
+    @classmethod
+    def _mode_follows_metric(cls, mode: Optional[Mode], info: ValidationInfo) -> Mode:
+        return mode if mode is not None else default_mode(info.data.get("metric"))

@@ -122,7 +122,9 @@ def test_flow_parameters_are_described_and_typed_for_the_ui_form():
         schema = flow.parameters.model_dump()
         gate = properties["gate"]
         assert gate.get("$ref", "").endswith("/GateConfig"), (flow.name, gate)
-        assert _resolve(schema, gate)["properties"]["mode"]["enum"] == ["min", "max"]
+        mode = _resolve(schema, gate)["properties"]["mode"]  # min or max, or left out: follows the metric
+        assert [branch.get("enum") for branch in mode["anyOf"]] == [["min", "max"], None], mode
+        assert mode["anyOf"][1] == {"type": "null"} and mode["default"] is None, mode
 
     export_props = export_checkpoint.parameters.properties
     for name in ("model", "data"):

@@ -39,6 +39,7 @@ from ..errors import (
     NoValidCheckpointError,
     UnsafeParameterError,
 )
+from ..metric_order import MODES, best_first, default_mode
 from ..run_context import get_logger, in_deployment_run
 from ..storage.locations import parse_location
 from . import remote
@@ -140,9 +141,7 @@ class CheckpointSelection(BaseModel):
                 f"{parameter}: expected 'latest', a step number or 'best:<metric>[:min|max]', received {short_repr(text)}"
             )
         metric, mode = match.group(1), match.group(2)
-        if mode is None:
-            mode = "min" if ("loss" in metric or "error" in metric) else "max"
-        return cls(kind="best", metric=metric, mode=mode)  # type: ignore[arg-type]
+        return cls(kind="best", metric=metric, mode=mode or default_mode(metric))  # type: ignore[arg-type]
 
     def __str__(self) -> str:
         if self.kind == "best":
@@ -441,7 +440,7 @@ def select_best_checkpoint(
         ... def best(model_dir: str) -> str:
         ...     return select_best_checkpoint(model_dir, "accuracy", "max").path
     """
-    if mode not in ("min", "max"):
+    if mode not in MODES:
         raise ValueError(f"mode: expected 'min' or 'max', received {short_repr(mode)}")
     model_dir = _model_dir(model_dir)
     log = get_logger()
@@ -452,23 +451,18 @@ def select_best_checkpoint(
         else:
             valid.append(files)
     metrics = _complete_metrics(model_dir, [f.step for f in valid if f.step is not None])
-    best: Optional[tuple[tuple[float, int], CheckpointFiles]] = None
-    any_valid = bool(valid)
     recorded: set[str] = set()
-    for files in valid:
-        step = files.step
-        values = metrics.get(step, {}) if step is not None else {}
+    scored: list[tuple[float, CheckpointFiles]] = []
+    for files in sorted(valid, key=lambda f: -(f.step or 0)):  # ties go to the higher step
+        values = metrics.get(files.step, {}) if files.step is not None else {}
         recorded.update(values)
-        if metric not in values:
-            continue
-        key = (values[metric] if mode == "min" else -values[metric], -(step or 0))
-        if best is None or key < best[0]:
-            best = (key, files)
-    if not any_valid:
+        if metric in values:
+            scored.append((values[metric], files))
+    if not valid:
         raise NoValidCheckpointError(model_dir, "every checkpoint failed validation or none exist")
-    if best is None:
+    if not scored:
         raise MetricNotFoundError(model_dir, metric, sorted(recorded))
-    files = best[1]
+    files = best_first(scored, lambda pair: pair[0], mode)[0][1]
     ref = _ref(files, model_dir, metrics.get(files.step, {}) if files.step is not None else {})
     log.info("best checkpoint by %s (%s): %s (step %s, %s=%s)", metric, mode, ref.path, ref.step, metric, ref.metrics.get(metric))
     return ref

@@ -16,7 +16,8 @@ makes two processes registering one export end with one version.
 
 Aliases, not stages: every new version gets `challenger`; `champion` moves to
 it only when its evaluation metric beats the champion's (the first version
-becomes champion). The decision and both figures are recorded as version tags
+becomes champion): the rule is `gate.py`, this module reads the champion and
+moves the alias. The decision and both figures are recorded as version tags
 (`prefect_tensorflow.gate.*`).
 
 Every call goes through the connection's own client (`MlflowConfig.client`):
@@ -38,7 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -49,8 +50,10 @@ from ..errors import MetricNotFoundError, MlflowSettingsError, RegistryError
 from ..export.export_base import local_export, saved_model_digest
 from ..export.frozen_graph import FreezeResult
 from ..export.saved_model import ExportResult, export_lock
-from ..export.verification import Parity, compare_outputs, run_saved_model, verification_batch
+from ..export.verification import Parity, compare_outputs, run_saved_model
+from ..export.verification_batch import verification_batch
 from ..run_context import get_logger, prefect_run_tags
+from .gate import GateDecision, MetricRecord, decide_gate
 from .mlflow_connection import MlflowConfig
 from .tracking import TAG_PREFIX
 
@@ -60,21 +63,6 @@ MODEL_NAME_IN_RUN = "model"
 PYFUNC_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "saved_model_pyfunc.py")
 FINGERPRINT_TAG = TAG_PREFIX + "fingerprint"
 _DISTRIBUTIONS = (("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tensorflow-intel"), ("mlflow",), ("numpy",), ("pandas",))
-
-
-class GateDecision(BaseModel):
-    """Whether `champion` moved to the new version, and on which figures."""
-
-    model_config = ConfigDict(frozen=True)
-
-    metric: Optional[str]
-    mode: Literal["min", "max"]
-    challenger_version: int
-    challenger_value: Optional[float]
-    champion_version: Optional[int] = Field(description="The champion before the decision; None if there was none")
-    champion_value: Optional[float]
-    promoted: bool
-    reason: str
 
 
 class RegisteredVersion(BaseModel):
@@ -166,60 +154,32 @@ def gate_value(checkpoint: Optional[CheckpointRef], metric: Optional[str]) -> Op
     return float(metrics[metric])
 
 
-def _better(value: float, than: float, mode: str) -> bool:
-    return value > than if mode == "max" else value < than
+def decide_champion(client: Any, name: str, version: int, value: Optional[float], gate: GateConfig) -> GateDecision:
+    """Run the gate (`gate.decide_gate`) for `version` against the registry's champion; move `champion` if promoted.
 
-
-def decide_champion(
-    client: Any, name: str, version: int, value: Optional[float], metric: Optional[str], mode: Literal["min", "max"]
-) -> GateDecision:
-    """Move `champion` to `version` if it beats the champion on `metric` (or there is none)."""
+    The decision and both figures are recorded as the version's `prefect_tensorflow.gate.*` tags.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champion = None
-    champion_version = int(champion.version) if champion is not None else None
-    champion_value = None
-    if champion is not None and metric is not None:
-        recorded = champion.tags.get(f"{TAG_PREFIX}metric.{metric}")
-        champion_value = float(recorded) if recorded not in (None, "") else None
-    if champion is None:
-        promoted, reason = True, "first version: no champion yet"
-    elif champion_version == version:
-        promoted, reason = True, "already champion"
-    elif metric is None:
-        promoted, reason = False, "no gate metric: champion stays"
-    elif champion_value is None:
-        promoted, reason = True, f"champion v{champion_version} has no recorded {metric}"
-    elif value is not None and _better(value, champion_value, mode):
-        promoted, reason = True, f"{metric} {value:.6g} beats champion v{champion_version}'s {champion_value:.6g} ({mode})"
-    else:
-        promoted, reason = (
-            False,
-            (f"{metric} {value:.6g} does not beat champion v{champion_version}'s {champion_value:.6g} ({mode})"),
-        )
-    if promoted and champion_version != version:
+    record = None
+    if champion is not None:
+        recorded = champion.tags.get(f"{TAG_PREFIX}metric.{gate.metric}") if gate.metric is not None else None
+        record = MetricRecord(int(champion.version), float(recorded) if recorded not in (None, "") else None)
+    decision = decide_gate(MetricRecord(version, value), record, gate)
+    if decision.promoted and decision.champion_version != version:
         set_alias(client, name, CHAMPION, version)
-    decision = GateDecision(
-        metric=metric,
-        mode=mode,
-        challenger_version=version,
-        challenger_value=value,
-        champion_version=champion_version,
-        champion_value=champion_value,
-        promoted=promoted,
-        reason=reason,
-    )
     tags = {
-        "gate.decision": "promoted to champion" if promoted else "champion kept",
-        "gate.reason": reason,
-        "gate.metric": str(metric),
-        "gate.mode": mode,
+        "gate.decision": "promoted to champion" if decision.promoted else "champion kept",
+        "gate.reason": decision.reason,
+        "gate.metric": str(decision.metric),
+        "gate.mode": decision.mode,
         "gate.challenger_value": str(value),
-        "gate.previous_champion_version": str(champion_version),
-        "gate.previous_champion_value": str(champion_value),
+        "gate.previous_champion_version": str(decision.champion_version),
+        "gate.previous_champion_value": str(decision.champion_value),
     }
     for key, tag_value in tags.items():
         client.set_model_version_tag(name, str(version), TAG_PREFIX + key, tag_value)
@@ -405,7 +365,7 @@ def _register_locked(job: _Registration) -> RegisteredVersion:
         decision = recorded_decision(existing)
         if decision is None:  # created, then interrupted (or its answer lost) before the aliases
             set_alias(client, name, CHALLENGER, int(existing.version))
-            decision = decide_champion(client, name, int(existing.version), job.value, gate.metric, gate.mode)
+            decision = decide_champion(client, name, int(existing.version), job.value, gate)
         log.info("%s is already registered as %s version %s", export.path, name, existing.version)
         return _result(connection, client, existing, job.experiment_id, reused=True, parity=None, gate=decision)
 
@@ -437,7 +397,7 @@ def _log_and_register(job: _Registration, client: Any, local_path: str) -> Regis
         raise _refused(err, name) from err
     log.info("registered %s version %s from %s", name, mv.version, export.path)
     set_alias(client, name, CHALLENGER, int(mv.version))
-    decision = decide_champion(client, name, int(mv.version), job.value, gate.metric, gate.mode)
+    decision = decide_champion(client, name, int(mv.version), job.value, gate)
     log.info("champion gate for %s version %s: %s", name, mv.version, decision.reason)
     return _result(connection, client, mv, job.experiment_id, reused=False, parity=parity, gate=decision)
 

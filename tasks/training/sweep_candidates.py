@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from ..child_processes import child_env, die_with_parent, read_json, stop_group, tail, write_json_atomically
 from ..configs import Seed, Steps, TrainingConfig
 from ..errors import PrefectTensorFlowError
+from ..metric_order import Mode, best_first
 from ..registry.mlflow_connection import MlflowConfig
 from ..run_context import get_logger
 from .loop import TrainResult
@@ -436,14 +437,14 @@ def trainer_main() -> int:
 # --- ranking and the parent MLflow run -------------------------------------------------------
 
 
-def rank_candidates(values: dict[int, float], mode: str) -> list[int]:
-    """Candidate indexes best first by `values` (`mode` "max" or "min"); ties go to the lower index.
+def rank_candidates(values: dict[int, float], mode: Mode) -> list[int]:
+    """Candidate indexes best first by `values` (`mode` "max" or "min", see `metric_order`); ties go to the lower index.
 
     Example:
         >>> rank_candidates({0: 0.9, 1: 0.97, 2: 0.97}, "max")
         [1, 2, 0]
     """
-    return sorted(values, key=lambda index: ((-values[index] if mode == "max" else values[index]), index))
+    return best_first(sorted(values), values.__getitem__, mode)
 
 
 def comparison_rows(
