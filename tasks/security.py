@@ -121,7 +121,7 @@ def check_mlflow_connection(connection: Any, *, parameter: str = "mlflow", untru
 def check_store_uri(uri: str, *, parameter: str) -> None:
     """Refuse an MLflow store URI that names a local path outside the roots, read as MLflow reads it.
 
-    The URI is parsed as MLflow and SQLAlchemy do (`mlflow_connection.local_store_path`:
+    The URI is parsed as MLflow and SQLAlchemy do (`registry.store_uri.local_store_path`:
     scheme in any case, relative SQLite paths against the working directory,
     percent-decoding), and the database's directory, where MLflow also puts the
     artifacts, is confined. SQLite options after `?` (`uri=true` makes the
@@ -138,7 +138,7 @@ def check_store_uri(uri: str, *, parameter: str) -> None:
     """
     from urllib.parse import urlsplit
 
-    from .registry.mlflow_connection import local_store_path
+    from .registry.store_uri import local_store_path
 
     try:
         path = local_store_path(uri)

@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional
 
 from ..errors import CheckpointMismatchError, InvalidCheckpointError
 from ..model_code import build_model
+from .verification_batch import verification_batch
 
 Head = Literal["classifier", "raw"]
 
@@ -124,8 +125,6 @@ def trace_checkpoint(checkpoint: str, model: str, hparams: Optional[dict[str, An
 
     Freezing and exporting both start here, so both verify against the same numbers.
     """
-    from .verification import verification_batch
-
     net = restore_model(checkpoint, model, hparams)
     serve = serving_function(net, head)
     specs = input_specs(net)

@@ -21,9 +21,9 @@ from typing import Any, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from .. import model_code
 from ..configs import ExportConfig
 from ..errors import ParityError
+from .verification_batch import verification_batch as verification_batch  # its callers import it from here too
 
 DEFAULT_TOLERANCE = 1e-5
 
@@ -66,36 +66,6 @@ def compare_outputs(expected: Mapping[str, Any], actual: Mapping[str, Any], tole
         batch_size=batch,
         tolerance=tolerance,
     )
-
-
-def verification_batch(specs: list, data: Optional[str] = None, size: int = 32, seed: int = 0) -> list[np.ndarray]:
-    """One batch per input spec: the first `size` examples of `data`'s eval split, else seeded random values.
-
-    Args:
-        specs: `tf.TensorSpec`s (or objects with `.shape` and `.dtype`) of the inputs.
-        data: `"module:attr"` of a dataset loader, or None.
-    """
-    import tensorflow as tf
-
-    if data is not None:
-        features = []
-        for element in model_code.load_split(data, "eval").take(size):
-            x = element[0] if isinstance(element, tuple) else element
-            features.append(x if isinstance(x, (list, tuple)) else [x])
-        if features:
-            return [np.stack([np.asarray(f[i]) for f in features]) for i in range(len(features[0]))]
-    rng = np.random.default_rng(seed)
-    batch = []
-    for spec in specs:
-        shape = [size if d is None else d for d in tf.TensorShape(spec.shape).as_list()]
-        dtype = tf.as_dtype(spec.dtype)
-        if dtype.is_floating:
-            batch.append(rng.normal(size=shape).astype(dtype.as_numpy_dtype))
-        elif dtype.is_integer:
-            batch.append(rng.integers(0, 10, size=shape).astype(dtype.as_numpy_dtype))
-        else:
-            raise ParityError(f"cannot make verification values for input of dtype {dtype.name}; pass data")
-    return batch
 
 
 def run_frozen_graph(graph_def, inputs: list[str], outputs: Mapping[str, str], batch: list[np.ndarray]) -> dict:

@@ -313,7 +313,7 @@ def check_artifact_location(location: str, tracking_uri: str, *, what: str, untr
         return
     from ..security import confine
     from ..settings import get_settings
-    from .mlflow_connection import local_store_path
+    from .store_uri import local_store_path
 
     allowed = get_settings().allowed_roots()
     try:

@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any, Optional, TypeVar
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
@@ -48,44 +48,13 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from ..errors import MlflowSettingsError, MlflowUnavailableError
 from ..run_context import get_logger
 from ..settings import data_home
+from .store_uri import local_store_path
 
 DEFAULT_EXPERIMENT = "prefect-tensorflow"
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
 _SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks", "databricks-uc")
 SECRET_FIELDS = ("token", "password")
 T = TypeVar("T")
-
-
-def local_store_path(uri: str) -> Optional[str]:
-    """The local path an MLflow store URI names, parsed the way MLflow and SQLAlchemy parse it.
-
-    MLflow takes the scheme case-insensitively; a URI without a scheme, or a
-    `file:` one, is a file store (percent-decoded); a `sqlite` one (any driver)
-    is SQLAlchemy's: `sqlite:///relative.db` is relative to the working
-    directory, `sqlite:////abs.db` absolute, and the database part is
-    percent-decoded. Returns an absolute path (not resolved), or None for a
-    server (`http`, `postgresql`, ...) or an in-memory SQLite database.
-
-    Example:
-        >>> import os
-        >>> local_store_path("SQLITE:///data/mlflow.db") == os.path.abspath("data/mlflow.db")
-        True
-        >>> local_store_path("sqlite:////srv/a%2e%2e/m.db"), local_store_path("http://127.0.0.1:5000")
-        ('/srv/a../m.db', None)
-    """
-    parts = urlsplit(uri)
-    scheme = parts.scheme.lower()
-    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
-        path = url2pathname(unquote(parts.path)) if scheme == "file" else uri
-        return os.path.abspath(path)
-    if scheme.split("+", 1)[0] != "sqlite":
-        return None
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    if not database or database == ":memory:":
-        return None
-    return os.path.abspath(database)
 
 
 def default_mlflow_dir() -> str:
