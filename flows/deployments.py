@@ -3,8 +3,9 @@
 `prefect deploy --all` reads `prefect.yaml` itself; `prefect-tensorflow serve`
 (`make serve`) and `deployments/deploy.py` read the same file through
 `load_definitions`, apply an environment's overrides
-(`deployments/environments/<env>.yaml`: `parameters`, `cron`, `paused`,
-`tags`, `description` per deployment) and build Prefect deployments from it.
+(`deployments/environments/<env>.yaml`: `parameters`, deep-merged so a
+nested config states only the keys it changes, and `cron`, `paused`, `tags`,
+`description` per deployment) and build Prefect deployments from it.
 The package carries the file (`prefect_tensorflow/flows/prefect.yaml` is the
 repository's `prefect.yaml`).
 
@@ -111,12 +112,29 @@ def load_overrides(env: Optional[str], directory: str) -> dict[str, dict[str, An
     return overrides
 
 
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override` merged in: nested dicts merged key by key, anything else (lists too) replaced.
+
+    Example:
+        >>> deep_merge({"training": {"model": "iris", "steps": 10}, "tags": ["a"]}, {"training": {"steps": 20}, "tags": ["b"]})
+        {'training': {'model': 'iris', 'steps': 20}, 'tags': ['b']}
+    """
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def apply_overrides(definitions: list[DeploymentDefinition], overrides: dict[str, dict[str, Any]]) -> list[DeploymentDefinition]:
-    """The definitions with an environment's overrides merged in (parameters merged, the rest replaced)."""
+    """The definitions with an environment's overrides applied: parameters deep-merged (`deep_merge`: an
+    override states only the nested keys it changes), the rest replaced."""
     out = []
     for definition in definitions:
         extra = overrides.get(definition.name, {})
-        update: dict[str, Any] = {"parameters": {**definition.parameters, **extra.get("parameters", {})}}
+        update: dict[str, Any] = {"parameters": deep_merge(definition.parameters, extra.get("parameters") or {})}
         if "cron" in extra:
             update["schedules"] = [Schedule(cron=extra["cron"])] if extra["cron"] else []
         for key in ("paused", "tags", "description"):
