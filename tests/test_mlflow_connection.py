@@ -102,6 +102,16 @@ def test_the_private_mlflow_names_the_explicit_clients_use_are_all_there():
     assert check_private_api() == []
 
 
+def test_a_client_keeps_the_registry_uri_register_logged_model_reads(tmp_path):
+    """`register_logged_model` tells a server from a database store by `client._registry_uri` (a private name
+    `check_private_api` guards): a real client keeps what it was given there."""
+    from mlflow import MlflowClient
+
+    tracking, registry = f"sqlite:///{tmp_path}/t.db", "http://127.0.0.1:5000"
+    assert MlflowClient(tracking, registry)._registry_uri == registry
+    assert MlflowClient(tracking)._registry_uri == tracking
+
+
 def test_credentials_in_a_uri_are_refused():
     with pytest.raises(ValidationError, match="give credentials as username/password or token"):
         MlflowConnection(tracking_uri="https://user:pa55@mlflow.example.com/path")

@@ -15,7 +15,9 @@ It reaches into private MLflow names (listed by `check_private_api`, which a
 test runs, so an MLflow upgrade that moves them fails loudly):
 `MlflowClient._tracking_client` and `._registry_client_lazy`, both
 `RestStore._call_endpoint`s, `TrackingServiceClient._get_artifact_repo`, the
-HTTP artifact repository's methods. `CreateModelVersion` is never resent after
+HTTP artifact repository's methods, `MlflowClient._registry_uri` (server or
+database store, for `register_logged_model`) and `_guess_mime_type` (each
+upload's Content-Type). `CreateModelVersion` is never resent after
 a lost answer (it would make a second version); the caller's fingerprint
 lookup retries instead.
 
@@ -467,6 +469,11 @@ def check_private_api() -> list[str]:
         problems.append("MlflowClient._get_registry_client no longer caches in _registry_client_lazy")
     if "self._tracking_client" not in inspect.getsource(MlflowClient.create_run):
         problems.append("MlflowClient no longer delegates to _tracking_client")
+    if "self._registry_uri =" not in inspect.getsource(MlflowClient.__init__):  # read by register_logged_model
+        problems.append("MlflowClient no longer keeps its registry URI in _registry_uri")
+    sig = list(inspect.signature(_guess_mime_type).parameters)
+    if sig != ["file_path"] or not isinstance(_guess_mime_type("saved_model.pb"), str):  # the uploads' Content-Type
+        problems.append(f"mlflow.utils.mime_type_utils._guess_mime_type changed: parameters {sig}")
     # Any new direct use of env credentials in the HTTP artifact repository?
     src = inspect.getsource(HttpArtifactRepository)
     overridden = {"log_artifact", "list_artifacts", "_download_file", "delete_artifacts", "_host_creds"}
