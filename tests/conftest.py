@@ -171,8 +171,8 @@ def s3(s3_server, monkeypatch):
 def postgres():
     """A throwaway PostgreSQL cluster (Debian's server binaries) on 127.0.0.1.
 
-    Its directory is a `mkdtemp` in /tmp, not pytest's: as root the server runs
-    as `postgres`, which cannot enter the 0700 /tmp/pytest-of-root.
+    Its directory is a `tempfile.mkdtemp`, not under pytest's base temp: as root the
+    server runs as `postgres`, which cannot enter pytest's 0700 per-user directory.
     """
     from prefect_tensorflow.flows.team_stack import PgCluster
 

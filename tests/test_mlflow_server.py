@@ -11,11 +11,13 @@ real HTTP proxy, for the 5xx responses a stock server cannot be made to send on 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,6 +34,7 @@ from prefect_tensorflow.tasks.export.saved_model import ExportResult, saved_mode
 from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
 from prefect_tensorflow.tasks.registry.model_versions import CHALLENGER, CHAMPION, FINGERPRINT_TAG
 from prefect_tensorflow.tasks.registry.tracking import TAG_PREFIX
+from prefect_tensorflow.tasks.run_context import LOGGER_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -158,6 +161,30 @@ def wait_for(condition: Callable[[], bool], what: str, job: Background, server: 
         time.sleep(0.02)
 
 
+class RetryWarnings(logging.Handler):
+    """The package's "... failed (...); retrying in N s" warnings (`MlflowConfig.retrying`), from any thread."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "; retrying in " in message:
+            self.messages.append(message)
+
+
+@contextmanager
+def retry_warnings() -> Iterator[RetryWarnings]:
+    """Collect the retry warnings logged (outside a Prefect run) while the block runs."""
+    handler, logger = RetryWarnings(), logging.getLogger(LOGGER_NAME)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
 def artifact_files(root: Path) -> set[str]:
     return {os.path.join(d, f) for d, _, files in os.walk(root) for f in files}
 
@@ -257,7 +284,9 @@ def test_tracked_training_survives_a_server_restart(server, tmp_path):
     wait_for(lambda: (model_dir / "model.ckpt-250.index").exists(), "checkpoint at step 250", job, server)
     assert job.alive() and not (model_dir / f"model.ckpt-{steps}.index").exists()
     server.stop(signal.SIGKILL)
-    time.sleep(5)
+    # Training goes on without the server (metrics queue for the sender); its last checkpoint is the event
+    # that says training is over, with the rest still to send: the job must be waiting, not done.
+    wait_for(lambda: (model_dir / f"model.ckpt-{steps}.index").exists(), "the last checkpoint, server down", job, server)
     assert job.alive(), "training ended while the server was down; it should have waited to send the rest"
     server.start()
     result = job.result(300, server)
@@ -279,9 +308,11 @@ def test_registration_waits_for_a_server_restart(server, trained_dir, tmp_path, 
     ref = checkpoint_ref(exported.source)
     conn = connection(server.uri, "restart-registration", **PATIENT)
     server.stop(signal.SIGTERM)
-    job = Background(lambda: register_export(exported, "iris-restart", connection=conn, checkpoint=ref), "register")
-    time.sleep(4)
+    with retry_warnings() as retries:
+        job = Background(lambda: register_export(exported, "iris-restart", connection=conn, checkpoint=ref), "register")
+        wait_for(lambda: len(retries.messages) >= 2, "two retry warnings, server down", job, server)
     assert job.alive(), "register_export gave up while the server was down"
+    assert all(server.uri in message for message in retries.messages), retries.messages  # naming the server
     server.start()
     registered = job.result(300, server)
 
