@@ -75,7 +75,10 @@ ExperimentOption = Annotated[
     typer.Option("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else prefect-tensorflow)"),
 ]
 GateMetricOption = Annotated[str, typer.Option(help="Checkpoint metric a new version must beat the champion on ('' for none)")]
-GateModeOption = Annotated[str, typer.Option(help="'max' if higher is better, 'min' if lower is")]
+GateModeOption = Annotated[
+    Optional[str],
+    typer.Option(help="'max' if higher is better, 'min' if lower is [default: 'min' for a loss or error metric, else 'max']"),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON")]
 
 
@@ -423,7 +426,11 @@ def verify(
 
 
 def _shipping_settings(
-    registered_model_name: str, gate_metric: str, gate_mode: str, tracking_uri: Optional[str], experiment: Optional[str]
+    registered_model_name: str,
+    gate_metric: str,
+    gate_mode: Optional[str],
+    tracking_uri: Optional[str],
+    experiment: Optional[str],
 ) -> tuple[GateConfig, Any]:
     """The flows' shipping options, checked: the champion gate and the `MlflowConnection` (Prefect is imported)."""
     _check_registered_model_name(registered_model_name)
@@ -434,7 +441,7 @@ def _shipping_settings(
     return gate, MlflowConnection(**config.model_dump())
 
 
-def _gate(metric: str, mode: str) -> GateConfig:
+def _gate(metric: str, mode: Optional[str]) -> GateConfig:
     try:
         return GateConfig(metric=metric or None, mode=mode)  # type: ignore[arg-type]
     except ValidationError as err:
@@ -455,7 +462,7 @@ def retrain(
     tracking_uri: TrackingUriOption = None,
     experiment: ExperimentOption = None,
     gate_metric: GateMetricOption = "accuracy",
-    gate_mode: GateModeOption = "max",
+    gate_mode: GateModeOption = None,
     track: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Track in MLflow and register the export"),
     from_scratch: bool = typer.Option(
         False, "--from-scratch", help="Start at step 0; the old checkpoints move to <model-dir>.previous-<time>"
@@ -562,7 +569,7 @@ def export_checkpoint_command(
     data: str = typer.Option("iris", help=DATA_HELP + " whose eval split is the verification batch"),
     alias: list[str] = typer.Option([], "--alias", help="Extra alias to point at the version (repeatable)"),
     gate_metric: GateMetricOption = "accuracy",
-    gate_mode: GateModeOption = "max",
+    gate_mode: GateModeOption = None,
     tracking_uri: TrackingUriOption = None,
     experiment: ExperimentOption = None,
     as_json: JsonOption = False,
@@ -672,7 +679,7 @@ def sweep(
     tracking_uri: TrackingUriOption = None,
     experiment: ExperimentOption = None,
     gate_metric: GateMetricOption = "accuracy",
-    gate_mode: GateModeOption = "max",
+    gate_mode: GateModeOption = None,
     track: bool = typer.Option(
         True, "--mlflow/--no-mlflow", help="Track in MLflow (parent and child runs) and register the winner"
     ),

@@ -140,3 +140,11 @@ def test_a_tie_keeps_the_champion_in_either_mode():
 def test_an_explicit_mode_reverses_the_rule():
     decision = decide_gate(MetricRecord(2, 0.4), MetricRecord(1, 0.3), GateConfig(metric="loss", mode="max"))
     assert decision.promoted and decision.reason == "loss 0.4 beats champion v1's 0.3 (max)"
+
+
+def test_the_cli_gate_mode_left_out_follows_the_metric():
+    from prefect_tensorflow.flows.cli import _gate
+
+    assert _gate("loss", None).mode == "min"  # `--gate-metric loss` without `--gate-mode`
+    assert _gate("accuracy", None).mode == "max"
+    assert _gate("loss", "max").mode == "max"
