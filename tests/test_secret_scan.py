@@ -234,10 +234,18 @@ def test_the_run_form_can_pick_a_saved_mlflow_block_with_the_schema_enforced(sta
     from prefect.states import Scheduled
 
     served = stack["served"]
+    reference = {"$ref": {"block_document_id": stack["blocks"]["password"]}}
     with served.api() as client:
+        deployment = client.read_deployment(served.deployments["export-checkpoint"])
+        assert deployment.enforce_parameter_schema  # the server checks the reference against the schema
         run = client.create_flow_run_from_deployment(
-            served.deployments["export-checkpoint"],
-            parameters={"mlflow": {"$ref": {"block_document_id": stack["blocks"]["password"]}}},
+            deployment.id,
+            parameters={"mlflow": reference},
             state=Scheduled(scheduled_time=datetime.now(timezone.utc) + timedelta(days=1)),
         )
-        client.delete_flow_run(run.id)
+        try:
+            stored = client.read_flow_run(run.id)
+            assert stored.state is not None and stored.state.is_scheduled(), stored.state
+            assert stored.parameters["mlflow"] == reference  # accepted as the reference, not as the block's secrets
+        finally:
+            client.delete_flow_run(run.id)
