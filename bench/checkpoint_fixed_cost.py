@@ -34,7 +34,7 @@ def _measure(buffer: int, scratch: Scratch) -> dict:
     from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
     from prefect_tensorflow.tasks.checkpoints.writer import CheckpointWriter
     from prefect_tensorflow.tasks.configs import TrainingConfig
-    from prefect_tensorflow.tasks.training.loop import LossWindow, build_model_and_data, input_pipeline, make_train_step
+    from prefect_tensorflow.tasks.training.model_and_data import LossWindow, build_model_and_data, input_pipeline, make_train_step
 
     config = TrainingConfig(seed=0, shuffle_buffer=buffer)
     net, train_ds, _ = build_model_and_data(config)

@@ -38,7 +38,7 @@ AREAS = (
     ("Keras model build and compile", "keras/src/models"),
     ("tf.data pipeline set-up", "tensorflow/python/data/"),
     ("checkpoint key discovery (first save)", "checkpoints/writer.py:learn"),
-    ("graph.pbtxt", "training/loop.py:write_graph"),
+    ("graph.pbtxt", "training/model_and_data.py:write_graph"),
     ("summary writers", "summary_ops_v2.py"),
 )
 

@@ -167,7 +167,8 @@ def run() -> dict:
     from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
     from prefect_tensorflow.tasks.registry.tracking import MetricBatcher, TrainingRun
     from prefect_tensorflow.tasks.training import loop as training
-    from prefect_tensorflow.tasks.training.loop import checkpoint_metric_names, train_with_checkpoints
+    from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
+    from prefect_tensorflow.tasks.training.results import checkpoint_metric_names
 
     policy = CheckpointPolicy(save_checkpoints_steps=EVERY, save_at_start=False, save_at_end=False)
 

@@ -1,4 +1,11 @@
-"""Child processes that never outlive their parent: what sweep trainers and multi-worker workers share.
+"""The process kit: every child process this package starts goes through it.
+
+The sidecar evaluator, the metric sender, sweep trainers, the multi-worker
+supervisor and its workers, and the local servers (`flows/servers.py`) are
+started by `start_process` with one environment recipe (`child_env`: this
+process's environment, TensorFlow's C++ log level `TF_CPP_MIN_LOG_LEVEL`
+unless set, thread limits, the parent's pid for `die_with_parent`), stopped
+by `stop_process_group` and reported on with `log_tail`.
 
 A training launched from a Dask worker, a Prefect task or a supervisor runs
 in its own process (`subprocess.Popen`, which works from Dask's daemonic
@@ -12,14 +19,22 @@ child from writing checkpoints after whoever waits for it is gone:
   before the `prctl`), and a daemon thread repeats that check every second
   (other systems, or a subreaper that adopted it);
 - the parent starts it in its own session (`start_new_session=True`) and
-  stops the whole group (`stop_group`: SIGTERM, a grace period, SIGKILL);
+  stops the whole group (`stop_process_group`: SIGTERM, a grace period, SIGKILL);
 - TensorFlow's thread pools are sized by `thread_env(threads)` so that N
   trainings on N cores do not oversubscribe them.
 
+The sidecar evaluator and the metric sender are the exceptions on purpose:
+they stay in their parent's session and end when their stdin closes, so that
+an evaluator finishes what a killed trainer committed.
+
 Example:
-    >>> from prefect_tensorflow.tasks.child_processes import thread_env
+    >>> import sys
+    >>> from prefect_tensorflow.tasks.child_processes import log_tail, start_process, stop_process_group, thread_env
     >>> thread_env(1)["TF_NUM_INTRAOP_THREADS"], thread_env(0)
     ('1', {})
+    >>> process = start_process([sys.executable, "-c", "print('hello')"], log_path="hello.log")
+    >>> process.wait(timeout=60), stop_process_group(process), log_tail("hello.log")
+    (0, 0, 'hello\\n')
 """
 
 from __future__ import annotations
@@ -28,12 +43,18 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+TF_CPP_MIN_LOG_LEVEL = "3"
+"""TensorFlow's C++ log level in every process this package starts, and in the CLI (unless the user set one):
+3 hides its info lines, warnings and the "failed call to cuInit" error every CPU-only machine prints;
+Python-level errors still raise."""
 PR_SET_PDEATHSIG = 1
 EXIT_PARENT_GONE = 70
 """Exit status of a child whose parent died before it could arm PR_SET_PDEATHSIG."""
@@ -47,14 +68,54 @@ def thread_env(threads: int) -> dict[str, str]:
     return {"TF_NUM_INTRAOP_THREADS": value, "TF_NUM_INTEROP_THREADS": value, "OMP_NUM_THREADS": value}
 
 
-def child_env(parent_variable: str, threads: int = 0, **extra: str) -> dict[str, str]:
-    """This process's environment for a child: its pid under `parent_variable`, the thread limits, `extra`."""
-    env = dict(os.environ)
+def quiet_tensorflow(env: Any) -> None:
+    """Set TensorFlow's C++ log level (`TF_CPP_MIN_LOG_LEVEL`) in the mapping `env`, unless it is set already."""
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", TF_CPP_MIN_LOG_LEVEL)
+
+
+def child_env(
+    parent_variable: Optional[str] = None, threads: int = 0, base: Optional[Mapping[str, str]] = None, **extra: str
+) -> dict[str, str]:
+    """The environment of a child: `base` (default: this process's), the TensorFlow log level unless set, the thread
+    limits, this process's pid under `parent_variable` (for `die_with_parent`), then `extra`."""
+    env = dict(os.environ if base is None else base)
     env.update(thread_env(threads))
-    env[parent_variable] = str(os.getpid())
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if parent_variable is not None:
+        env[parent_variable] = str(os.getpid())
+    quiet_tensorflow(env)
     env.update(extra)
     return env
+
+
+def start_process(
+    command: Sequence[str],
+    log_path: Optional[str] = None,
+    *,
+    env: Optional[Mapping[str, str]] = None,
+    parent_variable: Optional[str] = None,
+    threads: int = 0,
+    new_session: bool = True,
+    stdin: Any = subprocess.DEVNULL,
+    stdout: Any = None,
+    stderr: Any = None,
+    **popen: Any,
+) -> subprocess.Popen:
+    """Start `command` with `child_env(parent_variable, threads, env)`, in a session of its own unless not `new_session`.
+
+    With `log_path`, what `stdout` and `stderr` do not take is appended to that file (both streams by
+    default). `popen`: more `subprocess.Popen` arguments (`pass_fds`, `text`, `cwd`, `user`, ...).
+    """
+    environment = child_env(parent_variable, threads, env)
+    if log_path is None:
+        return subprocess.Popen(
+            list(command), stdin=stdin, stdout=stdout, stderr=stderr, env=environment, start_new_session=new_session, **popen
+        )
+    with open(log_path, "ab") as log:
+        out = log if stdout is None else stdout
+        err = stderr if stderr is not None else (subprocess.STDOUT if out is log else log)
+        return subprocess.Popen(
+            list(command), stdin=stdin, stdout=out, stderr=err, env=environment, start_new_session=new_session, **popen
+        )
 
 
 def die_with_parent(parent_variable: str) -> None:
@@ -78,23 +139,42 @@ def die_with_parent(parent_variable: str) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def stop_group(process: subprocess.Popen, grace: float = 5.0) -> Optional[int]:
-    """Stop `process` and everything in its session: SIGTERM, then SIGKILL after `grace` seconds; its exit status."""
-    if process.poll() is None:
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
-            try:
-                os.killpg(process.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                return process.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-    try:  # the leader has exited; its group may live on (a grandchild)
-        os.killpg(process.pid, signal.SIGKILL)
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct TCP ports on `host` that nothing listens on right now (bound together, then released).
+
+    Another process may take one before the child binds it: the child then fails to start (a multi-worker
+    attempt is retried with fresh ports).
+    """
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def signal_group(process: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to the process group of `process` (started in a session of its own), if it is still there."""
+    try:
+        os.killpg(process.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-    return process.poll()
+
+
+def stop_process_group(process: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 30.0) -> Optional[int]:
+    """Stop `process` and everything in its session: `sig`, then SIGKILL after `grace` seconds; its exit status."""
+    if process.poll() is None:
+        signal_group(process, sig)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    signal_group(process, signal.SIGKILL)  # the leader may be gone and its group not (a grandchild)
+    return process.wait()
 
 
 def write_json_atomically(path: str, data: Any) -> None:
@@ -116,7 +196,7 @@ def read_json(path: str) -> Optional[Any]:
         return None
 
 
-def tail(path: str, size: int = 2000) -> str:
+def log_tail(path: str, size: int = 3000) -> str:
     """The last `size` characters of a log file ('' if unreadable)."""
     try:
         with open(path, "rb") as handle:

@@ -19,7 +19,7 @@ from prefect_tensorflow.tasks.checkpoints.metrics_log import METRICS_FILE, read_
 from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
 from prefect_tensorflow.tasks.errors import MetricsTimeoutError
 
-EVALUATOR_MODULE = "prefect_tensorflow.tasks.training.sidecar_evaluator"
+EVALUATOR_MODULE = "prefect_tensorflow.tasks.training.sidecar_evaluator_main"
 
 
 def line_steps(model_dir: Path) -> Counter:

@@ -38,7 +38,7 @@ from prefect_tensorflow.tasks.training.multi_worker import (
 STEPS = 600
 POLICY = CheckpointPolicy(save_checkpoints_steps=100, keep_checkpoint_max=None)
 CONFIG = TrainingConfig(steps=STEPS, workers=2, policy=POLICY, evaluation="in_loop")
-WORKER_MODULE = "prefect_tensorflow.tasks.training.multi_worker"
+WORKER_MODULE = "prefect_tensorflow.tasks.training.multi_worker_main"
 
 
 def tensors(prefix: str) -> dict:
@@ -74,6 +74,25 @@ def test_settings_a_multi_worker_training_cannot_honour_are_refused_naming_them(
         train_multi_worker("s3://bucket/iris", TrainingConfig(workers=2))
     with pytest.raises(ValueError, match="max_restarts"):
         MultiWorkerOptions(max_restarts=-1)
+
+
+@pytest.mark.slow
+def test_with_two_workers_and_the_sidecar_every_committed_checkpoint_gets_exactly_one_metrics_line(tmp_path):
+    """The chief saves through the same CheckpointWriter as one process: its keep policy (at most 2 kept, a save
+    every 5 steps) waits for the sidecar's line before deleting, and the last sweep follows the evaluator."""
+    model_dir = tmp_path / "iris"
+    config = TrainingConfig(
+        steps=40, workers=2, policy=CheckpointPolicy(save_checkpoints_steps=5, keep_checkpoint_max=2), evaluation="sidecar"
+    )
+    committed: list[int] = []
+    result = train_with_checkpoints(str(model_dir), config, on_checkpoint=lambda step, path, metrics: committed.append(step))
+    assert committed == list(range(0, 41, 5)) and result.checkpoints_saved == len(committed)
+    lines = [json.loads(line) for line in (model_dir / "checkpoint_metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert sorted(line["step"] for line in lines) == committed  # one line each, none missing, none twice
+    assert all({"accuracy", "loss"} <= set(line["metrics"]) for line in lines)
+    assert sorted(p.name for p in model_dir.glob("model.ckpt-*.index")) == ["model.ckpt-35.index", "model.ckpt-40.index"]
+    assert result.final_metrics == read_metrics(model_dir)[40]
+    assert worker_processes() == []
 
 
 @pytest.fixture(scope="module")

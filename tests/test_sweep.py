@@ -47,7 +47,7 @@ BASE = TrainingConfig(
     steps=STEPS, policy=CheckpointPolicy(save_checkpoints_steps=500, keep_checkpoint_max=None), evaluation="in_loop"
 )
 CANDIDATES = [Candidate(hparams={"learning_rate": 0.05}, seed=0), Candidate(hparams={"learning_rate": 0.2}, seed=1)]
-TRAINER_MODULE = "prefect_tensorflow.tasks.training.sweep_candidates"
+TRAINER_MODULE = "prefect_tensorflow.tasks.training.sweep_trainer_main"
 DASK = str(Path(sys.executable).with_name("dask"))
 
 
@@ -219,7 +219,7 @@ def dask_cluster(tmp_path_factory, prefect_api):
     from distributed import Client
     from prefect.settings import PREFECT_API_URL
 
-    from prefect_tensorflow.flows.servers import stop_process_group
+    from prefect_tensorflow.tasks.child_processes import stop_process_group
 
     state = tmp_path_factory.mktemp("dask-cluster")
     env = {

@@ -464,10 +464,13 @@ def test_event_files_and_graph_symlinked_out_of_the_model_dir_are_not_logged(tmp
 
 
 @pytest.mark.parametrize("untrusted", [False, True])
-def test_multi_worker_training_hands_tensorflows_checkpoint_manager_no_kept_checkpoint_outside(tmp_path, untrusted):
+def test_multi_worker_training_hands_its_chiefs_writer_no_kept_checkpoint_outside(tmp_path, untrusted):
+    """The multi-worker caller checks the state file before any worker starts (`read_kept_list`), and the
+    chief's CheckpointWriter (the one writer) keeps and deletes only checkpoints directly in the model dir."""
     import tensorflow as tf
 
-    from prefect_tensorflow.tasks.checkpoints.writer import confine_kept_list
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.checkpoints.writer import CheckpointWriter, read_kept_list
     from prefect_tensorflow.tasks.errors import UnsafeParameterError
 
     model_dir, outside = tmp_path / "iris", tmp_path / "outside"
@@ -477,11 +480,14 @@ def test_multi_worker_training_hands_tensorflows_checkpoint_manager_no_kept_chec
     before = _state_naming_outside(model_dir, outside, "model.ckpt-300")
     if untrusted:
         with pytest.raises(UnsafeParameterError, match=rf"{model_dir}/checkpoint names {outside}/model.ckpt-100, outside"):
-            confine_kept_list(str(model_dir), untrusted=True)
+            read_kept_list(str(model_dir), untrusted=True)
     else:
-        confine_kept_list(str(model_dir), untrusted=False)
-        manager = tf.train.CheckpointManager(tf.train.Checkpoint(global_step=step), str(model_dir), max_to_keep=1)
-        manager.save(checkpoint_number=301)
-        assert manager.checkpoints == [str(model_dir / "ckpt-301")]
+        read_kept_list(str(model_dir), untrusted=False)
+        writer = CheckpointWriter(
+            tf.train.Checkpoint(global_step=step), str(model_dir), CheckpointPolicy(keep_checkpoint_max=1), untrusted=False
+        )
+        writer.save(301)
+        writer.finish()
+        assert writer.checkpoints == [str(model_dir / "model.ckpt-301")]
         assert "outside" not in (model_dir / "checkpoint").read_text()
     assert sorted(os.listdir(outside)) == before

@@ -314,31 +314,19 @@ def read_kept_list(model_dir: str, *, untrusted: Optional[bool] = None) -> Optio
     return KeptList(latest, kept, last_preserved, outside)
 
 
-def confine_kept_list(model_dir: str, *, untrusted: Optional[bool] = None) -> None:
-    """Before `tf.train.CheckpointManager` takes a state file over (multi-worker training), whose keep policy
-    deletes what the kept list names: make the list name only checkpoints directly in the model dir.
+def apply_keep_policy(model_dir: str, policy: CheckpointPolicy, *, untrusted: Optional[bool] = None) -> None:
+    """The keep policy's last sweep over `model_dir`, by its state file's kept list: what a writer held back for
+    its metrics line is deleted now (a multi-worker training's caller, once its sidecar evaluator is done).
 
-    Untrusted (default: in a deployment run) a state file naming one outside is refused; a trusted caller's
-    is rewritten without them (the files outside are left alone).
-
-    Raises:
-        UnsafeParameterError: untrusted, and the state file names a checkpoint outside the model dir.
-        TrainingError: trusted, and its latest checkpoint lies outside the model dir.
+    Example:
+        >>> import tempfile
+        >>> apply_keep_policy(tempfile.mkdtemp(), CheckpointPolicy(keep_checkpoint_max=2))  # no state file: nothing
     """
-    untrusted = untrusted if untrusted is not None else in_deployment_run()
-    recovered = read_kept_list(model_dir, untrusted=untrusted)
-    if recovered is None or not recovered.outside:
-        return
-    if recovered.latest is None:
-        raise TrainingError(
-            f"{os.path.join(model_dir, STATE_FILE)} names its latest checkpoint outside the model dir {model_dir} "
-            f"({recovered.outside[-1]}); multi-worker training's keep policy would delete it: move it in, or start a new model dir"
-        )
-    kept = recovered.kept
-    kept.pop(recovered.latest, None)
-    kept[recovered.latest] = time.time()
-    with open_directory(model_dir, parameter="model_dir", untrusted=False) as directory:
-        write_state_file(directory, recovered.latest, kept, recovered.last_preserved)
+    writer = CheckpointWriter(None, model_dir, policy, untrusted=untrusted)
+    try:
+        writer.apply_keep_policy()
+    finally:
+        writer.directory.close()
 
 
 def write_state_file(directory: OpenDir, latest: str, kept: collections.OrderedDict[str, float], last_preserved: float) -> None:
@@ -371,6 +359,7 @@ class _Recipe:
         """Serialize the object graph once, with TensorFlow's own code, and keep what each save needs."""
         import tensorflow as tf
         from tensorflow.python.checkpoint import graph_view, save_util
+        from tensorflow.python.distribute.values import DistributedValues
         from tensorflow.python.training.saving.saveable_object import SaveSpec
         from tensorflow.python.training.saving.saveable_object_util import SaveableCompatibilityConverter
 
@@ -383,6 +372,9 @@ class _Recipe:
                 continue
             if isinstance(trackable, SaveableCompatibilityConverter):  # wraps e.g. the input iterator
                 for saveable in trackable.saveables:
+                    if isinstance(trackable.obj, DistributedValues) and len(saveable.specs) == 1:
+                        readers.append((saveable.specs[0].name, _variable_reader(trackable.obj)))  # a strategy's variable
+                        continue
                     if not hasattr(trackable.obj, "_serialize_to_tensors"):
                         plain = False
                         continue
@@ -393,6 +385,8 @@ class _Recipe:
             for key, value in tensors.items():
                 if isinstance(value, dict):  # sliced (partitioned) tensors: let TensorFlow write them
                     plain = False
+                elif isinstance(value, DistributedValues):  # a variable of a tf.distribute strategy: its local value
+                    readers.append((key, _variable_reader(value)))
                 elif isinstance(value, SaveSpec) and not hasattr(value, "numpy"):
                     readers.append((key, _variable_reader(trackable)))
                 else:

@@ -29,6 +29,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from ..child_processes import start_process
 from ..errors import FreezeError
 from ..run_context import get_logger, prefect_run_tags
 from ..storage.locations import scratch_dir
@@ -65,12 +66,13 @@ class MetricBatcher:
     def __init__(self, connection: MlflowConfig, run_id: str, interval: float = 2.0):
         self._connection, self._run_id, self._interval = connection, run_id, interval
         self._errors = tempfile.TemporaryFile(mode="w+")
-        self._process = subprocess.Popen(
+        self._process = start_process(  # ends at the end of its input: in this process's session
             [sys.executable, "-m", "prefect_tensorflow.tasks.training.metric_sender", run_id, str(interval)],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=self._errors,
             text=True,
+            new_session=False,
         )
         assert self._process.stdin is not None
         self._process.stdin.write(connection.to_secret_json() + "\n")

@@ -23,11 +23,12 @@ class PreemptionGuard:
     arrived, the signal is sent again so the process ends (or Prefect reacts)
     as it would have without the guard, only later: after the checkpoint.
     Outside the main thread signals cannot be caught; the guard then does
-    nothing.
+    nothing, as it does when not `enabled` (a worker of several: its
+    supervisor stops and restarts all of them).
     """
 
-    def __init__(self, signum: int = signal.SIGTERM):
-        self.signum = signum
+    def __init__(self, signum: int = signal.SIGTERM, *, enabled: bool = True):
+        self.signum, self.enabled = signum, enabled
         self.requested = False
         self.installed = False
         self._previous: Any = None
@@ -36,7 +37,7 @@ class PreemptionGuard:
         self.requested = True
 
     def __enter__(self) -> PreemptionGuard:
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(self.signum, self._handle)
             self.installed = True
         return self

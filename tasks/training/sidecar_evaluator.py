@@ -1,7 +1,7 @@
 """Evaluation of checkpoints off the training loop: a sidecar evaluator process, as the Estimator's was.
 
 With `TrainingConfig.evaluation="sidecar"` (the default), training starts
-`python -m prefect_tensorflow.tasks.training.sidecar_evaluator <model_dir>` beside it and tells
+`python -m prefect_tensorflow.tasks.training.sidecar_evaluator_main <model_dir>` beside it and tells
 it (on its stdin) each checkpoint it commits, with the training loss of the
 window before it. The evaluator restores the checkpoint's model, evaluates it
 on the eval split and appends the one metrics line of that checkpoint to
@@ -58,14 +58,16 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from ..checkpoints.files import checkpoint_prefixes, step_of
 from ..checkpoints.metrics_log import METRICS_FILE, append_metrics, read_metrics
+from ..child_processes import start_process
 from ..errors import MetricsTimeoutError, StorageError
-from ..lean_import import skip_keras_optional_imports
 from ..run_context import get_logger
 from ..storage.confined_dirs import OpenDir, open_directory
 from ..storage.locations import exclusive_lock
 
 LOCK_FILE = ".evaluator.lock"
 EVALUATOR_NICE = 10
+ENTRY_MODULE = "prefect_tensorflow.tasks.training.sidecar_evaluator_main"
+"""The evaluator process: `python -m` this `<model_dir> [--fd N [--root R]]`, the spec then steps on stdin."""
 
 
 class EvaluationSpec(BaseModel):
@@ -237,6 +239,19 @@ def wait_for_metrics(model_dir: str, steps: list[int], timeout: float) -> dict[i
         time.sleep(0.2)
 
 
+def evaluation_spec(config: Any) -> EvaluationSpec:
+    """What the sidecar evaluator needs of a `TrainingConfig`, the model code as trusted import strings (already checked)."""
+    from ..model_code import import_string
+
+    return EvaluationSpec(
+        model=import_string(config.model, "model"),
+        data=import_string(config.data, "data"),
+        hparams=dict(config.hparams),
+        batch_size=max(config.batch_size, 256),
+        checkpoint_name=config.policy.checkpoint_name,
+    )
+
+
 class SidecarEvaluator:
     """The trainer's handle on its evaluator process (see the module docstring).
 
@@ -266,21 +281,23 @@ class SidecarEvaluator:
         command = [
             sys.executable,
             "-m",
-            "prefect_tensorflow.tasks.training.sidecar_evaluator",
+            ENTRY_MODULE,
             self.directory.path,
             "--fd",
             str(fd),
         ]
         if self.directory.root is not None:
             command += ["--root", self.directory.root]
-        self._process = subprocess.Popen(
+        # Not a session of its own, and not dying with the trainer: it finishes what was committed (see above).
+        self._process = start_process(
             command,
             pass_fds=(fd,),
             stdin=subprocess.PIPE,
             stdout=self._errors,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"},
+            threads=1,
+            new_session=False,
         )
         self._lock = threading.Lock()
         self._send(spec.model_dump_json())
@@ -302,6 +319,16 @@ class SidecarEvaluator:
         """Whether the evaluator process is still running."""
         return self._process.poll() is None
 
+    def wait_until_evaluating(self, timeout: float) -> bool:
+        """Wait until an evaluator holds the model dir's lock (this one, or a previous one it waits for), at most
+        `timeout` s; False if none does (this one died, or did not get there in time)."""
+        deadline = time.monotonic() + timeout
+        while not evaluator_running(self.directory.handle):
+            if not self.alive() or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def finish(self, timeout: Optional[float] = None) -> None:
         """Close its input and wait until it has evaluated everything committed (at most `timeout` s)."""
         with self._lock:
@@ -319,47 +346,3 @@ class SidecarEvaluator:
         self._errors.close()
         if self._own:
             self.directory.close()
-
-
-def _inherited_directory(argv: list[str]) -> tuple[str, Optional[OpenDir]]:
-    """`<model_dir> [--fd N [--root R]]`: the model dir, and the trainer's open descriptor of it if handed over."""
-    model_dir, options = argv[0], dict(zip(argv[1::2], argv[2::2]))
-    if "--fd" not in options:
-        return model_dir, None  # an older trainer: by path, as before
-    fd = int(options["--fd"])
-    path = os.path.normpath(model_dir)
-    return model_dir, OpenDir(
-        path, fd, os.dup(fd), os.path.basename(path) or ".", False, root=options.get("--root"), parameter="model_dir"
-    )
-
-
-def main(argv: list[str]) -> int:
-    """The sidecar: `python -m prefect_tensorflow.tasks.training.sidecar_evaluator <model_dir> [--fd N [--root R]]`, the spec then steps on stdin.
-
-    With `--fd` (the trainer's descriptor of the model dir, inherited) everything goes through it; see `Evaluator`.
-    """
-    os.nice(EVALUATOR_NICE)  # one thread at a lower priority: a share of one core while training competes
-    skip_keras_optional_imports()
-    model_dir, directory = _inherited_directory(argv)
-    work_dir = directory.handle if directory is not None else model_dir
-    spec = EvaluationSpec.model_validate_json(sys.stdin.readline())
-    try:
-        with evaluator_lock(work_dir):  # one evaluator per model dir; a previous one finishes first
-            evaluator = Evaluator(model_dir, spec, directory)
-            evaluator.catch_up()
-            for line in sys.stdin:
-                if line.strip():
-                    message = json.loads(line)
-                    evaluator.evaluate(int(message["step"]), message.get("train_loss"))
-            evaluator.catch_up()  # what a killed trainer committed but never announced
-    except StorageError as err:
-        print(f"the evaluator stops: {err}", flush=True)
-        return 3
-    finally:
-        if directory is not None:
-            directory.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

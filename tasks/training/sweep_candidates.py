@@ -13,7 +13,7 @@ train_sweep_candidate`). It never trains a candidate twice:
   (written atomically after training returned): the task returns it at once,
   without starting anything (a sweep run again, or Dask running a finished
   task again after its worker died);
-- otherwise it starts `python -m prefect_tensorflow.tasks.training.sweep_candidates` (a
+- otherwise it starts `python -m prefect_tensorflow.tasks.training.sweep_trainer_main` (a
   child process: Dask workers are daemonic, and TensorFlow gets its own
   thread limits there). The child dies with its Dask worker
   (`child_processes.die_with_parent`), takes an exclusive lock on the model
@@ -50,7 +50,7 @@ from typing import Annotated, Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from ..child_processes import child_env, die_with_parent, read_json, stop_group, tail, write_json_atomically
+from ..child_processes import die_with_parent, log_tail, read_json, start_process, stop_process_group, write_json_atomically
 from ..configs import Seed, Steps, TrainingConfig
 from ..errors import PrefectTensorFlowError
 from ..metric_order import Mode, best_first
@@ -58,7 +58,8 @@ from ..registry.mlflow_connection import MlflowConfig
 from ..run_context import get_logger
 from .loop import TrainResult
 
-MODULE = "prefect_tensorflow.tasks.training.sweep_candidates"
+TRAINER_MODULE = "prefect_tensorflow.tasks.training.sweep_trainer_main"
+"""The trainer process: `python -m` this, the spec and connection on stdin (`trainer_main`)."""
 RESULT_FILE = ".ptf-sweep-result.json"
 LOCK_FILE = ".ptf-train.lock"
 LOG_FILE = ".ptf-trainer.log"
@@ -261,21 +262,20 @@ def train_candidate(spec: CandidateSpec) -> CandidateResult:
         }
     )
     log_path = os.path.join(spec.model_dir, LOG_FILE)
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", MODULE],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log_file,
-            env=child_env(ENV_PARENT, spec.threads),
-            start_new_session=True,
-        )
+    process = start_process(
+        [sys.executable, "-m", TRAINER_MODULE],
+        log_path=log_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        parent_variable=ENV_PARENT,
+        threads=spec.threads,
+    )
     log.info("candidate %s: training in process %d (%s)", spec.candidate_id, process.pid, spec.model_dir)
     try:
         out, _ = process.communicate(payload.encode())
     finally:
         if process.poll() is None:  # interrupted: never leave a trainer behind
-            stop_group(process)
+            stop_process_group(process, grace=5.0)
     lines = [line for line in out.decode("utf-8", "replace").splitlines() if line.strip()]
     try:
         answer = json.loads(lines[-1]) if lines else {}
@@ -290,7 +290,7 @@ def train_candidate(spec: CandidateSpec) -> CandidateResult:
         record_attempt(spec, "failed", returncode=process.returncode)
         raise SweepError(
             f"candidate {spec.candidate_id} ({spec.model_dir}): the trainer {how}: "
-            f"{answer.get('error', 'no result')}: {answer.get('message', '')}\n{tail(log_path, 1500)}"
+            f"{answer.get('error', 'no result')}: {answer.get('message', '')}\n{log_tail(log_path, 1500)}"
         )
     result = CandidateResult.model_validate(answer)
     record_attempt(spec, "finished", start_step=result.training.start_step, final_step=result.training.final_step)
@@ -543,7 +543,3 @@ def record_sweep_comparison(
 def end_sweep_run(connection: MlflowConfig, run_id: str, status: str = "FINISHED") -> None:
     """Mark the parent run FINISHED (or FAILED, KILLED)."""
     connection.retrying("ending the sweep run", connection.client().set_terminated, run_id, status)
-
-
-if __name__ == "__main__":
-    sys.exit(trainer_main())

@@ -1,0 +1,67 @@
+"""The sidecar evaluator process (see `sidecar_evaluator`): `python -m prefect_tensorflow.tasks.training.sidecar_evaluator_main
+<model_dir> [--fd N [--root R]]`, then the `EvaluationSpec` and one committed step a line on stdin.
+
+With `--fd` (the trainer's descriptor of the model dir, inherited) everything goes through that
+descriptor, confined as the trainer opened it (`--root`: the root it was walked from).
+
+Example:
+    >>> from prefect_tensorflow.tasks.training.sidecar_evaluator_main import inherited_directory
+    >>> inherited_directory(["/models/iris"])
+    ('/models/iris', None)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+from ..errors import StorageError
+from ..lean_import import skip_keras_optional_imports
+from ..storage.confined_dirs import OpenDir
+from .sidecar_evaluator import EVALUATOR_NICE, EvaluationSpec, Evaluator, evaluator_lock
+
+
+def inherited_directory(argv: list[str]) -> tuple[str, Optional[OpenDir]]:
+    """`<model_dir> [--fd N [--root R]]`: the model dir, and the trainer's open descriptor of it if handed over."""
+    model_dir, options = argv[0], dict(zip(argv[1::2], argv[2::2]))
+    if "--fd" not in options:
+        return model_dir, None  # an older trainer: by path, as before
+    fd = int(options["--fd"])
+    path = os.path.normpath(model_dir)
+    return model_dir, OpenDir(
+        path, fd, os.dup(fd), os.path.basename(path) or ".", False, root=options.get("--root"), parameter="model_dir"
+    )
+
+
+def main(argv: list[str]) -> int:
+    """The sidecar: `<model_dir> [--fd N [--root R]]`, the spec then steps on stdin; 0, or 3 when it had to stop.
+
+    With `--fd` (the trainer's descriptor of the model dir, inherited) everything goes through it; see `Evaluator`.
+    """
+    os.nice(EVALUATOR_NICE)  # one thread at a lower priority: a share of one core while training competes
+    skip_keras_optional_imports()
+    model_dir, directory = inherited_directory(argv)
+    work_dir = directory.handle if directory is not None else model_dir
+    spec = EvaluationSpec.model_validate_json(sys.stdin.readline())
+    try:
+        with evaluator_lock(work_dir):  # one evaluator per model dir; a previous one finishes first
+            evaluator = Evaluator(model_dir, spec, directory)
+            evaluator.catch_up()
+            for line in sys.stdin:
+                if line.strip():
+                    message = json.loads(line)
+                    evaluator.evaluate(int(message["step"]), message.get("train_loss"))
+            evaluator.catch_up()  # what a killed trainer committed but never announced
+    except StorageError as err:
+        print(f"the evaluator stops: {err}", flush=True)
+        return 3
+    finally:
+        if directory is not None:
+            directory.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

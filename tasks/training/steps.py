@@ -1,0 +1,95 @@
+"""The training loop: steps, summaries, progress and checkpoints, for one process and for each of several workers.
+
+`run_steps` is the one loop. What differs between one process and a worker
+of several is a `replicas.Replicas` object (`ONE_PROCESS`, or a worker's
+`worker.WorkerReplicas`).
+
+Example:
+    >>> from prefect_tensorflow.tasks.training.steps import LoopOutcome
+    >>> LoopOutcome(20, False, 1.5).step
+    20
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Protocol
+
+from ..run_context import get_logger
+from . import sidecar_evaluator
+from .checkpoint_saver import CheckpointSaver
+from .model_and_data import write_graph
+from .preemption import PreemptionGuard
+from .replicas import ONE_PROCESS, Replicas
+
+
+class Progress(Protocol):
+    """Where progress goes: the caller's callback (`summaries.ProgressReporter`) or a worker's heartbeat."""
+
+    def loss_at(self, step: int, loss: float) -> None: ...
+
+    def advance(self, step: int) -> None: ...
+
+    def finish(self, step: int) -> None: ...
+
+
+class LoopOutcome:
+    """Where the loop stopped, whether SIGTERM stopped it, and the seconds from its first step to its last save."""
+
+    def __init__(self, step: int, preempted: bool, seconds: float):
+        self.step, self.preempted, self.seconds = step, preempted, seconds
+
+
+def run_steps(
+    train_step: Any,
+    iterator: Any,
+    *,
+    step: int,
+    target: int,
+    saver: CheckpointSaver,
+    progress: Progress,
+    replicas: Replicas = ONE_PROCESS,
+    preempted_evaluation_wait: Optional[float] = None,
+) -> LoopOutcome:
+    """Train from `step` to `target`, checkpointing at start, when due and at the end, as `saver.policy` says.
+
+    Before the first step, `graph.pbtxt` (and the event files and the sidecar's files, with `saver.summaries`) are
+    written where the saver writes, so that the state file stays the last change to the model dir
+    (see `checkpoint_files.state_file_is_last_change`). Then wait for the writes (and the evaluator this process started: at most
+    `preempted_evaluation_wait` s after a preemption, the grace period may be short).
+    """
+    policy, summary_every, summaries = saver.policy, saver.config.summary_every_n_steps, saver.summaries
+    if step < target:
+        write_graph(train_step, iterator, saver.directory.handle)
+        if summaries is not None:
+            summaries.create()
+            sidecar_evaluator.prepare(saver.directory.handle)
+    preempted = False
+    started = time.monotonic()
+    with PreemptionGuard(enabled=replicas.preemptible) as guard:
+        if policy.is_due_at_start(step, target, saver.last_step):
+            saver.save(step)
+        while step < target:
+            if guard.requested:
+                preempted = True
+                get_logger().warning("SIGTERM received at step %d: saving a checkpoint before exiting", step)
+                break
+            loss = train_step(iterator)
+            step += 1
+            if step % summary_every == 0:
+                value = replicas.reduce_sum(float(loss))
+                if summaries is not None:
+                    summaries.training_step(step, value, summary_every, target)
+                progress.loss_at(step, value)
+            else:
+                progress.advance(step)
+            if replicas.save_due(policy, step, saver.seconds_since_save()):
+                saver.save(step)
+        if policy.is_due_at_end(step, saver.last_step, preempted=preempted):
+            saver.save(step)
+        seconds = time.monotonic() - started
+        progress.finish(step)
+        saver.finish(evaluation_timeout=preempted_evaluation_wait if preempted else None)
+        if summaries is not None:
+            summaries.flush()
+    return LoopOutcome(step, preempted, seconds)
