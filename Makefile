@@ -35,7 +35,7 @@ chromium:
 	fi
 
 # Debian's PostgreSQL server binaries (initdb, postgres) for the team-storage tests and `make team-stack`:
-# they start throwaway clusters of their own (tests/conftest.py, flows/team_stack.py), never the
+# they start throwaway clusters of their own (tests/conftest.py, devtools/team_stack.py), never the
 # system's. Installed only when no /usr/lib/postgresql/<N>/bin/initdb is there (so once), as root
 # with apt-get; PG_BINDIR may name other binaries instead.
 postgresql:
@@ -78,7 +78,7 @@ test: lint
 # The team's production shape on this machine: PostgreSQL, S3 (moto), mlflow server and prefect server on
 # them, a process worker; runs retrain-iris on it with S3 paths, then serves until Ctrl-C.
 team-stack: install
-	$(BIN)/python -m prefect_tensorflow.flows.team_stack
+	$(BIN)/python -m devtools.team_stack
 
 bench: install
 	$(BIN)/python -m bench

@@ -104,10 +104,11 @@ def _run(scratch: Scratch) -> dict:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from prefect_tensorflow.flows.servers import free_port, log_tail, start_prefect_server, stop_process_group
+    from prefect_tensorflow.flows.servers import free_port, start_prefect_server
     from prefect_tensorflow.tasks import iris
     from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
     from prefect_tensorflow.tasks.checkpoints.selection import select_checkpoint
+    from prefect_tensorflow.tasks.child_processes import log_tail, stop_process_group
     from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, TrainingConfig
     from prefect_tensorflow.tasks.export.frozen_graph import freeze_graph
     from prefect_tensorflow.tasks.export.saved_model import export_saved_model

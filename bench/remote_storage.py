@@ -80,7 +80,7 @@ def _build_dir(client, prefix: str, index: bytes, shard: bytes, metrics_line: di
 
 
 def run() -> dict:
-    from prefect_tensorflow.flows.team_stack import S3Server
+    from devtools.team_stack import S3Server
 
     with Scratch(NAME) as scratch:
         server = S3Server(os.path.join(scratch.path, "s3.log")).start()

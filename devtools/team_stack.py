@@ -1,7 +1,7 @@
 """The team's production shape on one machine: PostgreSQL, an S3-compatible store, `mlflow server`, `prefect server`.
 
-    python -m prefect_tensorflow.flows.team_stack            # start all, run `retrain` on it, keep serving
-    python -m prefect_tensorflow.flows.team_stack --no-run   # start all, print the environment, wait for Ctrl-C
+    python -m devtools.team_stack            # start all (from the repository's root), run `retrain` on it, keep serving
+    python -m devtools.team_stack --no-run   # start all, print the environment, wait for Ctrl-C
     make team-stack
 
 Everything binds 127.0.0.1 on free ports, lives under one directory
@@ -22,7 +22,7 @@ Everything binds 127.0.0.1 on free ports, lives under one directory
   deployments of `prefect.yaml` are deployed.
 
 Example:
-    >>> from prefect_tensorflow.flows.team_stack import find_postgres_bindir
+    >>> from devtools.team_stack import find_postgres_bindir
     >>> (find_postgres_bindir() / "initdb").exists()
     True
 """
@@ -44,7 +44,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .servers import free_port, start_process, stop_process_group
+from prefect_tensorflow.flows.servers import free_port, start_server
+from prefect_tensorflow.tasks.child_processes import start_process, stop_process_group
+
+REPO = Path(__file__).resolve().parents[1]
 
 BUCKET = "team"
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "team-stack", "AWS_SECRET_ACCESS_KEY": "team-stack-secret", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -146,8 +149,7 @@ class PgCluster:
         ]
         for key, value in FAST_SETTINGS.items():
             command += ["-c", f"{key}={value}"]
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **options)
+        self.process = start_process(command, str(self.log), **options)
         deadline = time.monotonic() + timeout
         while (
             subprocess.run(
@@ -235,9 +237,10 @@ class S3Server:
         return {**S3_KEYS, "AWS_ENDPOINT_URL_S3": self.endpoint, "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
 
     def start(self) -> S3Server:
-        self.process = start_process(
-            [sys.executable, "-m", "prefect_tensorflow.flows.team_stack", "s3-server", "--port", str(self.port)],
+        self.process = start_server(
+            [sys.executable, "-m", "devtools.team_stack", "s3-server", "--port", str(self.port)],
             self.log_path,
+            cwd=str(REPO),
             health_url=f"{self.endpoint}/moto-api/",
             timeout=120,
         )
@@ -333,7 +336,7 @@ class TeamStack:
         base = clean_environment()
         server_env = {**base, **self.s3.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.processes.append(
-            start_process(
+            start_server(
                 mlflow_server_command(self.pg.url("mlflow"), f"s3://{BUCKET}/mlflow", mlflow_port),
                 str(self.logs / "mlflow.log"),
                 env=server_env,
@@ -350,7 +353,7 @@ class TeamStack:
             "PREFECT_API_DATABASE_CONNECTION_TIMEOUT": "30",
         }
         self.processes.append(
-            start_process(
+            start_server(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
                 str(self.logs / "prefect.log"),
                 env=prefect_env,
@@ -374,9 +377,8 @@ class TeamStack:
             **self.env,
             "PREFECT_HOME": str(self.root / "client-home"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "TF_CPP_MIN_LOG_LEVEL": "3",
         }
-        deploy = Path(__file__).resolve().parents[1] / "deployments" / "deploy.py"
+        deploy = REPO / "deployments" / "deploy.py"
         subprocess.run(
             [sys.executable, str(deploy), "--env", "team-stack"], env=env, check=True, timeout=600, cwd=str(deploy.parents[1])
         )
@@ -407,7 +409,7 @@ class TeamStack:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefect_tensorflow.flows.team_stack", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.team_stack", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     s3 = sub.add_parser("s3-server", help="only the S3-compatible server (used by the stack and the tests)")
     s3.add_argument("--port", type=int, required=True)

@@ -20,6 +20,7 @@ import os
 from collections.abc import MutableMapping
 from typing import Optional
 
+from prefect_tensorflow.tasks.child_processes import quiet_tensorflow
 from prefect_tensorflow.tasks.lean_import import skip_keras_optional_imports
 
 # Prefect's ephemeral API migrates a new SQLite database on first use; on a
@@ -41,6 +42,6 @@ def apply_environment_defaults(environ: Optional[MutableMapping[str, str]] = Non
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # 3 hides TensorFlow's C++ info, warnings and the "failed call to cuInit"
     # error every CPU-only machine prints; Python-level errors still raise.
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_tensorflow(env)
     if environ is None:  # this process: its first `import tensorflow` skips Keras's optional extras
         skip_keras_optional_imports()

@@ -1,8 +1,9 @@
-"""Server processes on this machine: a free port, start, wait until healthy, stop the whole group.
+"""Server processes on this machine: a free port, start one, wait until it answers.
 
-Used by `serve` (a local Prefect server when none is configured), by the
-team stack (`python -m prefect_tensorflow.flows.team_stack`) and by the tests'
-fixtures, so that there is one way to run a server process and clean up after it.
+Used by `serve` (a local Prefect server when none is configured), by the team
+stack (`python -m devtools.team_stack`) and by the tests' fixtures. Starting,
+stopping and the log's tail are the process kit's (`tasks/child_processes.py`):
+a server is a child process like any other, plus a health check.
 
 Example:
     >>> from prefect_tensorflow.flows.servers import free_port
@@ -12,8 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,14 +22,14 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
+from prefect_tensorflow.tasks.child_processes import free_ports, log_tail, start_process, stop_process_group
+
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on `host` that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 def port_is_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -49,14 +48,6 @@ def answers(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def log_tail(path: str, size: int = 3000) -> str:
-    try:
-        with open(path, errors="replace") as handle:
-            return handle.read()[-size:]
-    except OSError:
-        return ""
-
-
 def wait_until_healthy(url: str, process: subprocess.Popen, log_path: str, timeout: float = 180) -> None:
     """Poll `url` until it answers 200.
 
@@ -71,32 +62,26 @@ def wait_until_healthy(url: str, process: subprocess.Popen, log_path: str, timeo
         time.sleep(0.25)
 
 
-def start_process(
+def start_server(
     command: Sequence[str],
     log_path: str,
     *,
+    health_url: str,
     env: Optional[Mapping[str, str]] = None,
     cwd: Optional[str] = None,
-    health_url: Optional[str] = None,
     timeout: float = 180,
 ) -> subprocess.Popen:
-    """Start `command` in its own process group, output appended to `log_path`; wait for `health_url` if given."""
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            list(command),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-        )
-    if health_url is not None:
-        try:
-            wait_until_healthy(health_url, process, log_path, timeout)
-        except BaseException:
-            stop_process_group(process)
-            raise
+    """Start `command` (`child_processes.start_process`, output to `log_path`) and wait until `health_url` answers.
+
+    Raises:
+        RuntimeError: it exited or did not answer within `timeout` s (it is stopped; the log's tail in the message).
+    """
+    process = start_process(command, log_path, env=env, cwd=cwd)
+    try:
+        wait_until_healthy(health_url, process, log_path, timeout)
+    except BaseException:
+        stop_process_group(process)
+        raise
     return process
 
 
@@ -104,28 +89,10 @@ def start_prefect_server(
     host: str, port: int, log_path: str, env: Optional[Mapping[str, str]] = None, timeout: float = 180
 ) -> subprocess.Popen:
     """`prefect server start` on `host:port`; waits until `/api/health` answers."""
-    return start_process(
+    return start_server(
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
         log_path,
         env=env,
         health_url=f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/api/health",
         timeout=timeout,
     )
-
-
-def stop_process_group(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-    """Signal the process group of `process` (started with its own session), SIGKILL if it lingers."""
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # children may outlive the leader: the whole group, for sure
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    if process.poll() is None:
-        process.wait()

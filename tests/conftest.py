@@ -142,7 +142,7 @@ def cli_env() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """moto's S3 server in a process of its own, requests serialized (conditional writes atomic)."""
-    from prefect_tensorflow.flows.team_stack import S3Server
+    from devtools.team_stack import S3Server
 
     server = S3Server(str(tmp_path_factory.mktemp("s3-server") / "s3.log")).start()
     try:
@@ -174,7 +174,7 @@ def postgres():
     Its directory is a `tempfile.mkdtemp`, not under pytest's base temp: as root the
     server runs as `postgres`, which cannot enter pytest's 0700 per-user directory.
     """
-    from prefect_tensorflow.flows.team_stack import PgCluster
+    from devtools.team_stack import PgCluster
 
     cluster = PgCluster()
     try:
@@ -193,15 +193,16 @@ def mlflow_team_server(postgres, s3_server, tmp_path_factory):
     """
     from team_servers import Bucket
 
-    from prefect_tensorflow.flows.servers import free_port, start_process, stop_process_group
-    from prefect_tensorflow.flows.team_stack import clean_environment, mlflow_server_command
+    from devtools.team_stack import clean_environment, mlflow_server_command
+    from prefect_tensorflow.flows.servers import free_port, start_server
+    from prefect_tensorflow.tasks.child_processes import stop_process_group
 
     Bucket(s3_server, name="mlflow-artifacts")
     postgres.create_database("mlflow")
     port = free_port()
     log = tmp_path_factory.mktemp("mlflow-team-server") / "mlflow-server.log"
     env = {**clean_environment(), **s3_server.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1"}
-    process = start_process(
+    process = start_server(
         mlflow_server_command(postgres.url("mlflow"), "s3://mlflow-artifacts/mlflow", port),
         str(log),
         env=env,
@@ -217,8 +218,9 @@ def mlflow_team_server(postgres, s3_server, tmp_path_factory):
 @pytest.fixture(scope="session")
 def prefect_pg_server(postgres, tmp_path_factory):
     """`prefect server start` on a PostgreSQL database; yields its API URL."""
-    from prefect_tensorflow.flows.servers import free_port, start_prefect_server, stop_process_group
-    from prefect_tensorflow.flows.team_stack import clean_environment
+    from devtools.team_stack import clean_environment
+    from prefect_tensorflow.flows.servers import free_port, start_prefect_server
+    from prefect_tensorflow.tasks.child_processes import stop_process_group
 
     postgres.create_database("prefect")
     root = tmp_path_factory.mktemp("prefect-pg-server")

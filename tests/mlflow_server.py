@@ -41,7 +41,8 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from prefect_tensorflow.flows.servers import free_port, log_tail, port_is_open, stop_process_group
+from prefect_tensorflow.flows.servers import free_port, port_is_open
+from prefect_tensorflow.tasks.child_processes import log_tail, stop_process_group
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy

@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-from prefect_tensorflow.flows.servers import free_port, log_tail, start_prefect_server, stop_process_group
+from prefect_tensorflow.flows.servers import free_port, start_prefect_server
+from prefect_tensorflow.tasks.child_processes import log_tail, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = os.path.dirname(sys.executable)

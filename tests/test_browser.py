@@ -36,14 +36,8 @@ from browser_helpers import (
 )
 from mlflow_server import MlflowServer
 
-from prefect_tensorflow.flows.servers import (
-    free_port,
-    log_tail,
-    start_prefect_server,
-    start_process,
-    stop_process_group,
-    wait_until_healthy,
-)
+from prefect_tensorflow.flows.servers import free_port, start_prefect_server, wait_until_healthy
+from prefect_tensorflow.tasks.child_processes import log_tail, start_process, stop_process_group
 
 _MISSING = chromium_missing()
 if _MISSING and os.environ.get("CI") == "true" and os.geteuid() == 0 and shutil.which("apt-get"):

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from prefect_tensorflow.flows.servers import free_port, start_prefect_server, stop_process_group
+from prefect_tensorflow.flows.servers import free_port, start_prefect_server
+from prefect_tensorflow.tasks.child_processes import stop_process_group
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

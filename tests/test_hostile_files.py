@@ -37,7 +37,7 @@ import pytest
 from served import REPO, ServedDeployments
 from snapshots import changed, tree_snapshot
 
-from prefect_tensorflow.flows.servers import log_tail
+from prefect_tensorflow.tasks.child_processes import log_tail
 from prefect_tensorflow.tasks.errors import StorageError, UnsafeParameterError
 from prefect_tensorflow.tasks.storage.confined_dirs import open_directory
 from prefect_tensorflow.tasks.storage.locations import (

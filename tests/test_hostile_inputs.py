@@ -48,7 +48,7 @@ import pytest
 from served import REPO, ServedDeployments
 from snapshots import tree_snapshot
 
-from prefect_tensorflow.flows.servers import log_tail
+from prefect_tensorflow.tasks.child_processes import log_tail
 
 # About 100 pairs reach a flow run, each a process that imports Prefect and the flows (~5 CPU-s):
 # ~5 min on 2 idle cores; a machine shared with other test runs needs several times that.

@@ -12,7 +12,8 @@ import pytest
 from helpers import cli_command
 
 from prefect_tensorflow.flows.deployments import DeploymentError, check_bind_address
-from prefect_tensorflow.flows.servers import free_port, start_prefect_server, stop_process_group
+from prefect_tensorflow.flows.servers import free_port, start_prefect_server
+from prefect_tensorflow.tasks.child_processes import stop_process_group
 
 
 def test_a_non_loopback_address_needs_api_auth(monkeypatch):

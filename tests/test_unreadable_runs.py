@@ -38,7 +38,6 @@ import pytest
 from served import BIN, REPO, ServedDeployments
 from snapshots import changed, tree_snapshot
 
-from prefect_tensorflow.flows.servers import log_tail, start_process, stop_process_group
 from prefect_tensorflow.flows.unreadable_runs import (
     MAX_DEPTH,
     PLACEHOLDER_PARAMETERS,
@@ -47,6 +46,7 @@ from prefect_tensorflow.flows.unreadable_runs import (
     bound_parameter_schema,
     find_unreadable,
 )
+from prefect_tensorflow.tasks.child_processes import log_tail, start_process, stop_process_group
 
 POOL = "tensorflow-process"
 pytestmark = pytest.mark.timeout(1800)
