@@ -52,6 +52,24 @@ def committed_step(model_dir: Path) -> int:
         return -1
 
 
+def event_file_size(model_dir: Path) -> int:
+    """The size of the training's TensorBoard event file (0 before it exists)."""
+    return sum(p.stat().st_size for p in model_dir.glob("events.out.tfevents.*"))
+
+
+def wait_until_past_start(model_dir: Path, proc: subprocess.Popen, timeout: float, output) -> None:
+    """Wait until training has run past step 0 with no checkpoint due: its event file grows (the losses of the
+    first summary steps, flushed as they queue up), beyond its size when checkpoint 0 was committed."""
+    deadline = time.monotonic() + timeout
+    while not (model_dir / "model.ckpt-0.index").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, output()
+        time.sleep(0.01)
+    at_start = event_file_size(model_dir)
+    while event_file_size(model_dir) <= at_start:
+        assert proc.poll() is None and time.monotonic() < deadline, output()
+        time.sleep(0.01)
+
+
 def run_to_end(cmd, env) -> None:
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -136,11 +154,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, cli_env):
     )
     proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not (model_dir / "model.ckpt-0.index").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
-            time.sleep(0.01)
-        time.sleep(2.0)  # let it train past step 0
+        wait_until_past_start(model_dir, proc, 120, lambda: proc.stderr.read()[-2000:])
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
@@ -184,11 +198,7 @@ def test_sigterm_in_a_prefect_flow_run_saves_then_prefect_marks_it_crashed(tmp_p
             [sys.executable, str(script), str(model_dir)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        deadline = time.monotonic() + 300
-        while not (model_dir / "model.ckpt-0.index").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        time.sleep(2.0)
+        wait_until_past_start(model_dir, proc, 300, lambda: log.read_text()[-3000:])
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
