@@ -33,6 +33,7 @@ NAMES = {  # module -> the names the writer imports from it
     "tensorflow.python.training.saving.saveable_object": ["SaveSpec"],
     "tensorflow.python.training.saving.saveable_object_util": ["SaveableCompatibilityConverter"],
     "tensorflow.python.checkpoint.checkpoint_management": ["get_checkpoint_state", "generate_checkpoint_state_proto"],
+    "tensorflow.python.distribute.values": ["DistributedValues"],  # a multi-worker strategy's variables, read directly
 }
 PARAMETERS = {  # callable -> the parameters the writer passes, by name or position
     "tensorflow.python.checkpoint.save_util.serialize_graph_view": ["graph_view"],
