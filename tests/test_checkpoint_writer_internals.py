@@ -225,11 +225,6 @@ class _Counter(tf.train.experimental.PythonState):
         self.count = int(string_value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="writer.py's _Recipe does not fall back for Python state: PythonState._serialize_to_tensors runs "
-    "once, when the snapshot tf.function is traced, so every checkpoint holds the first save's value",
-)
 def test_python_state_is_saved_as_it_is_at_each_save(tmp_path):
     step, counter = tf.Variable(0, dtype=tf.int64), _Counter()
     writer = CheckpointWriter(

@@ -370,6 +370,11 @@ class _Recipe:
         for trackable, tensors in serialized.items():
             if trackable is None:
                 continue
+            if isinstance(trackable, tf.train.experimental.PythonState) or isinstance(
+                getattr(trackable, "obj", None), tf.train.experimental.PythonState
+            ):
+                plain = False  # its value is Python's: a traced snapshot would keep the first save's value forever
+                continue
             if isinstance(trackable, SaveableCompatibilityConverter):  # wraps e.g. the input iterator
                 for saveable in trackable.saveables:
                     if isinstance(trackable.obj, DistributedValues) and len(saveable.specs) == 1:
