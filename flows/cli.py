@@ -62,9 +62,12 @@ ModelDirOption = Annotated[
     Optional[str], typer.Option("--model-dir", help="Checkpoint directory (default: <data home>/models/iris)")
 ]
 ExportBaseOption = Annotated[
-    Optional[str], typer.Option("--export-base", help="SavedModel versions (default: <data home>/exports/iris)")
+    Optional[str],
+    typer.Option("--export-base", help="SavedModel versions (default: <data home>/exports/<registered model name>)"),
 ]
-FrozenDirOption = Annotated[Optional[str], typer.Option("--frozen-dir", help="Frozen graphs (default: <data home>/frozen/iris)")]
+FrozenDirOption = Annotated[
+    Optional[str], typer.Option("--frozen-dir", help="Frozen graphs (default: <data home>/frozen/<registered model name>)")
+]
 RegisteredModelOption = Annotated[str, typer.Option("--registered-model-name", help="MLflow registered model")]
 TrackingUriOption = Annotated[
     Optional[str],

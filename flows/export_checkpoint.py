@@ -86,10 +86,12 @@ def export_checkpoint(
             the gate), e.g. 'staging'.
         model: The model builder the checkpoint was trained with (a registered name).
         data: The dataset loader whose eval split is the verification batch (a registered name).
-        export_base: Directory of SavedModel versions for TF Serving. Empty: exports/iris under the
-            data home. In a deployment run it must be under PREFECT_TENSORFLOW_ROOTS.
-        frozen_dir: Directory for the frozen .pb. Empty: frozen/iris under the data home. In a
-            deployment run it must be under PREFECT_TENSORFLOW_ROOTS.
+        export_base: Directory of SavedModel versions for TF Serving. Empty:
+            exports/REGISTERED_MODEL_NAME under the data home. In a deployment run it must be under
+            PREFECT_TENSORFLOW_ROOTS.
+        frozen_dir: Directory for the frozen .pb (a graph there is never replaced by other bytes).
+            Empty: frozen/REGISTERED_MODEL_NAME under the data home. In a deployment run it must be
+            under PREFECT_TENSORFLOW_ROOTS.
         gate: Champion gate: the checkpoint metric the version must beat the champion on (None:
             never move champion), and whether higher ('max') or lower ('min') is better.
         mlflow: A saved MLflow Connection block. Leave it on None for the worker's
@@ -108,8 +110,8 @@ def export_checkpoint(
     settings = get_settings()
     paths = checked_paths(
         model_dir=model_dir or settings.default_path("models"),
-        export_base=export_base or settings.default_path("exports"),
-        frozen_dir=frozen_dir or settings.default_path("frozen"),
+        export_base=export_base or settings.default_path("exports", registered_model_name),
+        frozen_dir=frozen_dir or settings.default_path("frozen", registered_model_name),
     )
     checked_code(model=model, data=data or None)
     check_mlflow_connection(mlflow)

@@ -112,10 +112,12 @@ def retrain(
             'loss' or 'error'; add ':min' or ':max' to choose).
         from_scratch: Start at step 0. The model dir's checkpoints are moved aside to a sibling
             directory named MODEL_DIR.previous-TIME, never deleted.
-        export_base: Directory of SavedModel versions for TF Serving. Empty: exports/iris under the
-            data home. In a deployment run it must be under PREFECT_TENSORFLOW_ROOTS.
-        frozen_dir: Directory for the frozen .pb. Empty: frozen/iris under the data home. In a
-            deployment run it must be under PREFECT_TENSORFLOW_ROOTS.
+        export_base: Directory of SavedModel versions for TF Serving. Empty:
+            exports/REGISTERED_MODEL_NAME under the data home. In a deployment run it must be under
+            PREFECT_TENSORFLOW_ROOTS.
+        frozen_dir: Directory for the frozen .pb (a graph there is never replaced by other bytes).
+            Empty: frozen/REGISTERED_MODEL_NAME under the data home. In a deployment run it must be
+            under PREFECT_TENSORFLOW_ROOTS.
         registered_model_name: The MLflow registered model the export becomes a version of.
         gate: Champion gate: the checkpoint metric a new version must beat the champion on (None:
             never move champion), and whether higher ('max') or lower ('min') is better.
@@ -134,8 +136,8 @@ def retrain(
     settings = get_settings()
     paths = checked_paths(
         model_dir=model_dir or settings.default_path("models"),
-        export_base=export_base or settings.default_path("exports"),
-        frozen_dir=frozen_dir or settings.default_path("frozen"),
+        export_base=export_base or settings.default_path("exports", registered_model_name),
+        frozen_dir=frozen_dir or settings.default_path("frozen", registered_model_name),
     )
     checked_code(model=training.model, data=training.data)
     check_mlflow_connection(mlflow)

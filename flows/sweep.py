@@ -220,8 +220,8 @@ def sweep(
             override its hparams, seed and steps.
         select: How candidates are compared: each one's best checkpoint by this metric,
             'best:<metric>[:min|max]' (e.g. 'best:accuracy').
-        export_base: Directory of SavedModel versions for TF Serving; empty for <data home>/exports/iris.
-        frozen_dir: Directory for the frozen .pb; empty for <data home>/frozen/iris.
+        export_base: Directory of SavedModel versions for TF Serving; empty for <data home>/exports/REGISTERED_MODEL_NAME.
+        frozen_dir: Directory for the frozen .pb; empty for <data home>/frozen/REGISTERED_MODEL_NAME.
         registered_model_name: The MLflow registered model the winner's export becomes a version of.
         gate: Champion gate: the checkpoint metric a new version must beat the champion on, and
             whether higher ('max') or lower ('min') is better.
@@ -245,8 +245,8 @@ def sweep(
     settings = get_settings()
     paths = checked_paths(
         sweep_root=sweep_root or settings.default_path("sweeps"),
-        export_base=export_base or settings.default_path("exports"),
-        frozen_dir=frozen_dir or settings.default_path("frozen"),
+        export_base=export_base or settings.default_path("exports", registered_model_name),
+        frozen_dir=frozen_dir or settings.default_path("frozen", registered_model_name),
     )
     if not parse_location(paths["sweep_root"], parameter="sweep_root").is_local:
         raise StorageError(f"sweep_root: {paths['sweep_root']}: expected a local or shared-filesystem directory")

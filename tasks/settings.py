@@ -66,7 +66,16 @@ class Settings(BaseSettings):
         return list(self.roots) or [self.home]
 
     def default_path(self, kind: str, name: str = "iris") -> str:
-        """`<home>/<kind>/<name>`: where the embedded defaults put model dirs, exports and frozen graphs."""
+        """`<home>/<kind>/<name>`: where the embedded defaults put model dirs, exports and frozen graphs.
+
+        `name` is the model's (its registered model name), so two models never share a default export
+        base or frozen-graph directory.
+
+        Raises:
+            ValueError: `name` is not usable as one directory name (empty, '.', '..', a separator).
+        """
+        if name in ("", ".", "..") or os.sep in name or "\x00" in name:
+            raise ValueError(f"default {kind} directory: expected a model name usable as a directory name, received {name!r}")
         return os.path.join(self.home, kind, name)
 
 

@@ -132,7 +132,7 @@ def test_prefixes_sorted_by_step_not_name(tmp_path):
 
 def test_uncommitted_saves_and_staged_temporaries_are_not_checkpoints(tmp_path):
     from prefect_tensorflow.tasks.checkpoints.files import uncommitted_temp_dirs
-    from prefect_tensorflow.tasks.storage.locations import TEMP_MARKER, temporary_sibling
+    from prefect_tensorflow.tasks.storage.local import TEMP_MARKER, temporary_sibling
 
     (tmp_path / "model.ckpt-20_temp").mkdir()  # a save cut short by a crash
     (tmp_path / "model.ckpt-20_temp" / "part-00000-of-00001.index").write_bytes(b"")

@@ -40,7 +40,7 @@ from snapshots import changed, tree_snapshot
 from prefect_tensorflow.tasks.child_processes import log_tail
 from prefect_tensorflow.tasks.errors import StorageError, UnsafeParameterError
 from prefect_tensorflow.tasks.storage.confined_dirs import open_directory
-from prefect_tensorflow.tasks.storage.locations import (
+from prefect_tensorflow.tasks.storage.local import (
     LOCK_FILE,
     exclusive_lock,
     remove_abandoned_temporaries,

@@ -51,8 +51,10 @@ from typing import Optional
 from ..errors import InvalidCheckpointError, ModelDirError, NoValidCheckpointError, StorageError
 from ..run_context import get_logger
 from ..settings import get_settings
-from ..storage.locations import parse_location, staged_file
-from ..storage.s3 import ObjectInfo, ObjectStore
+from ..storage.backend import ObjectInfo, StorageBackend
+from ..storage.local import staged_file
+from ..storage.locations import parse_location
+from ..storage.stores import object_store
 from .files import (
     STATE_FILE,
     CheckpointFiles,
@@ -73,15 +75,15 @@ def is_remote(location: object) -> bool:
     return not parse_location(location, parameter="location").is_local
 
 
-def store_of(model_dir: str) -> ObjectStore:
-    return ObjectStore(parse_location(model_dir, parameter="model_dir"))
+def store_of(model_dir: str) -> StorageBackend:
+    return object_store(parse_location(model_dir, parameter="model_dir"))
 
 
 def _sizes(listing: dict[str, ObjectInfo]):
     return lambda key: listing[key].size if key in listing else None
 
 
-def check_remote_checkpoint(store: ObjectStore, name: str, listing: Optional[dict[str, ObjectInfo]] = None) -> CheckpointFiles:
+def check_remote_checkpoint(store: StorageBackend, name: str, listing: Optional[dict[str, ObjectInfo]] = None) -> CheckpointFiles:
     """Validate checkpoint `name` (e.g. `model.ckpt-300`) of `store`: its index parses, its shards are whole.
 
     With a `listing` (of the model dir) the shards' sizes come from it; without
@@ -119,7 +121,7 @@ def check_remote_checkpoint(store: ObjectStore, name: str, listing: Optional[dic
     )
 
 
-def remote_state(store: ObjectStore) -> str:
+def remote_state(store: StorageBackend) -> str:
     """The checkpoint name the remote state file names (its basename).
 
     Raises:
@@ -130,7 +132,7 @@ def remote_state(store: ObjectStore) -> str:
     return os.path.basename(parse_state_lines(data.splitlines(keepends=True), store.uri(STATE_FILE)))
 
 
-def remote_metrics(store: ObjectStore) -> dict[int, dict[str, float]]:
+def remote_metrics(store: StorageBackend) -> dict[int, dict[str, float]]:
     try:
         return metrics_by_step(store.read_bytes(METRICS_FILE).splitlines())
     except FileNotFoundError:

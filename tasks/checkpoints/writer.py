@@ -74,7 +74,7 @@ from typing import Any, Optional
 from ..errors import TrainingError
 from ..run_context import get_logger, in_deployment_run
 from ..storage.confined_dirs import OpenDir, open_directory
-from ..storage.locations import staged_file
+from ..storage.local import staged_file
 from .files import STATE_FILE, is_inside, resolve_state_path
 from .policy import CheckpointPolicy
 

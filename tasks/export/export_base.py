@@ -38,16 +38,10 @@ from typing import Any, Optional
 from ..errors import ExportError, StorageError
 from ..run_context import get_logger, in_deployment_run
 from ..storage.confined_dirs import OpenDir, open_directory
-from ..storage.locations import (
-    LOCK_FILE,
-    Location,
-    exclusive_lock,
-    parse_location,
-    remove_abandoned_temporaries,
-    scratch_dir,
-    staged_directory,
-)
-from ..storage.s3 import ObjectStore, lease
+from ..storage.local import LOCK_FILE, exclusive_lock, remove_abandoned_temporaries, staged_directory
+from ..storage.locations import Location, parse_location, scratch_dir
+from ..storage.s3 import lease
+from ..storage.stores import object_store
 
 INFO_FILE = "assets.extra/prefect_tensorflow.json"
 SERVED_FILE = "saved_model.pb"
@@ -192,7 +186,7 @@ class RemoteExportBase:
 
     def __init__(self, location: Location):
         self.uri = location.uri
-        self.store = ObjectStore(location)
+        self.store = object_store(location)
         self.created = False
 
     def prepare(self) -> None:

@@ -10,13 +10,22 @@ checkpoint, for three sources:
   `convert_variables_to_constants`; no model code needed;
 - a SavedModel directory: its serving signature.
 
-The graph is written to a temporary sibling, loaded back with
+The graph is written to a scratch file, loaded back with
 `tf.compat.v1.import_graph_def`, run on a verification batch and compared
-with the source; only then is it renamed into place. A mismatch above the
-tolerance fails the task and leaves no `.pb` behind. A local output directory
-is opened once, before the model is rebuilt, and the graph is staged into and
-published through that handle (`confined_dirs`): a directory swapped for a
-symlink meanwhile receives nothing.
+with the source; only then is it published, through the output's storage
+backend (`stores.object_store`: renamed into place on local disk, one object
+on an object store). A mismatch above the tolerance fails the task and leaves
+no `.pb` behind. A local output directory is opened once, before the model is
+rebuilt, and the graph is staged into and published through that handle
+(`confined_dirs`): a directory swapped for a symlink meanwhile receives
+nothing.
+
+A frozen graph is never replaced by other bytes (`publish_graph`): a
+registered version's recorded digest keeps matching its file. Freezing the
+same checkpoint again to the same output is idempotent; when the output's
+name already holds another graph, the new one is written beside it under its
+content-addressed name (`model.ckpt-50.<sha256 prefix>.pb`), and the result's
+`path` says so.
 
 Example:
     >>> from prefect import flow
@@ -31,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import shutil
 import tempfile
 from typing import Optional
 
@@ -45,9 +53,11 @@ from ..configs import ExportConfig
 from ..errors import FreezeError, GraphTooLargeError, ParityError, StorageError
 from ..run_context import get_logger, in_deployment_run
 from ..security import confine
+from ..storage.backend import StorageBackend
 from ..storage.confined_dirs import OpenDir, open_directory
-from ..storage.locations import Location, parse_location, remove_abandoned_temporaries, scratch_dir, staged_file
-from ..storage.s3 import ObjectStore
+from ..storage.local import remove_abandoned_temporaries
+from ..storage.locations import Location, parse_location, scratch_dir
+from ..storage.stores import object_store
 from .signature import trace_checkpoint
 from .verification import Parity, compare_outputs, read_graph_def, run_frozen_graph, verification_batch
 
@@ -245,12 +255,6 @@ def _open_output_dir(output: str) -> OpenDir:
 def _freeze(source: str, target: Location, directory: Optional[OpenDir], config: ExportConfig, as_text: bool) -> FreezeResult:
     import tensorflow as tf
 
-    output = target.uri
-    if directory is not None:
-        out_dir = directory.path
-    else:  # written here and uploaded once verified: one object appears whole or not at all
-        out_dir = tempfile.mkdtemp(prefix="ptf-freeze-", dir=scratch_dir())
-
     if remote.is_remote(source):
         files = validate_checkpoint(source)
         model = config.model_for(files.format)
@@ -279,25 +283,29 @@ def _freeze(source: str, target: Location, directory: Optional[OpenDir], config:
             graph_def, inputs, outputs, batch, expected = _freeze_tf2(files.prefix, model, config)
     data_bytes = _check_size(graph_def, source)
 
-    local_output = output if target.is_local else os.path.join(out_dir, target.name)
-    pbtxt = os.path.splitext(local_output)[0] + ".pbtxt" if as_text else None
-    remove_abandoned_temporaries(out_dir, directory=directory)
-    with staged_file(local_output, parent=directory) as tmp:
-        with open(tmp, "wb") as handle:
+    if directory is not None:
+        remove_abandoned_temporaries(directory.path, directory=directory)
+    # verified in scratch, then written once (an object store's object appears whole or not at all)
+    with tempfile.TemporaryDirectory(prefix="ptf-freeze-", dir=scratch_dir()) as checked:
+        local_output = os.path.join(checked, target.name)
+        with open(local_output, "wb") as handle:
             handle.write(data_bytes)
-        actual = run_frozen_graph(read_graph_def(tmp), inputs, outputs, batch)
+        actual = run_frozen_graph(read_graph_def(local_output), inputs, outputs, batch)
         parity = compare_outputs(expected, actual, config.tolerance)
         if not parity.ok:
             raise ParityError(
                 f"frozen graph of {source} differs from it by {parity.max_abs_diff:.3g} "
                 f"(tolerance {config.tolerance:g}): {parity.per_output}; nothing was written"
             )
-        if pbtxt is not None:
-            with staged_file(pbtxt, parent=directory) as text_tmp:
-                tf.io.write_graph(graph_def, os.path.dirname(text_tmp), os.path.basename(text_tmp), as_text=True)
-    if not target.is_local:
-        pbtxt = _upload(target, local_output, pbtxt)
-        shutil.rmtree(out_dir, ignore_errors=True)
+        store = object_store(target.parent, directory)
+        name = publish_graph(store, target.name, data_bytes)
+        output = store.uri(name)
+        pbtxt = None
+        if as_text:
+            text_name = os.path.splitext(name)[0] + ".pbtxt"
+            tf.io.write_graph(graph_def, checked, text_name, as_text=True)
+            store.upload_file(os.path.join(checked, text_name), text_name)
+            pbtxt = store.uri(text_name)
     get_logger().info("froze %s to %s (max abs diff %.3g)", source, output, parity.max_abs_diff)
     return FreezeResult(
         path=output,
@@ -312,13 +320,29 @@ def _freeze(source: str, target: Location, directory: Optional[OpenDir], config:
     )
 
 
-def _upload(target: Location, local_output: str, pbtxt: Optional[str]) -> Optional[str]:
-    """Upload the verified `.pb` (and `.pbtxt`) to an object-store output; returns the `.pbtxt` URI."""
-    directory, name = target.uri.rsplit("/", 1)
-    store = ObjectStore(parse_location(directory, parameter="output"))
-    text_uri = None
-    if pbtxt is not None:
-        store.upload_file(pbtxt, os.path.basename(pbtxt))
-        text_uri = store.uri(os.path.basename(pbtxt))
-    store.upload_file(local_output, name)
-    return text_uri
+def content_addressed_name(name: str, data: bytes) -> str:
+    """`model.ckpt-50.pb` -> `model.ckpt-50.<first 12 hex digits of the sha256>.pb`."""
+    stem, extension = os.path.splitext(name)
+    return f"{stem}.{hashlib.sha256(data).hexdigest()[:12]}{extension}"
+
+
+def publish_graph(store: StorageBackend, name: str, data: bytes) -> str:
+    """Write a verified graph as `name`, never replacing other bytes; returns the name it has.
+
+    `name` if it is free or already holds these bytes (freezing the same checkpoint again changes
+    nothing); else, since another graph has that name (another model's, say), its content-addressed
+    name beside it (`content_addressed_name`). Each write is create-only, so two freezers racing for
+    one name cannot replace each other's file either.
+
+    Raises:
+        FreezeError: even the content-addressed name holds other bytes (a file changed after it was written).
+    """
+    for candidate in (name, content_addressed_name(name, data)):
+        try:
+            store.put_bytes(candidate, data, create_only=True)
+            return candidate
+        except FileExistsError:
+            if store.read_bytes(candidate) == data:
+                return candidate
+            get_logger().warning("%s holds another frozen graph; it is kept", store.uri(candidate))
+    raise FreezeError(f"{store.uri(name)}: the graph's content-addressed name holds other bytes; nothing was replaced")

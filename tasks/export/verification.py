@@ -86,10 +86,11 @@ def read_graph_def(path: str | os.PathLike, *, parameter: str = "frozen_graph"):
     """Parse a binary `GraphDef` (`.pb`), a local path or an `s3://` URI."""
     import tensorflow as tf
 
-    from ..storage.s3 import read_location_bytes
+    from ..storage.locations import parse_location
+    from ..storage.stores import read_location_bytes
 
     graph_def = tf.compat.v1.GraphDef()
-    graph_def.ParseFromString(read_location_bytes(os.fspath(path), parameter=parameter))
+    graph_def.ParseFromString(read_location_bytes(parse_location(path, parameter=parameter)))
     return graph_def
 
 

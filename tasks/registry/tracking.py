@@ -32,8 +32,8 @@ from typing import Any, Optional
 from ..child_processes import start_process
 from ..errors import FreezeError
 from ..run_context import get_logger, prefect_run_tags
-from ..storage.locations import scratch_dir
-from ..storage.s3 import read_location_bytes
+from ..storage.locations import parse_location, scratch_dir
+from ..storage.stores import read_location_bytes
 from .mlflow_connection import MlflowConfig
 
 TAG_PREFIX = "prefect_tensorflow."
@@ -269,7 +269,7 @@ def log_frozen_graph_to_mlflow(connection: MlflowConfig, run_id: Optional[str], 
         tags = {**prefect_run_tags(), TAG_PREFIX + "stage": "export"}
         run_id = connection.retrying("creating a run", client.create_run, experiment_id, run_name=run_name, tags=tags).info.run_id
 
-    data = read_location_bytes(frozen.path, parameter="frozen_graph")
+    data = read_location_bytes(parse_location(frozen.path, parameter="frozen_graph"))
     if "sha256:" + hashlib.sha256(data).hexdigest() != frozen.digest:
         raise FreezeError(f"{frozen.path} changed since it was frozen and verified ({frozen.digest}); nothing was logged")
 

@@ -1,7 +1,7 @@
 """Objects under an `s3://bucket/prefix`: read, list, publish a directory atomically, and a lease lock.
 
 Object stores have no rename and no `flock`, so the atomic-publish rules of
-`storage` are restated here:
+`local` are restated here (the methods are those of `backend.StorageBackend`):
 
 - **Publishing a directory** (`publish_directory`): every file is uploaded
   except the ones readers look for (`last`: `saved_model.pb` of a SavedModel
@@ -21,9 +21,9 @@ boto3 does the I/O; its own configuration applies (`AWS_ACCESS_KEY_ID`, ...,
 `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` for an S3-compatible server).
 
 Example:
-    >>> from prefect_tensorflow.tasks.storage.s3 import ObjectStore
     >>> from prefect_tensorflow.tasks.storage.locations import parse_location
-    >>> ObjectStore(parse_location("s3://team/models/iris", parameter="model_dir")).key("checkpoint")
+    >>> from prefect_tensorflow.tasks.storage.stores import object_store
+    >>> object_store(parse_location("s3://team/models/iris", parameter="model_dir")).key("checkpoint")
     'models/iris/checkpoint'
 """
 
@@ -37,23 +37,19 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import StorageError
 from ..run_context import get_logger
-from .locations import Location, parse_location
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    size: int
-    etag: str
-    modified: float = 0.0  # seconds since the epoch
+from .backend import ObjectInfo, PreconditionFailedError, StorageBackend
+from .locations import Location
 
 
 class ObjectStore:
-    """The objects under one `s3://bucket/prefix` location (keys are named relative to the prefix)."""
+    """The objects under one `s3://bucket/prefix` location (keys are named relative to the prefix).
+
+    The S3 `backend.StorageBackend`; `stores.object_store(location)` gives the backend of any scheme.
+    """
 
     def __init__(self, location: Location, client: Any = None):
         if location.scheme != "s3":
@@ -248,16 +244,6 @@ _clients: dict[tuple, Any] = {}
 _clients_lock = threading.Lock()
 
 
-def read_location_bytes(path: str, *, parameter: str) -> bytes:
-    """The bytes of one file: a local path or an `s3://bucket/key` object (FileNotFoundError if none)."""
-    location = parse_location(path, parameter=parameter)
-    if location.is_local:
-        with open(location.uri, "rb") as handle:
-            return handle.read()
-    directory, _, name = location.uri.rpartition("/")
-    return ObjectStore(parse_location(directory, parameter=parameter)).read_bytes(name)
-
-
 def default_client() -> Any:
     """A boto3 S3 client configured by the environment (boto3's own chain), one per process and setting.
 
@@ -274,10 +260,6 @@ def default_client() -> Any:
 
             client = _clients[key] = boto3.session.Session().client("s3")
         return client
-
-
-class PreconditionFailedError(StorageError):
-    """A conditional write found the object changed (or gone) since it was read."""
 
 
 def _status(err: BaseException) -> Optional[int]:
@@ -304,7 +286,7 @@ def _translate(err: BaseException, uri: str) -> BaseException:
 
 
 @contextmanager
-def lease(store: ObjectStore, name: str, *, ttl: float = 60.0, wait: float = 1800.0) -> Iterator[None]:
+def lease(store: StorageBackend, name: str, *, ttl: float = 60.0, wait: float = 1800.0) -> Iterator[None]:
     """Hold the lock object `name` of `store` for the block (see the module docstring).
 
     The holder renews it every `ttl / 3` seconds; another process takes it over
@@ -325,8 +307,8 @@ def lease(store: ObjectStore, name: str, *, ttl: float = 60.0, wait: float = 180
         except FileExistsError:
             pass
         try:
-            held = store.client.get_object(Bucket=store.bucket, Key=store.key(name))
-            record, held_etag = json.loads(held["Body"].read()), held["ETag"].strip('"')
+            data, info = store.read_with_info(name)
+            record, held_etag = json.loads(data), info.etag
         except Exception:  # noqa: BLE001 - released (or unreadable) meanwhile: try to create it again
             record, held_etag = None, None
         if record is not None and held_etag and float(record.get("expires", 0)) < time.time():

@@ -42,7 +42,7 @@ from ..configs import TrainingConfig
 from ..errors import UnsafeParameterError
 from ..run_context import get_logger
 from ..storage.confined_dirs import OpenDir
-from ..storage.locations import _remove_entry
+from ..storage.local import _remove_entry
 from . import sidecar_evaluator
 from .model_and_data import LossWindow
 from .replicas import ONE_PROCESS, Replicas

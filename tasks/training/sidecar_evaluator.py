@@ -62,7 +62,7 @@ from ..child_processes import start_process
 from ..errors import MetricsTimeoutError, StorageError
 from ..run_context import get_logger
 from ..storage.confined_dirs import OpenDir, open_directory
-from ..storage.locations import exclusive_lock
+from ..storage.local import exclusive_lock
 
 LOCK_FILE = ".evaluator.lock"
 EVALUATOR_NICE = 10
