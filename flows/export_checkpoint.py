@@ -86,12 +86,10 @@ def export_checkpoint(
             the gate), e.g. 'staging'.
         model: The model builder the checkpoint was trained with (a registered name).
         data: The dataset loader whose eval split is the verification batch (a registered name).
-        export_base: Directory of SavedModel versions for TF Serving. Empty:
-            exports/REGISTERED_MODEL_NAME under the data home. In a deployment run it must be under
-            PREFECT_TENSORFLOW_ROOTS.
-        frozen_dir: Directory for the frozen .pb (a graph there is never replaced by other bytes).
-            Empty: frozen/REGISTERED_MODEL_NAME under the data home. In a deployment run it must be
-            under PREFECT_TENSORFLOW_ROOTS.
+        export_base: Directory of SavedModel versions for TF Serving. Empty: exports/<registered_model_name>
+            under the data home. In a deployment run it must be under PREFECT_TENSORFLOW_ROOTS.
+        frozen_dir: Directory for the frozen .pb (never replaced by other bytes). Empty: frozen/<registered_model_name>
+            under the data home. In a deployment run it must be under PREFECT_TENSORFLOW_ROOTS.
         gate: Champion gate: the checkpoint metric the version must beat the champion on (None:
             never move champion), and whether higher ('max') or lower ('min') is better.
         mlflow: A saved MLflow Connection block. Leave it on None for the worker's

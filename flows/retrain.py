@@ -112,12 +112,10 @@ def retrain(
             'loss' or 'error'; add ':min' or ':max' to choose).
         from_scratch: Start at step 0. The model dir's checkpoints are moved aside to a sibling
             directory named MODEL_DIR.previous-TIME, never deleted.
-        export_base: Directory of SavedModel versions for TF Serving. Empty:
-            exports/REGISTERED_MODEL_NAME under the data home. In a deployment run it must be under
-            PREFECT_TENSORFLOW_ROOTS.
-        frozen_dir: Directory for the frozen .pb (a graph there is never replaced by other bytes).
-            Empty: frozen/REGISTERED_MODEL_NAME under the data home. In a deployment run it must be
-            under PREFECT_TENSORFLOW_ROOTS.
+        export_base: Directory of SavedModel versions for TF Serving. Empty: exports/<registered_model_name>
+            under the data home. In a deployment run it must be under PREFECT_TENSORFLOW_ROOTS.
+        frozen_dir: Directory for the frozen .pb (never replaced by other bytes). Empty: frozen/<registered_model_name>
+            under the data home. In a deployment run it must be under PREFECT_TENSORFLOW_ROOTS.
         registered_model_name: The MLflow registered model the export becomes a version of.
         gate: Champion gate: the checkpoint metric a new version must beat the champion on (None:
             never move champion), and whether higher ('max') or lower ('min') is better.

@@ -176,3 +176,24 @@ def test_no_scheme_branches_outside_the_storage_package():
                 if needle in text:
                     offenders.append(f"{path.relative_to(repo)}: {needle}")
     assert offenders == []
+
+
+# --- a frozen graph is never replaced by other bytes, on any backend --------------------------------
+
+
+def test_publish_graph_is_idempotent_and_never_replaces_other_bytes(store):
+    from prefect_tensorflow.tasks.errors import FreezeError
+    from prefect_tensorflow.tasks.export.frozen_graph import content_addressed_name, publish_graph
+
+    assert publish_graph(store, "model.ckpt-50.pb", b"model a") == "model.ckpt-50.pb"
+    assert publish_graph(store, "model.ckpt-50.pb", b"model a") == "model.ckpt-50.pb"  # frozen again: no change
+    other = publish_graph(store, "model.ckpt-50.pb", b"model b")
+    assert other == content_addressed_name("model.ckpt-50.pb", b"model b") != "model.ckpt-50.pb"
+    assert other.startswith("model.ckpt-50.") and other.endswith(".pb")
+    assert publish_graph(store, "model.ckpt-50.pb", b"model b") == other
+    assert store.read_bytes("model.ckpt-50.pb") == b"model a" and store.read_bytes(other) == b"model b"
+
+    store.put_bytes(other, b"tampered")
+    with pytest.raises(FreezeError, match="nothing was replaced"):
+        publish_graph(store, "model.ckpt-50.pb", b"model b")
+    assert store.read_bytes("model.ckpt-50.pb") == b"model a"

@@ -30,10 +30,14 @@ which does not load with it), so an object-store model dir is mirrored:
   The sidecar evaluator's metrics lines follow with the next publish, and the
   last ones when training ends.
 
+Every function takes the model dir's storage backend (`ModelDir.store()`),
+parsed once by the caller.
+
 Example:
-    >>> from prefect_tensorflow.tasks.checkpoints.remote import is_remote
-    >>> is_remote("s3://team/models/iris"), is_remote("/models/iris")
-    (True, False)
+    >>> from prefect_tensorflow.tasks.checkpoints.remote import checkpoint_names
+    >>> from prefect_tensorflow.tasks.storage.backend import ObjectInfo
+    >>> checkpoint_names({"model.ckpt-9.index": ObjectInfo(1, ""), "model.ckpt-10.index": ObjectInfo(1, "")})
+    ['model.ckpt-10', 'model.ckpt-9']
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from ..run_context import get_logger
 from ..settings import get_settings
 from ..storage.backend import ObjectInfo, StorageBackend
 from ..storage.local import staged_file
-from ..storage.locations import parse_location
+from ..storage.locations import Location, parse_location
 from ..storage.stores import object_store
 from .files import (
     STATE_FILE,
@@ -68,15 +72,6 @@ from .metrics_log import METRICS_FILE, metrics_by_step
 
 INDEX = ".index"
 _CHECKPOINT_FILE = re.compile(r"^([^/]+-\d+)\.(?:index|meta|data-\d+-of-\d+)$")
-
-
-def is_remote(location: object) -> bool:
-    """Whether `location` (a path or URI) is on object storage."""
-    return not parse_location(location, parameter="location").is_local
-
-
-def store_of(model_dir: str) -> StorageBackend:
-    return object_store(parse_location(model_dir, parameter="model_dir"))
 
 
 def _sizes(listing: dict[str, ObjectInfo]):
@@ -145,14 +140,14 @@ def checkpoint_names(listing: dict[str, ObjectInfo]) -> list[str]:
     return sorted(names, key=lambda n: (step_of(n) is not None, step_of(n) or 0, n), reverse=True)
 
 
-def latest_remote_checkpoint(model_dir: str) -> CheckpointFiles:
-    """The newest committed, valid checkpoint of an `s3://` model dir (see the module docstring).
+def latest_remote_checkpoint(store: StorageBackend) -> CheckpointFiles:
+    """The newest committed, valid checkpoint of an object-store model dir (see the module docstring).
 
     Raises:
-        ModelDirError: nothing is stored under `model_dir`.
+        ModelDirError: nothing is stored under the model dir.
         NoValidCheckpointError: no checkpoint in it is valid.
     """
-    store = store_of(model_dir)
+    model_dir = store.uri()
     log = get_logger()
     try:
         name = remote_state(store)
@@ -180,12 +175,11 @@ def latest_remote_checkpoint(model_dir: str) -> CheckpointFiles:
     raise NoValidCheckpointError(model_dir, f"{why}; {'; '.join(skipped) or 'no <prefix>-<step>.index objects'}")
 
 
-def remote_checkpoints(model_dir: str) -> Iterator[tuple[str, Optional[CheckpointFiles], Optional[str]]]:
-    """Every checkpoint of an `s3://` model dir, highest step first: (uri, files or None, why invalid)."""
-    store = store_of(model_dir)
+def remote_checkpoints(store: StorageBackend) -> Iterator[tuple[str, Optional[CheckpointFiles], Optional[str]]]:
+    """Every checkpoint of an object-store model dir, highest step first: (uri, files or None, why invalid)."""
     listing = store.listing()
     if not listing:
-        raise ModelDirError(model_dir, "holds nothing; expected a directory of checkpoints")
+        raise ModelDirError(store.uri(), "holds nothing; expected a directory of checkpoints")
     for name in checkpoint_names(listing):
         try:
             yield store.uri(name), check_remote_checkpoint(store, name, listing), None
@@ -194,7 +188,13 @@ def remote_checkpoints(model_dir: str) -> Iterator[tuple[str, Optional[Checkpoin
 
 
 def fetch_checkpoint(prefix: str) -> str:
-    """Download a remote checkpoint's files (index, shards, `.meta`) to the local cache; returns the local prefix.
+    """`fetch_checkpoint_files` for a checkpoint's URI (`s3://team/models/iris/model.ckpt-300`)."""
+    location = parse_location(prefix, parameter="checkpoint")
+    return fetch_checkpoint_files(object_store(location.parent), location.name)
+
+
+def fetch_checkpoint_files(store: StorageBackend, name: str) -> str:
+    """Download checkpoint `name`'s files (index, shards, `.meta`) to the local cache; returns the local prefix.
 
     The cache is `<data home>/cache/checkpoints/<hash of the URI>/`; a file already there with the
     right size is not downloaded again.
@@ -202,12 +202,11 @@ def fetch_checkpoint(prefix: str) -> str:
     Raises:
         InvalidCheckpointError: the checkpoint is incomplete on the store.
     """
-    location = parse_location(prefix, parameter="checkpoint")
-    model_dir, name = location.uri.rsplit("/", 1)
-    store = store_of(model_dir)
     listing = store.listing(starting=name + ".")
     files = check_remote_checkpoint(store, name, listing)
-    local_dir = os.path.join(get_settings().home, "cache", "checkpoints", hashlib.sha256(location.uri.encode()).hexdigest()[:16])
+    local_dir = os.path.join(
+        get_settings().home, "cache", "checkpoints", hashlib.sha256(store.uri(name).encode()).hexdigest()[:16]
+    )
     os.makedirs(local_dir, exist_ok=True)
     wanted = (
         [name + INDEX]
@@ -233,9 +232,10 @@ class RemoteModelDir:
         mirror.close()                        # waits for the uploads; raises what failed
     """
 
-    def __init__(self, uri: str):
-        self.uri = parse_location(uri, parameter="model_dir").uri
-        self.store = store_of(self.uri)
+    def __init__(self, model_dir: str | Location):
+        location = model_dir if isinstance(model_dir, Location) else parse_location(model_dir, parameter="model_dir")
+        self.uri = location.uri
+        self.store = object_store(location)
         self.local_dir = os.path.join(get_settings().home, "staging", hashlib.sha256(self.uri.encode()).hexdigest()[:16])
         self._queue: queue.Queue = queue.Queue()
         self._published: Optional[bytes] = None  # the state file's bytes last committed to the store
@@ -264,7 +264,7 @@ class RemoteModelDir:
                 names = []
         if not names:  # no usable state file: the newest valid checkpoint, found by listing
             try:
-                names = [os.path.basename(latest_remote_checkpoint(self.uri).prefix)]
+                names = [os.path.basename(latest_remote_checkpoint(self.store).prefix)]
             except (NoValidCheckpointError, ModelDirError):
                 names = []
         kept = []

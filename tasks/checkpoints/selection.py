@@ -41,7 +41,6 @@ from ..errors import (
 )
 from ..metric_order import MODES, best_first, default_mode
 from ..run_context import get_logger, in_deployment_run
-from ..storage.locations import parse_location
 from . import remote
 from .files import (
     CheckpointFiles,
@@ -53,7 +52,8 @@ from .files import (
     state_file_is_last_change,
     step_of,
 )
-from .metrics_log import METRICS_FILE, metrics_at, read_metrics
+from .metrics_log import METRICS_FILE
+from .model_dir import ModelDir
 
 _BEST = re.compile(r"best:([A-Za-z0-9_./-]{1,128})(?::(min|max))?")
 
@@ -89,12 +89,12 @@ class CheckpointInfo(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
-def _ref(files: CheckpointFiles, model_dir: str, metrics: dict[str, float]) -> CheckpointRef:
+def _ref(files: CheckpointFiles, model_dir: ModelDir, metrics: dict[str, float]) -> CheckpointRef:
     return CheckpointRef(
         path=files.prefix,
         step=files.step,
         format=files.format,  # type: ignore[arg-type]
-        model_dir=model_dir,
+        model_dir=model_dir.uri,
         size_bytes=files.size_bytes,
         num_tensors=files.num_tensors,
         has_meta_graph=files.has_meta_graph,
@@ -149,18 +149,19 @@ class CheckpointSelection(BaseModel):
         return "latest" if self.kind == "latest" else str(self.step)
 
 
-def _model_dir(model_dir: str | os.PathLike) -> str:
-    location = parse_location(model_dir, parameter="model_dir")
-    if not location.is_local:
-        return location.uri  # an object store has no directories: an empty listing is the error
-    path = location.uri
+def _model_dir(model_dir: str | os.PathLike | ModelDir) -> ModelDir:
+    """A public task's `model_dir` parsed once (and, local, checked to be a directory)."""
+    parsed = ModelDir.parse(model_dir)
+    if parsed.is_remote:
+        return parsed  # an object store has no directories: an empty listing is the error
+    path = parsed.uri
     if not os.path.exists(path):
         raise ModelDirError(path, "does not exist; expected a directory of checkpoints")
     if not os.path.isdir(path):
         raise ModelDirError(path, "is a file; expected a directory of checkpoints")
     if in_deployment_run():
         _check_metrics_log(path)
-    return path
+    return parsed
 
 
 def _check_metrics_log(model_dir: str) -> None:
@@ -174,36 +175,36 @@ def _check_metrics_log(model_dir: str) -> None:
         )
 
 
-def _confined(prefix: str, model_dir: str) -> None:
+def _confined(prefix: str, model_dir: ModelDir) -> None:
     """Untrusted and local: the checkpoint and its files (symlinks resolved) are inside the model dir."""
-    if not remote.is_remote(prefix):
-        confine_checkpoint_files(prefix, model_dir=model_dir)
+    if not model_dir.is_remote:
+        confine_checkpoint_files(prefix, model_dir=model_dir.uri)
 
 
-def _links_out(model_dir: str) -> dict[str, str]:
+def _links_out(model_dir: ModelDir) -> dict[str, str]:
     """Untrusted and local: the model dir's entries that are symlinks leading out of it (name -> target).
 
     One listing for a whole selection, so that checking each of 10,000 listed checkpoints stays cheap.
     """
-    if remote.is_remote(model_dir) or not in_deployment_run():
+    if model_dir.is_remote or not in_deployment_run():
         return {}
     links = {}
-    with os.scandir(model_dir) as entries:
+    with os.scandir(model_dir.uri) as entries:
         for entry in entries:
-            if entry.is_symlink() and not is_inside(entry.path, model_dir):
+            if entry.is_symlink() and not is_inside(entry.path, model_dir.uri):
                 links[entry.name] = os.path.realpath(entry.path)
     return links
 
 
-def _refuse_links(prefix: str, model_dir: str, links: dict[str, str]) -> None:
+def _refuse_links(prefix: str, model_dir: ModelDir, links: dict[str, str]) -> None:
     """Refuse a listed checkpoint one of whose files is a symlink out of the model dir (`_links_out`)."""
     name = os.path.basename(prefix)
     for entry, target in links.items():
         if entry in (name + ".index", name + ".meta") or entry.startswith(name + ".data-"):
             raise UnsafeParameterError(
                 "model_dir",
-                model_dir,
-                f"checkpoint file {os.path.join(model_dir, entry)} (-> {target}) lies outside the model dir "
+                model_dir.uri,
+                f"checkpoint file {os.path.join(model_dir.uri, entry)} (-> {target}) lies outside the model dir "
                 f"{model_dir}; a deployment run reads checkpoints only there",
             )
 
@@ -214,53 +215,37 @@ def validate_checkpoint(prefix: str | os.PathLike, *, verify_checksums: bool = F
     Raises:
         InvalidCheckpointError: the checkpoint is incomplete or corrupt.
     """
-    if remote.is_remote(prefix):
-        location = parse_location(prefix, parameter="checkpoint")
-        model_dir, name = location.uri.rsplit("/", 1)
-        files = remote.check_remote_checkpoint(remote.store_of(model_dir), name)
-    else:
-        files = check_checkpoint(prefix)
+    model_dir, name = ModelDir.of_checkpoint(prefix)
+    files = remote.check_remote_checkpoint(model_dir.store(), name) if model_dir.is_remote else check_checkpoint(prefix)
     if verify_checksums:
         from .inspection import read_all_tensors
 
-        read_all_tensors(remote.fetch_checkpoint(files.prefix) if remote.is_remote(files.prefix) else files.prefix)
+        read_all_tensors(model_dir.local_checkpoint(name) if model_dir.is_remote else files.prefix)
     return files
 
 
-def _metrics(model_dir: str) -> dict[int, dict[str, float]]:
-    if remote.is_remote(model_dir):
-        return remote.remote_metrics(remote.store_of(model_dir))
-    return read_metrics(model_dir)
-
-
-def _metrics_at(model_dir: str, step: Optional[int]) -> dict[str, float]:
-    if remote.is_remote(model_dir):
-        return _metrics(model_dir).get(step, {}) if step is not None else {}
-    return metrics_at(model_dir, step)
-
-
-def _complete_metrics(model_dir: str, steps: list[int]) -> dict[int, dict[str, float]]:
+def _complete_metrics(model_dir: ModelDir, steps: list[int]) -> dict[int, dict[str, float]]:
     """The metrics of `steps`, waiting for an evaluator that is still producing them (never choose from half).
 
     Raises:
         MetricsTimeoutError: some checkpoints are evaluated and others not, after the bounded wait.
     """
-    metrics = _metrics(model_dir)
+    metrics = model_dir.metrics()
     missing = [s for s in steps if s not in metrics]
-    if not missing or remote.is_remote(model_dir):
+    if not missing or model_dir.is_remote:
         return metrics
     from ..settings import get_settings
     from ..training.sidecar_evaluator import evaluator_running, wait_for_metrics
 
-    if evaluator_running(model_dir) or len(missing) < len(steps):
-        return wait_for_metrics(model_dir, steps, get_settings().metrics_timeout)
+    if evaluator_running(model_dir.uri) or len(missing) < len(steps):
+        return wait_for_metrics(model_dir.uri, steps, get_settings().metrics_timeout)
     return metrics  # nothing was ever evaluated here (e.g. TF1 Saver checkpoints): no metric to wait for
 
 
-def _checkpoints(model_dir: str, verify_checksums: bool) -> Iterator[tuple[str, Optional[CheckpointFiles], Optional[str]]]:
+def _checkpoints(model_dir: ModelDir, verify_checksums: bool) -> Iterator[tuple[str, Optional[CheckpointFiles], Optional[str]]]:
     """Every checkpoint of a (validated) model dir, highest step first: (prefix, files or None, why invalid)."""
-    if remote.is_remote(model_dir):
-        for prefix, files, reason in remote.remote_checkpoints(model_dir):
+    if model_dir.is_remote:
+        for prefix, files, reason in remote.remote_checkpoints(model_dir.store()):
             if files is not None and verify_checksums:
                 try:
                     files = validate_checkpoint(prefix, verify_checksums=True)
@@ -269,7 +254,7 @@ def _checkpoints(model_dir: str, verify_checksums: bool) -> Iterator[tuple[str, 
             yield prefix, files, reason
         return
     links = _links_out(model_dir)
-    for prefix in checkpoint_prefixes(model_dir):
+    for prefix in checkpoint_prefixes(model_dir.uri):
         _refuse_links(prefix, model_dir, links)
         try:
             yield prefix, validate_checkpoint(prefix, verify_checksums=verify_checksums), None
@@ -283,18 +268,16 @@ def checkpoint_ref(prefix: str | os.PathLike, *, verify_checksums: bool = False)
     Raises:
         InvalidCheckpointError: the checkpoint is incomplete or corrupt.
     """
-    if not remote.is_remote(prefix):
+    if not ModelDir.of_checkpoint(prefix)[0].is_remote:
         confine_checkpoint_files(os.fspath(prefix), parameter="checkpoint")
     files = validate_checkpoint(prefix, verify_checksums=verify_checksums)
-    model_dir = (
-        files.prefix.rsplit("/", 1)[0] if remote.is_remote(files.prefix) else os.path.dirname(os.path.abspath(files.prefix))
-    )
-    if in_deployment_run() and not remote.is_remote(model_dir):
-        _check_metrics_log(model_dir)
-    return _ref(files, model_dir, _metrics_at(model_dir, files.step))
+    model_dir = ModelDir.of_checkpoint(files.prefix)[0]
+    if in_deployment_run() and not model_dir.is_remote:
+        _check_metrics_log(model_dir.uri)
+    return _ref(files, model_dir, model_dir.metrics_at(files.step))
 
 
-def list_checkpoints(model_dir: str | os.PathLike, *, verify_checksums: bool = False) -> list[CheckpointInfo]:
+def list_checkpoints(model_dir: str | os.PathLike | ModelDir, *, verify_checksums: bool = False) -> list[CheckpointInfo]:
     """Every checkpoint in `model_dir`, newest step first, with its validity.
 
     Example:
@@ -302,10 +285,10 @@ def list_checkpoints(model_dir: str | os.PathLike, *, verify_checksums: bool = F
         >>> list_checkpoints(tempfile.mkdtemp())
         []
     """
-    model_dir = _model_dir(model_dir)
-    metrics = _metrics(model_dir)
+    parsed = _model_dir(model_dir)
+    metrics = parsed.metrics()
     rows = []
-    for prefix, files, reason in _checkpoints(model_dir, verify_checksums):
+    for prefix, files, reason in _checkpoints(parsed, verify_checksums):
         step = step_of(prefix)
         if files is None:
             rows.append(CheckpointInfo(path=prefix, step=step, valid=False, reason=reason))
@@ -324,7 +307,7 @@ def list_checkpoints(model_dir: str | os.PathLike, *, verify_checksums: bool = F
     return rows
 
 
-def select_latest_checkpoint(model_dir: str, verify_checksums: bool = False) -> CheckpointRef:
+def select_latest_checkpoint(model_dir: str | ModelDir, verify_checksums: bool = False) -> CheckpointRef:
     """Select the newest valid checkpoint of a model dir.
 
     When the state file was the last change to the directory, the checkpoint it
@@ -350,20 +333,21 @@ def select_latest_checkpoint(model_dir: str, verify_checksums: bool = False) -> 
         ... def latest(model_dir: str) -> int:
         ...     return select_latest_checkpoint(model_dir).step
     """
-    model_dir = _model_dir(model_dir)
-    if remote.is_remote(model_dir):
-        files = remote.latest_remote_checkpoint(model_dir)
+    parsed = _model_dir(model_dir)
+    if parsed.is_remote:
+        files = remote.latest_remote_checkpoint(parsed.store())
         if verify_checksums:
             files = validate_checkpoint(files.prefix, verify_checksums=True)
-        ref = _ref(files, model_dir, _metrics_at(model_dir, files.step))
+        ref = _ref(files, parsed, parsed.metrics_at(files.step))
     else:
-        ref = _latest(model_dir, verify_checksums)
+        ref = _latest(parsed, verify_checksums)
     get_logger().info("latest valid checkpoint: %s (step %s)", ref.path, ref.step)
     return ref
 
 
-def _latest(model_dir: str, verify_checksums: bool) -> CheckpointRef:
+def _latest(parsed: ModelDir, verify_checksums: bool) -> CheckpointRef:
     log = get_logger()
+    model_dir = parsed.uri
     try:
         state = read_state_file(model_dir)
     except UnsafeParameterError:
@@ -377,7 +361,7 @@ def _latest(model_dir: str, verify_checksums: bool) -> CheckpointRef:
         log.warning("%s: %s; looking for the newest valid checkpoint instead", model_dir, why)
 
     if state is not None:
-        _confined(state.model_checkpoint_path, model_dir)
+        _confined(state.model_checkpoint_path, parsed)
         try:
             files = validate_checkpoint(state.model_checkpoint_path, verify_checksums=verify_checksums)
         except InvalidCheckpointError as err:
@@ -385,15 +369,15 @@ def _latest(model_dir: str, verify_checksums: bool) -> CheckpointRef:
             log.warning("%s: %s; looking for the newest valid checkpoint instead", model_dir, why)
         else:
             if state_file_is_last_change(model_dir, state):
-                return _ref(files, model_dir, metrics_at(model_dir, files.step))
+                return _ref(files, parsed, parsed.metrics_at(files.step))
             why = "the directory changed after the state file was written"
 
     skipped: list[str] = []
-    links = _links_out(model_dir)
+    links = _links_out(parsed)
     for prefix in checkpoint_prefixes(model_dir):
         if step_of(prefix) is None:
             continue
-        _refuse_links(prefix, model_dir, links)
+        _refuse_links(prefix, parsed, links)
         try:
             files = validate_checkpoint(prefix, verify_checksums=verify_checksums)
         except InvalidCheckpointError as err:
@@ -407,13 +391,13 @@ def _latest(model_dir: str, verify_checksums: bool) -> CheckpointRef:
                 os.path.basename(state.model_checkpoint_path),
                 os.path.basename(prefix),
             )
-        return _ref(files, model_dir, metrics_at(model_dir, files.step))
+        return _ref(files, parsed, parsed.metrics_at(files.step))
     detail = "; ".join(skipped) if skipped else "no <prefix>-<step>.index files"
     raise NoValidCheckpointError(model_dir, f"{why}; {detail}")
 
 
 def select_best_checkpoint(
-    model_dir: str, metric: str, mode: Literal["min", "max"] = "min", verify_checksums: bool = False
+    model_dir: str | ModelDir, metric: str, mode: Literal["min", "max"] = "min", verify_checksums: bool = False
 ) -> CheckpointRef:
     """Select the valid checkpoint with the lowest (`min`) or highest (`max`) recorded metric.
 
@@ -442,15 +426,15 @@ def select_best_checkpoint(
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected 'min' or 'max', received {short_repr(mode)}")
-    model_dir = _model_dir(model_dir)
+    parsed = _model_dir(model_dir)
     log = get_logger()
     valid = []
-    for prefix, files, reason in _checkpoints(model_dir, verify_checksums):
+    for prefix, files, reason in _checkpoints(parsed, verify_checksums):
         if files is None:
             log.warning("skipping checkpoint %s: %s", prefix, reason)
         else:
             valid.append(files)
-    metrics = _complete_metrics(model_dir, [f.step for f in valid if f.step is not None])
+    metrics = _complete_metrics(parsed, [f.step for f in valid if f.step is not None])
     recorded: set[str] = set()
     scored: list[tuple[float, CheckpointFiles]] = []
     for files in sorted(valid, key=lambda f: -(f.step or 0)):  # ties go to the higher step
@@ -459,16 +443,16 @@ def select_best_checkpoint(
         if metric in values:
             scored.append((values[metric], files))
     if not valid:
-        raise NoValidCheckpointError(model_dir, "every checkpoint failed validation or none exist")
+        raise NoValidCheckpointError(parsed.uri, "every checkpoint failed validation or none exist")
     if not scored:
-        raise MetricNotFoundError(model_dir, metric, sorted(recorded))
+        raise MetricNotFoundError(parsed.uri, metric, sorted(recorded))
     files = best_first(scored, lambda pair: pair[0], mode)[0][1]
-    ref = _ref(files, model_dir, metrics.get(files.step, {}) if files.step is not None else {})
+    ref = _ref(files, parsed, metrics.get(files.step, {}) if files.step is not None else {})
     log.info("best checkpoint by %s (%s): %s (step %s, %s=%s)", metric, mode, ref.path, ref.step, metric, ref.metrics.get(metric))
     return ref
 
 
-def select_checkpoint_at_step(model_dir: str, step: int, verify_checksums: bool = False) -> CheckpointRef:
+def select_checkpoint_at_step(model_dir: str | ModelDir, step: int, verify_checksums: bool = False) -> CheckpointRef:
     """Select the checkpoint written at a given global step, validated.
 
     Args:
@@ -494,26 +478,26 @@ def select_checkpoint_at_step(model_dir: str, step: int, verify_checksums: bool 
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step: expected an integer >= 0, received {short_repr(step)}")
-    model_dir = _model_dir(model_dir)
-    if remote.is_remote(model_dir):
-        names = remote.checkpoint_names(remote.store_of(model_dir).listing())
-        prefixes = {step_of(name): f"{model_dir}/{name}" for name in names}
+    parsed = _model_dir(model_dir)
+    if parsed.is_remote:
+        names = remote.checkpoint_names(parsed.store().listing())
+        prefixes = {step_of(name): parsed.checkpoint(name) for name in names}
     else:
-        prefixes = {step_of(prefix): prefix for prefix in checkpoint_prefixes(model_dir)}
+        prefixes = {step_of(prefix): prefix for prefix in checkpoint_prefixes(parsed.uri)}
     if step not in prefixes:
         steps = sorted(s for s in prefixes if s is not None)
-        raise NoValidCheckpointError(model_dir, f"has no checkpoint at step {step}; steps present: {steps or 'none'}")
-    _confined(prefixes[step], model_dir)
+        raise NoValidCheckpointError(parsed.uri, f"has no checkpoint at step {step}; steps present: {steps or 'none'}")
+    _confined(prefixes[step], parsed)
     try:
         files = validate_checkpoint(prefixes[step], verify_checksums=verify_checksums)
     except InvalidCheckpointError as err:
-        raise NoValidCheckpointError(model_dir, f"the checkpoint at step {step} is invalid: {err.reason}") from err
+        raise NoValidCheckpointError(parsed.uri, f"the checkpoint at step {step} is invalid: {err.reason}") from err
     get_logger().info("checkpoint at step %d: %s", step, files.prefix)
-    return _ref(files, model_dir, _metrics_at(model_dir, files.step))
+    return _ref(files, parsed, parsed.metrics_at(files.step))
 
 
 def select_checkpoint(
-    model_dir: str, selection: Union[CheckpointSelection, str] = "latest", *, parameter: str = "select"
+    model_dir: str | ModelDir, selection: Union[CheckpointSelection, str] = "latest", *, parameter: str = "select"
 ) -> CheckpointRef:
     """Select the checkpoint to ship as `selection` says: the latest, one step, or the best by a metric.
 

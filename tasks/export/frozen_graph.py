@@ -45,9 +45,9 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..checkpoints import remote
 from ..checkpoints.files import check_checkpoint, confine_checkpoint_files
 from ..checkpoints.meta_graph import load_meta_graph
+from ..checkpoints.model_dir import ModelDir
 from ..checkpoints.selection import validate_checkpoint
 from ..configs import ExportConfig
 from ..errors import FreezeError, GraphTooLargeError, ParityError, StorageError
@@ -96,7 +96,7 @@ def _check_size(graph_def, source: str) -> bytes:
             "limit for a GraphDef; export a SavedModel instead (export_saved_model / "
             "`prefect-tensorflow export`), which keeps variables out of the graph"
         )
-    return graph_def.SerializeToString()
+    return graph_def.SerializeToString(deterministic=True)  # map fields in a fixed order: one graph, one digest
 
 
 def _model_variable_bytes(checkpoint: str) -> int:
@@ -255,11 +255,12 @@ def _open_output_dir(output: str) -> OpenDir:
 def _freeze(source: str, target: Location, directory: Optional[OpenDir], config: ExportConfig, as_text: bool) -> FreezeResult:
     import tensorflow as tf
 
-    if remote.is_remote(source):
+    source_dir, source_name = ModelDir.of_checkpoint(source)
+    if source_dir.is_remote:
         files = validate_checkpoint(source)
         model = config.model_for(files.format)
         fmt = "tf1" if model is None else "tf2"
-        local = remote.fetch_checkpoint(files.prefix)
+        local = source_dir.local_checkpoint(source_name)
         if model is None:
             graph_def, inputs, outputs, batch, expected = _freeze_tf1(local, config.output_nodes, config.input_nodes, config.data)
         else:

@@ -33,9 +33,9 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import model_code
-from ..checkpoints import remote
 from ..checkpoints.files import confine_checkpoint_files
 from ..checkpoints.meta_graph import load_meta_graph
+from ..checkpoints.model_dir import ModelDir
 from ..checkpoints.selection import validate_checkpoint
 from ..configs import ExportConfig
 from ..errors import ExportError, ParityError
@@ -174,11 +174,11 @@ def export_saved_model(checkpoint: str, export_base: str, config: Optional[Expor
         ...     return export_saved_model(checkpoint, "/srv/models/iris").path
     """
     config = config or ExportConfig()
-    remote_source = remote.is_remote(checkpoint)
-    if not remote_source:
+    source, name = ModelDir.of_checkpoint(checkpoint)
+    if not source.is_remote:
         confine_checkpoint_files(os.fspath(checkpoint), parameter="checkpoint")  # a deployment run reads only under the roots
     files = validate_checkpoint(checkpoint)
-    local_prefix = remote.fetch_checkpoint(files.prefix) if remote_source else files.prefix
+    local_prefix = source.local_checkpoint(name) if source.is_remote else files.prefix
     model = config.model_for(files.format)
     settings = {
         "format": "tf1" if model is None else "tf2",

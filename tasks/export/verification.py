@@ -166,13 +166,14 @@ def verify_artifacts(
         ...     report = verify_artifacts(checkpoint, saved_model=export_dir)
         ...     return max(p.max_abs_diff for p in report.pairs.values())
     """
-    from ..checkpoints.remote import fetch_checkpoint, is_remote
+    from ..checkpoints.model_dir import ModelDir
     from .export_base import local_export
     from .signature import trace_checkpoint
 
     config = config or ExportConfig()
     model = config.model_for("tf2") or "iris"
-    local_checkpoint = fetch_checkpoint(checkpoint) if is_remote(checkpoint) else checkpoint
+    source, name = ModelDir.of_checkpoint(checkpoint)
+    local_checkpoint = source.local_checkpoint(name) if source.is_remote else checkpoint
     traced = trace_checkpoint(local_checkpoint, model, config.hparams, config.head, config.verification_data(model))
     results = {"checkpoint": traced.expected}
     names = sorted(traced.expected)
