@@ -35,9 +35,10 @@ Example:
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Optional, Union
 
 from .. import model_code
+from ..checkpoints.model_dir import ModelDir
 from ..checkpoints.remote import RemoteModelDir
 from ..checkpoints.restore import resume_from_newest
 from ..checkpoints.selection import select_latest_checkpoint
@@ -47,7 +48,6 @@ from ..registry.mlflow_connection import MlflowConfig
 from ..registry.tracking import TrainingRun
 from ..run_context import get_logger
 from ..storage.confined_dirs import OpenDir, open_directory
-from ..storage.locations import parse_location
 from . import sidecar_evaluator
 from .checkpoint_saver import CheckpointSaver, refuse_symlinked_entries, remove_uncommitted
 from .model_and_data import (
@@ -74,7 +74,7 @@ PREEMPTED_EVALUATION_WAIT = 30.0
 
 
 def train_with_checkpoints(
-    model_dir: str,
+    model_dir: Union[str, ModelDir],
     config: Optional[TrainingConfig] = None,
     tracking: Optional[MlflowConfig] = None,
     *,
@@ -84,7 +84,8 @@ def train_with_checkpoints(
     """Train a model with checkpoints, resuming from the model dir's newest valid checkpoint.
 
     Args:
-        model_dir: where checkpoints, event files and `graph.pbtxt` are written (created if missing).
+        model_dir: where checkpoints, event files and `graph.pbtxt` are written (created if missing): a path,
+            an object-store URI or a parsed `ModelDir`.
         config: what to train: model, data, steps, batch size, seed, checkpoint policy
             (default: the bundled iris, 1000 steps, the Estimator's policy).
         tracking: the MLflow connection to track the run in (params, the loss,
@@ -112,19 +113,19 @@ def train_with_checkpoints(
     """
     config = config if isinstance(config, TrainingConfig) else TrainingConfig.model_validate(config or {})
     resolve_model_code(config)
+    model = ModelDir.parse(model_dir)
     if config.workers > 1:
-        return train_multi_worker(model_dir, config, tracking, on_progress=on_progress, on_checkpoint=on_checkpoint)
-    location = parse_location(model_dir, parameter="model_dir")
-    mirror = None if location.is_local else RemoteModelDir(location.uri)
-    local_dir = prepare_model_dir(location.uri) if mirror is None else mirror.pull()
+        return train_multi_worker(model, config, tracking, on_progress=on_progress, on_checkpoint=on_checkpoint)
+    mirror = RemoteModelDir(model.uri) if model.is_remote else None
+    local_dir = prepare_model_dir(model) if mirror is None else mirror.pull()
     hooks = _Hooks(on_progress, on_checkpoint, mirror)
     untrusted = None if mirror is None else False  # a remote model dir's local mirror is the run's own scratch dir
     try:
         if tracking is None:
             result = _train(local_dir, config, hooks.progress, hooks.checkpointed, untrusted=untrusted)
         else:
-            params = {"model_dir": location.uri, **config.mlflow_params()}
-            with TrainingRun(tracking, model_dir=local_dir, params=params, run_name=f"train-{location.name}") as run:
+            params = {"model_dir": model.uri, **config.mlflow_params()}
+            with TrainingRun(tracking, model_dir=local_dir, params=params, run_name=f"train-{model.location.name}") as run:
                 hooks.run = run
                 result = _train(local_dir, config, hooks.progress, hooks.checkpointed, untrusted=untrusted)
                 if config.evaluation == "sidecar":
@@ -135,7 +136,7 @@ def train_with_checkpoints(
             mirror.close()
     if mirror is None:
         return result
-    return result.model_copy(update={"model_dir": location.uri, "last_checkpoint": mirror.remote_prefix(result.last_checkpoint)})
+    return result.model_copy(update={"model_dir": model.uri, "last_checkpoint": mirror.remote_prefix(result.last_checkpoint)})
 
 
 class _Hooks:

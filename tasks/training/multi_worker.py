@@ -52,10 +52,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .. import model_code
 from ..checkpoints.metrics_log import read_metrics
+from ..checkpoints.model_dir import ModelDir
 from ..checkpoints.selection import select_latest_checkpoint
 from ..checkpoints.writer import apply_keep_policy, read_kept_list
 from ..child_processes import log_tail, start_process, stop_process_group, write_json_atomically
@@ -64,7 +65,6 @@ from ..errors import NoValidCheckpointError
 from ..registry.mlflow_connection import MlflowConfig
 from ..registry.tracking import TrainingRun
 from ..run_context import get_logger, in_deployment_run
-from ..storage.locations import parse_location
 from . import sidecar_evaluator
 from .multi_worker_settings import (
     ENTRY_MODULE,
@@ -95,7 +95,7 @@ def resolved_config(config: TrainingConfig) -> TrainingConfig:
 
 
 def train_multi_worker(
-    model_dir: str,
+    model_dir: Union[str, ModelDir],
     config: Any,
     tracking: Optional[MlflowConfig] = None,
     *,
@@ -132,15 +132,15 @@ def train_multi_worker(
     """
     config = config if isinstance(config, TrainingConfig) else TrainingConfig.model_validate(config or {})
     options = options or MultiWorkerOptions()
-    location = parse_location(model_dir, parameter="model_dir")
-    if not location.is_local:
+    model = ModelDir.parse(model_dir)
+    if model.is_remote:
         raise MultiWorkerError(
-            f"model_dir: {location.uri}: multi-worker training needs a local or shared-filesystem directory "
+            f"model_dir: {model.uri}: multi-worker training needs a local or shared-filesystem directory "
             "(every worker reads the chief's checkpoints)"
         )
     check_config(config)
     resolved = resolved_config(config)
-    local_dir = prepare_model_dir(location.uri)
+    local_dir = prepare_model_dir(model)
     untrusted = in_deployment_run()
     # The chief's CheckpointWriter takes the state file's kept list over: refused here, before any
     # process starts, when a deployment run's state file names a checkpoint outside the model dir.
@@ -150,8 +150,8 @@ def train_multi_worker(
     events = WorkerEvents(on_progress, on_checkpoint)
     if tracking is None:
         return _run_supervisor(local_dir, resolved, start_step, target, latest_path, latest_metrics, options, events, untrusted)
-    params = {"model_dir": location.uri, **config.mlflow_params()}
-    with TrainingRun(tracking, model_dir=local_dir, params=params, run_name=f"train-{location.name}") as run:
+    params = {"model_dir": model.uri, **config.mlflow_params()}
+    with TrainingRun(tracking, model_dir=local_dir, params=params, run_name=f"train-{model.location.name}") as run:
         events.run = run
         result: TrainResult = _run_supervisor(
             local_dir, resolved, start_step, target, latest_path, latest_metrics, options, events, untrusted

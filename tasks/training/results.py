@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..checkpoints.model_dir import ModelDir
 from ..errors import ModelDirError
-from ..storage.locations import parse_location
 
 ProgressCallback = Callable[[int, int, Optional[float]], None]
 """`(step, target, loss)`: called with the loss at every summary step (every `summary_every_n_steps`),
@@ -53,13 +53,13 @@ def checkpoint_metric_names(metrics: Mapping[str, float]) -> dict[str, float]:
     return {(key if key == "train_loss" else f"eval/{key}"): value for key, value in metrics.items()}
 
 
-def prepare_model_dir(model_dir: str | os.PathLike) -> str:
-    """Create `model_dir` if needed and check it is a writable directory; returns its absolute path.
+def prepare_model_dir(model_dir: ModelDir) -> str:
+    """Create the local `model_dir` if needed and check it is a writable directory; returns its absolute path.
 
     Raises:
         ModelDirError: it is a file, cannot be created or is not writable.
     """
-    path = parse_location(model_dir, parameter="model_dir").uri
+    path = model_dir.uri
     if os.path.exists(path) and not os.path.isdir(path):
         raise ModelDirError(path, "is a file; expected a directory (existing or to be created)")
     try:
