@@ -2,11 +2,13 @@
 
 The layout says what imports what:
 
-- `training`, `selection`, `freezing`, `exporting`, `verification`,
-  `registry`, `tracking`, ... hold the work as plain functions and pydantic
-  models. They import neither Prefect nor (until a function runs)
-  TensorFlow, so the CLI's plain commands start fast and library callers can
-  use them without Prefect.
+- `checkpoints/` (files, writer, keep policy, selection, the `ModelDir`),
+  `storage/` (locations, one backend per scheme), `training/` (one loop,
+  its processes), `export/` (SavedModel, frozen graph, verification) and
+  `registry/` (MLflow, the champion gate) hold the work as plain functions
+  and pydantic models. They import neither Prefect nor (until a function
+  runs) TensorFlow, so the CLI's plain commands start fast and library
+  callers can use them without Prefect.
 - `prefect_tasks` makes each task from its plain function (`task(fn, ...)`),
   and `blocks` holds the `MlflowConnection` block. Only these two import Prefect.
 
@@ -60,6 +62,7 @@ _PUBLIC = {
     "ExportConfig": "configs",
     "GateConfig": "configs",
     "CheckpointPolicy": "checkpoints.policy",
+    "ModelDir": "checkpoints.model_dir",
     "MlflowConfig": "registry.mlflow_connection",
     "TrainResult": "training.loop",
     "CheckpointRef": "checkpoints.selection",
