@@ -3,9 +3,10 @@
 
 - `Bucket`: one fresh bucket of the session's S3 server (moto, serialized), the
   environment a client needs to reach it, and a boto3 client for the checks.
-- `count_requests`: how many requests of each kind (`ListObjectsV2`,
-  `GetObject`, ...) the library's S3 client sends during a block, counted by a
-  botocore event hook on that very client (nothing is replaced).
+- `Bucket.count_requests`: how many requests of each kind ("list", "get",
+  ...) the library's S3 client sends during a block, counted by a botocore
+  event hook on that very client (nothing is replaced);
+  `gcs_emulator.GcsBucket` counts the same kinds for Cloud Storage.
 - `DelayingProxy`: a TCP proxy in front of the S3 server that holds back the
   requests whose request line matches a pattern for a while: a slow network,
   real bytes, real requests. It widens the window between two uploads (a data
@@ -41,7 +42,12 @@ def client_for(endpoint: str, env: dict[str, str]) -> Any:
 
 
 class Bucket:
-    """A new bucket on the S3 server: `uri(path)`, `keys(prefix)`, `read(key)`, `put(key, data)`, `env`."""
+    """A new bucket on the S3 server: `uri(path)`, `keys(prefix)`, `read(key)`, `put(key, data)`, `env`.
+
+    `gcs_emulator.GcsBucket` has the same helpers for Cloud Storage (conftest's `bucket` is either).
+    """
+
+    scheme = "s3"
 
     def __init__(self, server: Any, name: Optional[str] = None):
         self.server = server
@@ -52,6 +58,45 @@ class Bucket:
 
     def uri(self, path: str = "") -> str:
         return f"s3://{self.name}/{path.strip('/')}".rstrip("/")
+
+    def env_via(self, endpoint: str) -> dict[str, str]:
+        """`env` with the store reached at `endpoint` (a proxy in front of the server)."""
+        return {**self.env, "AWS_ENDPOINT_URL_S3": endpoint}
+
+    def request_pattern(self, operation: str, key: str = "") -> bytes:
+        """A regex (bytes) for `DelayingProxy.hold` matching the request line of `operation` on `key`.
+
+        `key` is a regex of the object's whole key ("" for any); "delete" is a batch delete (any keys).
+        """
+        bucket = re.escape(self.name).encode()
+        if operation == "put":
+            return rb"PUT /%s/%s%s" % (bucket, key.encode(), b" " if key else b"")
+        if operation == "get":
+            return rb"GET /%s/%s" % (bucket, key.encode())
+        if operation == "delete":
+            return rb"POST /%s\?delete" % bucket
+        raise ValueError(operation)
+
+    @contextmanager
+    def count_requests(self) -> Iterator[Counter]:
+        """Count the requests the library's own S3 client sends during the block, by kind.
+
+        Kinds: "list", "get", "head", "put", "delete" (other operations by their S3 name),
+        counted by a botocore event hook on that very client (nothing is replaced).
+        """
+        from prefect_tensorflow.tasks.storage.s3 import default_client
+
+        client = default_client()
+        counts: Counter = Counter()
+
+        def hook(model: Any, **_: Any) -> None:
+            counts[_S3_KINDS.get(model.name, model.name)] += 1
+
+        client.meta.events.register("before-call.s3", hook)
+        try:
+            yield counts
+        finally:
+            client.meta.events.unregister("before-call.s3", hook)
 
     def objects(self, prefix: str = "") -> dict[str, int]:
         """key -> size of every object under `prefix` (keys relative to it)."""
@@ -78,6 +123,13 @@ class Bucket:
     def put(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.name, Key=key.strip("/"), Body=data)
 
+    def put_many(self, objects: dict[str, bytes]) -> None:
+        """Many objects at once (8 threads)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda item: self.put(*item), objects.items()))
+
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.name, Key=key.strip("/"))
 
@@ -95,22 +147,21 @@ class Bucket:
             self.client.download_file(self.name, f"{prefix.strip('/')}/{key}", target)
 
 
-@contextmanager
-def count_requests(client: Any = None) -> Iterator[Counter]:
-    """Count the S3 operations sent by `client` (default: the library's own client) during the block."""
-    from prefect_tensorflow.tasks.storage.s3 import default_client
+_S3_KINDS = {
+    "ListObjectsV2": "list",
+    "GetObject": "get",
+    "HeadObject": "head",
+    "PutObject": "put",
+    "DeleteObject": "delete",
+    "DeleteObjects": "delete",
+}
 
-    client = client or default_client()
-    counts: Counter = Counter()
 
-    def hook(model: Any, **_: Any) -> None:
-        counts[model.name] += 1
+def new_bucket(server: Any, name: Optional[str] = None) -> Any:
+    """A new bucket on `server`: a `Bucket` on the S3 server, a `gcs_emulator.GcsBucket` on the GCS emulator."""
+    from gcs_emulator import GcsBucket, GcsServer
 
-    client.meta.events.register("before-call.s3", hook)
-    try:
-        yield counts
-    finally:
-        client.meta.events.unregister("before-call.s3", hook)
+    return GcsBucket(server, name) if isinstance(server, GcsServer) else Bucket(server, name)
 
 
 class DelayingProxy:

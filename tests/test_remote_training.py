@@ -1,4 +1,5 @@
-"""Training into an `s3://` model dir, against a real S3 server, killed for real.
+"""Training into an `s3://` or `gs://` model dir, against real servers (conftest's `bucket`: once on
+moto's S3 server, once on a GCS emulator), killed for real.
 
 `train_with_checkpoints` trains in a local staging directory and publishes
 each checkpoint to the store (data shards, index, metrics log, then the
@@ -9,8 +10,8 @@ uploads included, followed by the same command, ends with the weights of an
 uninterrupted run bit for bit (tests/test_crash.py is the local version).
 
 To land a kill *between* two uploads every time, `DelayingProxy` (a TCP proxy
-in front of the S3 server, tests/team_servers.py) holds one kind of request
-back for a few seconds: a real, slow network; nothing is mocked.
+in front of the store's server, tests/team_servers.py) holds one kind of
+request back for a few seconds: a real, slow network; nothing is mocked.
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ def checkpoint_files(names) -> set[str]:
     return {n for n in names if CHECKPOINT_FILE.match(n)}
 
 
-def committed_step(s3, prefix: str):
+def committed_step(bucket, prefix: str):
     """The step the store's state file names (None without one)."""
     try:
-        data = s3.read(f"{prefix}/checkpoint")
+        data = bucket.read(f"{prefix}/checkpoint")
     except Exception:  # noqa: BLE001 - no state file yet
         return None
     return step_of(parse_state_lines(data.splitlines(keepends=True), "checkpoint"))
@@ -90,14 +91,14 @@ def assert_same(actual, expected) -> None:
         np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
 
 
-def test_training_to_s3_writes_what_a_local_run_writes_and_the_keep_policy_deletes_remote_checkpoints(s3, tmp_path):
+def test_training_to_a_store_writes_what_a_local_run_writes_and_the_keep_policy_deletes_remote_checkpoints(bucket, tmp_path):
     policy = CheckpointPolicy(save_checkpoints_steps=50, keep_checkpoint_max=3)
-    remote = train(s3.uri("models/iris"), steps=300, policy=policy, seed=3)
+    remote = train(bucket.uri("models/iris"), steps=300, policy=policy, seed=3)
     local = train(tmp_path / "local", steps=300, policy=policy, seed=3)
-    assert remote.model_dir == s3.uri("models/iris") and remote.last_checkpoint == s3.uri("models/iris/model.ckpt-300")
+    assert remote.model_dir == bucket.uri("models/iris") and remote.last_checkpoint == bucket.uri("models/iris/model.ckpt-300")
     assert (remote.start_step, remote.final_step, remote.checkpoints_saved) == (0, 300, local.checkpoints_saved)
 
-    stored = s3.objects("models/iris")
+    stored = bucket.objects("models/iris")
     local_files = {str(p.relative_to(tmp_path / "local")) for p in (tmp_path / "local").rglob("*") if p.is_file()}
     assert (
         checkpoint_files(stored)
@@ -107,24 +108,24 @@ def test_training_to_s3_writes_what_a_local_run_writes_and_the_keep_policy_delet
     assert {"checkpoint", "checkpoint_metrics.jsonl", "graph.pbtxt"} <= set(stored)
     events = lambda names: sorted(re.sub(r"tfevents\..*", "tfevents", n) for n in names if "tfevents" in n)  # noqa: E731
     assert events(stored) == events(local_files) and events(stored)  # train and eval event files
-    state = s3.read("models/iris/checkpoint").decode()
+    state = bucket.read("models/iris/checkpoint").decode()
     assert 'model_checkpoint_path: "model.ckpt-300"' in state
     assert re.findall(r'all_model_checkpoint_paths: "(.*)"', state) == ["model.ckpt-200", "model.ckpt-250", "model.ckpt-300"]
     # The metrics log: a line for the newest checkpoint with what a local run records (the sidecar
     # evaluator skips checkpoints the keep policy deleted before it got to them, so older lines vary).
-    metrics = {m["step"]: m for m in map(json.loads, s3.read("models/iris/checkpoint_metrics.jsonl").decode().splitlines())}
+    metrics = {m["step"]: m for m in map(json.loads, bucket.read("models/iris/checkpoint_metrics.jsonl").decode().splitlines())}
     local_metrics = {
         m["step"]: m for m in map(json.loads, (tmp_path / "local" / "checkpoint_metrics.jsonl").read_text().splitlines())
     }
     assert 300 in metrics and metrics[300]["metrics"].keys() == local_metrics[300]["metrics"].keys() >= {"accuracy", "loss"}
     assert set(metrics) <= {0, 50, 100, 150, 200, 250, 300}
-    ref = select_latest_checkpoint(s3.uri("models/iris"), verify_checksums=True)
+    ref = select_latest_checkpoint(bucket.uri("models/iris"), verify_checksums=True)
     assert ref.step == 300 and ref.metrics.keys() == local.final_metrics.keys()
 
-    more = train(s3.uri("models/iris"), steps=450, policy=policy, seed=3)
+    more = train(bucket.uri("models/iris"), steps=450, policy=policy, seed=3)
     assert (more.start_step, more.final_step) == (300, 450)  # resumed from the store
-    assert {step_of(n[: -len(".index")]) for n in s3.keys("models/iris") if n.endswith(".index")} == {350, 400, 450}
-    assert [r.step for r in list_checkpoints(s3.uri("models/iris"))] == [450, 400, 350]
+    assert {step_of(n[: -len(".index")]) for n in bucket.keys("models/iris") if n.endswith(".index")} == {350, 400, 450}
+    assert [r.step for r in list_checkpoints(bucket.uri("models/iris"))] == [450, 400, 350]
 
 
 @pytest.fixture(scope="module")
@@ -140,47 +141,46 @@ def reference(tmp_path_factory) -> dict[str, np.ndarray]:
     return {"weights": weights(ref.path), "checkpoint_files": checkpoint_files(files)}
 
 
-def test_sigkill_at_many_points_of_an_s3_training_then_rerun_matches_uninterrupted(s3, s3_server, tmp_path, cli_env, reference):
+def test_sigkill_at_many_points_of_a_remote_training_then_rerun_matches_uninterrupted(bucket, tmp_path, cli_env, reference):
     prefix = "models/iris"
-    model_dir = s3.uri(prefix)
+    model_dir = bucket.uri(prefix)
     cmd = train_cmd(model_dir, "--json")
-    bucket = s3.name.encode()
 
     def stored() -> dict[str, int]:
-        return s3.objects(prefix)
+        return bucket.objects(prefix)
 
     def shard_without_index() -> bool:
         names = stored()
         return any(n.endswith(".data-00000-of-00001") and n.replace(".data-00000-of-00001", ".index") not in names for n in names)
 
     def index_not_yet_committed() -> bool:
-        committed = committed_step(s3, prefix)
+        committed = committed_step(bucket, prefix)
         steps = [step_of(n[: -len(".index")]) for n in stored() if n.endswith(".index")]
         return any(s > (-1 if committed is None else committed) for s in steps)
 
-    with DelayingProxy(s3_server.port) as proxy:
-        env = {**cli_env, **s3.env, "AWS_ENDPOINT_URL_S3": proxy.endpoint, "PREFECT_TENSORFLOW_HOME": str(tmp_path / "home")}
+    with DelayingProxy(bucket.server.port) as proxy:
+        env = {**cli_env, **bucket.env_via(proxy.endpoint), "PREFECT_TENSORFLOW_HOME": str(tmp_path / "home")}
         start = time.monotonic()
         base = {"committed": -1}
         held = lambda: proxy.held > 0  # noqa: E731 - the held request is on its way: the store is between two uploads
-        progress = lambda steps: (committed_step(s3, prefix) or -1) >= base["committed"] + steps  # noqa: E731
+        progress = lambda steps: (committed_step(bucket, prefix) or -1) >= base["committed"] + steps  # noqa: E731
         kill_points = [
             ("during start-up, before anything is written", None, lambda: time.monotonic() - start > 1.0),
             (
                 "a data shard stored, its index not yet",
-                rb"PUT /%s/%s/model\.ckpt-\d+\.index" % (bucket, prefix.encode()),
+                bucket.request_pattern("put", rf"{prefix}/model\.ckpt-\d+\.index"),
                 lambda: held() and shard_without_index(),
             ),
             (
                 "an index stored, the state file not naming it yet",
-                rb"PUT /%s/%s/checkpoint " % (bucket, prefix.encode()),
+                bucket.request_pattern("put", rf"{prefix}/checkpoint"),
                 lambda: held() and index_not_yet_committed(),
             ),
             ("mid-training", None, lambda: progress(200)),
-            ("a checkpoint committed, the keep policy's deletion not sent yet", rb"POST /%s\?delete" % bucket, held),
+            ("a checkpoint committed, the keep policy's deletion not sent yet", bucket.request_pattern("delete"), held),
             (
                 "while resuming: the kept checkpoints half downloaded",
-                rb"GET /%s/%s/model\.ckpt-\d+\.data" % (bucket, prefix.encode()),
+                bucket.request_pattern("get", rf"{prefix}/model\.ckpt-\d+\.data"),
                 held,
             ),
         ]
@@ -188,21 +188,25 @@ def test_sigkill_at_many_points_of_an_s3_training_then_rerun_matches_uninterrupt
         for label, pattern, when in kill_points:
             proxy.hold(pattern, delay=2.0)
             proxy.held = 0
-            base["committed"] = committed_step(s3, prefix) or -1
+            base["committed"] = committed_step(bucket, prefix) or -1
             start = time.monotonic()
             if run_and_kill(cmd, env, when, timeout=300.0, poll=0.02):
                 killed.append(label)
             print(
-                f"{label}: killed={label in killed} after {time.monotonic() - start:.1f} s, committed={committed_step(s3, prefix)}"
+                f"{label}: killed={label in killed} after {time.monotonic() - start:.1f} s, committed={committed_step(bucket, prefix)}"
             )
             proxy.hold(None)
-            if committed_step(s3, prefix) is not None:  # whatever a kill leaves, the committed checkpoint reads back
-                assert select_latest_checkpoint(model_dir).step == committed_step(s3, prefix)
+            if committed_step(bucket, prefix) is not None:  # whatever a kill leaves, the committed checkpoint reads back
+                assert select_latest_checkpoint(model_dir).step == committed_step(bucket, prefix)
         assert len(killed) >= 5, f"too few kills landed: {killed}"
 
-    committed = committed_step(s3, prefix)
+    committed = committed_step(bucket, prefix)
     result = subprocess.run(
-        cmd, env={**env, "AWS_ENDPOINT_URL_S3": s3.env["AWS_ENDPOINT_URL_S3"]}, capture_output=True, text=True, timeout=900
+        cmd,
+        env={**cli_env, **bucket.env, "PREFECT_TENSORFLOW_HOME": str(tmp_path / "home")},
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
@@ -212,4 +216,4 @@ def test_sigkill_at_many_points_of_an_s3_training_then_rerun_matches_uninterrupt
     assert latest.step == STEPS
     assert_same(weights(fetch_checkpoint(latest.path)), reference["weights"])
     # Nothing the kills left behind stays: the store holds the checkpoints an uninterrupted run keeps.
-    assert checkpoint_files(s3.keys(prefix)) == reference["checkpoint_files"]
+    assert checkpoint_files(bucket.keys(prefix)) == reference["checkpoint_files"]

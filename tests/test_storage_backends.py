@@ -17,16 +17,25 @@ from prefect_tensorflow.tasks.storage.locations import parse_location
 from prefect_tensorflow.tasks.storage.stores import BACKENDS, object_store, read_location_bytes, supported_schemes
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow), pytest.param("gcs", marks=pytest.mark.slow)])
 def store(request, tmp_path: Path):
-    """A backend over an empty location: a local directory, or a prefix of a fresh S3 bucket (moto's server)."""
+    """A backend over an empty location: a local directory, or a prefix of a fresh bucket of moto's S3 server
+    or of the GCS emulator (tests/gcs_emulator.py)."""
     if request.param == "local":
         return object_store(parse_location(str(tmp_path / "store"), parameter="location"))
-    s3 = request.getfixturevalue("s3")
-    return object_store(parse_location(s3.uri("store"), parameter="location"))
+    bucket = request.getfixturevalue(request.param)
+    return object_store(parse_location(bucket.uri("store"), parameter="location"))
 
 
-def test_write_if_absent_then_conditional_replace_then_conditional_delete(store):
+def test_write_if_absent_then_conditional_replace_then_conditional_delete(store, request):
+    if store.location.scheme == "gs":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="the GCS emulator (fake-gcs-server 1.54, tests/gcs_emulator.py) ignores ifGenerationMatch on "
+                "DELETE; Cloud Storage answers 412",
+            )
+        )
     etag = store.put_bytes("lock", b"one", create_only=True)
     with pytest.raises(FileExistsError):
         store.put_bytes("lock", b"two", create_only=True)
