@@ -14,7 +14,8 @@ from prefect_tensorflow.tasks.storage.backend import PreconditionFailedError
 from prefect_tensorflow.tasks.storage.confined_dirs import open_directory
 from prefect_tensorflow.tasks.storage.local import LocalStore
 from prefect_tensorflow.tasks.storage.locations import parse_location
-from prefect_tensorflow.tasks.storage.stores import BACKENDS, object_store, read_location_bytes, supported_schemes
+from prefect_tensorflow.tasks.storage.schemes import BACKENDS, supported_schemes
+from prefect_tensorflow.tasks.storage.stores import object_store, read_location_bytes
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow), pytest.param("gcs", marks=pytest.mark.slow)])

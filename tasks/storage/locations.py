@@ -1,7 +1,7 @@
 """Where things are: a location is an absolute local path or `<scheme>://<bucket>/<key prefix>`.
 
 `parse_location` accepts exactly the schemes a storage backend exists for
-(`stores.supported_schemes()`: local paths, `s3://`, and `gs://` once its
+(`schemes.supported_schemes()`: local paths, `s3://`, and `gs://` once its
 module is installed): a URI it accepts is one some backend can serve, and a
 value that looks like a URI of another scheme (`s3:/bucket` with one slash,
 `http://...`, `hdfs://...`) is refused, never turned into a local directory
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from ..config_checks import short_repr
 from ..errors import StorageError
-from .stores import supported_schemes
+from .schemes import supported_schemes
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(.*)$", re.S)
 
