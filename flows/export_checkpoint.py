@@ -20,44 +20,33 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
+from typing import Annotated, Optional
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_tensorflow.tasks import prefect_tasks as tasks
 from prefect_tensorflow.tasks.blocks import MlflowConnection
-from prefect_tensorflow.tasks.checkpoints.selection import CheckpointRef, CheckpointSelection
+from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
 from prefect_tensorflow.tasks.configs import AliasName, DataRef, ExportConfig, GateConfig, ModelRef, RegisteredModelName
-from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
-from prefect_tensorflow.tasks.export.saved_model import ExportResult
-from prefect_tensorflow.tasks.lean_import import skip_keras_optional_imports
 from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion, gate_value
-from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger, in_deployment_run
-from prefect_tensorflow.tasks.security import check_mlflow_connection
-from prefect_tensorflow.tasks.settings import get_settings
 
 from .artifacts import publish_checkpoint_table, publish_export_summary, publish_mlflow_links
-from .parameters import checked_code, checked_paths, frozen_graph_path
+from .parameters import ParsedBy
+from .prelude import flow_prelude
+from .shipping import Destination, Shipped, ship_checkpoint
 
 
-class ExportSummary(BaseModel):
+class ExportSummary(Shipped):
     """What an `export-checkpoint` run shipped."""
 
-    model_config = ConfigDict(frozen=True)
-
-    checkpoint: CheckpointRef
-    selection: str
-    export: ExportResult
-    frozen_graph: Optional[FreezeResult] = Field(description="None when the export was already registered")
-    registered: RegisteredVersion
-    flow_run_id: Optional[str] = Field(default=None, description="The Prefect flow run that produced this")
+    registered: RegisteredVersion  # export-checkpoint always registers
 
 
 @flow(name="export-checkpoint", flow_run_name="export-{registered_model_name}-{checkpoint}", log_prints=True)
 def export_checkpoint(
     model_dir: str = "",
-    checkpoint: str = "latest",
+    checkpoint: Annotated[str, ParsedBy(partial(CheckpointSelection.parse, parameter="checkpoint"))] = "latest",
     registered_model_name: RegisteredModelName = "iris",
     aliases: list[AliasName] = [],  # noqa: B006 - Prefect copies parameters
     model: ModelRef = "iris",
@@ -101,55 +90,32 @@ def export_checkpoint(
         UnsafeParameterError: in a deployment run, a path outside the roots or an inline MLflow connection.
         ModelDirError, NoValidCheckpointError, MetricNotFoundError: nothing to ship.
     """
-    log = get_logger()
-    if in_deployment_run():  # this process is the run's own: its TensorFlow import can be lean
-        skip_keras_optional_imports()
     selection = CheckpointSelection.parse(checkpoint, parameter="checkpoint")
-    settings = get_settings()
-    paths = checked_paths(
-        model_dir=model_dir or settings.default_path("models"),
-        export_base=export_base or settings.default_path("exports", registered_model_name),
-        frozen_dir=frozen_dir or settings.default_path("frozen", registered_model_name),
-    )
-    checked_code(model=model, data=data or None)
-    check_mlflow_connection(mlflow)
+    paths = {"model_dir": model_dir, "export_base": export_base, "frozen_dir": frozen_dir}
+    prelude = flow_prelude(paths, registered_model_name, model=model, data=data or None, mlflow=mlflow)
     aliases = list(dict.fromkeys(aliases))
-    connection = mlflow or MlflowConnection()
-    config = ExportConfig(model=model, data=data or None)
+    connection = prelude.connection or MlflowConnection()  # export-checkpoint always registers
 
-    ref = tasks.select_checkpoint(paths["model_dir"], selection, parameter="checkpoint")
+    ref = tasks.select_checkpoint(prelude.paths["model_dir"], selection, parameter="checkpoint")
     gate_value(ref, gate.metric)  # the gate metric must be there before anything is written
     tasks.check_can_register(registered_model_name, connection)
     publish_checkpoint_table(ref.model_dir, ref)
-
-    exported = tasks.export_saved_model(ref.path, paths["export_base"], config)
-    registered = tasks.find_registered_version(exported, registered_model_name, connection) if exported.reused else None
-    frozen = None
-    if registered is not None:
-        log.info("%s is already exported and registered as %s version %d", ref.path, registered.name, registered.version)
-    else:
-        frozen = tasks.freeze_graph(ref.path, frozen_graph_path(paths["frozen_dir"], ref.path), config)
-        run_name = f"export-checkpoint-{registered_model_name}-step-{ref.step}"
-        run_id = tasks.log_frozen_graph_to_mlflow(connection, None, frozen, run_name=run_name)
-        registered = tasks.register_model_version(
-            exported,
-            registered_model_name,
-            connection,
-            checkpoint=ref,
-            frozen=frozen,
-            run_id=run_id,
-            data=data or None,
+    shipped = ship_checkpoint(
+        ref,
+        str(selection),
+        ExportConfig(model=model, data=data or None),
+        Destination(
+            export_base=prelude.paths["export_base"],
+            frozen_dir=prelude.paths["frozen_dir"],
+            connection=connection,
+            registered_model_name=registered_model_name,
             gate=gate,
-        )
-    if aliases:
-        registered = tasks.set_model_version_aliases(registered, aliases, connection)
-    publish_export_summary(ref, str(selection), exported, frozen, registered)
-    publish_mlflow_links(registered)
-    return ExportSummary(
-        checkpoint=ref,
-        selection=str(selection),
-        export=exported,
-        frozen_graph=frozen,
-        registered=registered,
-        flow_run_id=current_flow_run_id(),
+            aliases=tuple(aliases),
+        ),
+        run_name=f"export-checkpoint-{registered_model_name}-step-{ref.step}",
+        skip_registered=True,
     )
+    summary = ExportSummary(**dict(shipped))
+    publish_export_summary(ref, summary.selection, summary.export, summary.frozen_graph, summary.registered)
+    publish_mlflow_links(summary.registered)
+    return summary

@@ -4,7 +4,8 @@ Names, counts and choices are typed (pydantic validates them when the run
 starts); what needs the caller's trust is checked here: paths against the
 configured roots, model code against the allowlist, the MLflow connection
 against "saved blocks only" (see `prefect_tensorflow.tasks.security`). Each
-failure names the parameter.
+failure names the parameter. `ParsedBy` marks a text parameter the flow
+parses, so the command line parses it too before the flow runs.
 
 Example:
     >>> from prefect_tensorflow.flows.parameters import checked_paths
@@ -14,12 +15,25 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from prefect_tensorflow.tasks import model_code
 from prefect_tensorflow.tasks.security import confine
 from prefect_tensorflow.tasks.storage.confined_dirs import open_directory
 from prefect_tensorflow.tasks.storage.locations import parse_location
+
+
+@dataclass(frozen=True)
+class ParsedBy:
+    """Annotation metadata of a text parameter the flow parses (`Annotated[str, ParsedBy(parse)]`).
+
+    Prefect and pydantic ignore it (the Run form shows a text field; the flow parses the value
+    itself); the command line calls `parse(value)` before the flow runs, so a bad value is one line.
+    """
+
+    parse: Callable[[str], Any]
 
 
 def checked_paths(**paths: str) -> dict[str, str]:

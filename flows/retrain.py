@@ -17,42 +17,31 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Annotated, Optional
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_tensorflow.tasks import prefect_tasks as tasks
 from prefect_tensorflow.tasks.blocks import MlflowConnection
-from prefect_tensorflow.tasks.checkpoints.selection import CheckpointRef, CheckpointSelection
-from prefect_tensorflow.tasks.configs import GateConfig, RegisteredModelName, TrainingConfig
+from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
+from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, RegisteredModelName, TrainingConfig
 from prefect_tensorflow.tasks.errors import StorageError
 from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
-from prefect_tensorflow.tasks.export.saved_model import ExportResult
-from prefect_tensorflow.tasks.lean_import import skip_keras_optional_imports
-from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion
-from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger, in_deployment_run
-from prefect_tensorflow.tasks.security import check_can_move_aside, check_is_model_dir, check_mlflow_connection
-from prefect_tensorflow.tasks.settings import get_settings
+from prefect_tensorflow.tasks.run_context import get_logger
+from prefect_tensorflow.tasks.security import check_can_move_aside, check_is_model_dir
 from prefect_tensorflow.tasks.storage.locations import parse_location
 from prefect_tensorflow.tasks.training.loop import TrainResult
 
-from .parameters import checked_code, checked_paths
-from .shipping import publish_shipped, ship_checkpoint
+from .parameters import ParsedBy
+from .prelude import flow_prelude
+from .shipping import Destination, Shipped, publish_shipped, ship_checkpoint
 
 
-class RetrainSummary(BaseModel):
-    """What a `retrain` run produced."""
-
-    model_config = ConfigDict(frozen=True)
+class RetrainSummary(Shipped):
+    """What a `retrain` run produced: the training, then what was shipped."""
 
     training: TrainResult
-    checkpoint: CheckpointRef = Field(description="The checkpoint selected to ship")
-    selection: str
-    frozen_graph: FreezeResult
-    export: ExportResult
-    registered: Optional[RegisteredVersion] = Field(default=None, description="None when track=False")
-    flow_run_id: Optional[str] = Field(default=None, description="The Prefect flow run that produced this")
+    frozen_graph: FreezeResult  # retrain always freezes
 
 
 def set_aside(model_dir: str) -> Optional[str]:
@@ -82,7 +71,7 @@ def set_aside(model_dir: str) -> Optional[str]:
 def retrain(
     model_dir: str = "",
     training: TrainingConfig = TrainingConfig(),
-    select: str = "latest",
+    select: Annotated[str, ParsedBy(CheckpointSelection.parse)] = "latest",
     from_scratch: bool = False,
     export_base: str = "",
     frozen_dir: str = "",
@@ -128,41 +117,27 @@ def retrain(
         ImportStringError: the model or data is refused or names nothing importable.
         UnsafeParameterError: in a deployment run, a path outside the roots or an inline MLflow connection.
     """
-    if in_deployment_run():  # this process is the run's own: its TensorFlow import can be lean
-        skip_keras_optional_imports()
     selection = CheckpointSelection.parse(select)
-    settings = get_settings()
-    paths = checked_paths(
-        model_dir=model_dir or settings.default_path("models"),
-        export_base=export_base or settings.default_path("exports", registered_model_name),
-        frozen_dir=frozen_dir or settings.default_path("frozen", registered_model_name),
-    )
-    checked_code(model=training.model, data=training.data)
-    check_mlflow_connection(mlflow)
-    connection = (mlflow or MlflowConnection()) if track else None
-    if connection is not None:
-        tasks.check_can_register(registered_model_name, connection)
+    paths = {"model_dir": model_dir, "export_base": export_base, "frozen_dir": frozen_dir}
+    prelude = flow_prelude(paths, registered_model_name, model=training.model, data=training.data, mlflow=mlflow, track=track)
+    if prelude.connection is not None:
+        tasks.check_can_register(registered_model_name, prelude.connection)
     if from_scratch:
-        set_aside(paths["model_dir"])
-    result = tasks.train_with_checkpoints(paths["model_dir"], training, tracking=connection)
+        set_aside(prelude.paths["model_dir"])
+    result = tasks.train_with_checkpoints(prelude.paths["model_dir"], training, tracking=prelude.connection)
     ref = tasks.select_checkpoint(result.model_dir, selection)
     shipped = ship_checkpoint(
         ref,
-        training,
-        export_base=paths["export_base"],
-        frozen_dir=paths["frozen_dir"],
-        connection=connection,
-        registered_model_name=registered_model_name,
-        gate=gate,
+        str(selection),
+        ExportConfig(model=training.model, hparams=training.hparams, data=training.data),
+        Destination(
+            export_base=prelude.paths["export_base"],
+            frozen_dir=prelude.paths["frozen_dir"],
+            connection=prelude.connection,
+            registered_model_name=registered_model_name,
+            gate=gate,
+        ),
         run_id=result.mlflow_run_id,
     )
-    publish_shipped(result, ref, str(selection), shipped)
-    return RetrainSummary(
-        training=result,
-        checkpoint=ref,
-        selection=str(selection),
-        frozen_graph=shipped.frozen_graph,
-        export=shipped.export,
-        registered=shipped.registered,
-        flow_run_id=current_flow_run_id(),
-    )
+    publish_shipped(result, shipped)
+    return RetrainSummary(**dict(shipped), training=result)

@@ -1,35 +1,43 @@
-"""Shipping a selected checkpoint, as `retrain` does it: freeze, export, log, register and gate, then publish.
+"""The one way a flow ships a selected checkpoint: export -> freeze -> register -> gate -> aliases.
 
-`retrain` and `sweep` end the same way once they hold the checkpoint to ship
-and the training that produced it; these two helpers are that end, made of
-the same Prefect tasks, so both flows ship alike:
+`retrain`, `sweep` and `export-checkpoint` end the same way once they hold
+the checkpoint to ship; `ship_checkpoint` is that end, made of the Prefect
+tasks, so every flow ships alike (a new export format or shipping step is
+added here, once):
 
-- `ship_checkpoint`: a verified frozen `.pb`, the next verified SavedModel
-  version, and (with an MLflow connection) the frozen graph logged to the
-  training's run and the export registered, `challenger`, and `champion`
-  when it beats the champion on the gate metric;
-- `publish_shipped`: the Prefect artifacts: the checkpoint table, the
-  training summary, the links to the MLflow model version and run.
+- the checkpoint's gate metric is checked before anything is written (when
+  the export is to be registered);
+- the next verified SavedModel version, then a verified frozen `.pb`;
+- with an MLflow connection, the frozen graph logged (to the given run, else
+  a new one) and the export registered, `challenger`, `champion` when it
+  beats the champion on the gate metric, then the extra aliases asked for.
+  With `skip_registered`, an export that was already there and registered
+  returns that version without freezing or logging again.
+
+`publish_shipped` publishes the Prefect artifacts of a shipped training: the
+checkpoint table, the training summary, the links to the MLflow version and run.
 
 Example:
     >>> from prefect_tensorflow.flows.shipping import Shipped
     >>> sorted(Shipped.model_fields)
-    ['export', 'frozen_graph', 'registered']
+    ['checkpoint', 'export', 'flow_run_id', 'frozen_graph', 'registered', 'selection']
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_tensorflow.tasks import prefect_tasks as tasks
 from prefect_tensorflow.tasks.checkpoints.selection import CheckpointRef
-from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, TrainingConfig
+from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig
 from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
 from prefect_tensorflow.tasks.export.saved_model import ExportResult
 from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
-from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion
+from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion, gate_value
+from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger
 from prefect_tensorflow.tasks.training.loop import TrainResult
 
 from .artifacts import publish_checkpoint_table, publish_mlflow_links, publish_training_summary
@@ -37,60 +45,96 @@ from .parameters import frozen_graph_path
 
 
 class Shipped(BaseModel):
-    """What shipping a checkpoint produced."""
+    """What shipping a checkpoint produced; every flow's summary starts with these fields."""
 
     model_config = ConfigDict(frozen=True)
 
-    frozen_graph: FreezeResult
+    checkpoint: CheckpointRef = Field(description="The checkpoint that was shipped")
+    selection: str = Field(description="How it was selected: 'latest', a step or 'best:<metric>:<mode>'")
     export: ExportResult
-    registered: Optional[RegisteredVersion] = Field(default=None, description="None without an MLflow connection")
+    frozen_graph: Optional[FreezeResult] = Field(default=None, description="None when the export was already registered")
+    registered: Optional[RegisteredVersion] = Field(default=None, description="None without MLflow (track=False)")
+    flow_run_id: Optional[str] = Field(default=None, description="The Prefect flow run that produced this")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a flow ships to: its export base and frozen-graph directory, and the MLflow registry."""
+
+    export_base: str
+    frozen_dir: str
+    connection: Optional[MlflowConfig]
+    registered_model_name: str
+    gate: GateConfig
+    aliases: tuple[str, ...] = ()
 
 
 def ship_checkpoint(
     ref: CheckpointRef,
-    training: TrainingConfig,
+    selection: str,
+    config: ExportConfig,
+    to: Destination,
     *,
-    export_base: str,
-    frozen_dir: str,
-    connection: Optional[MlflowConfig],
-    registered_model_name: str,
-    gate: GateConfig,
-    run_id: Optional[str],
+    run_id: Optional[str] = None,
+    run_name: str = "freeze",
+    skip_registered: bool = False,
 ) -> Shipped:
-    """Freeze and export `ref` (verified), then log and register it in MLflow when `connection` is set.
+    """Export and freeze `ref` (each verified), then log, register, gate and alias it when `to` has a connection.
 
     Args:
         ref: the checkpoint to ship.
-        training: the config it was trained with (model, hparams and data rebuild it for the export).
-        export_base: directory of SavedModel versions.
-        frozen_dir: directory of frozen graphs.
-        connection: the MLflow connection; None ships without MLflow.
-        registered_model_name: the registered model the export becomes a version of.
-        gate: the champion gate.
-        run_id: the MLflow run the frozen graph and the model are logged to (the training's run).
+        selection: how it was selected (for the summary).
+        config: how to rebuild and verify the model (model, hparams, data).
+        to: the export base, frozen-graph directory and registry.
+        run_id: the MLflow run the frozen graph and the model are logged to (the training's run);
+            None: a new run named `run_name`.
+        run_name: the name of that new run.
+        skip_registered: an export that already existed and is registered returns that version
+            without freezing or logging again.
+
+    Raises:
+        MetricNotFoundError: the checkpoint lacks the gate metric (before anything is written).
     """
-    export = ExportConfig(model=training.model, hparams=training.hparams, data=training.data)
-    frozen = tasks.freeze_graph(ref.path, frozen_graph_path(frozen_dir, ref.path), export)
-    exported = tasks.export_saved_model(ref.path, export_base, export)
+    if to.connection is not None:
+        gate_value(ref, to.gate.metric)  # the gate metric must be there before anything is written
+    exported = tasks.export_saved_model(ref.path, to.export_base, config)
     registered = None
-    if connection is not None:
-        tasks.log_frozen_graph_to_mlflow(connection, run_id, frozen)
-        registered = tasks.register_model_version(
-            exported,
-            registered_model_name,
-            connection,
-            checkpoint=ref,
-            frozen=frozen,
-            run_id=run_id,
-            data=training.data,
-            gate=gate,
-        )
-    return Shipped(frozen_graph=frozen, export=exported, registered=registered)
+    if skip_registered and exported.reused and to.connection is not None:
+        registered = tasks.find_registered_version(exported, to.registered_model_name, to.connection)
+    frozen = None
+    if registered is not None:
+        get_logger().info("%s is already exported and registered as %s version %d", ref.path, registered.name, registered.version)
+    else:
+        frozen = tasks.freeze_graph(ref.path, frozen_graph_path(to.frozen_dir, ref.path), config)
+        if to.connection is not None:
+            run_id = tasks.log_frozen_graph_to_mlflow(to.connection, run_id, frozen, run_name=run_name)
+            registered = tasks.register_model_version(
+                exported,
+                to.registered_model_name,
+                to.connection,
+                checkpoint=ref,
+                frozen=frozen,
+                run_id=run_id,
+                data=config.data,
+                gate=to.gate,
+            )
+    if registered is not None and to.aliases:
+        registered = tasks.set_model_version_aliases(registered, list(to.aliases), to.connection)
+    return Shipped(
+        checkpoint=ref,
+        selection=selection,
+        export=exported,
+        frozen_graph=frozen,
+        registered=registered,
+        flow_run_id=current_flow_run_id(),
+    )
 
 
-def publish_shipped(result: TrainResult, ref: CheckpointRef, selection: str, shipped: Shipped) -> None:
+def publish_shipped(result: TrainResult, shipped: Shipped) -> None:
     """The Prefect artifacts of a shipped training: checkpoint table, training summary, MLflow links."""
-    publish_checkpoint_table(result.model_dir, ref)
-    publish_training_summary(result, ref, selection, shipped.frozen_graph, shipped.export, shipped.registered)
+    publish_checkpoint_table(result.model_dir, shipped.checkpoint)
+    publish_training_summary(
+        result, shipped.checkpoint, shipped.selection, shipped.frozen_graph, shipped.export, shipped.registered
+    )
     if shipped.registered is not None:
         publish_mlflow_links(shipped.registered)

@@ -29,22 +29,20 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Optional, Union
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from prefect_tensorflow.tasks import prefect_tasks as tasks
 from prefect_tensorflow.tasks.blocks import MlflowConnection
-from prefect_tensorflow.tasks.checkpoints.selection import CheckpointRef, CheckpointSelection
+from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
 from prefect_tensorflow.tasks.config_checks import short_repr
-from prefect_tensorflow.tasks.configs import GateConfig, RegisteredModelName, TrainingConfig
+from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, RegisteredModelName, TrainingConfig
 from prefect_tensorflow.tasks.errors import StorageError, UnsafeParameterError
 from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
-from prefect_tensorflow.tasks.export.saved_model import ExportResult
-from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion
-from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger, in_deployment_run, prefect_run_tags
-from prefect_tensorflow.tasks.security import check_mlflow_connection
+from prefect_tensorflow.tasks.run_context import get_logger, in_deployment_run, prefect_run_tags
 from prefect_tensorflow.tasks.settings import get_settings
 from prefect_tensorflow.tasks.storage.locations import parse_location
 from prefect_tensorflow.tasks.training.sweep_candidates import (
@@ -58,8 +56,9 @@ from prefect_tensorflow.tasks.training.sweep_candidates import (
     rank_candidates,
 )
 
-from .parameters import checked_code, checked_paths
-from .shipping import publish_shipped, ship_checkpoint
+from .parameters import ParsedBy
+from .prelude import flow_prelude
+from .shipping import Destination, Shipped, publish_shipped, ship_checkpoint
 
 DASK_ADDRESS = re.compile(r"(tcp|tls|inproc|ws|wss)://[A-Za-z0-9_.:\[\]-]{1,253}")
 DEFAULT_CANDIDATES = [
@@ -70,21 +69,14 @@ DaskWorkers = Annotated[int, Field(ge=0, le=64)]
 Threads = Annotated[int, Field(ge=0, le=64)]
 
 
-class SweepSummary(BaseModel):
-    """What a `sweep` run produced."""
-
-    model_config = ConfigDict(frozen=True)
+class SweepSummary(Shipped):
+    """What a `sweep` run produced: the candidates and their comparison, then the winner's checkpoint shipped."""
 
     candidates: list[CandidateResult]
     comparison: list[dict[str, Any]] = Field(description="The comparison table, one row per candidate")
     winner: str = Field(description="The winning candidate's id")
-    checkpoint: CheckpointRef = Field(description="The winner's checkpoint that was shipped")
-    selection: str
-    frozen_graph: FreezeResult
-    export: ExportResult
-    registered: Optional[RegisteredVersion] = Field(default=None, description="None when track=False")
+    frozen_graph: FreezeResult  # a sweep always freezes
     mlflow_parent_run_id: Optional[str] = None
-    flow_run_id: Optional[str] = None
 
 
 def sweep_selection(select: str) -> CheckpointSelection:
@@ -198,7 +190,7 @@ def sweep(
     candidates: Candidates = DEFAULT_CANDIDATES,  # a list default: Prefect copies parameters
     sweep_root: str = "",
     training: TrainingConfig = TrainingConfig(),
-    select: str = "best:accuracy",
+    select: Annotated[str, ParsedBy(sweep_selection)] = "best:accuracy",
     export_base: str = "",
     frozen_dir: str = "",
     registered_model_name: RegisteredModelName = "iris",
@@ -242,19 +234,13 @@ def sweep(
     """
     log = get_logger()
     selection = sweep_selection(select)
-    settings = get_settings()
-    paths = checked_paths(
-        sweep_root=sweep_root or settings.default_path("sweeps"),
-        export_base=export_base or settings.default_path("exports", registered_model_name),
-        frozen_dir=frozen_dir or settings.default_path("frozen", registered_model_name),
-    )
+    paths: Mapping[str, str] = {"sweep_root": sweep_root, "export_base": export_base, "frozen_dir": frozen_dir}
+    prelude = flow_prelude(paths, registered_model_name, model=training.model, data=training.data, mlflow=mlflow, track=track)
+    paths, connection = prelude.paths, prelude.connection  # checked, defaults filled in
     if not parse_location(paths["sweep_root"], parameter="sweep_root").is_local:
         raise StorageError(f"sweep_root: {paths['sweep_root']}: expected a local or shared-filesystem directory")
-    checked_code(model=training.model, data=training.data)
-    check_mlflow_connection(mlflow)
     address = checked_dask_address(dask_address)
     specs = plan_candidates(paths["sweep_root"], training, list(candidates), threads=threads_per_candidate)
-    connection = (mlflow or MlflowConnection()) if track else None
     parent_run_id = None
     if connection is not None:
         tasks.check_can_register(registered_model_name, connection)
@@ -294,7 +280,7 @@ def _train_compare_ship(
     dask_workers: int,
     selection: CheckpointSelection,
     training: TrainingConfig,
-    paths: dict[str, str],
+    paths: Mapping[str, str],
     connection: Optional[MlflowConnection],
     registered_model_name: str,
     gate: GateConfig,
@@ -331,27 +317,25 @@ def _train_compare_ship(
     log.info(
         "winner: candidate %d (%s), %s=%s at step %s", winner.index, winner.candidate_id, metric, ref.metrics[metric], ref.step
     )
-    winner_training = specs[winner.index].config.model_copy(update={"model": training.model, "data": training.data})
+    winner_training = specs[winner.index].config
     shipped = ship_checkpoint(
         ref,
-        winner_training,
-        export_base=paths["export_base"],
-        frozen_dir=paths["frozen_dir"],
-        connection=connection,
-        registered_model_name=registered_model_name,
-        gate=gate,
+        str(selection),
+        ExportConfig(model=training.model, hparams=winner_training.hparams, data=training.data),
+        Destination(
+            export_base=paths["export_base"],
+            frozen_dir=paths["frozen_dir"],
+            connection=connection,
+            registered_model_name=registered_model_name,
+            gate=gate,
+        ),
         run_id=winner.training.mlflow_run_id,
     )
-    publish_shipped(winner.training, ref, str(selection), shipped)
+    publish_shipped(winner.training, shipped)
     return SweepSummary(
+        **dict(shipped),
         candidates=sorted(results, key=lambda r: r.index),
         comparison=rows,
         winner=winner.candidate_id,
-        checkpoint=ref,
-        selection=str(selection),
-        frozen_graph=shipped.frozen_graph,
-        export=shipped.export,
-        registered=shipped.registered,
         mlflow_parent_run_id=parent_run_id,
-        flow_run_id=current_flow_run_id(),
     )
