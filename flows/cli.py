@@ -26,26 +26,39 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
+from types import MappingProxyType
 from typing import Annotated, Any, Optional
 
 import typer
-from pydantic import ValidationError
 
 from prefect_tensorflow.tasks.checkpoints import inspection, selection
-from prefect_tensorflow.tasks.config_checks import one_line
-from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, TrainingConfig
-from prefect_tensorflow.tasks.errors import ParityError, PrefectTensorFlowError
+from prefect_tensorflow.tasks.configs import ExportConfig, TrainingConfig
+from prefect_tensorflow.tasks.errors import ParityError
 from prefect_tensorflow.tasks.export import frozen_graph, saved_model, verification
 from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig, console_command
 from prefect_tensorflow.tasks.settings import get_settings
 from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
+from .cli_errors import REPORTED, fail, reported
 from .cli_options import with_training_options
 from .defaults import apply_environment_defaults
+from .flow_commands import FlowEntry, Spelling, flow_commands_group
+
+# How the flow commands spell a flow parameter where `--<name>` does not fit (every other
+# parameter of a flow is an option of its command by its own name, type, default and description).
+SPELLING = Spelling(
+    flags=MappingProxyType({"track": "--mlflow/--no-mlflow", "aliases": "--alias"}),
+    config_prefixes=MappingProxyType({"training": ""}),
+    config_flags=MappingProxyType(
+        {"mlflow": MappingProxyType({"tracking_uri": "--tracking-uri", "experiment_name": "--experiment"})}
+    ),
+    required=frozenset({"candidates"}),
+)
 
 app = typer.Typer(
+    cls=flow_commands_group(lambda: FLOW_COMMANDS, SPELLING, lambda summary, as_json, text: _emit(summary, as_json, text)),
     help="Train TensorFlow models with checkpoints and ship them with Prefect.",
     no_args_is_help=True,
     add_completion=False,
@@ -61,42 +74,7 @@ DATA_HELP = "Registered dataset loader name (e.g. iris) or 'module:attr' of a lo
 ModelDirOption = Annotated[
     Optional[str], typer.Option("--model-dir", help="Checkpoint directory (default: <data home>/models/iris)")
 ]
-ExportBaseOption = Annotated[
-    Optional[str],
-    typer.Option("--export-base", help="SavedModel versions (default: <data home>/exports/<registered model name>)"),
-]
-FrozenDirOption = Annotated[
-    Optional[str], typer.Option("--frozen-dir", help="Frozen graphs (default: <data home>/frozen/<registered model name>)")
-]
-RegisteredModelOption = Annotated[str, typer.Option("--registered-model-name", help="MLflow registered model")]
-TrackingUriOption = Annotated[
-    Optional[str],
-    typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else <data home>/mlflow/mlflow.db)"),
-]
-ExperimentOption = Annotated[
-    Optional[str],
-    typer.Option("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else prefect-tensorflow)"),
-]
-GateMetricOption = Annotated[str, typer.Option(help="Checkpoint metric a new version must beat the champion on ('' for none)")]
-GateModeOption = Annotated[
-    Optional[str],
-    typer.Option(help="'max' if higher is better, 'min' if lower is [default: 'min' for a loss or error metric, else 'max']"),
-]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON")]
-
-
-def fail(err: BaseException) -> None:
-    """Print `error: <one line>` and exit with status 2."""
-    typer.echo(f"error: {one_line(err)}", err=True)
-    raise typer.Exit(2)
-
-
-def _run(action: Callable[[], Any]) -> Any:
-    """Run `action`, turning the package's and validation errors into one-line messages."""
-    try:
-        return action()
-    except (PrefectTensorFlowError, ValidationError, ValueError, FileNotFoundError) as err:
-        fail(err)
 
 
 def _emit(obj: Any, as_json: bool, text: Callable[[], str]) -> None:
@@ -139,7 +117,7 @@ def _parity_text(parity) -> str:
 
 
 def _export_config(**values: Any) -> ExportConfig:
-    return _run(lambda: ExportConfig(**{k: v for k, v in values.items() if v is not None}))
+    return reported(lambda: ExportConfig(**{k: v for k, v in values.items() if v is not None}))
 
 
 # --- training and checkpoints --------------------------------------------------------------
@@ -155,7 +133,7 @@ def train(
     """Train with checkpoints, resuming from the newest valid one; shows a progress bar."""
     progress = _ProgressBar()
     try:
-        result = _run(
+        result = reported(
             lambda: train_with_checkpoints(
                 model_dir or get_settings().default_path("models"),
                 training,
@@ -229,7 +207,7 @@ def list_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Every checkpoint with its step, time, size, validity and metrics."""
-    rows = _run(lambda: selection.list_checkpoints(model_dir, verify_checksums=verify_checksums))
+    rows = reported(lambda: selection.list_checkpoints(model_dir, verify_checksums=verify_checksums))
 
     def text() -> str:
         lines = [f"{'step':>10}  {'time (UTC)':19}  {'size':>10}  {'valid':5}  detail"]
@@ -260,7 +238,7 @@ def latest_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """The newest valid checkpoint (what tf.train.latest_checkpoint should answer)."""
-    ref = _run(lambda: selection.select_latest_checkpoint(model_dir, verify_checksums=verify_checksums))
+    ref = reported(lambda: selection.select_latest_checkpoint(model_dir, verify_checksums=verify_checksums))
     _emit(ref, as_json, lambda: _ref_text(ref))
 
 
@@ -273,7 +251,7 @@ def best_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """The valid checkpoint with the best recorded metric."""
-    ref = _run(lambda: selection.select_best_checkpoint(model_dir, metric, mode, verify_checksums=verify_checksums))  # type: ignore[arg-type]
+    ref = reported(lambda: selection.select_best_checkpoint(model_dir, metric, mode, verify_checksums=verify_checksums))  # type: ignore[arg-type]
     _emit(ref, as_json, lambda: _ref_text(ref))
 
 
@@ -284,8 +262,8 @@ def inspect_cmd(
 ) -> None:
     """Validity, size and the variables (name, shape, dtype) of one checkpoint."""
     prefix = checkpoint.removesuffix(".index")
-    files = _run(lambda: selection.validate_checkpoint(prefix))
-    variables = _run(lambda: inspection.list_variables(prefix))
+    files = reported(lambda: selection.validate_checkpoint(prefix))
+    variables = reported(lambda: inspection.list_variables(prefix))
     result = {
         "path": files.prefix,
         "step": files.step,
@@ -332,7 +310,7 @@ def evaluate(
         selection.list_checkpoints(model_dir)  # a model dir that does not exist fails here, naming it
         return evaluate_missing(model_dir, spec)
 
-    count = _run(run)
+    count = reported(run)
     _emit({"evaluated": count}, as_json, lambda: f"evaluated {count} checkpoint(s) of {model_dir}")
 
 
@@ -355,7 +333,7 @@ def freeze(
     config = _export_config(
         model=model, data=data, output_nodes=_nodes(output_nodes), input_nodes=_nodes(input_nodes), tolerance=tolerance
     )
-    result = _run(lambda: frozen_graph.freeze_graph(checkpoint, output, config, as_text=as_text))
+    result = reported(lambda: frozen_graph.freeze_graph(checkpoint, output, config, as_text=as_text))
     _emit(
         result,
         as_json,
@@ -383,7 +361,7 @@ def export(
     config = _export_config(
         model=model, data=data, input_nodes=_nodes(input_nodes), output_nodes=_nodes(output_nodes), tolerance=tolerance
     )
-    result = _run(lambda: saved_model.export_saved_model(checkpoint, export_base, config))
+    result = reported(lambda: saved_model.export_saved_model(checkpoint, export_base, config))
     _emit(
         result,
         as_json,
@@ -413,8 +391,8 @@ def verify(
     except ParityError as err:
         if not hasattr(err, "report"):
             fail(err)
-        report, ok = err.report, False  # type: ignore[attr-defined]
-    except (PrefectTensorFlowError, ValidationError, ValueError, FileNotFoundError) as err:
+        report, ok = err.report, False
+    except REPORTED as err:
         fail(err)
     _emit(
         report,
@@ -425,106 +403,64 @@ def verify(
         raise typer.Exit(1)
 
 
-# --- the flows --------------------------------------------------------------------------------
+# --- the flows: commands made from their parameters (flow_commands) --------------------------------
 
 
-def _shipping_settings(
-    registered_model_name: str,
-    gate_metric: str,
-    gate_mode: Optional[str],
-    tracking_uri: Optional[str],
-    experiment: Optional[str],
-) -> tuple[GateConfig, Any]:
-    """The flows' shipping options, checked: the champion gate and the `MlflowConnection` (Prefect is imported)."""
-    _check_registered_model_name(registered_model_name)
-    gate = _gate(gate_metric, gate_mode)
-    config = _run(lambda: MlflowConfig(tracking_uri=tracking_uri, experiment_name=experiment))
-    from prefect_tensorflow.tasks.blocks import MlflowConnection
-
-    return gate, MlflowConnection(**config.model_dump())
-
-
-def _gate(metric: str, mode: Optional[str]) -> GateConfig:
-    try:
-        return GateConfig(metric=metric or None, mode=mode)  # type: ignore[arg-type]
-    except ValidationError as err:
-        field = str(err.errors()[0]["loc"][0])
-        fail(ValueError(f"--gate-{field}: {one_line(err).split(': ', 1)[-1]}"))
-        raise
-
-
-@app.command()
-@with_training_options
-def retrain(
-    training: TrainingConfig,
-    model_dir: ModelDirOption = None,
-    select: str = typer.Option("latest", help="'latest', a step number or 'best:<metric>[:min|max]'"),
-    export_base: ExportBaseOption = None,
-    frozen_dir: FrozenDirOption = None,
-    registered_model_name: RegisteredModelOption = "iris",
-    tracking_uri: TrackingUriOption = None,
-    experiment: ExperimentOption = None,
-    gate_metric: GateMetricOption = "accuracy",
-    gate_mode: GateModeOption = None,
-    track: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Track in MLflow and register the export"),
-    from_scratch: bool = typer.Option(
-        False, "--from-scratch", help="Start at step 0; the old checkpoints move to <model-dir>.previous-<time>"
-    ),
-    as_json: JsonOption = False,
-) -> None:
-    """Run the `retrain` flow: train, select, freeze, export, then log and register in MLflow."""
-    from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
-
-    _run(lambda: CheckpointSelection.parse(select))
-    gate, connection = _shipping_settings(registered_model_name, gate_metric, gate_mode, tracking_uri, experiment)
-    from .retrain import retrain as retrain_flow
-
-    summary = _run(
-        lambda: retrain_flow(
-            model_dir=model_dir or "",
-            training=training,
-            select=select,
-            export_base=export_base or "",
-            frozen_dir=frozen_dir or "",
-            registered_model_name=registered_model_name,
-            mlflow=connection,
-            gate=gate,
-            track=track,
-            from_scratch=from_scratch,
-        )
-    )
+def _retrain_text(summary: Any, arguments: Mapping[str, Any]) -> str:
     ref = summary.checkpoint
-    _emit(
-        summary,
-        as_json,
-        lambda: (
-            f"\nmodel dir:            {summary.training.model_dir}\n"
-            f"trained:              step {summary.training.start_step} -> {summary.training.final_step}\n"
-            f"checkpoint to ship:   {ref.path}\n"
-            f"  step {ref.step}, {ref.format}, metrics: {_metrics(ref.metrics)}\n"
-            f"frozen graph:         {summary.frozen_graph.path}\n"
-            f"  verified: {_parity_text(summary.frozen_graph.parity)}\n"
-            f"SavedModel:           {summary.export.path} (version {summary.export.version}"
-            f"{', already exported' if summary.export.reused else ''})\n"
-            f"  verified: {_parity_text(summary.export.parity)}\n"
-            f"inspect it:           saved_model_cli show --dir {summary.export.path} --all\n"
-            f"list all checkpoints: prefect-tensorflow checkpoints list {summary.training.model_dir}\n"
-            f"TensorBoard:          tensorboard --logdir {summary.training.model_dir}"
-            + (_registered_text(summary.registered, connection) if summary.registered else "")
-            + _prefect_ui_text(summary.flow_run_id)
-        ),
+    return (
+        f"\nmodel dir:            {summary.training.model_dir}\n"
+        f"trained:              step {summary.training.start_step} -> {summary.training.final_step}\n"
+        f"checkpoint to ship:   {ref.path}\n"
+        f"  step {ref.step}, {ref.format}, metrics: {_metrics(ref.metrics)}\n"
+        f"frozen graph:         {summary.frozen_graph.path}\n"
+        f"  verified: {_parity_text(summary.frozen_graph.parity)}\n"
+        + _saved_model_text(summary.export)
+        + f"  verified: {_parity_text(summary.export.parity)}\n"
+        f"inspect it:           saved_model_cli show --dir {summary.export.path} --all\n"
+        f"list all checkpoints: prefect-tensorflow checkpoints list {summary.training.model_dir}\n"
+        f"TensorBoard:          tensorboard --logdir {summary.training.model_dir}"
+        + (_registered_text(summary.registered, arguments["mlflow"]) if summary.registered else "")
+        + _prefect_ui_text(summary.flow_run_id)
     )
 
 
-def _check_registered_model_name(name: str) -> None:
-    from pydantic import TypeAdapter
+def _export_checkpoint_text(summary: Any, arguments: Mapping[str, Any]) -> str:
+    ref = summary.checkpoint
+    return (
+        f"\ncheckpoint:           {ref.path}\n"
+        f"  step {ref.step}, {ref.format}, metrics: {_metrics(ref.metrics)}\n"
+        + _saved_model_text(summary.export)
+        + f"  verified: {_parity_text(summary.export.parity)}\n"
+        + (
+            f"frozen graph:         {summary.frozen_graph.path}\n  verified: {_parity_text(summary.frozen_graph.parity)}"
+            if summary.frozen_graph
+            else "frozen graph:         (already registered: not frozen again)"
+        )
+        + _registered_text(summary.registered, arguments["mlflow"])
+        + _prefect_ui_text(summary.flow_run_id)
+    )
 
-    from prefect_tensorflow.tasks.configs import RegisteredModelName
 
-    try:
-        TypeAdapter(RegisteredModelName).validate_python(name)
-    except ValidationError as err:
-        fail(ValueError(f"--registered-model-name: {one_line(err).split(': ', 1)[-1]}"))
+def _sweep_text(summary: Any, arguments: Mapping[str, Any]) -> str:
+    metric = summary.selection.split(":")[1]
+    columns = ["candidate", "id", "winner", "hparams", "seed", "steps", "checkpoint step", metric, "trained"]
+    lines = ["  ".join(str(c) for c in columns)]
+    for row in summary.comparison:
+        lines.append("  ".join(str(row.get(c, "")) for c in columns))
+    ref = summary.checkpoint
+    return (
+        "\n".join(lines) + f"\n\nwinner:               {summary.winner}\ncheckpoint to ship:   {ref.path}\n"
+        f"  step {ref.step}, metrics: {_metrics(ref.metrics)}\n"
+        f"frozen graph:         {summary.frozen_graph.path}\n"
+        + _saved_model_text(summary.export)
+        + (_registered_text(summary.registered, arguments["mlflow"]) if summary.registered else "")
+        + _prefect_ui_text(summary.flow_run_id)
+    )
+
+
+def _saved_model_text(export: Any) -> str:
+    return f"SavedModel:           {export.path} (version {export.version}{', already exported' if export.reused else ''})\n"
 
 
 def _registered_text(registered, connection: MlflowConfig) -> str:
@@ -561,178 +497,6 @@ def _prefect_ui_text(flow_run_id: Optional[str]) -> str:
     )
 
 
-@app.command("export-checkpoint")
-def export_checkpoint_command(
-    model_dir: ModelDirOption = None,
-    checkpoint: str = typer.Option("latest", help="'latest', a step number or 'best:<metric>[:min|max]'"),
-    registered_model_name: RegisteredModelOption = "iris",
-    export_base: ExportBaseOption = None,
-    frozen_dir: FrozenDirOption = None,
-    model: str = typer.Option("iris", help=MODEL_HELP),
-    data: str = typer.Option("iris", help=DATA_HELP + " whose eval split is the verification batch"),
-    alias: list[str] = typer.Option([], "--alias", help="Extra alias to point at the version (repeatable)"),
-    gate_metric: GateMetricOption = "accuracy",
-    gate_mode: GateModeOption = None,
-    tracking_uri: TrackingUriOption = None,
-    experiment: ExperimentOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Run the `export-checkpoint` flow: select a checkpoint, export, freeze, register in MLflow."""
-    from pydantic import TypeAdapter
-
-    from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
-    from prefect_tensorflow.tasks.configs import AliasName
-
-    _run(lambda: CheckpointSelection.parse(checkpoint, parameter="checkpoint"))
-    for name in alias:
-        _run(lambda: _named("--alias", lambda: TypeAdapter(AliasName).validate_python(name)))  # noqa: B023
-    gate, connection = _shipping_settings(registered_model_name, gate_metric, gate_mode, tracking_uri, experiment)
-    from .export_checkpoint import export_checkpoint
-
-    summary = _run(
-        lambda: export_checkpoint(
-            model_dir=model_dir or "",
-            checkpoint=checkpoint,
-            registered_model_name=registered_model_name,
-            export_base=export_base or "",
-            frozen_dir=frozen_dir or "",
-            model=model,
-            data=data,
-            aliases=alias,
-            gate=gate,
-            mlflow=connection,
-        )
-    )
-    ref = summary.checkpoint
-    _emit(
-        summary,
-        as_json,
-        lambda: (
-            f"\ncheckpoint:           {ref.path}\n"
-            f"  step {ref.step}, {ref.format}, metrics: {_metrics(ref.metrics)}\n"
-            f"SavedModel:           {summary.export.path} (version {summary.export.version}"
-            f"{', already exported' if summary.export.reused else ''})\n"
-            f"  verified: {_parity_text(summary.export.parity)}\n"
-            + (
-                f"frozen graph:         {summary.frozen_graph.path}\n  verified: {_parity_text(summary.frozen_graph.parity)}"
-                if summary.frozen_graph
-                else "frozen graph:         (already registered: not frozen again)"
-            )
-            + _registered_text(summary.registered, connection)
-            + _prefect_ui_text(summary.flow_run_id)
-        ),
-    )
-
-
-def _named(parameter: str, check: Callable[[], Any]) -> Any:
-    try:
-        return check()
-    except ValidationError as err:
-        # A nested error keeps its location ("0.seed: ..."); a top-level one loses the type's title.
-        message = one_line(err).removeprefix(f"{err.title}: ")
-        raise ValueError(f"{parameter}: {message}") from err
-
-
-def _sweep_candidates(text: str) -> list:
-    """`--candidates`: a JSON list of {hparams, seed, steps}, or @FILE holding one."""
-    from pydantic import TypeAdapter
-
-    from prefect_tensorflow.tasks.training.sweep_candidates import Candidates
-
-    if text.startswith("@"):
-        try:
-            with open(text[1:], encoding="utf-8") as handle:
-                text = handle.read()
-        except OSError as err:
-            raise ValueError(f"--candidates: cannot read {text[1:]}: {err.strerror or err}") from err
-    try:
-        values = json.loads(text)
-    except ValueError as err:
-        raise ValueError(
-            f'--candidates: expected a JSON list, e.g. \'[{{"hparams": {{"learning_rate": 0.1}}, "seed": 0}}]\': {err}'
-        ) from err
-    return _named("--candidates", lambda: TypeAdapter(Candidates).validate_python(values))
-
-
-@app.command()
-@with_training_options
-def sweep(
-    training: TrainingConfig,
-    candidates: str = typer.Option(
-        ..., "--candidates", help="JSON list of candidates ({hparams, seed, steps} over the training options), or @FILE"
-    ),
-    sweep_root: Optional[str] = typer.Option(
-        None, "--sweep-root", help="One model dir per candidate under it (default: <data home>/sweeps/iris)"
-    ),
-    select: str = typer.Option("best:accuracy", help="How candidates are compared: 'best:<metric>[:min|max]'"),
-    dask_address: Optional[str] = typer.Option(
-        None,
-        "--dask-address",
-        help="Scheduler of an existing Dask cluster (default: $PREFECT_TENSORFLOW_DASK_ADDRESS, else a local cluster)",
-    ),
-    dask_workers: int = typer.Option(
-        0, "--dask-workers", help="Local cluster worker processes (0: one per candidate, at most one per core)"
-    ),
-    threads_per_candidate: int = typer.Option(
-        1, "--threads-per-candidate", help="TensorFlow threads per candidate (0: TF's default)"
-    ),
-    export_base: ExportBaseOption = None,
-    frozen_dir: FrozenDirOption = None,
-    registered_model_name: RegisteredModelOption = "iris",
-    tracking_uri: TrackingUriOption = None,
-    experiment: ExperimentOption = None,
-    gate_metric: GateMetricOption = "accuracy",
-    gate_mode: GateModeOption = None,
-    track: bool = typer.Option(
-        True, "--mlflow/--no-mlflow", help="Track in MLflow (parent and child runs) and register the winner"
-    ),
-    as_json: JsonOption = False,
-) -> None:
-    """Run the `sweep` flow: train candidates in parallel on Dask, ship the best as retrain does."""
-    from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
-
-    chosen = _run(lambda: _sweep_candidates(candidates))
-    _run(lambda: CheckpointSelection.parse(select))
-    gate, connection = _shipping_settings(registered_model_name, gate_metric, gate_mode, tracking_uri, experiment)
-    from .sweep import sweep as sweep_flow
-
-    summary = _run(
-        lambda: sweep_flow(
-            candidates=chosen,
-            sweep_root=sweep_root or "",
-            training=training,
-            select=select,
-            export_base=export_base or "",
-            frozen_dir=frozen_dir or "",
-            registered_model_name=registered_model_name,
-            gate=gate,
-            mlflow=connection,
-            track=track,
-            dask_address=dask_address or "",
-            dask_workers=dask_workers,
-            threads_per_candidate=threads_per_candidate,
-        )
-    )
-
-    def text() -> str:
-        columns = ["candidate", "id", "winner", "hparams", "seed", "steps", "checkpoint step", select.split(":")[1], "trained"]
-        lines = ["  ".join(str(c) for c in columns)]
-        for row in summary.comparison:
-            lines.append("  ".join(str(row.get(c, "")) for c in columns))
-        ref = summary.checkpoint
-        return (
-            "\n".join(lines) + f"\n\nwinner:               {summary.winner}\ncheckpoint to ship:   {ref.path}\n"
-            f"  step {ref.step}, metrics: {_metrics(ref.metrics)}\n"
-            f"frozen graph:         {summary.frozen_graph.path}\n"
-            f"SavedModel:           {summary.export.path} (version {summary.export.version}"
-            f"{', already exported' if summary.export.reused else ''})\n"
-            + (_registered_text(summary.registered, connection) if summary.registered else "")
-            + _prefect_ui_text(summary.flow_run_id)
-        )
-
-    _emit(summary, as_json, text)
-
-
 @app.command()
 def serve(
     limit: Optional[int] = typer.Option(None, help="Most flow runs at once (default: no limit)"),
@@ -742,7 +506,7 @@ def serve(
     PREFECT_API_URL is set). Open the UI and press Run."""
     from .deployments import serve_deployments
 
-    _run(lambda: serve_deployments(limit=limit, host=host))
+    reported(lambda: serve_deployments(limit=limit, host=host))
 
 
 @app.command()
@@ -755,7 +519,28 @@ def worker(
     the Prefect API cannot return (a parameter it stored but cannot serialize) instead of stopping."""
     from .unreadable_runs import run_worker
 
-    _run(lambda: run_worker(pool, limit=limit, name=name))
+    reported(lambda: run_worker(pool, limit=limit, name=name))
+
+
+FLOW_COMMANDS: Mapping[str, FlowEntry] = MappingProxyType(
+    {
+        "retrain": FlowEntry(
+            "prefect_tensorflow.flows.retrain:retrain",
+            "Run the `retrain` flow: train, select, freeze, export, then log and register in MLflow.",
+            _retrain_text,
+        ),
+        "export-checkpoint": FlowEntry(
+            "prefect_tensorflow.flows.export_checkpoint:export_checkpoint",
+            "Run the `export-checkpoint` flow: select a checkpoint, export, freeze, register in MLflow.",
+            _export_checkpoint_text,
+        ),
+        "sweep": FlowEntry(
+            "prefect_tensorflow.flows.sweep:sweep",
+            "Run the `sweep` flow: train candidates in parallel on Dask, ship the best as retrain does.",
+            _sweep_text,
+        ),
+    }
+)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

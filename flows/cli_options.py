@@ -1,5 +1,9 @@
 """Command-line options made from the configs' fields, so each setting is spelled out once.
 
+`config_options` makes one option per field of a pydantic config (`GateConfig`
+gives `--gate-metric` and `--gate-mode`) and `config_from_options` builds the
+config back from what was given, so its defaults stay the config's.
+
 `with_training_options` adds one option per field of `TrainingConfig` and
 `CheckpointPolicy` to a Typer command (`--steps`, `--batch-size`,
 `--save-checkpoints-steps`, ...), each defaulting to "the config's default",
@@ -23,7 +27,7 @@ import inspect
 import json
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import typer
@@ -33,12 +37,14 @@ from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
 from prefect_tensorflow.tasks.config_checks import one_line
 from prefect_tensorflow.tasks.configs import TrainingConfig
 
+from .cli_errors import fail
+
 # Options whose "None" is spelled 0 on the command line (typer has no way to type None).
 ZERO_MEANS_NONE = {"keep_checkpoint_max": "0 keeps every checkpoint"}
 SKIPPED = {"policy"}
 
 
-def _base_type(annotation: Any) -> Any:
+def base_type(annotation: Any) -> Any:
     """`int` for `Optional[Annotated[int, ...]]`, and so on."""
     while True:
         origin = typing.get_origin(annotation)
@@ -50,23 +56,67 @@ def _base_type(annotation: Any) -> Any:
             return annotation
 
 
-def _options(model: type[BaseModel]) -> list[inspect.Parameter]:
+def config_options(
+    model: type[BaseModel], *, prefix: str = "", flags: Optional[Mapping[str, str]] = None
+) -> list[inspect.Parameter]:
+    """One option per field of `model`, named `--<prefix><field>` (or only the fields `flags` names, as named there).
+
+    Each defaults to None ("the config's default"); the help is the field's description and its default.
+    The command's parameter for a field is `<prefix><field>` with '-' as '_'.
+    """
     params = []
     for name, field in model.model_fields.items():
-        if name in SKIPPED:
+        if name in SKIPPED or (flags is not None and name not in flags):
             continue
-        base = _base_type(field.annotation)
+        base = base_type(field.annotation)
         kind = base if base in (int, float, str, bool) else str  # dicts (hparams) as JSON text
         default = field.get_default(call_default_factory=True)
         shown = json.dumps(default) if isinstance(default, dict) else default
         help_text = f"{field.description or name} (default: {shown})"
         if name in ZERO_MEANS_NONE:
             help_text += f"; {ZERO_MEANS_NONE[name]}"
-        flag = "--" + name.replace("_", "-")
+        elif kind is str and default is not None and _allows_none(field.annotation):
+            help_text += "; '' for none"
+        flag = flags[name] if flags is not None else "--" + (prefix + name).replace("_", "-")
         decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
         option = typer.Option(None, *decls, help=help_text, show_default=False)
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
+        identifier = (prefix + name).replace("-", "_")
+        params.append(inspect.Parameter(identifier, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
     return params
+
+
+def config_from_options(
+    model: type[BaseModel], values: Mapping[str, Any], *, prefix: str = "", flags: Optional[Mapping[str, str]] = None
+) -> Any:
+    """`model` built from the values of its `config_options` (None: not given; '' for an optional text: None).
+
+    Raises:
+        ValueError: one line; an error about an option named after its field says the field
+            (`tracking_uri: ...`), one about an option of another name says the option (`--gate-mode: ...`).
+    """
+    given = {}
+    for name, field in model.model_fields.items():
+        value = values.get((prefix + name).replace("-", "_"))
+        if value is not None:
+            given[name] = None if value == "" and _allows_none(field.annotation) else value
+    try:
+        return model(**given)
+    except ValidationError as err:
+        location = err.errors()[0]["loc"]
+        field_name = str(location[0]) if location else ""
+        flag = (flags or {}).get(field_name) or "--" + (prefix + field_name).replace("_", "-")
+        if not field_name or flag == "--" + field_name.replace("_", "-"):
+            raise ValueError(one_line(err)) from err
+        raise ValueError(f"{flag}: {one_line(err).split(': ', 1)[-1]}") from err
+
+
+def _allows_none(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
+def training_options() -> list[inspect.Parameter]:
+    """The options of `TrainingConfig` and its `CheckpointPolicy` (`--steps`, `--save-checkpoints-steps`, ...)."""
+    return config_options(TrainingConfig) + config_options(CheckpointPolicy)
 
 
 def training_config(values: dict[str, Any]) -> TrainingConfig:
@@ -93,14 +143,12 @@ def training_config(values: dict[str, Any]) -> TrainingConfig:
 
 def with_training_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Give a Typer command the training options; it receives `training=TrainingConfig(...)`."""
-    option_params = _options(TrainingConfig) + _options(CheckpointPolicy)
+    option_params = training_options()
     names = {p.name for p in option_params}
     signature = inspect.signature(command, eval_str=True)
     own = [p for p in signature.parameters.values() if p.name != "training"]
 
     def wrapper(**kwargs: Any) -> Any:
-        from .cli import fail
-
         values = {name: kwargs.pop(name) for name in list(kwargs) if name in names}
         try:
             training = training_config(values)

@@ -1,0 +1,50 @@
+"""How the command line reports a bad input or a failed command: one line on stderr, exit status 2.
+
+Example:
+    >>> from prefect_tensorflow.flows.cli_errors import named
+    >>> from pydantic import TypeAdapter
+    >>> named("--workers", lambda: TypeAdapter(int).validate_python("many"))
+    Traceback (most recent call last):
+    ...
+    ValueError: --workers: Input should be a valid integer, unable to parse string as an integer, received 'many'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+
+from prefect_tensorflow.tasks.config_checks import one_line
+from prefect_tensorflow.tasks.errors import PrefectTensorFlowError
+
+# What a command reports in one line; anything else is a bug and keeps its traceback.
+REPORTED = (PrefectTensorFlowError, ValidationError, ValueError, FileNotFoundError)
+
+
+def fail(err: BaseException) -> NoReturn:
+    """Print `error: <one line>` and exit with status 2."""
+    typer.echo(f"error: {one_line(err)}", err=True)
+    raise typer.Exit(2)
+
+
+def reported(action: Callable[[], Any]) -> Any:
+    """Run `action`, turning the package's and validation errors into one-line messages (exit 2)."""
+    try:
+        return action()
+    except REPORTED as err:
+        fail(err)
+
+
+def named(option: str, check: Callable[[], Any]) -> Any:
+    """Run a validation, its error (a `ValueError`) prefixed with the option it is about.
+
+    A nested error keeps its location (`--candidates: 0.seed: ...`); a top-level one loses the type's title.
+    """
+    try:
+        return check()
+    except ValidationError as err:
+        message = one_line(err).removeprefix(f"{err.title}: ")
+        raise ValueError(f"{option}: {message}") from err
