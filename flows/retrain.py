@@ -1,10 +1,11 @@
-"""The `retrain` flow: train with checkpoints, select the checkpoint to ship, freeze, export, register.
+"""The `retrain` flow: train with checkpoints, select the checkpoint to ship, export, freeze, register.
 
-This is the main job `make run` runs: train (resuming from the newest valid
-checkpoint) in an MLflow run, select (latest, a step or best by a metric),
-freeze it to a verified `.pb` (logged to the run), export it as a verified
-SavedModel version, log that as an MLflow model and register it, then run the
-champion gate. Without an `mlflow` block the worker's `MLFLOW_TRACKING_URI`
+This is the main job `make run` runs: the flows' prelude (`flows.prelude`),
+then train (resuming from the newest valid checkpoint) in an MLflow run,
+select (latest, a step or best by a metric), and ship it as every flow does
+(`flows.shipping`): export it as a verified SavedModel version, freeze it to a
+verified `.pb` (logged to the run), log the export as an MLflow model and
+register it, then run the champion gate. Without an `mlflow` block the worker's `MLFLOW_TRACKING_URI`
 is used, else the local SQLite store.
 
 Example:

@@ -4,8 +4,8 @@ Each candidate (hyperparameters, seed, target step over a base
 `TrainingConfig`) is one Prefect task on a Dask worker, which trains it in a
 child process into `<sweep root>/<candidate id>` (`tasks.sweep_training`).
 The candidates' best checkpoints (`select`, e.g. `best:accuracy`) are
-compared; the winner's is frozen, exported, logged, registered and gated with
-retrain's tasks (`flows.shipping`). With MLflow, the sweep is a parent run
+compared; the winner's is exported, frozen, logged, registered and gated as
+every flow ships (`flows.shipping`). With MLflow, the sweep is a parent run
 holding the comparison table and every candidate a child run.
 
 Dask: a temporary `LocalCluster` of worker processes on 127.0.0.1 (one thread

@@ -6,12 +6,15 @@ import json
 import os
 import subprocess
 import sys
+from typing import Annotated
 
 import pytest
 from helpers import cli_command
+from pydantic import Field
 from typer.testing import CliRunner
 
 from prefect_tensorflow.flows.cli import app
+from prefect_tensorflow.tasks.configs import AliasName, GateConfig
 
 runner = CliRunner()
 
@@ -211,4 +214,119 @@ def test_export_checkpoint_command_refuses_bad_options_in_one_line(trained_dir):
         (["--registered-model-name", ""], "--registered-model-name: expected a registered model name"),
     ):
         result = runner.invoke(app, ["export-checkpoint", "--model-dir", str(trained_dir), *args])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+# --- the flow commands are made from the flows' parameters ---------------------------------------
+
+# Every option the flow commands had when they were written by hand.
+HAND_WRITTEN_OPTIONS = {
+    "retrain": {
+        "--model-dir", "--select", "--export-base", "--frozen-dir", "--registered-model-name", "--tracking-uri",
+        "--experiment", "--gate-metric", "--gate-mode", "--mlflow", "--no-mlflow", "--from-scratch", "--json",
+        "--steps", "--model", "--data", "--hparams", "--save-checkpoints-steps", "--keep-checkpoint-max",
+    },
+    "export-checkpoint": {
+        "--model-dir", "--checkpoint", "--registered-model-name", "--export-base", "--frozen-dir", "--model", "--data",
+        "--alias", "--gate-metric", "--gate-mode", "--tracking-uri", "--experiment", "--json",
+    },
+    "sweep": {
+        "--candidates", "--sweep-root", "--select", "--dask-address", "--dask-workers", "--threads-per-candidate",
+        "--export-base", "--frozen-dir", "--registered-model-name", "--tracking-uri", "--experiment", "--gate-metric",
+        "--gate-mode", "--mlflow", "--no-mlflow", "--json", "--steps", "--model",
+    },
+}  # fmt: skip
+
+
+def _options_of(name: str) -> set[str]:
+    import typer.main
+
+    from prefect_tensorflow.flows.cli import FLOW_COMMANDS, SPELLING, _emit
+    from prefect_tensorflow.flows.flow_commands import flow_command, load_flow
+
+    entry = FLOW_COMMANDS[name]
+    app = typer.Typer()
+    app.command()(flow_command(load_flow(entry.flow), SPELLING, entry.text, _emit))
+    return {opt for param in typer.main.get_command(app).params for opt in param.opts + param.secondary_opts}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_WRITTEN_OPTIONS))
+def test_the_flow_commands_keep_their_options_and_have_one_per_flow_parameter(name):
+    from prefect_tensorflow.flows.cli import FLOW_COMMANDS
+    from prefect_tensorflow.flows.flow_commands import load_flow
+
+    options = _options_of(name)
+    assert HAND_WRITTEN_OPTIONS[name] <= options, HAND_WRITTEN_OPTIONS[name] - options
+    flow = load_flow(FLOW_COMMANDS[name].flow)
+    configs = {"training", "gate", "mlflow"}
+    renamed = {"track": "--mlflow", "aliases": "--alias"}
+    for parameter in set(flow.parameters.properties) - configs:
+        assert renamed.get(parameter, "--" + parameter.replace("_", "-")) in options, parameter
+
+
+def test_the_gate_options_default_to_the_gate_config():
+    """`--gate-mode` left out is GateConfig's default (which may follow the metric), not a CLI constant."""
+    from prefect_tensorflow.flows.cli_options import config_from_options
+
+    given = config_from_options(GateConfig, {"gate_metric": "loss", "gate_mode": None}, prefix="gate_")
+    assert given == GateConfig(metric="loss")
+    assert config_from_options(GateConfig, {"gate_metric": ""}, prefix="gate_").metric is None
+    with pytest.raises(ValueError, match="--gate-mode: expected 'min' or 'max'"):
+        config_from_options(GateConfig, {"gate_mode": "up"}, prefix="gate_")
+
+
+def test_a_parameter_added_to_a_flow_is_an_option_of_its_command(prefect_api, tmp_path):
+    """A flow with parameters of every shape: its command takes them with no CLI code of its own."""
+    import typer
+    from prefect import flow
+
+    from prefect_tensorflow.flows.cli import SPELLING
+    from prefect_tensorflow.flows.flow_commands import flow_command
+
+    @flow(name="toy")
+    def toy(
+        rounds: Annotated[int, Field(ge=1)] = 3,
+        label: str = "",
+        aliases: list[AliasName] = [],  # noqa: B006
+        weights: dict[str, float] = {},  # noqa: B006
+        gate: GateConfig = GateConfig(),
+        track: bool = True,
+    ) -> dict:
+        """A toy flow.
+
+        Args:
+            rounds: How many rounds.
+            label: A label.
+            aliases: Aliases.
+            weights: Weights by name.
+            gate: The gate.
+            track: Whether to track.
+        """
+        return {"rounds": rounds, "label": label, "aliases": aliases, "weights": weights, "gate": gate, "track": track}
+
+    shown = []
+    app = typer.Typer()
+    app.command()(flow_command(toy, SPELLING, lambda summary, arguments: str(summary), lambda s, j, text: shown.append(s)))
+    (tmp_path / "weights.json").write_text('{"a": 0.5}')
+    args = ["--rounds", "5", "--alias", "staging", "--weights", f"@{tmp_path / 'weights.json'}", "--gate-metric", "loss"]
+    result = runner.invoke(app, [*args, "--no-mlflow"])
+    assert result.exit_code == 0, result.output
+    assert shown == [
+        {
+            "rounds": 5,
+            "label": "",
+            "aliases": ["staging"],
+            "weights": {"a": 0.5},
+            "gate": GateConfig(metric="loss"),
+            "track": False,
+        }
+    ]
+    help_text = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).stdout
+    assert "How many rounds. (default: 3)" in help_text and "Weights by name." in help_text
+    for bad, message in (
+        (["--rounds", "0"], "--rounds: "),
+        (["--weights", "[1]"], "--weights: "),
+        (["--alias", "v2"], "--alias: "),
+    ):
+        result = runner.invoke(app, bad)
         assert result.exit_code == 2 and message in result.stderr, result.output
