@@ -72,7 +72,7 @@ def config_options(
         kind = base if base in (int, float, str, bool) else str  # dicts (hparams) as JSON text
         default = field.get_default(call_default_factory=True)
         shown = json.dumps(default) if isinstance(default, dict) else default
-        help_text = f"{field.description or name} (default: {shown})"
+        help_text = f"{field.description or name}" + (f" (default: {shown})" if default is not None else "")
         if name in ZERO_MEANS_NONE:
             help_text += f"; {ZERO_MEANS_NONE[name]}"
         elif kind is str and default is not None and _allows_none(field.annotation):
