@@ -143,7 +143,10 @@ def test_an_explicit_mode_reverses_the_rule():
 
 
 def test_the_cli_gate_mode_left_out_follows_the_metric():
-    from prefect_tensorflow.flows.cli import _gate
+    from prefect_tensorflow.flows.cli_options import config_from_options
+
+    def _gate(metric, mode):  # the flow commands' `--gate-metric`, `--gate-mode` (None: left out)
+        return config_from_options(GateConfig, {"gate_metric": metric, "gate_mode": mode}, prefix="gate_")
 
     assert _gate("loss", None).mode == "min"  # `--gate-metric loss` without `--gate-mode`
     assert _gate("accuracy", None).mode == "max"
