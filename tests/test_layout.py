@@ -201,3 +201,50 @@ def test_the_deployments_flow_modules_load_without_mlflow_or_tensorflow():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def _package_modules() -> dict[str, Path]:
+    """Every module of the installed packages by dotted name (`prefect_tensorflow.tasks.training.loop`)."""
+    modules = {}
+    for directory, package in (("tasks", "prefect_tensorflow.tasks"), ("flows", "prefect_tensorflow.flows")):
+        for path in (REPO / directory).rglob("*.py"):
+            parts = path.relative_to(REPO / directory).with_suffix("").parts
+            name = ".".join((package, *parts))
+            modules[name.removesuffix(".__init__")] = path
+    return modules
+
+
+def _imports_anywhere(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package modules `name` imports, at module level, in functions or under `TYPE_CHECKING` alike."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {target for target in found if target in modules and target != name}
+
+
+def test_no_module_imports_itself_in_a_circle():
+    """No circular imports in tasks/ and flows/, function-level and type-checking imports included."""
+    modules = _package_modules()
+    graph = {name: _imports_anywhere(name, path, modules) for name, path in modules.items()}
+    assert "prefect_tensorflow.tasks.checkpoints.files" in graph["prefect_tensorflow.tasks.checkpoints.selection"]
+    circles = []
+    for start in graph:  # a path from a module's imports back to itself is a circle
+        seen, stack = set(), [(start, [start])]
+        while stack:
+            node, trail = stack.pop()
+            for target in graph[node]:
+                if target == start:
+                    circles.append(" -> ".join([*trail, start]))
+                elif target not in seen:
+                    seen.add(target)
+                    stack.append((target, [*trail, target]))
+    assert not circles, "circular imports:\n" + "\n".join(sorted(circles))

@@ -22,9 +22,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from ..errors import StorageError
 
@@ -106,3 +108,32 @@ class StorageBackend(Protocol):
         """Copy `local_dir` to `under/`, the `last` files (the ones readers look for) only after every other
         landed whole; returns the names written."""
         ...
+
+
+class ClientCache:
+    """One client per process and per value of the environment variables that configure it.
+
+    Making a store client costs tens of milliseconds (a service model, an HTTP
+    session), more than a request to a nearby store, and the clients are
+    thread-safe: each backend keeps one cache and shares its client. A change of
+    a variable that chooses the endpoint or the credentials gives a new client.
+
+    Example:
+        >>> cache = ClientCache(("MY_ENDPOINT",), make=lambda: object())
+        >>> cache.get() is cache.get()
+        True
+    """
+
+    def __init__(self, settings: Sequence[str], make: Callable[[], Any]):
+        self.settings, self.make = tuple(settings), make
+        self._clients: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        """The client for this process and the current settings."""
+        key = (os.getpid(), *(os.environ.get(name) for name in self.settings))
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = self.make()
+            return client

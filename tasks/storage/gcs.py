@@ -37,13 +37,12 @@ Example:
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Optional
 
 from ..errors import StorageError
-from .backend import ObjectInfo, PreconditionFailedError
+from .backend import ClientCache, ObjectInfo, PreconditionFailedError
 from .locations import Location
 from .s3 import ObjectStore
 
@@ -210,8 +209,16 @@ _CLIENT_SETTINGS = (
     "GOOGLE_CLOUD_PROJECT",
     "CLOUDSDK_CONFIG",
 )
-_clients: dict[tuple, Any] = {}
-_clients_lock = threading.Lock()
+
+
+def _make_client() -> Any:
+    from google.cloud import storage
+
+    # project=None: no project is looked up (objects need none), so ADC without one works.
+    return storage.Client(project=None)
+
+
+_CLIENTS = ClientCache(_CLIENT_SETTINGS, _make_client)
 
 
 def default_client() -> Any:
@@ -221,15 +228,7 @@ def default_client() -> Any:
     rules). Made once and shared by the threads of a process (its HTTP session is); a change
     of the variables that choose the endpoint or the credentials gives a new one.
     """
-    key = (os.getpid(), *(os.environ.get(name) for name in _CLIENT_SETTINGS))
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            from google.cloud import storage
-
-            # project=None: no project is looked up (objects need none), so ADC without one works.
-            client = _clients[key] = storage.Client(project=None)
-        return client
+    return _CLIENTS.get()
 
 
 def _info(blob: Any) -> ObjectInfo:

@@ -41,7 +41,7 @@ from typing import Any, Optional
 
 from ..errors import StorageError
 from ..run_context import get_logger
-from .backend import ObjectInfo, PreconditionFailedError, StorageBackend
+from .backend import ClientCache, ObjectInfo, PreconditionFailedError, StorageBackend
 from .locations import Location
 
 
@@ -240,8 +240,15 @@ _CLIENT_SETTINGS = (
     "AWS_CONFIG_FILE",
     "AWS_SHARED_CREDENTIALS_FILE",
 )
-_clients: dict[tuple, Any] = {}
-_clients_lock = threading.Lock()
+
+
+def _make_client() -> Any:
+    import boto3
+
+    return boto3.session.Session().client("s3")
+
+
+_CLIENTS = ClientCache(_CLIENT_SETTINGS, _make_client)
 
 
 def default_client() -> Any:
@@ -252,14 +259,7 @@ def default_client() -> Any:
     shared (boto3 clients are thread-safe). A change of the `AWS_*`
     variables that choose the endpoint or the credentials gives a new one.
     """
-    key = (os.getpid(), *(os.environ.get(name) for name in _CLIENT_SETTINGS))
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            import boto3
-
-            client = _clients[key] = boto3.session.Session().client("s3")
-        return client
+    return _CLIENTS.get()
 
 
 def _status(err: BaseException) -> Optional[int]:
