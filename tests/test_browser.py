@@ -249,7 +249,7 @@ def test_export_from_the_run_form_then_follow_the_links_to_mlflow_and_back(stack
     expect(summary.get_by_role("heading", name="Export summary")).to_be_visible()
     expect(summary).to_contain_text("ui-iris version 1 from checkpoint step 200")
     expect(summary).to_contain_text("SavedModel version 1")
-    expect(summary).to_contain_text(str(stack["data"] / "exports" / "iris" / "1"))
+    expect(summary).to_contain_text(str(stack["data"] / "exports" / "ui-iris" / "1"))
     expect(summary).to_contain_text("promoted to champion")
     text = summary.inner_text()
     export_digest = re.search(r"digest (sha256:[0-9a-f]{64})", text)
@@ -270,7 +270,7 @@ def test_export_from_the_run_form_then_follow_the_links_to_mlflow_and_back(stack
     tags = shown["tags"]
     assert tags.get("prefect_tensorflow.checkpoint.step") == "200", tags
     assert tags.get("prefect_tensorflow.export.sha256") == export_digest.group(1), tags
-    assert tags.get("prefect_tensorflow.export.dir") == str(stack["data"] / "exports" / "iris" / "1"), tags
+    assert tags.get("prefect_tensorflow.export.dir") == str(stack["data"] / "exports" / "ui-iris" / "1"), tags
     assert tags.get("prefect.flow_run_id") == run_id and tags.get("prefect.flow_run_name") == run_name, tags
     flow_run_url = tags.get("prefect.flow_run_url", "")
     assert run_id in flow_run_url, tags

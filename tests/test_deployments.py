@@ -217,7 +217,7 @@ def test_export_checkpoint_triggered_like_the_ui_registers_a_version(served, tra
     )
     assert run.state.is_completed(), f"{run.state}\n{served['log'].read_text()[-3000:]}"
     assert run.name == "export-ui-iris-200"  # the flow_run_name template
-    export_dir = served["root"] / "data" / "exports" / "iris" / "1"
+    export_dir = served["root"] / "data" / "exports" / "ui-iris" / "1"  # the default export base is the registered model's
     assert (export_dir / "saved_model.pb").exists()
     client = mlflow.MlflowClient(served["environ"]["MLFLOW_TRACKING_URI"])
     version = client.get_model_version_by_alias("ui-iris", "staging")
@@ -239,7 +239,7 @@ def test_two_ui_runs_at_once_then_a_re_run_end_with_one_version(served, trained_
     client = mlflow.MlflowClient(served["environ"]["MLFLOW_TRACKING_URI"])
     versions = client.search_model_versions("name = 'ui-twice'")
     assert [str(v.version) for v in versions] == ["1"]
-    exports = served["root"] / "data" / "exports" / "iris"
+    exports = served["root"] / "data" / "exports" / "ui-twice"
     sources = [(exports / v / "assets.extra" / "prefect_tensorflow.json").read_text() for v in os.listdir(exports) if v.isdigit()]
     assert sum("model.ckpt-300" in text for text in sources) == 1  # one SavedModel version for the checkpoint
     if served["database"] == "postgresql":  # the three runs are rows of PostgreSQL's flow_run table
