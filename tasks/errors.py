@@ -131,6 +131,21 @@ class RegistryError(PrefectTensorFlowError):
     """The MLflow model registry refused an operation, or a logged model failed its check."""
 
 
+class AliasMovedError(RegistryError):
+    """An alias no longer names the version a decision was made against: it moved since it was read."""
+
+    def __init__(self, name: str, alias: str, expected: object, current: object):
+        self.name, self.alias, self.expected, self.current = name, alias, expected, current
+        super().__init__(
+            f"registered model {name!r}: @{alias} names version {current} now, not {expected} as when it was "
+            "read: another run moved it meanwhile; nothing was moved (decide again against the new version)"
+        )
+
+
+class RollbackError(RegistryError):
+    """A rollback has no target, or its target may not take the alias (missing, or no passed serving check)."""
+
+
 class StorageError(PrefectTensorFlowError, ValueError):
     """A location (path or URI) is malformed, of an unsupported scheme, or cannot be written."""
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
-import time
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Optional
@@ -53,6 +52,7 @@ from ..export.saved_model import ExportResult, export_lock
 from ..export.verification import Parity, compare_outputs, run_saved_model
 from ..export.verification_batch import verification_batch
 from ..run_context import get_logger, prefect_run_tags
+from .aliases import MoveKind, point_alias
 from .gate import GateDecision, MetricRecord, decide_gate
 from .mlflow_connection import MlflowConfig
 from .tracking import TAG_PREFIX
@@ -171,7 +171,7 @@ def decide_champion(client: Any, name: str, version: int, value: Optional[float]
         record = MetricRecord(int(champion.version), float(recorded) if recorded not in (None, "") else None)
     decision = decide_gate(MetricRecord(version, value), record, gate)
     if decision.promoted and decision.champion_version != version:
-        set_alias(client, name, CHAMPION, version)
+        set_alias(client, name, CHAMPION, version, reason=decision.reason, kind="gate")
     tags = {
         "gate.decision": "promoted to champion" if decision.promoted else "champion kept",
         "gate.reason": decision.reason,
@@ -364,7 +364,7 @@ def _register_locked(job: _Registration) -> RegisteredVersion:
     if existing is not None:
         decision = recorded_decision(existing)
         if decision is None:  # created, then interrupted (or its answer lost) before the aliases
-            set_alias(client, name, CHALLENGER, int(existing.version))
+            set_alias(client, name, CHALLENGER, int(existing.version), reason="registered: the newest version")
             decision = decide_champion(client, name, int(existing.version), job.value, gate)
         log.info("%s is already registered as %s version %s", export.path, name, existing.version)
         return _result(connection, client, existing, job.experiment_id, reused=True, parity=None, gate=decision)
@@ -396,7 +396,7 @@ def _log_and_register(job: _Registration, client: Any, local_path: str) -> Regis
     except MlflowException as err:
         raise _refused(err, name) from err
     log.info("registered %s version %s from %s", name, mv.version, export.path)
-    set_alias(client, name, CHALLENGER, int(mv.version))
+    set_alias(client, name, CHALLENGER, int(mv.version), reason="registered: the newest version")
     decision = decide_champion(client, name, int(mv.version), job.value, gate)
     log.info("champion gate for %s version %s: %s", name, mv.version, decision.reason)
     return _result(connection, client, mv, job.experiment_id, reused=False, parity=parity, gate=decision)
@@ -467,28 +467,14 @@ def _refused(err: Exception, name: str) -> Exception:
     return err
 
 
-def set_alias(client: Any, name: str, alias: str, version: int, attempts: int = 5) -> None:
-    """Point `alias` of `name` at `version`, safe when several clients move the same alias at once.
+def set_alias(client: Any, name: str, alias: str, version: int, *, reason: str = "", kind: MoveKind = "gate") -> None:
+    """Point `alias` of `name` at `version` (no compare-and-set) and record the move in the alias history.
 
-    On a PostgreSQL store, two first-time `set_registered_model_alias` calls for
-    one alias race on the alias table's primary key and one gets a unique
-    violation; setting an alias is idempotent, so it is set again until the
-    alias reads back as `version`.
+    Safe when several clients move the same alias at once (the first-time PostgreSQL
+    unique-violation race is retried: `aliases.point_alias`). `champion` moves under
+    `aliases.registry_lock` with `aliases.move_alias`.
     """
-    from mlflow.exceptions import MlflowException
-
-    for attempt in range(attempts):
-        try:
-            client.set_registered_model_alias(name, alias, str(version))
-            return
-        except MlflowException as err:
-            text = str(err)
-            if attempt == attempts - 1 or not any(
-                m in text
-                for m in ("UniqueViolation", "unique constraint", "UNIQUE constraint", "already exists", "IntegrityError")
-            ):
-                raise
-            time.sleep(0.05 * (attempt + 1))
+    point_alias(client, name, alias, version, reason=reason or f"set to version {version}", kind=kind)
 
 
 def version_tags(
@@ -637,7 +623,7 @@ def set_model_version_aliases(
     def apply() -> list[str]:
         client = connection.client()
         for alias in aliases:
-            set_alias(client, registered.name, alias, registered.version)
+            set_alias(client, registered.name, alias, registered.version, reason="asked for (aliases)", kind="manual")
         client.set_model_version_tag(
             registered.name, str(registered.version), TAG_PREFIX + "aliases_requested", ",".join(aliases)
         )
