@@ -10,6 +10,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import re
 from datetime import datetime, timezone
 from typing import Optional
 
@@ -18,6 +20,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect_tensorflow.tasks.checkpoints.selection import CheckpointRef, list_checkpoints
 from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
 from prefect_tensorflow.tasks.export.saved_model import ExportResult
+from prefect_tensorflow.tasks.registry.aliases import AliasMove
 from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion
 from prefect_tensorflow.tasks.training.loop import TrainResult
 
@@ -216,3 +219,98 @@ def publish_mlflow_links(registered: RegisteredVersion) -> None:
             link_text=f"MLflow run {registered.run_id}",
             description=f"The MLflow run of {registered.name} version {registered.version}: params, metrics, the frozen graph and the logged model",
         )
+
+
+# --- alias moves (tasks/registry/aliases.py) -----------------------------------------------------
+
+
+def alias_history_key(registered_model_name: str) -> str:
+    """The key of a registered model's alias-history artifact (Prefect keys: lowercase letters, digits, '-').
+
+    Example:
+        >>> alias_history_key("iris"), alias_history_key("Iris v2")
+        ('alias-history-iris', 'alias-history-iris-v2-1c67b3ca')
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", registered_model_name.lower()).strip("-")[:60] or "model"
+    if slug == registered_model_name:
+        return f"alias-history-{slug}"
+    return f"alias-history-{slug}-{hashlib.sha256(registered_model_name.encode('utf-8')).hexdigest()[:8]}"
+
+
+def _version(value: Optional[int]) -> str:
+    return "none" if value is None else str(value)
+
+
+def publish_alias_history(registered_model_name: str, moves: list[AliasMove]) -> list[dict]:
+    """A table of every recorded alias move of the registered model, oldest first: when, alias, from, to,
+    kind, by, reason, the Prefect run."""
+    rows = [
+        {
+            "when": move.when,
+            "alias": move.alias,
+            "from": _version(move.from_version),
+            "to": move.to_version,
+            "kind": move.kind,
+            "by": move.by,
+            "reason": move.reason,
+            "run": move.run_url or "",
+        }
+        for move in moves
+    ]
+    champion = [move for move in moves if move.alias == "champion"]
+    now = f"@champion: version {champion[-1].to_version}" if champion else "@champion never moved"
+    create_table_artifact(
+        key=alias_history_key(registered_model_name),
+        table=rows,
+        description=f"{now}; {len(rows)} alias moves of {registered_model_name}",
+    )
+    return rows
+
+
+def publish_rollback_summary(
+    registered_model_name: str,
+    move: Optional[AliasMove],
+    history: list[AliasMove],
+    *,
+    champion: Optional[int],
+    note: str = "",
+    version_url: str = "",
+) -> str:
+    """A markdown of a rollback: the move (None: nothing moved, `note` says why), and the history of `@champion`.
+
+    Args:
+        registered_model_name: the registered model.
+        move: the recorded move, or None.
+        history: the moves of `@champion`, oldest first (the rollback's included).
+        champion: the champion now.
+        note: why nothing moved.
+        version_url: the MLflow page of the champion now.
+    """
+    name = registered_model_name
+    if move is not None:
+        outcome = f"**@champion of {name}: version {_version(move.from_version)} → [version {move.to_version}]({version_url})** (rollback)"
+        who = f"by {move.by}" + (f" ([run]({move.run_url}))" if move.run_url else "")
+        details = f"{who}, {move.when}; reason: {move.reason}"
+        description = f"{name} @champion: version {_version(move.from_version)} -> {move.to_version}"
+    else:
+        outcome = f"**@champion of {name}: nothing moved**"
+        details = note
+        description = f"{name} @champion: version {_version(champion)}; nothing moved"
+    lines = "\n".join(
+        f"| {m.when} | {_version(m.from_version)} | {m.to_version} | {m.kind} | {m.by} | {m.reason.replace('|', '/')} |"
+        for m in history
+    )
+    markdown = f"""# Rollback
+
+{outcome}
+
+{details}
+
+## History of @champion (oldest first)
+
+| when | from | to | kind | by | reason |
+|---|---|---|---|---|---|
+{lines}
+"""
+    create_markdown_artifact(key="rollback-summary", markdown=markdown, description=description)
+    return markdown

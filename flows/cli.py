@@ -3,7 +3,7 @@
     prefect-tensorflow train --model-dir DIR --steps 2000 --save-checkpoints-steps 200
     prefect-tensorflow checkpoints list|latest|best|inspect ...
     prefect-tensorflow evaluate | freeze | export | verify ...
-    prefect-tensorflow retrain | export-checkpoint | sweep | serve | worker
+    prefect-tensorflow retrain | export-checkpoint | sweep | rollback | serve | worker
 
 `train`, `checkpoints`, `evaluate`, `freeze`, `export` and `verify` call the
 plain functions of `prefect_tensorflow.tasks` (no Prefect is loaded,
@@ -497,6 +497,23 @@ def _prefect_ui_text(flow_run_id: Optional[str]) -> str:
     )
 
 
+def _rollback_text(summary: Any, arguments: Mapping[str, Any]) -> str:
+    name = summary.registered_model_name
+    if summary.moved:
+        outcome = f"@champion:            version {summary.from_version} -> version {summary.to_version} (rollback)"
+    else:
+        outcome = f"@champion:            version {summary.to_version}: {summary.reason}"
+    lines = [f"\nregistered model:     {name}", outcome]
+    if summary.move is not None:
+        lines.append(f"  reason:             {summary.move.reason} (by {summary.move.by}, {summary.move.when})")
+    lines.append("history of @champion (oldest first):")
+    lines += [
+        f"  {m.when}  {m.from_version if m.from_version is not None else '-'} -> {m.to_version}  {m.kind:8}  {m.by}: {m.reason}"
+        for m in summary.history
+    ]
+    return "\n".join(lines) + _prefect_ui_text(summary.flow_run_id)
+
+
 @app.command()
 def serve(
     limit: Optional[int] = typer.Option(None, help="Most flow runs at once (default: no limit)"),
@@ -538,6 +555,11 @@ FLOW_COMMANDS: Mapping[str, FlowEntry] = MappingProxyType(
             "prefect_tensorflow.flows.sweep:sweep",
             "Run the `sweep` flow: train candidates in parallel on Dask, ship the best as retrain does.",
             _sweep_text,
+        ),
+        "rollback": FlowEntry(
+            "prefect_tensorflow.flows.rollback:rollback",
+            "Run the `rollback` flow: move @champion back to the previous champion or to --to-version.",
+            _rollback_text,
         ),
     }
 )

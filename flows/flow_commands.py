@@ -128,12 +128,12 @@ def _input(parameter: inspect.Parameter, annotation: Any, description: str, spel
     if inspect.isclass(base) and issubclass(base, BaseModel):
         return _config_input(name, base, spelling)
     flag = option_flag(name, spelling)
-    required = name in spelling.required
+    required = name in spelling.required or default is inspect.Parameter.empty
     origin = typing.get_origin(base)
     item = base_type(typing.get_args(base)[0]) if origin is list and typing.get_args(base) else None
     if _kind(base) is not None:
         kind = _kind(base)
-        shown = "" if default in ("", None) or kind is bool else f" (default: {default})"
+        shown = "" if default in ("", None, inspect.Parameter.empty) or kind is bool else f" (default: {default})"
         decls = [flag if "/" in flag else f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
         option = typer.Option(... if required else None, *decls, help=description + shown, show_default=False)
         return _Input(name, (_option(name, option, Optional[kind]),), lambda values: _scalar(values[name], annotation, flag))

@@ -312,3 +312,41 @@ def test_an_allowed_module_is_loaded_in_a_deployment_run(served, trained_dir):
     )
     assert run.state.is_failed()
     assert "does not match the model being restored" in (run.state.message or ""), run.state.message
+
+
+def test_rollback_from_the_ui_deployment_then_the_history_shows_both_moves(served):
+    """The `rollback-champion` deployment, run as the UI's Run form runs it, moves @champion back under the
+    model's lock; the alias history then shows the gate's move and the rollback. An inline MLflow
+    connection is refused as in the other deployments."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from prefect_tensorflow.tasks.registry.aliases import alias_history, current_alias_version, move_alias, registry_lock
+    from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
+
+    deadline = time.monotonic() + 120
+    while "rollback-champion" not in _deployments(served):  # serve creates the deployments in turn
+        assert time.monotonic() < deadline, served["log"].read_text()[-3000:]
+        time.sleep(1)
+    client = MlflowConfig(tracking_uri=served["environ"]["MLFLOW_TRACKING_URI"]).client()
+    name = "ui-rollback"
+    client.create_registered_model(name)
+    run = client.create_run(client.create_experiment("ui-rollback"))
+    for version in ("1", "2"):
+        client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+        client.set_model_version_tag(name, version, "prefect_tensorflow.serving.ok", "true")
+    with temporary_settings(updates={PREFECT_API_URL: served["environ"]["PREFECT_API_URL"]}):
+        for before, version in ((None, 1), (1, 2)):  # what the gate does: under the lock, compare-and-set
+            with registry_lock(name):
+                move_alias(client, name, "champion", version, expected_from=before, reason="gate: better")
+
+    inline = _run_from_ui(
+        served, "rollback-champion", {"registered_model_name": name, "mlflow": {"tracking_uri": "sqlite:////tmp/elsewhere.db"}}
+    )
+    assert inline.state.is_failed() and "accept a saved MLflow Connection block" in (inline.state.message or "")
+    rolled = _run_from_ui(served, "rollback-champion", {"registered_model_name": name, "reason": "v2 misbehaves"})
+    assert rolled.state.is_completed(), f"{rolled.state}\n{served['log'].read_text()[-3000:]}"
+    assert rolled.name == f"rollback-{name}"
+    assert current_alias_version(client, name, "champion") == 1
+    moves = [(m.from_version, m.to_version, m.kind, m.by) for m in alias_history(client, name, "champion")]
+    assert [move[:3] for move in moves] == [(None, 1, "gate"), (1, 2, "gate"), (2, 1, "rollback")]
+    assert moves[-1][3] == rolled.name

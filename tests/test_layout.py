@@ -81,7 +81,7 @@ def test_prefect_yaml_declares_the_nightly_retraining_and_the_on_demand_export()
         paths = {
             p: v for p, v in deployment["parameters"].items() if p in ("model_dir", "sweep_root", "export_base", "frozen_dir")
         }
-        assert len(paths) == 3 and set(paths.values()) == {""}, (deployment["name"], paths)
+        assert len(paths) in (0, 3) and set(paths.values()) <= {""}, (deployment["name"], paths)  # 0: rollback-champion
 
 
 def test_the_package_ships_prefect_yaml_and_load_definitions_reads_the_repos():

@@ -52,7 +52,7 @@ from ..export.saved_model import ExportResult, export_lock
 from ..export.verification import Parity, compare_outputs, run_saved_model
 from ..export.verification_batch import verification_batch
 from ..run_context import get_logger, prefect_run_tags
-from .aliases import MoveKind, point_alias
+from .aliases import MoveKind, current_alias_version, move_alias, point_alias, registry_lock
 from .gate import GateDecision, MetricRecord, decide_gate
 from .mlflow_connection import MlflowConfig
 from .tracking import TAG_PREFIX
@@ -623,6 +623,19 @@ def set_model_version_aliases(
     def apply() -> list[str]:
         client = connection.client()
         for alias in aliases:
+            if alias == CHAMPION:  # what serving reads moves under the model's lock, as the gate moves it
+                with registry_lock(registered.name):
+                    before = current_alias_version(client, registered.name, CHAMPION)
+                    move_alias(
+                        client,
+                        registered.name,
+                        CHAMPION,
+                        registered.version,
+                        expected_from=before,
+                        reason="asked for (aliases)",
+                        kind="manual",
+                    )
+                continue
             set_alias(client, registered.name, alias, registered.version, reason="asked for (aliases)", kind="manual")
         client.set_model_version_tag(
             registered.name, str(registered.version), TAG_PREFIX + "aliases_requested", ",".join(aliases)
