@@ -1,8 +1,10 @@
 """Command-line options made from the configs' fields, so each setting is spelled out once.
 
 `config_options` makes one option per field of a pydantic config (`GateConfig`
-gives `--gate-metric` and `--gate-mode`) and `config_from_options` builds the
-config back from what was given, so its defaults stay the config's.
+gives `--gate-metric`, `--gate-mode`, `--gate-guardrails loss=0.02`, ... and
+`--gate-serving-max-load-seconds` for its nested `ServingLimits`) and
+`config_from_options` builds the config back from what was given, so its
+defaults stay the config's.
 
 `with_training_options` adds one option per field of `TrainingConfig` and
 `CheckpointPolicy` to a Typer command (`--steps`, `--batch-size`,
@@ -62,21 +64,31 @@ def config_options(
     """One option per field of `model`, named `--<prefix><field>` (or only the fields `flags` names, as named there).
 
     Each defaults to None ("the config's default"); the help is the field's description and its default.
-    The command's parameter for a field is `<prefix><field>` with '-' as '_'.
+    The command's parameter for a field is `<prefix><field>` with '-' as '_'. A nested config gives
+    one option per its own field (`GateConfig.serving.max_load_seconds`: `--gate-serving-max-load-seconds`);
+    a dict field takes JSON text or `key=value,key=value`; an optional number whose default is not None
+    takes text, '' for none.
     """
     params = []
     for name, field in model.model_fields.items():
         if name in SKIPPED or (flags is not None and name not in flags):
             continue
         base = base_type(field.annotation)
-        kind = base if base in (int, float, str, bool) else str  # dicts (hparams) as JSON text
+        if flags is None and _is_config(base):
+            params += config_options(base, prefix=f"{prefix}{name}_")
+            continue
         default = field.get_default(call_default_factory=True)
+        kind = base if base in (int, float, str, bool) else str  # dicts (hparams) as JSON text
+        if kind in (int, float) and default is not None and _allows_none(field.annotation):
+            kind = str  # typer has no way to spell None for a number: '' does
         shown = json.dumps(default) if isinstance(default, dict) else default
         help_text = f"{field.description or name}" + (f" (default: {shown})" if default is not None else "")
         if name in ZERO_MEANS_NONE:
             help_text += f"; {ZERO_MEANS_NONE[name]}"
         elif kind is str and default is not None and _allows_none(field.annotation):
             help_text += "; '' for none"
+        if _is_mapping(base):
+            help_text += "; JSON object or key=value,key=value"
         flag = flags[name] if flags is not None else "--" + (prefix + name).replace("_", "-")
         decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
         option = typer.Option(None, *decls, help=help_text, show_default=False)
@@ -94,20 +106,83 @@ def config_from_options(
         ValueError: one line; an error about an option named after its field says the field
             (`tracking_uri: ...`), one about an option of another name says the option (`--gate-mode: ...`).
     """
-    given = {}
-    for name, field in model.model_fields.items():
-        value = values.get((prefix + name).replace("-", "_"))
-        if value is not None:
-            given[name] = None if value == "" and _allows_none(field.annotation) else value
     try:
+        given = _given(model, values, prefix, flags)
         return model(**given)
     except ValidationError as err:
         location = err.errors()[0]["loc"]
         field_name = str(location[0]) if location else ""
+        field = model.model_fields.get(field_name)
+        if flags is None and field is not None and _is_config(base_type(field.annotation)) and len(location) > 1:
+            field_name = f"{field_name}_{location[1]}"  # a nested config's option: --gate-serving-max-load-seconds
         flag = (flags or {}).get(field_name) or "--" + (prefix + field_name).replace("_", "-")
         if not field_name or flag == "--" + field_name.replace("_", "-"):
             raise ValueError(one_line(err)) from err
         raise ValueError(f"{flag}: {one_line(err).split(': ', 1)[-1]}") from err
+
+
+def _given(model: type[BaseModel], values: Mapping[str, Any], prefix: str, flags: Optional[Mapping[str, str]]) -> dict[str, Any]:
+    """The fields given on the command line, as the config takes them."""
+    given: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        base = base_type(field.annotation)
+        if flags is None and _is_config(base):
+            nested = _given(base, values, f"{prefix}{name}_", None)
+            if nested:
+                given[name] = nested
+            continue
+        value = values.get((prefix + name).replace("-", "_"))
+        if value is None:
+            continue
+        flag = (flags or {}).get(name) or "--" + (prefix + name).replace("_", "-")
+        if value == "" and _allows_none(field.annotation):
+            given[name] = None
+        elif isinstance(value, str) and _is_mapping(base):
+            given[name] = _mapping(value, flag)
+        elif isinstance(value, str) and base in (int, float):
+            given[name] = _number(value, base, flag)
+        else:
+            given[name] = value
+    return given
+
+
+def _is_config(annotation: Any) -> bool:
+    return inspect.isclass(annotation) and issubclass(annotation, BaseModel)
+
+
+def _is_mapping(annotation: Any) -> bool:
+    return annotation is dict or typing.get_origin(annotation) is dict
+
+
+def _mapping(text: str, flag: str) -> dict[str, Any]:
+    """A JSON object, or `key=value,key=value` (each value read as JSON when it parses, else as text)."""
+    if text.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"{flag}: expected a JSON object or key=value,key=value: {err}") from err
+        if not isinstance(parsed, dict):
+            raise ValueError(f"{flag}: expected a JSON object or key=value,key=value, received {text!r}")
+        return parsed
+    result: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag}: expected a JSON object or key=value,key=value, received {item!r}")
+        try:
+            result[key.strip()] = json.loads(raw)
+        except ValueError:
+            result[key.strip()] = raw.strip()
+    return result
+
+
+def _number(text: str, kind: type, flag: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError as err:
+        raise ValueError(
+            f"{flag}: expected {'an integer' if kind is int else 'a number'} or '' for none, received {text!r}"
+        ) from err
 
 
 def _allows_none(annotation: Any) -> bool:

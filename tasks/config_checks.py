@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Annotated, Any, Optional
@@ -53,6 +54,42 @@ def positive_number(value: Any) -> Any:
 
 
 PositiveNumber = Annotated[float, BeforeValidator(positive_number)]
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def finite_number(value: Any) -> Any:
+    """A validator: an int or float, finite (not a bool, not NaN or infinite)."""
+    if not _is_number(value):
+        raise ValueError(f"expected a finite number, received {short_repr(value)}")
+    return value
+
+
+FiniteNumber = Annotated[float, BeforeValidator(finite_number)]
+
+
+def finite_number_at_least(minimum: float) -> Callable[[Any], Any]:
+    """A validator: a finite int or float >= `minimum`."""
+
+    def check(value: Any) -> Any:
+        if not _is_number(value) or value < minimum:
+            raise ValueError(f"expected a finite number >= {minimum:g}, received {short_repr(value)}")
+        return value
+
+    return check
+
+
+def number_in_open_interval(low: float, high: float) -> Callable[[Any], Any]:
+    """A validator: an int or float strictly between `low` and `high`."""
+
+    def check(value: Any) -> Any:
+        if not _is_number(value) or not low < value < high:
+            raise ValueError(f"expected a number in ({low:g}, {high:g}), received {short_repr(value)}")
+        return value
+
+    return check
 
 
 def text_matching(pattern: str, expected: str, max_length: int = 256) -> Callable[[Any], Any]:

@@ -12,6 +12,9 @@ Example:
     600.0
     >>> GateConfig(metric="loss").mode, GateConfig(metric="loss", mode="max").mode
     ('min', 'max')
+    >>> gate = GateConfig(guardrails={"loss": 0.05}, floors={"accuracy": 0.8}, serving={"max_load_seconds": 30})
+    >>> gate.min_improvement, gate.confidence, gate.serving.max_load_seconds
+    (0.0, 0.95, 30.0)
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from . import model_code
 from .checkpoints.policy import CheckpointPolicy
-from .config_checks import PositiveNumber, integer_between, one_of, text_matching
+from .config_checks import (
+    FiniteNumber,
+    PositiveNumber,
+    finite_number_at_least,
+    integer_between,
+    number_in_open_interval,
+    one_of,
+    text_matching,
+)
 from .metric_order import Mode, default_mode
 
 ModelRef = Annotated[
@@ -141,18 +152,52 @@ class ExportConfig(BaseModel):
         return None
 
 
+# The per-example metrics the champion gate computes from a SavedModel's serving outputs
+# (`promotion.outcomes`): the classifier head's from `probabilities`/`class_ids`, the raw head's from its one output.
+GATE_METRICS = ("accuracy", "error", "loss", "mse", "mae")
+GateMetric = Annotated[Literal["accuracy", "error", "loss", "mse", "mae"], BeforeValidator(one_of(*GATE_METRICS))]
+Margin = Annotated[float, BeforeValidator(finite_number_at_least(0.0))]
+
+
+class ServingLimits(BaseModel):
+    """Limits of the serving check before a version may take `champion` (None: recorded, not a limit)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_load_seconds: Optional[PositiveNumber] = Field(
+        default=None, description="Longest cold load of the SavedModel in a fresh process, in seconds"
+    )
+    max_p99_latency_ms: Optional[PositiveNumber] = Field(
+        default=None, description="Largest p99 latency of one scoring request, in milliseconds"
+    )
+    max_peak_memory_mb: Optional[PositiveNumber] = Field(
+        default=None, description="Largest peak resident memory of the serving process, in MB"
+    )
+
+
 class GateConfig(BaseModel):
-    """The champion gate: `champion` moves to a new version only when `metric` beats the champion's.
+    """The champion gate: the rule a challenger must pass, both versions scored on the same eval data.
+
+    The primary rule is on `metric`: the paired bootstrap interval (at
+    `confidence`) of the challenger's improvement over the champion must have
+    its lower bound above `min_improvement` (superiority) and/or above
+    `-max_regression` (non-inferiority); both set, both must hold; neither set
+    (or `metric` None) is the stated decision "no rule: champion kept".
+    Guardrails and slices compare point estimates with their margins; floors
+    are absolute and apply to the first version too.
 
     `mode` left out (or None) follows the metric as `best:<metric>` does
-    (`metric_order.default_mode`: `loss`/`error` in the name -> "min", else
+    (`metric_order.default_mode`: `loss`/`error`/`mse`/`mae` -> "min", else
     "max"); a mode given explicitly wins. The rule itself is `registry.gate`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    metric: Optional[MetricName] = Field(
-        default="accuracy", description="Checkpoint metric the new version must beat the champion on; None: never move champion"
+    metric: Optional[GateMetric] = Field(
+        default="accuracy",
+        description="Primary metric, scored on the same eval data for both versions: "
+        + ", ".join(GATE_METRICS)
+        + "; None: no rule (champion kept)",
     )
     mode: Optional[GateMode] = Field(
         default=None,
@@ -160,6 +205,36 @@ class GateConfig(BaseModel):
         description="'max' if higher is better, 'min' if lower is; default: 'min' for a metric named like a loss "
         "or an error, else 'max'",
     )
+    min_improvement: Optional[Margin] = Field(
+        default=0.0,
+        description="Superiority: the interval's lower bound of the improvement must exceed this; None: no such rule",
+    )
+    max_regression: Optional[Margin] = Field(
+        default=None,
+        description="Non-inferiority: the interval's lower bound of the improvement must exceed minus this; None: no such rule",
+    )
+    guardrails: dict[GateMetric, Margin] = Field(
+        default_factory=dict, description="Other metrics, each with the regression allowed (point estimate)"
+    )
+    slice_max_regression: Optional[Margin] = Field(
+        default=None,
+        description="Regression allowed on the primary metric in each slice (per class by default); None: slices shown, not gating",
+    )
+    floors: dict[GateMetric, FiniteNumber] = Field(
+        default_factory=dict,
+        description="Absolute limits: at least this for a metric where higher is better, at most for one where lower is; "
+        "the first version too",
+    )
+    confidence: Annotated[float, BeforeValidator(number_in_open_interval(0.5, 1.0))] = Field(
+        default=0.95, description="Confidence of the interval of the improvement"
+    )
+    bootstrap_samples: Annotated[int, Field(ge=100, le=100_000), BeforeValidator(integer_between(100, 100_000))] = Field(
+        default=2000, description="Bootstrap resamples of the paired differences"
+    )
+    approval_timeout_seconds: Annotated[int, Field(ge=0, le=7 * 86400), BeforeValidator(integer_between(0, 7 * 86400))] = Field(
+        default=3600, description="An incomparable decision waits this long for approval, then the champion is kept"
+    )
+    serving: ServingLimits = Field(default_factory=ServingLimits, description="Limits of the serving check")
 
     @field_validator("mode", mode="after")
     @classmethod

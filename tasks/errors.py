@@ -167,3 +167,7 @@ def _few(keys: list[str], limit: int = 8) -> str:
     if len(keys) > limit:
         shown += f" (+{len(keys) - limit} more)"
     return shown
+
+
+class GateError(PrefectTensorFlowError, ValueError):
+    """The champion gate cannot score or compare: eval data, a SavedModel's signature, or a metric do not fit."""

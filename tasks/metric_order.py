@@ -2,10 +2,11 @@
 
 A mode says which way a metric improves: `"max"` (higher is better, e.g.
 accuracy) or `"min"` (lower is better). When a mode is not given it follows
-the metric's name: a name containing `loss` or `error` is minimised,
-anything else maximised. `best:<metric>`, the sweep's ranking and
-`GateConfig` all take their default from `default_mode`, and all compare
-with `better`; nothing else spells out min or max.
+the metric's name: a name containing `loss` or `error` is minimised (and
+Keras's short error names `mse`, `mae`, `rmse`), anything else maximised.
+`best:<metric>`, the sweep's ranking and `GateConfig` all take their default
+from `default_mode`, and all compare with `better`; nothing else spells out
+min or max.
 
 Example:
     >>> from prefect_tensorflow.tasks.metric_order import best_first, better, default_mode
@@ -19,23 +20,28 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from functools import cmp_to_key
 from typing import Literal, Optional, TypeVar
 
 Mode = Literal["min", "max"]
 MODES = ("min", "max")
+# Keras's short names of error metrics (`mse`, `val_mae`, `rmse`), which hold no "error".
+_ERROR_ABBREVIATION = re.compile(r"(?:^|[/_.])r?m[as]e$")
 T = TypeVar("T")
 
 
 def default_mode(metric: Optional[str]) -> Mode:
-    """`"min"` for a metric named like a loss or an error (`loss`, `eval/error_rate`), else `"max"` (None too).
+    """`"min"` for a metric named like a loss or an error (`loss`, `eval/error_rate`, `mse`, `mae`), else `"max"` (None too).
 
     Example:
         >>> default_mode("val_loss"), default_mode("error"), default_mode("auc"), default_mode(None)
         ('min', 'min', 'max', 'max')
+        >>> default_mode("mse"), default_mode("eval/mae"), default_mode("val_rmse")
+        ('min', 'min', 'min')
     """
-    if metric is not None and ("loss" in metric or "error" in metric):
+    if metric is not None and ("loss" in metric or "error" in metric or _ERROR_ABBREVIATION.search(metric)):
         return "min"
     return "max"
 

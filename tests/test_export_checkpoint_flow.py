@@ -105,7 +105,7 @@ def test_re_running_returns_the_existing_version_without_redoing_the_work(prefec
         ({"data": "prefect_tensorflow.tasks.iris:nothing_here"}, "nothing_here"),
         ({"aliases": ["staging", "v3"]}, "aliases.1: Value error, expected alias names"),
         ({"aliases": ["latest"]}, "aliases.0: Value error, expected alias names"),
-        ({"gate": {"metric": "f1"}}, "metric 'f1' was not recorded"),
+        ({"gate": {"metric": "f1"}}, "gate.metric: Value error, expected 'accuracy' or 'error' or 'loss' or 'mse' or 'mae'"),
         ({"gate": {"mode": "up"}}, "gate.mode: Value error, expected 'min' or 'max'"),
         ({"registered_model_name": "team/iris"}, "registered_model_name: Value error, expected a registered model name"),
     ],
@@ -185,7 +185,7 @@ def test_mlflow_tasks_are_retried_only_when_the_server_was_unavailable(prefect_a
         lookup = prefect_tasks.find_registered_version.with_options(retry_delay_seconds=0)
         register = prefect_tasks.register_model_version.with_options(retry_delay_seconds=0)
         unavailable = lookup(export, "iris", down, return_state=True)
-        no_metric = register(export, "iris", down, checkpoint=checkpoint, gate=GateConfig(metric="f1"), return_state=True)
+        no_metric = register(export, "iris", down, checkpoint=checkpoint, gate=GateConfig(metric="mse"), return_state=True)
         return [(type(s.result(raise_on_failure=False)), s.state_details.task_run_id) for s in (unavailable, no_metric)]
 
     (unavailable, unavailable_id), (no_metric, no_metric_id) = both()

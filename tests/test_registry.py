@@ -133,8 +133,8 @@ def test_champion_moves_only_to_a_version_that_beats_it(exports, mlflow_store, b
 
 def test_a_missing_gate_metric_is_refused_before_anything_is_logged(exports, mlflow_store):
     ref, exported = exports[300]
-    with pytest.raises(MetricNotFoundError, match="f1"):
-        register_export(exported, NAME, connection=mlflow_store, checkpoint=ref, gate_metric="f1")
+    with pytest.raises(MetricNotFoundError, match="mse"):
+        register_export(exported, NAME, connection=mlflow_store, checkpoint=ref, gate_metric="mse")
     assert mlflow_store.client().search_registered_models() == []
 
 

@@ -53,7 +53,7 @@ from ..export.verification import Parity, compare_outputs, run_saved_model
 from ..export.verification_batch import verification_batch
 from ..run_context import get_logger, prefect_run_tags
 from .aliases import MoveKind, current_alias_version, move_alias, point_alias, registry_lock
-from .gate import GateDecision, MetricRecord, decide_gate
+from .gate import GateDecision, MetricRecord, decide_recorded_gate
 from .mlflow_connection import MlflowConfig
 from .tracking import TAG_PREFIX
 
@@ -169,7 +169,7 @@ def decide_champion(client: Any, name: str, version: int, value: Optional[float]
     if champion is not None:
         recorded = champion.tags.get(f"{TAG_PREFIX}metric.{gate.metric}") if gate.metric is not None else None
         record = MetricRecord(int(champion.version), float(recorded) if recorded not in (None, "") else None)
-    decision = decide_gate(MetricRecord(version, value), record, gate)
+    decision = decide_recorded_gate(MetricRecord(version, value), record, gate)
     if decision.promoted and decision.champion_version != version:
         set_alias(client, name, CHAMPION, version, reason=decision.reason, kind="gate")
     tags = {
