@@ -429,23 +429,22 @@ def decide_recorded_gate(challenger: MetricRecord, champion: Optional[MetricReco
     mode = config.mode or default_mode(metric)
     value = challenger.value
     champion_value = champion.value if champion is not None and metric is not None else None
-    state: GateState
     if champion is None:
-        state, reason = "first_version", "first version: no champion yet"
+        promoted, reason = True, "first version: no champion yet"
     elif champion.version == challenger.version:
-        state, reason = "already_champion", "already champion"
+        promoted, reason = True, "already champion"
     elif metric is None:
-        state, reason = "kept", "no gate metric: champion stays"
+        promoted, reason = False, "no gate metric: champion stays"
     elif champion_value is None:
-        state, reason = "promoted", f"champion v{champion.version} has no recorded {metric}"
+        promoted, reason = True, f"champion v{champion.version} has no recorded {metric}"
     elif value is not None and better(value, champion_value, mode):
-        state, reason = "promoted", f"{metric} {value:.6g} beats champion v{champion.version}'s {champion_value:.6g} ({mode})"
+        promoted, reason = True, f"{metric} {value:.6g} beats champion v{champion.version}'s {champion_value:.6g} ({mode})"
     else:
         shown = "none" if value is None else f"{value:.6g}"
-        state, reason = "kept", f"{metric} {shown} does not beat champion v{champion.version}'s {champion_value:.6g} ({mode})"
-    return GateDecision(
-        state=state,
-        promoted=state != "kept",
+        promoted, reason = False, f"{metric} {shown} does not beat champion v{champion.version}'s {champion_value:.6g} ({mode})"
+    return GateDecision(  # states as a record of this rule reads back from the version's tags
+        state="promoted" if promoted else "kept",
+        promoted=promoted,
         reason=reason,
         metric=metric,
         mode=mode,
@@ -453,7 +452,6 @@ def decide_recorded_gate(challenger: MetricRecord, champion: Optional[MetricReco
         challenger_value=value,
         champion_version=champion.version if champion is not None else None,
         champion_value=champion_value,
-        confidence=config.confidence,
     )
 
 
