@@ -207,3 +207,37 @@ def test_two_gates_at_once_end_with_one_champion_and_a_consistent_history(mlflow
     assert outcomes == [("moved", moved), ("refused", moved)], outcomes
     assert current_alias_version(client, name, "champion") == moved
     assert [(m.from_version, m.to_version) for m in alias_history(client, name, "champion")] == [(None, 1), (1, moved)]
+
+
+@pytest.mark.slow
+def test_a_holder_killed_inside_the_lock_is_out_once_its_lease_expires(prefect_pg_server, tmp_path):
+    """SIGKILL a process holding a model's lock (it never releases): a `prefect server` frees the slot when
+    the lease expires (60 s, then its repossessor, every 15 s). Measured: about 70 s."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    name = unique("crashed")
+    env = {**os.environ, "PREFECT_API_URL": prefect_pg_server, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    script = (
+        "import time\nfrom prefect_tensorflow.tasks.registry.aliases import registry_lock\n"
+        f"with registry_lock({name!r}):\n    print('held', flush=True)\n    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(60)
+    killed = time.monotonic()
+    with temporary_settings(updates={PREFECT_API_URL: prefect_pg_server}):
+        with pytest.raises(RegistryError, match="was not free within 5 s"):
+            with registry_lock(name, timeout_seconds=5):
+                pass
+        with registry_lock(name, timeout_seconds=240):
+            waited = time.monotonic() - killed
+    print(f"lock of a killed holder free again after {waited:.0f} s")
+    assert waited >= 50  # not before its lease ran out
