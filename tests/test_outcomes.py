@@ -94,6 +94,18 @@ def _save_regressor(path: Path, outputs: int = 1) -> str:
     return str(path)
 
 
+def _save_two_inputs(path: Path, attribute: str) -> str:
+    """Inputs named against their alphabetical order (zeta, then alpha): outputs zeta - alpha."""
+    import tensorflow as tf
+
+    specs = [tf.TensorSpec([None], tf.float32, name="zeta"), tf.TensorSpec([None], tf.float32, name="alpha")]
+    module = tf.Module()
+    function = tf.function(lambda *xs: {"outputs": xs[0] - xs[1]}, input_signature=specs)
+    setattr(module, attribute, function)
+    tf.saved_model.save(module, str(path), signatures={"serving_default": function.get_concrete_function()})
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def iris_eval() -> EvalSet:
     return load_eval_set("iris")
@@ -109,6 +121,8 @@ def saved(tmp_path_factory) -> dict[str, str]:
         "nan": _save_classifier(base / "nan", nan=True),
         "regressor": _save_regressor(base / "regressor"),
         "two_outputs": _save_regressor(base / "two", outputs=2),
+        "two_inputs": _save_two_inputs(base / "two_inputs", "serve"),  # as export_saved_model saves
+        "two_inputs_other": _save_two_inputs(base / "two_inputs_other", "predict"),
     }
 
 
@@ -190,6 +204,16 @@ def test_the_raw_head_scores_mse_and_mae(saved):
         GateError, match=r"the raw head compares one output with the label, its signature has \['other', 'outputs'\]"
     ):
         score_saved_model(saved["two_outputs"], eval_set, head="raw")
+
+
+def test_features_go_to_the_inputs_in_the_models_order_not_the_alphabets(saved):
+    zeta, alpha = np.array([5.0, 1.0], np.float32), np.array([1.0, 4.0], np.float32)
+    labels = zeta - alpha
+    eval_set = EvalSet([zeta, alpha], labels, eval_digest([zeta, alpha], labels), "test", {})
+    assert score_saved_model(saved["two_inputs"], eval_set, head="raw").per_example["mse"] == [0.0, 0.0]
+    # without the traced function the order is lost: sorted by name, as the registry's verification feeds it
+    by_name = EvalSet([alpha, zeta], labels, eval_digest([alpha, zeta], labels), "test", {})
+    assert score_saved_model(saved["two_inputs_other"], by_name, head="raw").per_example["mse"] == [0.0, 0.0]
 
 
 def test_nan_outputs_make_outcomes_non_finite_and_the_gate_keeps_the_champion(saved, iris_eval):

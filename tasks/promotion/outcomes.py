@@ -229,7 +229,7 @@ def score_saved_model(local_path: str, eval_set: EvalSet, *, head: str = "classi
     """Score the SavedModel at `local_path` on `eval_set` through its `serving_default` signature, per example.
 
     Features go to the signature's inputs in the order the model declares them
-    (one input: the one feature array), in batches of `BATCH_SIZE`, in order.
+    (`_input_order`; one input: the one feature array), in batches of `BATCH_SIZE`, in order.
 
     Raises:
         GateError: no such SavedModel or signature, the eval set's feature count or shapes do not fit the
@@ -257,7 +257,7 @@ def score_saved_model(local_path: str, eval_set: EvalSet, *, head: str = "classi
         raise GateError(f"SavedModel {local_path}: no 'serving_default' signature (has {sorted(loaded.signatures)})")
     fn = loaded.signatures["serving_default"]
     specs = fn.structured_input_signature[1]
-    names = _input_order(fn, specs)
+    names = _input_order(loaded, specs)
     if len(names) != len(eval_set.features):
         raise GateError(
             f"SavedModel {local_path}: its signature takes {len(names)} input(s) {names}, the eval data "
@@ -298,11 +298,18 @@ def _shape(shape: Any) -> Optional[list[Optional[int]]]:
     return None if dims is None else [None if d is None else int(d) for d in dims]
 
 
-def _input_order(fn: Any, specs: Mapping[str, Any]) -> list[str]:
-    """The signature's input names in the model's positional order (the traced function's arguments)."""
-    keywords = getattr(fn, "_arg_keywords", None)  # set on restored signatures; the order they were traced in
-    if keywords and sorted(keywords) == sorted(specs):
-        return list(keywords)
+def _input_order(loaded: Any, specs: Mapping[str, Any]) -> list[str]:
+    """The signature's input names in the model's positional order (the order of the loader's features).
+
+    An export of this package keeps its traced function as `serve`, whose positional specs carry the
+    names. A SavedModel without it has only the signature's keywords, which do not keep the traced
+    order: sorted by name then, as `run_saved_model` and the registry's verification take them.
+    """
+    for concrete in getattr(getattr(loaded, "serve", None), "concrete_functions", []):
+        args = concrete.structured_input_signature[0]
+        names = [getattr(spec, "name", None) for spec in args]
+        if sorted(n for n in names if n) == sorted(specs) and len(names) == len(specs):
+            return [str(n) for n in names]
     return sorted(specs)
 
 
