@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Optional
+
 from .config_checks import short_repr
 
 
@@ -93,6 +95,41 @@ class CheckpointMismatchError(PrefectTensorFlowError):
 
 class TrainingError(PrefectTensorFlowError):
     """Training could not start or could not go on (bad model, data or settings)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The training loss or the weights went NaN or infinite: training stopped before a checkpoint of them was saved.
+
+    Example:
+        >>> print(NonFiniteLossError("/models/iris", float("nan"), 120, last_good_step=100))
+        training diverged at step 120 in /models/iris: the training loss is nan; training stopped and no checkpoint of these weights was saved; the newest checkpoint (step 100) is the last good one. Look for NaN or infinite features or labels in the data, or lower the learning rate
+    """
+
+    def __init__(
+        self,
+        model_dir: object,
+        loss: Optional[float],
+        step: int,
+        *,
+        last_good_step: Optional[int] = None,
+        since: Optional[int] = None,
+        weights: str = "",
+    ):
+        self.model_dir, self.loss, self.step, self.last_good_step = str(model_dir), loss, step, last_good_step
+        when = f"at step {step}" if since is None else f"between steps {since} and {step}"
+        what = [f"the training loss is {loss}"] if loss is not None else []
+        if weights:
+            what.append(f"the weights hold NaN or infinite values ({weights})")
+        good = (
+            "the model dir has no checkpoint of this training"
+            if last_good_step is None
+            else f"the newest checkpoint (step {last_good_step}) is the last good one"
+        )
+        super().__init__(
+            f"training diverged {when} in {self.model_dir}: {' and '.join(what)}; training stopped and no checkpoint "
+            f"of these weights was saved; {good}. Look for NaN or infinite features or labels in the data, or lower "
+            "the learning rate"
+        )
 
 
 class FreezeError(PrefectTensorFlowError):

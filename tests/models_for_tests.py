@@ -84,3 +84,25 @@ class ModelClass:
 def failing_loader(split):
     """A loader that raises: the error names `data`."""
     raise RuntimeError(f"no partition for split {split}")
+
+
+def iris_with_nan(split):
+    """Iris whose train split ends with one row of NaN features (a bad data window): with `shuffle_buffer=1` and
+    `batch_size=8` steps 1-15 are sane and step 16 (rows 120-127) poisons the first kernel with NaN (the loss
+    may stay finite: oneDNN's ReLU turns the NaN activations into 0)."""
+    return _iris_ending_with(split, float("nan"))
+
+
+def iris_with_inf(split):
+    """As `iris_with_nan`, the last train row's features infinite: the loss itself goes NaN at step 16."""
+    return _iris_ending_with(split, float("inf"))
+
+
+def _iris_ending_with(split, value):
+    import tensorflow as tf
+
+    dataset = iris.load_dataset(split)
+    if split != "train":
+        return dataset
+    bad = tf.data.Dataset.from_tensor_slices((tf.fill([1, 4], value), tf.constant([0], tf.int32)))
+    return dataset.concatenate(bad)

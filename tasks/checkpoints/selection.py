@@ -8,6 +8,11 @@ missing, stale, garbage or names a checkpoint that is gone or damaged, the
 newest valid checkpoint by step is chosen instead, with a log line for each
 one skipped.
 
+A checkpoint whose recorded metrics (the metrics log) hold a NaN or
+infinite value is never selected, by any rule: its weights are suspect, and
+"best" must not be decided by a NaN (which no comparison orders). Listings
+show it as not valid, with the metric named.
+
 In a deployment run (untrusted) what the model dir's files name is confined
 too: a state file naming a checkpoint outside the model dir (absolute, `../`,
 through a symlink), a checkpoint whose files are symlinks leading out of it,
@@ -24,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -87,6 +93,19 @@ class CheckpointInfo(BaseModel):
     size_bytes: Optional[int] = None
     mtime: Optional[float] = None
     metrics: dict[str, float] = Field(default_factory=dict)
+
+
+def non_finite_metrics(metrics: dict[str, float]) -> Optional[str]:
+    """Why recorded metrics disqualify a checkpoint (`"loss=nan"`), or None when every value is finite.
+
+    Example:
+        >>> non_finite_metrics({"accuracy": 0.9, "loss": float("nan")})
+        'recorded metrics are not finite: loss=nan'
+        >>> non_finite_metrics({"accuracy": 0.9}) is None
+        True
+    """
+    bad = [f"{name}={value}" for name, value in sorted(metrics.items()) if not math.isfinite(value)]
+    return f"recorded metrics are not finite: {', '.join(bad)}" if bad else None
 
 
 def _ref(files: CheckpointFiles, model_dir: ModelDir, metrics: dict[str, float]) -> CheckpointRef:
@@ -293,15 +312,18 @@ def list_checkpoints(model_dir: str | os.PathLike | ModelDir, *, verify_checksum
         if files is None:
             rows.append(CheckpointInfo(path=prefix, step=step, valid=False, reason=reason))
             continue
+        recorded = metrics.get(step, {}) if step is not None else {}
+        unfit = non_finite_metrics(recorded)
         rows.append(
             CheckpointInfo(
                 path=prefix,
                 step=step,
-                valid=True,
+                valid=unfit is None,
+                reason=unfit,
                 format=files.format,
                 size_bytes=files.size_bytes,
                 mtime=files.mtime,
-                metrics=metrics.get(step, {}) if step is not None else {},
+                metrics=recorded,
             )
         )
     return rows
@@ -310,6 +332,9 @@ def list_checkpoints(model_dir: str | os.PathLike | ModelDir, *, verify_checksum
 def select_latest_checkpoint(model_dir: str | ModelDir, verify_checksums: bool = False) -> CheckpointRef:
     """Select the newest valid checkpoint of a model dir.
 
+    Valid: its files are complete (index readable, every data shard there and as large as the index says;
+    with `verify_checksums`, every tensor's CRC32C checked) and none of its recorded metrics is NaN or
+    infinite; a checkpoint that fails either is skipped with a logged reason and the next older one considered.
     When the state file was the last change to the directory, the checkpoint it
     names is validated and returned without listing the directory; otherwise the
     highest valid step wins, and every checkpoint skipped is logged with why.
@@ -339,6 +364,10 @@ def select_latest_checkpoint(model_dir: str | ModelDir, verify_checksums: bool =
         if verify_checksums:
             files = validate_checkpoint(files.prefix, verify_checksums=True)
         ref = _ref(files, parsed, parsed.metrics_at(files.step))
+        unfit = non_finite_metrics(ref.metrics)
+        if unfit is not None:
+            get_logger().warning("skipping checkpoint %s: %s", ref.path, unfit)
+            ref = _newest_finite(parsed, verify_checksums, [f"{os.path.basename(ref.path)}: {unfit}"])
     else:
         ref = _latest(parsed, verify_checksums)
     get_logger().info("latest valid checkpoint: %s (step %s)", ref.path, ref.step)
@@ -369,8 +398,14 @@ def _latest(parsed: ModelDir, verify_checksums: bool) -> CheckpointRef:
             log.warning("%s: %s; looking for the newest valid checkpoint instead", model_dir, why)
         else:
             if state_file_is_last_change(model_dir, state):
-                return _ref(files, parsed, parsed.metrics_at(files.step))
-            why = "the directory changed after the state file was written"
+                metrics = parsed.metrics_at(files.step)
+                unfit = non_finite_metrics(metrics)
+                if unfit is None:
+                    return _ref(files, parsed, metrics)
+                why = f"state file names {os.path.basename(files.prefix)}, whose {unfit}"
+                log.warning("%s: %s; looking for the newest valid checkpoint instead", model_dir, why)
+            else:
+                why = "the directory changed after the state file was written"
 
     skipped: list[str] = []
     links = _links_out(parsed)
@@ -384,6 +419,12 @@ def _latest(parsed: ModelDir, verify_checksums: bool) -> CheckpointRef:
             skipped.append(f"{os.path.basename(prefix)}: {err.reason}")
             log.warning("skipping checkpoint %s: %s", prefix, err.reason)
             continue
+        metrics = parsed.metrics_at(files.step)
+        unfit = non_finite_metrics(metrics)
+        if unfit is not None:
+            skipped.append(f"{os.path.basename(prefix)}: {unfit}")
+            log.warning("skipping checkpoint %s: %s", prefix, unfit)
+            continue
         if state is not None and os.path.abspath(files.prefix) != os.path.abspath(state.model_checkpoint_path):
             log.warning(
                 "state file of %s names %s but %s is the newest valid checkpoint; using it",
@@ -391,9 +432,22 @@ def _latest(parsed: ModelDir, verify_checksums: bool) -> CheckpointRef:
                 os.path.basename(state.model_checkpoint_path),
                 os.path.basename(prefix),
             )
-        return _ref(files, parsed, parsed.metrics_at(files.step))
+        return _ref(files, parsed, metrics)
     detail = "; ".join(skipped) if skipped else "no <prefix>-<step>.index files"
     raise NoValidCheckpointError(model_dir, f"{why}; {detail}")
+
+
+def _newest_finite(parsed: ModelDir, verify_checksums: bool, skipped: list[str]) -> CheckpointRef:
+    """An object-store model dir whose newest checkpoint has non-finite metrics: the newest valid one below it."""
+    metrics = parsed.metrics()
+    for prefix, files, reason in _checkpoints(parsed, verify_checksums):
+        unfit = reason if files is None else non_finite_metrics(metrics.get(files.step, {}) if files.step is not None else {})
+        if unfit is None and files is not None:
+            return _ref(files, parsed, metrics.get(files.step, {}) if files.step is not None else {})
+        if not any(entry.startswith(os.path.basename(prefix) + ":") for entry in skipped):
+            skipped.append(f"{os.path.basename(prefix)}: {unfit}")
+            get_logger().warning("skipping checkpoint %s: %s", prefix, unfit)
+    raise NoValidCheckpointError(parsed.uri, "; ".join(skipped))
 
 
 def select_best_checkpoint(
@@ -401,7 +455,8 @@ def select_best_checkpoint(
 ) -> CheckpointRef:
     """Select the valid checkpoint with the lowest (`min`) or highest (`max`) recorded metric.
 
-    Ties go to the higher step; checkpoints without the metric are skipped.
+    Ties go to the higher step; checkpoints without the metric are skipped, and so are those with a NaN or
+    infinite recorded metric (NaN is never best), each with a logged reason.
 
     Args:
         model_dir: directory the checkpoints were written to.
@@ -440,7 +495,10 @@ def select_best_checkpoint(
     for files in sorted(valid, key=lambda f: -(f.step or 0)):  # ties go to the higher step
         values = metrics.get(files.step, {}) if files.step is not None else {}
         recorded.update(values)
-        if metric in values:
+        unfit = non_finite_metrics(values)
+        if unfit is not None:
+            log.warning("skipping checkpoint %s: %s", files.prefix, unfit)
+        elif metric in values:
             scored.append((values[metric], files))
     if not valid:
         raise NoValidCheckpointError(parsed.uri, "every checkpoint failed validation or none exist")
@@ -492,8 +550,12 @@ def select_checkpoint_at_step(model_dir: str | ModelDir, step: int, verify_check
         files = validate_checkpoint(prefixes[step], verify_checksums=verify_checksums)
     except InvalidCheckpointError as err:
         raise NoValidCheckpointError(parsed.uri, f"the checkpoint at step {step} is invalid: {err.reason}") from err
+    metrics = parsed.metrics_at(files.step)
+    unfit = non_finite_metrics(metrics)
+    if unfit is not None:
+        raise NoValidCheckpointError(parsed.uri, f"the checkpoint at step {step} is not selectable: its {unfit}")
     get_logger().info("checkpoint at step %d: %s", step, files.prefix)
-    return _ref(files, parsed, parsed.metrics_at(files.step))
+    return _ref(files, parsed, metrics)
 
 
 def select_checkpoint(

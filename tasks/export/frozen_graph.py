@@ -292,12 +292,9 @@ def _freeze(source: str, target: Location, directory: Optional[OpenDir], config:
         with open(local_output, "wb") as handle:
             handle.write(data_bytes)
         actual = run_frozen_graph(read_graph_def(local_output), inputs, outputs, batch)
-        parity = compare_outputs(expected, actual, config.tolerance)
+        parity = compare_outputs(expected, actual, config.tolerance, sides=("checkpoint", "frozen graph"))
         if not parity.ok:
-            raise ParityError(
-                f"frozen graph of {source} differs from it by {parity.max_abs_diff:.3g} "
-                f"(tolerance {config.tolerance:g}): {parity.per_output}; nothing was written"
-            )
+            raise ParityError(f"frozen graph of {source} fails verification: {parity.explain()}; nothing was written")
         store = object_store(target.parent, directory)
         name = publish_graph(store, target.name, data_bytes)
         output = store.uri(name)

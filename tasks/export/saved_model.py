@@ -237,12 +237,9 @@ def _export_locked(
             batch, names, expected = _save_tf2(prefix, tmp, model, config)
         loaded = tf.saved_model.load(tmp)
         actual = run_saved_model(tmp, batch, input_names=names, loaded=loaded)
-        parity = compare_outputs(expected, actual, config.tolerance)
+        parity = compare_outputs(expected, actual, config.tolerance, sides=("checkpoint", "SavedModel"))
         if not parity.ok:
-            raise ParityError(
-                f"SavedModel of {source} differs from it by {parity.max_abs_diff:.3g} "
-                f"(tolerance {config.tolerance:g}): {parity.per_output}; no version was written"
-            )
+            raise ParityError(f"SavedModel of {source} fails verification: {parity.explain()}; no version was written")
         result = ExportResult(
             export_base=base.uri,
             version=version,

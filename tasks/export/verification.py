@@ -3,13 +3,18 @@
 An export is only called verified when it computes what the checkpoint
 computes: the largest absolute difference over every output and every
 example of a verification batch must stay within a tolerance (1e-5 by
-default).
+default). A NaN or infinite value in any compared output, on either side,
+fails verification whatever the tolerance (`Parity.non_finite` names the
+output and the side): a difference with NaN is NaN, which no `<=` accepts.
 
 Example:
     >>> from prefect_tensorflow.tasks.export.verification import compare_outputs
     >>> import numpy as np
     >>> compare_outputs({"y": np.ones(3)}, {"y": np.ones(3) + 1e-7}).max_abs_diff < 1e-5
     True
+    >>> parity = compare_outputs({"y": np.ones(2)}, {"y": np.array([1.0, np.nan])}, sides=("checkpoint", "SavedModel"))
+    >>> parity.ok, parity.non_finite
+    (False, {'y': 'SavedModel: 1 NaN of 2 values'})
 """
 
 from __future__ import annotations
@@ -37,14 +42,37 @@ class Parity(BaseModel):
     per_output: dict[str, float]
     batch_size: int
     tolerance: float = DEFAULT_TOLERANCE
+    non_finite: dict[str, str] = {}  # output -> which side holds NaN/inf values, and how many
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
+        return not self.non_finite and self.max_abs_diff <= self.tolerance
+
+    def explain(self) -> str:
+        """Why the comparison failed (or its figure): the non-finite outputs by name and side, else the difference.
+
+        Example:
+            >>> Parity(max_abs_diff=0.5, per_output={"y": 0.5}, batch_size=4).explain()
+            "max abs diff 0.5 (tolerance 1e-05) per output: {'y': 0.5}"
+        """
+        if self.non_finite:
+            named = "; ".join(f"output {name!r} is not finite in {where}" for name, where in self.non_finite.items())
+            return f"{named} (a NaN or infinite output is never verified)"
+        return f"max abs diff {self.max_abs_diff:.3g} (tolerance {self.tolerance:g}) per output: {self.per_output}"
 
 
-def compare_outputs(expected: Mapping[str, Any], actual: Mapping[str, Any], tolerance: float = DEFAULT_TOLERANCE) -> Parity:
+def compare_outputs(
+    expected: Mapping[str, Any],
+    actual: Mapping[str, Any],
+    tolerance: float = DEFAULT_TOLERANCE,
+    *,
+    sides: tuple[str, str] = ("expected", "actual"),
+) -> Parity:
     """Largest absolute difference per output; outputs must have the same names and shapes.
+
+    A NaN or infinite value on either side makes that output's difference infinite and the parity not `ok`,
+    with `non_finite[output]` naming the side (`sides`: what `expected` and `actual` are, e.g.
+    `("checkpoint", "SavedModel")`).
 
     Raises:
         ParityError: the outputs differ in names or shapes.
@@ -52,20 +80,37 @@ def compare_outputs(expected: Mapping[str, Any], actual: Mapping[str, Any], tole
     if set(expected) != set(actual):
         raise ParityError(f"outputs differ: expected {sorted(expected)}, got {sorted(actual)}")
     per_output = {}
+    non_finite = {}
     batch = 0
     for name in sorted(expected):
         a, b = np.asarray(expected[name]), np.asarray(actual[name])
         if a.shape != b.shape:
             raise ParityError(f"output {name!r}: expected shape {a.shape}, got {b.shape}")
         batch = a.shape[0] if a.ndim else 1
-        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        bad = [_count_non_finite(side, values) for side, values in zip(sides, (a64, b64))]
+        if any(bad):
+            non_finite[name] = ", ".join(b for b in bad if b)
+            per_output[name] = float("inf")
+            continue
+        diff = np.abs(a64 - b64)
         per_output[name] = float(diff.max()) if diff.size else 0.0
     return Parity(
         max_abs_diff=max(per_output.values(), default=0.0),
         per_output=per_output,
         batch_size=batch,
         tolerance=tolerance,
+        non_finite=non_finite,
     )
+
+
+def _count_non_finite(side: str, values: np.ndarray) -> str:
+    """`"<side>: 3 NaN, 1 inf of 90 values"`, or "" when every value is finite."""
+    nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+    if not nan and not inf:
+        return ""
+    counts = ", ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "inf")) if n)
+    return f"{side}: {counts} of {values.size} values"
 
 
 def run_frozen_graph(graph_def, inputs: list[str], outputs: Mapping[str, str], batch: list[np.ndarray]) -> dict:
@@ -187,7 +232,7 @@ def verify_artifacts(
             results["saved_model"] = run_saved_model(local, traced.batch, input_names=traced.input_names)
     keys = list(results)
     pairs = {
-        f"{a} vs {b}": compare_outputs(results[a], results[b], config.tolerance)
+        f"{a} vs {b}": compare_outputs(results[a], results[b], config.tolerance, sides=(a, b))
         for i, a in enumerate(keys)
         for b in keys[i + 1 :]
     }
@@ -198,9 +243,9 @@ def verify_artifacts(
         pairs=pairs,
         ok=all(p.ok for p in pairs.values()),
     )
-    bad = {pair: p.max_abs_diff for pair, p in pairs.items() if not p.ok}
+    bad = {pair: p.explain() for pair, p in pairs.items() if not p.ok}
     if bad:
-        error = ParityError(f"{checkpoint}: artifacts differ by more than {config.tolerance:g}: {bad}")
+        error = ParityError(f"{checkpoint}: artifacts differ by more than {config.tolerance:g} or are not finite: {bad}")
         error.report = report  # type: ignore[attr-defined]
         raise error
     return report

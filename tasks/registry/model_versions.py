@@ -277,11 +277,11 @@ def log_export_model(
                 f"{export.path} (expected digest {export.digest}); no version was registered"
             )
         predicted = mlflow.pyfunc.load_model(local).predict(dict(zip(names, batch)))
-    parity = compare_outputs(expected, predicted, tolerance)
+    parity = compare_outputs(expected, predicted, tolerance, sides=("SavedModel", "mlflow.pyfunc"))
     if not parity.ok:
         raise RegistryError(
-            f"logged model {info.model_uri}: mlflow.pyfunc predictions differ from {export.path} by "
-            f"{parity.max_abs_diff:.3g} (tolerance {tolerance:g}); no version was registered"
+            f"logged model {info.model_uri}: mlflow.pyfunc predictions of {export.path} fail verification: "
+            f"{parity.explain()}; no version was registered"
         )
     return logged, parity
 

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -39,7 +40,7 @@ from ..checkpoints.files import step_of, uncommitted_temp_dirs
 from ..checkpoints.metrics_log import METRICS_FILE, append_metrics, read_metrics
 from ..checkpoints.writer import CheckpointWriter
 from ..configs import TrainingConfig
-from ..errors import UnsafeParameterError
+from ..errors import NonFiniteLossError, UnsafeParameterError
 from ..run_context import get_logger
 from ..storage.confined_dirs import OpenDir
 from ..storage.local import _remove_entry
@@ -77,6 +78,15 @@ def refuse_symlinked_entries(directory: OpenDir) -> None:
                 directory.path,
                 f"{directory.display(name)} is a symbolic link; a deployment run writes only inside the model dir",
             )
+
+
+def _checkpointed_variables(checkpoint: Any) -> list:
+    """The variables of the checkpoint's `model` and `optimizer` (the weights a resume would restore)."""
+    found: list[Any] = []
+    for name in ("model", "optimizer"):
+        owner = getattr(checkpoint, name, None)
+        found.extend(getattr(owner, "variables", None) or [])
+    return found
 
 
 class CheckpointSaver:
@@ -134,15 +144,23 @@ class CheckpointSaver:
             directory=directory,
             untrusted=untrusted,
         )
-        self.directory = directory
+        self.directory, self.checkpoint = directory, checkpoint
+        self._count_non_finite: Any = None
+        self._variable_names: list[str] = []
         self._handle = directory.handle  # the metrics log is read and appended through the descriptor
 
     def seconds_since_save(self) -> float:
         return time.monotonic() - self._last_time
 
     def save(self, step: int) -> str:
-        """Checkpoint `step` (every worker calls it at the same step); returns its prefix."""
+        """Checkpoint `step` (every worker calls it at the same step); returns its prefix.
+
+        Raises:
+            NonFiniteLossError: the training loss since the last checkpoint, or a weight, is NaN or infinite
+                (nothing written).
+        """
         train_loss = self.loss_window.take_mean(self.reduce_sum)
+        self._refuse_non_finite(step, train_loss)
         metrics: dict[str, float] = {} if train_loss is None else {"train_loss": train_loss}
         if self.chief and self.config.evaluation != "sidecar":
             if self.config.evaluation == "in_loop":
@@ -160,6 +178,36 @@ class CheckpointSaver:
             self.metrics = metrics
             get_logger().info("saved checkpoint %s (%s)", path, format_metrics(metrics) or "evaluation to follow")
         return path
+
+    def _refuse_non_finite(self, step: int, train_loss: Optional[float]) -> None:
+        """Raise `NonFiniteLossError` when the loss since the last save or any weight is NaN or infinite.
+
+        The weights are checked too because a NaN input can poison them while the loss stays finite (a ReLU
+        after a NaN kernel may give 0, so the logits, and the loss, look sane). Every worker calls the same
+        collectives here, so all of them stop together.
+        """
+        import tensorflow as tf
+
+        if self._count_non_finite is None:
+            variables = [v for v in _checkpointed_variables(self.checkpoint) if tf.as_dtype(v.dtype).is_floating]
+            self._variable_names = [v.path if hasattr(v, "path") else v.name for v in variables]
+
+            @tf.function
+            def count():
+                counts = [tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(v)), tf.int64)) for v in variables]
+                return tf.stack(counts) if counts else tf.zeros([0], tf.int64)
+
+            self._count_non_finite = count
+        counts = self._count_non_finite().numpy()
+        bad = self.reduce_sum(float(counts.sum()))
+        if (train_loss is None or math.isfinite(train_loss)) and bad == 0:
+            return
+        named = [f"{name}: {int(n)}" for name, n in zip(self._variable_names, counts) if n]
+        weights = f"{int(bad)} values; {', '.join(named[:4])}{' ...' if len(named) > 4 else ''}" if bad else ""
+        loss = train_loss if train_loss is not None and not math.isfinite(train_loss) else None
+        raise NonFiniteLossError(
+            self.directory.path, loss, step, last_good_step=self.last_step, since=self.last_step or 0, weights=weights
+        )
 
     def _evaluated(self, prefix: str) -> bool:
         """Whether the keep policy may delete `prefix`: the sidecar has written its line (or is gone)."""

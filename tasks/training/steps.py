@@ -4,6 +4,13 @@
 of several is a `replicas.Replicas` object (`ONE_PROCESS`, or a worker's
 `worker.WorkerReplicas`).
 
+A non-finite training loss stops the loop (`NonFiniteLossError`) before a
+checkpoint of those weights is saved: the loss fetched at a summary step is
+checked there, and `CheckpointSaver.save` checks the mean loss of the steps
+since the last checkpoint (summed on the device at every step) before it
+writes anything. The checkpoints saved before are committed, so the newest
+checkpoint stays the last good one and the same call resumes from it.
+
 Example:
     >>> from prefect_tensorflow.tasks.training.steps import LoopOutcome
     >>> LoopOutcome(20, False, 1.5).step
@@ -12,9 +19,11 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Optional, Protocol
 
+from ..errors import NonFiniteLossError
 from ..run_context import get_logger
 from . import sidecar_evaluator
 from .checkpoint_saver import CheckpointSaver
@@ -67,26 +76,33 @@ def run_steps(
     preempted = False
     started = time.monotonic()
     with PreemptionGuard(enabled=replicas.preemptible) as guard:
-        if policy.is_due_at_start(step, target, saver.last_step):
-            saver.save(step)
-        while step < target:
-            if guard.requested:
-                preempted = True
-                get_logger().warning("SIGTERM received at step %d: saving a checkpoint before exiting", step)
-                break
-            loss = train_step(iterator)
-            step += 1
-            if step % summary_every == 0:
-                value = replicas.reduce_sum(float(loss))
-                if summaries is not None:
-                    summaries.training_step(step, value, summary_every, target)
-                progress.loss_at(step, value)
-            else:
-                progress.advance(step)
-            if replicas.save_due(policy, step, saver.seconds_since_save()):
+        try:
+            if policy.is_due_at_start(step, target, saver.last_step):
                 saver.save(step)
-        if policy.is_due_at_end(step, saver.last_step, preempted=preempted):
-            saver.save(step)
+            while step < target:
+                if guard.requested:
+                    preempted = True
+                    get_logger().warning("SIGTERM received at step %d: saving a checkpoint before exiting", step)
+                    break
+                loss = train_step(iterator)
+                step += 1
+                if step % summary_every == 0:
+                    value = replicas.reduce_sum(float(loss))
+                    if not math.isfinite(value):  # every worker has the same sum: all stop here
+                        raise NonFiniteLossError(saver.directory.path, value, step, last_good_step=saver.last_step)
+                    if summaries is not None:
+                        summaries.training_step(step, value, summary_every, target)
+                    progress.loss_at(step, value)
+                else:
+                    progress.advance(step)
+                if replicas.save_due(policy, step, saver.seconds_since_save()):
+                    saver.save(step)
+            if policy.is_due_at_end(step, saver.last_step, preempted=preempted):
+                saver.save(step)
+        except NonFiniteLossError as err:
+            get_logger().error("%s", err)
+            saver.finish(evaluation_timeout=preempted_evaluation_wait)  # commit (and evaluate) the good ones before
+            raise
         seconds = time.monotonic() - started
         progress.finish(step)
         saver.finish(evaluation_timeout=preempted_evaluation_wait if preempted else None)
