@@ -26,6 +26,8 @@ Benchmarks:
                         select_latest_checkpoint on 10,000 remote checkpoints vs 1.
     sweep               4 candidates on 2 Dask workers vs one after another; Prefect+Dask overhead.
     multi_worker        steps/s of 2 MultiWorkerMirroredStrategy workers vs 1 process.
+    serving_check       the serving check on iris and the ~100 MB model: a cold load in a fresh process and
+                        `mlflow models serve` (ready time, REST p50/p99) vs an in-process load and call.
     flow_start          loading the deployments' flow modules (what every deployment run pays first)
                         vs the same with the MLflow client loaded, as before it was imported lazily.
 """
@@ -52,4 +54,5 @@ BENCHMARKS = (
     "sweep",
     "multi_worker",
     "flow_start",
+    "serving_check",
 )

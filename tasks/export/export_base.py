@@ -42,6 +42,7 @@ from ..storage.local import LOCK_FILE, exclusive_lock, remove_abandoned_temporar
 from ..storage.locations import Location, parse_location, scratch_dir
 from ..storage.s3 import lease
 from ..storage.stores import object_store
+from .warmup import WARMUP_FILE
 
 INFO_FILE = "assets.extra/prefect_tensorflow.json"
 SERVED_FILE = "saved_model.pb"
@@ -49,11 +50,13 @@ LEASE = ".prefect-tensorflow/lock"
 
 
 def saved_model_digest(path: str) -> str:
-    """sha256 over `saved_model.pb` and every file under `variables/`, in path order."""
+    """sha256 over `saved_model.pb`, every file under `variables/` and the TF Serving warmup file if any, in path order."""
     import hashlib
 
     digest = hashlib.sha256()
     files = [os.path.join(path, SERVED_FILE)]
+    if os.path.isfile(os.path.join(path, WARMUP_FILE)):
+        files.append(os.path.join(path, WARMUP_FILE))
     for root, _, names in os.walk(os.path.join(path, "variables")):
         files.extend(os.path.join(root, n) for n in names)
     for name in sorted(files):

@@ -9,7 +9,8 @@ checkpoint, and only then renamed to its number, so a server watching
 
 A fingerprint of the checkpoint (its index, which holds every tensor's
 CRC32C) and of the export settings is kept in
-`<version>/assets.extra/prefect_tensorflow.json`; exporting the same
+`<version>/assets.extra/prefect_tensorflow.json`, beside TF Serving's warmup
+requests (`warmup.py`); exporting the same
 checkpoint with the same settings again returns that version. An exclusive
 lock on `export_base` makes concurrent exports of one checkpoint end with one
 version. A local `export_base` is opened once, before anything is written, and
@@ -43,6 +44,7 @@ from ..run_context import get_logger
 from .export_base import INFO_FILE, LocalExportBase, RemoteExportBase, open_export_base, saved_model_digest
 from .signature import trace_checkpoint
 from .verification import Parity, compare_outputs, run_saved_model, verification_batch
+from .warmup import read_warmup_requests, write_warmup_requests
 
 
 class TensorInfo(BaseModel):
@@ -240,6 +242,9 @@ def _export_locked(
         parity = compare_outputs(expected, actual, config.tolerance, sides=("checkpoint", "SavedModel"))
         if not parity.ok:
             raise ParityError(f"SavedModel of {source} fails verification: {parity.explain()}; no version was written")
+        # TF Serving's warmup file, inside the staged version so the digest below covers it; read back at once
+        write_warmup_requests(tmp, dict(zip(names, batch)), model_name=os.path.basename(base.uri.rstrip("/")) or "model")
+        read_warmup_requests(tmp, list(names))
         result = ExportResult(
             export_base=base.uri,
             version=version,

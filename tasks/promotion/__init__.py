@@ -4,6 +4,8 @@
   per example, cached by (SavedModel digest, eval data digest);
 - `paired`: the paired bootstrap interval of an improvement, McNemar's test;
 - the rule itself is `registry.gate` (pure), its configuration `configs.GateConfig`.
+- `serving_check`: the version loads cold in a fresh process and answers behind
+  a real scoring server (`scoring_server`: `mlflow models serve`), within limits.
 
 Example:
     >>> from prefect_tensorflow.tasks.promotion.outcomes import SUPPORTED_METRICS

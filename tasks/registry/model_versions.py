@@ -7,7 +7,9 @@ environment. Before a version is created the logged model is downloaded back,
 its SavedModel digest compared with the export's, and
 `mlflow.pyfunc.load_model(...).predict` compared with the SavedModel on the
 verification batch: a version is only ever created for artifacts that are
-there and compute what the export computes. The version is created in one
+there and compute what the export computes; before anything is logged, the
+export is loaded cold in a fresh process with no project code
+(`promotion.serving_check`). The version is created in one
 request with all its tags, so it never exists half-tagged.
 
 Registering is idempotent: the export's fingerprint is a version tag, and an
@@ -51,6 +53,7 @@ from ..export.frozen_graph import FreezeResult
 from ..export.saved_model import ExportResult, export_lock
 from ..export.verification import Parity, compare_outputs, run_saved_model
 from ..export.verification_batch import verification_batch
+from ..promotion.serving_check import load_check_tags, require_loads
 from ..run_context import get_logger, prefect_run_tags
 from .aliases import MoveKind, current_alias_version, move_alias, point_alias, registry_lock
 from .gate import GateDecision, MetricRecord, decide_recorded_gate
@@ -318,8 +321,9 @@ def register_model_version(
     Raises:
         MetricNotFoundError: the checkpoint has no gate metric (checked before anything is logged).
         MlflowSettingsError: a bad registered model name.
-        RegistryError: the export changed since it was verified, the logged model failed its check,
-            or the server refused (e.g. not allowed to register): nothing is registered.
+        RegistryError: the export changed since it was verified, does not load cold in a fresh process
+            (`promotion.serving_check.check_loads`), the logged model failed its check, or the server
+            refused (e.g. not allowed to register): nothing is registered.
         MlflowUnavailableError: the server still failed after the retries.
 
     Example:
@@ -379,6 +383,7 @@ def _log_and_register(job: _Registration, client: Any, local_path: str) -> Regis
     connection, export, name, gate, run_id = job.connection, job.export, job.name, job.gate, job.run_id
     log = get_logger()
     check_export_unchanged(export, local_path)
+    loads = require_loads(local_path, f"export {export.path}", gate.serving)  # a cold load, no project code
     _ensure_registrable(client, name)
     if run_id is None:
         tags = {**prefect_run_tags(), TAG_PREFIX + "stage": "export"}
@@ -386,7 +391,7 @@ def _log_and_register(job: _Registration, client: Any, local_path: str) -> Regis
     logged, parity = log_export_model(connection, client, export, local_path, run_id, job.data, job.tolerance)
     for key, tag_value in prefect_run_tags().items():
         client.set_tag(run_id, key, tag_value)
-    tags = version_tags(export, job.checkpoint, job.frozen, parity, gate.metric, job.value)
+    tags = {**version_tags(export, job.checkpoint, job.frozen, parity, gate.metric, job.value), **load_check_tags(loads)}
     from . import mlflow_client  # imported here: MLflow costs ~1.2 s, and a refused run never gets this far
 
     # Sent once (mlflow_client.NO_RESEND): if the version was created but the answer lost, a resend
