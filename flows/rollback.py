@@ -28,6 +28,7 @@ from prefect_tensorflow.tasks.blocks import MlflowConnection
 from prefect_tensorflow.tasks.config_checks import integer_between
 from prefect_tensorflow.tasks.configs import RegisteredModelName
 from prefect_tensorflow.tasks.errors import RollbackError
+from prefect_tensorflow.tasks.promotion.serving_check import SERVING_TAGS, passed_serving_check
 from prefect_tensorflow.tasks.registry.aliases import (
     AliasMove,
     alias_history,
@@ -42,8 +43,8 @@ from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger
 from .artifacts import publish_alias_history, publish_rollback_summary
 from .prelude import flow_prelude
 
-SERVING_OK_TAG = "prefect_tensorflow.serving.ok"  # written by the serving check (`record_serving_report`)
-SERVING_REASON_TAG = "prefect_tensorflow.serving.reason"
+SERVING_OK_TAG = SERVING_TAGS["ok"]  # written by the serving check (`record_serving_report`)
+SERVING_REASON_TAG = SERVING_TAGS["reason"]
 MAX_VERSION = 2**31 - 1
 VersionNumber = Annotated[int, Field(ge=1, le=MAX_VERSION), BeforeValidator(integer_between(1, MAX_VERSION))]
 Reason = Annotated[str, Field(max_length=500)]
@@ -103,8 +104,8 @@ def check_target(client: Any, name: str, version: int) -> None:
         if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
             raise RollbackError(f"to_version: registered model {name!r} has no version {version}") from err
         raise
-    ok = (mv.tags or {}).get(SERVING_OK_TAG)
-    if ok != "true":
+    if not passed_serving_check(mv):
+        ok = (mv.tags or {}).get(SERVING_OK_TAG)
         why = (
             f"its serving check failed: {mv.tags.get(SERVING_REASON_TAG, 'no reason recorded')}"
             if ok is not None
