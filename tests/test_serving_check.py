@@ -116,12 +116,22 @@ def test_a_model_with_nan_weights_is_never_called_loaded(tmp_path):
     assert not report.ok and "output logits has non-finite values (12 of 12)" in report.reason
 
 
-def test_a_version_that_does_not_load_is_never_registered(exported, tmp_path, mlflow_store):
+@pytest.mark.parametrize("fault", ["variables", "slow"])
+def test_a_version_that_does_not_load_or_loads_too_slowly_is_never_registered(exported, tmp_path, mlflow_store, fault):
     """Its digest matches its files (so only the load check can catch it): nothing is logged or registered."""
-    copy = _broken_copy(exported, tmp_path, "variables")
-    broken = exported.model_copy(update={"path": str(copy), "digest": saved_model_digest(str(copy))})
-    with pytest.raises(RegistryError, match="load-only serving check failed: .*variables.*Nothing was registered"):
-        register_export(broken, NAME, connection=mlflow_store, data=iris.DATA, gate_metric=None)
+    from prefect_tensorflow.tasks.configs import GateConfig
+    from prefect_tensorflow.tasks.registry.model_versions import register_model_version
+
+    gate = GateConfig(metric=None)
+    if fault == "variables":
+        copy = _broken_copy(exported, tmp_path, "variables")
+        exported = exported.model_copy(update={"path": str(copy), "digest": saved_model_digest(str(copy))})
+        message = "load-only serving check failed: .*variables.*Nothing was registered"
+    else:
+        gate = GateConfig(metric=None, serving=ServingLimits(max_load_seconds=1e-4))
+        message = "load-only serving check failed: .*over max_load_seconds 0.0001. Nothing was registered"
+    with pytest.raises(RegistryError, match=message):
+        register_model_version(exported, NAME, mlflow_store, data=iris.DATA, gate=gate)
     client = mlflow_store.client()
     assert client.search_registered_models() == []
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
