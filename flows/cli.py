@@ -459,6 +459,21 @@ def _sweep_text(summary: Any, arguments: Mapping[str, Any]) -> str:
     )
 
 
+def _sync_text(summary: Any, arguments: Mapping[str, Any]) -> str:
+    def listed(versions: list[int]) -> str:
+        return ", ".join(map(str, versions)) or "none"
+
+    kept_by = ", ".join(f"@{alias} -> {version}" for alias, version in sorted(summary.aliases.items()))
+    return (
+        f"mirrored:             {summary.source} -> {summary.target}\n"
+        + (f"aliases:              {kept_by}\n" if kept_by else "")
+        + f"added:                {listed(summary.added)}\n"
+        f"removed:              {listed(summary.removed)}\n"
+        f"kept:                 {listed(summary.kept)}\n"
+        f"served now:           {listed(summary.served)}"
+    )
+
+
 def _saved_model_text(export: Any) -> str:
     return f"SavedModel:           {export.path} (version {export.version}{', already exported' if export.reused else ''})\n"
 
@@ -560,6 +575,11 @@ FLOW_COMMANDS: Mapping[str, FlowEntry] = MappingProxyType(
             "prefect_tensorflow.flows.rollback:rollback",
             "Run the `rollback` flow: move @champion back to the previous champion or to --to-version.",
             _rollback_text,
+        ),
+        "sync": FlowEntry(
+            "prefect_tensorflow.flows.sync_exports:sync_exports",
+            "Run the `sync-exports` flow: mirror an s3:// or gs:// export base to the local directory TF Serving polls.",
+            _sync_text,
         ),
     }
 )

@@ -17,7 +17,7 @@ Run.
 Example:
     >>> from prefect_tensorflow.flows.deployments import load_definitions
     >>> [d.name for d in load_definitions()]
-    ['retrain-iris', 'export-checkpoint', 'sweep-iris', 'rollback-champion']
+    ['retrain-iris', 'export-checkpoint', 'sweep-iris', 'rollback-champion', 'sync-exports']
 """
 
 from __future__ import annotations

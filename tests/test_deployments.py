@@ -350,3 +350,31 @@ def test_rollback_from_the_ui_deployment_then_the_history_shows_both_moves(serve
     moves = [(m.from_version, m.to_version, m.kind, m.by) for m in alias_history(client, name, "champion")]
     assert [move[:3] for move in moves] == [(None, 1, "gate"), (1, 2, "gate"), (2, 1, "rollback")]
     assert moves[-1][3] == rolled.name
+
+
+def test_the_sync_deployment_reaches_no_path_or_server_beyond_its_configuration(served):
+    """`sync-exports` run as the Run form runs it: a target or an export base outside the roots, or an inline
+    MLflow connection, fails the run naming the parameter, and nothing is created outside."""
+    deadline = time.monotonic() + 120
+    while "sync-exports" not in _deployments(served):  # serve creates the deployments in turn
+        assert time.monotonic() < deadline, served["log"].read_text()[-3000:]
+        time.sleep(1)
+    inside = str(served["root"] / "data" / "serving" / "ui-sync")
+    cases = [
+        ({}, "export_base: expected the s3:// or gs:// export base to mirror"),  # the deployment's default: unset
+        ({"target_dir": str(served["root"] / "elsewhere"), "export_base": "s3://team/exports/iris"}, "target_dir: resolves to"),
+        ({"target_dir": inside, "export_base": "s3://elsewhere/exports/iris"}, "export_base: resolves to s3://elsewhere"),
+        (
+            {
+                "target_dir": inside,
+                "export_base": f"{served['root']}/data/exports/iris",
+                "mlflow": {"tracking_uri": "sqlite:////tmp/elsewhere.db"},
+            },
+            "accept a saved MLflow Connection block",
+        ),
+    ]
+    for parameters, message in cases:
+        run = _run_from_ui(served, "sync-exports", {**parameters, "registered_model_name": "ui-sync"})
+        assert run.state.is_failed() and message in (run.state.message or ""), (parameters, run.state.message)
+    assert not (served["root"] / "elsewhere").exists()
+    assert not os.path.exists(inside)  # refused before anything was created

@@ -81,7 +81,8 @@ def test_prefect_yaml_declares_the_nightly_retraining_and_the_on_demand_export()
         paths = {
             p: v for p, v in deployment["parameters"].items() if p in ("model_dir", "sweep_root", "export_base", "frozen_dir")
         }
-        assert len(paths) in (0, 3) and set(paths.values()) <= {""}, (deployment["name"], paths)  # 0: rollback-champion
+        # 0: rollback-champion; 1: sync-exports (its export_base; its target_dir also defaults under the data home)
+        assert len(paths) in (0, 1, 3) and set(paths.values()) <= {""}, (deployment["name"], paths)
 
 
 def test_the_package_ships_prefect_yaml_and_load_definitions_reads_the_repos():
