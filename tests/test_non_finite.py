@@ -38,7 +38,13 @@ def _all_finite(prefix: str) -> bool:
     ("data", "summary_every", "evaluation", "stopped_at", "why"),
     [
         # NaN features: the loss stays finite, the weights do not; caught by the save at step 20
-        ("nan", 100, "in_loop", "between steps 15 and 20", "the weights hold NaN or infinite values (80 values;"),
+        (
+            "nan",
+            100,
+            "in_loop",
+            "between steps 15 and 20",
+            "the weights hold NaN or infinite values (2 variables; hiddenlayer_0/kernel: 40 of 40",
+        ),
         # infinite features: the loss is NaN; caught at the first summary step after it
         ("inf", 2, "none", "at step 16", "the training loss is nan"),
     ],

@@ -123,17 +123,20 @@ def test_aliases_choose_what_is_served_and_a_rollback_brings_the_old_version_bac
     assert (answer["added"], answer["removed"], answer["kept"]) == ([3], [], [1])
 
 
-def test_aliases_that_name_nothing_here_leave_the_mirror_alone(exported, tmp_path, mlflow_store):
-    base, _ = exported
+def test_aliases_that_name_nothing_here_leave_the_mirror_alone(mlflow_store):
+    base = "s3://team/exports/iris"
     client = mlflow_store.client()
     elsewhere = _register(client, "iris", "s3://other-bucket/exports/iris", 1)
     client.set_registered_model_alias("iris", "champion", elsewhere)
     with pytest.raises(RegistryError, match=r"no alias of 'iris' among @champion, @challenger names a version exported to"):
         alias_export_versions(client, "iris", ["champion", "challenger"], base)
+    _register(client, "iris", base, 4)
+    client.set_registered_model_alias("iris", "challenger", "2")
+    assert alias_export_versions(client, "iris", ["champion", "challenger"], base) == {"challenger": 4}
 
 
-def test_a_target_that_is_not_a_mirror_is_refused(exported, tmp_path, trained_dir):
-    base, _ = exported
+def test_a_target_that_is_not_a_mirror_is_refused(s3, tmp_path, trained_dir):
+    base = s3.uri("exports/iris")  # refused before the export base is read
     with pytest.raises(ExportError, match="holds entries that are not version directories"):
         mirror_exports(base, str(trained_dir))
     local_base = tmp_path / "exports"

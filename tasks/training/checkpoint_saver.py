@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Optional
 
+import numpy as np
+
 from ..checkpoints.files import step_of, uncommitted_temp_dirs
 from ..checkpoints.metrics_log import METRICS_FILE, append_metrics, read_metrics
 from ..checkpoints.writer import CheckpointWriter
@@ -145,8 +147,8 @@ class CheckpointSaver:
             untrusted=untrusted,
         )
         self.directory, self.checkpoint = directory, checkpoint
-        self._count_non_finite: Any = None
-        self._variable_names: list[str] = []
+        self._finite_flags: Any = None
+        self._watched: list[Any] = []
         self._handle = directory.handle  # the metrics log is read and appended through the descriptor
 
     def seconds_since_save(self) -> float:
@@ -188,22 +190,28 @@ class CheckpointSaver:
         """
         import tensorflow as tf
 
-        if self._count_non_finite is None:
-            variables = [v for v in _checkpointed_variables(self.checkpoint) if tf.as_dtype(v.dtype).is_floating]
-            self._variable_names = [v.path if hasattr(v, "path") else v.name for v in variables]
+        if self._finite_flags is None:
+            self._watched = [v for v in _checkpointed_variables(self.checkpoint) if tf.as_dtype(v.dtype).is_floating]
+            variables = self._watched
 
             @tf.function
-            def count():
-                counts = [tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(v)), tf.int64)) for v in variables]
-                return tf.stack(counts) if counts else tf.zeros([0], tf.int64)
+            def finite_flags():  # one bool per variable; no int64 copy of the weights (twice their size)
+                flags = [tf.reduce_all(tf.math.is_finite(v)) for v in variables]
+                return tf.stack(flags) if flags else tf.zeros([0], tf.bool)
 
-            self._count_non_finite = count
-        counts = self._count_non_finite().numpy()
-        bad = self.reduce_sum(float(counts.sum()))
+            self._finite_flags = finite_flags
+        failing = [v for v, ok in zip(self._watched, self._finite_flags().numpy()) if not ok]
+        bad = self.reduce_sum(float(len(failing)))
         if (train_loss is None or math.isfinite(train_loss)) and bad == 0:
             return
-        named = [f"{name}: {int(n)}" for name, n in zip(self._variable_names, counts) if n]
-        weights = f"{int(bad)} values; {', '.join(named[:4])}{' ...' if len(named) > 4 else ''}" if bad else ""
+        named = []
+        for variable in failing[:4]:
+            values = np.asarray(variable.numpy())
+            name = getattr(variable, "path", None) or variable.name
+            named.append(f"{name}: {int(np.size(values) - np.isfinite(values).sum())} of {np.size(values)}")
+        weights = (
+            f"{int(bad)} variables; {', '.join(named) or 'on another worker'}{' ...' if len(failing) > 4 else ''}" if bad else ""
+        )
         loss = train_loss if train_loss is not None and not math.isfinite(train_loss) else None
         raise NonFiniteLossError(
             self.directory.path, loss, step, last_good_step=self.last_step, since=self.last_step or 0, weights=weights
