@@ -157,6 +157,9 @@ def test_a_version_whose_files_differ_from_its_record_is_never_put_in_place(expo
     assert result.added == [1, 3] and list(result.refused) == [2]
     assert "differs from the export's record" in result.refused[2]
     assert _versions(target) == [1, 3] and _hidden_leftovers(target) == []
+    only_the_bad_one = mirror_exports(base, str(target), versions=[2])  # e.g. @champion moved to it
+    assert list(only_the_bad_one.refused) == [2] and only_the_bad_one.removed == []
+    assert _versions(target) == [1, 3]  # what served before keeps serving
 
 
 def test_a_sync_killed_mid_download_leaves_no_partial_version(exported, bucket, tmp_path):

@@ -14,7 +14,8 @@ base into it, with the promises a server watching a directory needs:
   `alias_export_versions`): the others this mirror made are renamed away
   (one atomic rename, which TF Serving sees as the version's removal), then
   deleted. New versions are added before old ones go, so a champion move is
-  served without a moment with nothing to serve;
+  served without a moment with nothing to serve, and when a wanted version
+  cannot be mirrored nothing is removed;
 - only what this mirror made is ever removed: its manifest
   (`.prefect-tensorflow-mirror.json`) lists the versions it placed, and a
   target that mirrors another export base, or holds entries other than
@@ -181,17 +182,17 @@ def mirror_exports(
                 if version not in available:
                     refused[version] = f"{source.uri}/{version} is not a complete version of the export base"
                     continue
-                digest, why = _download_verified(source, version, target)
+                digest, why = _download_verified(source, version, target, manifest)
                 if digest is None:
                     refused[version] = why
                     continue
                 added.append(version)
-                manifest["versions"][str(version)] = {"digest": digest}
-                _write_manifest(target, manifest)
                 log.info("mirrored %s/%d to %s (%s)", source.uri, version, target.display(str(version)), digest)
             removed = []
+            if refused and any(v not in wanted for v in mine):
+                log.error("nothing removed from %s: a wanted version is not there, so the old ones keep serving", target.path)
             for version in sorted(mine):
-                if version not in wanted:
+                if version not in wanted and not refused:
                     _remove_version(target, version)
                     del manifest["versions"][str(version)]
                     _write_manifest(target, manifest)
@@ -228,9 +229,13 @@ def _present_versions(target: OpenDir) -> tuple[set[int], list[str]]:
     return present, strangers
 
 
-def _download_verified(source: RemoteExportBase, version: int, target: OpenDir) -> tuple[Optional[str], str]:
+def _download_verified(
+    source: RemoteExportBase, version: int, target: OpenDir, manifest: dict[str, Any]
+) -> tuple[Optional[str], str]:
     """Download `version` into a hidden temporary in `target`, check its digest, rename it into place.
 
+    The manifest names the version just before the rename: a crash between the two leaves a manifest entry
+    without its directory, which the next sync drops and downloads again (never a directory it would not own).
     Returns (digest, "") once it is in place, or (None, why) with nothing left behind.
     """
     recorded = source.info(source.path(version)).get("result", {}).get("digest")
@@ -242,6 +247,8 @@ def _download_verified(source: RemoteExportBase, version: int, target: OpenDir) 
                 raise _RefusedError(
                     f"{source.path(version)}: its files' digest {digest} differs from the export's record {recorded}"
                 )
+            manifest["versions"][str(version)] = {"digest": digest}
+            _write_manifest(target, manifest)
     except _RefusedError as refused:
         return None, str(refused)
     return digest, ""
