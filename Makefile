@@ -73,7 +73,7 @@ lint: install
 	MYPYPATH=.mypy-src $(BIN)/mypy -p prefect_tensorflow.tasks -p prefect_tensorflow.flows
 
 test: lint
-	$(BIN)/python -m pytest -ra --durations=15
+	$(BIN)/python -m pytest -ra --durations=40
 
 # The team's production shape on this machine: PostgreSQL, S3 (moto), mlflow server and prefect server on
 # them, a process worker; runs retrain-iris on it with S3 paths, then serves until Ctrl-C.

@@ -107,7 +107,10 @@ def assert_same(weights, reference):
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_sigkill_at_many_points_then_rerun_matches_uninterrupted(tmp_path, cli_env, reference, async_save):
     model_dir = tmp_path / "m"
-    extra = ["--async-save"] if async_save else ["--no-async-save"]
+    # The sync case kills runs with their sidecar evaluator; the async case kills the async writer, which
+    # works alike wherever evaluation runs: in the loop, its six runs start no second TensorFlow process
+    # (the weights do not depend on where evaluation runs: both end equal to the same reference).
+    extra = ["--async-save", "--evaluation", "in_loop"] if async_save else ["--no-async-save"]
     cmd = train_cmd(model_dir, *extra)
     start = time.monotonic()
     kill_points = [
@@ -179,20 +182,19 @@ long_training(sys.argv[1])
 """
 
 
-def test_sigterm_in_a_prefect_flow_run_saves_then_prefect_marks_it_crashed(tmp_path, cli_env):
+def test_sigterm_in_a_prefect_flow_run_saves_then_prefect_marks_it_crashed(tmp_path, cli_env, prefect_api):
     """The preemption path of a deployment: the flow-run process gets SIGTERM mid-training."""
+    from prefect.settings import PREFECT_API_URL
+
     model_dir = tmp_path / "m"
     script = tmp_path / "flow_run.py"
     script.write_text(FLOW_SCRIPT)
-    env = dict(
-        cli_env,
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-    )
+    # The session's test API (as a deployment run reports to its server): without one, the process
+    # would start a temporary server of its own and migrate a new database first.
+    env = dict(cli_env, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=PREFECT_API_URL.value())
     log = tmp_path / "flow_run.log"
-    # A file, not a pipe: Prefect's temporary API server inherits the output and
-    # may outlive the flow-run process by a moment; its own session is cleaned up below.
+    # A file, not a pipe: whatever the flow-run process leaves behind inherits the output; its
+    # process group is cleaned up below.
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, str(script), str(model_dir)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -203,7 +205,7 @@ def test_sigterm_in_a_prefect_flow_run_saves_then_prefect_marks_it_crashed(tmp_p
         proc.wait(timeout=120)
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the process group: the flow run and its API server
+            os.killpg(proc.pid, signal.SIGKILL)  # the process group: the flow run and anything it started
         except ProcessLookupError:
             pass
     output = log.read_text()

@@ -55,6 +55,8 @@ from prefect_tensorflow.tasks.child_processes import log_tail
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 LIMIT = 6  # flow runs the serve process runs at once (`serve --limit`)
 MATRIX_TIMEOUT = 2400  # seconds for every run of the matrix to end
+IN_FLIGHT = 2 * LIMIT  # runs created and not yet ended: each of the runner's polls (2 s) finds the next ones
+POLL = 0.5  # seconds between reads of the unfinished runs' states
 TOKEN = uuid.uuid4().hex[:8]  # in every path a hostile value names outside the test root
 BIG = 10 * 1024 * 1024  # a 10 MB string: over the API's parameter size limit (512 KiB)
 LARGE = 400 * 1024  # a 400 KB string: under that limit, so it reaches the flow
@@ -541,31 +543,50 @@ def _error_text(err: Exception) -> str:
 
 
 def _send(ctx, cases: list[Case], enforce: Optional[bool] = None, timeout: float = MATRIX_TIMEOUT) -> list[Case]:
-    """Create every case's run (the serve process runs LIMIT at once), then wait until all have ended.
+    """Create the cases' runs a few at a time (at most `IN_FLIGHT` unfinished; the serve process runs
+    LIMIT at once) until every one was created and has ended.
 
-    Each run is named after its case (`hostile-<id>`). Returns the cases whose run had not
-    ended after `timeout` seconds."""
+    Not all at once: a hundred runs left Scheduled would each be marked Late by the server every few
+    seconds (a state write contending on SQLite with the runs' own: "database is locked") and be read,
+    parameters and all, on each of the runner's polls. Each run is named after its case
+    (`hostile-<id>`). Returns the cases whose run had not ended (or not been created) after `timeout` s."""
     import httpx
 
     stack = ctx["stack"]
+    queue = list(cases)
+    unfinished: dict[str, Case] = {}
+    deadline = time.monotonic() + timeout
     with stack.api() as client:
-        for case in cases:
-            parameters = _parameters(ctx, case)
-            try:
-                case.run_id = stack.create_run(client, case.deployment, parameters, name=f"hostile-{case.id}", enforce=enforce)
-            except httpx.HTTPStatusError as err:
-                case.created_status = err.response.status_code
-                case.created_error = _error_text(err)
-        pending = {case.run_id: case for case in cases if case.run_id}
-        runs = stack.wait(client, list(pending), timeout)
-        for run_id, case in pending.items():
-            state = runs[run_id].state
-            if state is not None and state.is_final():
-                case.state = state.type.value
-                case.message = state.message or ""
-            else:
-                case.state = f"NOT ENDED after {timeout:.0f} s ({state.name if state else None})"
-        return [case for case in pending.values() if case.state.startswith("NOT ENDED")]
+        while queue or unfinished:
+            while queue and len(unfinished) < IN_FLIGHT:
+                case = queue.pop(0)
+                parameters = _parameters(ctx, case)
+                try:
+                    case.run_id = stack.create_run(
+                        client, case.deployment, parameters, name=f"hostile-{case.id}", enforce=enforce
+                    )
+                    unfinished[case.run_id] = case
+                except httpx.HTTPStatusError as err:
+                    case.created_status = err.response.status_code
+                    case.created_error = _error_text(err)
+            if unfinished:
+                runs = stack.wait(client, list(unfinished), timeout=0)  # one read of them all
+                for run_id in list(unfinished):
+                    state = runs[run_id].state if run_id in runs else None
+                    if state is not None and state.is_final():
+                        case = unfinished.pop(run_id)
+                        case.state = state.type.value
+                        case.message = state.message or ""
+                    else:
+                        unfinished[run_id].state = state.name if state else None
+            if time.monotonic() > deadline:
+                break
+            if unfinished:
+                time.sleep(POLL)
+    late = list(unfinished.values()) + queue
+    for case in late:
+        case.state = f"NOT ENDED after {timeout:.0f} s ({case.state if case.run_id else 'never created'})"
+    return late
 
 
 def _stored_run_ids(ctx, cases: list[Case]) -> list[str]:
