@@ -201,6 +201,12 @@ def training_config(values: dict[str, Any]) -> TrainingConfig:
         typer.BadParameter-free: a `ValueError` with one line naming the option.
     """
     given = {k: v for k, v in values.items() if v is not None}
+    for model in (TrainingConfig, CheckpointPolicy):  # an optional number with a default comes as text ('' for none)
+        for name, field in model.model_fields.items():
+            if isinstance(given.get(name), str) and base_type(field.annotation) in (int, float):
+                flag = "--" + name.replace("_", "-")
+                empty = given[name] == "" and _allows_none(field.annotation)
+                given[name] = None if empty else _number(given[name], base_type(field.annotation), flag)
     for name in ZERO_MEANS_NONE:
         if given.get(name) == 0:
             given[name] = None

@@ -491,3 +491,15 @@ def test_multi_worker_training_hands_its_chiefs_writer_no_kept_checkpoint_outsid
         assert writer.checkpoints == [str(model_dir / "model.ckpt-301")]
         assert "outside" not in (model_dir / "checkpoint").read_text()
     assert sorted(os.listdir(outside)) == before
+
+
+def test_the_cli_training_options_take_the_numbers_as_typed():
+    """Optional numbers with a default (`--keep-checkpoint-max 3`) come from the command line as text."""
+    from prefect_tensorflow.flows.cli_options import training_config
+
+    config = training_config({"steps": 10, "keep_checkpoint_max": "3", "keep_checkpoint_every_n_hours": "2.5"})
+    assert (config.steps, config.policy.keep_checkpoint_max, config.policy.keep_checkpoint_every_n_hours) == (10, 3, 2.5)
+    assert training_config({"keep_checkpoint_max": "0"}).policy.keep_checkpoint_max is None  # 0 keeps every one
+    assert training_config({"keep_checkpoint_max": ""}).policy.keep_checkpoint_max is None
+    with pytest.raises(ValueError, match="--keep-checkpoint-max: expected an integer or '' for none, received 'x'"):
+        training_config({"keep_checkpoint_max": "x"})
