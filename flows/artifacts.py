@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Any, Optional
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
@@ -136,9 +136,78 @@ def _gate_outcome(registered: RegisteredVersion) -> str:
     gate = registered.gate
     if gate is None:
         return ""
+    if gate.state == "already_champion":
+        return "already champion"
     if gate.promoted:
-        return "promoted to champion"
-    return f"champion kept (version {gate.champion_version})" if gate.champion_version else "champion kept"
+        return "promoted to champion" + (" (first version)" if gate.state == "first_version" else "")
+    kept = f"champion kept (version {gate.champion_version})" if gate.champion_version else "champion kept"
+    return kept + (" (incomparable)" if "incomparable" in gate.reason else "")
+
+
+def _interval(decision: Any) -> str:
+    if decision.interval is None:
+        return "none"
+    low, high = decision.interval
+    return f"[{low:+.4g}, {high:+.4g}] ({decision.confidence:.0%}{', ' + decision.method if decision.method else ''})"
+
+
+def gate_decision_markdown(decision: Any, registered: Optional[RegisteredVersion] = None) -> str:
+    """The gate decision as markdown: the state, both versions and scores, the interval, each check.
+
+    Example:
+        >>> from prefect_tensorflow.tasks.configs import GateConfig
+        >>> from prefect_tensorflow.tasks.promotion.champion_gate import stated_decision
+        >>> print(gate_decision_markdown(stated_decision("kept", "no eval data", GateConfig(), 2, 1)).splitlines()[1])
+        **champion kept**: no eval data
+    """
+    headline = "promoted to champion" if decision.promoted else "champion kept"
+    if decision.state == "already_champion":
+        headline = "already champion"
+    who = f"{registered.name} " if registered is not None else ""
+    champion = f"v{decision.champion_version}" if decision.champion_version is not None else "none"
+    lines = [
+        f"# Champion gate: {who}v{decision.challenger_version}",
+        f"**{headline}**: {decision.reason}",
+        "",
+        "| | challenger | champion |",
+        "|---|---|---|",
+        f"| version | v{decision.challenger_version} | {champion} |",
+        f"| {decision.metric} ({decision.mode}) | {_figure(decision.challenger_value)} | {_figure(decision.champion_value)} |",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| state | `{decision.state}` |",
+        f"| difference (better: +) | {_figure(decision.difference)} |",
+        f"| interval | {_interval(decision)} |",
+        f"| p-value | {_figure(decision.p_value)} |",
+        f"| eval data | `{decision.eval_digest or 'none'}` |",
+    ]
+    if decision.checks:
+        lines += [
+            "",
+            "| check | metric | challenger | champion | difference | threshold | passed | reason |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in decision.checks:
+            lines.append(
+                f"| {c.name} | {c.metric} | {_figure(c.challenger_value)} | {_figure(c.champion_value)} | "
+                f"{_figure(c.difference)} | {_figure(c.threshold)} | {'yes' if c.passed else '**no**'} | {c.reason} |"
+            )
+    if registered is not None:
+        lines += ["", f"[{registered.name} version {registered.version} in MLflow]({registered.version_url})"]
+    return "\n".join(lines) + "\n"
+
+
+def publish_gate_decision(decision: Any, registered: Optional[RegisteredVersion] = None) -> str:
+    """A Prefect markdown artifact `champion-gate`: both versions, both scores, the interval, each check, the state."""
+    markdown = gate_decision_markdown(decision, registered)
+    who = f"{registered.name} " if registered is not None else ""
+    create_markdown_artifact(
+        key="champion-gate",
+        markdown=markdown,
+        description=f"{who}v{decision.challenger_version}: {decision.state}: {decision.reason}"[:500],
+    )
+    return markdown
 
 
 def headline(registered: Optional[RegisteredVersion], selected: CheckpointRef) -> str:
@@ -194,11 +263,12 @@ aliases {", ".join(f"`{a}`" for a in registered.aliases) or "none"}; load it wit
         text += f"""
 | champion gate | |
 |---|---|
-| decision | **{"promoted to champion" if gate.promoted else "champion kept"}** |
+| decision | **{_gate_outcome(registered)}** (`{gate.state}`) |
 | reason | {gate.reason} |
 | metric | {gate.metric} ({gate.mode}) |
 | this version | {_figure(gate.challenger_value)} |
 | champion before | {f"version {gate.champion_version}: {_figure(gate.champion_value)}" if gate.champion_version else "none"} |
+| interval | {_interval(gate)} |
 """
     return text
 

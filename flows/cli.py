@@ -49,7 +49,7 @@ from .flow_commands import FlowEntry, Spelling, flow_commands_group
 # How the flow commands spell a flow parameter where `--<name>` does not fit (every other
 # parameter of a flow is an option of its command by its own name, type, default and description).
 SPELLING = Spelling(
-    flags=MappingProxyType({"track": "--mlflow/--no-mlflow", "aliases": "--alias"}),
+    flags=MappingProxyType({"track": "--mlflow/--no-mlflow", "aliases": "--alias", "decision": "--approve/--reject"}),
     config_prefixes=MappingProxyType({"training": ""}),
     config_flags=MappingProxyType(
         {"mlflow": MappingProxyType({"tracking_uri": "--tracking-uri", "experiment_name": "--experiment"})}

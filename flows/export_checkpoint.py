@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from functools import partial
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 from prefect import flow
 
@@ -29,12 +29,12 @@ from prefect_tensorflow.tasks import prefect_tasks as tasks
 from prefect_tensorflow.tasks.blocks import MlflowConnection
 from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
 from prefect_tensorflow.tasks.configs import AliasName, DataRef, ExportConfig, GateConfig, ModelRef, RegisteredModelName
-from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion, gate_value
+from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion
 
 from .artifacts import publish_checkpoint_table, publish_export_summary, publish_mlflow_links
 from .parameters import ParsedBy
 from .prelude import flow_prelude
-from .shipping import Destination, Shipped, ship_checkpoint
+from .shipping import Destination, Shipped, check_decision, ship_checkpoint
 
 
 class ExportSummary(Shipped):
@@ -55,6 +55,7 @@ def export_checkpoint(
     frozen_dir: str = "",
     gate: GateConfig = GateConfig(),
     mlflow: Optional[MlflowConnection] = None,
+    decision: Optional[Literal["approve", "reject"]] = None,
 ) -> ExportSummary:
     """Ship a checkpoint that exists: select it, export and freeze it (verified), register it in MLflow.
 
@@ -71,18 +72,22 @@ def export_checkpoint(
             'loss' or 'error'; add ':min' or ':max' to choose). The run's checkpoints table lists
             the steps and metrics.
         registered_model_name: The MLflow registered model to add the version to (created if missing).
-        aliases: Aliases to point at the new version besides challenger (and champion if it wins
-            the gate), e.g. 'staging'.
+        aliases: Aliases to point at the new version besides challenger (and champion if the gate
+            promotes it), e.g. 'staging'.
         model: The model builder the checkpoint was trained with (a registered name).
         data: The dataset loader whose eval split is the verification batch (a registered name).
         export_base: Directory of SavedModel versions for TF Serving. Empty: exports/<registered_model_name>
             under the data home. In a deployment run it must be under PREFECT_TENSORFLOW_ROOTS.
         frozen_dir: Directory for the frozen .pb (never replaced by other bytes). Empty: frozen/<registered_model_name>
             under the data home. In a deployment run it must be under PREFECT_TENSORFLOW_ROOTS.
-        gate: Champion gate: the checkpoint metric the version must beat the champion on (None:
-            never move champion), and whether higher ('max') or lower ('min') is better.
+        gate: Champion gate: both versions are scored on the data's eval split; the metric, the
+            margin the new version must clear (the interval's lower bound), guardrails, floors and
+            serving limits. No rule: the champion is kept.
         mlflow: A saved MLflow Connection block. Leave it on None for the worker's
             MLFLOW_TRACKING_URI (else a local SQLite store).
+        decision: The answer, given in advance, for a gate that cannot compare the versions
+            (a renamed output, other labels): 'approve' or 'reject'. Empty: the run pauses with
+            an approval form in the Prefect UI. Refused in a deployment run (use the form).
 
     Raises:
         ValueError: a malformed `checkpoint`, path, name or alias (before anything is written).
@@ -90,6 +95,7 @@ def export_checkpoint(
         UnsafeParameterError: in a deployment run, a path outside the roots or an inline MLflow connection.
         ModelDirError, NoValidCheckpointError, MetricNotFoundError: nothing to ship.
     """
+    check_decision(decision)
     selection = CheckpointSelection.parse(checkpoint, parameter="checkpoint")
     paths = {"model_dir": model_dir, "export_base": export_base, "frozen_dir": frozen_dir}
     prelude = flow_prelude(paths, registered_model_name, model=model, data=data or None, mlflow=mlflow)
@@ -97,7 +103,6 @@ def export_checkpoint(
     connection = prelude.connection or MlflowConnection()  # export-checkpoint always registers
 
     ref = tasks.select_checkpoint(prelude.paths["model_dir"], selection, parameter="checkpoint")
-    gate_value(ref, gate.metric)  # the gate metric must be there before anything is written
     tasks.check_can_register(registered_model_name, connection)
     publish_checkpoint_table(ref.model_dir, ref)
     shipped = ship_checkpoint(
@@ -111,6 +116,7 @@ def export_checkpoint(
             registered_model_name=registered_model_name,
             gate=gate,
             aliases=tuple(aliases),
+            decision=decision,
         ),
         run_name=f"export-checkpoint-{registered_model_name}-step-{ref.step}",
         skip_registered=True,

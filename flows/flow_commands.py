@@ -131,6 +131,11 @@ def _input(parameter: inspect.Parameter, annotation: Any, description: str, spel
     required = name in spelling.required or default is inspect.Parameter.empty
     origin = typing.get_origin(base)
     item = base_type(typing.get_args(base)[0]) if origin is list and typing.get_args(base) else None
+    if "/" in flag and origin is typing.Literal and len(typing.get_args(base)) == 2:
+        # a two-valued choice spelled as a pair of flags: `--approve/--reject` -> "approve" / "reject"
+        yes, no = typing.get_args(base)
+        option = typer.Option(None, flag, help=description, show_default=False)
+        return _Input(name, (_option(name, option, Optional[bool]),), lambda values: _choice(values[name], yes, no))
     if _kind(base) is not None:
         kind = _kind(base)
         shown = "" if default in ("", None, inspect.Parameter.empty) or kind is bool else f" (default: {default})"
@@ -179,6 +184,10 @@ def _scalar(value: Any, annotation: Any, flag: str) -> tuple[bool, Any]:
     for parse in _parsers(annotation):
         parse(value)
     return True, value
+
+
+def _choice(value: Optional[bool], yes: Any, no: Any) -> tuple[bool, Any]:
+    return (False, None) if value is None else (True, yes if value else no)
 
 
 def _items(values: list[Any], element: Any, flag: str) -> tuple[bool, Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 from prefect import flow
 
@@ -35,7 +35,7 @@ from prefect_tensorflow.tasks.training.loop import TrainResult
 
 from .parameters import ParsedBy
 from .prelude import flow_prelude
-from .shipping import Destination, Shipped, publish_shipped, ship_checkpoint
+from .shipping import Destination, Shipped, check_decision, publish_shipped, ship_checkpoint
 
 
 class RetrainSummary(Shipped):
@@ -80,13 +80,15 @@ def retrain(
     gate: GateConfig = GateConfig(),
     mlflow: Optional[MlflowConnection] = None,
     track: bool = True,
+    decision: Optional[Literal["approve", "reject"]] = None,
 ) -> RetrainSummary:
     """Train (resuming from the newest valid checkpoint), select the checkpoint to ship,
     freeze it and export it as the next SavedModel version, each verified.
 
     Then (unless `track` is off) logs everything to MLflow and registers the
-    export as the next version of `registered_model_name`, `challenger`, and
-    `champion` if it beats the champion on the gate metric. Publishes a table
+    export as the next version of `registered_model_name`, `challenger`; the
+    champion gate scores it and the champion on the same eval data and moves
+    `champion` if the rule (and the serving check) says so. Publishes a table
     of the checkpoints, a markdown summary and links to the MLflow run and
     model version as Prefect artifacts.
 
@@ -107,17 +109,22 @@ def retrain(
         frozen_dir: Directory for the frozen .pb (never replaced by other bytes). Empty: frozen/<registered_model_name>
             under the data home. In a deployment run it must be under PREFECT_TENSORFLOW_ROOTS.
         registered_model_name: The MLflow registered model the export becomes a version of.
-        gate: Champion gate: the checkpoint metric a new version must beat the champion on (None:
-            never move champion), and whether higher ('max') or lower ('min') is better.
+        gate: Champion gate: both versions are scored on the data's eval split; the metric, the
+            margin the new version must clear (the interval's lower bound), guardrails, floors and
+            serving limits. No rule: the champion is kept.
         mlflow: A saved MLflow Connection block. Leave it on None for the worker's
             MLFLOW_TRACKING_URI (else a local SQLite store).
         track: Track in MLflow and register the export.
+        decision: The answer, given in advance, for a gate that cannot compare the versions
+            (a renamed output, other labels): 'approve' or 'reject'. Empty: the run pauses with
+            an approval form in the Prefect UI. Refused in a deployment run (use the form).
 
     Raises:
         ValueError: `select`, a path, a count or a name is malformed (checked before anything is written).
         ImportStringError: the model or data is refused or names nothing importable.
         UnsafeParameterError: in a deployment run, a path outside the roots or an inline MLflow connection.
     """
+    check_decision(decision)
     selection = CheckpointSelection.parse(select)
     paths = {"model_dir": model_dir, "export_base": export_base, "frozen_dir": frozen_dir}
     prelude = flow_prelude(paths, registered_model_name, model=training.model, data=training.data, mlflow=mlflow, track=track)
@@ -137,6 +144,7 @@ def retrain(
             connection=prelude.connection,
             registered_model_name=registered_model_name,
             gate=gate,
+            decision=decision,
         ),
         run_id=result.mlflow_run_id,
     )

@@ -5,14 +5,15 @@ the checkpoint to ship; `ship_checkpoint` is that end, made of the Prefect
 tasks, so every flow ships alike (a new export format or shipping step is
 added here, once):
 
-- the checkpoint's gate metric is checked before anything is written (when
-  the export is to be registered);
 - the next verified SavedModel version, then a verified frozen `.pb`;
 - with an MLflow connection, the frozen graph logged (to the given run, else
-  a new one) and the export registered, `challenger`, `champion` when it
-  beats the champion on the gate metric, then the extra aliases asked for.
-  With `skip_registered`, an export that was already there and registered
-  returns that version without freezing or logging again.
+  a new one) and the export registered as `challenger`; then the champion
+  gate (`gate_champion`: both versions scored on the same eval data, the
+  rule, the serving check, the guarded move of `champion`), its decision
+  published as an artifact (`publish_gate_decision`); then the extra
+  aliases asked for. With `skip_registered`, an export that was already
+  there, registered and gated returns that version and its recorded
+  decision without freezing, logging or gating again.
 
 `publish_shipped` publishes the Prefect artifacts of a shipped training: the
 checkpoint table, the training summary, the links to the MLflow version and run.
@@ -26,21 +27,22 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_tensorflow.tasks import prefect_tasks as tasks
 from prefect_tensorflow.tasks.checkpoints.selection import CheckpointRef
 from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig
+from prefect_tensorflow.tasks.errors import UnsafeParameterError
 from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
 from prefect_tensorflow.tasks.export.saved_model import ExportResult
 from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
-from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion, gate_value
-from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger
+from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion, version_aliases
+from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger, in_deployment_run
 from prefect_tensorflow.tasks.training.loop import TrainResult
 
-from .artifacts import publish_checkpoint_table, publish_mlflow_links, publish_training_summary
+from .artifacts import publish_checkpoint_table, publish_gate_decision, publish_mlflow_links, publish_training_summary
 from .parameters import frozen_graph_path
 
 
@@ -67,6 +69,23 @@ class Destination:
     registered_model_name: str
     gate: GateConfig
     aliases: tuple[str, ...] = ()
+    decision: Optional[Literal["approve", "reject"]] = None  # an incomparable gate's answer, given in advance
+
+
+def check_decision(decision: Optional[str]) -> Optional[str]:
+    """An incomparable gate's answer given in advance: none in a deployment run, whose UI user gets the pause form.
+
+    Raises:
+        UnsafeParameterError: `decision` given in a deployment run.
+    """
+    if decision is not None and in_deployment_run():
+        raise UnsafeParameterError(
+            "decision",
+            decision,
+            "a deployment run asks for approval in its pause form (the Prefect UI), with the "
+            "gate's evidence in view; leave decision empty",
+        )
+    return decision
 
 
 def ship_checkpoint(
@@ -81,6 +100,8 @@ def ship_checkpoint(
 ) -> Shipped:
     """Export and freeze `ref` (each verified), then log, register, gate and alias it when `to` has a connection.
 
+    The gate scores both versions on `config.data`'s eval split (no `data`: the champion is kept, stated).
+
     Args:
         ref: the checkpoint to ship.
         selection: how it was selected (for the summary).
@@ -91,12 +112,7 @@ def ship_checkpoint(
         run_name: the name of that new run.
         skip_registered: an export that already existed and is registered returns that version
             without freezing or logging again.
-
-    Raises:
-        MetricNotFoundError: the checkpoint lacks the gate metric (before anything is written).
     """
-    if to.connection is not None:
-        gate_value(ref, to.gate.metric)  # the gate metric must be there before anything is written
     exported = tasks.export_saved_model(ref.path, to.export_base, config)
     registered = None
     if skip_registered and exported.reused and to.connection is not None:
@@ -116,8 +132,11 @@ def ship_checkpoint(
                 frozen=frozen,
                 run_id=run_id,
                 data=config.data,
-                gate=to.gate,
             )
+    if registered is not None and registered.gate is None and to.connection is not None:
+        decision = tasks.gate_champion(registered, to.connection, to.gate, data=config.data, decision=to.decision)
+        registered = registered.model_copy(update={"gate": decision, "aliases": version_aliases(registered, to.connection)})
+        publish_gate_decision(decision, registered)
     if registered is not None and to.aliases:
         registered = tasks.set_model_version_aliases(registered, list(to.aliases), to.connection)
     return Shipped(

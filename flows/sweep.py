@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from prefect import flow
 from pydantic import Field
@@ -58,7 +58,7 @@ from prefect_tensorflow.tasks.training.sweep_candidates import (
 
 from .parameters import ParsedBy
 from .prelude import flow_prelude
-from .shipping import Destination, Shipped, publish_shipped, ship_checkpoint
+from .shipping import Destination, Shipped, check_decision, publish_shipped, ship_checkpoint
 
 DASK_ADDRESS = re.compile(r"(tcp|tls|inproc|ws|wss)://[A-Za-z0-9_.:\[\]-]{1,253}")
 DEFAULT_CANDIDATES = [
@@ -200,6 +200,7 @@ def sweep(
     dask_address: str = "",
     dask_workers: DaskWorkers = 0,
     threads_per_candidate: Threads = 1,
+    decision: Optional[Literal["approve", "reject"]] = None,
 ) -> SweepSummary:
     """Train the candidates in parallel on Dask, compare them, ship the best as `retrain` does.
 
@@ -215,8 +216,9 @@ def sweep(
         export_base: Directory of SavedModel versions for TF Serving; empty for <data home>/exports/REGISTERED_MODEL_NAME.
         frozen_dir: Directory for the frozen .pb; empty for <data home>/frozen/REGISTERED_MODEL_NAME.
         registered_model_name: The MLflow registered model the winner's export becomes a version of.
-        gate: Champion gate: the checkpoint metric a new version must beat the champion on, and
-            whether higher ('max') or lower ('min') is better.
+        gate: Champion gate: both versions are scored on the data's eval split; the metric, the
+            margin the new version must clear (the interval's lower bound), guardrails, floors and
+            serving limits. No rule: the champion is kept.
         mlflow: A saved MLflow Connection block; empty for the worker's MLFLOW_TRACKING_URI
             (else a local SQLite store).
         track: Track in MLflow (a parent run, a child run per candidate) and register the winner.
@@ -225,6 +227,9 @@ def sweep(
         dask_workers: Worker processes of the local cluster; 0 for one per candidate, at most one per core.
         threads_per_candidate: TensorFlow threads per pool in each candidate's process (1: N
             candidates on N cores do not oversubscribe); 0 for TensorFlow's default.
+        decision: The answer, given in advance, for a gate that cannot compare the versions
+            (a renamed output, other labels): 'approve' or 'reject'. Empty: the run pauses with
+            an approval form in the Prefect UI. Refused in a deployment run (use the form).
 
     Raises:
         ValueError: `select`, a path, an address or a count is malformed (checked before anything is written).
@@ -233,6 +238,7 @@ def sweep(
             connection or a Dask scheduler other than the configured one.
     """
     log = get_logger()
+    check_decision(decision)
     selection = sweep_selection(select)
     paths: Mapping[str, str] = {"sweep_root": sweep_root, "export_base": export_base, "frozen_dir": frozen_dir}
     prelude = flow_prelude(paths, registered_model_name, model=training.model, data=training.data, mlflow=mlflow, track=track)
@@ -262,7 +268,17 @@ def sweep(
     status = "FAILED"
     try:
         summary = _train_compare_ship(
-            specs, address, dask_workers, selection, training, paths, connection, registered_model_name, gate, parent_run_id
+            specs,
+            address,
+            dask_workers,
+            selection,
+            training,
+            paths,
+            connection,
+            registered_model_name,
+            gate,
+            parent_run_id,
+            decision,
         )
         status = "FINISHED"
         return summary
@@ -285,6 +301,7 @@ def _train_compare_ship(
     registered_model_name: str,
     gate: GateConfig,
     parent_run_id: Optional[str],
+    decision: Optional[Literal["approve", "reject"]] = None,
 ) -> SweepSummary:
     log = get_logger()
     outcomes = train_on_dask(specs, address, dask_workers)
@@ -328,6 +345,7 @@ def _train_compare_ship(
             connection=connection,
             registered_model_name=registered_model_name,
             gate=gate,
+            decision=decision,
         ),
         run_id=winner.training.mlflow_run_id,
     )

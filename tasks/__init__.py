@@ -51,6 +51,7 @@ _PUBLIC = {
     "find_registered_version": "prefect_tasks",
     "check_can_register": "prefect_tasks",
     "set_model_version_aliases": "prefect_tasks",
+    "gate_champion": "prefect_tasks",
     "retry_if_server_unavailable": "prefect_tasks",
     "train_sweep_candidate": "prefect_tasks",
     "start_sweep_run": "prefect_tasks",

@@ -29,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from .checkpoints import selection
 from .errors import MlflowUnavailableError
 from .export import frozen_graph, saved_model, verification
+from .promotion import champion_gate
 from .registry import model_versions, tracking
 from .training import loop
 
@@ -53,9 +54,10 @@ def _plain(name: str, **options: Any) -> Any:
     return task(name=name, cache_policy=NO_CACHE, **options)
 
 
-def _talks_to_mlflow(name: str) -> Any:
+def _talks_to_mlflow(name: str, **options: Any) -> Any:
     return task(
         name=name,
+        **options,
         cache_policy=NO_CACHE,
         retries=2,
         retry_delay_seconds=[10, 30],
@@ -90,3 +92,6 @@ train_sweep_candidate = _plain("train-sweep-candidate", task_run_name="train-can
 start_sweep_run = _talks_to_mlflow("start-sweep-run")(sweep_candidates.start_sweep_run)
 record_sweep_comparison = _talks_to_mlflow("record-sweep-comparison")(sweep_candidates.record_sweep_comparison)
 end_sweep_run = _talks_to_mlflow("end-sweep-run")(sweep_candidates.end_sweep_run)
+gate_champion = _talks_to_mlflow("gate-champion", task_run_name="gate-champion-{registered.name}-v{registered.version}")(
+    champion_gate.gate_champion
+)

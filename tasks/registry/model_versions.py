@@ -16,11 +16,11 @@ Registering is idempotent: the export's fingerprint is a version tag, and an
 export already registered returns its version. A lock on the export base
 makes two processes registering one export end with one version.
 
-Aliases, not stages: every new version gets `challenger`; `champion` moves to
-it only when its evaluation metric beats the champion's (the first version
-becomes champion): the rule is `gate.py`, this module reads the champion and
-moves the alias. The decision and both figures are recorded as version tags
-(`prefect_tensorflow.gate.*`).
+Aliases, not stages: every new version gets `challenger`, and registering
+never moves `champion`: the champion gate does, after registration
+(`promotion/champion_gate.py`, which scores both versions on the same eval
+data). Its decision is recorded on the version (`prefect_tensorflow.gate.*`;
+`recorded_decision` reads it back).
 
 Every call goes through the connection's own client (`MlflowConfig.client`):
 the model is saved locally, uploaded as a logged model and registered
@@ -46,8 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..checkpoints.selection import CheckpointRef
 from ..config_checks import one_line
-from ..configs import GateConfig, RegisteredModelName
-from ..errors import MetricNotFoundError, MlflowSettingsError, RegistryError
+from ..configs import RegisteredModelName
+from ..errors import MlflowSettingsError, RegistryError
 from ..export.export_base import local_export, saved_model_digest
 from ..export.frozen_graph import FreezeResult
 from ..export.saved_model import ExportResult, export_lock
@@ -56,7 +56,7 @@ from ..export.verification_batch import verification_batch
 from ..promotion.serving_check import load_check_tags, require_loads
 from ..run_context import get_logger, prefect_run_tags
 from .aliases import MoveKind, current_alias_version, move_alias, point_alias, registry_lock
-from .gate import GateDecision, MetricRecord, decide_recorded_gate
+from .gate import GateDecision
 from .mlflow_connection import MlflowConfig
 from .tracking import TAG_PREFIX
 
@@ -65,6 +65,7 @@ CHAMPION = "champion"
 MODEL_NAME_IN_RUN = "model"
 PYFUNC_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "saved_model_pyfunc.py")
 FINGERPRINT_TAG = TAG_PREFIX + "fingerprint"
+DECISION_JSON = TAG_PREFIX + "gate.json"  # the whole gate decision; `gate.*` beside it are its figures for people
 _DISTRIBUTIONS = (("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tensorflow-intel"), ("mlflow",), ("numpy",), ("pandas",))
 
 
@@ -84,7 +85,9 @@ class RegisteredVersion(BaseModel):
     aliases: list[str]
     reused: bool = Field(description="True when this export was already registered")
     pyfunc_parity: Optional[Parity] = Field(description="mlflow.pyfunc predictions vs the SavedModel")
-    gate: Optional[GateDecision]
+    gate: Optional[GateDecision] = Field(
+        default=None, description="The champion gate's decision (`gate_champion`); None until the gate ran"
+    )
 
 
 def pinned_requirements() -> list[str]:
@@ -142,74 +145,21 @@ def check_registered_model_name(name: Any) -> str:
         raise MlflowSettingsError(f"registered_model_name: {one_line(err).split(': ', 1)[-1]}") from err
 
 
-def gate_value(checkpoint: Optional[CheckpointRef], metric: Optional[str]) -> Optional[float]:
-    """The checkpoint's recorded value of the gate metric.
-
-    Raises:
-        MetricNotFoundError: the checkpoint has no such metric.
-    """
-    if metric is None:
-        return None
-    metrics = checkpoint.metrics if checkpoint is not None else {}
-    if metric not in metrics:
-        where = checkpoint.model_dir if checkpoint is not None else "(no checkpoint given)"
-        raise MetricNotFoundError(where, metric, sorted(metrics))
-    return float(metrics[metric])
-
-
-def decide_champion(client: Any, name: str, version: int, value: Optional[float], gate: GateConfig) -> GateDecision:
-    """Run the gate (`gate.decide_gate`) for `version` against the registry's champion; move `champion` if promoted.
-
-    The decision and both figures are recorded as the version's `prefect_tensorflow.gate.*` tags.
-    """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
-    record = None
-    if champion is not None:
-        recorded = champion.tags.get(f"{TAG_PREFIX}metric.{gate.metric}") if gate.metric is not None else None
-        record = MetricRecord(int(champion.version), float(recorded) if recorded not in (None, "") else None)
-    decision = decide_recorded_gate(MetricRecord(version, value), record, gate)
-    if decision.promoted and decision.champion_version != version:
-        set_alias(client, name, CHAMPION, version, reason=decision.reason, kind="gate")
-    tags = {
-        "gate.decision": "promoted to champion" if decision.promoted else "champion kept",
-        "gate.reason": decision.reason,
-        "gate.metric": str(decision.metric),
-        "gate.mode": decision.mode,
-        "gate.challenger_value": str(value),
-        "gate.previous_champion_version": str(decision.champion_version),
-        "gate.previous_champion_value": str(decision.champion_value),
-    }
-    for key, tag_value in tags.items():
-        client.set_model_version_tag(name, str(version), TAG_PREFIX + key, tag_value)
-    return decision
-
-
 def recorded_decision(mv) -> Optional[GateDecision]:
-    """The gate decision stored on a version's tags, or None if it was never made."""
-    tags = mv.tags
+    """The champion gate's decision recorded on a version (`gate.json`), or None: never gated (or by an older release).
 
-    def number(key: str, cast=float):
-        value = tags.get(TAG_PREFIX + key)
-        return None if value in (None, "None", "") else cast(value)
-
-    if TAG_PREFIX + "gate.decision" not in tags:
+    Example:
+        >>> from types import SimpleNamespace
+        >>> recorded_decision(SimpleNamespace(tags={}, version="1")) is None
+        True
+    """
+    text = mv.tags.get(DECISION_JSON)
+    if not text:
         return None
-    metric = tags.get(TAG_PREFIX + "gate.metric")
-    return GateDecision(
-        metric=None if metric in (None, "None") else metric,
-        mode=tags.get(TAG_PREFIX + "gate.mode", "max"),
-        challenger_version=int(mv.version),
-        challenger_value=number("gate.challenger_value"),
-        champion_version=number("gate.previous_champion_version", int),
-        champion_value=number("gate.previous_champion_value"),
-        promoted=tags[TAG_PREFIX + "gate.decision"].startswith("promoted"),
-        reason=tags.get(TAG_PREFIX + "gate.reason", ""),
-    )
+    try:
+        return GateDecision.model_validate_json(text)
+    except ValidationError:
+        return None
 
 
 def check_export_unchanged(export: ExportResult, local_path: str) -> None:
@@ -298,28 +248,27 @@ def register_model_version(
     frozen: Optional[FreezeResult] = None,
     run_id: Optional[str] = None,
     data: Optional[str] = None,
-    gate: Optional[GateConfig] = None,
     tolerance: float = 1e-5,
 ) -> RegisteredVersion:
-    """Log a verified export as an MLflow model and register it (idempotent), then run the champion gate.
+    """Log a verified export as an MLflow model and register it (idempotent), as `challenger`.
+
+    `champion` never moves here: the champion gate (`gate_champion`) decides that after registration.
 
     Args:
         export: the `export_saved_model` result.
         registered_model_name: the registered model to add a version to (created if missing).
         connection: the MLflow connection; default `MlflowConfig()` (env, else local SQLite).
-        checkpoint: the checkpoint the export came from: its step and metrics are tagged,
-            and its gate metric decides the champion.
+        checkpoint: the checkpoint the export came from: its step and metrics are tagged.
         frozen: the `freeze_graph` result, tagged on the version (path, digest, parity).
         run_id: the MLflow run to log the model in (e.g. the training run); default a new run.
         data: dataset loader for the verification batch (default: seeded random values).
-        gate: the champion gate (default: `accuracy`, higher is better).
         tolerance: largest difference accepted between pyfunc and SavedModel predictions.
 
     Returns:
-        The version, its URIs and aliases, the pyfunc parity and the gate's decision.
+        The version, its URIs and aliases, the pyfunc parity, and the gate decision already
+        recorded on it (an export registered and gated before), else None.
 
     Raises:
-        MetricNotFoundError: the checkpoint has no gate metric (checked before anything is logged).
         MlflowSettingsError: a bad registered model name.
         RegistryError: the export changed since it was verified, does not load cold in a fresh process
             (`promotion.serving_check.check_loads`), the logged model failed its check, or the server
@@ -334,11 +283,9 @@ def register_model_version(
         ...     return register_model_version(export, "iris", checkpoint=checkpoint).model_uri
     """
     name = check_registered_model_name(registered_model_name)
-    gate = gate or GateConfig()
     connection = connection or MlflowConfig()
-    value = gate_value(checkpoint, gate.metric)
     experiment_id = connection.experiment_id()
-    job = _Registration(connection, export, name, experiment_id, checkpoint, frozen, run_id, data, value, gate, tolerance)
+    job = _Registration(connection, export, name, experiment_id, checkpoint, frozen, run_id, data, tolerance)
     with export_lock(export.export_base):
         return connection.retrying(f"registering {export.path} as {name!r}", _register_locked, job)
 
@@ -355,21 +302,18 @@ class _Registration:
     frozen: Optional[FreezeResult]
     run_id: Optional[str]
     data: Optional[str]
-    value: Optional[float]
-    gate: GateConfig
     tolerance: float
 
 
 def _register_locked(job: _Registration) -> RegisteredVersion:
     log = get_logger()
-    connection, export, name, gate = job.connection, job.export, job.name, job.gate
+    connection, export, name = job.connection, job.export, job.name
     client = connection.client()
     existing = _version_by_fingerprint(client, name, export.fingerprint)
     if existing is not None:
         decision = recorded_decision(existing)
-        if decision is None:  # created, then interrupted (or its answer lost) before the aliases
+        if decision is None:  # created, then interrupted (or its answer lost) before the gate
             set_alias(client, name, CHALLENGER, int(existing.version), reason="registered: the newest version")
-            decision = decide_champion(client, name, int(existing.version), job.value, gate)
         log.info("%s is already registered as %s version %s", export.path, name, existing.version)
         return _result(connection, client, existing, job.experiment_id, reused=True, parity=None, gate=decision)
 
@@ -380,10 +324,11 @@ def _register_locked(job: _Registration) -> RegisteredVersion:
 def _log_and_register(job: _Registration, client: Any, local_path: str) -> RegisteredVersion:
     from mlflow.exceptions import MlflowException
 
-    connection, export, name, gate, run_id = job.connection, job.export, job.name, job.gate, job.run_id
+    connection, export, name, run_id = job.connection, job.export, job.name, job.run_id
     log = get_logger()
     check_export_unchanged(export, local_path)
-    loads = require_loads(local_path, f"export {export.path}", gate.serving)  # a cold load, no project code
+    # a cold load, no project code; the serving limits are the gate's, checked before `champion` moves
+    loads = require_loads(local_path, f"export {export.path}")
     _ensure_registrable(client, name)
     if run_id is None:
         tags = {**prefect_run_tags(), TAG_PREFIX + "stage": "export"}
@@ -391,7 +336,7 @@ def _log_and_register(job: _Registration, client: Any, local_path: str) -> Regis
     logged, parity = log_export_model(connection, client, export, local_path, run_id, job.data, job.tolerance)
     for key, tag_value in prefect_run_tags().items():
         client.set_tag(run_id, key, tag_value)
-    tags = {**version_tags(export, job.checkpoint, job.frozen, parity, gate.metric, job.value), **load_check_tags(loads)}
+    tags = {**version_tags(export, job.checkpoint, job.frozen, parity), **load_check_tags(loads)}
     from . import mlflow_client  # imported here: MLflow costs ~1.2 s, and a refused run never gets this far
 
     # Sent once (mlflow_client.NO_RESEND): if the version was created but the answer lost, a resend
@@ -402,9 +347,7 @@ def _log_and_register(job: _Registration, client: Any, local_path: str) -> Regis
         raise _refused(err, name) from err
     log.info("registered %s version %s from %s", name, mv.version, export.path)
     set_alias(client, name, CHALLENGER, int(mv.version), reason="registered: the newest version")
-    decision = decide_champion(client, name, int(mv.version), job.value, gate)
-    log.info("champion gate for %s version %s: %s", name, mv.version, decision.reason)
-    return _result(connection, client, mv, job.experiment_id, reused=False, parity=parity, gate=decision)
+    return _result(connection, client, mv, job.experiment_id, reused=False, parity=parity, gate=None)
 
 
 def check_can_register(registered_model_name: str, connection: Optional[MlflowConfig] = None) -> None:
@@ -487,8 +430,6 @@ def version_tags(
     checkpoint: Optional[CheckpointRef],
     frozen: Optional[FreezeResult],
     parity: Parity,
-    gate_metric: Optional[str],
-    value: Optional[float],
 ) -> dict[str, str]:
     """Lineage of a version: checkpoint, export, parity figures and the Prefect run."""
     tags = {
@@ -509,8 +450,6 @@ def version_tags(
         tags[TAG_PREFIX + "frozen_graph.path"] = frozen.path
         tags[TAG_PREFIX + "frozen_graph.sha256"] = frozen.digest
         tags[TAG_PREFIX + "parity.checkpoint_vs_frozen_graph"] = repr(frozen.parity.max_abs_diff)
-    if gate_metric is not None:
-        tags[f"{TAG_PREFIX}metric.{gate_metric}"] = repr(value)
     return tags
 
 
@@ -565,7 +504,7 @@ def _result(
 def find_registered_version(
     export: ExportResult, registered_model_name: str, connection: Optional[MlflowConfig] = None
 ) -> Optional[RegisteredVersion]:
-    """The version of `registered_model_name` this export is already registered as (gate decided), or None.
+    """The version of `registered_model_name` this export is already registered as, or None.
 
     Lets a flow skip work (freezing, logging) for an export that is already in the registry.
 
@@ -575,7 +514,8 @@ def find_registered_version(
         connection: the MLflow connection; default `MlflowConfig()`.
 
     Returns:
-        The registered version, or None if this export is not registered (or was interrupted before the gate).
+        The registered version (with the gate decision recorded on it, else `gate` None: the gate has
+        not run for it), or None if this export is not registered.
 
     Example:
         >>> from prefect import flow
@@ -596,6 +536,16 @@ def find_registered_version(
         return _result(connection, client, existing, experiment_id, reused=True, parity=None, gate=decision)
 
     return connection.retrying(f"looking up {export.path} in {registered_model_name!r}", lookup)
+
+
+def version_aliases(registered: RegisteredVersion, connection: Optional[MlflowConfig] = None) -> list[str]:
+    """The aliases `registered` holds now (e.g. after the gate moved `champion`), sorted."""
+    connection = connection or MlflowConfig()
+
+    def read() -> list[str]:
+        return sorted(connection.client().get_model_version(registered.name, str(registered.version)).aliases)
+
+    return connection.retrying(f"reading the aliases of {registered.name!r} version {registered.version}", read)
 
 
 def set_model_version_aliases(
