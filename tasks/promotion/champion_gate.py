@@ -256,6 +256,8 @@ class _Scorer:
             return self.cached[version]
         digest = self._model_version(version).tags.get(TAG_PREFIX + "export.sha256")
         found = self.cache.get(digest, self.eval_set.digest) if digest else None
+        if found is not None and getattr(found, "head", self.head) != self.head:
+            found = None  # scored for another head: its per-example metrics are not these
         if found is None:
             found = scoring.score_saved_model(self.local_saved_model(version), self.eval_set, head=self.head)
             self.cache.put(found)
