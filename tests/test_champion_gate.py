@@ -11,6 +11,7 @@ accuracy the higher one) is worse on today's data than one trained on it.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -89,7 +90,9 @@ def test_data_shift_a_champion_worse_on_todays_data_is_replaced_and_only_the_cha
 
     v1 = register(exports, "iris", name, mlflow_store)
     first = gate_champion(v1, mlflow_store, by_loss, data=SHIFTED)
-    assert (first.state, first.promoted, current_alias_version(client, name, "champion")) == ("first_version", True, 1), first.reason
+    assert (first.state, first.promoted, current_alias_version(client, name, "champion")) == ("first_version", True, 1), (
+        first.reason
+    )
     assert scored == [old[1].path]  # the challenger's own export, scored once
 
     v2 = register(exports, "shifted-100", name, mlflow_store)
@@ -231,7 +234,7 @@ def test_two_gates_at_once_end_with_one_champion_and_two_recorded_decisions(expo
     moves = alias_history(client, name, "champion")
     chain = [(m.from_version, m.to_version) for m in moves]
     assert chain[0] == (None, 1) and chain[-1][1] == champion
-    assert all(a[1] == b[0] for a, b in zip(chain, chain[1:])), chain  # every move started where the last ended
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(chain)), chain  # every move started where the last ended
     promoted = [v for v, d in decisions.items() if d.promoted]
     assert champion in promoted and len(chain) == 1 + len(promoted)
 

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from typing import Any, Optional
 
@@ -329,6 +330,16 @@ class _Scorer:
         return report
 
 
+def check_tag(name: str) -> str:
+    """`check.<name>`, in the characters MLflow allows in a tag key (`slice class=0` -> `check.slice class_0`).
+
+    Example:
+        >>> check_tag("slice class=0")
+        'check.slice class_0'
+    """
+    return "check." + re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)[:200]
+
+
 def decision_tags(decision: Any) -> dict[str, str]:
     """The version tags of a decision: short keys for people, `gate.json` for `recorded_decision`.
 
@@ -360,7 +371,7 @@ def decision_tags(decision: Any) -> dict[str, str]:
         "eval_digest": text(decision.eval_digest),
     }
     for check in decision.checks:
-        tags[f"check.{check.name}"[:200]] = f"{'pass' if check.passed else 'FAIL'}: {check.reason}"[:5000]
+        tags[check_tag(check.name)] = f"{'pass' if check.passed else 'FAIL'}: {check.reason}"[:5000]
     out = {GATE_TAG + key: value for key, value in tags.items()}
     out[DECISION_JSON] = decision.model_dump_json()
     return out
