@@ -15,11 +15,12 @@ fresh export base and frozen dir, in the same embedded SQLite MLflow store
 
 - A "in-process": the `export-checkpoint` flow's body with the plain
   functions its tasks are made from, in this process (TensorFlow imported and
-  warm): `select_checkpoint("latest")`, `gate_value`, `export_saved_model`
+  warm): `select_checkpoint("latest")`, `export_saved_model`
   (verified SavedModel version 1), `find_registered_version` (only for a
   reused export), `freeze_graph` (verified `.pb`), `log_frozen_graph_to_mlflow`
   (a new run), `register_model_version` (pyfunc model logged, downloaded
-  back and checked, version created, `challenger` + `champion`),
+  back and checked, version created, `challenger`), `gate_champion` (first
+  version: scored, serving check, `champion`),
   `set_model_version_aliases(["staging"])`.
 - B "deployment run": `create_flow_run_from_deployment` of the served
   `export-checkpoint` deployment with the same parameters (`model_dir`,
@@ -112,12 +113,12 @@ def _run(scratch: Scratch) -> dict:
     from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, TrainingConfig
     from prefect_tensorflow.tasks.export.frozen_graph import freeze_graph
     from prefect_tensorflow.tasks.export.saved_model import export_saved_model
+    from prefect_tensorflow.tasks.promotion.champion_gate import gate_champion
     from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
     from prefect_tensorflow.tasks.registry.model_versions import (
         CHALLENGER,
         CHAMPION,
         find_registered_version,
-        gate_value,
         register_model_version,
         set_model_version_aliases,
     )
@@ -208,7 +209,6 @@ def _run(scratch: Scratch) -> dict:
         def plain(d: dict):
             """The export-checkpoint flow's body with the plain functions its tasks are made from."""
             ref = select_checkpoint(os.path.abspath(model_dir), "latest")
-            gate_value(ref, gate.metric)
             exported = export_saved_model(ref.path, d["export_base"], config)
             registered = find_registered_version(exported, d["name"], conn) if exported.reused else None
             if registered is None:
@@ -224,8 +224,8 @@ def _run(scratch: Scratch) -> dict:
                     frozen=frozen,
                     run_id=run_id,
                     data="iris",
-                    gate=gate,
                 )
+                registered = registered.model_copy(update={"gate": gate_champion(registered, conn, gate, data="iris")})
             return set_model_version_aliases(registered, [ALIAS], conn)
 
         def a() -> dict:

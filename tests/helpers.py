@@ -33,12 +33,10 @@ def freeze(source, output, *, as_text: bool = False, **config: Any):
     return freeze_graph(str(source), str(output), ExportConfig(**config), as_text=as_text)
 
 
-def register_export(export_result, name, *, connection=None, gate_metric="accuracy", gate_mode="max", **kwargs: Any):
-    from prefect_tensorflow.tasks.configs import GateConfig
+def register_export(export_result, name, *, connection=None, **kwargs: Any):
     from prefect_tensorflow.tasks.registry.model_versions import register_model_version
 
-    gate = GateConfig(metric=gate_metric, mode=gate_mode)
-    return register_model_version(export_result, name, connection, gate=gate, **kwargs)
+    return register_model_version(export_result, name, connection, **kwargs)
 
 
 def cli_command(*args: object) -> list[str]:

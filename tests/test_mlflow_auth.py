@@ -131,9 +131,9 @@ def test_an_edit_user_registers_version_1_with_its_aliases(auth_server, exported
     ref, export = exported
     registered = register_export(export, MODEL, connection=connection(auth_server, "editor"), checkpoint=ref, data=iris.DATA)
     assert (registered.name, registered.version, registered.reused) == (MODEL, 1, False)
-    assert registered.aliases == ["challenger", "champion"]
+    assert registered.aliases == ["challenger"]  # champion moves only by the gate
     version = auth_server["admin"].client().get_model_version(MODEL, "1")
-    assert sorted(version.aliases) == ["challenger", "champion"]
+    assert sorted(version.aliases) == ["challenger"]
     editor = auth_server["users"]["editor"][0]
     logged = auth_server["admin"].client().get_logged_model(version.source.removeprefix("models:/"))
     assert logged.tags["mlflow.user"] == editor  # the connection's user, not MLFLOW_TRACKING_USERNAME

@@ -18,7 +18,7 @@ from helpers import register_export
 from prefect_tensorflow.flows.servers import free_port
 from prefect_tensorflow.tasks import iris
 from prefect_tensorflow.tasks.checkpoints.selection import checkpoint_ref
-from prefect_tensorflow.tasks.errors import MetricNotFoundError, MlflowSettingsError, RegistryError
+from prefect_tensorflow.tasks.errors import MlflowSettingsError, RegistryError
 from prefect_tensorflow.tasks.registry.model_versions import FINGERPRINT_TAG
 
 NAME = "tests-iris"
@@ -55,8 +55,8 @@ def test_an_export_becomes_a_registered_version_that_pyfunc_runs_like_the_saved_
     ref, exported = exports[300]
     registered = register_export(exported, NAME, connection=mlflow_store, checkpoint=ref, data=iris.DATA)
     assert (registered.version, registered.reused) == (1, False)
-    assert registered.aliases == ["challenger", "champion"]
-    assert registered.gate.promoted and registered.gate.reason == "first version: no champion yet"
+    assert registered.aliases == ["challenger"]  # champion moves only by the gate (test_champion_gate.py)
+    assert registered.gate is None
     assert registered.pyfunc_parity.max_abs_diff == 0.0
 
     mv = mlflow_store.client().get_model_version(NAME, "1")
@@ -70,13 +70,13 @@ def test_an_export_becomes_a_registered_version_that_pyfunc_runs_like_the_saved_
     assert f"`{ref.path}`" in mv.description and f"`{exported.digest}`" in mv.description
     assert float(tags["prefect_tensorflow.parity.checkpoint_vs_saved_model"]) == exported.parity.max_abs_diff
     assert float(tags["prefect_tensorflow.metric.accuracy"]) == pytest.approx(ref.metrics["accuracy"])
-    assert tags["prefect_tensorflow.gate.decision"] == "promoted to champion"
+    assert not any(key.startswith("prefect_tensorflow.gate.") for key in tags)
     run = mlflow_store.client().get_run(mv.run_id)
     assert run.data.tags["prefect_tensorflow.stage"] == "export"
 
     features = _iris_features()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store.tracking_uri)  # as a serving team loads it
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
     predicted = model.predict({"features": features})
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "dl")))
     expected = tf.saved_model.load(exported.path).signatures["serving_default"](features=tf.constant(features))
@@ -103,39 +103,15 @@ def test_registering_the_same_export_again_returns_the_existing_version(exports,
     assert len(_versions(mlflow_store)) == 1
 
 
-@pytest.mark.parametrize("better_first", [True, False])
-def test_champion_moves_only_to_a_version_that_beats_it(exports, mlflow_store, better_first):
+def test_registering_moves_challenger_never_champion(exports, mlflow_store):
     (ref100, exp100), (ref300, exp300) = exports[100], exports[300]
-    by_loss = sorted([(ref100, exp100), (ref300, exp300)], key=lambda pair: pair[0].metrics["loss"])
-    order = by_loss if better_first else by_loss[::-1]
-    gate = {"gate_metric": "loss", "gate_mode": "min"}
-    first = register_export(order[0][1], NAME, connection=mlflow_store, checkpoint=order[0][0], **gate)
-    second = register_export(order[1][1], NAME, connection=mlflow_store, checkpoint=order[1][0], **gate)
-
-    assert first.version == 1 and second.version == 2
+    first = register_export(exp100, NAME, connection=mlflow_store, checkpoint=ref100, data=iris.DATA)
+    second = register_export(exp300, NAME, connection=mlflow_store, checkpoint=ref300, data=iris.DATA)
+    assert (first.version, second.version) == (1, 2)
     client = mlflow_store.client()
-    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "2"
-    champion = str(client.get_model_version_by_alias(NAME, "champion").version)
-    decision = second.gate
-    assert decision.champion_version == 1
-    assert decision.challenger_value == pytest.approx(order[1][0].metrics["loss"])
-    assert decision.champion_value == pytest.approx(order[0][0].metrics["loss"])
+    assert client.get_registered_model(NAME).aliases == {"challenger": "2"}
     tags = client.get_model_version(NAME, "2").tags
-    assert tags["prefect_tensorflow.gate.previous_champion_value"] == repr(decision.champion_value)
-    assert tags["prefect_tensorflow.gate.challenger_value"] == repr(decision.challenger_value)
-    if better_first:
-        assert (champion, decision.promoted) == ("1", False)
-        assert tags["prefect_tensorflow.gate.decision"] == "champion kept"
-    else:
-        assert (champion, decision.promoted) == ("2", True)
-        assert tags["prefect_tensorflow.gate.decision"] == "promoted to champion"
-
-
-def test_a_missing_gate_metric_is_refused_before_anything_is_logged(exports, mlflow_store):
-    ref, exported = exports[300]
-    with pytest.raises(MetricNotFoundError, match="mse"):
-        register_export(exported, NAME, connection=mlflow_store, checkpoint=ref, gate_metric="mse")
-    assert mlflow_store.client().search_registered_models() == []
+    assert float(tags["prefect_tensorflow.metric.loss"]) == pytest.approx(ref300.metrics["loss"])  # lineage, not a decision
 
 
 @pytest.mark.parametrize("name", ["", "  ", "team/iris"])
@@ -202,7 +178,7 @@ def test_mlflow_models_serve_answers_a_real_http_request_like_the_saved_model(ex
             "models",
             "serve",
             "-m",
-            f"models:/{NAME}@champion",
+            f"models:/{NAME}@challenger",
             "--env-manager",
             "local",
             "-h",

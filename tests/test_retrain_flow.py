@@ -57,9 +57,10 @@ def test_retrain_trains_selects_freezes_exports_and_registers(prefect_api, tmp_p
     losses = {s: m["loss"] for s, m in read_metrics(tmp_path / "m").items()}
     assert best.checkpoint.step == min(losses, key=lambda s: (losses[s], -s))
     assert best.selection == "best:loss:min"
-    if best.checkpoint.step != 150:  # another checkpoint: a new version, champion by loss
-        assert best.registered.version == 2 and best.registered.gate.promoted
-        assert best.registered.gate.champion_version == 1
+    if best.checkpoint.step != 150:  # another checkpoint: a new version, gated by loss on the eval data
+        gate = best.registered.gate
+        assert best.registered.version == 2 and gate.champion_version == 1 and gate.metric == "loss"
+        assert ("champion" in best.registered.aliases) == gate.promoted
 
 
 def test_retrain_publishes_artifacts_and_links_mlflow_and_prefect_both_ways(prefect_api, tmp_path, mlflow_store):
