@@ -30,6 +30,7 @@ Benchmarks:
                         `mlflow models serve` (ready time, REST p50/p99) vs an in-process load and call.
     flow_start          loading the deployments' flow modules (what every deployment run pays first)
                         vs the same with the MLflow client loaded, as before it was imported lazily.
+    gate                gate_champion() with the champion's outcomes cached vs both versions scored.
 """
 
 import os
@@ -55,4 +56,5 @@ BENCHMARKS = (
     "multi_worker",
     "flow_start",
     "serving_check",
+    "gate",
 )

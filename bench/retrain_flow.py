@@ -20,7 +20,8 @@ name, so that every call really trains, exports and registers version 1:
   ("latest"), `freeze_graph` (verified `.pb`), `export_saved_model` (verified
   SavedModel version 1), `log_frozen_graph_to_mlflow` into the training run,
   `register_model_version` (pyfunc model logged, downloaded back and checked,
-  version created, `challenger` + `champion`).
+  version created, `challenger`), `gate_champion` (first version: scored,
+  serving check, `champion`).
 - B "retrain flow": `retrain(model_dir=..., training=TrainingConfig(...),
   export_base=..., frozen_dir=..., registered_model_name=..., mlflow=connection)`
   called in this process: the same work as A through Prefect: a flow run and
@@ -104,7 +105,8 @@ def _run(scratch: Scratch, iris) -> dict:
     from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, TrainingConfig
     from prefect_tensorflow.tasks.export.frozen_graph import freeze_graph
     from prefect_tensorflow.tasks.export.saved_model import export_saved_model
-    from prefect_tensorflow.tasks.registry.model_versions import CHALLENGER, CHAMPION, register_model_version
+    from prefect_tensorflow.tasks.promotion.champion_gate import gate_champion
+    from prefect_tensorflow.tasks.registry.model_versions import CHALLENGER, CHAMPION, register_model_version, version_aliases
     from prefect_tensorflow.tasks.registry.tracking import log_frozen_graph_to_mlflow
     from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
@@ -145,8 +147,9 @@ def _run(scratch: Scratch, iris) -> dict:
             frozen=frozen,
             run_id=result.mlflow_run_id,
             data=config.data,
-            gate=gate,
         )
+        registered = registered.model_copy(update={"gate": gate_champion(registered, conn, gate, data=config.data)})
+        registered = registered.model_copy(update={"aliases": version_aliases(registered, conn)})
         return {"training": result, "checkpoint": ref, "export": exported, "registered": registered}
 
     def flow(d: dict, steps: int) -> dict:

@@ -191,11 +191,17 @@ def gate_decision_markdown(decision: Any, registered: Optional[RegisteredVersion
         for c in decision.checks:
             lines.append(
                 f"| {c.name} | {c.metric} | {_figure(c.challenger_value)} | {_figure(c.champion_value)} | "
-                f"{_figure(c.difference)} | {_figure(c.threshold)} | {'yes' if c.passed else '**no**'} | {c.reason} |"
+                f"{_figure(c.difference)} | {_figure(c.threshold)} | {_passed(c)} | {c.reason} |"
             )
     if registered is not None:
         lines += ["", f"[{registered.name} version {registered.version} in MLflow]({registered.version_url})"]
     return "\n".join(lines) + "\n"
+
+
+def _passed(check: Any) -> str:
+    if check.passed:
+        return "yes"
+    return "no (shown, not gating)" if not getattr(check, "gating", True) else "**no**"
 
 
 def publish_gate_decision(decision: Any, registered: Optional[RegisteredVersion] = None) -> str:

@@ -246,3 +246,14 @@ def test_gate_tags_and_markdown_show_the_decision():
     tags = champion_gate.decision_tags(decision)
     assert tags["prefect_tensorflow.gate.decision"] == "champion kept"
     assert "| version | v4 | v3 |" in gate_decision_markdown(decision)
+
+
+def test_the_cli_answers_an_incomparable_gate_in_advance_with_approve_or_reject():
+    from typer.testing import CliRunner
+
+    from prefect_tensorflow.flows.cli import app
+    from prefect_tensorflow.flows.flow_commands import _choice
+
+    shown = CliRunner().invoke(app, ["export-checkpoint", "--help"], terminal_width=200).output
+    assert "--approve" in shown and "--reject" in shown
+    assert [_choice(v, "approve", "reject") for v in (True, False, None)] == [(True, "approve"), (True, "reject"), (False, None)]

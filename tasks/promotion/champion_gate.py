@@ -330,6 +330,12 @@ class _Scorer:
         return report
 
 
+def _verdict(check: Any) -> str:
+    if check.passed:
+        return "pass"
+    return "FAIL" if getattr(check, "gating", True) else "shown"
+
+
 def check_tag(name: str) -> str:
     """`check.<name>`, in the characters MLflow allows in a tag key (`slice class=0` -> `check.slice class_0`).
 
@@ -371,7 +377,7 @@ def decision_tags(decision: Any) -> dict[str, str]:
         "eval_digest": text(decision.eval_digest),
     }
     for check in decision.checks:
-        tags[check_tag(check.name)] = f"{'pass' if check.passed else 'FAIL'}: {check.reason}"[:5000]
+        tags[check_tag(check.name)] = f"{_verdict(check)}: {check.reason}"[:5000]
     out = {GATE_TAG + key: value for key, value in tags.items()}
     out[DECISION_JSON] = decision.model_dump_json()
     return out

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from ..registry.tracking import TAG_PREFIX
 from ..run_context import prefect_run_tags
-from .champion_gate import check_tag
+from .champion_gate import _verdict, check_tag
 
 MAX_DIGEST = 36
 
@@ -112,7 +112,7 @@ def log_evaluation_run(
         values["ci_low"], values["ci_high"] = float(decision.interval[0]), float(decision.interval[1])
     now = int(time.time() * 1000)
     checks = [
-        RunTag(f"{TAG_PREFIX}gate.{check_tag(c.name)}", f"{'pass' if c.passed else 'FAIL'}: {c.reason}"[:7900])
+        RunTag(f"{TAG_PREFIX}gate.{check_tag(c.name)}", f"{_verdict(c)}: {c.reason}"[:7900])
         for c in decision.checks
     ]
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()], tags=checks)
