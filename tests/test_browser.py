@@ -234,7 +234,13 @@ def test_export_from_the_run_form_then_follow_the_links_to_mlflow_and_back(stack
     page.get_by_role("tab", name="Artifacts").click(force=True)
     cards = page.get_by_role("tabpanel", name="Artifacts").get_by_role("heading")
     expect(cards).to_have_count(5)
-    assert sorted(cards.all_inner_texts()) == ["champion-gate", "checkpoints", "export-summary", "mlflow-model-version", "mlflow-run"]
+    assert sorted(cards.all_inner_texts()) == [
+        "champion-gate",
+        "checkpoints",
+        "export-summary",
+        "mlflow-model-version",
+        "mlflow-run",
+    ]
     screens(page, "artifacts")
 
     table = open_artifact(page, "checkpoints")
