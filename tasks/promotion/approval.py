@@ -80,7 +80,7 @@ def given_approval(decision: Decision, reason: str = "") -> Approval:
 
 
 @functools.cache
-def _form() -> type:
+def _form() -> Any:
     from prefect.input import RunInput
 
     class GateApproval(RunInput):

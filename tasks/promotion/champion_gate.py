@@ -43,6 +43,8 @@ from typing import Any, Optional
 from ..configs import GateConfig
 from ..errors import RegistryError
 from ..export.export_base import saved_model_digest
+from ..metric_order import default_mode
+from ..registry.gate import GateState
 from ..registry.mlflow_connection import MlflowConfig
 from ..registry.model_versions import CHAMPION, DECISION_JSON, RegisteredVersion
 from ..registry.tracking import TAG_PREFIX
@@ -190,13 +192,15 @@ def _move(
             except AliasMovedError as err:
                 if err.current == version:  # our own move, its answer lost and the call retried
                     return None
-                return err.current if err.current is not None else -1
+                return int(err.current) if isinstance(err.current, (int, str)) else -1  # -1: the alias was removed
         return None
 
     return connection.retrying(f"moving @champion of {name!r} to v{version}", guarded)
 
 
-def stated_decision(state: str, reason: str, gate: GateConfig, challenger_version: int, champion_version: Optional[int]) -> Any:
+def stated_decision(
+    state: GateState, reason: str, gate: GateConfig, challenger_version: int, champion_version: Optional[int]
+) -> Any:
     """A `GateDecision` the rule did not compute (no eval data, already champion, a champion that does not load).
 
     Example:
@@ -211,7 +215,7 @@ def stated_decision(state: str, reason: str, gate: GateConfig, challenger_versio
         promoted=state in ("promoted", "first_version", "already_champion"),
         reason=reason,
         metric=gate.metric,
-        mode=gate.mode,
+        mode=gate.mode or default_mode(gate.metric),
         challenger_version=challenger_version,
         champion_version=champion_version,
         challenger_value=None,

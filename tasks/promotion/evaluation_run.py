@@ -111,10 +111,7 @@ def log_evaluation_run(
     if decision.interval is not None:
         values["ci_low"], values["ci_high"] = float(decision.interval[0]), float(decision.interval[1])
     now = int(time.time() * 1000)
-    checks = [
-        RunTag(f"{TAG_PREFIX}gate.{check_tag(c.name)}", f"{_verdict(c)}: {c.reason}"[:7900])
-        for c in decision.checks
-    ]
+    checks = [RunTag(f"{TAG_PREFIX}gate.{check_tag(c.name)}", f"{_verdict(c)}: {c.reason}"[:7900]) for c in decision.checks]
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()], tags=checks)
     client.set_terminated(run_id)
     return run_id
