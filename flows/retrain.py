@@ -35,7 +35,7 @@ from prefect_tensorflow.tasks.training.loop import TrainResult
 
 from .parameters import ParsedBy
 from .prelude import flow_prelude
-from .shipping import Destination, Shipped, check_decision, publish_shipped, ship_checkpoint
+from .shipping import Destination, Shipped, check_decision, check_gate_metrics, publish_shipped, ship_checkpoint
 
 
 class RetrainSummary(Shipped):
@@ -125,6 +125,8 @@ def retrain(
         UnsafeParameterError: in a deployment run, a path outside the roots or an inline MLflow connection.
     """
     check_decision(decision)
+    if track:
+        check_gate_metrics(gate, ExportConfig().head)  # before training, not after it
     selection = CheckpointSelection.parse(select)
     paths = {"model_dir": model_dir, "export_base": export_base, "frozen_dir": frozen_dir}
     prelude = flow_prelude(paths, registered_model_name, model=training.model, data=training.data, mlflow=mlflow, track=track)

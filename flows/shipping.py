@@ -88,6 +88,24 @@ def check_decision(decision: Optional[str]) -> Optional[str]:
     return decision
 
 
+def check_gate_metrics(gate: GateConfig, head: str) -> None:
+    """Every metric `gate` names (primary, guardrails, floors) is one the head's outcomes have.
+
+    Example:
+        >>> check_gate_metrics(GateConfig(metric="loss"), "classifier")
+
+    Raises:
+        GateError: naming the field and the metrics the head computes.
+    """
+    from prefect_tensorflow.tasks.promotion.outcomes import check_metric
+
+    if gate.metric is not None:
+        check_metric(gate.metric, head)
+    for field in ("guardrails", "floors"):
+        for metric in getattr(gate, field):
+            check_metric(metric, head, parameter=f"gate.{field}")
+
+
 def ship_checkpoint(
     ref: CheckpointRef,
     selection: str,
@@ -112,7 +130,12 @@ def ship_checkpoint(
         run_name: the name of that new run.
         skip_registered: an export that already existed and is registered returns that version
             without freezing or logging again.
+
+    Raises:
+        GateError: a metric of `to.gate` that the export's head does not compute (before anything is written).
     """
+    if to.connection is not None:
+        check_gate_metrics(to.gate, config.head)
     exported = tasks.export_saved_model(ref.path, to.export_base, config)
     registered = None
     if skip_registered and exported.reused and to.connection is not None:
@@ -134,7 +157,9 @@ def ship_checkpoint(
                 data=config.data,
             )
     if registered is not None and registered.gate is None and to.connection is not None:
-        decision = tasks.gate_champion(registered, to.connection, to.gate, data=config.data, decision=to.decision)
+        decision = tasks.gate_champion(
+            registered, to.connection, to.gate, data=config.data, head=config.head, decision=to.decision
+        )
         registered = registered.model_copy(update={"gate": decision, "aliases": version_aliases(registered, to.connection)})
         publish_gate_decision(decision, registered)
     if registered is not None and to.aliases:

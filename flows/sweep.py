@@ -58,7 +58,7 @@ from prefect_tensorflow.tasks.training.sweep_candidates import (
 
 from .parameters import ParsedBy
 from .prelude import flow_prelude
-from .shipping import Destination, Shipped, check_decision, publish_shipped, ship_checkpoint
+from .shipping import Destination, Shipped, check_decision, check_gate_metrics, publish_shipped, ship_checkpoint
 
 DASK_ADDRESS = re.compile(r"(tcp|tls|inproc|ws|wss)://[A-Za-z0-9_.:\[\]-]{1,253}")
 DEFAULT_CANDIDATES = [
@@ -239,6 +239,8 @@ def sweep(
     """
     log = get_logger()
     check_decision(decision)
+    if track:
+        check_gate_metrics(gate, ExportConfig().head)  # before training, not after it
     selection = sweep_selection(select)
     paths: Mapping[str, str] = {"sweep_root": sweep_root, "export_base": export_base, "frozen_dir": frozen_dir}
     prelude = flow_prelude(paths, registered_model_name, model=training.model, data=training.data, mlflow=mlflow, track=track)

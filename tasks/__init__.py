@@ -5,7 +5,8 @@ The layout says what imports what:
 - `checkpoints/` (files, writer, keep policy, selection, the `ModelDir`),
   `storage/` (locations, one backend per scheme), `training/` (one loop,
   its processes), `export/` (SavedModel, frozen graph, verification) and
-  `registry/` (MLflow, the champion gate) hold the work as plain functions
+  `registry/` (MLflow, the champion rule) and `promotion/` (the gate around
+  the rule: scoring, approval, serving check) hold the work as plain functions
   and pydantic models. They import neither Prefect nor (until a function
   runs) TensorFlow, so the CLI's plain commands start fast and library
   callers can use them without Prefect.
