@@ -143,7 +143,7 @@ def gate_champion(
                     update={
                         "state": "kept",
                         "promoted": False,
-                        "reason": f"champion moved ({'to v%d' % moved if moved > 0 else 'removed'}) while this gate ran, "
+                        "reason": f"champion moved ({f'to v{moved}' if moved > 0 else 'removed'}) while this gate ran, "
                         "twice; champion kept "
                         f"(the rule said: {result.reason})",
                     }
