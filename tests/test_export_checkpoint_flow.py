@@ -164,7 +164,7 @@ def test_mlflow_tasks_are_retried_only_when_the_server_was_unavailable(prefect_a
     from prefect_tensorflow.flows.servers import free_port
     from prefect_tensorflow.tasks import prefect_tasks
     from prefect_tensorflow.tasks.checkpoints.selection import checkpoint_ref
-    from prefect_tensorflow.tasks.errors import MetricNotFoundError, MlflowUnavailableError
+    from prefect_tensorflow.tasks.errors import MlflowSettingsError, MlflowUnavailableError
     from prefect_tensorflow.tasks.export.saved_model import ExportResult
     from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
 
@@ -174,6 +174,7 @@ def test_mlflow_tasks_are_retried_only_when_the_server_was_unavailable(prefect_a
         prefect_tasks.register_model_version,
         prefect_tasks.find_registered_version,
         prefect_tasks.set_model_version_aliases,
+        prefect_tasks.gate_champion,
     ):
         assert task.retries >= 1 and task.retry_condition_fn is prefect_tasks.retry_if_server_unavailable, task.name
     down = MlflowConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", request_retries=0, operation_retries=0)
@@ -185,11 +186,11 @@ def test_mlflow_tasks_are_retried_only_when_the_server_was_unavailable(prefect_a
         lookup = prefect_tasks.find_registered_version.with_options(retry_delay_seconds=0)
         register = prefect_tasks.register_model_version.with_options(retry_delay_seconds=0)
         unavailable = lookup(export, "iris", down, return_state=True)
-        no_metric = register(export, "iris", down, checkpoint=checkpoint, gate=GateConfig(metric="mse"), return_state=True)
-        return [(type(s.result(raise_on_failure=False)), s.state_details.task_run_id) for s in (unavailable, no_metric)]
+        bad_name = register(export, "team/iris", down, checkpoint=checkpoint, return_state=True)
+        return [(type(s.result(raise_on_failure=False)), s.state_details.task_run_id) for s in (unavailable, bad_name)]
 
     (unavailable, unavailable_id), (no_metric, no_metric_id) = both()
-    assert (unavailable, no_metric) == (MlflowUnavailableError, MetricNotFoundError)
+    assert (unavailable, no_metric) == (MlflowUnavailableError, MlflowSettingsError)
     with get_client(sync_client=True) as client:
         run_counts = [client.read_task_run(i).run_count for i in (unavailable_id, no_metric_id)]
     assert run_counts == [prefect_tasks.find_registered_version.retries + 1, 1]

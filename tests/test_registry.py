@@ -109,7 +109,7 @@ def test_registering_moves_challenger_never_champion(exports, mlflow_store):
     second = register_export(exp300, NAME, connection=mlflow_store, checkpoint=ref300, data=iris.DATA)
     assert (first.version, second.version) == (1, 2)
     client = mlflow_store.client()
-    assert client.get_registered_model(NAME).aliases == {"challenger": "2"}
+    assert {alias: str(v) for alias, v in client.get_registered_model(NAME).aliases.items()} == {"challenger": "2"}
     tags = client.get_model_version(NAME, "2").tags
     assert float(tags["prefect_tensorflow.metric.loss"]) == pytest.approx(ref300.metrics["loss"])  # lineage, not a decision
 
