@@ -155,6 +155,7 @@ def ship_checkpoint(
                 frozen=frozen,
                 run_id=run_id,
                 data=config.data,
+                serving=to.gate.serving,
             )
     if registered is not None and registered.gate is None and to.connection is not None:
         decision = tasks.gate_champion(

@@ -50,7 +50,7 @@ def registered(exported, tmp_path_factory, mlflow_template_db):
     connection = MlflowConnection(
         tracking_uri=f"sqlite:///{store}/mlflow.db", experiment_name="tests", request_retries=0, operation_retries=0
     )
-    return connection, register_export(exported, NAME, connection=connection, data=iris.DATA, gate_metric=None)
+    return connection, register_export(exported, NAME, connection=connection, data=iris.DATA)
 
 
 def _broken_copy(exported, tmp_path: Path, damage: str) -> Path:
@@ -119,19 +119,18 @@ def test_a_model_with_nan_weights_is_never_called_loaded(tmp_path):
 @pytest.mark.parametrize("fault", ["variables", "slow"])
 def test_a_version_that_does_not_load_or_loads_too_slowly_is_never_registered(exported, tmp_path, mlflow_store, fault):
     """Its digest matches its files (so only the load check can catch it): nothing is logged or registered."""
-    from prefect_tensorflow.tasks.configs import GateConfig
     from prefect_tensorflow.tasks.registry.model_versions import register_model_version
 
-    gate = GateConfig(metric=None)
+    limits = None
     if fault == "variables":
         copy = _broken_copy(exported, tmp_path, "variables")
         exported = exported.model_copy(update={"path": str(copy), "digest": saved_model_digest(str(copy))})
         message = "load-only serving check failed: .*variables.*Nothing was registered"
     else:
-        gate = GateConfig(metric=None, serving=ServingLimits(max_load_seconds=1e-4))
+        limits = ServingLimits(max_load_seconds=1e-4)
         message = "load-only serving check failed: .*over max_load_seconds 0.0001. Nothing was registered"
     with pytest.raises(RegistryError, match=message):
-        register_model_version(exported, NAME, mlflow_store, data=iris.DATA, gate=gate)
+        register_model_version(exported, NAME, mlflow_store, data=iris.DATA, serving=limits)
     client = mlflow_store.client()
     assert client.search_registered_models() == []
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []

@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..checkpoints.selection import CheckpointRef
 from ..config_checks import one_line
-from ..configs import RegisteredModelName
+from ..configs import RegisteredModelName, ServingLimits
 from ..errors import MlflowSettingsError, RegistryError
 from ..export.export_base import local_export, saved_model_digest
 from ..export.frozen_graph import FreezeResult
@@ -249,6 +249,7 @@ def register_model_version(
     run_id: Optional[str] = None,
     data: Optional[str] = None,
     tolerance: float = 1e-5,
+    serving: Optional[ServingLimits] = None,
 ) -> RegisteredVersion:
     """Log a verified export as an MLflow model and register it (idempotent), as `challenger`.
 
@@ -263,6 +264,8 @@ def register_model_version(
         run_id: the MLflow run to log the model in (e.g. the training run); default a new run.
         data: dataset loader for the verification batch (default: seeded random values).
         tolerance: largest difference accepted between pyfunc and SavedModel predictions.
+        serving: limits of the cold load checked before anything is logged (`GateConfig.serving`,
+            which the gate checks again behind `mlflow models serve`); None: it must load, no limits.
 
     Returns:
         The version, its URIs and aliases, the pyfunc parity, and the gate decision already
@@ -285,7 +288,7 @@ def register_model_version(
     name = check_registered_model_name(registered_model_name)
     connection = connection or MlflowConfig()
     experiment_id = connection.experiment_id()
-    job = _Registration(connection, export, name, experiment_id, checkpoint, frozen, run_id, data, tolerance)
+    job = _Registration(connection, export, name, experiment_id, checkpoint, frozen, run_id, data, tolerance, serving)
     with export_lock(export.export_base):
         return connection.retrying(f"registering {export.path} as {name!r}", _register_locked, job)
 
@@ -303,6 +306,7 @@ class _Registration:
     run_id: Optional[str]
     data: Optional[str]
     tolerance: float
+    serving: Optional[ServingLimits]
 
 
 def _register_locked(job: _Registration) -> RegisteredVersion:
@@ -327,8 +331,7 @@ def _log_and_register(job: _Registration, client: Any, local_path: str) -> Regis
     connection, export, name, run_id = job.connection, job.export, job.name, job.run_id
     log = get_logger()
     check_export_unchanged(export, local_path)
-    # a cold load, no project code; the serving limits are the gate's, checked before `champion` moves
-    loads = require_loads(local_path, f"export {export.path}")
+    loads = require_loads(local_path, f"export {export.path}", job.serving)  # a cold load, no project code
     _ensure_registrable(client, name)
     if run_id is None:
         tags = {**prefect_run_tags(), TAG_PREFIX + "stage": "export"}
