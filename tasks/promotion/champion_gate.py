@@ -36,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from typing import Any, Optional
 
@@ -50,6 +49,7 @@ from ..registry.model_versions import CHAMPION, DECISION_JSON, RegisteredVersion
 from ..registry.tracking import TAG_PREFIX
 from ..run_context import get_logger
 from .approval import Decision, ask_approval, settle
+from .evaluation_run import check_tag, verdict
 
 GATE_TAG = TAG_PREFIX + "gate."
 SERVED_FILE = "saved_model.pb"
@@ -335,22 +335,6 @@ class _Scorer:
         return report
 
 
-def _verdict(check: Any) -> str:
-    if check.passed:
-        return "pass"
-    return "FAIL" if getattr(check, "gating", True) else "shown"
-
-
-def check_tag(name: str) -> str:
-    """`check.<name>`, in the characters MLflow allows in a tag key (`slice class=0` -> `check.slice class_0`).
-
-    Example:
-        >>> check_tag("slice class=0")
-        'check.slice class_0'
-    """
-    return "check." + re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)[:200]
-
-
 def decision_tags(decision: Any) -> dict[str, str]:
     """The version tags of a decision: short keys for people, `gate.json` for `recorded_decision`.
 
@@ -382,7 +366,7 @@ def decision_tags(decision: Any) -> dict[str, str]:
         "eval_digest": text(decision.eval_digest),
     }
     for check in decision.checks:
-        tags[check_tag(check.name)] = f"{_verdict(check)}: {check.reason}"[:5000]
+        tags[check_tag(check.name)] = f"{verdict(check)}: {check.reason}"[:5000]
     out = {GATE_TAG + key: value for key, value in tags.items()}
     out[DECISION_JSON] = decision.model_dump_json()
     return out

@@ -21,12 +21,12 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, Optional
 
 from ..registry.tracking import TAG_PREFIX
 from ..run_context import prefect_run_tags
-from .champion_gate import _verdict, check_tag
 
 MAX_DIGEST = 36
 
@@ -43,6 +43,23 @@ def _metrics(prefix: str, outcomes: Any) -> dict[str, float]:
         if value == value and abs(value) != float("inf"):  # MLflow stores no NaN/inf metric: the tags say why
             values[f"{prefix}.{metric}"] = float(value)
     return values
+
+
+def verdict(check: Any) -> str:
+    """A check's verdict for a tag: `pass`, `FAIL`, or `shown` (a failed check that does not gate)."""
+    if check.passed:
+        return "pass"
+    return "FAIL" if getattr(check, "gating", True) else "shown"
+
+
+def check_tag(name: str) -> str:
+    """`check.<name>`, in the characters MLflow allows in a tag key (`slice class=0` -> `check.slice class_0`).
+
+    Example:
+        >>> check_tag("slice class=0")
+        'check.slice class_0'
+    """
+    return "check." + re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)[:200]
 
 
 def log_evaluation_run(
@@ -111,7 +128,7 @@ def log_evaluation_run(
     if decision.interval is not None:
         values["ci_low"], values["ci_high"] = float(decision.interval[0]), float(decision.interval[1])
     now = int(time.time() * 1000)
-    checks = [RunTag(f"{TAG_PREFIX}gate.{check_tag(c.name)}", f"{_verdict(c)}: {c.reason}"[:7900]) for c in decision.checks]
+    checks = [RunTag(f"{TAG_PREFIX}gate.{check_tag(c.name)}", f"{verdict(c)}: {c.reason}"[:7900]) for c in decision.checks]
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()], tags=checks)
     client.set_terminated(run_id)
     return run_id
