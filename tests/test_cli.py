@@ -259,7 +259,7 @@ def test_the_flow_commands_keep_their_options_and_have_one_per_flow_parameter(na
     assert HAND_WRITTEN_OPTIONS[name] <= options, HAND_WRITTEN_OPTIONS[name] - options
     flow = load_flow(FLOW_COMMANDS[name].flow)
     configs = {"training", "gate", "mlflow"}
-    renamed = {"track": "--mlflow", "aliases": "--alias"}
+    renamed = {"track": "--mlflow", "aliases": "--alias", "decision": "--approve"}
     for parameter in set(flow.parameters.properties) - configs:
         assert renamed.get(parameter, "--" + parameter.replace("_", "-")) in options, parameter
 
