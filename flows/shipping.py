@@ -10,7 +10,8 @@ added here, once):
   a new one) and the export registered as `challenger`; then the champion
   gate (`gate_champion`: both versions scored on the same eval data, the
   rule, the serving check, the guarded move of `champion`), its decision
-  published as an artifact (`publish_gate_decision`); then the extra
+  published as an artifact (`publish_gate_decision`) and, when `champion`
+  moved, the alias history table (`publish_alias_history`); then the extra
   aliases asked for. With `skip_registered`, an export that was already
   there, registered and gated returns that version and its recorded
   decision without freezing, logging or gating again.
@@ -42,7 +43,13 @@ from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion, 
 from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger, in_deployment_run
 from prefect_tensorflow.tasks.training.loop import TrainResult
 
-from .artifacts import publish_checkpoint_table, publish_gate_decision, publish_mlflow_links, publish_training_summary
+from .artifacts import (
+    publish_alias_history,
+    publish_checkpoint_table,
+    publish_gate_decision,
+    publish_mlflow_links,
+    publish_training_summary,
+)
 from .parameters import frozen_graph_path
 
 
@@ -163,6 +170,9 @@ def ship_checkpoint(
         )
         registered = registered.model_copy(update={"gate": decision, "aliases": version_aliases(registered, to.connection)})
         publish_gate_decision(decision, registered)
+        if decision.promoted and decision.state != "already_champion":
+            moves = to.connection.retrying("reading the alias history", _alias_history, to.connection, registered.name)
+            publish_alias_history(registered.name, moves)
     if registered is not None and to.aliases:
         registered = tasks.set_model_version_aliases(registered, list(to.aliases), to.connection)
     return Shipped(
@@ -173,6 +183,12 @@ def ship_checkpoint(
         registered=registered,
         flow_run_id=current_flow_run_id(),
     )
+
+
+def _alias_history(connection: MlflowConfig, name: str) -> list:
+    from prefect_tensorflow.tasks.registry.aliases import alias_history
+
+    return alias_history(connection.client(), name)
 
 
 def publish_shipped(result: TrainResult, shipped: Shipped) -> None:

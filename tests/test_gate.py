@@ -30,10 +30,8 @@ from prefect_tensorflow.tasks.promotion.outcomes import Outcomes
 from prefect_tensorflow.tasks.promotion.paired import mcnemar, paired_interval
 from prefect_tensorflow.tasks.registry.gate import (
     GateDecision,
-    MetricRecord,
     comparability,
     decide_gate,
-    decide_recorded_gate,
 )
 from prefect_tensorflow.tasks.training.sweep_candidates import rank_candidates
 
@@ -480,8 +478,6 @@ def test_false_promotion_rate_of_two_equally_good_models(capsys, shared):
 
 def test_data_shift_replaces_a_champion_that_is_worse_on_the_current_data():
     """The champion's training-time accuracy (0.97) beat the challenger's (0.93), but on today's data it is worse."""
-    recorded = decide_recorded_gate(MetricRecord(3, 0.93), MetricRecord(2, 0.97), GateConfig())
-    assert not recorded.promoted  # the old rule, on recorded metrics, kept it
     today_champion = outcomes([1] * 18 + [0] * 12)
     today_challenger = outcomes([1] * 28 + [0] * 2)
     decision = gate(today_challenger, today_champion)

@@ -67,6 +67,8 @@ def test_retrain_publishes_artifacts_and_links_mlflow_and_prefect_both_ways(pref
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+    from prefect_tensorflow.flows.artifacts import alias_history_key
+
     training = TrainingConfig(steps=80, policy=CheckpointPolicy(save_checkpoints_steps=40))
     state = retrain(model_dir=str(tmp_path / "m"), training=training, return_state=True, **outputs(tmp_path, mlflow_store))
     summary = state.result()
@@ -77,8 +79,16 @@ def test_retrain_publishes_artifacts_and_links_mlflow_and_prefect_both_ways(pref
         artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=run_filter)}
         flow_run = client.read_flow_run(state.state_details.flow_run_id)
     assert flow_run.name == "retrain-flow-iris"  # the flow_run_name template
-    assert {"checkpoints", "training-summary", "mlflow-model-version", "mlflow-run"} <= set(artifacts)
     registered = summary.registered
+    history_key = alias_history_key(registered.name)
+    assert {"checkpoints", "training-summary", "mlflow-model-version", "mlflow-run", "champion-gate", history_key} <= set(
+        artifacts
+    )
+    history = artifacts[history_key].data
+    history_rows = json.loads(history) if isinstance(history, str) else history
+    assert [(r["alias"], r["to"], r["kind"]) for r in history_rows if r["alias"] == "champion"] == [
+        ("champion", registered.version, "gate")
+    ]  # the first version's promotion, recorded as it happened
     assert f"({registered.version_url})" in artifacts["mlflow-model-version"].data
     assert f"({registered.run_url})" in artifacts["mlflow-run"].data
     assert registered.version_url in artifacts["training-summary"].data

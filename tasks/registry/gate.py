@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..configs import GateConfig
 from ..errors import GateError
-from ..metric_order import Mode, better, default_mode
+from ..metric_order import Mode, default_mode
 from ..promotion.outcomes import Outcomes
 from ..promotion.paired import improvements, mcnemar, paired_interval
 
@@ -407,52 +407,4 @@ def _signed(value: float) -> str:
     return "+0.000" if text == "-0.000" else text
 
 
-# --- the recorded-metric rule, until registration calls `decide_gate` on outcomes -----------------------------
-
-
-@dataclass(frozen=True)
-class MetricRecord:
-    """A registered version and its recorded value of the gate metric (None: not recorded, or no gate metric)."""
-
-    version: int
-    value: Optional[float]
-
-
-def decide_recorded_gate(challenger: MetricRecord, champion: Optional[MetricRecord], config: GateConfig) -> GateDecision:
-    """The former rule on metrics recorded at training time (kept for registration until it scores outcomes).
-
-    Example:
-        >>> decide_recorded_gate(MetricRecord(3, 0.2), MetricRecord(2, 0.3), GateConfig(metric="loss")).reason
-        "loss 0.2 beats champion v2's 0.3 (min)"
-    """
-    metric = config.metric
-    mode = config.mode or default_mode(metric)
-    value = challenger.value
-    champion_value = champion.value if champion is not None and metric is not None else None
-    if champion is None:
-        promoted, reason = True, "first version: no champion yet"
-    elif champion.version == challenger.version:
-        promoted, reason = True, "already champion"
-    elif metric is None:
-        promoted, reason = False, "no gate metric: champion stays"
-    elif champion_value is None:
-        promoted, reason = True, f"champion v{champion.version} has no recorded {metric}"
-    elif value is not None and better(value, champion_value, mode):
-        promoted, reason = True, f"{metric} {value:.6g} beats champion v{champion.version}'s {champion_value:.6g} ({mode})"
-    else:
-        shown = "none" if value is None else f"{value:.6g}"
-        promoted, reason = False, f"{metric} {shown} does not beat champion v{champion.version}'s {champion_value:.6g} ({mode})"
-    return GateDecision(  # states as a record of this rule reads back from the version's tags
-        state="promoted" if promoted else "kept",
-        promoted=promoted,
-        reason=reason,
-        metric=metric,
-        mode=mode,
-        challenger_version=challenger.version,
-        challenger_value=value,
-        champion_version=champion.version if champion is not None else None,
-        champion_value=champion_value,
-    )
-
-
-__all__ = ["GateDecision", "GateError", "GateState", "MetricRecord", "RuleCheck", "comparability", "decide_gate"]
+__all__ = ["GateDecision", "GateError", "GateState", "RuleCheck", "comparability", "decide_gate"]
