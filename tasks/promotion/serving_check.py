@@ -130,13 +130,23 @@ def limits_exceeded(
 
 
 def cold_load(
-    local_path: str, inputs: Optional[dict[str, np.ndarray]] = None, *, latency_calls: int = 20, timeout: float = 600.0
+    local_path: str,
+    inputs: Optional[dict[str, np.ndarray]] = None,
+    *,
+    latency_calls: int = 20,
+    timeout: float = 600.0,
+    warm: bool = True,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Run `serving_check_main.py` on `local_path` in a fresh `python -I` process: (its report, its outputs).
+    """Run `serving_check_main.py` on `local_path` in a fresh process: (its report, its outputs).
 
-    The report has `ok`, `error` (one line), `import_seconds`, `load_seconds`, `first_call_seconds`,
-    `p50_ms`, `p99_ms`, `peak_memory_mb`, `signature`, `project_code_imported` (see `serving_check_main`).
+    With `warm` the process is forked from the warm template (`warm_template.fork_check`: TensorFlow
+    imported already, no project code), else (or when the template cannot fork) it is a new
+    `python -I` process. The report has `ok`, `error` (one line), `import_seconds`, `load_seconds`,
+    `first_call_seconds`, `p50_ms`, `p99_ms`, `peak_memory_mb`, `signature`, `project_code_imported`
+    (see `serving_check_main`) and `warm` (whether the template ran it).
     """
+    from .warm_template import ForkedProcess, fork_check
+
     with tempfile.TemporaryDirectory(prefix="prefect-tensorflow-cold-load-") as tmp:
         request: dict[str, Any] = {
             "saved_model": os.path.abspath(local_path),
@@ -152,21 +162,28 @@ def cold_load(
         with open(os.path.join(tmp, "request.json"), "w", encoding="utf-8") as handle:
             json.dump(request, handle)
         log = os.path.join(tmp, "child.log")
-        # -I: no PYTHON* variables, no user site, neither cwd nor the script's directory on sys.path
-        process = start_process([sys.executable, "-I", MAIN, os.path.join(tmp, "request.json")], log, cwd=tmp)
+        process: Optional[subprocess.Popen | ForkedProcess] = None
+        if warm:
+            process = fork_check("load", {"request": os.path.join(tmp, "request.json")}, log)
+        forked = process is not None
+        if process is None:
+            # -I: no PYTHON* variables, no user site, neither cwd nor the script's directory on sys.path
+            process = start_process([sys.executable, "-I", MAIN, os.path.join(tmp, "request.json")], log, cwd=tmp)
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {"ok": False, "error": f"no answer within {timeout:g} s"}, {}
+            return {"ok": False, "error": f"no answer within {timeout:g} s", "warm": forked}, {}
         finally:
-            stop_process_group(process, grace=5.0)
+            stop_process_group(process, grace=5.0)  # type: ignore[arg-type]  # a ForkedProcess has what it uses
         try:
             with open(request["report"], encoding="utf-8") as handle:
                 report = json.load(handle)
         except (OSError, ValueError):
             lines = [line for line in log_tail(log).splitlines() if line.strip()]
             last = lines[-1].strip() if lines else "(no output)"
-            return {"ok": False, "error": f"the loading process exited with status {process.returncode}: {last}"}, {}
+            error = f"the loading process exited with status {process.returncode}: {last}"
+            return {"ok": False, "error": error, "warm": forked}, {}
+        report["warm"] = forked
         outputs: dict[str, np.ndarray] = {}
         if report.get("ok"):
             with np.load(request["outputs"], allow_pickle=False) as npz:
@@ -180,6 +197,8 @@ def check_loads(
     expected: Optional[dict[str, np.ndarray]] = None,
     limits: ServingLimits = ServingLimits(),
     tolerance: float = 1e-5,
+    *,
+    warm: bool = True,
 ) -> ServingReport:
     """Load the SavedModel at `local_path` cold in a fresh process with no project code, call it, time it, check it.
 
@@ -190,6 +209,11 @@ def check_loads(
             any non-finite output still fails).
         limits: load time, p99 latency (single-row calls in that process) and peak RSS limits.
         tolerance: largest absolute difference accepted.
+        warm: fork the process from the warm template (`warm_template`: TensorFlow imported once per
+            parent process); False, or a template that cannot fork: a new `python -I` process. The
+            reason says which ran. `peak_memory_mb` is the process's peak RSS, which for a forked
+            process counts the pages it shares with the template (its imports): what a serving process
+            holding TensorFlow and the model holds.
 
     Returns:
         `ok=False` with the reason (TensorFlow's one-line error and the path, a difference, a limit);
@@ -202,7 +226,7 @@ def check_loads(
     """
     if not os.path.isdir(local_path):
         return ServingReport(ok=False, reason=f"SavedModel {local_path}: no such directory", server=LOAD_ONLY)
-    report, outputs = cold_load(local_path, inputs)
+    report, outputs = cold_load(local_path, inputs, warm=warm)
     figures: dict[str, Any] = {
         "load_seconds": report.get("load_seconds"),
         "p50_ms": report.get("p50_ms"),
@@ -220,7 +244,8 @@ def check_loads(
         why = limits_exceeded(limits, figures["load_seconds"], figures["p99_ms"], figures["peak_memory_mb"])
     if why is not None:
         return ServingReport(ok=False, reason=f"SavedModel {local_path}: {why}", server=LOAD_ONLY, max_abs_diff=diff, **figures)
-    reason = f"loaded cold in {figures['load_seconds']:.3g} s in a fresh process without project code"
+    where = "a fresh process forked from the warm template" if report.get("warm") else "a fresh python -I process"
+    reason = f"loaded cold in {figures['load_seconds']:.3g} s in {where}, without project code"
     if diff is not None:
         reason += f"; answers within {tolerance:g} of the expected ones (max abs diff {diff:.3g})"
     return ServingReport(ok=True, reason=reason, server=LOAD_ONLY, max_abs_diff=diff, **figures)

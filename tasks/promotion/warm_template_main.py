@@ -1,0 +1,206 @@
+"""The warm template's program: NumPy, TensorFlow and MLflow's scoring server imported once, a child forked per check.
+
+`warm_template.WarmTemplate` runs this file by path (`python -I <this file>`,
+cwd a temporary directory): like the cold-load program it imports only the
+standard library, NumPy, TensorFlow and MLflow (`mlflow.pyfunc`, its
+scoring server, uvicorn), never `prefect_tensorflow`; it loads
+`serving_check_main.py` from its own directory under that plain name. It
+runs no TensorFlow op and creates no eager context, so what a fork copies
+is imported code and no live runtime state.
+
+Protocol: one JSON object a line. It writes `{"ready": true, "pid": ...,
+"import_seconds": ...}` once imported; then for each request line
+`{"id": n, "kind": "load" | "serve", "log": path, ...}` it forks a child in a
+session of its own (so the parent's `stop_process_group` stops it) and answers
+`{"id": n, "pid": child}` (or `{"id": n, "error": why}`); when a child exits
+it writes `{"exited": pid, "status": code}` (negative: killed by that signal).
+It exits when its stdin closes (its parent is gone or done), killing its
+children first; the children also die with it (`PR_SET_PDEATHSIG`).
+
+A child of kind `load` runs `serving_check_main.answer(request["request"])`;
+a child of kind `serve` sets the environment it was sent (the connection's
+tracking/registry URI and credentials: a pipe, never argv), downloads
+`request["model_uri"]` into `request["download_dir"]` and runs uvicorn on
+MLflow's scoring-server app (`mlflow.pyfunc.scoring_server.app:app`) with the
+model path in its environment variable: what `mlflow models serve
+--env-manager local` runs.
+
+Example:
+    >>> from prefect_tensorflow.tasks.promotion.warm_template_main import exit_code
+    >>> exit_code(256), exit_code(9)
+    (1, -9)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def exit_code(status: int) -> int:
+    """A `waitpid` status as `subprocess.Popen.returncode` gives it: the exit code, or minus the killing signal."""
+    return os.waitstatus_to_exitcode(status)
+
+
+def _load_check_program() -> Any:
+    spec = importlib.util.spec_from_file_location("serving_check_main", os.path.join(HERE, "serving_check_main.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["serving_check_main"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _imports(program: Any) -> None:
+    hidden = [name for name in program._KERAS_OPTIONAL if name not in sys.modules]
+    for name in hidden:  # as the cold program does: TensorFlow imported without Keras' optional imports
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        import numpy  # noqa: F401
+        import tensorflow  # noqa: F401
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+    import mlflow.pyfunc  # noqa: F401
+    import mlflow.pyfunc.scoring_server  # noqa: F401
+    import mlflow.tracking.artifact_utils  # noqa: F401
+    import uvicorn  # noqa: F401
+
+    try:  # the registry and tracking stores a test or a small deployment reads through (SQLite, REST)
+        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    except ImportError:
+        pass
+
+
+def _write(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def _in_child(log: str, template_pid: int) -> None:
+    """A forked child's set-up: its own session, dies with the template, stdin from /dev/null, output to `log`."""
+    os.setsid()
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != template_pid:
+        os._exit(70)
+    null = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.closerange(3, 4096)  # the template's pipes: its parent must see EOF when the template goes, not when we do
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+
+def _serve(request: dict[str, Any]) -> None:
+    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+    from mlflow.pyfunc import scoring_server
+    from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+    from mlflow.utils.file_utils import path_to_local_file_uri
+
+    os.environ.clear()
+    os.environ.update(request["env"])
+    local_path = _download_artifact_from_uri(request["model_uri"], output_path=request["download_dir"])
+    os.environ[scoring_server._SERVER_MODEL_PATH] = path_to_local_file_uri(local_path)
+    os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
+    import uvicorn
+
+    uvicorn.run("mlflow.pyfunc.scoring_server.app:app", host=request["host"], port=int(request["port"]))
+
+
+def _child(request: dict[str, Any], program: Any, template_pid: int) -> None:
+    code = 1
+    try:
+        _in_child(request["log"], template_pid)
+        if request["kind"] == "load":
+            program.answer(request["request"])
+        else:
+            _serve(request)
+        code = 0
+    except BaseException:  # noqa: BLE001  # the log's last line is the reason the parent quotes
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def main() -> int:
+    started = time.perf_counter()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us by closing our stdin
+    program = _load_check_program()
+    _imports(program)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd is written on SIGCHLD
+    children: set[int] = set()
+    me = os.getpid()
+    _write({"ready": True, "pid": os.getpid(), "import_seconds": time.perf_counter() - started})
+    pending = b""
+    stdin = sys.stdin.fileno()
+    open_ = True
+    while open_:
+        try:
+            readable, _, _ = select.select([stdin, wake_r], [], [], 5.0)
+        except InterruptedError:
+            readable = []
+        if wake_r in readable:
+            os.read(wake_r, 512)
+        while children:  # reap every child that exited
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            children.discard(pid)
+            _write({"exited": pid, "status": exit_code(status)})
+        if stdin not in readable:
+            continue
+        chunk = os.read(stdin, 65536)
+        if not chunk:
+            open_ = False
+        pending += chunk
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            if not line.strip():
+                continue
+            request = json.loads(line)
+            try:
+                pid = os.fork()
+            except OSError as err:
+                _write({"id": request.get("id"), "error": f"fork failed: {err}"})
+                continue
+            if pid == 0:
+                _child(request, program, me)
+            children.add(pid)
+            _write({"id": request.get("id"), "pid": pid})
+    for pid in children:  # stdin closed: our parent is done or gone, and so are the checks it asked for
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
