@@ -1,4 +1,8 @@
-"""The serving check: cold loads in a fresh process, `mlflow models serve` over REST, the registration guard."""
+"""The serving check: loads in a fresh process, MLflow's scoring server over REST, the registration guard.
+
+Each check runs warm by default (forked from the warm template, tests/test_warm_template.py); one test per
+check keeps the cold path (`warm=False`: a new `python -I` process, `mlflow models serve`).
+"""
 
 from __future__ import annotations
 
@@ -65,12 +69,12 @@ def _broken_copy(exported, tmp_path: Path, damage: str) -> Path:
 
 def test_a_cold_load_in_a_fresh_process_answers_as_in_process(exported, eval_io):
     inputs, expected = eval_io
-    report = check_loads(exported.path, inputs, expected)
+    report = check_loads(exported.path, inputs, expected, warm=False)
     assert report.ok, report.reason
     assert report.server == "load-only" and report.formats == []
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-5
     assert report.load_seconds > 0 and report.peak_memory_mb > 0 and 0 < report.p50_ms <= report.p99_ms
-    assert "fresh process" in report.reason
+    assert "a fresh python -I process" in report.reason
 
 
 @pytest.mark.parametrize(
@@ -136,14 +140,17 @@ def test_a_version_that_does_not_load_or_loads_too_slowly_is_never_registered(ex
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
-def test_mlflow_models_serve_answers_both_rest_formats_like_the_export(registered, eval_io):
+@pytest.mark.parametrize(
+    "warm, server", [(False, "mlflow models serve"), (True, "mlflow scoring server (warm template)")], ids=["cold", "warm"]
+)
+def test_mlflow_models_serve_answers_both_rest_formats_like_the_export(registered, eval_io, warm, server):
     connection, version = registered
     tags = connection.client().get_model_version(NAME, str(version.version)).tags
     assert float(tags["prefect_tensorflow.load_check.load_seconds"]) > 0  # the check before it was registered
     inputs, expected = eval_io
-    report = check_serving(version.model_uri, connection, inputs, expected, requests=20)
+    report = check_serving(version.model_uri, connection, inputs, expected, requests=20, warm=warm)
     assert report.ok, report.reason
-    assert report.server == "mlflow models serve" and report.formats == ["instances", "inputs"]
+    assert report.server == server and report.formats == ["instances", "inputs"]
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-5
     assert report.load_seconds > 0 and report.peak_memory_mb > 0 and 0 < report.p50_ms <= report.p99_ms
 
@@ -152,7 +159,7 @@ def test_mlflow_models_serve_answers_both_rest_formats_like_the_export(registere
     record_serving_report(client, NAME, version.version, report)
     mv = client.get_model_version(NAME, str(version.version))
     assert passed_serving_check(mv)
-    assert mv.tags[SERVING_TAGS["server"]] == "mlflow models serve"
+    assert mv.tags[SERVING_TAGS["server"]] == server
     assert float(mv.tags[SERVING_TAGS["p99_ms"]]) == pytest.approx(report.p99_ms, rel=1e-5)
     failed = report.model_copy(update={"ok": False, "reason": "p99 over the limit"})
     record_serving_report(client, NAME, version.version, failed)
@@ -163,8 +170,9 @@ def test_a_version_the_server_cannot_load_fails_with_the_reason(registered, eval
     connection, _ = registered
     inputs, expected = eval_io
     report = check_serving(f"models:/{NAME}/99", connection, inputs, expected)
-    assert not report.ok and report.server == "mlflow models serve"
-    assert report.reason.startswith(f"models:/{NAME}/99: mlflow models serve -m models:/{NAME}/99 exited with status")
+    assert not report.ok and report.server == "mlflow scoring server (warm template)"
+    prefix = f"models:/{NAME}/99: mlflow scoring server (warm template) for models:/{NAME}/99 exited with status 1"
+    assert report.reason.startswith(prefix) and "version=99) not found" in report.reason, report.reason
 
 
 @pytest.mark.skipif(tensorflow_model_server() is None, reason="tensorflow_model_server not on PATH")

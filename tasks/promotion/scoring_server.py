@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..child_processes import free_ports, log_tail, start_process, stop_process_group
+from ..child_processes import child_env, free_ports, log_tail, start_process, stop_process_group
 from ..errors import RegistryError
 from ..registry.mlflow_connection import MlflowConfig
 
@@ -114,12 +113,14 @@ def _peak_rss_mb(pid: int) -> Optional[float]:
 
 @dataclass
 class ScoringServer:
-    """A running `mlflow models serve`: its URL, process and log."""
+    """A running scoring server: its URL, process (a `Popen`, or a `ForkedProcess` of the warm template) and log."""
 
     url: str
-    process: subprocess.Popen
+    process: Any
     log_path: str
     ready_seconds: float = 0.0
+    warm: bool = False
+    """Forked from the warm template (MLflow's scoring-server app under uvicorn), not `mlflow models serve`."""
 
     def invoke(self, payload: dict[str, Any], timeout: float = 60.0) -> Any:
         """POST `payload` as JSON to `/invocations`; the decoded answer.
@@ -157,44 +158,56 @@ class ScoringServer:
 
 @contextmanager
 def served_model(
-    model_uri: str, connection: MlflowConfig, *, timeout: float = 600.0, log_dir: Optional[str] = None
+    model_uri: str, connection: MlflowConfig, *, timeout: float = 600.0, log_dir: Optional[str] = None, warm: bool = True
 ) -> Iterator[ScoringServer]:
-    """`mlflow models serve` of `model_uri`, ready (its `/ping` answers 200) and stopped when the block ends.
+    """MLflow's scoring server for `model_uri`, ready (its `/ping` answers 200) and stopped when the block ends.
 
     Args:
         model_uri: e.g. `models:/iris/3`.
         connection: the MLflow connection the version is registered through.
         timeout: seconds to wait for the server to answer `/ping`.
         log_dir: where its log goes (default: a temporary directory removed with the server).
+        warm: fork it from the warm template (`warm_template`: what `mlflow models serve --env-manager
+            local` runs, the model downloaded and MLflow's scoring-server app under uvicorn, with MLflow and
+            TensorFlow imported already); False, or a template that cannot fork: `mlflow models serve`.
+            `ScoringServer.warm` says which ran.
 
     Raises:
         RegistryError: the server exited or did not answer within `timeout` (its log's last line quoted).
     """
+    from .warm_template import fork_check
+
     with tempfile.TemporaryDirectory(prefix="prefect-tensorflow-serve-") as scratch:
         log_path = os.path.join(log_dir or scratch, "mlflow-models-serve.log")
         port = free_ports(1, HOST)[0]
-        command = [
-            sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-            "--env-manager", "local", "-h", HOST, "-p", str(port),
-        ]  # fmt: skip
         started = time.perf_counter()
         # MLflow execs `uvicorn` by name: this Python's scripts directory first on PATH finds the one beside it
         path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", os.defpath)])
-        env = {**os.environ, **server_env(connection), "PATH": path}
-        process = start_process(command, log_path, env=env, cwd=scratch)
-        server = ScoringServer(url=f"http://{HOST}:{port}", process=process, log_path=log_path)
+        env = child_env(base={**os.environ, **server_env(connection), "PATH": path})
+        process: Any = None
+        if warm:  # the connection's credentials travel in the request on the template's stdin, never in argv
+            download_dir = os.path.join(scratch, "model")
+            request = {"model_uri": model_uri, "env": env, "download_dir": download_dir, "host": HOST, "port": port}
+            process = fork_check("serve", request, log_path)
+        forked = process is not None
+        what = f"mlflow scoring server (warm template) for {model_uri}"
+        if not forked:
+            what = f"mlflow models serve -m {model_uri}"
+            command = [
+                sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+                "--env-manager", "local", "-h", HOST, "-p", str(port),
+            ]  # fmt: skip
+            process = start_process(command, log_path, env=env, cwd=scratch)
+        server = ScoringServer(url=f"http://{HOST}:{port}", process=process, log_path=log_path, warm=forked)
         try:
             deadline = started + timeout
             while not server.ping():
                 if process.poll() is not None:
                     raise RegistryError(
-                        f"mlflow models serve -m {model_uri} exited with status {process.returncode} before it "
-                        f"answered /ping: {_last_line(log_path)}"
+                        f"{what} exited with status {process.returncode} before it answered /ping: {_last_line(log_path)}"
                     )
                 if time.perf_counter() > deadline:
-                    raise RegistryError(
-                        f"mlflow models serve -m {model_uri} did not answer /ping within {timeout:g} s: {_last_line(log_path)}"
-                    )
+                    raise RegistryError(f"{what} did not answer /ping within {timeout:g} s: {_last_line(log_path)}")
                 time.sleep(0.1)
             server.ready_seconds = time.perf_counter() - started
             yield server

@@ -52,6 +52,7 @@ from ..registry.tracking import TAG_PREFIX
 MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving_check_main.py")
 LOAD_ONLY: Final = "load-only"
 MLFLOW_SERVE: Final = "mlflow models serve"
+WARM_SERVE: Final = "mlflow scoring server (warm template)"
 TF_SERVING: Final = "tensorflow_model_server"
 SERVING_TAGS = {
     "ok": TAG_PREFIX + "serving.ok",
@@ -72,7 +73,7 @@ class ServingReport(BaseModel):
 
     ok: bool
     reason: str
-    server: Literal["load-only", "mlflow models serve", "tensorflow_model_server"]
+    server: Literal["load-only", "mlflow models serve", "mlflow scoring server (warm template)", "tensorflow_model_server"]
     load_seconds: Optional[float] = Field(default=None, description="cold load (load-only) or start -> ready (a server)")
     p50_ms: Optional[float] = None
     p99_ms: Optional[float] = None
@@ -336,8 +337,9 @@ def check_serving(
     *,
     requests: int = LATENCY_REQUESTS,
     timeout: float = 600.0,
+    warm: bool = True,
 ) -> ServingReport:
-    """Serve `model_uri` with `mlflow models serve`, query it over REST in both TF Serving formats, measure it.
+    """Serve `model_uri` with MLflow's scoring server, query it over REST in both TF Serving formats, measure it.
 
     Args:
         model_uri: the registered version, `models:/<name>/<version>`.
@@ -347,6 +349,11 @@ def check_serving(
         limits: start -> ready time, p99 latency over `requests` single-row requests, peak memory of the
             server's process tree.
         tolerance: largest absolute difference accepted.
+        warm: the server forked from the warm template (`scoring_server.served_model`: the same app
+            `mlflow models serve --env-manager local` runs, started without importing MLflow and
+            TensorFlow again; `server` is "mlflow scoring server (warm template)"); False, or a template
+            that cannot fork: `mlflow models serve` itself. `load_seconds` is start -> ready either way;
+            a forked server's peak memory counts the pages it shares with the template.
 
     Returns:
         The report; `ok=False` with the reason when the server does not start, answers wrongly or a limit
@@ -359,13 +366,15 @@ def check_serving(
     """
     from .scoring_server import served_model
 
+    kind: Literal["mlflow models serve", "mlflow scoring server (warm template)"] = WARM_SERVE if warm else MLFLOW_SERVE
     try:
-        with served_model(model_uri, connection, timeout=timeout) as server:
+        with served_model(model_uri, connection, timeout=timeout, warm=warm) as server:
+            kind = WARM_SERVE if server.warm else MLFLOW_SERVE
             diff, why, times = _query(server.invoke, inputs, expected, tolerance, requests)
             peak = server.peak_memory_mb()
             load_seconds = server.ready_seconds
     except RegistryError as err:
-        return ServingReport(ok=False, reason=f"{model_uri}: {err}", server=MLFLOW_SERVE)
+        return ServingReport(ok=False, reason=f"{model_uri}: {err}", server=kind)
     p50, p99 = _percentiles(times)
     figures: dict[str, Any] = {
         "load_seconds": load_seconds,
@@ -378,14 +387,12 @@ def check_serving(
     if why is None:
         why = limits_exceeded(limits, load_seconds, p99, peak)
     if why is not None:
-        return ServingReport(
-            ok=False, reason=f"{model_uri} behind mlflow models serve: {why}", server=MLFLOW_SERVE, formats=formats, **figures
-        )
+        return ServingReport(ok=False, reason=f"{model_uri} behind {kind}: {why}", server=kind, formats=formats, **figures)
     reason = (
-        f"served by mlflow models serve, ready in {load_seconds:.3g} s; both REST formats answered within "
+        f"served by {kind}, ready in {load_seconds:.3g} s; both REST formats answered within "
         f"{tolerance:g} (max abs diff {diff:.3g}); p99 {p99:.3g} ms over {len(times)} requests"
     )
-    return ServingReport(ok=True, reason=reason, server=MLFLOW_SERVE, formats=formats, **figures)
+    return ServingReport(ok=True, reason=reason, server=kind, formats=formats, **figures)
 
 
 def _tf_serving_answers(answer: Any, names: list[str]) -> dict[str, np.ndarray]:

@@ -71,13 +71,13 @@ def _imports(program: Any) -> None:
         for name in hidden:
             if sys.modules.get(name, 0) is None:
                 del sys.modules[name]
-    import mlflow.pyfunc  # noqa: F401
-    import mlflow.pyfunc.scoring_server  # noqa: F401
-    import mlflow.tracking.artifact_utils  # noqa: F401
+    import mlflow.pyfunc
+    import mlflow.pyfunc.scoring_server
+    import mlflow.tracking.artifact_utils
     import uvicorn  # noqa: F401
 
     try:  # the registry and tracking stores a test or a small deployment reads through (SQLite, REST)
-        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+        import mlflow.store.model_registry.sqlalchemy_store
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     except ImportError:
         pass
@@ -106,9 +106,9 @@ def _in_child(log: str, template_pid: int) -> None:
     os.dup2(out, 1)
     os.dup2(out, 2)
     os.closerange(3, 4096)  # the template's pipes: its parent must see EOF when the template goes, not when we do
-    sys.stdin = open(0, closefd=False)  # noqa: SIM115
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stdin = open(0, closefd=False)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
 
 
 def _serve(request: dict[str, Any]) -> None:
@@ -119,6 +119,7 @@ def _serve(request: dict[str, Any]) -> None:
 
     os.environ.clear()
     os.environ.update(request["env"])
+    os.makedirs(request["download_dir"], exist_ok=True)
     local_path = _download_artifact_from_uri(request["model_uri"], output_path=request["download_dir"])
     os.environ[scoring_server._SERVER_MODEL_PATH] = path_to_local_file_uri(local_path)
     os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
