@@ -153,7 +153,8 @@ class WarmTemplate:
             raise WarmTemplateError(f"the warm template did not answer within {REPLY_TIMEOUT:g} s: {self._last_line()}")
         if "error" in reply:
             raise WarmTemplateError(str(reply["error"]))
-        return self._children[int(reply["pid"])]
+        child: ForkedProcess = reply["process"]
+        return child
 
     def stop(self, grace: float = 10.0) -> None:
         """Close its stdin (it kills its children and exits), stop its process group, remove its directory."""
@@ -181,8 +182,8 @@ class WarmTemplate:
                 if child is not None:
                     child.exited(int(message["status"]))
             elif "id" in message:
-                if "pid" in message:
-                    self._children[int(message["pid"])] = ForkedProcess(int(message["pid"]))
+                if "pid" in message:  # registered before its exit can be read, handed over with the reply
+                    message["process"] = self._children[int(message["pid"])] = ForkedProcess(int(message["pid"]))
                 self._replies[int(message["id"])] = message
                 event = self._waiting.get(int(message["id"]))
                 if event is not None:
@@ -247,6 +248,21 @@ def stop_template() -> None:
         template, _template = _template, None
     if template is not None and template.owner == os.getpid():
         template.stop()
+
+
+def _after_fork_in_child() -> None:
+    """A process forked from this one starts its own template: it lets go of ours (its stdin must close when we go)."""
+    global _template, _guard
+    _guard = threading.Lock()
+    template, _template = _template, None
+    if template is not None and template.process is not None and template.process.stdin is not None:
+        try:
+            template.process.stdin.close()
+        except (OSError, ValueError):
+            pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def fork_check(kind: Literal["load", "serve"], request: dict[str, Any], log_path: str) -> Optional[ForkedProcess]:
