@@ -13,11 +13,18 @@ registered version in a temporary SQLite MLflow store:
   `python -I` process; its `load_seconds` (the `tf.saved_model.load` inside
   it) and its whole wall time (process start, `import tensorflow`, load,
   first call, `CALLS` single-row calls, the outputs written back).
-- S "mlflow models serve" (`check_serving`, once per model: a server start costs
-  tens of seconds): start -> `/ping` ready, and the p50/p99 of `CALLS`
-  single-row REST requests in the `instances` format.
+- W "warm load" (`cold_load(..., warm=True)`, what `check_loads` runs by
+  default): the same program in a child forked from the warm template
+  (TensorFlow imported once; the template's start is timed once, apart).
+- S "mlflow models serve" (`check_serving(..., warm=False)`, once per model: a
+  server start costs tens of seconds): start -> `/ping` ready, and the p50/p99
+  of `CALLS` single-row REST requests in the `instances` format.
+- SW "warm server" (`check_serving(...)`, the default): MLflow's scoring server
+  forked from the warm template, the same measures.
 
-B and C run in interleaved rounds (`ROUNDS`, medians). Ratios: C load / B load
+B, C and W run in interleaved rounds (`ROUNDS`, medians); S and SW once each,
+one after the other. Warm vs cold: C wall / W wall and S ready / SW ready
+(what the template saves per check, in the same run). Ratios: C load / B load
 (a cold load vs a warm one), C wall / B load (what the registration check costs
 in units of an in-process load), S ready / B load, S p50 / B p50 and S p99 / B p99
 (HTTP + JSON + MLflow's pyfunc on top of a bare signature call). Peak memory is
@@ -69,6 +76,7 @@ def _measure(scratch: Scratch, label: str, model: str, data: str, steps: int, st
     from prefect_tensorflow.tasks.export.saved_model import ExportResult
     from prefect_tensorflow.tasks.export.verification_batch import verification_batch
     from prefect_tensorflow.tasks.promotion.serving_check import check_serving, cold_load
+    from prefect_tensorflow.tasks.promotion.warm_template import running_template, stop_template
     from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
     from prefect_tensorflow.tasks.registry.model_versions import register_model_version
 
@@ -91,14 +99,18 @@ def _measure(scratch: Scratch, label: str, model: str, data: str, steps: int, st
         p50, p99 = _percentiles(times)
         return {"load": load, "p50": p50, "p99": p99, "outputs": {k: v.numpy() for k, v in outputs.items()}}
 
-    def cold() -> dict:
+    def cold(warm: bool = False) -> dict:
         t0 = time.perf_counter()
-        report, _ = cold_load(path, inputs, latency_calls=CALLS)
-        assert report["ok"], report
+        report, _ = cold_load(path, inputs, latency_calls=CALLS, warm=warm)
+        assert report["ok"] and report["warm"] == warm, report
         return {**report, "wall": time.perf_counter() - t0}
 
     in_process()  # warm-up: the first load in this process pays tracing set-up
-    runs = interleaved({"in_process": in_process, "cold": cold}, ROUNDS)
+    stop_template()
+    t0 = time.perf_counter()
+    running_template()
+    template_start = time.perf_counter() - t0
+    runs = interleaved({"in_process": in_process, "cold": cold, "warm": lambda: cold(warm=True)}, ROUNDS)
     expected = runs["in_process"][0]["outputs"]
 
     import json
@@ -108,8 +120,10 @@ def _measure(scratch: Scratch, label: str, model: str, data: str, steps: int, st
     exported = ExportResult(**json.loads((pathlib.Path(path) / "assets.extra" / "prefect_tensorflow.json").read_text())["result"])
     exported = exported.model_copy(update={"path": path})
     registered = register_model_version(exported, f"bench-{label}", connection, data=data, gate=GateConfig(metric=None))
-    served = check_serving(registered.model_uri, connection, inputs, expected, requests=CALLS)
-    assert served.ok, served.reason
+    served = check_serving(registered.model_uri, connection, inputs, expected, requests=CALLS, warm=False)
+    assert served.ok and served.server == "mlflow models serve", served.reason
+    served_warm = check_serving(registered.model_uri, connection, inputs, expected, requests=CALLS)
+    assert served_warm.ok and served_warm.server == "mlflow scoring server (warm template)", served_warm.reason
     b_load = median(r["load"] for r in runs["in_process"])
     return {
         "export_mb": _dir_mb(path),
@@ -118,8 +132,13 @@ def _measure(scratch: Scratch, label: str, model: str, data: str, steps: int, st
             k: [r[k] for r in runs["cold"]]
             for k in ("wall", "import_seconds", "load_seconds", "p50_ms", "p99_ms", "peak_memory_mb")
         },
+        "warm": {k: [r[k] for r in runs["warm"]] for k in ("wall", "load_seconds", "p50_ms", "p99_ms", "peak_memory_mb")},
+        "template_start_seconds": template_start,
         "served": served.model_dump(),
+        "served_warm": served_warm.model_dump(),
         "ratios": {
+            "cold wall / warm wall": median(r["wall"] for r in runs["cold"]) / median(r["wall"] for r in runs["warm"]),
+            "serve ready / warm server ready": (served.load_seconds or 0) / (served_warm.load_seconds or 1),
             "cold load / in-process load": median(r["load_seconds"] for r in runs["cold"]) / b_load,
             "cold wall / in-process load": median(r["wall"] for r in runs["cold"]) / b_load,
             "server ready / in-process load": (served.load_seconds or 0) / b_load,
@@ -146,6 +165,8 @@ def run() -> dict:
         rows.append(
             [
                 f"{label} ({figures['export_mb']:.3g} MB)",
+                ratios["cold wall / warm wall"],
+                ratios["serve ready / warm server ready"],
                 ratios["cold load / in-process load"],
                 ratios["cold wall / in-process load"],
                 ratios["server ready / in-process load"],
@@ -157,9 +178,22 @@ def run() -> dict:
         )
     table = ratio_table(
         "serving check: a fresh process and mlflow models serve vs an in-process tf.saved_model.load and call",
-        ["model", "cold load", "cold wall", "serve ready", "REST p50", "REST p99", "peak RSS / export size", "cold load spread"],
+        [
+            "model",
+            "cold/warm check",
+            "cold/warm serve",
+            "cold load",
+            "cold wall",
+            "serve ready",
+            "REST p50",
+            "REST p99",
+            "peak RSS / export size",
+            "cold load spread",
+        ],
         rows,
         notes=[
+            "cold/warm check: check_loads wall in a new python -I process / forked from the warm template (medians)",
+            "cold/warm serve: mlflow models serve start -> /ping / the warm template's forked scoring server's",
             "cold load: tf.saved_model.load in a fresh python -I process / the same in this process (medians)",
             "cold wall: the whole check_loads child (start, import tensorflow, load, calls) / in-process load",
             "serve ready: mlflow models serve start -> /ping / in-process load; REST: single-row instances requests",
