@@ -5,7 +5,8 @@
 - `paired`: the paired bootstrap interval of an improvement, McNemar's test;
 - the rule itself is `registry.gate` (pure), its configuration `configs.GateConfig`.
 - `serving_check`: the version loads cold in a fresh process and answers behind
-  a real scoring server (`scoring_server`: `mlflow models serve`), within limits.
+  a real scoring server (`scoring_server`: `mlflow models serve`), within limits;
+  both run forked from `warm_template` (TensorFlow and MLflow imported once per process).
 
 Example:
     >>> from prefect_tensorflow.tasks.promotion.outcomes import SUPPORTED_METRICS
