@@ -16,7 +16,8 @@ The gate after registration (`flows/shipping.py` calls it as a Prefect task):
 4. before `champion` moves: the serving check of the registered version
    (`serving_check.check_serving`: `mlflow models serve`, REST requests built
    from the eval inputs, answers compared with the in-process outputs,
-   limits from `GateConfig.serving`); a failure keeps the champion, naming it;
+   limits from `GateConfig.serving`; also `tensorflow_model_server` where it
+   is on PATH); a failure keeps the champion, naming it;
 5. the move under the registered model's lock, guarded by the champion read
    in step 1 (`aliases.move_alias(expected_from=...)`); if another gate moved
    it meanwhile, the gate runs once more against the new champion (its
@@ -307,9 +308,13 @@ class _Scorer:
         return found[0]
 
     def serving_check(self, version: int, challenger: Any, gate: GateConfig) -> Any:
-        """`check_serving` of the registered version, with eval rows and the in-process outputs as expected."""
+        """`check_serving` of the registered version, with eval rows and the in-process outputs as expected.
+
+        Where `tensorflow_model_server` is on PATH, the version must also answer the same in it
+        (`check_tf_serving`); the report recorded is the first that failed, else the last.
+        """
         from ..export.verification import run_saved_model
-        from .serving_check import check_serving, record_serving_report
+        from .serving_check import check_serving, check_tf_serving, record_serving_report, tensorflow_model_server
 
         names = sorted(challenger.signature["inputs"])
         features = [f[:SERVING_ROWS] for f in self.eval_set.features]
@@ -331,6 +336,8 @@ class _Scorer:
                 formats=[],
             )
         report = check_serving(f"models:/{self.name}/{version}", self.connection, inputs, expected, limits=gate.serving)
+        if report.ok and tensorflow_model_server() is not None:  # what TF Serving users serve with, where installed
+            report = check_tf_serving(self.local_saved_model(version), inputs, expected, limits=gate.serving)
         self.connection.retrying("recording the serving check", record_serving_report, self.client, self.name, version, report)
         return report
 
