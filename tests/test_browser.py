@@ -1,5 +1,6 @@
 """End to end in a real browser: Run the served `export-checkpoint` deployment from the Prefect UI, then
-follow its links to the MLflow UI and back, as a person would.
+follow its links to the MLflow UI and back, as a person would; and answer a paused champion gate
+(a challenger that cannot be compared with `@champion`) with the run's typed "Resume" form.
 
 The stack is real and local (127.0.0.1): `prefect server start`, `mlflow server` (SQLite,
 `--serve-artifacts`), and `prefect-tensorflow serve` with a trained model dir under its data home,
@@ -314,3 +315,60 @@ def test_a_bad_checkpoint_typed_in_the_form_fails_the_run_and_registers_nothing(
     assert re.search(r"\bcheckpoint\b\s*[:=]|\bcheckpoint '|`checkpoint`", message), (
         f"the failure must name the `checkpoint` parameter: {message}"
     )
+
+
+def resume_with_input(page, screens, *, question: str, approve: bool, reason: str) -> None:
+    """On a paused flow run's page: "Open menu" -> "Resume", the question shown, the typed form filled, "Resume"."""
+    page.get_by_role("button", name="Open menu").click()
+    page.get_by_role("menuitem", name="Resume", exact=True).click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_text("Provide input to resume")).to_be_visible()
+    expect(dialog).to_contain_text(question)  # the gate's question, above the form
+    screens(page, "resume-form")
+    approve_box = dialog.get_by_role("switch").or_(dialog.get_by_role("checkbox")).first
+    if approve_box.is_checked() != approve:
+        approve_box.click()
+    dialog.get_by_role("textbox").last.fill(reason)
+    screens(page, "resume-form-filled")
+    with page.expect_response(lambda r: r.url.endswith("/resume") and r.request.method == "POST") as answer:
+        dialog.get_by_role("button", name="Resume", exact=True).click()
+    assert answer.value.status in (200, 201), f"{answer.value.status}: {answer.value.text()[:500]}"
+    assert str(answer.value.json().get("status")).upper() == "ACCEPT", answer.value.text()[:500]
+
+
+def test_an_incomparable_challenger_pauses_the_run_and_the_resume_form_approves_it(stack, page, screens, trained_dir, tmp_path):
+    import mlflow
+    from browser_gate import incomparable_champion
+
+    name = "ui-gate-iris"
+    client = mlflow.MlflowClient(stack["mlflow"])
+    champion = incomparable_champion(trained_dir, tmp_path, name=name, mlflow_uri=stack["mlflow"], api_url=f"{stack['ui']}/api")
+
+    run_id = run_export_from_the_form(page, stack, screens, checkpoint="300", name=name, alias="staging")
+    paused = page.locator("main [data-slot=badge]").filter(has_text=re.compile(r"^(Paused|Failed|Crashed|Completed)$")).first
+    paused.wait_for(timeout=RUN_TIMEOUT_MS)
+    screens(page, "run-paused")
+    assert paused.inner_text() == "Paused", f"{paused.inner_text()}\n{log_tail(str(stack['serve_log']))}"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(champion)
+
+    reason = "serving clients now send 'features'"
+    question = f"{name} v2 cannot be compared with champion v{champion}"
+    resume_with_input(page, screens, question=question, approve=True, reason=reason)
+    state = wait_for_final_state(page, stack, run_id)
+    screens(page, "run-final")
+    if state != "Completed":
+        pytest.fail(f"run {state}: {state_message(page)}\n{log_tail(str(stack['serve_log']))}")
+
+    run_name = f"export-{name}-300"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    tags = client.get_model_version(name, "2").tags
+    assert tags["prefect_tensorflow.gate.state"] == "promoted", tags
+    assert tags["prefect_tensorflow.gate.champion_version"] == str(champion), tags
+    approved = f"approved by Prefect flow run {run_name} resumed with input: {reason}"
+    assert tags["prefect_tensorflow.gate.reason"].startswith(approved), tags["prefect_tensorflow.gate.reason"]
+    assert "input names differ" in tags["prefect_tensorflow.gate.reason"], tags["prefect_tensorflow.gate.reason"]
+
+    body = open_artifact(page, "champion-gate")
+    expect(body.get_by_role("heading", name=f"Champion gate: {name} v2")).to_be_visible()  # the markdown rendered
+    expect(body).to_contain_text(f"promoted to champion: {approved}")
+    screens(page, "artifact-champion-gate")
