@@ -234,8 +234,9 @@ def test_export_from_the_run_form_then_follow_the_links_to_mlflow_and_back(stack
 
     page.get_by_role("tab", name="Artifacts").click(force=True)
     cards = page.get_by_role("tabpanel", name="Artifacts").get_by_role("heading")
-    expect(cards).to_have_count(5)
+    expect(cards).to_have_count(6)
     assert sorted(cards.all_inner_texts()) == [
+        "alias-history-ui-iris",  # champion moved: the first version
         "champion-gate",
         "checkpoints",
         "export-summary",
@@ -372,3 +373,8 @@ def test_an_incomparable_challenger_pauses_the_run_and_the_resume_form_approves_
     expect(body.get_by_role("heading", name=f"Champion gate: {name} v2")).to_be_visible()  # the markdown rendered
     expect(body).to_contain_text(f"promoted to champion: {approved}")
     screens(page, "artifact-champion-gate")
+    page.go_back()
+
+    history = open_artifact(page, f"alias-history-{name}")
+    expect(history).to_contain_text(approved)  # the champion move 1 -> 2, with who approved it and why
+    screens(page, "artifact-alias-history")
