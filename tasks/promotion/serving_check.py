@@ -66,6 +66,9 @@ SERVING_TAGS = {
 LATENCY_REQUESTS = 50
 
 
+Server = Literal["load-only", "mlflow models serve", "mlflow scoring server (warm template)", "tensorflow_model_server"]
+
+
 class ServingReport(BaseModel):
     """What one serving check found: ok or why not, and the figures it measured (None: not measured)."""
 
@@ -73,7 +76,7 @@ class ServingReport(BaseModel):
 
     ok: bool
     reason: str
-    server: Literal["load-only", "mlflow models serve", "mlflow scoring server (warm template)", "tensorflow_model_server"]
+    server: Server
     load_seconds: Optional[float] = Field(default=None, description="cold load (load-only) or start -> ready (a server)")
     p50_ms: Optional[float] = None
     p99_ms: Optional[float] = None
@@ -375,24 +378,7 @@ def check_serving(
             load_seconds = server.ready_seconds
     except RegistryError as err:
         return ServingReport(ok=False, reason=f"{model_uri}: {err}", server=kind)
-    p50, p99 = _percentiles(times)
-    figures: dict[str, Any] = {
-        "load_seconds": load_seconds,
-        "p50_ms": p50,
-        "p99_ms": p99,
-        "peak_memory_mb": peak,
-        "max_abs_diff": diff,
-    }
-    formats = ["instances", "inputs"] if why is None else []
-    if why is None:
-        why = limits_exceeded(limits, load_seconds, p99, peak)
-    if why is not None:
-        return ServingReport(ok=False, reason=f"{model_uri} behind {kind}: {why}", server=kind, formats=formats, **figures)
-    reason = (
-        f"served by {kind}, ready in {load_seconds:.3g} s; both REST formats answered within "
-        f"{tolerance:g} (max abs diff {diff:.3g}); p99 {p99:.3g} ms over {len(times)} requests"
-    )
-    return ServingReport(ok=True, reason=reason, server=kind, formats=formats, **figures)
+    return _served_report(kind, f"{model_uri} behind {kind}", why, limits, tolerance, times, load_seconds, peak, diff)
 
 
 def _tf_serving_answers(answer: Any, names: list[str]) -> dict[str, np.ndarray]:
@@ -482,6 +468,22 @@ def check_tf_serving(
             stop_process_group(process, grace=10.0)
             if os.path.exists(log):
                 os.remove(log)
+    where = f"{local_path} in tensorflow_model_server"
+    return _served_report(TF_SERVING, where, why, limits, tolerance, times, load_seconds, peak, diff)
+
+
+def _served_report(
+    kind: Server,
+    where: str,
+    why: Optional[str],
+    limits: ServingLimits,
+    tolerance: float,
+    times: list[float],
+    load_seconds: Optional[float],
+    peak: Optional[float],
+    diff: Optional[float],
+) -> ServingReport:
+    """The report of a server queried in both REST formats: `why` (a wrong answer) or a limit fails it."""
     p50, p99 = _percentiles(times)
     figures: dict[str, Any] = {
         "load_seconds": load_seconds,
@@ -493,11 +495,12 @@ def check_tf_serving(
     formats = ["instances", "inputs"] if why is None else []
     why = why or limits_exceeded(limits, load_seconds, p99, peak)
     if why is not None:
-        return ServingReport(
-            ok=False, reason=f"{local_path} in tensorflow_model_server: {why}", server=TF_SERVING, formats=formats, **figures
-        )
-    reason = f"served by tensorflow_model_server, ready in {load_seconds:.3g} s; both REST formats answered within {tolerance:g}"
-    return ServingReport(ok=True, reason=reason, server=TF_SERVING, formats=formats, **figures)
+        return ServingReport(ok=False, reason=f"{where}: {why}", server=kind, formats=formats, **figures)
+    reason = (
+        f"served by {kind}, ready in {load_seconds:.3g} s; both REST formats answered within "
+        f"{tolerance:g} (max abs diff {diff:.3g}); p99 {p99:.3g} ms over {len(times)} requests"
+    )
+    return ServingReport(ok=True, reason=reason, server=kind, formats=formats, **figures)
 
 
 def record_serving_report(client: Any, name: str, version: int | str, report: ServingReport) -> None:

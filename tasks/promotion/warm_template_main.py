@@ -61,16 +61,7 @@ def _load_check_program() -> Any:
 
 
 def _imports(program: Any) -> None:
-    hidden = [name for name in program._KERAS_OPTIONAL if name not in sys.modules]
-    for name in hidden:  # as the cold program does: TensorFlow imported without Keras' optional imports
-        sys.modules[name] = None  # type: ignore[assignment]
-    try:
-        import numpy  # noqa: F401
-        import tensorflow  # noqa: F401
-    finally:
-        for name in hidden:
-            if sys.modules.get(name, 0) is None:
-                del sys.modules[name]
+    program.import_tensorflow()  # as the cold program does: without Keras' optional imports
     import mlflow.pyfunc
     import mlflow.pyfunc.scoring_server
     import mlflow.tracking.artifact_utils
