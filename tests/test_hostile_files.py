@@ -271,9 +271,20 @@ def _mlflow_versions(ctx) -> dict[tuple[str, str], tuple]:
 
 
 def _fs_snapshot(ctx) -> dict[str, tuple]:
-    """Every entry under the test root, but the servers' own files and the swap plan the test rewrites."""
-    root, stack = ctx["root"], ctx["stack"]
-    skip = {root / "prefect-home", stack.server_log, stack.serve_log, ctx["data"] / "mlflow", root / "swap-plan.json"}
+    """Every entry under the test root, but the servers' own files, the worker's gate cache and the swap plan.
+
+    The gate cache (`<PREFECT_TENSORFLOW_HOME>/gate-cache`) is the worker's own, as its MLflow store is: a
+    promoted run writes its version's outcomes there, under a name made of digests, not of parameters.
+    """
+    root, stack, data = ctx["root"], ctx["stack"], ctx["data"]
+    skip = {
+        root / "prefect-home",
+        stack.server_log,
+        stack.serve_log,
+        data / "mlflow",
+        data / "gate-cache",
+        root / "swap-plan.json",
+    }
     return tree_snapshot([root], skip)
 
 
