@@ -57,7 +57,12 @@ PositiveNumber = Annotated[float, BeforeValidator(positive_number)]
 
 
 def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    """An int or a finite float, not a bool. Any int: `math.isfinite` of one past float's range raises
+    OverflowError, which pydantic would not turn into an error naming the field (the field's float type
+    then refuses it, naming the field)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def finite_number(value: Any) -> Any:

@@ -132,6 +132,10 @@ def test_gate_config_for_loss_defaults_to_min_and_an_explicit_mode_wins():
         ({"guardrails": {"auc": 0.1}}, "guardrails.auc.[key]: expected 'accuracy' or 'error'"),
         ({"guardrails": {"loss": -1}}, "guardrails.loss: expected a finite number >= 0, received -1"),
         ({"floors": {"accuracy": math.inf}}, "floors.accuracy: expected a finite number, received inf"),
+        # an int past float's range (JSON carries it): refused naming the field, not an OverflowError
+        ({"min_improvement": 10**400}, "min_improvement: Input should be a valid number"),
+        ({"floors": {"accuracy": 10**400}}, "floors.accuracy: Input should be a valid number"),
+        ({"confidence": 10**400}, "confidence: expected a number in (0.5, 1)"),
         ({"bootstrap_samples": 10}, "bootstrap_samples: expected an integer >= 100 and <= 100000, received 10"),
         ({"approval_timeout_seconds": -1}, "approval_timeout_seconds: expected an integer >= 0"),
         ({"serving": {"max_load_seconds": 0}}, "serving.max_load_seconds: expected a number > 0, received 0"),
