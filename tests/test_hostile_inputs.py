@@ -1,11 +1,13 @@
 """Hostile parameters typed into the Run form of a real served deployment: all refused, nothing touched.
 
 Whoever can press Run in the Prefect UI can send any JSON as a deployment's
-parameters, and the run acts with the worker's rights. This module serves both
-deployments for real (`prefect server start` + `prefect-tensorflow serve
---limit`, as `make serve` does, with `PREFECT_TENSORFLOW_HOME` and
+parameters, and the run acts with the worker's rights. This module serves the
+deployments for real (export-checkpoint, retrain-iris, sweep-iris, and issue 20's
+rollback-champion and sync-exports; the gate's fields and `decision` too) with
+`prefect server start` + `prefect-tensorflow serve --limit`, as `make serve`
+does, with `PREFECT_TENSORFLOW_HOME` and
 `PREFECT_TENSORFLOW_ROOTS` under a test root and a trained model dir copied
-under the roots), then sends a table of hostile values, one (parameter, value)
+under the roots, then sends a table of hostile values, one (parameter, value)
 pair per flow run, through the API the Run form posts to
 (`client.create_flow_run_from_deployment`; a raw POST of the same body where
 the client cannot encode the value, i.e. lone surrogates).
@@ -60,7 +62,7 @@ POLL = 0.5  # seconds between reads of the unfinished runs' states
 TOKEN = uuid.uuid4().hex[:8]  # in every path a hostile value names outside the test root
 BIG = 10 * 1024 * 1024  # a 10 MB string: over the API's parameter size limit (512 KiB)
 LARGE = 400 * 1024  # a 400 KB string: under that limit, so it reaches the flow
-DEPLOYMENTS = ("export-checkpoint", "retrain-iris", "sweep-iris")
+DEPLOYMENTS = ("export-checkpoint", "retrain-iris", "sweep-iris", "rollback-champion", "sync-exports")
 TARGET = "hostile-target"  # the registered model the baseline parameters would register to
 SURROGATE = "lone-surrogate"  # pairs left out here: a run the API cannot read has its own test (test_unreadable_runs.py)
 
@@ -135,7 +137,7 @@ def hostile(tmp_path_factory, trained_dir):
         }
         stack.start_serve()
         deadline = time.monotonic() + 60
-        while "sweep-iris" not in stack.deployments and time.monotonic() < deadline:  # serve creates them in turn
+        while not set(DEPLOYMENTS) <= set(stack.deployments) and time.monotonic() < deadline:  # created in turn
             time.sleep(1)
             with stack.api() as client:
                 stack.deployments = {d.name: str(d.id) for d in client.read_deployments() if not d.paused}
@@ -356,6 +358,28 @@ MLFLOWS: dict[str, Value] = {
     "text": const("os:system"),
     "10MB": const({"tracking_uri": "sqlite:///" + "a" * BIG}),
 }
+# the gate's numbers and dicts (GateConfig), rollback's version
+NUMBERS: dict[str, Value] = {
+    "negative": const(-1),
+    "huge": const(10**30),
+    "huge-int": const(10**400),  # past float's range: JSON carries it, float() of it overflows
+    "text": const("os:system"),
+    "NaN": const("NaN"),  # JSON has no NaN; the string is what pydantic would read as one
+    "Infinity": const("Infinity"),
+}
+DICTS: dict[str, Value] = {
+    "not-a-dict": const("os:system"),
+    "os:system-key": const({"os:system": 0.1}),
+    "NaN-value": const({"accuracy": "NaN"}),
+    "10MB": const({"a" * BIG: 0.1}),
+}
+# sync-exports' export base: object storage under the roots only (the roots here are local)
+REMOTE: dict[str, Value] = {
+    "s3-outside": lambda ctx, case: f"s3://other-bucket-{TOKEN}/{case.id}",
+    "gs-outside": lambda ctx, case: f"gs://other-bucket-{TOKEN}/{case.id}",
+    "inline-http": const("http://127.0.0.1:9/exports"),
+}
+
 # from_scratch moves the model dir aside: only ever a model dir under the roots
 SCRATCH_DIRS: dict[str, Value] = {
     "not-a-model-dir": lambda ctx, case: str(ctx["roots"] / "models" / "photos"),
@@ -367,6 +391,7 @@ SCRATCH_DIRS: dict[str, Value] = {
 }
 
 E, R, S, B = ("export-checkpoint",), ("retrain-iris",), ("sweep-iris",), DEPLOYMENTS[:2]
+RB, SY = ("rollback-champion",), ("sync-exports",)
 # (deployments, parameter, values, labels). Every parameter gets every class of hostile value that
 # applies to it; a class that goes through the same check for both flows is sent to one of them
 # (alternating), so that the matrix stays within minutes: each run is a process that imports Prefect.
@@ -425,6 +450,34 @@ TABLE: list[tuple[tuple[str, ...], str, dict[str, Value], str]] = [
     (S, "training.model", CODE, "os:system dotted-through-module imported-into-module"),
     (S, "training.data", CODE, "not-allowed-module private-function"),
     (S, "mlflow", MLFLOWS, "inline-http saved-block-outside saved-upper-case-scheme saved-relative-sqlite"),
+    # issue 20: the gate's new fields (one GateConfig for the three flows: each class sent to one of them)
+    (E, "gate.guardrails", DICTS, "not-a-dict os:system-key 10MB"),
+    (R, "gate.floors", DICTS, "os:system-key NaN-value"),
+    (E, "gate.min_improvement", NUMBERS, "huge-int"),
+    (S, "gate.max_regression", NUMBERS, "NaN"),
+    (R, "gate.slice_max_regression", NUMBERS, "text"),
+    (E, "gate.confidence", NUMBERS, "Infinity"),
+    (R, "gate.bootstrap_samples", NUMBERS, "huge"),
+    (E, "gate.approval_timeout_seconds", NUMBERS, "huge"),
+    (R, "gate.serving.max_load_seconds", NUMBERS, "negative"),
+    (E, "gate.serving.max_p99_latency_ms", NUMBERS, "NaN"),
+    (S, "gate.serving.max_peak_memory_mb", NUMBERS, "text"),
+    (E, "gate.serving.__import__", OTHER, "text"),
+    # an answer given in advance: a deployment run asks in its pause form (each flow calls the check)
+    (E, "decision", {"approve": const("approve")}, "approve"),
+    (R, "decision", {"reject": const("reject")}, "reject"),
+    (S, "decision", {"approve": const("approve")}, "approve"),
+    # rollback-champion moves @champion in the worker's store
+    (RB, "registered_model_name", NAMES, "path-separators"),
+    (RB, "to_version", NUMBERS, "negative huge text NaN"),
+    (RB, "reason", OTHER, "400KB"),
+    (RB, "mlflow", MLFLOWS, "inline-http"),
+    # sync-exports writes into target_dir what it reads from export_base
+    (SY, "export_base", PATHS, "dotdot file-uri-out 10MB lone-surrogate"),
+    (SY, "export_base", REMOTE, "s3-outside inline-http"),
+    (SY, "target_dir", PATHS, "/etc symlink-out NUL model-dir-outside-roots 400KB lone-surrogate"),
+    (SY, "aliases", ALIASES, "path-separators not-a-list"),
+    (SY, "mlflow", MLFLOWS, "inline-sqlite-outside"),
 ]
 
 
@@ -481,6 +534,18 @@ def _cases() -> list[Case]:
 def _baseline(ctx, case: Case) -> dict[str, Any]:
     """Benign parameters that would complete (and register to `TARGET`) with the pair's own output dir."""
     own = ctx["data"] / "runs" / case.id
+    if case.deployment == "rollback-champion":  # version 1 is champion already: a stated no-op
+        return {"registered_model_name": "iris", "to_version": 1, "reason": "hostile-input matrix"}
+    if case.deployment == "sync-exports":
+        # no object store here: a baseline run stops at "export_base is a local directory", after the
+        # checks of every parameter and before anything is opened (so a target_dir the checks let
+        # through fails naming export_base, not target_dir: reported as not named)
+        return {
+            "export_base": str(own / "exports"),
+            "target_dir": str(own / "serving"),
+            "registered_model_name": TARGET,
+            "aliases": [],
+        }
     common = {"export_base": str(own / "exports"), "frozen_dir": str(own / "frozen"), "registered_model_name": TARGET}
     if case.deployment == "sweep-iris":
         return {
@@ -620,7 +685,7 @@ def fs_snapshot(ctx) -> dict[str, tuple]:
     entries = tree_snapshot([root, ctx["session_trained"]], skip)
     for place in ("/tmp", "/etc", "/root"):  # what hostile values name outside the test root
         for name in os.listdir(place):
-            if TOKEN in name or name in ("1", "model.ckpt-300.pb", "ckpt"):
+            if TOKEN in name or name in ("1", "model.ckpt-300.pb", "ckpt") or name.startswith(".prefect-tensorflow"):
                 entries[os.path.join(place, name)] = ("outside",)
     return entries
 
@@ -775,6 +840,8 @@ def test_a_benign_run_through_the_same_machinery_changes_what_it_should(hostile)
     hostile values, and its snapshots would have shown a write."""
     ctx = hostile
     cases = [Case(d, "registered_model_name", "benign", const(f"{TARGET}-control-{d}")) for d in DEPLOYMENTS[:2]]
+    # rollback's baseline (to the champion it has) completes and moves nothing: its pairs are refused for their value
+    cases.append(Case("rollback-champion", "reason", "benign", const("control")))
     for number, case in enumerate(cases):
         case.id = f"control{number}"
     _prepare_own_outputs(ctx, cases)
@@ -788,10 +855,13 @@ def test_a_benign_run_through_the_same_machinery_changes_what_it_should(hostile)
     shared = [p for p, _ in fs_changes if p in (str(ctx["data"]), scratch) or p.startswith(scratch + os.sep)]
     outside = [text for path, text in fs_changes if _owner(path, ctx, cases) is None and path not in shared]
     assert fs_changes and not outside, outside
+    cases = cases[:2]
     for case in cases:
         saved_model = ctx["data"] / "runs" / case.id / "exports" / "1" / "saved_model.pb"
         assert str(saved_model) in [path for path, _ in fs_changes], case.id
-    versions = diff(mlflow_before["versions"], mlflow_snapshot(ctx)["versions"])
+    mlflow_after = mlflow_snapshot(ctx)
+    assert mlflow_after["registered_models"]["iris"] == mlflow_before["registered_models"]["iris"]  # @champion stayed
+    versions = diff(mlflow_before["versions"], mlflow_after["versions"])
     assert sorted(key for key, _ in versions) == [
         (f"{TARGET}-control-export-checkpoint", "1"),
         (f"{TARGET}-control-retrain-iris", "1"),
