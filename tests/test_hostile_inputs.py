@@ -475,7 +475,7 @@ TABLE: list[tuple[tuple[str, ...], str, dict[str, Value], str]] = [
     # sync-exports writes into target_dir what it reads from export_base
     (SY, "export_base", PATHS, "dotdot file-uri-out 10MB lone-surrogate"),
     (SY, "export_base", REMOTE, "s3-outside inline-http"),
-    (SY, "target_dir", PATHS, "/etc symlink-out NUL model-dir-outside-roots 400KB lone-surrogate"),
+    (SY, "target_dir", PATHS, "/etc dotdot symlink-out NUL model-dir-outside-roots lone-surrogate"),
     (SY, "aliases", ALIASES, "path-separators not-a-list"),
     (SY, "mlflow", MLFLOWS, "inline-sqlite-outside"),
 ]
