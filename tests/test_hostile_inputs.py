@@ -850,9 +850,10 @@ def test_a_benign_run_through_the_same_machinery_changes_what_it_should(hostile)
     for case in cases:
         assert case.state == "COMPLETED", f"{case.describe()}\n{log_tail(str(ctx['stack'].serve_log), 3000)}"
     fs_changes = diff(fs_before, fs_snapshot(ctx))
-    # Besides its own output, a run may use <data home>/scratch (staging for exports and frozen graphs).
-    scratch = str(ctx["data"] / "scratch")
-    shared = [p for p, _ in fs_changes if p in (str(ctx["data"]), scratch) or p.startswith(scratch + os.sep)]
+    # Besides its own output, a run may use <data home>/scratch (staging for exports and frozen graphs)
+    # and <data home>/gate-cache (the gate's scored outcomes, issue 20).
+    shared_dirs = [str(ctx["data"] / "scratch"), str(ctx["data"] / "gate-cache")]
+    shared = [p for p, _ in fs_changes if p == str(ctx["data"]) or any(p == d or p.startswith(d + os.sep) for d in shared_dirs)]
     outside = [text for path, text in fs_changes if _owner(path, ctx, cases) is None and path not in shared]
     assert fs_changes and not outside, outside
     cases = cases[:2]
