@@ -52,8 +52,8 @@ from snapshots import tree_snapshot
 
 from prefect_tensorflow.tasks.child_processes import log_tail
 
-# About 100 pairs reach a flow run, each a process that imports Prefect and the flows (~5 CPU-s):
-# ~5 min on 2 idle cores; a machine shared with other test runs needs several times that.
+# About 200 pairs (and ~35 replays with the schema off) reach a flow run, each a process that imports
+# Prefect and the flows (~3 CPU-s): ~8 min on 2 cores shared with another test run.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 LIMIT = 6  # flow runs the serve process runs at once (`serve --limit`)
 MATRIX_TIMEOUT = 2400  # seconds for every run of the matrix to end
