@@ -1,4 +1,4 @@
-"""Two tracked trainings and two registrations at once, in threads, against two real `mlflow server`s.
+"""Two tracked trainings, two registrations and two champion gates at once, in threads, against two real `mlflow server`s.
 
 Prefect's default task runner (a thread pool) runs `.submit()`ted tasks in
 threads of one process. Each connection carries its own server (and would
@@ -42,15 +42,17 @@ def two_at_once(dirs: list[str], exports: list[str], connections: list[MlflowCon
     checkpoints = [tasks.select_latest_checkpoint(r.model_dir) for r in results]
     exported = [tasks.export_saved_model(ref.path, e, ExportConfig()) for ref, e in zip(checkpoints, exports)]
     registrations = [
-        tasks.register_model_version.submit(
-            export, "iris", connection, checkpoint=ref, run_id=result.mlflow_run_id, data="iris", gate=GateConfig()
-        )
+        tasks.register_model_version.submit(export, "iris", connection, checkpoint=ref, run_id=result.mlflow_run_id, data="iris")
         for export, connection, ref, result in zip(exported, connections, checkpoints, results)
     ]
+    registered = [g.result() for g in registrations]
+    # the gates too: both scored, serve-checked (one warm template for the process) and moved at once
+    gates = [tasks.gate_champion.submit(r, c, GateConfig(), data="iris") for r, c in zip(registered, connections)]
     from prefect.runtime import flow_run
 
     return [
-        {"run_id": r.mlflow_run_id, "registered": g.result(), "flow_run": flow_run.id} for r, g in zip(results, registrations)
+        {"run_id": r.mlflow_run_id, "registered": g, "gate": d.result(), "flow_run": flow_run.id}
+        for r, g, d in zip(results, registered, gates)
     ]
 
 
@@ -93,6 +95,9 @@ def test_concurrent_trainings_and_registrations_land_in_their_own_servers(prefec
         assert registered.model_uri and connection.server_label() in registered.version_url
         versions = client.search_model_versions("name = 'iris'")
         assert [(v.version, v.run_id) for v in versions] == [("1", run_id)]  # one version each, from its own run
+        assert out[mine]["gate"].state == "first_version" and out[mine]["gate"].promoted, out[mine]["gate"].reason
+        assert client.get_model_version_by_alias("iris", "champion").version == "1"  # moved in its own server
         assert {a.path for a in client.list_artifacts(run_id)} >= {"checkpoints", "tensorboard"}
     assert out[0]["run_id"] != out[1]["run_id"]
     assert overlapped(out[0]["flow_run"], "train-with-checkpoints") and overlapped(out[0]["flow_run"], "register-model-version")
+    assert overlapped(out[0]["flow_run"], "gate-champion")
