@@ -105,7 +105,7 @@ def test_the_flows_with_s3_paths_register_on_the_team_server_and_the_gate_decide
     assert first.export.path == s3.uri("exports/iris/1") and s3.exists("exports/iris/1/saved_model.pb")
     assert first.registered.version == 1 and first.registered.gate.promoted
 
-    # retrain continues the s3 model dir, ships its latest checkpoint, and the gate compares accuracies.
+    # retrain continues the s3 model dir, ships its latest checkpoint, and the gate scores both versions on the eval data.
     policy = CheckpointPolicy(save_checkpoints_steps=100, keep_checkpoint_max=None)
     summary = retrain(
         model_dir=remote_model_dir,
@@ -119,9 +119,11 @@ def test_the_flows_with_s3_paths_register_on_the_team_server_and_the_gate_decide
     assert summary.export.path == s3.uri("exports/iris/2") and s3.exists("exports/iris/2/saved_model.pb")
     decision = summary.registered.gate
     assert summary.registered.version == 2 and decision.champion_version == 1
+    # both scored on iris' eval split through their SavedModels: what the evaluator measured on the same 30 rows
     accuracy_0 = checkpoint_ref(f"{remote_model_dir}/model.ckpt-0").metrics["accuracy"]
-    assert decision.champion_value == pytest.approx(accuracy_0)
-    assert decision.promoted == (summary.checkpoint.metrics["accuracy"] > accuracy_0)
+    assert decision.champion_value == pytest.approx(accuracy_0, abs=1e-6)
+    assert decision.challenger_value == pytest.approx(summary.checkpoint.metrics["accuracy"], abs=1e-6)
+    assert decision.promoted == (decision.interval[0] > 0), decision.reason  # the rule: the interval clears 0
     client = client_of(mlflow_team_server)
     champion = client.get_model_version_by_alias(name, CHAMPION)
     assert champion.version == ("2" if decision.promoted else "1")

@@ -293,10 +293,11 @@ class _Scorer:
     def _download(self, mv: Any) -> str:
         from ..registry import mlflow_client
 
-        if not mv.model_id:
+        model_id = mv.model_id or _model_id_of_source(mv.source)
+        if not model_id:
             raise RegistryError(f"{self.name} version {mv.version}: not a logged model (no model id); cannot read it")
         target = os.path.join(self.workdir, f"v{mv.version}")
-        local = mlflow_client.download_logged_model(self.client, mv.model_id, target)
+        local = mlflow_client.download_logged_model(self.client, model_id, target)
         artifacts = os.path.join(local, "artifacts")
         found = sorted(
             os.path.join(artifacts, d)
@@ -340,6 +341,18 @@ class _Scorer:
             report = check_tf_serving(self.local_saved_model(version), inputs, expected, limits=gate.serving)
         self.connection.retrying("recording the serving check", record_serving_report, self.client, self.name, version, report)
         return report
+
+
+def _model_id_of_source(source: Optional[str]) -> Optional[str]:
+    """The logged model id in a version's source `models:/<model id>` (a server may leave `model_id` empty).
+
+    Example:
+        >>> _model_id_of_source("models:/m-0123abcd"), _model_id_of_source("s3://bucket/x")
+        ('m-0123abcd', None)
+    """
+    if source and source.startswith("models:/m-") and "/" not in source[len("models:/") :]:
+        return source[len("models:/") :]
+    return None
 
 
 def decision_tags(decision: Any) -> dict[str, str]:
