@@ -68,3 +68,14 @@ def run_and_kill(cmd: list[str], env: dict, when: Callable[[], bool], *, timeout
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def iris_eval_io(saved_model: str, rows: int = 30) -> tuple[dict, dict]:
+    """The iris eval features (`rows` of them) as serving inputs, and what `saved_model` answers on them here."""
+    import numpy as np
+
+    from prefect_tensorflow.tasks import iris
+    from prefect_tensorflow.tasks.export.verification import run_saved_model
+
+    features = np.stack([x.numpy() for x, _ in iris.load_dataset("eval").take(rows)]).astype(np.float32)
+    return {"features": features}, run_saved_model(saved_model, [features], input_names=["features"])

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import export, register_export
+from helpers import export, iris_eval_io, register_export
 
 from prefect_tensorflow.tasks import iris
 from prefect_tensorflow.tasks.configs import ServingLimits
 from prefect_tensorflow.tasks.errors import RegistryError
 from prefect_tensorflow.tasks.export.export_base import saved_model_digest
-from prefect_tensorflow.tasks.export.verification import run_saved_model
 from prefect_tensorflow.tasks.promotion.serving_check import (
     SERVING_TAGS,
     check_loads,
@@ -40,8 +39,7 @@ def exported(trained_dir: Path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def eval_io(exported):
     """The iris eval features (30 rows) and what the export answers on them in this process."""
-    features = np.stack([x.numpy() for x, _ in iris.load_dataset("eval").take(30)]).astype(np.float32)
-    return {"features": features}, run_saved_model(exported.path, [features], input_names=["features"])
+    return iris_eval_io(exported.path)
 
 
 @pytest.fixture(scope="module")

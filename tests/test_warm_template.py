@@ -9,12 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import export
+from helpers import export, iris_eval_io
 
 from prefect_tensorflow.tasks import iris
-from prefect_tensorflow.tasks.export.verification import run_saved_model
 from prefect_tensorflow.tasks.promotion import warm_template
 from prefect_tensorflow.tasks.promotion.serving_check import check_loads
 
@@ -27,8 +25,7 @@ def exported(trained_dir: Path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eval_io(exported):
-    features = np.stack([x.numpy() for x, _ in iris.load_dataset("eval").take(30)]).astype(np.float32)
-    return {"features": features}, run_saved_model(exported.path, [features], input_names=["features"])
+    return iris_eval_io(exported.path)
 
 
 def _gone(pid: int) -> bool:
