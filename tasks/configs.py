@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, ValidationInfo, field_validator
 
@@ -34,7 +34,11 @@ from .config_checks import (
     one_of,
     text_matching,
 )
+from .data.window import DataWindow
 from .metric_order import Mode, default_mode
+
+if TYPE_CHECKING:
+    from .data.source import DataSource
 
 ModelRef = Annotated[
     str, AfterValidator(lambda ref: model_code.check_syntax(ref, "model")), model_code.RegisteredChoices("model")
@@ -87,6 +91,15 @@ class TrainingConfig(BaseModel):
 
     model: ModelRef = Field(default="iris", description="Registered model builder name, or 'module:attr' (library and CLI)")
     data: DataRef = Field(default="iris", description="Registered dataset loader name, or 'module:attr' (library and CLI)")
+    data_options: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="Keyword arguments of the dataset loader (e.g. the partitioned loader's prefix and columns)",
+    )
+    window: Optional[DataWindow] = Field(
+        default=None,
+        description="The data window, for loaders that read one: whole UTC days [start, end), or a version; "
+        "default: the `days` before the run's scheduled start day",
+    )
     hparams: dict[str, JsonValue] = Field(default_factory=dict, description="Keyword arguments of the model builder")
     steps: Steps = Field(default=1000, description="Target global step")
     more_steps: Optional[Steps] = Field(
@@ -117,6 +130,12 @@ class TrainingConfig(BaseModel):
         """The config as MLflow params (nested keys are flattened by the tracker)."""
         return self.model_dump(mode="json")
 
+    def data_source(self) -> DataSource:
+        """The data this config trains on: its loader, options and window."""
+        from .data.source import DataSource
+
+        return DataSource(data=self.data, options=dict(self.data_options), window=self.window)
+
 
 class ExportConfig(BaseModel):
     """How a checkpoint becomes a serving graph (frozen `.pb` or SavedModel) and how it is verified."""
@@ -135,6 +154,8 @@ class ExportConfig(BaseModel):
     data: Optional[DataRef] = Field(
         default=None, description="Dataset loader for the verification batch (default: iris for iris, else random values)"
     )
+    data_options: dict[str, JsonValue] = Field(default_factory=dict, description="Keyword arguments of the dataset loader")
+    window: Optional[DataWindow] = Field(default=None, description="The data window the loader reads (see TrainingConfig)")
     tolerance: PositiveNumber = Field(default=1e-5, description="Largest absolute difference accepted in verification")
 
     def model_for(self, checkpoint_format: str) -> Optional[str]:
@@ -150,6 +171,13 @@ class ExportConfig(BaseModel):
         if model is not None and model_code.import_string(model, "model") == model_code.import_string("iris", "model"):
             return "iris"
         return None
+
+    def data_source(self, model: Optional[str] = None) -> Optional[DataSource]:
+        """`verification_data(model)` with this config's options and window; None: no loader."""
+        from .data.source import DataSource
+
+        data = self.verification_data(model if model is not None else self.model)
+        return None if data is None else DataSource(data=data, options=dict(self.data_options), window=self.window)
 
 
 # The per-example metrics the champion gate computes from a SavedModel's serving outputs

@@ -64,6 +64,29 @@ def load_dataset(split: str = "train"):
     )
 
 
+def iris_manifest():
+    """The bundled CSV as a one-file `DataManifest` (its content's SHA-256 as the etag): the lineage of iris.
+
+    Set as `load_dataset.manifest`, the loader attribute `data.source.DataSource.manifest` reads.
+    """
+    import hashlib
+
+    from .data.manifest import DataManifest, ManifestFile
+
+    content = resources.files(__package__).joinpath("data/iris.csv").read_bytes()
+    _, labels = read_iris()
+    return DataManifest(
+        source="prefect_tensorflow.tasks.iris (bundled data/iris.csv)",
+        files=(
+            ManifestFile(name="data/iris.csv", size=len(content), etag=hashlib.sha256(content).hexdigest(), rows=len(labels)),
+        ),
+        split_rule="every fifth row (row index % 5 == 4) is eval",
+    )
+
+
+load_dataset.manifest = iris_manifest  # type: ignore[attr-defined]
+
+
 def build_model(hidden_units: Sequence[int] = (10, 10), n_classes: int = 3, learning_rate: float = 0.05):
     """The guide's DNN classifier as a compiled Keras functional model that outputs logits."""
     import keras

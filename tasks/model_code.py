@@ -262,18 +262,63 @@ def build_model(ref: str, hparams: Optional[dict[str, Any]] = None) -> Any:
     return net
 
 
-def load_split(ref: str, split: str) -> Any:
+def loader_parameters(ref: str) -> Optional[set[str]]:
+    """The keyword names the loader `ref` names accepts beside `split` (None: any, it takes `**kwargs`)."""
+    loader = load(ref, "data")
+    try:
+        parameters = inspect.signature(loader).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)} - {
+        "split"
+    }
+
+
+def takes_window(ref: str) -> bool:
+    """Whether the loader `ref` names reads a data window (`load(split, window=...)`)."""
+    accepted = loader_parameters(ref)
+    return accepted is None or "window" in accepted
+
+
+def loader_keywords(ref: str, window: Any = None, options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The keyword arguments a call of loader `ref` gets: its `options`, and `window` if it reads one.
+
+    Raises:
+        TrainingError: naming `data_options`, when the loader does not accept one of them.
+    """
+    accepted = loader_parameters(ref)
+    unknown = sorted(set(options or {}) - (accepted or set())) if accepted is not None else []
+    if unknown or "window" in (options or {}):
+        raise TrainingError(
+            f"data_options: loader {ref!r} accepts {sorted((accepted or set()) - {'window'}) or 'no options'}, "
+            f"received {sorted(options or {})}"
+        )
+    keywords = dict(options or {})
+    if window is not None and (accepted is None or "window" in accepted):
+        keywords["window"] = window
+    return keywords
+
+
+def load_split(ref: str, split: str, *, window: Any = None, options: Optional[dict[str, Any]] = None) -> Any:
     """Call the dataset loader `ref` names for `split` and check it gave a `tf.data.Dataset`.
+
+    A loader that takes a `window` keyword gets `window`; `options` are its
+    keyword arguments (`TrainingConfig.data_options`). A `load(split)` loader is
+    called as it always was.
 
     Raises:
         ImportStringError: see `load`.
-        TrainingError: naming `data`: the loader raised, or returned something else.
+        TrainingError: naming `data`: the loader raised, or returned something else; naming
+            `data_options`: options it does not accept.
     """
     import tensorflow as tf
 
     loader = load(ref, "data")
+    keywords = loader_keywords(ref, window, options)
     try:
-        dataset = loader(split)
+        dataset = loader(split, **keywords)
     except Exception as err:
         raise TrainingError(f"data {ref!r}: the dataset loader raised {type(err).__name__} for split {split!r}: {err}") from err
     if not isinstance(dataset, tf.data.Dataset):

@@ -38,7 +38,8 @@ def build_model_and_data(config: TrainingConfig):
             f"model {config.model!r}: expected a compiled model (model.compile(optimizer=..., loss=...)), "
             "received one without an optimizer or a loss"
         )
-    return net, model_code.load_split(config.data, "train"), model_code.load_split(config.data, "eval")
+    source = config.data_source()
+    return net, source.load("train"), source.load("eval")
 
 
 def input_pipeline(dataset, config: TrainingConfig):

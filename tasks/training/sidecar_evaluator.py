@@ -59,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from ..checkpoints.files import checkpoint_prefixes, step_of
 from ..checkpoints.metrics_log import METRICS_FILE, append_metrics, read_metrics
 from ..child_processes import start_process
+from ..data.window import DataWindow
 from ..errors import MetricsTimeoutError, StorageError
 from ..run_context import get_logger
 from ..storage.confined_dirs import OpenDir, open_directory
@@ -77,6 +78,8 @@ class EvaluationSpec(BaseModel):
 
     model: str
     data: str
+    data_options: dict[str, JsonValue] = Field(default_factory=dict)
+    window: Optional[DataWindow] = None
     hparams: dict[str, JsonValue] = Field(default_factory=dict)
     batch_size: int = 256
     checkpoint_name: str = "model.ckpt"
@@ -144,11 +147,13 @@ class Evaluator:
     def _build(self) -> None:
         import tensorflow as tf
 
-        from ..model_code import build_model, load_split
+        from ..data.source import DataSource
+        from ..model_code import build_model
 
         self._net = build_model(self.spec.model, dict(self.spec.hparams))
         self._checkpoint = tf.train.Checkpoint(model=self._net)
-        self._batches = load_split(self.spec.data, "eval").batch(self.spec.batch_size)
+        source = DataSource(data=self.spec.data, options=dict(self.spec.data_options), window=self.spec.window)
+        self._batches = source.load("eval").batch(self.spec.batch_size)
         events = os.path.join(self.model_dir, "eval")
         if self.directory is not None:
             self._eval_fd = _open_subdirectory(self.directory, "eval")
@@ -246,6 +251,8 @@ def evaluation_spec(config: Any) -> EvaluationSpec:
     return EvaluationSpec(
         model=import_string(config.model, "model"),
         data=import_string(config.data, "data"),
+        data_options=dict(config.data_options),
+        window=config.window,
         hparams=dict(config.hparams),
         batch_size=max(config.batch_size, 256),
         checkpoint_name=config.policy.checkpoint_name,

@@ -1,0 +1,65 @@
+"""`DataSource`: a dataset loader, its options and its window: the one way every stage reads data.
+
+Training, the sidecar evaluator, export verification and the champion gate
+all read examples through a `DataSource`, so they read the same window with
+the same options. A loader is `load(split)` (as the bundled iris one), or
+`load(split, window=None, **options)` for data that changes; a loader may
+carry a `manifest(window=None, **options) -> DataManifest` attribute that
+lists what a window is made of without reading it (lineage, "no new data").
+
+Example:
+    >>> from prefect_tensorflow.tasks.data.source import DataSource
+    >>> source = DataSource(data="iris")
+    >>> source.takes_window(), source.manifest().files[0].rows
+    (False, 150)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from .. import model_code
+from ..errors import TrainingError
+from .manifest import DataManifest
+from .window import DataWindow
+
+
+class DataSource(BaseModel):
+    """A dataset loader (registered name or import string), its keyword options and its window."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: str = Field(description="Registered dataset loader name, or 'module:attr'")
+    options: dict[str, JsonValue] = Field(default_factory=dict, description="Keyword arguments of the loader")
+    window: Optional[DataWindow] = Field(default=None, description="The window it reads (a resolved one)")
+
+    def takes_window(self) -> bool:
+        """Whether the loader reads a window (`load(split, window=...)`)."""
+        return model_code.takes_window(self.data)
+
+    def load(self, split: str) -> Any:
+        """The `split` as the loader gives it: a `tf.data.Dataset` of unbatched `(features, label)`."""
+        return model_code.load_split(self.data, split, window=self.window, options=dict(self.options))
+
+    def manifest(self) -> Optional[DataManifest]:
+        """The loader's manifest of this window (None: the loader lists nothing).
+
+        Raises:
+            TrainingError: naming `data`, when the loader's `manifest` raised or returned something else.
+        """
+        loader = model_code.load(self.data, "data")
+        listing = getattr(loader, "manifest", None)
+        if listing is None:
+            return None
+        keywords = model_code.loader_keywords(self.data, self.window, dict(self.options))
+        try:
+            manifest = listing(**keywords)
+        except Exception as err:
+            raise TrainingError(f"data {self.data!r}: the loader's manifest raised {type(err).__name__}: {err}") from err
+        if not isinstance(manifest, DataManifest):
+            raise TrainingError(
+                f"data {self.data!r}: expected manifest() to give a DataManifest, received {type(manifest).__name__}"
+            )
+        return manifest
