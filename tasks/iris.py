@@ -85,6 +85,7 @@ def iris_manifest():
 
 
 load_dataset.manifest = iris_manifest  # type: ignore[attr-defined]
+load_dataset.feature_names = FEATURE_NAMES  # type: ignore[attr-defined]
 
 
 def build_model(hidden_units: Sequence[int] = (10, 10), n_classes: int = 3, learning_rate: float = 0.05):

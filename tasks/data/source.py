@@ -5,7 +5,11 @@ all read examples through a `DataSource`, so they read the same window with
 the same options. A loader is `load(split)` (as the bundled iris one), or
 `load(split, window=None, **options)` for data that changes; a loader may
 carry a `manifest(window=None, **options) -> DataManifest` attribute that
-lists what a window is made of without reading it (lineage, "no new data").
+lists what a window is made of without reading it (lineage, "no new data"),
+and a `columns(split, window=None, **options) -> Columns` attribute that
+gives the raw columns of a split (every column the files hold, the label
+among them) for validation before training; a loader without one is read
+through its `tf.data.Dataset` (`data.statistics`).
 
 Example:
     >>> from prefect_tensorflow.tasks.data.source import DataSource
@@ -16,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
@@ -24,6 +29,15 @@ from .. import model_code
 from ..errors import TrainingError
 from .manifest import DataManifest
 from .window import DataWindow
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The raw columns of one split as the files hold them (numpy arrays, one entry per row), and
+    which of them is the label. A column the schema expects may be missing: that is for validation to say."""
+
+    values: dict[str, Any]
+    label: str
 
 
 class DataSource(BaseModel):
@@ -63,3 +77,24 @@ class DataSource(BaseModel):
                 f"data {self.data!r}: expected manifest() to give a DataManifest, received {type(manifest).__name__}"
             )
         return manifest
+
+    def columns(self, split: str) -> Optional[Columns]:
+        """The loader's raw columns of `split` (None: the loader has no `columns` attribute).
+
+        Raises:
+            TrainingError: naming `data`, when the loader's `columns` raised or returned something else.
+        """
+        loader = model_code.load(self.data, "data")
+        read = getattr(loader, "columns", None)
+        if read is None:
+            return None
+        keywords = model_code.loader_keywords(self.data, self.window, dict(self.options))
+        try:
+            columns = read(split, **keywords)
+        except Exception as err:
+            raise TrainingError(
+                f"data {self.data!r}: the loader's columns raised {type(err).__name__} for split {split!r}: {err}"
+            ) from err
+        if not isinstance(columns, Columns):
+            raise TrainingError(f"data {self.data!r}: expected columns() to give a Columns, received {type(columns).__name__}")
+        return columns
