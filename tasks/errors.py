@@ -208,3 +208,18 @@ def _few(keys: list[str], limit: int = 8) -> str:
 
 class GateError(PrefectTensorFlowError, ValueError):
     """The champion gate cannot score or compare: eval data, a SavedModel's signature, or a metric do not fit."""
+
+
+class DataError(PrefectTensorFlowError, ValueError):
+    """The data of a window cannot be read as configured: a prefix, a partition, a file, a column or a value."""
+
+
+class DataValidationError(DataError):
+    """A window breaks its schema contract: training is blocked before anything is written.
+
+    `anomalies` holds what was found (feature, kind, value, expected), for the artifact and the tags.
+    """
+
+    def __init__(self, message: str, anomalies: tuple = ()):
+        super().__init__(message)
+        self.anomalies = anomalies
