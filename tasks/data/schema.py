@@ -104,8 +104,8 @@ class DataSchema(BaseModel):
         return {f.name: list(f.edges) for f in self.features if f.edges is not None}
 
     def to_json(self) -> str:
-        """The file's text: pretty-printed, keys sorted."""
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+        """The file's text: pretty-printed, keys sorted, keys without a value (None) left out."""
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True) + "\n"
 
 
 def infer_schema(stats: WindowStatistics) -> DataSchema:

@@ -84,14 +84,14 @@ def default_edges(low: float, high: float, bins: int = DEFAULT_BINS) -> list[flo
     """`bins` equal-width bins over `[low, high]` (a one-value range is widened by 0.5 each side).
 
     Example:
-        >>> default_edges(0.0, 1.0, bins=4)
-        [0.0, 0.25, 0.5, 0.75, 1.0]
+        >>> default_edges(1.0, 6.9)
+        [1.0, 1.59, 2.18, 2.77, 3.36, 3.95, 4.54, 5.13, 5.72, 6.31, 6.9]
         >>> default_edges(3.0, 3.0, bins=2)
         [2.5, 3.0, 3.5]
     """
     if low == high:
         low, high = low - 0.5, high + 0.5
-    return [float(e) for e in np.linspace(low, high, bins + 1)]
+    return [float(f"{e:.12g}") for e in np.linspace(low, high, bins + 1)]  # 2.77, not 2.7700000000000005: people edit them
 
 
 def histogram(values: Any, edges: list[float]) -> list[int]:
