@@ -11,7 +11,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import typer
@@ -36,6 +38,24 @@ def reported(action: Callable[[], Any]) -> Any:
         return action()
     except REPORTED as err:
         fail(err)
+
+
+@contextmanager
+def flow_logs_without_reported_tracebacks() -> Iterator[None]:
+    """While a command runs a flow: Prefect logs a failed flow's exception with its traceback; for an error
+    the command reports in one line (a package error: bad data, a refused parameter) the log keeps the message."""
+
+    def drop_traceback(record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], REPORTED):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+    logger = logging.getLogger("prefect.flow_runs")
+    logger.addFilter(drop_traceback)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop_traceback)
 
 
 def named(option: str, check: Callable[[], Any]) -> Any:

@@ -43,7 +43,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from prefect_tensorflow.tasks.configs import TrainingConfig
 
-from .cli_errors import fail, named, reported
+from .cli_errors import fail, flow_logs_without_reported_tracebacks, named, reported
 from .cli_options import base_type, config_from_options, config_options, training_config, training_options
 from .parameters import ParsedBy
 
@@ -113,7 +113,8 @@ def flow_command(flow: Any, spelling: Spelling, text: Text, emit: Emit) -> Calla
                 fail(err)
             if given:
                 arguments[item.name] = argument
-        summary = reported(lambda: flow(**arguments))
+        with flow_logs_without_reported_tracebacks():
+            summary = reported(lambda: flow(**arguments))
         emit(summary, values["as_json"], lambda: text(summary, arguments))
 
     command.__name__ = flow.name.replace("-", "_")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import numpy as np
 import pytest
+from helpers import cli_command
 
 from prefect_tensorflow.tasks.data.drift import jensen_shannon, l_infinity, measure_drift
 from prefect_tensorflow.tasks.data.schema import SCHEMA_FILE, infer_schema, read_schema, write_schema
 from prefect_tensorflow.tasks.data.source import Columns, DataSource
 from prefect_tensorflow.tasks.data.statistics import compute_statistics, histogram, statistics_of
+from prefect_tensorflow.tasks.data.training_errors import refused_data_error
 from prefect_tensorflow.tasks.data.validation import block_message, find_anomalies
 from prefect_tensorflow.tasks.errors import DataError
 
@@ -253,3 +256,87 @@ def test_statistics_of_iris_through_its_tf_data_split():
     assert schema.label_values == ["0", "1", "2"]
     found = find_anomalies(statistics_of(DataSource(data="iris"), "eval", schema.edges()), schema)
     assert [str(a) for a in found] == ["rows: 30 rows (expected at least 60)"]  # the eval split is a quarter of train
+
+
+# --- bad data inside TensorFlow during training --------------------------------------------------
+
+
+def test_tensorflows_label_message_is_parsed_and_other_reasons_quoted():
+    message = 'Graph execution error:\n\nDetected at node x defined at (most recent call last):\n  File "a.py", line 1\n\n'
+    tf_label = (
+        message
+        + "Received a label value of 7 which is outside the valid range of [0, 3).  Label values: 0 7 1\n\t [[{{node x}}]]"
+    )
+    assert str(refused_data_error(tf_label, "mine:load")) == (
+        "data 'mine:load': label 7 is outside the model's 3 classes (expected 0 to 2); TensorFlow refused it during training"
+    )
+    other = message + "Matrix size-incompatible: In[0]: [16,5], In[1]: [4,10]\n\t [[{{node x}}]] [Op:__inference_train_step_9]"
+    assert str(refused_data_error(other, "mine:load")) == (
+        "data 'mine:load': TensorFlow refused a training batch: Matrix size-incompatible: In[0]: [16,5], In[1]: [4,10]"
+    )
+
+
+def test_a_label_tensorflow_does_not_name_is_found_in_the_splits():
+    from bad_data_loaders import label_seven
+
+    gradient_op = "segment_ids[31] = 100 is out of range [0, 96)\n\t [[{{node UnsortedSegmentSum}}]]"
+    splits = {"train": DataSource(data="iris").load("train"), "eval": label_seven("eval")}
+    error = refused_data_error(gradient_op, "bad_data_loaders:label_seven", splits, classes=3)
+    assert "label 7 (split 'eval') is outside the model's 3 classes" in str(error)
+
+
+@pytest.mark.slow
+def test_retrain_on_a_label_outside_the_classes_is_one_line_and_exit_2(tmp_path, cli_env):
+    """Before: exit 1 and two tracebacks (the task's and the flow's), TensorFlow's graph traceback in each."""
+    cmd = cli_command(
+        "retrain",
+        "--data",
+        "bad_data_loaders:label_seven",
+        "--model-dir",
+        str(tmp_path / "m"),
+        "--steps",
+        "20",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:  # files: the ephemeral server outlives a pipe
+        code = subprocess.run(cmd, env=cli_env, stdout=out, stderr=err, timeout=600).returncode
+    stderr = (tmp_path / "err").read_text()
+    assert code == 2, stderr[-3000:]
+    expected = (
+        "error: data 'bad_data_loaders:label_seven': label 7 (split 'train') is outside the model's 3 classes (expected 0 to 2);"
+        " TensorFlow refused it during training"
+    )
+    assert expected in stderr.splitlines(), stderr[-3000:]
+    assert "Traceback" not in stderr and "InvalidArgumentError" not in stderr, stderr[-3000:]
+
+
+def test_statistics_of_a_loader_with_raw_columns_reads_them_not_its_tf_data_split():
+    stats = statistics_of(DataSource(data="bad_data_loaders:with_columns"), "eval")
+    assert stats.rows == 30 and stats.label == "species" and list(stats.features) == ["petal_length", "site", "species"]
+    assert stats.features["site"].values == {"north": 15, "south": 15}
+    assert stats.features["species"].values == {"setosa": 10, "versicolor": 10, "virginica": 10}
+
+
+@pytest.mark.slow
+def test_two_workers_on_a_label_outside_the_classes_fail_at_once_naming_it(tmp_path, monkeypatch, caplog):
+    """A worker's bad batch is fatal (the same on every attempt): no restart, one line naming the loader and label."""
+    import logging
+    from pathlib import Path
+
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.configs import TrainingConfig
+    from prefect_tensorflow.tasks.training.multi_worker import MultiWorkerError, train_multi_worker
+
+    caplog.set_level(logging.INFO, logger="prefect_tensorflow")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the workers import the test loader
+    config = TrainingConfig(
+        steps=20,
+        workers=2,
+        data="bad_data_loaders:label_seven",
+        policy=CheckpointPolicy(save_checkpoints_steps=100),
+        evaluation="none",
+    )
+    with pytest.raises(MultiWorkerError, match=r"DataError: data 'bad_data_loaders:label_seven': label 7 \(split 'train'\)"):
+        train_multi_worker(str(tmp_path / "iris"), config)
+    assert "multi-worker attempt 1:" not in caplog.text  # not restarted

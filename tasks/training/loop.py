@@ -43,6 +43,7 @@ from ..checkpoints.remote import RemoteModelDir
 from ..checkpoints.restore import resume_from_newest
 from ..checkpoints.selection import select_latest_checkpoint
 from ..configs import TrainingConfig
+from ..data.training_errors import output_classes, refused_data_error
 from ..errors import ModelDirError, NoValidCheckpointError
 from ..registry.mlflow_connection import MlflowConfig
 from ..registry.tracking import TrainingRun
@@ -265,15 +266,19 @@ def _train_in(
         resumed=latest,
         untrusted=untrusted,
     )
-    outcome = run_steps(
-        train_step,
-        iterator,
-        step=step,
-        target=target,
-        saver=saver,
-        progress=ProgressReporter(on_progress, target),
-        preempted_evaluation_wait=PREEMPTED_EVALUATION_WAIT,
-    )
+    try:
+        outcome = run_steps(
+            train_step,
+            iterator,
+            step=step,
+            target=target,
+            saver=saver,
+            progress=ProgressReporter(on_progress, target),
+            preempted_evaluation_wait=PREEMPTED_EVALUATION_WAIT,
+        )
+    except tf.errors.InvalidArgumentError as err:  # bad data in a batch: one line naming the loader and the value
+        splits = {"train": train_ds, "eval": eval_ds}
+        raise refused_data_error(err.message, config.data, splits, output_classes(net)) from err
     return TrainResult(
         model_dir=model_dir,
         start_step=start_step,

@@ -46,6 +46,7 @@ from ..checkpoints.restore import resume_from_newest
 from ..checkpoints.selection import select_latest_checkpoint
 from ..child_processes import die_with_parent, read_json, write_json_atomically
 from ..configs import TrainingConfig
+from ..data.training_errors import output_classes, refused_data_error
 from ..errors import NoValidCheckpointError, PrefectTensorFlowError
 from ..run_context import get_logger
 from ..storage.confined_dirs import open_directory
@@ -245,7 +246,13 @@ def train_worker(
                 replicas=replicas,
                 resumed=latest,
             )
-            outcome = run_steps(train_step, iterator, step=step, target=target, saver=saver, progress=reporter, replicas=replicas)
+            try:
+                outcome = run_steps(
+                    train_step, iterator, step=step, target=target, saver=saver, progress=reporter, replicas=replicas
+                )
+            except tf.errors.InvalidArgumentError as err:  # bad data in a batch: the same on every attempt, so fatal
+                splits = {"train": train_ds, "eval": eval_ds}
+                raise refused_data_error(err.message, config.data, splits, output_classes(net)) from err
             replicas.reduce_sum(0.0)  # a barrier: nobody leaves while a peer still saves
             if chief:
                 write_json_atomically(
