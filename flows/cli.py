@@ -541,6 +541,37 @@ def serve(
     reported(lambda: serve_deployments(limit=limit, host=host))
 
 
+@app.command("generate-data")
+def generate_data(
+    prefix: str = typer.Argument(..., help="Where to write: a local directory, s3://bucket/prefix or gs://bucket/prefix"),
+    start: str = typer.Option(..., "--start", help="First day (YYYY-MM-DD)"),
+    days: int = typer.Option(7, "--days", help="Days to write, one partition each"),
+    drift_day: Optional[str] = typer.Option(None, "--drift-day", help="A day whose petal_length drifts (YYYY-MM-DD)"),
+    broken_day: Optional[str] = typer.Option(
+        None, "--broken-day", help="A day with NaNs, an unknown species, an out-of-range value"
+    ),
+    file_format: str = typer.Option("csv", "--format", help="csv, parquet or tfrecord"),
+    rows_per_day: int = typer.Option(60, "--rows-per-day", help="Rows in each day's file"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the rows' noise"),
+) -> None:
+    """Write the synthetic iris-daily dataset: dt=YYYY-MM-DD/ partitions for the `partitioned` loader."""
+    from prefect_tensorflow.tasks.data.synthetic import write_daily_dataset
+
+    written = reported(
+        lambda: write_daily_dataset(
+            prefix,
+            start,
+            days,
+            rows_per_day=rows_per_day,
+            drift_day=drift_day,
+            broken_day=broken_day,
+            seed=seed,
+            format=file_format,
+        )
+    )
+    typer.echo(f"wrote {len(written)} daily partitions ({written[0]} to {written[-1]}) under {prefix}")
+
+
 @app.command()
 def worker(
     pool: str = typer.Option("tensorflow-process", "--pool", help="The process work pool to take runs from (created if missing)"),

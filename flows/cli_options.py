@@ -215,6 +215,14 @@ def training_config(values: dict[str, Any]) -> TrainingConfig:
             given["hparams"] = json.loads(given["hparams"])
         except ValueError as err:
             raise ValueError(f"--hparams: expected a JSON object, e.g. '{{\"hidden_units\": [16, 8]}}': {err}") from err
+    for name, field in TrainingConfig.model_fields.items():  # --data-options JSON, --window-start/--window-end ...
+        base = base_type(field.annotation)
+        if isinstance(given.get(name), str) and _is_mapping(base):
+            given[name] = _mapping(given[name], "--" + name.replace("_", "-"))
+        elif _is_config(base) and name != "policy":
+            nested = {f: given.pop(f"{name}_{f}") for f in base.model_fields if f"{name}_{f}" in given}
+            if nested:
+                given[name] = nested
     policy = {k: given.pop(k) for k in list(given) if k in CheckpointPolicy.model_fields}
     try:
         return TrainingConfig(**given, policy=CheckpointPolicy(**policy))
