@@ -218,13 +218,7 @@ def _tfrecord_dataset(files: Sequence[tuple[ManifestFile, str]], options: Partit
         else tf.io.FixedLenFeature([], tf.int64, default_value=-1)
     )
     for file, path in files:
-        first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
-        if first is not None:
-            require_columns(list(tf.train.Example.FromString(first.numpy()).features.feature), options, file.name)
-        labels = tf.data.TFRecordDataset(path).map(
-            lambda r: tf.io.parse_single_example(r, {options.label: label_spec})[options.label]
-        )
-        check_labels(np.concatenate([b.numpy() for b in labels.batch(LABEL_CHECK_BATCH)] or [np.array([])]), options, file.name)
+        _check_tfrecord_file(path, file.name, options, label_spec)
     spec = {
         c: tf.io.FixedLenFeature([], tf.float32, default_value=np.nan)
         if kind == "float32"
@@ -246,3 +240,29 @@ def _tfrecord_dataset(files: Sequence[tuple[ManifestFile, str]], options: Partit
         return features, label_index(parsed[options.label], options)
 
     return tf.data.Dataset.from_tensor_slices([path for _, path in files]).flat_map(read).map(example)
+
+
+def _check_tfrecord_file(path: str, name: str, options: PartitionedFiles, label_spec: Any) -> None:
+    """Every feature and the label are in some record of the file (a record may leave a value out), and
+    the labels are classes: one pass over the file, parsed in batches."""
+    import tensorflow as tf
+
+    kinds = {"float32": tf.float32, "int64": tf.int64}
+    spec = {options.label: label_spec, **{c: tf.io.VarLenFeature(kinds[kind]) for c, kind in options.features.items()}}
+    present: set[str] = set()
+    labels: list[Any] = []
+    try:
+        for batch in tf.data.TFRecordDataset(path).batch(LABEL_CHECK_BATCH).map(lambda b: tf.io.parse_example(b, spec)):
+            labels.append(batch[options.label].numpy())
+            present.update(c for c in options.features if int(tf.size(batch[c].values)) > 0)
+    except tf.errors.OpError as err:
+        raise DataError(
+            f"{name}: its records do not parse as data_options.features and label: {err.message.splitlines()[0]}"
+        ) from None
+    if not labels:
+        return
+    values = np.concatenate(labels)
+    if np.any(values != (b"" if options.label_classes is not None else -1)):
+        present.add(options.label)
+    require_columns(sorted(present, key=[*options.features, options.label].index), options, name)
+    check_labels(values, options, name)
