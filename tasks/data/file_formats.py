@@ -92,7 +92,14 @@ def require_columns(present: Sequence[str], options: PartitionedFiles, name: str
 
 
 def check_labels(values: Any, options: PartitionedFiles, name: str) -> None:
-    """The label values of one file are classes of `label_classes` (or integers >= 0 without it)."""
+    """The label values of one file are classes of `label_classes` (or integers >= 0 without it).
+
+    Example:
+        >>> check_labels(["setosa", "rose"], PartitionedFiles(), "dt=2026-11-30/part-0.csv")
+        Traceback (most recent call last):
+        ...
+        prefect_tensorflow.tasks.errors.DataError: dt=2026-11-30/part-0.csv: label column 'species' holds 'rose'; expected one of ['setosa', 'versicolor', 'virginica'] (data_options.label_classes)
+    """
     found = np.unique(np.asarray(values, dtype=object if options.label_classes is not None else None))
     if options.label_classes is not None:
         classes = set(options.label_classes)
@@ -118,7 +125,12 @@ def label_index(label: Any, options: PartitionedFiles) -> Any:
 
 
 def keep_rows(split: str, options: PartitionedFiles) -> Any:
-    """A predicate on a row's index in its file (the `every` rule), or None when `split` reads whole files."""
+    """A predicate on a row's index in its file (the `every` rule), or None when `split` reads whole files.
+
+    Example:
+        >>> [keep_rows("eval", PartitionedFiles())(i) for i in range(5)]
+        [False, False, False, False, True]
+    """
     every = options.eval.every
     if options.eval.last_days is not None or every is None:
         return None

@@ -96,7 +96,12 @@ def window_manifest(options: PartitionedFiles, window: Any = None) -> tuple[Stor
 
 
 def resolved_window(window: Any) -> Optional[DataWindow]:
-    """`window` as a resolved date window (an open end closed on today, UTC), or None."""
+    """`window` as a resolved date window (an open end closed on today, UTC), or None.
+
+    Example:
+        >>> resolved_window({"start": "2026-11-29", "days": 2}).label
+        '[2026-11-29, 2026-12-01)'
+    """
     if window is None:
         return None
     window = window if isinstance(window, DataWindow) else DataWindow.model_validate(window)

@@ -54,7 +54,15 @@ IRIS_COLUMNS: dict[str, ColumnType] = {"site": "string"}
 
 
 class EvalRule(BaseModel):
-    """Which rows are eval: row i of each file with `i % every == every - 1`, or the files of the `last_days` days."""
+    """Which rows are eval: row i of each file with `i % every == every - 1`, or the files of the `last_days` days.
+
+    Example:
+        >>> from datetime import date
+        >>> EvalRule(last_days=2).file_splits(date(2026, 11, 29), last_day=date(2026, 11, 30))
+        ('eval',)
+        >>> EvalRule.model_validate({}).description
+        'row i of each file is eval when i % 5 == 4'
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -86,7 +94,12 @@ class EvalRule(BaseModel):
 
 
 class PartitionedFiles(BaseModel):
-    """The partitioned-files loader's options (`data_options`); see the module docstring."""
+    """The partitioned-files loader's options (`data_options`); see the module docstring.
+
+    Example:
+        >>> PartitionedFiles(prefix="s3://team/iris-daily", format="parquet").extension
+        '.parquet'
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -137,6 +150,10 @@ class PartitionedFiles(BaseModel):
 
 def partitioned_options(options: Mapping[str, Any]) -> PartitionedFiles:
     """`options` (the loader's keyword arguments) as `PartitionedFiles`.
+
+    Example:
+        >>> partitioned_options({"format": "tfrecord"}).format
+        'tfrecord'
 
     Raises:
         DataError: naming `data_options.<key>`, what was expected and what was received.

@@ -95,7 +95,12 @@ def daily_rows(day: DayLike, rows: int, *, seed: int = 0, drift: bool = False, b
 
 
 def encode_rows(rows: list[dict[str, Any]], file_format: str) -> bytes:
-    """The rows as one file's bytes in `file_format` (csv, parquet or tfrecord)."""
+    """The rows as one file's bytes in `file_format` (csv, parquet or tfrecord).
+
+    Example:
+        >>> encode_rows(daily_rows("2026-11-30", 1), "csv").decode().splitlines()[0]
+        'sepal_length,sepal_width,petal_length,petal_width,species,site'
+    """
     columns = [*IRIS_FEATURES, "species", "site"]
     if file_format == "csv":
         lines = [",".join(columns)] + [",".join("" if r[c] is None else str(r[c]) for c in columns) for r in rows]
