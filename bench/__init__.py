@@ -31,6 +31,8 @@ Benchmarks:
     flow_start          loading the deployments' flow modules (what every deployment run pays first)
                         vs the same with the MLflow client loaded, as before it was imported lazily.
     gate                gate_champion() with the champion's outcomes cached vs both versions scored.
+    data_manifest       the manifest and digest of a window of 10,000 partition files on S3 vs listing them.
+    data_loader         the partitioned loader's examples/s vs a hand-written tf.data pipeline, same CSV files.
 """
 
 import os
@@ -57,4 +59,6 @@ BENCHMARKS = (
     "flow_start",
     "serving_check",
     "gate",
+    "data_manifest",
+    "data_loader",
 )
