@@ -254,3 +254,29 @@ def test_generate_data_command(tmp_path):
     assert sorted(os.listdir(os.path.join(prefix, "dt=2026-11-28"))) == ["_SUCCESS", "part-00000.parquet"]
     bad = runner.invoke(app, ["generate-data", prefix, "--start", START, "--broken-day", "2026-13-01"])
     assert bad.exit_code == 2 and "broken_day: expected a day as YYYY-MM-DD" in bad.output
+
+
+def test_validation_sees_ordinary_drifted_and_broken_days_as_such(datasets):
+    """Through strand V's pieces: a schema inferred on the first day passes the next ordinary day, the drift
+    day only drifts (petal_length), and the broken day has the anomalies it was made with."""
+    from prefect_tensorflow.tasks.data.drift import measure_drift
+    from prefect_tensorflow.tasks.data.schema import infer_schema
+    from prefect_tensorflow.tasks.data.statistics import compute_statistics
+    from prefect_tensorflow.tasks.data.validation import find_anomalies
+
+    def stats(day: str, edges=None):
+        columns = load_partitioned.columns("train", window={"start": day, "days": 1}, prefix=datasets["bad"])
+        return compute_statistics(columns, edges)
+
+    schema = infer_schema(stats("2026-11-27"))
+    edges = {f.name: f.edges for f in schema.features if f.edges}
+    first = stats("2026-11-27", edges)
+    assert find_anomalies(stats("2026-11-30", edges), schema) == []  # the fourth day is an ordinary one
+    drifted = stats("2026-11-28", edges)
+    assert find_anomalies(drifted, schema) == []
+    drift = measure_drift(drifted, first, schema, "previous")
+    by_feature = {f.feature: f for f in drift.features}
+    assert by_feature["petal_length"].exceeded and drift.max == by_feature["petal_length"].value
+    assert all(f.value < by_feature["petal_length"].value / 3 for f in drift.features if f.feature != "petal_length")
+    kinds = {(a.feature, a.kind) for a in find_anomalies(stats("2026-11-29", edges), schema)}
+    assert {("sepal_width", "missing_rate"), ("species", "unknown_label"), ("petal_width", "out_of_range")} <= kinds

@@ -9,7 +9,11 @@ s3:// or gs://). Two days may be made bad on purpose:
 - `drift_day`: petal_length shifted by +2.0 cm, capped at 6.0 cm: a clear change of its
   distribution inside the range ordinary days hold (drift to measure, not an anomaly);
 - `broken_day`: sepal_width missing in about a quarter of the rows, one row of
-  an unknown species (`unknown`) and one out-of-range petal_width (42.0).
+  an unknown species (`unknown`) and one out-of-range petal_width (42.0), both
+  in rows the default eval rule leaves to training.
+
+Ordinary days look alike to validation: balanced species, alternating sites,
+values within the bundled data's range, and each feature's extremes in every day.
 
 A day's rows depend only on (seed, day), so re-writing a day writes the same rows.
 `IRIS_DAILY_OPTIONS` are the `data_options` that read it (`prefix` left "").
@@ -69,28 +73,38 @@ def _day(value: DayLike, parameter: str) -> date:
 
 
 def daily_rows(day: DayLike, rows: int, *, seed: int = 0, drift: bool = False, broken: bool = False) -> list[dict[str, Any]]:
-    """One day's rows as dicts (None for a missing value); see the module docstring for drift and broken days."""
+    """One day's rows as dicts (None for a missing value); see the module docstring for drift and broken days.
+
+    So that ordinary days look alike to validation: the species are balanced (row i is of class i % 3),
+    sites alternate, every value stays within the bundled data's range, and the rows holding each
+    feature's minimum and maximum come first, unchanged, in rows the default eval rule leaves to training.
+    """
     from ..iris import read_iris
 
     when = _day(day, "day")
     features, labels = read_iris()
+    table = np.asarray(features)
+    low, high = table.min(axis=0), table.max(axis=0)
+    extremes = list(dict.fromkeys(int(i) for f in range(table.shape[1]) for i in (table[:, f].argmin(), table[:, f].argmax())))
+    by_class = [[i for i, label in enumerate(labels) if label == c] for c in range(len(IRIS_CLASSES))]
     rng = np.random.default_rng([seed, when.toordinal()])
-    picks = rng.integers(0, len(labels), size=rows)
-    noise = rng.normal(0.0, NOISE, size=(rows, len(IRIS_FEATURES)))
-    sites = rng.integers(0, len(SITES), size=rows)
     out = []
-    for i, pick in enumerate(picks):
-        values = [round(max(0.1, v + n), 1) for v, n in zip(features[pick], noise[i])]
-        row: dict[str, Any] = dict(zip(IRIS_FEATURES, values))
+    for i in range(rows):
+        if extremes and i % 5 != 4:
+            pick, noise = extremes.pop(0), np.zeros(len(IRIS_FEATURES))
+        else:
+            pick, noise = int(rng.choice(by_class[i % len(by_class)])), rng.normal(0.0, NOISE, size=len(IRIS_FEATURES))
+        values = np.clip(table[pick] + noise, low, high)
+        row: dict[str, Any] = {name: round(float(v), 1) for name, v in zip(IRIS_FEATURES, values)}
         if drift:
             row["petal_length"] = min(round(row["petal_length"] + DRIFT_SHIFT, 1), DRIFT_CEILING)
-        row["species"], row["site"] = IRIS_CLASSES[labels[pick]], SITES[sites[i]]
+        row["species"], row["site"] = IRIS_CLASSES[labels[pick]], SITES[(i // len(by_class)) % len(SITES)]
         out.append(row)
     if broken and out:
         for missing in np.flatnonzero(rng.random(rows) < MISSING_FRACTION):
             out[int(missing)]["sepal_width"] = None
         out[0]["species"] = UNKNOWN_SPECIES
-        out[-1]["petal_width"] = OUT_OF_RANGE
+        out[max(i for i in range(rows) if i % 5 != 4 or rows < 5)]["petal_width"] = OUT_OF_RANGE  # a training row
     return out
 
 
