@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -204,9 +205,15 @@ def _passed(check: Any) -> str:
     return "no (shown, not gating)" if not getattr(check, "gating", True) else "**no**"
 
 
-def publish_gate_decision(decision: Any, registered: Optional[RegisteredVersion] = None) -> str:
-    """A Prefect markdown artifact `champion-gate`: both versions, both scores, the interval, each check, the state."""
+def publish_gate_decision(
+    decision: Any, registered: Optional[RegisteredVersion] = None, context: Optional[Mapping[str, str]] = None
+) -> str:
+    """A Prefect markdown artifact `champion-gate`: both versions, both scores, the interval, each check, the state;
+    `context` (the data's drift) in a table of its own, beside the decision it does not change."""
     markdown = gate_decision_markdown(decision, registered)
+    if context:
+        rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(context.items()))
+        markdown += f"\n## Context (shown, not deciding)\n\n| | |\n|---|---|\n{rows}\n"
     who = f"{registered.name} " if registered is not None else ""
     create_markdown_artifact(
         key="champion-gate",
@@ -389,4 +396,62 @@ def publish_rollback_summary(
 {lines}
 """
     create_markdown_artifact(key="rollback-summary", markdown=markdown, description=description)
+    return markdown
+
+
+# --- the data a windowed training read (tasks/data/lineage.py) --------------------------------------
+
+
+def publish_manifest_table(manifest: Any, lineage: Any) -> list[dict]:
+    """The window's files as a table artifact `data-manifest`: name, partition, size, etag, rows, splits."""
+    rows = [
+        {
+            "file": f.name,
+            "partition": f.partition or "",
+            "size (bytes)": f.size,
+            "etag": f.etag,
+            "rows": "" if f.rows is None else f.rows,
+            "splits": ", ".join(f.splits),
+        }
+        for f in manifest.files
+    ]
+    create_table_artifact(
+        key="data-manifest",
+        table=rows,
+        description=f"window {lineage.window.label} of {lineage.source}: {len(rows)} files, digest {lineage.digest[:12]}",
+    )
+    return rows
+
+
+def data_skipped_markdown(reason: str, lineage: Any, previous: Any) -> str:
+    """Why a windowed run trained nothing, as markdown.
+
+    Example:
+        >>> from prefect_tensorflow.tasks.data.lineage import DataLineage
+        >>> from prefect_tensorflow.tasks.data.window import DataWindow
+        >>> w = DataWindow(start="2026-11-30", end="2026-12-01")
+        >>> last = DataLineage(window=w, source="/d", digest="d" * 64, train_digest="t", eval_digest="e", run_id="r1")
+        >>> data_skipped_markdown("data unchanged", last, last).splitlines()[0]
+        '# Nothing trained: data unchanged'
+    """
+    return f"""# Nothing trained: {reason}
+
+| | this run | last trained |
+|---|---|---|
+| window | {lineage.window.label} | {previous.window.label} |
+| digest | `{lineage.digest}` | `{previous.digest}` |
+| source | `{lineage.source}` | `{previous.source}` |
+| files | {lineage.files} | {previous.files} |
+| MLflow run | | `{previous.run_id or ""}` |
+| trained in | | `{previous.trained_dir or ""}` |
+| trained at | | {previous.trained_at or ""} |
+
+Nothing was trained, exported or registered. Run again with `force=True` (`--force`) to retrain.
+"""
+
+
+def publish_data_skipped(reason: str, lineage: Any, previous: Any) -> str:
+    """A markdown artifact `data-skipped`: the window, its digest, the run that trained it, what to do."""
+    markdown = data_skipped_markdown(reason, lineage, previous)
+    create_markdown_artifact(key="data-skipped", markdown=markdown, description=reason[:500])
     return markdown

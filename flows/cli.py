@@ -50,7 +50,9 @@ from .flow_commands import FlowEntry, Spelling, flow_commands_group
 # parameter of a flow is an option of its command by its own name, type, default and description).
 SPELLING = Spelling(
     flags=MappingProxyType({"track": "--mlflow/--no-mlflow", "aliases": "--alias", "decision": "--approve/--reject"}),
-    config_prefixes=MappingProxyType({"training": ""}),
+    # `--window-start/--window-end/--window-days/--window-version`: the flows' `window` parameter (it
+    # shadows the training's `window` field, whose options the command then leaves out)
+    config_prefixes=MappingProxyType({"training": "", "window": "window_"}),
     config_flags=MappingProxyType(
         {"mlflow": MappingProxyType({"tracking_uri": "--tracking-uri", "experiment_name": "--experiment"})}
     ),
@@ -407,6 +409,10 @@ def verify(
 
 
 def _retrain_text(summary: Any, arguments: Mapping[str, Any]) -> str:
+    if summary.skipped is not None:  # the window's data was trained already: nothing trained or registered
+        return f"\nskipped: {summary.skipped}\nnothing was trained, exported or registered" + _prefect_ui_text(
+            summary.flow_run_id
+        )
     ref = summary.checkpoint
     return (
         f"\nmodel dir:            {summary.training.model_dir}\n"
@@ -420,9 +426,15 @@ def _retrain_text(summary: Any, arguments: Mapping[str, Any]) -> str:
         f"inspect it:           saved_model_cli show --dir {summary.export.path} --all\n"
         f"list all checkpoints: prefect-tensorflow checkpoints list {summary.training.model_dir}\n"
         f"TensorBoard:          tensorboard --logdir {summary.training.model_dir}"
+        + (_data_text(summary.data) if summary.data is not None else "")
         + (_registered_text(summary.registered, arguments["mlflow"]) if summary.registered else "")
         + _prefect_ui_text(summary.flow_run_id)
     )
+
+
+def _data_text(data: Any) -> str:
+    rows = "" if data.rows is None else f", {data.rows} rows"
+    return f"\ndata:                 window {data.window.label}, {data.files} files{rows}, digest {data.digest[:12]}..."
 
 
 def _export_checkpoint_text(summary: Any, arguments: Mapping[str, Any]) -> str:

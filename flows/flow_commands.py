@@ -89,9 +89,10 @@ def flow_command(flow: Any, spelling: Spelling, text: Text, emit: Emit) -> Calla
     """A Typer command function running `flow`: an option per parameter, `--json`; `emit` prints the result."""
     hints = typing.get_type_hints(flow.fn, include_extras=True)
     described = flow.parameters.properties
+    parameters = inspect.signature(flow.fn).parameters
     inputs = [
-        _input(p, hints[p.name], " ".join(described.get(p.name, {}).get("description", p.name).split()), spelling)
-        for p in inspect.signature(flow.fn).parameters.values()
+        _input(p, hints[p.name], " ".join(described.get(p.name, {}).get("description", p.name).split()), spelling, parameters)
+        for p in parameters.values()
     ]
     as_json = inspect.Parameter(
         "as_json",
@@ -123,11 +124,13 @@ def flow_command(flow: Any, spelling: Spelling, text: Text, emit: Emit) -> Calla
     return command
 
 
-def _input(parameter: inspect.Parameter, annotation: Any, description: str, spelling: Spelling) -> _Input:
+def _input(
+    parameter: inspect.Parameter, annotation: Any, description: str, spelling: Spelling, flow_parameters: Mapping[str, Any]
+) -> _Input:
     name, default = parameter.name, parameter.default
     base = base_type(annotation)
     if inspect.isclass(base) and issubclass(base, BaseModel):
-        return _config_input(name, base, spelling)
+        return _config_input(name, base, spelling, flow_parameters, optional=default is None)
     flag = option_flag(name, spelling)
     required = name in spelling.required or default is inspect.Parameter.empty
     origin = typing.get_origin(base)
@@ -151,18 +154,26 @@ def _input(parameter: inspect.Parameter, annotation: Any, description: str, spel
     return _Input(name, (_option(name, option, Optional[str]),), lambda values: _json(values[name], annotation, flag))
 
 
-def _config_input(name: str, model: type[BaseModel], spelling: Spelling) -> _Input:
+def _config_input(
+    name: str, model: type[BaseModel], spelling: Spelling, flow_parameters: Mapping[str, Any], *, optional: bool = False
+) -> _Input:
+    """A config's options. A training field that is also a flow parameter (`window`) is the parameter's on the
+    command line; an optional config none of whose options is given is not given (the flow's None)."""
     if issubclass(model, TrainingConfig):
-        options = training_options()
+        shadowed = [f for f in TrainingConfig.model_fields if f in flow_parameters and f != name]
+        options = [o for o in training_options() if not any(o.name == f or o.name.startswith(f + "_") for f in shadowed)]
         return _Input(name, tuple(options), lambda values: (True, training_config({o.name: values[o.name] for o in options})))
     prefix = spelling.config_prefixes.get(name, name + "_")
     flags = spelling.config_flags.get(name)
     options = config_options(model, prefix=prefix, flags=flags)
-    return _Input(
-        name,
-        tuple(options),
-        lambda values: (True, config_from_options(model, {o.name: values[o.name] for o in options}, prefix=prefix, flags=flags)),
-    )
+
+    def read(values: Mapping[str, Any]) -> tuple[bool, Any]:
+        given = {o.name: values[o.name] for o in options}
+        if optional and all(value is None for value in given.values()):
+            return False, None
+        return True, config_from_options(model, given, prefix=prefix, flags=flags)
+
+    return _Input(name, tuple(options), read)
 
 
 def _kind(annotation: Any) -> Optional[type]:

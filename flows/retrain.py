@@ -8,6 +8,14 @@ verified `.pb` (logged to the run), log the export as an MLflow model and
 register it, then run the champion gate. Without an `mlflow` block the worker's `MLFLOW_TRACKING_URI`
 is used, else the local SQLite store.
 
+With a dataset loader that reads a window (`flows.windows`), the run reads the
+window closed against its scheduled start time, lists it (its manifest and
+digest), and trains nothing when `<model_dir>/data-lineage.json` says these very
+files were trained already (`SkippedRetrain`, unless `force`); otherwise it
+trains the window from scratch in `<model_dir>/windows/<window>/<stamp>`, ships
+it, and records the data on the MLflow run and version (`data.*` tags, inputs,
+`data/manifest.json`) and in `data-lineage.json`.
+
 Example:
     >>> from prefect_tensorflow.flows.retrain import retrain
     >>> retrain.name
@@ -18,24 +26,29 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_tensorflow.tasks import prefect_tasks as tasks
 from prefect_tensorflow.tasks.blocks import MlflowConnection
 from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
 from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, RegisteredModelName, TrainingConfig
+from prefect_tensorflow.tasks.data.lineage import DataLineage
+from prefect_tensorflow.tasks.data.window import DataWindow
 from prefect_tensorflow.tasks.errors import StorageError
 from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
-from prefect_tensorflow.tasks.run_context import get_logger
+from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger
 from prefect_tensorflow.tasks.security import check_can_move_aside, check_is_model_dir
 from prefect_tensorflow.tasks.storage.locations import parse_location
 from prefect_tensorflow.tasks.training.loop import TrainResult
 
+from .artifacts import publish_manifest_table
 from .parameters import ParsedBy
 from .prelude import flow_prelude
 from .shipping import Destination, Shipped, check_decision, check_gate_metrics, publish_shipped, ship_checkpoint
+from .windows import WindowRun, plan_window_run, record_window_run, windowed_training
 
 
 class RetrainSummary(Shipped):
@@ -43,6 +56,19 @@ class RetrainSummary(Shipped):
 
     training: TrainResult
     frozen_graph: FreezeResult  # retrain always freezes
+    data: Optional[DataLineage] = Field(default=None, description="The window trained on (a loader that reads one)")
+    skipped: None = None
+
+
+class SkippedRetrain(BaseModel):
+    """A `retrain` run that trained, exported and registered nothing, and why (`skipped`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    skipped: str = Field(description="Why nothing was trained, e.g. 'data unchanged: window [...) ... --force to retrain'")
+    data: DataLineage = Field(description="The window this run read")
+    previous: Optional[DataLineage] = Field(default=None, description="What the model dir last trained on")
+    flow_run_id: Optional[str] = None
 
 
 def set_aside(model_dir: str) -> Optional[str]:
@@ -81,7 +107,9 @@ def retrain(
     mlflow: Optional[MlflowConnection] = None,
     track: bool = True,
     decision: Optional[Literal["approve", "reject"]] = None,
-) -> RetrainSummary:
+    window: Optional[DataWindow] = None,
+    force: bool = False,
+) -> Union[RetrainSummary, SkippedRetrain]:
     """Train (resuming from the newest valid checkpoint), select the checkpoint to ship,
     freeze it and export it as the next SavedModel version, each verified.
 
@@ -118,6 +146,11 @@ def retrain(
         decision: The answer, given in advance, for a gate that cannot compare the versions
             (a renamed output, other labels): 'approve' or 'reject'. Empty: the run pauses with
             an approval form in the Prefect UI. Refused in a deployment run (use the form).
+        window: The data window, for a dataset loader that reads one: start and end (UTC days,
+            end exclusive), or days before the end, or a version. Empty: training.window, else
+            the day before the run's scheduled start. Refused for a loader that reads none (iris).
+        force: Train even when the window's data is what the model dir last trained on
+            (same digest); otherwise such a run ends early, training nothing.
 
     Raises:
         ValueError: `select`, a path, a count or a name is malformed (checked before anything is written).
@@ -130,16 +163,33 @@ def retrain(
     selection = CheckpointSelection.parse(select)
     paths = {"model_dir": model_dir, "export_base": export_base, "frozen_dir": frozen_dir}
     prelude = flow_prelude(paths, registered_model_name, model=training.model, data=training.data, mlflow=mlflow, track=track)
+    training = windowed_training(training, window)
+    model_dir = prelude.paths["model_dir"]
+    plan = plan_window_run(model_dir, training, force=force) if training.window is not None else None
+    if plan is not None and plan.skipped is not None:
+        return skipped_run(plan)
+    if plan is not None and plan.manifest is not None and plan.lineage is not None:
+        publish_manifest_table(plan.manifest, plan.lineage)
     if prelude.connection is not None:
         tasks.check_can_register(registered_model_name, prelude.connection)
-    if from_scratch:
-        set_aside(prelude.paths["model_dir"])
-    result = tasks.train_with_checkpoints(prelude.paths["model_dir"], training, tracking=prelude.connection)
+    if from_scratch and plan is None:
+        set_aside(model_dir)
+    train_dir = plan.trained_dir if plan is not None else model_dir
+    result = tasks.train_with_checkpoints(train_dir, training, tracking=prelude.connection)
     ref = tasks.select_checkpoint(result.model_dir, selection)
+    data_tags = plan.lineage.tags() if plan is not None and plan.lineage is not None else {}
+    if plan is not None and prelude.connection is not None and result.mlflow_run_id is not None:
+        log_window_lineage(plan, prelude.connection, result.mlflow_run_id)
     shipped = ship_checkpoint(
         ref,
         str(selection),
-        ExportConfig(model=training.model, hparams=training.hparams, data=training.data),
+        ExportConfig(
+            model=training.model,
+            hparams=training.hparams,
+            data=training.data,
+            data_options=training.data_options,
+            window=training.window,
+        ),
         Destination(
             export_base=prelude.paths["export_base"],
             frozen_dir=prelude.paths["frozen_dir"],
@@ -149,6 +199,27 @@ def retrain(
             decision=decision,
         ),
         run_id=result.mlflow_run_id,
+        version_tags=data_tags,
     )
     publish_shipped(result, shipped)
-    return RetrainSummary(**dict(shipped), training=result)
+    trained = record_window_run(model_dir, plan, result.mlflow_run_id) if plan is not None else None
+    return RetrainSummary(**dict(shipped), training=result, data=trained)
+
+
+def skipped_run(plan: WindowRun) -> SkippedRetrain:
+    """The answer of a run whose window was trained already: stated in the log and a `data-skipped` artifact."""
+    from .artifacts import publish_data_skipped
+
+    assert plan.skipped is not None and plan.lineage is not None and plan.previous is not None
+    get_logger().info("%s", plan.skipped)
+    publish_data_skipped(plan.skipped, plan.lineage, plan.previous)
+    return SkippedRetrain(skipped=plan.skipped, data=plan.lineage, previous=plan.previous, flow_run_id=current_flow_run_id())
+
+
+def log_window_lineage(plan: WindowRun, connection: object, run_id: str) -> None:
+    """The window's data on the training's MLflow run: tags, inputs, `data/` artifacts."""
+    from prefect_tensorflow.tasks.registry.data_lineage import log_data_lineage
+
+    if plan.manifest is None or plan.lineage is None:
+        return
+    log_data_lineage(connection, run_id, plan.manifest, plan.lineage, artifacts=plan.extra.get("artifacts"))  # type: ignore[arg-type]

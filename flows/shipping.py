@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -122,10 +123,13 @@ def ship_checkpoint(
     run_id: Optional[str] = None,
     run_name: str = "freeze",
     skip_registered: bool = False,
+    version_tags: Optional[Mapping[str, str]] = None,
+    gate_context: Optional[Mapping[str, str]] = None,
 ) -> Shipped:
     """Export and freeze `ref` (each verified), then log, register, gate and alias it when `to` has a connection.
 
-    The gate scores both versions on `config.data`'s eval split (no `data`: the champion is kept, stated).
+    The gate scores both versions on `config.data`'s eval split, with the config's loader options and
+    window (the challenger's training window; no `data`: the champion is kept, stated).
 
     Args:
         ref: the checkpoint to ship.
@@ -137,12 +141,15 @@ def ship_checkpoint(
         run_name: the name of that new run.
         skip_registered: an export that already existed and is registered returns that version
             without freezing or logging again.
+        version_tags: more tags of a new version (the training data's `data.*`).
+        gate_context: figures shown beside the gate's decision, not deciding it (the data's drift).
 
     Raises:
         GateError: a metric of `to.gate` that the export's head does not compute (before anything is written).
     """
     if to.connection is not None:
         check_gate_metrics(to.gate, config.head)
+    source = config.data_source() if config.data is not None else None
     exported = tasks.export_saved_model(ref.path, to.export_base, config)
     registered = None
     if skip_registered and exported.reused and to.connection is not None:
@@ -161,15 +168,14 @@ def ship_checkpoint(
                 checkpoint=ref,
                 frozen=frozen,
                 run_id=run_id,
-                data=config.data,
+                data=source,
                 serving=to.gate.serving,
+                tags=dict(version_tags or {}),
             )
     if registered is not None and registered.gate is None and to.connection is not None:
-        decision = tasks.gate_champion(
-            registered, to.connection, to.gate, data=config.data, head=config.head, decision=to.decision
-        )
+        decision = tasks.gate_champion(registered, to.connection, to.gate, data=source, head=config.head, decision=to.decision)
         registered = registered.model_copy(update={"gate": decision, "aliases": version_aliases(registered, to.connection)})
-        publish_gate_decision(decision, registered)
+        publish_gate_decision(decision, registered, context=gate_context)
         if decision.promoted and decision.state != "already_champion":
             moves = to.connection.retrying("reading the alias history", _alias_history, to.connection, registered.name)
             publish_alias_history(registered.name, moves)

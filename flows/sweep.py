@@ -40,6 +40,8 @@ from prefect_tensorflow.tasks.blocks import MlflowConnection
 from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
 from prefect_tensorflow.tasks.config_checks import short_repr
 from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, RegisteredModelName, TrainingConfig
+from prefect_tensorflow.tasks.data.lineage import WINDOWS_DIR
+from prefect_tensorflow.tasks.data.window import DataWindow
 from prefect_tensorflow.tasks.errors import StorageError, UnsafeParameterError
 from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
 from prefect_tensorflow.tasks.run_context import get_logger, in_deployment_run, prefect_run_tags
@@ -59,6 +61,7 @@ from prefect_tensorflow.tasks.training.sweep_candidates import (
 from .parameters import ParsedBy
 from .prelude import flow_prelude
 from .shipping import Destination, Shipped, check_decision, check_gate_metrics, publish_shipped, ship_checkpoint
+from .windows import windowed_training
 
 DASK_ADDRESS = re.compile(r"(tcp|tls|inproc|ws|wss)://[A-Za-z0-9_.:\[\]-]{1,253}")
 DEFAULT_CANDIDATES = [
@@ -201,6 +204,7 @@ def sweep(
     dask_workers: DaskWorkers = 0,
     threads_per_candidate: Threads = 1,
     decision: Optional[Literal["approve", "reject"]] = None,
+    window: Optional[DataWindow] = None,
 ) -> SweepSummary:
     """Train the candidates in parallel on Dask, compare them, ship the best as `retrain` does.
 
@@ -230,6 +234,9 @@ def sweep(
         decision: The answer, given in advance, for a gate that cannot compare the versions
             (a renamed output, other labels): 'approve' or 'reject'. Empty: the run pauses with
             an approval form in the Prefect UI. Refused in a deployment run (use the form).
+        window: The data window, for a dataset loader that reads one (as retrain's): every candidate
+            trains on it, in <sweep root>/windows/<window>/<candidate id>. Empty: training.window, else
+            the day before the run's scheduled start. Refused for a loader that reads none (iris).
 
     Raises:
         ValueError: `select`, a path, an address or a count is malformed (checked before anything is written).
@@ -247,6 +254,9 @@ def sweep(
     paths, connection = prelude.paths, prelude.connection  # checked, defaults filled in
     if not parse_location(paths["sweep_root"], parameter="sweep_root").is_local:
         raise StorageError(f"sweep_root: {paths['sweep_root']}: expected a local or shared-filesystem directory")
+    training = windowed_training(training, window)
+    if training.window is not None:  # each window's candidates apart: a re-run of a window resumes only its own
+        paths = {**paths, "sweep_root": os.path.join(paths["sweep_root"], WINDOWS_DIR, training.window.name)}
     address = checked_dask_address(dask_address)
     specs = plan_candidates(paths["sweep_root"], training, list(candidates), threads=threads_per_candidate)
     parent_run_id = None
@@ -304,6 +314,7 @@ def _train_compare_ship(
     gate: GateConfig,
     parent_run_id: Optional[str],
     decision: Optional[Literal["approve", "reject"]] = None,
+    window: Optional[DataWindow] = None,
 ) -> SweepSummary:
     log = get_logger()
     outcomes = train_on_dask(specs, address, dask_workers)
@@ -340,7 +351,13 @@ def _train_compare_ship(
     shipped = ship_checkpoint(
         ref,
         str(selection),
-        ExportConfig(model=training.model, hparams=winner_training.hparams, data=training.data),
+        ExportConfig(
+            model=training.model,
+            hparams=winner_training.hparams,
+            data=training.data,
+            data_options=training.data_options,
+            window=training.window,
+        ),
         Destination(
             export_base=paths["export_base"],
             frozen_dir=paths["frozen_dir"],

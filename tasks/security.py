@@ -155,6 +155,8 @@ def check_store_uri(uri: str, *, parameter: str) -> None:
 
 
 MODEL_DIR_ENTRIES = ("checkpoint", "checkpoint_metrics.jsonl", "graph.pbtxt", "eval", ".evaluator.lock")
+# what a windowed training keeps beside them (tasks/data/lineage.py; data/schema.py's data-schema.json)
+MODEL_DIR_DATA_ENTRIES = ("windows", "data-lineage.json", "data-schema.json", "data-stats")
 MODEL_DIR_SUFFIXES = (".index", ".meta", "_temp")
 
 
@@ -169,7 +171,7 @@ def check_is_model_dir(path: str, *, parameter: str = "model_dir") -> None:
     """
     strangers = []
     for name in sorted(os.listdir(path)):
-        if name in MODEL_DIR_ENTRIES or name.endswith(MODEL_DIR_SUFFIXES) or ".data-" in name:
+        if name in MODEL_DIR_ENTRIES or name in MODEL_DIR_DATA_ENTRIES or name.endswith(MODEL_DIR_SUFFIXES) or ".data-" in name:
             continue
         if name.startswith(("events.out.tfevents.", ".ptf-", ".prefect-tensorflow")) or ".ptf-tmp-" in name:
             continue

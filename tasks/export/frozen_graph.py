@@ -136,7 +136,7 @@ def _freeze_tf2(checkpoint: str, model: str, config: ExportConfig):
     # Checked on the checkpoint's own metadata first: running a model that large on the
     # verification batch can take more memory than the machine has.
     _check_variable_bytes(checkpoint, _model_variable_bytes(checkpoint))
-    traced = trace_checkpoint(checkpoint, model, config.hparams, config.head, config.verification_data(model))
+    traced = trace_checkpoint(checkpoint, model, config.hparams, config.head, config.data_source(model))
     _check_variable_bytes(checkpoint, sum(int(tf.size(v).numpy()) * tf.as_dtype(v.dtype).size for v in traced.net.variables))
     concrete = traced.serve.get_concrete_function()
     frozen = convert_variables_to_constants_v2(concrete)

@@ -114,7 +114,7 @@ def signature_summary(path: str, loaded: Any = None) -> SignatureSummary:
 def _save_tf2(prefix: str, target: str, model: str, config: ExportConfig):
     import tensorflow as tf
 
-    traced = trace_checkpoint(prefix, model, config.hparams, config.head, config.verification_data(model))
+    traced = trace_checkpoint(prefix, model, config.hparams, config.head, config.data_source(model))
     module = tf.Module()
     module.model = traced.net
     module.serve = traced.serve

@@ -120,7 +120,7 @@ class TracedCheckpoint:
     expected: dict  # output name -> numpy array
 
 
-def trace_checkpoint(checkpoint: str, model: str, hparams: Optional[dict[str, Any]], head: Head, data: Optional[str]):
+def trace_checkpoint(checkpoint: str, model: str, hparams: Optional[dict[str, Any]], head: Head, data: Any):
     """Restore `checkpoint` into `model`, trace its serving function and run it on the verification batch.
 
     Freezing and exporting both start here, so both verify against the same numbers.

@@ -219,7 +219,7 @@ def verify_artifacts(
     model = config.model_for("tf2") or "iris"
     source, name = ModelDir.of_checkpoint(checkpoint)
     local_checkpoint = source.local_checkpoint(name) if source.is_remote else checkpoint
-    traced = trace_checkpoint(local_checkpoint, model, config.hparams, config.head, config.verification_data(model))
+    traced = trace_checkpoint(local_checkpoint, model, config.hparams, config.head, config.data_source(model))
     results = {"checkpoint": traced.expected}
     names = sorted(traced.expected)
     if frozen_graph:

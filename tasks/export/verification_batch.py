@@ -13,26 +13,32 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
 from .. import model_code
 from ..errors import ParityError
 
+if TYPE_CHECKING:
+    from ..data.source import DataSource
 
-def verification_batch(specs: list, data: Optional[str] = None, size: int = 32, seed: int = 0) -> list[np.ndarray]:
+
+def verification_batch(
+    specs: list, data: Optional[Union[str, DataSource]] = None, size: int = 32, seed: int = 0
+) -> list[np.ndarray]:
     """One batch per input spec: the first `size` examples of `data`'s eval split, else seeded random values.
 
     Args:
         specs: `tf.TensorSpec`s (or objects with `.shape` and `.dtype`) of the inputs.
-        data: `"module:attr"` of a dataset loader, or None.
+        data: `"module:attr"` of a dataset loader, a `DataSource` (a loader with its options and window), or None.
     """
     import tensorflow as tf
 
     if data is not None:
         features = []
-        for element in model_code.load_split(data, "eval").take(size):
+        dataset = model_code.load_split(data, "eval") if isinstance(data, str) else data.load("eval")
+        for element in dataset.take(size):
             x = element[0] if isinstance(element, tuple) else element
             features.append(x if isinstance(x, (list, tuple)) else [x])
         if features:

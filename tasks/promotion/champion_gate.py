@@ -63,7 +63,7 @@ def gate_champion(
     connection: MlflowConfig,
     gate: GateConfig,
     *,
-    data: Optional[str],
+    data: Optional[Any],
     head: str = "classifier",
     decision: Optional[Decision] = None,
 ) -> Any:
@@ -75,7 +75,8 @@ def gate_champion(
         gate: the rule (`GateConfig`): metric, margins, guardrails, slices, floors, serving limits,
             the approval timeout.
         data: the dataset loader whose eval split both versions are scored on (`"iris"`,
-            `"module:attr"`); None: no eval data, the champion is kept (stated).
+            `"module:attr"`, or a `DataSource`: the challenger's window, with the loader's options);
+            None: no eval data, the champion is kept (stated).
         head: how outputs become per-example metrics: "classifier" or "raw".
         decision: an answer given in advance for an incomparable decision ("approve" / "reject");
             None: a flow run pauses for it.

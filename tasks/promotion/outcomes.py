@@ -91,8 +91,9 @@ def eval_digest(features: list[np.ndarray], labels: np.ndarray) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def load_eval_set(data: str, split: str = "eval") -> EvalSet:
-    """The `split` of the dataset loader `data` names (`"iris"` or `"module:attr"`), materialised in order.
+def load_eval_set(data: Any, split: str = "eval") -> EvalSet:
+    """The `split` of the dataset loader `data` names (`"iris"` or `"module:attr"`, or a `DataSource`: a
+    loader with its options and window), materialised in order.
 
     Raises:
         ImportStringError: `data` names no loader (see `model_code.load`).
@@ -103,8 +104,11 @@ def load_eval_set(data: str, split: str = "eval") -> EvalSet:
         >>> load_eval_set("iris").features[0].shape
         (30, 4)
     """
-    dataset = model_code.load_split(data, split)
-    source = f"{data}:{split}"
+    if isinstance(data, str):
+        dataset, source = model_code.load_split(data, split), f"{data}:{split}"
+    else:
+        window = f"@{data.window.name}" if data.window is not None else ""
+        dataset, source, data = data.load(split), f"{data.data}:{split}{window}", data.data
     feature_parts: list[list[np.ndarray]] = []
     label_parts: list[np.ndarray] = []
     for element in dataset.batch(BATCH_SIZE).as_numpy_iterator():

@@ -185,7 +185,7 @@ def log_export_model(
     export: ExportResult,
     local_path: str,
     run_id: str,
-    data: Optional[str],
+    data: Optional[Any],
     tolerance: float,
 ) -> tuple[Any, Parity]:
     """Log the export (its verified files at `local_path`) as a pyfunc model in `run_id`, download it back and check it.
@@ -247,9 +247,10 @@ def register_model_version(
     checkpoint: Optional[CheckpointRef] = None,
     frozen: Optional[FreezeResult] = None,
     run_id: Optional[str] = None,
-    data: Optional[str] = None,
+    data: Optional[Any] = None,
     tolerance: float = 1e-5,
     serving: Optional[ServingLimits] = None,
+    tags: Optional[dict[str, str]] = None,
 ) -> RegisteredVersion:
     """Log a verified export as an MLflow model and register it (idempotent), as `challenger`.
 
@@ -262,10 +263,12 @@ def register_model_version(
         checkpoint: the checkpoint the export came from: its step and metrics are tagged.
         frozen: the `freeze_graph` result, tagged on the version (path, digest, parity).
         run_id: the MLflow run to log the model in (e.g. the training run); default a new run.
-        data: dataset loader for the verification batch (default: seeded random values).
+        data: dataset loader (a name or a `DataSource`, with its options and window) for the
+            verification batch (default: seeded random values).
         tolerance: largest difference accepted between pyfunc and SavedModel predictions.
         serving: limits of the cold load checked before anything is logged (`GateConfig.serving`,
             which the gate checks again behind `mlflow models serve`); None: it must load, no limits.
+        tags: more version tags, set in the same request (the training data's `data.*`).
 
     Returns:
         The version, its URIs and aliases, the pyfunc parity, and the gate decision already
@@ -288,7 +291,9 @@ def register_model_version(
     name = check_registered_model_name(registered_model_name)
     connection = connection or MlflowConfig()
     experiment_id = connection.experiment_id()
-    job = _Registration(connection, export, name, experiment_id, checkpoint, frozen, run_id, data, tolerance, serving)
+    job = _Registration(
+        connection, export, name, experiment_id, checkpoint, frozen, run_id, data, tolerance, serving, dict(tags or {})
+    )
     with export_lock(export.export_base):
         return connection.retrying(f"registering {export.path} as {name!r}", _register_locked, job)
 
@@ -304,9 +309,10 @@ class _Registration:
     checkpoint: Optional[CheckpointRef]
     frozen: Optional[FreezeResult]
     run_id: Optional[str]
-    data: Optional[str]
+    data: Optional[Any]
     tolerance: float
     serving: Optional[ServingLimits]
+    tags: dict[str, str]
 
 
 def _register_locked(job: _Registration) -> RegisteredVersion:
@@ -339,7 +345,7 @@ def _log_and_register(job: _Registration, client: Any, local_path: str) -> Regis
     logged, parity = log_export_model(connection, client, export, local_path, run_id, job.data, job.tolerance)
     for key, tag_value in prefect_run_tags().items():
         client.set_tag(run_id, key, tag_value)
-    tags = {**version_tags(export, job.checkpoint, job.frozen, parity), **load_check_tags(loads)}
+    tags = {**job.tags, **version_tags(export, job.checkpoint, job.frozen, parity), **load_check_tags(loads)}
     from . import mlflow_client  # imported here: MLflow costs ~1.2 s, and a refused run never gets this far
 
     # Sent once (mlflow_client.NO_RESEND): if the version was created but the answer lost, a resend

@@ -1,0 +1,123 @@
+"""The data window in a flow: which window a run reads, whether it is new, where it trains, what it records.
+
+`retrain` and `sweep` read a window when their dataset loader takes one
+(`DataSource.takes_window`): the `window` parameter, else `training.window`,
+else one day, closed against the flow run's *scheduled* start time
+(`prefect.runtime.flow_run.scheduled_start_time`; a CLI or library call's
+run is scheduled now), so a late run, a retry or a backfill reads what the
+on-time run would have. The resolved window goes into `training.window`:
+training, the sidecar evaluator, export verification and the champion gate
+read it from there. A loader that reads no window (iris) runs as it always
+did; a window given to it is refused, naming `window`.
+
+`plan_window_run` lists the window (`DataSource.manifest`), compares its
+digest with `<model_dir>/data-lineage.json` (`data.lineage.unchanged_reason`)
+and names a fresh directory for the run, `<model_dir>/windows/<window>/<stamp>`.
+`record_window_run` (after the training shipped) logs the lineage to the
+training's MLflow run and writes `data-lineage.json`.
+
+Example:
+    >>> from prefect_tensorflow.flows.windows import windowed_training
+    >>> from prefect_tensorflow.tasks.configs import TrainingConfig
+    >>> windowed_training(TrainingConfig(), None).window is None  # iris reads no window
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from prefect_tensorflow.tasks.configs import TrainingConfig
+from prefect_tensorflow.tasks.data.lineage import (
+    DataLineage,
+    effective_window,
+    lineage_of,
+    read_lineage,
+    unchanged_reason,
+    window_run_dir,
+    write_lineage,
+)
+from prefect_tensorflow.tasks.data.manifest import DataManifest
+from prefect_tensorflow.tasks.data.window import DataWindow
+from prefect_tensorflow.tasks.run_context import get_logger
+
+
+def scheduled_start() -> datetime:
+    """The flow run's scheduled start time (outside a flow run: now, UTC)."""
+    from prefect.runtime import flow_run
+
+    scheduled = flow_run.scheduled_start_time
+    return scheduled if isinstance(scheduled, datetime) else datetime.now(timezone.utc)
+
+
+def windowed_training(training: TrainingConfig, window: Optional[DataWindow]) -> TrainingConfig:
+    """`training` with its effective window resolved into `training.window` (unchanged for a loader that reads none).
+
+    Raises:
+        ValueError: naming `window`, when a window is given for a loader that reads none.
+    """
+    source = training.data_source()
+    takes = source.takes_window()
+    if not takes and window is None and training.window is None:
+        return training
+    resolved = effective_window(window, training.window, takes_window=takes, scheduled=scheduled_start() if takes else None)
+    return training.model_copy(update={"window": resolved})
+
+
+@dataclass(frozen=True)
+class WindowRun:
+    """A windowed run's plan: its training, the window's manifest and lineage, the last trained one, where it trains."""
+
+    training: TrainingConfig
+    trained_dir: str
+    manifest: Optional[DataManifest]
+    lineage: Optional[DataLineage]
+    previous: Optional[DataLineage]
+    skipped: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def window(self) -> DataWindow:
+        assert self.training.window is not None
+        return self.training.window
+
+
+def plan_window_run(model_dir: str, training: TrainingConfig, *, force: bool) -> WindowRun:
+    """List the window, compare it with what `model_dir` last trained on, and name the run's directory.
+
+    Raises:
+        DataError, TrainingError: the loader cannot list the window (naming it).
+        DataError: `data-lineage.json` is malformed.
+    """
+    assert training.window is not None
+    manifest = training.data_source().manifest()
+    lineage = lineage_of(manifest, training.window) if manifest is not None else None
+    previous = read_lineage(model_dir)
+    skipped = unchanged_reason(previous, lineage, force=force) if lineage is not None else None
+    if skipped is None and lineage is not None and previous is not None and previous.digest == lineage.digest:
+        get_logger().info("window %s is unchanged since run %s; retraining (force)", lineage.window.label, previous.run_id)
+    return WindowRun(
+        training=training,
+        trained_dir=window_run_dir(model_dir, training.window),
+        manifest=manifest,
+        lineage=lineage,
+        previous=previous,
+        skipped=skipped,
+    )
+
+
+def record_window_run(model_dir: str, plan: WindowRun, run_id: Optional[str]) -> Optional[DataLineage]:
+    """After a windowed training shipped: `data-lineage.json` names the window, its digests, the run and directory."""
+    if plan.lineage is None:
+        return None
+    trained = plan.lineage.model_copy(
+        update={
+            "run_id": run_id,
+            "trained_dir": plan.trained_dir,
+            "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+    write_lineage(model_dir, trained)
+    return trained

@@ -1,0 +1,165 @@
+"""Windows, lineage and retraining only on new data: the `retrain` flow on daily data.
+
+Tiny trainings (30 steps of 16 examples, evaluated in the loop) on a windowed loader, one MLflow
+SQLite store for the module. About a dozen trainings; ~2-3 min on shared cores.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import date
+
+import numpy as np
+import pytest
+from windowed_loader import write_days
+
+from prefect_tensorflow.flows.retrain import RetrainSummary, SkippedRetrain, retrain
+from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+from prefect_tensorflow.tasks.configs import TrainingConfig
+from prefect_tensorflow.tasks.data.lineage import read_lineage
+from prefect_tensorflow.tasks.data.window import DataWindow
+
+START = date(2026, 11, 28)
+LOADER = "windowed_loader:load"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, mlflow_template_db):
+    """One MLflow SQLite store for the module (artifacts beside it)."""
+    from prefect_tensorflow.tasks.blocks import MlflowConnection
+
+    root = tmp_path_factory.mktemp("mlflow-windows")
+    shutil.copyfile(mlflow_template_db, root / "mlflow.db")
+    return MlflowConnection(
+        tracking_uri=f"sqlite:///{root}/mlflow.db", experiment_name="windows", request_retries=0, operation_retries=0
+    )
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("daily")
+    write_days(root, START, 3)
+    return root
+
+
+def training(root, **more) -> TrainingConfig:
+    return TrainingConfig(
+        data=LOADER,
+        data_options={"root": str(root)},
+        steps=30,
+        batch_size=16,
+        evaluation="in_loop",
+        policy=CheckpointPolicy(save_checkpoints_steps=30, save_checkpoints_secs=None),
+        **more,
+    )
+
+
+def day_window(n: int) -> DataWindow:
+    return DataWindow(end=date.fromordinal(START.toordinal() + n + 1))
+
+
+def shipping(tmp_path, name, store=None):
+    out = {"export_base": str(tmp_path / f"export-{name}"), "frozen_dir": str(tmp_path / f"frozen-{name}")}
+    return {**out, "mlflow": store, "registered_model_name": name} if store is not None else {**out, "track": False}
+
+
+def variables(checkpoint: str) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(checkpoint)
+    return {
+        name: reader.get_tensor(name)
+        for name in reader.get_variable_to_shape_map()
+        if name.startswith(("optimizer/_trainable_variables/", "optimizer/_variables/", "global_step/"))
+    }
+
+
+def test_backfill_three_days_then_the_middle_again_trains_the_same_weights(prefect_api, tmp_path, data_root):
+    model_dir = tmp_path / "m"
+    first = [
+        retrain(model_dir=str(model_dir), training=training(data_root), window=day_window(n), **shipping(tmp_path, "b"))
+        for n in range(3)
+    ]
+    assert all(isinstance(s, RetrainSummary) for s in first)
+    assert [s.data.window.label for s in first] == [
+        "[2026-11-28, 2026-11-29)",
+        "[2026-11-29, 2026-11-30)",
+        "[2026-11-30, 2026-12-01)",
+    ]
+    assert len({s.data.digest for s in first}) == 3
+    for s in first:  # each window trained from scratch in a directory of its own
+        assert s.training.start_step == 0 and s.training.model_dir.startswith(str(model_dir / "windows" / s.data.window.name))
+    assert read_lineage(str(model_dir)).digest == first[2].data.digest
+    again = retrain(model_dir=str(model_dir), training=training(data_root), window=day_window(1), **shipping(tmp_path, "b"))
+    assert isinstance(again, RetrainSummary)
+    assert again.data.digest == first[1].data.digest and again.data.train_digest == first[1].data.train_digest
+    assert again.training.model_dir != first[1].training.model_dir  # the first run's checkpoints are kept
+    before, after = variables(first[1].checkpoint.path), variables(again.checkpoint.path)
+    assert sorted(before) == sorted(after) and before
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+    kernel = "optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"
+    assert not np.array_equal(*(variables(first[n].checkpoint.path)[kernel] for n in (0, 2)))  # other data, other weights
+
+
+def test_the_same_window_twice_trains_and_registers_nothing_the_second_time(prefect_api, tmp_path, data_root, store):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    model_dir = str(tmp_path / "m")
+    first = retrain(model_dir=model_dir, training=training(data_root), window=day_window(2), **shipping(tmp_path, "twice", store))
+    assert first.registered.version == 1
+    state = retrain(
+        model_dir=model_dir,
+        training=training(data_root),
+        window=day_window(2),
+        return_state=True,
+        **shipping(tmp_path, "twice", store),
+    )
+    second = state.result()
+    assert isinstance(second, SkippedRetrain) and state.is_completed()
+    assert second.skipped.startswith(
+        f"data unchanged: window {day_window(2).resolved(None).label} digest {first.data.digest[:12]}"
+    )
+    assert first.training.mlflow_run_id in second.skipped and second.skipped.endswith("--force to retrain")
+    versions = store.client().search_model_versions("name = 'twice'")
+    assert [int(v.version) for v in versions] == [1]
+    with get_client(sync_client=True) as client:
+        artifacts = {
+            a.key: a
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+            )
+        }
+    assert set(artifacts) == {"data-skipped"} and second.skipped in artifacts["data-skipped"].data
+    forced = retrain(
+        model_dir=model_dir, training=training(data_root), window=day_window(2), force=True, **shipping(tmp_path, "twice", store)
+    )
+    assert isinstance(forced, RetrainSummary) and forced.training.steps_run == 30
+
+
+def test_a_registered_version_names_its_data_in_mlflow(prefect_api, tmp_path, data_root, store):
+    summary = retrain(
+        model_dir=str(tmp_path / "m"), training=training(data_root), window=day_window(0), **shipping(tmp_path, "lineage", store)
+    )
+    client = store.client()
+    version = client.get_model_version("lineage", str(summary.registered.version))
+    lineage = summary.data
+    assert version.tags["data.window"] == lineage.window.label == "[2026-11-28, 2026-11-29)"
+    assert version.tags["data.digest"] == lineage.digest and version.tags["data.train.digest"] == lineage.train_digest
+    assert version.tags["data.eval.digest"] == lineage.eval_digest and version.tags["data.source"] == str(data_root)
+    run = client.get_run(version.run_id)
+    assert run.data.tags["data.digest"] == lineage.digest
+    inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset for i in run.inputs.dataset_inputs}
+    assert inputs["training"].digest == lineage.train_digest[:36] and inputs["eval"].digest == lineage.eval_digest[:36]
+    assert str(data_root) in inputs["training"].source
+    manifest = client.download_artifacts(version.run_id, "data/manifest.json", str(tmp_path))
+    assert "dt=2026-11-28/part-0.csv" in open(manifest).read()
+
+
+def test_iris_runs_without_a_window_and_refuses_one(prefect_api, tmp_path):
+    plain = TrainingConfig(steps=20, batch_size=16, evaluation="in_loop")
+    summary = retrain(model_dir=str(tmp_path / "m"), training=plain, **shipping(tmp_path, "iris"))
+    assert summary.data is None and summary.training.model_dir == str(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"^window: the dataset loader reads no window"):
+        retrain(model_dir=str(tmp_path / "m"), training=plain, window=DataWindow(end="2026-12-01"), **shipping(tmp_path, "iris"))
