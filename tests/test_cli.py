@@ -258,7 +258,7 @@ def test_the_flow_commands_keep_their_options_and_have_one_per_flow_parameter(na
     options = _options_of(name)
     assert HAND_WRITTEN_OPTIONS[name] <= options, HAND_WRITTEN_OPTIONS[name] - options
     flow = load_flow(FLOW_COMMANDS[name].flow)
-    configs = {"training", "gate", "mlflow"}
+    configs = {"training", "gate", "mlflow", "window"}  # window: --window-start/--window-end/--window-days
     renamed = {"track": "--mlflow", "aliases": "--alias", "decision": "--approve"}
     for parameter in set(flow.parameters.properties) - configs:
         assert renamed.get(parameter, "--" + parameter.replace("_", "-")) in options, parameter

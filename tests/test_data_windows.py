@@ -163,3 +163,28 @@ def test_iris_runs_without_a_window_and_refuses_one(prefect_api, tmp_path):
     assert summary.data is None and summary.training.model_dir == str(tmp_path / "m")
     with pytest.raises(ValueError, match=r"^window: the dataset loader reads no window"):
         retrain(model_dir=str(tmp_path / "m"), training=plain, window=DataWindow(end="2026-12-01"), **shipping(tmp_path, "iris"))
+
+
+def test_the_command_line_takes_the_window_end_and_force_and_states_a_skip(prefect_api, tmp_path, data_root):
+    from typer.testing import CliRunner
+
+    from prefect_tensorflow.flows.cli import app
+
+    runner = CliRunner()
+    common = [
+        "retrain", "--model-dir", str(tmp_path / "m"), "--data", LOADER, "--data-options", f"root={data_root}",
+        "--steps", "30", "--batch-size", "16", "--evaluation", "in_loop", "--export-base", str(tmp_path / "e"),
+        "--frozen-dir", str(tmp_path / "f"), "--no-mlflow", "--window-end", "2026-11-30",
+    ]  # fmt: skip
+    trained = runner.invoke(app, common)
+    assert trained.exit_code == 0, trained.output
+    assert "data:                 window [2026-11-29, 2026-11-30), 1 files, 40 rows, digest" in trained.stdout
+    again = runner.invoke(app, common)
+    assert again.exit_code == 0, again.output
+    assert "skipped: data unchanged: window [2026-11-29, 2026-11-30) digest" in again.stdout
+    assert "--force to retrain\nnothing was trained, exported or registered" in again.stdout
+    forced = runner.invoke(app, [*common, "--force", "--json"])
+    assert forced.exit_code == 0, forced.output
+    assert '"steps_run": 30' in forced.stdout and '"skipped": null' in forced.stdout
+    refused = runner.invoke(app, ["retrain", "--model-dir", str(tmp_path / "iris"), "--no-mlflow", "--window-end", "2026-11-30"])
+    assert refused.exit_code == 2 and refused.stderr.startswith("error: window: the dataset loader reads no window"), refused.output
