@@ -455,3 +455,15 @@ def publish_data_skipped(reason: str, lineage: Any, previous: Any) -> str:
     markdown = data_skipped_markdown(reason, lineage, previous)
     create_markdown_artifact(key="data-skipped", markdown=markdown, description=reason[:500])
     return markdown
+
+
+def publish_anomalies(anomalies: Any, window: Any) -> list[dict]:
+    """The anomalies that blocked a window as a table artifact `data-anomalies`: feature, kind, value, expected."""
+    rows = [{"feature": a.feature, "kind": a.kind, "value": a.value, "expected": a.expected} for a in anomalies]
+    named = ", ".join(sorted({a.feature for a in anomalies}))
+    create_table_artifact(
+        key="data-anomalies",
+        table=rows,
+        description=f"window {window.label if window is not None else ''} blocked, nothing trained: {named}"[:500],
+    )
+    return rows

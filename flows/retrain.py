@@ -165,7 +165,11 @@ def retrain(
     prelude = flow_prelude(paths, registered_model_name, model=training.model, data=training.data, mlflow=mlflow, track=track)
     training = windowed_training(training, window)
     model_dir = prelude.paths["model_dir"]
-    plan = plan_window_run(model_dir, training, force=force) if training.window is not None else None
+    plan = None
+    if training.window is not None:
+        plan = plan_window_run(
+            model_dir, training, force=force, connection=prelude.connection, registered_model_name=registered_model_name
+        )
     if plan is not None and plan.skipped is not None:
         return skipped_run(plan)
     if plan is not None and plan.manifest is not None and plan.lineage is not None:
@@ -177,7 +181,7 @@ def retrain(
     train_dir = plan.trained_dir if plan is not None else model_dir
     result = tasks.train_with_checkpoints(train_dir, training, tracking=prelude.connection)
     ref = tasks.select_checkpoint(result.model_dir, selection)
-    data_tags = plan.lineage.tags() if plan is not None and plan.lineage is not None else {}
+    data_tags = plan.tags() if plan is not None else {}
     if plan is not None and prelude.connection is not None and result.mlflow_run_id is not None:
         log_window_lineage(plan, prelude.connection, result.mlflow_run_id)
     shipped = ship_checkpoint(
@@ -200,6 +204,7 @@ def retrain(
         ),
         run_id=result.mlflow_run_id,
         version_tags=data_tags,
+        gate_context={k: v for k, v in data_tags.items() if k.startswith("data.drift.")},
     )
     publish_shipped(result, shipped)
     trained = record_window_run(model_dir, plan, result.mlflow_run_id) if plan is not None else None
@@ -222,4 +227,4 @@ def log_window_lineage(plan: WindowRun, connection: object, run_id: str) -> None
 
     if plan.manifest is None or plan.lineage is None:
         return
-    log_data_lineage(connection, run_id, plan.manifest, plan.lineage, artifacts=plan.extra.get("artifacts"))  # type: ignore[arg-type]
+    log_data_lineage(connection, run_id, plan.manifest, plan.lineage, artifacts=plan.documents(), tags=plan.tags())  # type: ignore[arg-type]

@@ -13,8 +13,14 @@ did; a window given to it is refused, naming `window`.
 `plan_window_run` lists the window (`DataSource.manifest`), compares its
 digest with `<model_dir>/data-lineage.json` (`data.lineage.unchanged_reason`)
 and names a fresh directory for the run, `<model_dir>/windows/<window>/<stamp>`.
-`record_window_run` (after the training shipped) logs the lineage to the
-training's MLflow run and writes `data-lineage.json`.
+A window that is new is then checked (`data.window_checks.check_window`):
+against the schema in `<model_dir>/data-schema.json` (an anomaly blocks the
+run before anything is trained: `DataValidationError`, and a table artifact
+naming each column and value), and for drift against the previous trained
+window's statistics (`<model_dir>/data-stats/<window>.json`) and the
+champion's (its training run's `data/statistics.json`). `record_window_run`
+(after the training shipped) keeps the window's statistics and writes
+`data-lineage.json`.
 
 Example:
     >>> from prefect_tensorflow.flows.windows import windowed_training
@@ -25,7 +31,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -35,12 +41,17 @@ from prefect_tensorflow.tasks.data.lineage import (
     effective_window,
     lineage_of,
     read_lineage,
+    read_window_statistics,
     unchanged_reason,
     window_run_dir,
     write_lineage,
+    write_window_statistics,
 )
 from prefect_tensorflow.tasks.data.manifest import DataManifest
 from prefect_tensorflow.tasks.data.window import DataWindow
+from prefect_tensorflow.tasks.data.window_checks import WindowCheck, check_window, train_statistics
+from prefect_tensorflow.tasks.errors import DataValidationError
+from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
 from prefect_tensorflow.tasks.run_context import get_logger
 
 
@@ -76,20 +87,39 @@ class WindowRun:
     lineage: Optional[DataLineage]
     previous: Optional[DataLineage]
     skipped: Optional[str] = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    checked: Optional[WindowCheck] = None
 
     @property
     def window(self) -> DataWindow:
         assert self.training.window is not None
         return self.training.window
 
+    def tags(self) -> dict[str, str]:
+        """The `data.*` tags of the run and the version: lineage, then drift."""
+        return {
+            **(self.lineage.tags() if self.lineage is not None else {}),
+            **(self.checked.tags() if self.checked is not None else {}),
+        }
 
-def plan_window_run(model_dir: str, training: TrainingConfig, *, force: bool) -> WindowRun:
-    """List the window, compare it with what `model_dir` last trained on, and name the run's directory.
+    def documents(self) -> dict[str, Any]:
+        """The `data/` artifacts beside the manifest: statistics, drift, schema."""
+        return self.checked.documents() if self.checked is not None else {}
+
+
+def plan_window_run(
+    model_dir: str,
+    training: TrainingConfig,
+    *,
+    force: bool,
+    connection: Optional[MlflowConfig] = None,
+    registered_model_name: str = "",
+) -> WindowRun:
+    """List the window, compare it with what `model_dir` last trained on, check a new one, name the run's directory.
 
     Raises:
-        DataError, TrainingError: the loader cannot list the window (naming it).
-        DataError: `data-lineage.json` is malformed.
+        DataError, TrainingError: the loader cannot list or read the window (naming it).
+        DataError: `data-lineage.json` or `data-schema.json` is malformed.
+        DataValidationError: the window breaks the schema (one line per anomaly; a table artifact names them).
     """
     assert training.window is not None
     manifest = training.data_source().manifest()
@@ -98,6 +128,19 @@ def plan_window_run(model_dir: str, training: TrainingConfig, *, force: bool) ->
     skipped = unchanged_reason(previous, lineage, force=force) if lineage is not None else None
     if skipped is None and lineage is not None and previous is not None and previous.digest == lineage.digest:
         get_logger().info("window %s is unchanged since run %s; retraining (force)", lineage.window.label, previous.run_id)
+    checked = None
+    if skipped is None:
+        baselines = {
+            "previous": train_statistics(read_window_statistics(model_dir, previous.window)) if previous is not None else None,
+            "champion": _champion_statistics(connection, registered_model_name),
+        }
+        try:
+            checked = check_window(training.data_source(), model_dir, baselines)
+        except DataValidationError as err:
+            from .artifacts import publish_anomalies
+
+            publish_anomalies(err.anomalies, training.window)
+            raise
     return WindowRun(
         training=training,
         trained_dir=window_run_dir(model_dir, training.window),
@@ -105,11 +148,22 @@ def plan_window_run(model_dir: str, training: TrainingConfig, *, force: bool) ->
         lineage=lineage,
         previous=previous,
         skipped=skipped,
+        checked=checked,
     )
+
+
+def _champion_statistics(connection: Optional[MlflowConfig], name: str) -> Any:
+    if connection is None or not name:
+        return None
+    from prefect_tensorflow.tasks.registry.data_lineage import champion_document
+
+    return train_statistics(champion_document(connection, name))
 
 
 def record_window_run(model_dir: str, plan: WindowRun, run_id: Optional[str]) -> Optional[DataLineage]:
     """After a windowed training shipped: `data-lineage.json` names the window, its digests, the run and directory."""
+    if plan.checked is not None:
+        write_window_statistics(model_dir, plan.window, plan.documents()["statistics.json"])
     if plan.lineage is None:
         return None
     trained = plan.lineage.model_copy(

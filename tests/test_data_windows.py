@@ -6,6 +6,7 @@ SQLite store for the module. About a dozen trainings; ~2-3 min on shared cores.
 
 from __future__ import annotations
 
+import json
 import shutil
 from datetime import date
 
@@ -138,23 +139,94 @@ def test_the_same_window_twice_trains_and_registers_nothing_the_second_time(pref
     assert isinstance(forced, RetrainSummary) and forced.training.steps_run == 30
 
 
-def test_a_registered_version_names_its_data_in_mlflow(prefect_api, tmp_path, data_root, store):
+def test_a_drifted_window_runs_and_its_version_names_its_data_and_drift_in_mlflow(prefect_api, tmp_path, store):
+    root = tmp_path / "daily"
+    write_days(root, START, 1)
+    write_days(root, date(2026, 11, 29), 1, broken="drift")
+    first = retrain(
+        model_dir=str(tmp_path / "m"), training=training(root), window=day_window(0), **shipping(tmp_path, "lineage", store)
+    )
+    assert first.registered.aliases == ["challenger", "champion"]
+    assert (tmp_path / "m" / "data-schema.json").exists() and (
+        tmp_path / "m" / "data-stats" / f"{first.data.window.name}.json"
+    ).exists()
     summary = retrain(
-        model_dir=str(tmp_path / "m"), training=training(data_root), window=day_window(0), **shipping(tmp_path, "lineage", store)
+        model_dir=str(tmp_path / "m"), training=training(root), window=day_window(1), **shipping(tmp_path, "lineage", store)
     )
     client = store.client()
     version = client.get_model_version("lineage", str(summary.registered.version))
     lineage = summary.data
-    assert version.tags["data.window"] == lineage.window.label == "[2026-11-28, 2026-11-29)"
+    assert summary.registered.version == 2 and version.tags["data.window"] == lineage.window.label == "[2026-11-29, 2026-11-30)"
     assert version.tags["data.digest"] == lineage.digest and version.tags["data.train.digest"] == lineage.train_digest
-    assert version.tags["data.eval.digest"] == lineage.eval_digest and version.tags["data.source"] == str(data_root)
+    assert version.tags["data.eval.digest"] == lineage.eval_digest and version.tags["data.source"] == str(root)
+    # drift recorded against the previous window and the champion's (the same window here), never blocking
+    for against in ("previous", "champion"):
+        assert float(version.tags[f"data.drift.{against}.max"]) >= 0.5
+        assert "site" in version.tags[f"data.drift.{against}.exceeded"].split(",")
     run = client.get_run(version.run_id)
-    assert run.data.tags["data.digest"] == lineage.digest
+    assert run.data.tags["data.digest"] == lineage.digest and run.data.tags["data.drift.champion.max"]
     inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset for i in run.inputs.dataset_inputs}
     assert inputs["training"].digest == lineage.train_digest[:36] and inputs["eval"].digest == lineage.eval_digest[:36]
-    assert str(data_root) in inputs["training"].source
-    manifest = client.download_artifacts(version.run_id, "data/manifest.json", str(tmp_path))
-    assert "dt=2026-11-28/part-0.csv" in open(manifest).read()
+    assert str(root) in inputs["training"].source
+    documents = {}
+    for name in ("manifest", "drift", "statistics", "data-schema"):
+        with open(client.download_artifacts(version.run_id, f"data/{name}.json", str(tmp_path))) as handle:
+            documents[name] = json.load(handle)
+    assert [f["name"] for f in documents["manifest"]["files"]] == ["dt=2026-11-29/part-0.csv"]
+    site = next(f for f in documents["drift"]["champion"]["features"] if f["feature"] == "site")
+    assert (site["measure"], site["value"], site["exceeded"]) == ("l_infinity", 0.5, True)
+    assert documents["statistics"]["train"]["features"]["site"]["values"] == {"south": 32}
+    assert {f["name"] for f in documents["data-schema"]["features"]} >= {"f0", "site", "label"}
+    gate = summary.registered.gate
+    assert gate is not None  # gated on the challenger's window: both versions scored on its eval split
+    assert gate.eval_digest is not None
+
+
+@pytest.fixture(scope="module")
+def schema_dir(tmp_path_factory, prefect_api):
+    """A model dir that trained one good window: its schema is the contract the broken windows break."""
+    base = tmp_path_factory.mktemp("schema")
+    write_days(base / "daily", START, 1)
+    retrain(model_dir=str(base / "m"), training=training(base / "daily"), window=day_window(0), **shipping(base, "schema"))
+    return base / "m"
+
+
+@pytest.mark.parametrize(
+    "broken, line",
+    [
+        ("new_category", "site: new category 'east' (vocabulary: north, south)"),
+        ("nan_burst", "f1: 50% missing (max 0%)"),
+        ("dropped_column", "f3: column missing"),
+        ("out_of_range", "f2: 99 above max 6.9"),
+    ],
+)
+def test_a_broken_window_is_blocked_before_anything_is_trained(prefect_api, tmp_path, schema_dir, broken, line):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from prefect_tensorflow.tasks.errors import DataValidationError
+
+    write_days(tmp_path / "daily", date(2026, 11, 29), 1, broken=broken)
+    state = retrain(
+        model_dir=str(schema_dir),
+        training=training(tmp_path / "daily"),
+        window=day_window(1),
+        return_state=True,
+        **shipping(tmp_path, "x"),
+    )
+    assert state.is_failed()
+    with pytest.raises(DataValidationError) as blocked:
+        state.result()
+    assert str(blocked.value).splitlines()[1:] == [f"  {line}"]
+    assert not (schema_dir / "windows" / "2026-11-29_2026-11-30").exists() and not (tmp_path / "export-x").exists()
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    table = json.loads(next(a for a in found if a.key == "data-anomalies").data)
+    assert [row["feature"] for row in table] == [line.split(":")[0]] and line.split(": ", 1)[1].split(" (")[0] in table[0][
+        "value"
+    ]
 
 
 def test_iris_runs_without_a_window_and_refuses_one(prefect_api, tmp_path):
@@ -187,4 +259,6 @@ def test_the_command_line_takes_the_window_end_and_force_and_states_a_skip(prefe
     assert forced.exit_code == 0, forced.output
     assert '"steps_run": 30' in forced.stdout and '"skipped": null' in forced.stdout
     refused = runner.invoke(app, ["retrain", "--model-dir", str(tmp_path / "iris"), "--no-mlflow", "--window-end", "2026-11-30"])
-    assert refused.exit_code == 2 and refused.stderr.startswith("error: window: the dataset loader reads no window"), refused.output
+    assert refused.exit_code == 2 and refused.stderr.startswith("error: window: the dataset loader reads no window"), (
+        refused.output
+    )

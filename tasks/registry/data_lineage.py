@@ -129,3 +129,21 @@ def run_document(connection: MlflowConfig, run_id: str, path: str) -> Optional[A
                 return json.load(handle)
         except (OSError, ValueError):
             return None
+
+
+def champion_document(connection: MlflowConfig, name: str, path: str = "data/statistics.json") -> Optional[Any]:
+    """A JSON artifact (`path`) of the run that trained `@champion` of `name`; None: no model, no champion, no such file."""
+    from ..errors import RegistryError
+    from .aliases import current_alias_version
+
+    client = connection.client()
+
+    def champion_run() -> Optional[str]:
+        try:
+            version = current_alias_version(client, name, "champion")
+        except RegistryError:
+            return None
+        return None if version is None else client.get_model_version(name, str(version)).run_id
+
+    run_id = connection.retrying(f"reading the champion of {name!r}", champion_run)
+    return run_document(connection, run_id, path) if run_id else None
