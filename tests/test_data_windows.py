@@ -262,3 +262,22 @@ def test_the_command_line_takes_the_window_end_and_force_and_states_a_skip(prefe
     assert refused.exit_code == 2 and refused.stderr.startswith("error: window: the dataset loader reads no window"), (
         refused.output
     )
+
+
+def test_a_window_trains_into_an_s3_model_dir_and_its_lineage_lives_there(prefect_api, tmp_path, data_root, s3):
+    model_dir = s3.uri("models/daily")
+    first = retrain(model_dir=model_dir, training=training(data_root), window=day_window(0), **shipping(tmp_path, "s3"))
+    assert first.training.model_dir.startswith(f"{model_dir}/windows/2026-11-28_2026-11-29/")
+    assert first.checkpoint.path.startswith(first.training.model_dir)
+    assert {"data-lineage.json", "data-schema.json", "data-stats/2026-11-28_2026-11-29.json"} <= {
+        key.removeprefix("models/daily/") for key in s3.keys("models/daily/")
+    }
+    again = retrain(model_dir=model_dir, training=training(data_root), window=day_window(0), **shipping(tmp_path, "s3"))
+    assert isinstance(again, SkippedRetrain) and again.previous.trained_dir == first.training.model_dir
+
+
+def test_a_sweep_refuses_a_window_for_a_loader_that_reads_none(prefect_api, tmp_path):
+    from prefect_tensorflow.flows.sweep import sweep
+
+    with pytest.raises(ValueError, match=r"^window: the dataset loader reads no window"):
+        sweep(sweep_root=str(tmp_path / "s"), window=DataWindow(end="2026-12-01"), track=False)
