@@ -19,6 +19,7 @@ from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
 from prefect_tensorflow.tasks.configs import TrainingConfig
 from prefect_tensorflow.tasks.data.lineage import read_lineage
 from prefect_tensorflow.tasks.data.window import DataWindow
+from prefect_tensorflow.tasks.security import check_is_model_dir
 
 START = date(2026, 11, 28)
 LOADER = "windowed_loader:load"
@@ -153,6 +154,7 @@ def test_a_drifted_window_runs_and_its_version_names_its_data_and_drift_in_mlflo
     summary = retrain(
         model_dir=str(tmp_path / "m"), training=training(root), window=day_window(1), **shipping(tmp_path, "lineage", store)
     )
+    check_is_model_dir(str(tmp_path / "m"))  # windows/, the lineage, schema and statistics are a model dir's own
     client = store.client()
     version = client.get_model_version("lineage", str(summary.registered.version))
     lineage = summary.data
