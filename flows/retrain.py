@@ -131,7 +131,8 @@ def retrain(
             for the best by a recorded metric (e.g. 'best:accuracy'; lowest wins for names with
             'loss' or 'error'; add ':min' or ':max' to choose).
         from_scratch: Start at step 0. The model dir's checkpoints are moved aside to a sibling
-            directory named MODEL_DIR.previous-TIME, never deleted.
+            directory named MODEL_DIR.previous-TIME, never deleted. (A windowed run always starts
+            at step 0, in a directory of its own.)
         export_base: Directory of SavedModel versions for TF Serving. Empty: exports/<registered_model_name>
             under the data home. In a deployment run it must be under PREFECT_TENSORFLOW_ROOTS.
         frozen_dir: Directory for the frozen .pb (never replaced by other bytes). Empty: frozen/<registered_model_name>

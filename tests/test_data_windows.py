@@ -239,7 +239,7 @@ def test_iris_runs_without_a_window_and_refuses_one(prefect_api, tmp_path):
         retrain(model_dir=str(tmp_path / "m"), training=plain, window=DataWindow(end="2026-12-01"), **shipping(tmp_path, "iris"))
 
 
-def test_the_command_line_takes_the_window_end_and_force_and_states_a_skip(prefect_api, tmp_path, data_root):
+def test_the_command_line_takes_the_window_end_and_force_and_states_a_skip(prefect_api, tmp_path, data_root, schema_dir):
     from typer.testing import CliRunner
 
     from prefect_tensorflow.flows.cli import app
@@ -260,6 +260,14 @@ def test_the_command_line_takes_the_window_end_and_force_and_states_a_skip(prefe
     forced = runner.invoke(app, [*common, "--force", "--json"])
     assert forced.exit_code == 0, forced.output
     assert '"steps_run": 30' in forced.stdout and '"skipped": null' in forced.stdout
+    write_days(tmp_path / "broken", date(2026, 11, 29), 1, broken="new_category")
+    broken = [*common[:2], str(schema_dir), *common[3:6], f"root={tmp_path / 'broken'}", *common[7:]]
+    blocked = runner.invoke(app, broken)
+    assert blocked.exit_code == 2, blocked.output
+    assert blocked.stderr.splitlines()[-2:] == [
+        "error: data 'windowed_loader:load' [2026-11-29, 2026-11-30): 1 anomaly against the data schema; nothing was trained:",
+        "  site: new category 'east' (vocabulary: north, south)",
+    ]
     refused = runner.invoke(app, ["retrain", "--model-dir", str(tmp_path / "iris"), "--no-mlflow", "--window-end", "2026-11-30"])
     assert refused.exit_code == 2 and refused.stderr.startswith("error: window: the dataset loader reads no window"), (
         refused.output
