@@ -39,6 +39,7 @@ from prefect_tensorflow.tasks.data.lineage import DataLineage
 from prefect_tensorflow.tasks.data.window import DataWindow
 from prefect_tensorflow.tasks.errors import StorageError
 from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
+from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
 from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger
 from prefect_tensorflow.tasks.security import check_can_move_aside, check_is_model_dir
 from prefect_tensorflow.tasks.storage.locations import parse_location
@@ -222,10 +223,10 @@ def skipped_run(plan: WindowRun) -> SkippedRetrain:
     return SkippedRetrain(skipped=plan.skipped, data=plan.lineage, previous=plan.previous, flow_run_id=current_flow_run_id())
 
 
-def log_window_lineage(plan: WindowRun, connection: object, run_id: str) -> None:
+def log_window_lineage(plan: WindowRun, connection: MlflowConfig, run_id: str) -> None:
     """The window's data on the training's MLflow run: tags, inputs, `data/` artifacts."""
     from prefect_tensorflow.tasks.registry.data_lineage import log_data_lineage
 
     if plan.manifest is None or plan.lineage is None:
         return
-    log_data_lineage(connection, run_id, plan.manifest, plan.lineage, artifacts=plan.documents(), tags=plan.tags())  # type: ignore[arg-type]
+    log_data_lineage(connection, run_id, plan.manifest, plan.lineage, artifacts=plan.documents(), tags=plan.tags())
