@@ -136,31 +136,31 @@ def test_the_same_window_twice_trains_and_registers_nothing_the_second_time(pref
     assert set(artifacts) == {"data-skipped"} and second.skipped in artifacts["data-skipped"].data
 
 
-def test_a_drifted_window_runs_and_its_version_names_its_data_and_drift_in_mlflow(prefect_api, tmp_path, store):
-    root = tmp_path / "daily"
-    write_days(root, START, 1)
-    write_days(root, date(2026, 11, 29), 1, broken="drift")
-    first = retrain(
-        model_dir=str(tmp_path / "m"), training=training(root), window=day_window(0), **shipping(tmp_path, "lineage", store)
-    )
+def test_partitioned_days_a_drifted_one_runs_with_its_drift_on_the_version_a_broken_one_is_blocked(prefect_api, tmp_path, store):
+    """The bundled `partitioned` loader on the synthetic iris-daily data: lineage, drift and a block, in MLflow."""
+    from prefect_tensorflow.tasks.data.synthetic import IRIS_DAILY_OPTIONS, write_daily_dataset
+    from prefect_tensorflow.tasks.errors import DataValidationError
+
+    root = tmp_path / "iris-daily"
+    write_daily_dataset(str(root), START, 3, rows_per_day=60, drift_day=date(2026, 11, 29), broken_day=date(2026, 11, 30))
+    daily = training(root).model_copy(update={"data": "partitioned", "data_options": {**IRIS_DAILY_OPTIONS, "prefix": str(root)}})
+    model_dir = tmp_path / "m"
+    first = retrain(model_dir=str(model_dir), training=daily, window=day_window(0), **shipping(tmp_path, "lineage", store))
     assert first.registered.aliases == ["challenger", "champion"]
-    assert (tmp_path / "m" / "data-schema.json").exists() and (
-        tmp_path / "m" / "data-stats" / f"{first.data.window.name}.json"
-    ).exists()
-    summary = retrain(
-        model_dir=str(tmp_path / "m"), training=training(root), window=day_window(1), **shipping(tmp_path, "lineage", store)
-    )
-    check_is_model_dir(str(tmp_path / "m"))  # windows/, the lineage, schema and statistics are a model dir's own
+    assert (model_dir / "data-schema.json").exists() and (model_dir / "data-stats" / f"{first.data.window.name}.json").exists()
+    summary = retrain(model_dir=str(model_dir), training=daily, window=day_window(1), **shipping(tmp_path, "lineage", store))
+    check_is_model_dir(str(model_dir))  # windows/, the lineage, schema and statistics are a model dir's own
     client = store.client()
     version = client.get_model_version("lineage", str(summary.registered.version))
     lineage = summary.data
     assert summary.registered.version == 2 and version.tags["data.window"] == lineage.window.label == "[2026-11-29, 2026-11-30)"
     assert version.tags["data.digest"] == lineage.digest and version.tags["data.train.digest"] == lineage.train_digest
-    assert version.tags["data.eval.digest"] == lineage.eval_digest and version.tags["data.source"] == str(root)
+    assert version.tags["data.eval.digest"] == lineage.eval_digest and version.tags["data.source"] == lineage.source
+    assert str(root) in lineage.source and lineage.files == 1
     # drift recorded against the previous window and the champion's (the same window here), never blocking
     for against in ("previous", "champion"):
-        assert float(version.tags[f"data.drift.{against}.max"]) >= 0.5
-        assert "site" in version.tags[f"data.drift.{against}.exceeded"].split(",")
+        assert float(version.tags[f"data.drift.{against}.max"]) > 0.1
+        assert "petal_length" in version.tags[f"data.drift.{against}.exceeded"].split(",")
     run = client.get_run(version.run_id)
     assert run.data.tags["data.digest"] == lineage.digest and run.data.tags["data.drift.champion.max"]
     inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset for i in run.inputs.dataset_inputs}
@@ -170,14 +170,23 @@ def test_a_drifted_window_runs_and_its_version_names_its_data_and_drift_in_mlflo
     for name in ("manifest", "drift", "statistics", "data-schema"):
         with open(client.download_artifacts(version.run_id, f"data/{name}.json", str(tmp_path))) as handle:
             documents[name] = json.load(handle)
-    assert [f["name"] for f in documents["manifest"]["files"]] == ["dt=2026-11-29/part-0.csv"]
-    site = next(f for f in documents["drift"]["champion"]["features"] if f["feature"] == "site")
-    assert (site["measure"], site["value"], site["exceeded"]) == ("l_infinity", 0.5, True)
-    assert documents["statistics"]["train"]["features"]["site"]["values"] == {"south": 32}
-    assert {f["name"] for f in documents["data-schema"]["features"]} >= {"f0", "site", "label"}
+    assert [f["name"] for f in documents["manifest"]["files"]] == ["dt=2026-11-29/part-00000.csv"]
+    petal = next(f for f in documents["drift"]["champion"]["features"] if f["feature"] == "petal_length")
+    assert (
+        petal["measure"] == "jensen_shannon"
+        and petal["exceeded"]
+        and f"{petal['value']:.6g}" == version.tags["data.drift.champion.max"]
+    )
+    assert documents["statistics"]["train"]["rows"] == 48 and "site" in documents["statistics"]["train"]["features"]
+    assert {f["name"] for f in documents["data-schema"]["features"]} >= {"petal_length", "site", "species"}
     gate = summary.registered.gate
-    assert gate is not None  # gated on the challenger's window: both versions scored on its eval split
-    assert gate.eval_digest is not None
+    assert gate is not None and gate.eval_digest is not None  # both versions scored on the challenger's window
+    with pytest.raises(DataValidationError) as blocked:
+        retrain(model_dir=str(model_dir), training=daily, window=day_window(2), **shipping(tmp_path, "lineage", store))
+    named = {line.split(":")[0].strip() for line in str(blocked.value).splitlines()[1:]}
+    assert {"sepal_width", "species", "petal_width"} <= named
+    assert sorted(int(v.version) for v in client.search_model_versions("name = 'lineage'")) == [1, 2]
+    assert read_lineage(str(model_dir)).digest == lineage.digest  # the blocked window is not recorded as trained
 
 
 @pytest.fixture(scope="module")
