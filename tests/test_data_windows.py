@@ -108,9 +108,23 @@ def test_the_same_window_twice_trains_and_registers_nothing_the_second_time(pref
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+    def artifacts_of(state) -> dict:
+        run_filter = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        with get_client(sync_client=True) as client:
+            return {a.key: a for a in client.read_artifacts(artifact_filter=run_filter)}
+
     model_dir = str(tmp_path / "m")
-    first = retrain(model_dir=model_dir, training=training(data_root), window=day_window(2), **shipping(tmp_path, "twice", store))
+    trained = retrain(
+        model_dir=model_dir,
+        training=training(data_root),
+        window=day_window(2),
+        return_state=True,
+        **shipping(tmp_path, "twice", store),
+    )
+    first = trained.result()
     assert first.registered.version == 1
+    files = json.loads(artifacts_of(trained)["data-manifest"].data)  # the window's files, as a table in Prefect
+    assert [(row["file"], row["partition"], row["rows"]) for row in files] == [("dt=2026-11-30/part-0.csv", "2026-11-30", 40)]
     state = retrain(
         model_dir=model_dir,
         training=training(data_root),
@@ -126,13 +140,7 @@ def test_the_same_window_twice_trains_and_registers_nothing_the_second_time(pref
     assert first.training.mlflow_run_id in second.skipped and second.skipped.endswith("--force to retrain")
     versions = store.client().search_model_versions("name = 'twice'")
     assert [int(v.version) for v in versions] == [1]
-    with get_client(sync_client=True) as client:
-        artifacts = {
-            a.key: a
-            for a in client.read_artifacts(
-                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
-            )
-        }
+    artifacts = artifacts_of(state)
     assert set(artifacts) == {"data-skipped"} and second.skipped in artifacts["data-skipped"].data
 
 
