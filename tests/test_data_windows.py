@@ -304,3 +304,27 @@ def test_a_sweep_refuses_a_window_for_a_loader_that_reads_none(prefect_api, tmp_
 
     with pytest.raises(ValueError, match=r"^window: the dataset loader reads no window"):
         sweep(sweep_root=str(tmp_path / "s"), window=DataWindow(end="2026-12-01"), track=False)
+
+
+def test_a_late_run_reads_the_window_of_its_scheduled_time_not_the_wall_clock(prefect_api, tmp_path, schema_dir):
+    """A flow run scheduled for 2026-11-29 02:00 and run now reads [2026-11-28, 2026-11-29): the window
+    `schema_dir` trained, so it skips, naming that window."""
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+    from prefect.states import Scheduled
+
+    parameters = {
+        "model_dir": str(schema_dir),
+        "training": training(schema_dir.parent / "daily").model_dump(mode="json"),
+        **shipping(tmp_path, "late"),
+    }
+    with get_client(sync_client=True) as client:
+        scheduled = Scheduled(scheduled_time=datetime(2026, 11, 29, 2, 0, tzinfo=timezone.utc))
+        flow_run = client.create_flow_run(retrain, parameters=parameters, state=scheduled)
+    late = run_flow(retrain, flow_run=flow_run, parameters=parameters)
+    assert isinstance(late, SkippedRetrain), late
+    assert late.data.window.label == "[2026-11-28, 2026-11-29)" and late.skipped.startswith(
+        "data unchanged: window [2026-11-28, 2026-11-29)"
+    )
