@@ -141,6 +141,8 @@ def plan_window_run(
 
             publish_anomalies(err.anomalies, training.window)
             raise
+        if lineage is not None and lineage.rows is None:  # a listing knows no rows; the statistics just counted them
+            lineage = lineage.model_copy(update={"rows": sum(stats.rows for stats in checked.statistics.values())})
     return WindowRun(
         training=training,
         trained_dir=window_run_dir(model_dir, training.window),

@@ -164,7 +164,8 @@ def test_partitioned_days_a_drifted_one_runs_with_its_drift_on_the_version_a_bro
     assert summary.registered.version == 2 and version.tags["data.window"] == lineage.window.label == "[2026-11-29, 2026-11-30)"
     assert version.tags["data.digest"] == lineage.digest and version.tags["data.train.digest"] == lineage.train_digest
     assert version.tags["data.eval.digest"] == lineage.eval_digest and version.tags["data.source"] == lineage.source
-    assert str(root) in lineage.source and lineage.files == 1
+    assert version.tags["data.rows"] == "60"
+    assert str(root) in lineage.source and lineage.files == 1 and lineage.rows == 60  # counted by the statistics
     # drift recorded against the previous window and the champion's (the same window here), never blocking
     for against in ("previous", "champion"):
         assert float(version.tags[f"data.drift.{against}.max"]) > 0.1
