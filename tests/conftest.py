@@ -273,6 +273,8 @@ def prefect_pg_server(postgres, tmp_path_factory):
         "PREFECT_API_DATABASE_CONNECTION_URL": postgres.url("prefect", "postgresql+asyncpg"),
         "PREFECT_API_DATABASE_TIMEOUT": "60",
         "PREFECT_API_DATABASE_CONNECTION_TIMEOUT": "30",
+        # Expired leases (a killed lock holder's, test_aliases.py) freed within a second, not up to 15 s later.
+        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
     }
     server = start_prefect_server("127.0.0.1", port, str(root / "prefect-server.log"), env=env, timeout=300)
     try:
