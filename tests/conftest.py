@@ -58,6 +58,21 @@ def mlflow_template_db(tmp_path_factory) -> Path:
     return db
 
 
+@pytest.fixture(scope="session")
+def prefect_database(tmp_path_factory) -> Path:
+    """An empty, migrated Prefect SQLite database: a server on a new PREFECT_HOME spends ~7 CPU-s migrating
+    one; `served.seed_prefect_home` copies this one there instead."""
+    import subprocess
+
+    home = tmp_path_factory.mktemp("prefect-template")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    command = [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return home / "prefect.db"
+
+
 @pytest.fixture
 def mlflow_store(tmp_path: Path, mlflow_template_db: Path):
     """An `MlflowConnection` to a fresh SQLite store in `tmp_path/mlflow` (artifacts beside it)."""

@@ -1,7 +1,7 @@
 """A real Prefect server and `prefect-tensorflow serve` on 127.0.0.1 for tests, and the Run form's requests.
 
 `ServedDeployments(root, environ)` starts `prefect server start` (its home and
-log under `root`) and `prefect-tensorflow serve --limit N` against it, as
+log under `root`; with `database`, a copy of that migrated database in its home) and `prefect-tensorflow serve --limit N` against it, as
 `make serve` runs them, and stops both (serve first: a runner whose API is gone
 ignores signals). `api()` is a sync client on that server; `save_block` saves
 an `MlflowConnection` there; `create_run` creates a flow run from a deployment
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,14 @@ from prefect_tensorflow.tasks.child_processes import log_tail, stop_process_grou
 REPO = Path(__file__).resolve().parents[1]
 BIN = os.path.dirname(sys.executable)
 DEPLOYMENTS = ("retrain-iris", "export-checkpoint")
+
+
+def seed_prefect_home(home: Path, database: Path) -> None:
+    """Copy the migrated Prefect `database` (the `prefect_database` fixture) into `home`, a PREFECT_HOME that
+    has none yet: a server started there skips the migrations."""
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "prefect.db").exists():
+        shutil.copyfile(database, home / "prefect.db")
 
 
 def base_environ(root: Path, port: int, **extra: str) -> dict[str, str]:
@@ -44,10 +53,11 @@ def base_environ(root: Path, port: int, **extra: str) -> dict[str, str]:
 class ServedDeployments:
     """`prefect server start` + `prefect-tensorflow serve --limit N`, both on 127.0.0.1."""
 
-    def __init__(self, root: Path, environ: dict[str, str], limit: int = 4):
+    def __init__(self, root: Path, environ: dict[str, str], limit: int = 4, database: Optional[Path] = None):
         self.root = Path(root)
         self.environ = environ
         self.limit = limit
+        self.database = database  # a migrated Prefect database the server starts from (`seed_prefect_home`)
         self.port = int(environ["PREFECT_API_URL"].rsplit(":", 1)[1].split("/")[0])
         self.server_log = self.root / "prefect-server.log"
         self.serve_log = self.root / "serve.log"
@@ -60,6 +70,8 @@ class ServedDeployments:
         return base_environ(root, free_port(), **extra)
 
     def start_server(self) -> None:
+        if self.database is not None:
+            seed_prefect_home(Path(self.environ["PREFECT_HOME"]), self.database)
         self.server = start_prefect_server("127.0.0.1", self.port, str(self.server_log), env=self.environ)
 
     @property

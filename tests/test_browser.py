@@ -36,6 +36,7 @@ from browser_helpers import (
     param,
 )
 from mlflow_server import MlflowServer
+from served import seed_prefect_home
 
 from prefect_tensorflow.flows.servers import free_port, start_prefect_server, wait_until_healthy
 from prefect_tensorflow.tasks.child_processes import log_tail, start_process, stop_process_group
@@ -77,7 +78,7 @@ def _deployment_names(api_url: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, request):
+def stack(tmp_path_factory, request, prefect_database):
     """Prefect server, MLflow server and `prefect-tensorflow serve`, started in parallel where they can be."""
     root = tmp_path_factory.mktemp("browser")
     data = root / "data"
@@ -101,6 +102,7 @@ def stack(tmp_path_factory, request):
     try:  # MLflow and `serve` start while the model trains; `serve` needs MLflow only when a run starts
         ml = start_process(mlflow.command(), str(mlflow.log_path), env=mlflow.env, cwd=str(mlflow.root))
         processes.append(ml)
+        seed_prefect_home(root / "prefect-home", prefect_database)
         processes.append(start_prefect_server("127.0.0.1", port, str(root / "prefect-server.log"), env=environ, timeout=240))
         serve_log = root / "serve.log"
         serve = start_process([f"{BIN}/prefect-tensorflow", "serve"], str(serve_log), env=environ, cwd=str(root))

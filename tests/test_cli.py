@@ -11,6 +11,7 @@ from typing import Annotated
 import pytest
 from helpers import cli_command
 from pydantic import Field
+from served import seed_prefect_home
 from typer.testing import CliRunner
 
 from prefect_tensorflow.flows.cli import app
@@ -171,7 +172,7 @@ def test_retrain_ends_with_a_registered_version_and_says_how_to_open_the_mlflow_
 
 
 @pytest.mark.slow
-def test_export_checkpoint_command_ships_a_step_and_says_so_again(trained_dir, tmp_path, cli_env):
+def test_export_checkpoint_command_ships_a_step_and_says_so_again(trained_dir, tmp_path, cli_env, prefect_database):
     """As a user runs it: a process of its own, with Prefect's ephemeral API."""
     args = cli_command(
         "export-checkpoint",
@@ -191,6 +192,7 @@ def test_export_checkpoint_command_ships_a_step_and_says_so_again(trained_dir, t
         "cli-export",
     )
     env = dict(cli_env, PREFECT_HOME=str(tmp_path / "prefect-home"))
+    seed_prefect_home(tmp_path / "prefect-home", prefect_database)  # its ephemeral API need not migrate one
 
     def run(*extra: str) -> str:
         # Files, not pipes: Prefect's ephemeral server inherits them and outlives a pipe's reader.

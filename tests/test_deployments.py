@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from served import seed_prefect_home
 
 from prefect_tensorflow.flows.servers import free_port, start_prefect_server
 from prefect_tensorflow.tasks.child_processes import stop_process_group
@@ -52,6 +53,7 @@ def env(request, tmp_path_factory):
         return
     port = free_port()
     environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    seed_prefect_home(root / "prefect-home", request.getfixturevalue("prefect_database"))
     server = start_prefect_server("127.0.0.1", port, str(root / "prefect-server.log"), env=environ)
     try:
         yield {"environ": environ, "root": root, "database": "sqlite"}

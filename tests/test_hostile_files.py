@@ -202,7 +202,7 @@ SWAPPING = "swap_models:build_after_swapping"
 
 
 @pytest.fixture(scope="module")
-def served_files(tmp_path_factory, trained_dir):
+def served_files(tmp_path_factory, trained_dir, prefect_database):
     """Both deployments served for real, confined to `<root>/roots`, and the files the runs will meet.
 
     <root>/roots/                      PREFECT_TENSORFLOW_ROOTS
@@ -244,7 +244,7 @@ def served_files(tmp_path_factory, trained_dir):
         PYTHONPATH=str(REPO / "tests"),
         PTF_TEST_SWAP_PLAN=str(root / "swap-plan.json"),
     )
-    stack = ServedDeployments(root, environ, limit=LIMIT)
+    stack = ServedDeployments(root, environ, limit=LIMIT, database=prefect_database)
     ctx = {
         "trained_dir": trained_dir,
         "root": root,

@@ -71,7 +71,7 @@ SURROGATE = "lone-surrogate"  # pairs left out here: a run the API cannot read h
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory, trained_dir):
+def hostile(tmp_path_factory, trained_dir, prefect_database):
     """Both deployments served for real, confined to `<root>/roots`; the layout the snapshots watch.
 
     <root>/roots/               PREFECT_TENSORFLOW_ROOTS
@@ -113,7 +113,7 @@ def hostile(tmp_path_factory, trained_dir):
         MLFLOW_TRACKING_URI=f"sqlite:///{data}/mlflow/mlflow.db",
         PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(root / "pylib")]),
     )
-    stack = ServedDeployments(root, environ, limit=LIMIT)
+    stack = ServedDeployments(root, environ, limit=LIMIT, database=prefect_database)
     ctx = {
         "root": root,
         "roots": roots,

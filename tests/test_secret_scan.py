@@ -36,14 +36,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, prefect_database):
     """The MLflow server (a password user and a token user) and the served deployments, with saved blocks."""
     root = tmp_path_factory.mktemp("secret-scan")
     password = "pw-" + secrets.token_hex(16)
     token = "tok-" + secrets.token_hex(16)
     mlflow = MlflowServer(root / "mlflow-server", auth=True, token_users={token: "scan-token-user"})
     mlflow.start()
-    served = ServedDeployments(root, ServedDeployments.environ_for(root, PREFECT_TENSORFLOW_HOME=str(root / "data")), limit=2)
+    served = ServedDeployments(
+        root, ServedDeployments.environ_for(root, PREFECT_TENSORFLOW_HOME=str(root / "data")), limit=2, database=prefect_database
+    )
     try:
         admin = mlflow.admin()
         admin.create_user("scan-password-user", password)

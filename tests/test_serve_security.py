@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 from helpers import cli_command
+from served import seed_prefect_home
 
 from prefect_tensorflow.flows.deployments import DeploymentError, check_bind_address
 from prefect_tensorflow.flows.servers import free_port, start_prefect_server
@@ -43,7 +44,7 @@ def test_serve_refuses_to_bind_every_interface_without_auth(cli_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_unauthenticated_call_to_a_server_with_auth_is_refused(tmp_path):
+def test_an_unauthenticated_call_to_a_server_with_auth_is_refused(tmp_path, prefect_database):
     port = free_port()
     env = {
         **os.environ,
@@ -52,6 +53,7 @@ def test_an_unauthenticated_call_to_a_server_with_auth_is_refused(tmp_path):
         "PREFECT_SERVER_API_AUTH_STRING": "admin:long-and-secret",
     }
     env.pop("PREFECT_API_URL", None)
+    seed_prefect_home(tmp_path / "home", prefect_database)
     server = start_prefect_server("127.0.0.1", port, str(tmp_path / "server.log"), env=env)
     try:
         url = f"http://127.0.0.1:{port}/api/flows/filter"

@@ -204,7 +204,7 @@ def test_the_runner_hook_is_installed(prefect_api):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, trained_dir):
+def stack(tmp_path_factory, trained_dir, prefect_database):
     """A Prefect server and `prefect-tensorflow serve --limit 2`, confined to `<root>/roots`.
 
     <root>/roots/data/          PREFECT_TENSORFLOW_HOME (its MLflow store in data/mlflow)
@@ -222,7 +222,7 @@ def stack(tmp_path_factory, trained_dir):
         PREFECT_TENSORFLOW_ROOTS=str(roots),
         MLFLOW_TRACKING_URI=f"sqlite:///{data}/mlflow/mlflow.db",
     )
-    served = ServedDeployments(root, environ, limit=2)
+    served = ServedDeployments(root, environ, limit=2, database=prefect_database)
     try:
         served.start_server()
         served.start_serve()
