@@ -233,20 +233,24 @@ def stack(tmp_path_factory, trained_dir, prefect_database):
 
 
 def _wait_for_bounded_schemas(served: ServedDeployments, timeout: float = 120) -> None:
-    """Until serve has created every deployment and bounded its schema (it does so right after creating it)."""
+    """Until serve has created every deployment of prefect.yaml (it creates them in turn: the test compares
+    them before and after) and bounded the schemas of these three (right after creating each)."""
+    from prefect_tensorflow.flows.deployments import load_definitions
+
     deadline = time.monotonic() + timeout
     names = ("retrain-iris", "export-checkpoint", "sweep-iris")
+    every = {d.name for d in load_definitions()}
     while True:
         with served.api() as client:
             found = {d.name: d for d in client.read_deployments() if not d.paused}
         bounded = [
             n for n in names if n in found and TOO_DEEP in (found[n].parameter_openapi_schema or {}).get("definitions", {})
         ]
-        if len(bounded) == len(names):
+        if len(bounded) == len(names) and every <= set(found):
             served.deployments = {n: str(found[n].id) for n in names}
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"deployments with bounded schemas after {timeout} s: {bounded}")
+            raise RuntimeError(f"after {timeout} s: deployments {sorted(found)}, their schemas bounded: {bounded}")
         time.sleep(1)
 
 
