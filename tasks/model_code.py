@@ -47,7 +47,7 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any, Literal, Optional
 
-from .errors import ImportStringError, TrainingError
+from .errors import DataError, ImportStringError, TrainingError, UnsafeParameterError
 from .run_context import in_deployment_run
 from .settings import get_settings
 
@@ -319,6 +319,8 @@ def load_split(ref: str, split: str, *, window: Any = None, options: Optional[di
     keywords = loader_keywords(ref, window, options)
     try:
         dataset = loader(split, **keywords)
+    except (DataError, UnsafeParameterError):
+        raise  # they name the option, partition or file at fault already
     except Exception as err:
         raise TrainingError(f"data {ref!r}: the dataset loader raised {type(err).__name__} for split {split!r}: {err}") from err
     if not isinstance(dataset, tf.data.Dataset):

@@ -26,7 +26,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from .. import model_code
-from ..errors import TrainingError
+from ..errors import DataError, TrainingError, UnsafeParameterError
 from .manifest import DataManifest
 from .window import DataWindow
 
@@ -70,6 +70,8 @@ class DataSource(BaseModel):
         keywords = model_code.loader_keywords(self.data, self.window, dict(self.options))
         try:
             manifest = listing(**keywords)
+        except (DataError, UnsafeParameterError):
+            raise  # they name the option, partition or file at fault already
         except Exception as err:
             raise TrainingError(f"data {self.data!r}: the loader's manifest raised {type(err).__name__}: {err}") from err
         if not isinstance(manifest, DataManifest):
@@ -91,6 +93,8 @@ class DataSource(BaseModel):
         keywords = model_code.loader_keywords(self.data, self.window, dict(self.options))
         try:
             columns = read(split, **keywords)
+        except (DataError, UnsafeParameterError):
+            raise  # they name the option, partition or file at fault already
         except Exception as err:
             raise TrainingError(
                 f"data {self.data!r}: the loader's columns raised {type(err).__name__} for split {split!r}: {err}"
