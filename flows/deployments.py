@@ -4,8 +4,11 @@
 (`make serve`) and `deployments/deploy.py` read the same file through
 `load_definitions`, apply an environment's overrides
 (`deployments/environments/<env>.yaml`: `parameters`, deep-merged so a
-nested config states only the keys it changes, and `cron`, `paused`, `tags`,
-`description` per deployment) and build Prefect deployments from it.
+nested config states only the keys it changes, and `cron`, `interval`, `paused`,
+`tags`, `description` per deployment) and build Prefect deployments from it. A
+deployment's `schedules` are cron or interval (seconds) ones; its `triggers`
+are `prefect.yaml`'s event triggers (`prefect deploy`'s format), given to
+`to_deployment(triggers=...)` so that serving creates their automations too.
 The package carries the file (`prefect_tensorflow/flows/prefect.yaml` is the
 repository's `prefect.yaml`).
 
@@ -17,7 +20,7 @@ Run.
 Example:
     >>> from prefect_tensorflow.flows.deployments import load_definitions
     >>> [d.name for d in load_definitions()]
-    ['retrain-iris', 'export-checkpoint', 'sweep-iris', 'rollback-champion', 'sync-exports']
+    ['retrain-iris', 'export-checkpoint', 'sweep-iris', 'rollback-champion', 'sync-exports', 'data-sensor', 'retrain-daily']
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from importlib import resources
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from prefect_tensorflow.tasks.errors import PrefectTensorFlowError
 from prefect_tensorflow.tasks.settings import get_settings
@@ -41,7 +44,7 @@ from .servers import answers, start_prefect_server, stop_process_group
 SERVER_HOST = "127.0.0.1"
 SERVER_PORT = 4200
 RUNNER_POLL_SECONDS = 2
-OVERRIDE_KEYS = {"parameters", "cron", "paused", "tags", "description"}
+OVERRIDE_KEYS = {"parameters", "cron", "interval", "paused", "tags", "description"}
 
 
 class DeploymentError(PrefectTensorFlowError, ValueError):
@@ -49,10 +52,35 @@ class DeploymentError(PrefectTensorFlowError, ValueError):
 
 
 class Schedule(BaseModel):
+    """One schedule of a deployment: a `cron` string, or an `interval` in seconds (exactly one).
+
+    Example:
+        >>> Schedule(interval=600).build().interval.total_seconds()
+        600.0
+        >>> Schedule(cron="0 2 * * *").build().cron
+        '0 2 * * *'
+    """
+
     model_config = ConfigDict(extra="ignore")
 
-    cron: str
+    cron: Optional[str] = None
+    interval: Optional[float] = Field(default=None, gt=0, description="Seconds between runs")
     timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Schedule:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError(f"schedule: expected exactly one of cron or interval, received {self.model_dump(exclude_none=True)}")
+        return self
+
+    def build(self) -> Any:
+        """The Prefect schedule (`prefect.schedules.Cron` or `Interval`)."""
+        from prefect.schedules import Cron, Interval
+
+        if self.cron is not None:
+            return Cron(self.cron, timezone=self.timezone)
+        assert self.interval is not None
+        return Interval(self.interval, timezone=self.timezone)
 
 
 class DeploymentDefinition(BaseModel):
@@ -66,6 +94,7 @@ class DeploymentDefinition(BaseModel):
     tags: list[str] = Field(default_factory=list)
     parameters: dict[str, Any] = Field(default_factory=dict)
     schedules: list[Schedule] = Field(default_factory=list)
+    triggers: list[dict[str, Any]] = Field(default_factory=list, description="Event triggers, as `prefect deploy` reads them")
     paused: Optional[bool] = None
     work_pool: dict[str, Any] = Field(default_factory=dict)
 
@@ -73,6 +102,24 @@ class DeploymentDefinition(BaseModel):
         """The flow object the entrypoint (`module.path:attr`) names."""
         module, _, attr = self.entrypoint.partition(":")
         return getattr(importlib.import_module(module), attr)
+
+    def deployment_triggers(self) -> list[Any]:
+        """The `triggers` as Prefect's deployment triggers, named `<deployment>__automation_<n>` as
+        `prefect deploy` names them.
+
+        Raises:
+            DeploymentError: a trigger Prefect cannot read (naming the deployment and the trigger).
+        """
+        from prefect.events import DeploymentTriggerTypes
+
+        adapter: TypeAdapter[Any] = TypeAdapter(DeploymentTriggerTypes)
+        triggers = []
+        for number, spec in enumerate(self.triggers, start=1):
+            try:
+                triggers.append(adapter.validate_python({"name": f"{self.name}__automation_{number}", **spec}))
+            except ValidationError as err:
+                raise DeploymentError(f"{self.name}: triggers[{number - 1}]: {err.errors()[0]['msg']}") from err
+        return triggers
 
 
 def prefect_yaml_path() -> str:
@@ -137,6 +184,8 @@ def apply_overrides(definitions: list[DeploymentDefinition], overrides: dict[str
         update: dict[str, Any] = {"parameters": deep_merge(definition.parameters, extra.get("parameters") or {})}
         if "cron" in extra:
             update["schedules"] = [Schedule(cron=extra["cron"])] if extra["cron"] else []
+        if "interval" in extra:
+            update["schedules"] = [Schedule(interval=extra["interval"])] if extra["interval"] else []
         for key in ("paused", "tags", "description"):
             if key in extra:
                 update[key] = extra[key]
@@ -147,7 +196,6 @@ def apply_overrides(definitions: list[DeploymentDefinition], overrides: dict[str
 def build_deployments(definitions: list[DeploymentDefinition]) -> list:
     """`RunnerDeployment`s of the definitions (module entrypoints: the flows live in the package)."""
     from prefect.deployments.runner import EntrypointType
-    from prefect.schedules import Cron
 
     return [
         definition.flow().to_deployment(
@@ -155,7 +203,8 @@ def build_deployments(definitions: list[DeploymentDefinition]) -> list:
             description=definition.description,
             tags=definition.tags,
             parameters=definition.parameters,
-            schedules=[Cron(s.cron, timezone=s.timezone) for s in definition.schedules],
+            schedules=[s.build() for s in definition.schedules],
+            triggers=definition.deployment_triggers(),
             paused=definition.paused,
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
@@ -234,10 +283,29 @@ def serve_deployments(
     from .unreadable_runs import serve
 
     definitions = apply_overrides(load_definitions(), overrides or {})
-    with local_server(host) as api_url:
+    with local_server(host) as api_url, mlflow_webhook_receiver(api_url):
         MlflowConnection.register_type_and_schema()  # so the UI offers the block in the forms
         ui = api_url.removesuffix("/api")
         print(f"Prefect UI: {ui}  (deployments: {', '.join(d.name for d in definitions)})")
         poll = {} if "PREFECT_RUNNER_POLL_FREQUENCY" in os.environ else {PREFECT_RUNNER_POLL_FREQUENCY: RUNNER_POLL_SECONDS}
         with temporary_settings(updates=poll):
             serve(build_deployments(definitions), limit=limit)
+
+
+@contextmanager
+def mlflow_webhook_receiver(api_url: str) -> Iterator[Optional[str]]:
+    """The MLflow webhook receiver (`mlflow_webhooks`) beside the runner while the block runs, when
+    `PREFECT_TENSORFLOW_MLFLOW_WEBHOOK_SECRET` is set; yields its URL (None: not started)."""
+    settings = get_settings()
+    if settings.mlflow_webhook_secret is None:
+        yield None
+        return
+    from .mlflow_webhooks import WebhookServer
+
+    secret = settings.mlflow_webhook_secret.get_secret_value()
+    server = WebhookServer(secret, api_url, settings.mlflow_webhook_host, settings.mlflow_webhook_port).start()
+    print(f"MLflow webhooks: {server.url}  (model_version_alias.created -> Prefect events)", flush=True)
+    try:
+        yield server.url
+    finally:
+        server.stop()

@@ -99,7 +99,9 @@ def test_the_package_ships_prefect_yaml_and_load_definitions_reads_the_repos():
         definition = loaded[name]
         assert definition.entrypoint == raw["entrypoint"]
         assert definition.parameters == raw["parameters"]
-        assert [s.cron for s in definition.schedules] == [s["cron"] for s in raw["schedules"]]
+        assert [(s.cron, s.interval) for s in definition.schedules] == [
+            (s.get("cron"), s.get("interval")) for s in raw["schedules"]
+        ]
         assert definition.work_pool["name"] == raw["work_pool"]["name"]
         assert definition.tags == raw["tags"]
 
