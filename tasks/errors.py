@@ -223,3 +223,12 @@ class DataValidationError(DataError):
     def __init__(self, message: str, anomalies: tuple = ()):
         super().__init__(message)
         self.anomalies = anomalies
+
+
+class WebhookRefusedError(PrefectTensorFlowError):
+    """A webhook delivery is refused: `status` is the HTTP answer (401 bad signature or stale, 400 malformed)."""
+
+    def __init__(self, status: int, reason: str):
+        self.status = status
+        self.reason = reason
+        super().__init__(f"webhook delivery refused ({status}): {reason}")

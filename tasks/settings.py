@@ -12,6 +12,8 @@ runs):
 | `PREFECT_TENSORFLOW_METRICS_TIMEOUT` | seconds selection waits for a checkpoint's evaluation metrics | 900 |
 | `PREFECT_TENSORFLOW_SERVER_STARTUP_TIMEOUT` | seconds to wait for a Prefect or MLflow server to answer | 180 |
 | `PREFECT_TENSORFLOW_DASK_ADDRESS` | scheduler of an existing Dask cluster for `sweep` | a local cluster |
+| `PREFECT_TENSORFLOW_MLFLOW_WEBHOOK_SECRET` | the MLflow registry webhooks' HMAC secret; set, `serve` receives them | unset: no receiver |
+| `PREFECT_TENSORFLOW_MLFLOW_WEBHOOK_HOST` / `_PORT` | where `serve`'s webhook receiver listens | `127.0.0.1` / `4201` |
 
 Example:
     >>> import os
@@ -27,7 +29,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_HOME = ".prefect-tensorflow"
@@ -48,6 +50,9 @@ class Settings(BaseSettings):
     metrics_timeout: float = Field(default=900.0, gt=0, description="Seconds to wait for checkpoint metrics.")
     server_startup_timeout: float = Field(default=180.0, gt=0, description="Seconds to wait for a server.")
     dask_address: Optional[str] = Field(default=None, description="An existing Dask scheduler, tcp://host:port.")
+    mlflow_webhook_secret: Optional[SecretStr] = Field(default=None, description="HMAC secret of MLflow's registry webhooks.")
+    mlflow_webhook_host: str = Field(default="127.0.0.1", description="Address the webhook receiver binds.")
+    mlflow_webhook_port: int = Field(default=4201, ge=0, le=65535, description="Port of the webhook receiver (0: any free one).")
 
     @field_validator("roots", "allowed_modules", mode="before")
     @classmethod
