@@ -43,6 +43,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,6 +52,7 @@ from served import REPO, ServedDeployments
 from snapshots import tree_snapshot
 
 from prefect_tensorflow.tasks.child_processes import log_tail
+from prefect_tensorflow.tasks.data.synthetic import write_daily_dataset
 
 # About 200 pairs (and ~35 replays with the schema off) reach a flow run, each a process that imports
 # Prefect and the flows (~3 CPU-s): ~8 min on 2 cores shared with another test run.
@@ -62,7 +64,15 @@ POLL = 0.5  # seconds between reads of the unfinished runs' states
 TOKEN = uuid.uuid4().hex[:8]  # in every path a hostile value names outside the test root
 BIG = 10 * 1024 * 1024  # a 10 MB string: over the API's parameter size limit (512 KiB)
 LARGE = 400 * 1024  # a 400 KB string: under that limit, so it reaches the flow
-DEPLOYMENTS = ("export-checkpoint", "retrain-iris", "sweep-iris", "rollback-champion", "sync-exports")
+DEPLOYMENTS = (
+    "export-checkpoint",
+    "retrain-iris",
+    "sweep-iris",
+    "rollback-champion",
+    "sync-exports",
+    "data-sensor",
+    "retrain-daily",
+)
 TARGET = "hostile-target"  # the registered model the baseline parameters would register to
 SURROGATE = "lone-surrogate"  # pairs left out here: a run the API cannot read has its own test (test_unreadable_runs.py)
 
@@ -392,6 +402,7 @@ SCRATCH_DIRS: dict[str, Value] = {
 
 E, R, S, B = ("export-checkpoint",), ("retrain-iris",), ("sweep-iris",), DEPLOYMENTS[:2]
 RB, SY = ("rollback-champion",), ("sync-exports",)
+DS, RD = ("data-sensor",), ("retrain-daily",)  # issue 21: the data sensor and the retraining it triggers
 # (deployments, parameter, values, labels). Every parameter gets every class of hostile value that
 # applies to it; a class that goes through the same check for both flows is sent to one of them
 # (alternating), so that the matrix stays within minutes: each run is a process that imports Prefect.
@@ -478,6 +489,16 @@ TABLE: list[tuple[tuple[str, ...], str, dict[str, Value], str]] = [
     (SY, "target_dir", PATHS, "/etc dotdot symlink-out NUL model-dir-outside-roots lone-surrogate"),
     (SY, "aliases", ALIASES, "path-separators not-a-list"),
     (SY, "mlflow", MLFLOWS, "inline-sqlite-outside"),
+    # issue 21: the data prefix (listed by the sensor, read by retrain-daily) and the window
+    (DS, "data_options.prefix", PATHS, "dotdot /etc symlink-out file-uri-out NUL percent-encoded-dots"),
+    (DS, "data_options.prefix", REMOTE, "s3-outside"),
+    (DS, "data_options.name", NAMES, "path-separators"),
+    (DS, "days", OTHER, "negative huge text"),
+    (DS, "catch_up_days", NUMBERS, "huge-int"),
+    (RD, "training.data_options.prefix", PATHS, "dotdot /root symlink-out 400KB"),
+    (RD, "training.data_options.prefix", REMOTE, "gs-outside"),
+    (RD, "window", OTHER, "text"),
+    (RD, "window.start", OTHER, "dotdot"),
 ]
 
 
@@ -536,6 +557,8 @@ def _baseline(ctx, case: Case) -> dict[str, Any]:
     own = ctx["data"] / "runs" / case.id
     if case.deployment == "rollback-champion":  # version 1 is champion already: a stated no-op
         return {"registered_model_name": "iris", "to_version": 1, "reason": "hostile-input matrix"}
+    if case.deployment == "data-sensor":  # an empty prefix of its own: the pass lists it and completes
+        return {"data_options": {"prefix": str(own)}, "days": 1, "catch_up_days": 30}
     if case.deployment == "sync-exports":
         # no object store here: a baseline run stops at "export_base is a local directory", after the
         # checks of every parameter and before anything is opened (so a target_dir the checks let
@@ -564,6 +587,13 @@ def _baseline(ctx, case: Case) -> dict[str, Any]:
             "model": "iris",
             "data": "iris",
             "aliases": [],
+        }
+    if case.deployment == "retrain-daily":  # one day of data of its own (_prepare_own_outputs)
+        return {
+            **common,
+            "model_dir": str(own / "model"),
+            "training": {"model": "iris", "data": "partitioned", "data_options": {"prefix": str(own / "daily")}, "steps": 20},
+            "window": {"start": "2026-11-30", "end": "2026-12-01"},
         }
     return {
         **common,
@@ -751,6 +781,8 @@ def _prepare_own_outputs(ctx, cases: list[Case]) -> None:
         own.mkdir(parents=True, exist_ok=True)
         if case.deployment == "retrain-iris":
             shutil.copytree(ctx["trained"], own / "model")
+        if case.deployment == "retrain-daily":
+            write_daily_dataset(str(own / "daily"), date(2026, 11, 30), 1, rows_per_day=20)
 
 
 # --- the tests -----------------------------------------------------------------------------------
@@ -842,6 +874,8 @@ def test_a_benign_run_through_the_same_machinery_changes_what_it_should(hostile)
     cases = [Case(d, "registered_model_name", "benign", const(f"{TARGET}-control-{d}")) for d in DEPLOYMENTS[:2]]
     # rollback's baseline (to the champion it has) completes and moves nothing: its pairs are refused for their value
     cases.append(Case("rollback-champion", "reason", "benign", const("control")))
+    # the data sensor's baseline lists an empty prefix of its own and writes nothing
+    cases.append(Case("data-sensor", "days", "benign", const(1)))
     for number, case in enumerate(cases):
         case.id = f"control{number}"
     _prepare_own_outputs(ctx, cases)
