@@ -51,7 +51,7 @@ def prefect_server(tmp_path_factory) -> Iterator[str]:
     server = start_prefect_server("127.0.0.1", port, str(root / "prefect-server.log"), env=environ)
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            definitions = [d for d in load_definitions() if d.name in ("sync-exports",)]
+            definitions = [d for d in load_definitions() if d.name in ("retrain-daily", "sync-exports")]
             for deployment in build_deployments(definitions):
                 deployment.apply()
         yield api_url
@@ -232,6 +232,27 @@ def test_serve_runs_the_webhook_receiver_only_with_a_secret(monkeypatch):
         assert _post(url, signed_headers(SECRET, "d-2", int(time.time()), body), body) == 200  # an event it ignores
     with pytest.raises(OSError):
         _post(url, signed_headers(SECRET, "d-3", int(time.time()), body), body)
+
+
+def test_prefect_yaml_reads_the_synthetic_iris_daily_data_and_maps_the_event_to_the_window():
+    from prefect_tensorflow.flows.deployments import load_definitions
+    from prefect_tensorflow.tasks.data.sensor import WINDOW_CLOSED
+    from prefect_tensorflow.tasks.data.synthetic import IRIS_DAILY_OPTIONS
+
+    definitions = {d.name: d for d in load_definitions()}
+    sensor_, daily = definitions["data-sensor"], definitions["retrain-daily"]
+    assert sensor_.parameters["data_options"] == IRIS_DAILY_OPTIONS == daily.parameters["training"]["data_options"]
+    assert [s.interval for s in sensor_.schedules] == [600]
+    (trigger,) = daily.deployment_triggers()
+    assert (
+        trigger.expect == {WINDOW_CLOSED}
+        and trigger.match.model_dump()["prefect.resource.id"] == "prefect-tensorflow.dataset.iris-daily"
+    )
+    assert trigger.parameters == {
+        "window": {"start": "{{ event.payload.window.start }}", "end": "{{ event.payload.window.end }}"}
+    }
+    (sync,) = definitions["sync-exports"].deployment_triggers()
+    assert sync.expect == {"mlflow.model_version_alias.created"} and sync.match.model_dump()["mlflow.alias"] == "champion"
 
 
 # --- the data sensor -------------------------------------------------------------------------------
