@@ -132,6 +132,19 @@ def _run_from_ui(env, name: str, parameters: dict, timeout: float = 600, copies:
             time.sleep(1)
 
 
+def _assert_data_event_deployments(env, deployments: dict) -> None:
+    """Issue 21: the sensor's interval schedule, and the automations of retrain-daily's and sync-exports' triggers."""
+    assert [s.schedule.interval.total_seconds() for s in deployments["data-sensor"].schedules] == [600]
+    with api(env) as client:
+        for name, event in (
+            ("retrain-daily", "prefect-tensorflow.data.window.closed"),
+            ("sync-exports", "mlflow.model_version_alias.created"),
+        ):
+            (automation,) = client.read_automations_by_name(f"{name}__automation_1")
+            assert automation.trigger.expect == {event}
+            assert str(deployments[name].id) in str(automation.actions[0].deployment_id)
+
+
 @ALSO_ON_POSTGRESQL
 def test_prefect_deploy_all_creates_both_deployments_with_their_schedules(env, request):
     environ = env["environ"]
@@ -163,6 +176,7 @@ def test_prefect_deploy_all_creates_both_deployments_with_their_schedules(env, r
     schema = export.parameter_openapi_schema
     assert schema.get("required", []) == []  # every parameter has a default
     assert schema["properties"]["model"]["enum"] == ["iris"]  # the Run form offers the registered names
+    _assert_data_event_deployments(env, deployments)
     if env["database"] == "postgresql":  # the server keeps them in PostgreSQL
         stored = request.getfixturevalue("postgres").sql("SELECT name FROM deployment", "prefect").split()
         assert {"retrain-iris", "export-checkpoint"} <= set(stored)
@@ -185,6 +199,7 @@ def test_the_python_deploy_script_applies_an_environments_overrides(env):
         assert nightly.parameters["training"]["more_steps"] == 1000
         assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
         assert deployments["export-checkpoint"].work_pool_name == "tensorflow-process"
+        _assert_data_event_deployments(env, deployments)
     finally:
         # Prefect keeps parameters an upsert leaves out: the served deployments must not inherit /srv paths.
         with api(env) as client:
