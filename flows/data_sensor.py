@@ -134,12 +134,13 @@ def _row(decision: WindowDecision, short: bool = False) -> dict[str, Any]:
 
 
 @flow(name="watch-data", log_prints=True)
-def watch_data(data_options: dict[str, Any], days: int = 1, catch_up_days: int = 30) -> SensorReport:
+def watch_data(data_options: Optional[dict[str, Any]] = None, days: int = 1, catch_up_days: int = 30) -> SensorReport:
     """List a partitioned prefix and announce every daily window that closed since the last pass.
 
     Args:
-        data_options: The partitioned loader's options (`prefix`, `name`, ...); the prefix must be
-            under PREFECT_TENSORFLOW_ROOTS in a deployment run.
+        data_options: The partitioned loader's options (`prefix`, `name`, ...; None: its defaults, the
+            synthetic iris-daily data under the data home); the prefix must be under
+            PREFECT_TENSORFLOW_ROOTS in a deployment run.
         days: Days in each window (the window ending on each complete day).
         catch_up_days: How far back a pass looks (a sensor down longer misses the older windows).
 
@@ -160,7 +161,7 @@ def watch_data(data_options: dict[str, Any], days: int = 1, catch_up_days: int =
 
     logger = get_run_logger()
     days, catch_up_days = _check_days(days, "days"), _check_days(catch_up_days, "catch_up_days")
-    options = partitioned_options(data_options)
+    options = partitioned_options(data_options or {})
     store = prefix_store(options)
     source = store.uri()
     memory_store = object_store(parse_location(os.path.join(get_settings().home, "sensors"), parameter="sensor memory"))
