@@ -3,7 +3,9 @@
     python deployments/deploy.py --env prod --work-pool tensorflow-process
     prefect worker start --pool tensorflow-process
 
-Needs a running Prefect server (PREFECT_API_URL). The flows are loaded by
+The triggers of prefect.yaml (retrain-daily on the data sensor's event,
+sync-exports on a champion move) become the deployments' automations, as with
+`prefect deploy --all`. Needs a running Prefect server (PREFECT_API_URL). The flows are loaded by
 module path from the installed package, so the worker's environment must have
 prefect-tensorflow installed; the working directory of a run is this
 repository (as in prefect.yaml).
