@@ -45,7 +45,7 @@ from prefect_tensorflow.tasks.data.sensor import SensorMemory, WindowDecision, d
 from prefect_tensorflow.tasks.data.window import MAX_DAYS
 from prefect_tensorflow.tasks.errors import DataError
 from prefect_tensorflow.tasks.settings import get_settings
-from prefect_tensorflow.tasks.storage.backend import StorageBackend
+from prefect_tensorflow.tasks.storage.backend import PreconditionFailedError, StorageBackend
 from prefect_tensorflow.tasks.storage.locations import parse_location
 from prefect_tensorflow.tasks.storage.stores import object_store
 
@@ -148,7 +148,8 @@ def watch_data(data_options: Optional[dict[str, Any]] = None, days: int = 1, cat
         The pass's decisions and the windows it announced.
 
     Raises:
-        DataError: naming `data_options.<key>`, `days` or `catch_up_days`; a memory file that is not one.
+        DataError: naming `data_options.<key>`, `days` or `catch_up_days`; a memory file that is not one,
+            or one another pass wrote meanwhile.
         UnsafeParameterError: naming `data_options.prefix`, outside the roots in a deployment run.
 
     Example:
@@ -178,7 +179,13 @@ def watch_data(data_options: Optional[dict[str, Any]] = None, days: int = 1, cat
         emit_event(**window_event(options, source, decision))
     if announce:
         flush_events()
-        write_memory(memory_store, name, memory.remember(announce, today, catch_up_days), etag)
+        try:
+            write_memory(memory_store, name, memory.remember(announce, today, catch_up_days), etag)
+        except (FileExistsError, PreconditionFailedError) as err:
+            raise DataError(
+                f"{memory_store.uri(name)}: another pass of the sensor wrote its memory meanwhile; this pass's events "
+                "have the ids of that pass's, which the Prefect server drops"
+            ) from err
     if not decisions:
         logger.info("%s: no partition under %s within %d days", options.name, source, catch_up_days)
     create_table_artifact(
