@@ -11,7 +11,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Optional
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -127,3 +129,18 @@ def report(name: str, run) -> dict:
     print(result["table"])
     print(f"  results: {write_results(name, result)}")
     return result
+
+
+@contextmanager
+def s3_requests(client) -> Iterator[Counter]:
+    """Count the S3 requests `client` sends while the block runs, by operation name."""
+    counts: Counter = Counter()
+
+    def hook(model, **_):
+        counts[model.name] += 1
+
+    client.meta.events.register("before-call.s3", hook)
+    try:
+        yield counts
+    finally:
+        client.meta.events.unregister("before-call.s3", hook)

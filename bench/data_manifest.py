@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import date, timedelta
 
-from .common import Scratch, fmt, interleaved, median, ratio_table, report
+from .common import Scratch, fmt, interleaved, median, ratio_table, report, s3_requests
 
 NAME = "data_manifest"
 DAYS = 1_000
@@ -38,20 +36,6 @@ ROUNDS = 10
 BUCKET = "bench"
 PREFIX = "iris-daily"
 START = date(2024, 1, 1)
-
-
-@contextmanager
-def _counting(client):
-    counts: Counter = Counter()
-
-    def hook(model, **_):
-        counts[model.name] += 1
-
-    client.meta.events.register("before-call.s3", hook)
-    try:
-        yield counts
-    finally:
-        client.meta.events.unregister("before-call.s3", hook)
 
 
 def _fill(client) -> float:
@@ -116,9 +100,9 @@ def _run() -> dict:
         return elapsed
 
     manifest(), listing()  # warm-up, untimed
-    with _counting(client) as manifest_requests:
+    with s3_requests(client) as manifest_requests:
         manifest()
-    with _counting(client) as listing_requests:
+    with s3_requests(client) as listing_requests:
         listing()
     assert manifest_requests == listing_requests, (manifest_requests, listing_requests)
     samples = interleaved({"manifest": manifest, "listing": listing}, ROUNDS)

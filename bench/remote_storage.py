@@ -37,9 +37,8 @@ import shutil
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
-from .common import Scratch, fmt, interleaved, median, ratio_table, report
+from .common import Scratch, fmt, interleaved, median, ratio_table, report, s3_requests
 
 NAME = "remote_storage"
 CHECKPOINTS = 10_000
@@ -48,20 +47,6 @@ PUBLISH_ROUNDS = 30
 SELECT_ROUNDS = 40
 FALLBACK_ROUNDS = 5
 BUCKET = "bench"
-
-
-@contextmanager
-def _counting(client):
-    counts: Counter = Counter()
-
-    def hook(model, **_):
-        counts[model.name] += 1
-
-    client.meta.events.register("before-call.s3", hook)
-    try:
-        yield counts
-    finally:
-        client.meta.events.unregister("before-call.s3", hook)
 
 
 def _build_dir(client, prefix: str, index: bytes, shard: bytes, metrics_line: dict, count: int) -> str:
@@ -140,7 +125,7 @@ def _run(server, scratch: Scratch) -> dict:
         return time.perf_counter() - start
 
     publish(), plain()  # warm-up, untimed
-    with _counting(client) as publish_requests:
+    with s3_requests(client) as publish_requests:
         publish()
     publish_samples = interleaved({"publish": publish, "plain": plain}, PUBLISH_ROUNDS)
 
@@ -161,7 +146,7 @@ def _run(server, scratch: Scratch) -> dict:
     requests: dict[str, Counter] = {}
     for key, uri in (("one", single), ("many", many)):
         select_latest_checkpoint(uri)
-        with _counting(client) as counts:
+        with s3_requests(client) as counts:
             ref = select_latest_checkpoint(uri)
         requests[key] = counts
         expected = (CHECKPOINTS - 1) * STEP_GAP if key == "many" else 0
@@ -187,7 +172,7 @@ def _run(server, scratch: Scratch) -> dict:
         assert ref.step == (CHECKPOINTS - 1) * STEP_GAP
         return elapsed
 
-    with _counting(client) as fallback_requests:
+    with s3_requests(client) as fallback_requests:
         fallback()
     select_samples = interleaved({"one": call(single), "many": call(many)}, SELECT_ROUNDS, seed=1)
     select_samples["fallback"] = interleaved({"fallback": fallback}, FALLBACK_ROUNDS)["fallback"]

@@ -189,13 +189,7 @@ def retrain(
     shipped = ship_checkpoint(
         ref,
         str(selection),
-        ExportConfig(
-            model=training.model,
-            hparams=training.hparams,
-            data=training.data,
-            data_options=training.data_options,
-            window=training.window,
-        ),
+        training.export_config(),
         Destination(
             export_base=prelude.paths["export_base"],
             frozen_dir=prelude.paths["frozen_dir"],

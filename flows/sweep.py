@@ -351,13 +351,7 @@ def _train_compare_ship(
     shipped = ship_checkpoint(
         ref,
         str(selection),
-        ExportConfig(
-            model=training.model,
-            hparams=winner_training.hparams,
-            data=training.data,
-            data_options=training.data_options,
-            window=training.window,
-        ),
+        training.export_config(hparams=dict(winner_training.hparams)),
         Destination(
             export_base=paths["export_base"],
             frozen_dir=paths["frozen_dir"],

@@ -130,6 +130,16 @@ class TrainingConfig(BaseModel):
         """The config as MLflow params (nested keys are flattened by the tracker)."""
         return self.model_dump(mode="json")
 
+    def export_config(self, hparams: Optional[dict[str, Any]] = None) -> ExportConfig:
+        """How a checkpoint of this training is rebuilt and verified: its model, hparams (or `hparams`), data and window."""
+        return ExportConfig(
+            model=self.model,
+            hparams=dict(self.hparams) if hparams is None else hparams,
+            data=self.data,
+            data_options=dict(self.data_options),
+            window=self.window,
+        )
+
     def data_source(self) -> DataSource:
         """The data this config trains on: its loader, options and window."""
         from .data.source import DataSource

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
@@ -29,6 +29,8 @@ from .. import model_code
 from ..errors import DataError, TrainingError, UnsafeParameterError
 from .manifest import DataManifest
 from .window import DataWindow
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,22 +65,7 @@ class DataSource(BaseModel):
         Raises:
             TrainingError: naming `data`, when the loader's `manifest` raised or returned something else.
         """
-        loader = model_code.load(self.data, "data")
-        listing = getattr(loader, "manifest", None)
-        if listing is None:
-            return None
-        keywords = model_code.loader_keywords(self.data, self.window, dict(self.options))
-        try:
-            manifest = listing(**keywords)
-        except (DataError, UnsafeParameterError):
-            raise  # they name the option, partition or file at fault already
-        except Exception as err:
-            raise TrainingError(f"data {self.data!r}: the loader's manifest raised {type(err).__name__}: {err}") from err
-        if not isinstance(manifest, DataManifest):
-            raise TrainingError(
-                f"data {self.data!r}: expected manifest() to give a DataManifest, received {type(manifest).__name__}"
-            )
-        return manifest
+        return self._call_attribute("manifest", DataManifest)
 
     def columns(self, split: str) -> Optional[Columns]:
         """The loader's raw columns of `split` (None: the loader has no `columns` attribute).
@@ -86,19 +73,23 @@ class DataSource(BaseModel):
         Raises:
             TrainingError: naming `data`, when the loader's `columns` raised or returned something else.
         """
-        loader = model_code.load(self.data, "data")
-        read = getattr(loader, "columns", None)
-        if read is None:
+        return self._call_attribute("columns", Columns, split)
+
+    def _call_attribute(self, name: str, expected: type[T], *args: str) -> Optional[T]:
+        """Call the loader's attribute `name` with `args`, its options and window; check it gave an `expected`."""
+        attribute = getattr(model_code.load(self.data, "data"), name, None)
+        if attribute is None:
             return None
         keywords = model_code.loader_keywords(self.data, self.window, dict(self.options))
+        called = f"{name}({', '.join(repr(a) for a in args)})"
         try:
-            columns = read(split, **keywords)
+            value = attribute(*args, **keywords)
         except (DataError, UnsafeParameterError):
             raise  # they name the option, partition or file at fault already
         except Exception as err:
+            raise TrainingError(f"data {self.data!r}: the loader's {called} raised {type(err).__name__}: {err}") from err
+        if not isinstance(value, expected):
             raise TrainingError(
-                f"data {self.data!r}: the loader's columns raised {type(err).__name__} for split {split!r}: {err}"
-            ) from err
-        if not isinstance(columns, Columns):
-            raise TrainingError(f"data {self.data!r}: expected columns() to give a Columns, received {type(columns).__name__}")
-        return columns
+                f"data {self.data!r}: expected the loader's {called} to give a {expected.__name__}, received {type(value).__name__}"
+            )
+        return value
