@@ -427,7 +427,7 @@ def _retrain_text(summary: Any, arguments: Mapping[str, Any]) -> str:
         f"list all checkpoints: prefect-tensorflow checkpoints list {summary.training.model_dir}\n"
         f"TensorBoard:          tensorboard --logdir {summary.training.model_dir}"
         + (_data_text(summary.data) if summary.data is not None else "")
-        + (_registered_text(summary.registered, arguments["mlflow"]) if summary.registered else "")
+        + (_registered_text(summary.registered, arguments.get("mlflow") or MlflowConfig()) if summary.registered else "")
         + _prefect_ui_text(summary.flow_run_id)
     )
 
@@ -449,7 +449,7 @@ def _export_checkpoint_text(summary: Any, arguments: Mapping[str, Any]) -> str:
             if summary.frozen_graph
             else "frozen graph:         (already registered: not frozen again)"
         )
-        + _registered_text(summary.registered, arguments["mlflow"])
+        + _registered_text(summary.registered, arguments.get("mlflow") or MlflowConfig())
         + _prefect_ui_text(summary.flow_run_id)
     )
 
@@ -466,7 +466,7 @@ def _sweep_text(summary: Any, arguments: Mapping[str, Any]) -> str:
         f"  step {ref.step}, metrics: {_metrics(ref.metrics)}\n"
         f"frozen graph:         {summary.frozen_graph.path}\n"
         + _saved_model_text(summary.export)
-        + (_registered_text(summary.registered, arguments["mlflow"]) if summary.registered else "")
+        + (_registered_text(summary.registered, arguments.get("mlflow") or MlflowConfig()) if summary.registered else "")
         + _prefect_ui_text(summary.flow_run_id)
     )
 

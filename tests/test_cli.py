@@ -136,8 +136,11 @@ def test_console_script_is_installed(cli_env):
 
 @pytest.mark.slow
 def test_retrain_ends_with_a_registered_version_and_says_how_to_open_the_mlflow_ui(tmp_path, cli_env):
-    """What `make run` does, on a small training: the whole chain, twice."""
-    db = tmp_path / "mlflow" / "mlflow.db"
+    """What `make run` does, on a small training: the whole chain, twice; MLflow's store is the data home's
+    SQLite database, as no tracking URI is given (the command's answer names it)."""
+    db = tmp_path / "home" / "mlflow" / "mlflow.db"
+    cli_env = {k: v for k, v in cli_env.items() if k != "MLFLOW_TRACKING_URI"}
+    cli_env["PREFECT_TENSORFLOW_HOME"] = str(tmp_path / "home")
     cmd = cli_command(
         "retrain",
         "--model-dir",
@@ -148,8 +151,6 @@ def test_retrain_ends_with_a_registered_version_and_says_how_to_open_the_mlflow_
         str(tmp_path / "export"),
         "--frozen-dir",
         str(tmp_path / "frozen"),
-        "--tracking-uri",
-        f"sqlite:///{db}",
         "--registered-model-name",
         "cli-iris",
     )
