@@ -67,7 +67,7 @@ def find_anomalies(stats: WindowStatistics, schema: DataSchema) -> list[Anomaly]
         >>> for a in find_anomalies(WindowStatistics(rows=3, features={"y": y}, label="y"), schema):
         ...     print(a.kind, "|", a)
         unknown_label | y: unknown label '7' (label values: 0, 1)
-        too_few_rows | rows: 3 rows (expected at least 10)
+        too_few_rows | rows: 3 rows (expected at least 10: the schema's min_rows)
     """
     found: list[Anomaly] = []
     for expected in schema.features:
@@ -82,7 +82,7 @@ def find_anomalies(stats: WindowStatistics, schema: DataSchema) -> list[Anomaly]
     if stats.rows < schema.min_rows:
         found.append(
             Anomaly(
-                feature=ROWS, kind="too_few_rows", value=f"{stats.rows} rows", expected=f"expected at least {schema.min_rows}"
+                feature=ROWS, kind="too_few_rows", value=f"{stats.rows} rows", expected=f"expected at least {schema.min_rows}: the schema's min_rows"
             )
         )
     return found
