@@ -170,7 +170,9 @@ def test_an_unknown_label(schema):
 
 
 def test_too_few_rows(schema):
-    assert anomalies_of(window(rows=8), schema) == [("rows", "too_few_rows", "rows: 8 rows (expected at least 20: the schema's min_rows)")]
+    assert anomalies_of(window(rows=8), schema) == [
+        ("rows", "too_few_rows", "rows: 8 rows (expected at least 20: the schema's min_rows)")
+    ]
 
 
 def test_the_block_message_names_each_feature_and_value(schema):
@@ -255,7 +257,9 @@ def test_statistics_of_iris_through_its_tf_data_split():
     schema = infer_schema(stats)
     assert schema.label_values == ["0", "1", "2"]
     found = find_anomalies(statistics_of(DataSource(data="iris"), "eval", schema.edges()), schema)
-    assert [str(a) for a in found] == ["rows: 30 rows (expected at least 60: the schema's min_rows)"]  # the eval split is a quarter of train
+    assert [str(a) for a in found] == [
+        "rows: 30 rows (expected at least 60: the schema's min_rows)"
+    ]  # the eval split is a quarter of train
 
 
 # --- bad data inside TensorFlow during training --------------------------------------------------

@@ -82,7 +82,10 @@ def find_anomalies(stats: WindowStatistics, schema: DataSchema) -> list[Anomaly]
     if stats.rows < schema.min_rows:
         found.append(
             Anomaly(
-                feature=ROWS, kind="too_few_rows", value=f"{stats.rows} rows", expected=f"expected at least {schema.min_rows}: the schema's min_rows"
+                feature=ROWS,
+                kind="too_few_rows",
+                value=f"{stats.rows} rows",
+                expected=f"expected at least {schema.min_rows}: the schema's min_rows",
             )
         )
     return found
