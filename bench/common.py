@@ -144,3 +144,25 @@ def s3_requests(client) -> Iterator[Counter]:
         yield counts
     finally:
         client.meta.events.unregister("before-call.s3", hook)
+
+
+@contextmanager
+def s3_server_environment(scratch: Scratch) -> Iterator[Any]:
+    """A moto S3 server for the block, with the environment (its endpoint and keys, a data home under `scratch`)
+    set for the library's own clients, and put back afterwards. Yields the server."""
+    from devtools.team_stack import S3Server
+
+    server = S3Server(os.path.join(scratch.path, "s3.log")).start()
+    saved = {k: os.environ.get(k) for k in (*server.env, "PREFECT_TENSORFLOW_HOME", "NO_PROXY")}
+    os.environ.update(server.env)
+    os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+    os.environ["PREFECT_TENSORFLOW_HOME"] = os.path.join(scratch.path, "home")
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

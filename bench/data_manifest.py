@@ -22,12 +22,11 @@ How to read it: a ratio near 1 means lineage costs the listing and nothing more.
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, timedelta
 
-from .common import Scratch, fmt, interleaved, median, ratio_table, report, s3_requests
+from .common import Scratch, fmt, interleaved, median, ratio_table, report, s3_requests, s3_server_environment
 
 NAME = "data_manifest"
 DAYS = 1_000
@@ -52,23 +51,8 @@ def _fill(client) -> float:
 
 
 def run() -> dict:
-    from devtools.team_stack import S3Server
-
-    with Scratch(NAME) as scratch:
-        server = S3Server(os.path.join(scratch.path, "s3.log")).start()
-        saved = {k: os.environ.get(k) for k in (*server.env, "PREFECT_TENSORFLOW_HOME", "NO_PROXY")}
-        os.environ.update(server.env)
-        os.environ["NO_PROXY"] = "127.0.0.1,localhost"
-        os.environ["PREFECT_TENSORFLOW_HOME"] = os.path.join(scratch.path, "home")
-        try:
-            return _run()
-        finally:
-            server.stop()
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with Scratch(NAME) as scratch, s3_server_environment(scratch):
+        return _run()
 
 
 def _run() -> dict:

@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from .common import Scratch, fmt, interleaved, median, ratio_table, report, s3_requests
+from .common import Scratch, fmt, interleaved, median, ratio_table, report, s3_requests, s3_server_environment
 
 NAME = "remote_storage"
 CHECKPOINTS = 10_000
@@ -65,23 +65,8 @@ def _build_dir(client, prefix: str, index: bytes, shard: bytes, metrics_line: di
 
 
 def run() -> dict:
-    from devtools.team_stack import S3Server
-
-    with Scratch(NAME) as scratch:
-        server = S3Server(os.path.join(scratch.path, "s3.log")).start()
-        saved = {k: os.environ.get(k) for k in (*server.env, "PREFECT_TENSORFLOW_HOME", "NO_PROXY")}
-        os.environ.update(server.env)
-        os.environ["NO_PROXY"] = "127.0.0.1,localhost"
-        os.environ["PREFECT_TENSORFLOW_HOME"] = os.path.join(scratch.path, "home")
-        try:
-            return _run(server, scratch)
-        finally:
-            server.stop()
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with Scratch(NAME) as scratch, s3_server_environment(scratch) as server:
+        return _run(server, scratch)
 
 
 def _run(server, scratch: Scratch) -> dict:
