@@ -329,3 +329,51 @@ def test_a_late_run_reads_the_window_of_its_scheduled_time_not_the_wall_clock(pr
     assert late.data.window.label == "[2026-11-28, 2026-11-29)" and late.skipped.startswith(
         "data unchanged: window [2026-11-28, 2026-11-29)"
     )
+
+
+@pytest.mark.slow
+def test_a_windowed_run_killed_mid_training_records_nothing_and_the_next_run_trains(
+    tmp_path, data_root, cli_env, prefect_database
+):
+    """The skip decision is only as true as `data-lineage.json`: a run SIGKILLed while training (its own process,
+    Prefect's ephemeral API) must not have written it, so the next run of that window trains instead of skipping."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from helpers import cli_command
+    from served import seed_prefect_home
+
+    model_dir = tmp_path / "m"
+    args = [
+        "retrain", "--model-dir", str(model_dir), "--data", LOADER, "--data-options", f"root={data_root}",
+        "--batch-size", "16", "--evaluation", "none", "--export-base", str(tmp_path / "e"),
+        "--frozen-dir", str(tmp_path / "f"), "--no-mlflow", "--window-end", "2026-11-30",
+    ]  # fmt: skip
+    env = dict(cli_env, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_TENSORFLOW_HOME=str(tmp_path / "home"))
+    seed_prefect_home(tmp_path / "prefect-home", prefect_database)
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(
+            cli_command(*args, "--steps", "1000000", "--save-checkpoints-steps", "200"),
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while not list((model_dir / "windows").glob("*/*/model.ckpt-200.index")):
+                assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint after 300 s"
+                time.sleep(0.5)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert read_lineage(str(model_dir)) is None  # nothing claims the window was trained
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        code = subprocess.run(
+            cli_command(*args, "--steps", "30", "--json"), env=env, stdout=out, stderr=err, timeout=600
+        ).returncode
+    assert code == 0, (tmp_path / "err").read_text()[-3000:]
+    summary = json.loads((tmp_path / "out").read_text())
+    assert summary["skipped"] is None and summary["training"]["steps_run"] == 30
+    lineage = read_lineage(str(model_dir))
+    assert lineage is not None and lineage.window.name == "2026-11-29_2026-11-30"
