@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,6 +79,10 @@ from .results import CheckpointCallback, ProgressCallback, TrainResult, log_side
 from .worker_events import WorkerEvents
 
 __all__ = ["MARKER", "MultiWorkerError", "MultiWorkerOptions", "check_config", "train_multi_worker"]
+
+RUN_DIR_PREFIX = "ptf-multi-worker-"
+RUN_DIR_NAME = re.compile(re.escape(RUN_DIR_PREFIX) + r"(\d+)-[A-Za-z0-9_]+")
+"""The caller's run dir in $TMPDIR (spec, events, logs, the workers' $TMPDIR): named by the caller's pid."""
 
 EVALUATOR_START_TIMEOUT = 120.0
 """Seconds the caller waits for the sidecar evaluator to take its lock before starting the workers."""
@@ -161,6 +166,41 @@ def train_multi_worker(
     return result.model_copy(update={"mlflow_run_id": run.run_id, "mlflow_run_url": run.url})
 
 
+def remove_abandoned_run_dirs(tmp: Optional[str] = None) -> list[str]:
+    """Remove the run dirs (`ptf-multi-worker-<pid>-*` in `tmp`, default $TMPDIR) of callers no longer alive.
+
+    A caller removes its run dir however the training ends, unless it is killed
+    itself (SIGKILL, OOM): the next multi-worker training on the host removes
+    what it left. Returns the paths removed.
+
+    Example:
+        >>> import tempfile
+        >>> remove_abandoned_run_dirs(tempfile.mkdtemp())
+        []
+    """
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    for name in sorted(os.listdir(tmp)):
+        match = RUN_DIR_NAME.fullmatch(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        path = os.path.join(tmp, name)
+        shutil.rmtree(path, ignore_errors=True)
+        get_logger().info("removed %s, the multi-worker run dir of a caller that is gone", path)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _newest(model_dir: str) -> tuple[int, Optional[str], dict[str, float]]:
     try:
         ref = select_latest_checkpoint(model_dir)
@@ -197,7 +237,8 @@ def _run_supervisor(
             final_metrics=latest_metrics,
             elapsed_seconds=time.monotonic() - started,
         )
-    run_dir = tempfile.mkdtemp(prefix="ptf-multi-worker-")
+    remove_abandoned_run_dirs()
+    run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-")
     spec = {
         "model_dir": model_dir,
         "config": config.model_dump(mode="json"),
@@ -207,16 +248,22 @@ def _run_supervisor(
     }
     write_json_atomically(os.path.join(run_dir, "spec.json"), spec)
     log_path = os.path.join(run_dir, "supervisor.log")
-    if config.evaluation == "sidecar":
-        events.evaluator = sidecar_evaluator.SidecarEvaluator(model_dir, sidecar_evaluator.evaluation_spec(config))
-        # The chief's keep policy asks the evaluator's lock whether one is evaluating: hold it first.
-        events.evaluator.wait_until_evaluating(EVALUATOR_START_TIMEOUT)
-    process = start_process(
-        [sys.executable, "-m", ENTRY_MODULE, "supervise", run_dir],
-        log_path=log_path,
-        stdout=subprocess.PIPE,
-        parent_variable=ENV_PARENT,
-    )
+    try:
+        if config.evaluation == "sidecar":
+            events.evaluator = sidecar_evaluator.SidecarEvaluator(model_dir, sidecar_evaluator.evaluation_spec(config))
+            # The chief's keep policy asks the evaluator's lock whether one is evaluating: hold it first.
+            events.evaluator.wait_until_evaluating(EVALUATOR_START_TIMEOUT)
+        process = start_process(
+            [sys.executable, "-m", ENTRY_MODULE, "supervise", run_dir],
+            log_path=log_path,
+            stdout=subprocess.PIPE,
+            parent_variable=ENV_PARENT,
+        )
+    except BaseException:
+        if events.evaluator is not None:
+            events.evaluator.finish(timeout=30.0)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     try:
         assert process.stdout is not None
         for raw in process.stdout:
@@ -228,6 +275,8 @@ def _run_supervisor(
         code = process.wait()
     finally:
         stop_process_group(process, grace=options.grace_seconds)  # the workers die with it (PR_SET_PDEATHSIG)
+        log_end = log_tail(log_path, 1500)
+        shutil.rmtree(run_dir, ignore_errors=True)  # the supervisor's and workers' files, whatever the end
         if events.evaluator is not None:
             # On a failure the evaluator gets a bounded wait (it finishes what was committed on its own).
             events.evaluator.finish(timeout=None if events.result is not None else 30.0)
@@ -238,9 +287,8 @@ def _run_supervisor(
         detail = "; ".join(events.failures[-3:]) or f"the supervisor exited with status {code}"
         raise MultiWorkerError(
             f"model dir {model_dir}: multi-worker training with {config.workers} workers failed: {detail}. "
-            f"Logs in {run_dir}. Supervisor log tail:\n{log_tail(log_path, 1500)}"
+            f"Supervisor log tail:\n{log_end}"
         )
-    shutil.rmtree(run_dir, ignore_errors=True)
     final_metrics = result.get("metrics") or events.metrics or latest_metrics
     if events.steps:
         final_metrics = read_metrics(model_dir).get(events.steps[-1], final_metrics)

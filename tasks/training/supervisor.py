@@ -7,7 +7,10 @@ it can (`network_isolation`), starts N workers with a `TF_CONFIG` on
 127.0.0.1, forwards the chief's events (`RUN_DIR/events.jsonl`) to its stdout
 as JSON lines, watches the workers' exit codes and heartbeats, tears all of
 them down when one fails or training stalls and starts them again (fresh
-ports), up to `max_restarts` times.
+ports), up to `max_restarts` times. Each attempt's workers get a `$TMPDIR` of
+their own inside RUN_DIR (`attempt<N>-tmp-*`, where the non-chief workers'
+throwaway checkpoint dirs go), removed when the attempt ends, whatever the
+workers' end.
 
 Example:
     >>> from prefect_tensorflow.tasks.training.supervisor import last_lines
@@ -19,9 +22,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Optional
 
@@ -126,6 +131,9 @@ def _attempt(
     ports = free_ports(workers)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     threads = worker_threads(workers, options.threads_per_worker)
+    # The workers' $TMPDIR (their throwaway checkpoint dirs, anything TensorFlow writes there):
+    # this attempt's own, removed below however the workers ended, even by SIGKILL.
+    scratch = tempfile.mkdtemp(prefix=f"attempt{attempt}-tmp-", dir=run_dir)
     processes = []
     logs = []
     for index in range(workers):
@@ -136,7 +144,7 @@ def _attempt(
             start_process(
                 [sys.executable, "-m", ENTRY_MODULE, "worker", run_dir, str(index)],
                 log_path=log_path,
-                env={**os.environ, "TF_CONFIG": tf_config},
+                env={**os.environ, "TF_CONFIG": tf_config, "TMPDIR": scratch},
                 parent_variable=ENV_SUPERVISOR,
                 threads=threads,
             )
@@ -150,6 +158,7 @@ def _attempt(
                 signal_group(process, signal.SIGTERM)
         for process in processes:
             stop_process_group(process, grace=options.grace_seconds)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _watch(
