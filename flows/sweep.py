@@ -44,6 +44,7 @@ from prefect_tensorflow.tasks.data.lineage import WINDOWS_DIR
 from prefect_tensorflow.tasks.data.window import DataWindow
 from prefect_tensorflow.tasks.errors import StorageError, UnsafeParameterError
 from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
+from prefect_tensorflow.tasks.reachability import check_reachable
 from prefect_tensorflow.tasks.run_context import get_logger, in_deployment_run, prefect_run_tags
 from prefect_tensorflow.tasks.settings import get_settings
 from prefect_tensorflow.tasks.storage.locations import parse_location
@@ -243,12 +244,17 @@ def sweep(
         SweepError: two candidates are the same, or candidates failed (the others are kept: run again).
         UnsafeParameterError: in a deployment run, a path outside the roots, an inline MLflow
             connection or a Dask scheduler other than the configured one.
+        ServerUnreachableError: the Dask scheduler does not accept a connection within
+            PREFECT_TENSORFLOW_DASK_CONNECT_TIMEOUT seconds (checked before anything is written).
     """
     log = get_logger()
     check_decision(decision)
     if track:
         check_gate_metrics(gate, ExportConfig().head)  # before training, not after it
     selection = sweep_selection(select)
+    address = checked_dask_address(dask_address)
+    if address:  # before the MLflow run and the sweep root: an absent scheduler leaves nothing behind
+        check_reachable(address, what="the Dask scheduler", setting="dask_address", timeout=get_settings().dask_connect_timeout)
     paths: Mapping[str, str] = {"sweep_root": sweep_root, "export_base": export_base, "frozen_dir": frozen_dir}
     prelude = flow_prelude(paths, registered_model_name, model=training.model, data=training.data, mlflow=mlflow, track=track)
     paths, connection = prelude.paths, prelude.connection  # checked, defaults filled in
@@ -257,7 +263,6 @@ def sweep(
     training = windowed_training(training, window)
     if training.window is not None:  # each window's candidates apart: a re-run of a window resumes only its own
         paths = {**paths, "sweep_root": os.path.join(paths["sweep_root"], WINDOWS_DIR, training.window.name)}
-    address = checked_dask_address(dask_address)
     specs = plan_candidates(paths["sweep_root"], training, list(candidates), threads=threads_per_candidate)
     parent_run_id = None
     if connection is not None:

@@ -164,6 +164,14 @@ class MlflowUnavailableError(PrefectTensorFlowError):
         )
 
 
+class ServerUnreachableError(PrefectTensorFlowError):
+    """A server a flow needs (a Dask scheduler, ...) does not accept a connection: checked before anything is written."""
+
+    def __init__(self, setting: str, address: str, detail: str):
+        self.setting, self.address = setting, address
+        super().__init__(f"{setting}: {address}: {detail}; expected it listening there")
+
+
 class RegistryError(PrefectTensorFlowError):
     """The MLflow model registry refused an operation, or a logged model failed its check."""
 

@@ -12,6 +12,7 @@ runs):
 | `PREFECT_TENSORFLOW_METRICS_TIMEOUT` | seconds selection waits for a checkpoint's evaluation metrics | 900 |
 | `PREFECT_TENSORFLOW_SERVER_STARTUP_TIMEOUT` | seconds to wait for a Prefect or MLflow server to answer | 180 |
 | `PREFECT_TENSORFLOW_DASK_ADDRESS` | scheduler of an existing Dask cluster for `sweep` | a local cluster |
+| `PREFECT_TENSORFLOW_DASK_CONNECT_TIMEOUT` | seconds `sweep` waits to reach that scheduler before anything is written | 5 |
 | `PREFECT_TENSORFLOW_MLFLOW_WEBHOOK_SECRET` | the MLflow registry webhooks' HMAC secret; set, `serve` receives them | unset: no receiver |
 | `PREFECT_TENSORFLOW_MLFLOW_WEBHOOK_HOST` / `_PORT` | where `serve`'s webhook receiver listens | `127.0.0.1` / `4201` |
 
@@ -50,6 +51,7 @@ class Settings(BaseSettings):
     metrics_timeout: float = Field(default=900.0, gt=0, description="Seconds to wait for checkpoint metrics.")
     server_startup_timeout: float = Field(default=180.0, gt=0, description="Seconds to wait for a server.")
     dask_address: Optional[str] = Field(default=None, description="An existing Dask scheduler, tcp://host:port.")
+    dask_connect_timeout: float = Field(default=5.0, gt=0, description="Seconds a sweep waits to reach its Dask scheduler.")
     mlflow_webhook_secret: Optional[SecretStr] = Field(default=None, description="HMAC secret of MLflow's registry webhooks.")
     mlflow_webhook_host: str = Field(default="127.0.0.1", description="Address the webhook receiver binds.")
     mlflow_webhook_port: int = Field(default=4201, ge=0, le=65535, description="Port of the webhook receiver (0: any free one).")
