@@ -131,6 +131,15 @@ def train(
     training: TrainingConfig,
     model_dir: ModelDirOption = None,
     as_json: JsonOption = False,
+    lease_wait: Annotated[
+        Optional[float],
+        typer.Option(
+            "--lease-wait",
+            min=0,
+            help="Seconds to wait while another training holds the model dir, then refuse "
+            "(default: PREFECT_TENSORFLOW_LEASE_WAIT, 0)",
+        ),
+    ] = None,
 ) -> None:
     """Train with checkpoints, resuming from the newest valid one; shows a progress bar."""
     progress = _ProgressBar()
@@ -140,6 +149,7 @@ def train(
                 model_dir or get_settings().default_path("models"),
                 training,
                 on_progress=progress.update,
+                lease_wait=lease_wait,
             )
         )
     finally:

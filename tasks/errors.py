@@ -40,6 +40,16 @@ class ModelDirError(PrefectTensorFlowError, ValueError):
         super().__init__(f"model dir {self.path}: {reason}")
 
 
+class ModelDirBusyError(ModelDirError):
+    """Another training holds the model dir's lease (`training.model_dir_lease`); the holder is named."""
+
+    def __init__(self, path: object, holder: str, waited: float):
+        self.holder = holder
+        self.waited = waited
+        wait = f" after waiting {waited:.0f} s" if waited > 0 else ""
+        super().__init__(path, f"another training holds it ({holder}); refused{wait} (PREFECT_TENSORFLOW_LEASE_WAIT)")
+
+
 class InvalidCheckpointError(PrefectTensorFlowError):
     """One checkpoint is unreadable, incomplete or corrupt."""
 

@@ -15,6 +15,8 @@ runs):
 | `PREFECT_TENSORFLOW_DASK_CONNECT_TIMEOUT` | seconds `sweep` waits to reach that scheduler before anything is written | 5 |
 | `PREFECT_TENSORFLOW_MLFLOW_WEBHOOK_SECRET` | the MLflow registry webhooks' HMAC secret; set, `serve` receives them | unset: no receiver |
 | `PREFECT_TENSORFLOW_MLFLOW_WEBHOOK_HOST` / `_PORT` | where `serve`'s webhook receiver listens | `127.0.0.1` / `4201` |
+| `PREFECT_TENSORFLOW_LEASE_WAIT` | seconds a training waits for another one holding its model dir (or window) before refusing | 0 |
+| `PREFECT_TENSORFLOW_LEASE_TTL` | seconds an object-store lease lives without its holder's heartbeat before another takes it over | 60 |
 
 Example:
     >>> import os
@@ -55,6 +57,8 @@ class Settings(BaseSettings):
     mlflow_webhook_secret: Optional[SecretStr] = Field(default=None, description="HMAC secret of MLflow's registry webhooks.")
     mlflow_webhook_host: str = Field(default="127.0.0.1", description="Address the webhook receiver binds.")
     mlflow_webhook_port: int = Field(default=4201, ge=0, le=65535, description="Port of the webhook receiver (0: any free one).")
+    lease_wait: float = Field(default=0.0, ge=0, description="Seconds to wait for a model dir another training holds.")
+    lease_ttl: float = Field(default=60.0, gt=0, description="Seconds an object-store lease outlives its last heartbeat.")
 
     @field_validator("roots", "allowed_modules", mode="before")
     @classmethod

@@ -28,7 +28,12 @@ which does not load with it), so an object-store model dir is mirrored:
   commit; what a killed run left (shards without an index, checkpoints the
   state file no longer keeps) is deleted with the next run's first commit.
   The sidecar evaluator's metrics lines follow with the next publish, and the
-  last ones when training ends.
+  last ones when training ends; so do the TensorBoard event files and
+  `graph.pbtxt` (those that changed), so a killed run's summaries are on the
+  store up to its last commit. The staging copy is removed when training
+  ends, however it ends (`discard`); the training holds the model dir's lease
+  (`training.model_dir_lease`), so no other process of any data home uses the
+  same model dir meanwhile.
 
 Every function takes the model dir's storage backend (`ModelDir.store()`),
 parsed once by the caller.
@@ -230,6 +235,7 @@ class RemoteModelDir:
         local_dir = mirror.pull()             # the checkpoints the remote state file keeps
         ... train in local_dir, calling mirror.publish(step, local_prefix) after each save ...
         mirror.close()                        # waits for the uploads; raises what failed
+        mirror.discard()                      # the staging copy goes
     """
 
     def __init__(self, model_dir: str | Location):
@@ -244,6 +250,7 @@ class RemoteModelDir:
         self._remote: set[str] = set()
         self._partial: set[str] = set()
         self._error: Optional[BaseException] = None
+        self._summaries: dict[str, tuple[int, int]] = {}  # event file / graph.pbtxt -> (size, mtime) uploaded
         self._thread = threading.Thread(target=self._upload_loop, name="checkpoint-publisher", daemon=True)
 
     def pull(self) -> str:
@@ -327,11 +334,30 @@ class RemoteModelDir:
         metrics = os.path.join(self.local_dir, METRICS_FILE)
         if os.path.exists(metrics):
             self.store.upload_file(metrics, METRICS_FILE)
+        self.publish_summaries()
+
+    def discard(self) -> None:
+        """Remove the local staging copy (after `close`, or after a failure): the store keeps what was committed."""
+        shutil.rmtree(self.local_dir, ignore_errors=True)
+
+    def publish_summaries(self) -> None:
+        """Upload the TensorBoard event files and `graph.pbtxt` that changed since they were last uploaded.
+
+        Called after each checkpoint commit and when training ends: a killed run's summaries reach the
+        store up to its last commit. An event file is uploaded as it is then (what the writer has flushed).
+        """
         for root, _, names in os.walk(self.local_dir):
             for filename in names:
                 if filename.startswith("events.out.tfevents.") or filename == "graph.pbtxt":
                     local = os.path.join(root, filename)
+                    try:
+                        st = os.stat(local)
+                    except FileNotFoundError:
+                        continue
+                    if self._summaries.get(local) == (st.st_size, st.st_mtime_ns):
+                        continue
                     self.store.upload_file(local, os.path.relpath(local, self.local_dir).replace(os.sep, "/"))
+                    self._summaries[local] = (st.st_size, st.st_mtime_ns)
 
     def remote_prefix(self, local_prefix: Optional[str]) -> Optional[str]:
         return self.store.uri(os.path.basename(local_prefix)) if local_prefix else None
@@ -410,6 +436,7 @@ class RemoteModelDir:
             self._remote -= set(gone)
         self._partial.clear()
         get_logger().info("published checkpoint %s (step %s)", self.store.uri(latest), step_of(latest))
+        self.publish_summaries()
         return True
 
 

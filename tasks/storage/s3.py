@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional
 
@@ -286,21 +286,43 @@ def _translate(err: BaseException, uri: str) -> BaseException:
 
 
 @contextmanager
-def lease(store: StorageBackend, name: str, *, ttl: float = 60.0, wait: float = 1800.0) -> Iterator[None]:
+def lease(
+    store: StorageBackend,
+    name: str,
+    *,
+    ttl: float = 60.0,
+    wait: float = 1800.0,
+    holder: Optional[dict[str, Any]] = None,
+    busy: Optional[Callable[[Optional[dict[str, Any]], float], BaseException]] = None,
+) -> Iterator[None]:
     """Hold the lock object `name` of `store` for the block (see the module docstring).
 
     The holder renews it every `ttl / 3` seconds; another process takes it over
-    only when it has not been renewed for `ttl` seconds (its holder died).
+    when it has not been renewed for `ttl` seconds (its holder died or hangs),
+    or at once when its holder ran on this machine and its process is gone
+    (`process_gone`: a SIGKILLed holder's rerun does not wait out the TTL).
+    `holder` (host, pid, run...) is written into the lock object beside its
+    owner and expiry, so that a process kept out can name who holds it.
 
     Raises:
-        StorageError: the lock could not be had within `wait` seconds.
+        StorageError: the lock could not be had within `wait` seconds (or what `busy(record, waited)` returns:
+            `record` is the holder's lock object, None if it could not be read).
     """
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    deadline = time.monotonic() + wait
+    started = time.monotonic()
+    deadline = started + wait
     log = get_logger()
     etag: Optional[str] = None
+
+    process = this_process()
+
+    def body_now() -> bytes:
+        record = {"owner": owner, "expires": time.time() + ttl, "process": process, **({"holder": holder} if holder else {})}
+        return json.dumps(record).encode()
+
+    waiting_logged = False
     while etag is None:
-        body = json.dumps({"owner": owner, "expires": time.time() + ttl}).encode()
+        body = body_now()
         try:
             etag = store.put_bytes(name, body, create_only=True)
             break
@@ -311,25 +333,31 @@ def lease(store: StorageBackend, name: str, *, ttl: float = 60.0, wait: float = 
             record, held_etag = json.loads(data), info.etag
         except Exception:  # noqa: BLE001 - released (or unreadable) meanwhile: try to create it again
             record, held_etag = None, None
-        if record is not None and held_etag and float(record.get("expires", 0)) < time.time():
-            log.warning("%s: taking over the lock of %s, which stopped renewing it", store.uri(name), record.get("owner"))
+        expired = record is not None and float(record.get("expires", 0)) < time.time()
+        if record is not None and held_etag and (expired or process_gone(record.get("process"))):
+            why = "which stopped renewing it" if expired else "whose process on this machine is gone"
+            log.warning("%s: taking over the lock of %s, %s", store.uri(name), record.get("owner"), why)
             try:
                 etag = store.put_bytes(name, body, if_match=held_etag)
                 break
             except PreconditionFailedError:
                 pass
-        if time.monotonic() > deadline:
+        if time.monotonic() >= deadline:
+            if busy is not None:
+                raise busy(record, time.monotonic() - started)
             raise StorageError(f"{store.uri(name)}: held by {record and record.get('owner')} for longer than {wait:.0f} s")
-        time.sleep(0.5)
+        if not waiting_logged:
+            waiting_logged = True
+            log.warning("%s: held by %s; waiting up to %.0f s", store.uri(name), record and record.get("owner"), wait)
+        time.sleep(min(0.5, max(deadline - time.monotonic(), 0.01)))
     stop = threading.Event()
     current: list[str] = [etag]
     lost: list[bool] = []
 
     def renew() -> None:
         while not stop.wait(ttl / 3):
-            body = json.dumps({"owner": owner, "expires": time.time() + ttl}).encode()
             try:
-                current[0] = store.put_bytes(name, body, if_match=current[0])
+                current[0] = store.put_bytes(name, body_now(), if_match=current[0])
             except PreconditionFailedError:
                 lost.append(True)
                 return
@@ -346,3 +374,57 @@ def lease(store: StorageBackend, name: str, *, ttl: float = 60.0, wait: float = 
         stop.set()
         heartbeat.join()
         store.delete_if_match(name, current[0])
+
+
+def this_process() -> dict[str, Any]:
+    """What identifies this process on this machine, for a lease record: host, boot, pid namespace, pid, start time."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pidns": _pid_namespace(), "pid": pid, "started": _start_ticks(pid)}
+
+
+def process_gone(process: Any) -> bool:
+    """Whether a lease record's process (`this_process()` of its holder) ran here and no longer runs.
+
+    False whenever that cannot be told for sure: another host, boot or pid namespace, no /proc.
+
+    Example:
+        >>> process_gone(this_process()), process_gone(None), process_gone({**this_process(), "host": "elsewhere"})
+        (False, False, False)
+    """
+    if not isinstance(process, dict) or process.get("started") is None:
+        return False
+    here = this_process()
+    if any(process.get(key) != here[key] or here[key] is None for key in ("host", "boot", "pidns")):
+        return False
+    try:
+        pid = int(process["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return _start_ticks(pid) != process["started"]  # gone (None), or the pid now names another process
+
+
+def _boot_id() -> Optional[str]:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> Optional[str]:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> Optional[int]:
+    """The process's start time (clock ticks after boot, /proc/<pid>/stat), None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])

@@ -59,6 +59,7 @@ from .model_and_data import (
     input_pipeline,
     make_train_step,
 )
+from .model_dir_lease import hold_model_dir
 from .multi_worker import train_multi_worker
 from .results import (
     CheckpointCallback,
@@ -81,8 +82,12 @@ def train_with_checkpoints(
     *,
     on_progress: Optional[ProgressCallback] = None,
     on_checkpoint: Optional[CheckpointCallback] = None,
+    lease_wait: Optional[float] = None,
 ) -> TrainResult:
     """Train a model with checkpoints, resuming from the model dir's newest valid checkpoint.
+
+    The model dir's lease is held for the whole training (`model_dir_lease`): a second
+    training of the same model dir waits up to `lease_wait` seconds, then refuses.
 
     Args:
         model_dir: where checkpoints, event files and `graph.pbtxt` are written (created if missing): a path,
@@ -93,6 +98,8 @@ def train_with_checkpoints(
             checkpoint metrics, the checkpoint list and event files); None for no MLflow run.
         on_progress: called as training advances (the CLI's progress bar).
         on_checkpoint: called after every checkpoint.
+        lease_wait: seconds to wait for another training holding the model dir
+            (default: `PREFECT_TENSORFLOW_LEASE_WAIT`, 0).
 
     Returns:
         What the run did: steps, the last checkpoint, its metrics, the MLflow run.
@@ -101,6 +108,7 @@ def train_with_checkpoints(
         ImportStringError: `config.model` or `config.data` is refused or names nothing importable
             (before anything is written, an MLflow run included).
         ModelDirError: `model_dir` is a file or cannot be created.
+        ModelDirBusyError: another training holds the model dir (naming it) for `lease_wait` seconds.
         TrainingError: the model or data do not follow their contracts, or the model dir's
             checkpoints are all broken.
         CheckpointMismatchError: the newest checkpoint was written by another model.
@@ -115,26 +123,44 @@ def train_with_checkpoints(
     config = config if isinstance(config, TrainingConfig) else TrainingConfig.model_validate(config or {})
     resolve_model_code(config)
     model = ModelDir.parse(model_dir)
+    if not model.is_remote:
+        prepare_model_dir(model)  # a file, or not writable: said before the lease
+    with hold_model_dir(model, wait=lease_wait):
+        return _train_holding_lease(model, config, tracking, on_progress, on_checkpoint)
+
+
+def _train_holding_lease(
+    model: ModelDir,
+    config: TrainingConfig,
+    tracking: Optional[MlflowConfig],
+    on_progress: Optional[ProgressCallback],
+    on_checkpoint: Optional[CheckpointCallback],
+) -> TrainResult:
+    """`train_with_checkpoints` once the model dir's lease is held: locally, in a remote one's mirror, or on workers."""
     if config.workers > 1:
         return train_multi_worker(model, config, tracking, on_progress=on_progress, on_checkpoint=on_checkpoint)
     mirror = RemoteModelDir(model.uri) if model.is_remote else None
-    local_dir = prepare_model_dir(model) if mirror is None else mirror.pull()
     hooks = _Hooks(on_progress, on_checkpoint, mirror)
     untrusted = None if mirror is None else False  # a remote model dir's local mirror is the run's own scratch dir
     try:
-        if tracking is None:
-            result = _train(local_dir, config, hooks.progress, hooks.checkpointed, untrusted=untrusted)
-        else:
-            params = {"model_dir": model.uri, **config.mlflow_params()}
-            with TrainingRun(tracking, model_dir=local_dir, params=params, run_name=f"train-{model.location.name}") as run:
-                hooks.run = run
+        local_dir = prepare_model_dir(model) if mirror is None else mirror.pull()
+        try:
+            if tracking is None:
                 result = _train(local_dir, config, hooks.progress, hooks.checkpointed, untrusted=untrusted)
-                if config.evaluation == "sidecar":
-                    hooks.log_evaluations(local_dir)
-            result = result.model_copy(update={"mlflow_run_id": run.run_id, "mlflow_run_url": run.url})
+            else:
+                params = {"model_dir": model.uri, **config.mlflow_params()}
+                with TrainingRun(tracking, model_dir=local_dir, params=params, run_name=f"train-{model.location.name}") as run:
+                    hooks.run = run
+                    result = _train(local_dir, config, hooks.progress, hooks.checkpointed, untrusted=untrusted)
+                    if config.evaluation == "sidecar":
+                        hooks.log_evaluations(local_dir)
+                result = result.model_copy(update={"mlflow_run_id": run.run_id, "mlflow_run_url": run.url})
+        finally:
+            if mirror is not None:
+                mirror.close()
     finally:
         if mirror is not None:
-            mirror.close()
+            mirror.discard()  # the staging copy goes, whatever the end: the store holds what was committed
     if mirror is None:
         return result
     return result.model_copy(update={"model_dir": model.uri, "last_checkpoint": mirror.remote_prefix(result.last_checkpoint)})

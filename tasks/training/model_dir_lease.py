@@ -1,0 +1,222 @@
+"""One trainer per model dir: the lease a training holds on its model dir (or its data window) while it runs.
+
+Two trainings on one model dir (a nightly run beside a manual Run, a retry
+beside a run still alive) would both resume from the same step and overwrite
+each other's checkpoints. `train_with_checkpoints` therefore holds the model
+dir's lease for the whole training, in the calling process only (the sidecar
+evaluator and the multi-worker workers are its children, not competitors):
+
+| | local directory | `s3://` / `gs://` prefix |
+|---|---|---|
+| the lease | `flock` on `<model_dir>/.ptf-trainer.lock` (opened without following a symlink) | the object `<model_dir>/.prefect-tensorflow/trainer-lease`, made by a conditional write (`storage.s3.lease`) |
+| the holder dies (SIGKILL, OOM) | the kernel drops the lock at once | the heartbeat stops; another trainer takes it over after `PREFECT_TENSORFLOW_LEASE_TTL` seconds |
+| a normal end | the lock file is removed, then unlocked | the lease object is deleted |
+
+The holder (host, pid, Prefect flow run and its name, start time) is written
+into the lock file or lease object; a second trainer waits up to
+`PREFECT_TENSORFLOW_LEASE_WAIT` seconds (default 0), then refuses with
+`ModelDirBusyError` naming it. Both decisions are logged.
+
+Example:
+    >>> import tempfile
+    >>> from prefect_tensorflow.tasks.checkpoints.model_dir import ModelDir
+    >>> from prefect_tensorflow.tasks.training.model_dir_lease import hold_model_dir
+    >>> model_dir = ModelDir.parse(tempfile.mkdtemp())
+    >>> with hold_model_dir(model_dir) as holder:
+    ...     with hold_model_dir(model_dir):
+    ...         pass
+    Traceback (most recent call last):
+    ...
+    prefect_tensorflow.tasks.errors.ModelDirBusyError: model dir ...: another training holds it (pid ...
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from ..checkpoints.model_dir import ModelDir
+from ..errors import ModelDirBusyError, StorageError
+from ..run_context import get_logger
+from ..settings import get_settings
+from ..storage.confined_dirs import OpenDir, open_directory
+from ..storage.s3 import lease
+
+LOCK_FILE = ".ptf-trainer.lock"
+REMOTE_LEASE = ".prefect-tensorflow/trainer-lease"
+POLL_SECONDS = 0.2
+
+
+def holder_record(what: str = "training") -> dict[str, Any]:
+    """Who takes a lease: host, pid, what for, the Prefect flow run (id, name) if any, and when (UTC).
+
+    Example:
+        >>> sorted(holder_record())
+        ['host', 'pid', 'since', 'what']
+    """
+    from ..run_context import prefect_run_tags
+
+    record: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "what": what,
+        "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    tags = prefect_run_tags()
+    for key in ("flow_run_id", "flow_run_name"):
+        if tags.get(f"prefect.{key}"):
+            record[key] = tags[f"prefect.{key}"]
+    return record
+
+
+def describe_holder(record: Optional[dict[str, Any]]) -> str:
+    """The holder in words, for the error and the log.
+
+    Example:
+        >>> describe_holder({"host": "gpu1", "pid": 42, "since": "2026-12-01T02:00:00+00:00", "flow_run_name": "nightly"})
+        'pid 42 on gpu1, flow run nightly, since 2026-12-01T02:00:00+00:00'
+        >>> describe_holder(None)
+        'holder unknown'
+    """
+    if not record:
+        return "holder unknown"
+    words = [f"pid {record.get('pid', '?')} on {record.get('host', '?')}"]
+    name, run_id = record.get("flow_run_name"), record.get("flow_run_id")
+    if name or run_id:
+        words.append(f"flow run {name} ({run_id})" if name and run_id else f"flow run {name or run_id}")
+    if record.get("since"):
+        words.append(f"since {record['since']}")
+    return ", ".join(words)
+
+
+@contextmanager
+def hold_model_dir(
+    model_dir: ModelDir, *, wait: Optional[float] = None, ttl: Optional[float] = None, what: str = "training"
+) -> Iterator[dict[str, Any]]:
+    """Hold `model_dir`'s lease for the block (see the module docstring); yields the holder record written.
+
+    Args:
+        model_dir: the model dir (a local one is created if missing).
+        wait: seconds to wait for another holder (default: `PREFECT_TENSORFLOW_LEASE_WAIT`).
+        ttl: an object-store lease's time to live without a heartbeat (default: `PREFECT_TENSORFLOW_LEASE_TTL`).
+        what: what the holder does, recorded ("training", "window 2026-11-30_2026-12-01").
+
+    Raises:
+        ModelDirBusyError: another process held it for `wait` seconds (naming it).
+        StorageError: a local lock file is a symlink or not a regular file, or the store failed.
+    """
+    settings = get_settings()
+    wait = settings.lease_wait if wait is None else wait
+    ttl = settings.lease_ttl if ttl is None else ttl
+    record = holder_record(what)
+    if model_dir.is_remote:
+        with _remote_lease(model_dir, record, wait=wait, ttl=ttl):
+            yield record
+        return
+    with open_directory(model_dir.uri, parameter="model_dir", create=True) as directory:
+        with _local_lease(directory, record, wait=wait):
+            yield record
+
+
+@contextmanager
+def _remote_lease(model_dir: ModelDir, record: dict[str, Any], *, wait: float, ttl: float) -> Iterator[None]:
+    def busy(held: Optional[dict[str, Any]], waited: float) -> BaseException:
+        holder = describe_holder((held or {}).get("holder"))
+        get_logger().warning("%s: refused: another training holds it (%s)", model_dir.uri, holder)
+        return ModelDirBusyError(model_dir.uri, holder, waited)
+
+    started = time.monotonic()
+    with lease(model_dir.store(), REMOTE_LEASE, ttl=ttl, wait=wait, holder=record, busy=busy):
+        _log_taken(model_dir.uri, time.monotonic() - started)
+        yield
+
+
+@contextmanager
+def _local_lease(directory: OpenDir, record: dict[str, Any], *, wait: float) -> Iterator[None]:
+    started = time.monotonic()
+    fd = _acquire(directory, started + wait)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode() + b"\n", 0)
+        _log_taken(directory.path, time.monotonic() - started)
+        yield
+    finally:
+        try:
+            os.unlink(LOCK_FILE, dir_fd=directory.fd)  # while still locked: a waiter then finds its file gone
+        except OSError:
+            pass
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _acquire(directory: OpenDir, deadline: float) -> int:
+    """A descriptor of the lock file, flocked, that the model dir still names (else try again)."""
+    started = time.monotonic()
+    logged = False
+    path = directory.display(LOCK_FILE)
+    while True:
+        fd = _open_lock_file(directory)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = describe_holder(_read_record(fd))
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                get_logger().warning("%s: refused: another training holds it (%s)", directory.path, holder)
+                raise ModelDirBusyError(directory.path, holder, time.monotonic() - started) from None
+            if not logged:
+                logged = True
+                get_logger().warning(
+                    "%s: another training holds it (%s); waiting up to %.0f s", directory.path, holder, deadline - started
+                )
+            time.sleep(POLL_SECONDS)
+            continue
+        try:
+            named = os.stat(LOCK_FILE, dir_fd=directory.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            named = None
+        mine = os.fstat(fd)
+        if named is not None and (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino):
+            return fd
+        os.close(fd)  # its holder removed it when done: lock the file the model dir names now
+        if not os.path.isdir(directory.handle):
+            raise StorageError(f"{path}: the model dir went away while waiting for its lock")
+
+
+def _open_lock_file(directory: OpenDir) -> int:
+    path = directory.display(LOCK_FILE)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(LOCK_FILE, flags, 0o644, dir_fd=directory.fd)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise StorageError(f"lock file {path} is a symbolic link; refused (a lock file is never followed)") from err
+        raise StorageError(f"lock file {path}: cannot be opened for the model dir's lease: {err.strerror or err}") from err
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StorageError(f"lock file {path} is not a regular file; refused")
+    return fd
+
+
+def _read_record(fd: int) -> Optional[dict[str, Any]]:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"null")
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _log_taken(where: str, waited: float) -> None:
+    if waited >= POLL_SECONDS:
+        get_logger().warning("%s: holding the trainer lease after waiting %.1f s for the previous holder", where, waited)
+    else:
+        get_logger().info("%s: holding the trainer lease", where)
