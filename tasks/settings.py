@@ -17,6 +17,8 @@ runs):
 | `PREFECT_TENSORFLOW_MLFLOW_WEBHOOK_HOST` / `_PORT` | where `serve`'s webhook receiver listens | `127.0.0.1` / `4201` |
 | `PREFECT_TENSORFLOW_LEASE_WAIT` | seconds a training waits for another one holding its model dir (or window) before refusing | 0 |
 | `PREFECT_TENSORFLOW_LEASE_TTL` | seconds an object-store lease lives without its holder's heartbeat before another takes it over | 60 |
+| `PREFECT_TENSORFLOW_RESUBMIT_CRASHED` | how many times a crashed `retrain`, `sweep` or `export-checkpoint` run is resubmitted (same parameters, resuming); 0: never | 2 |
+| `PREFECT_TENSORFLOW_ZOMBIE_AFTER_SECONDS` | a running flow run silent (no heartbeat) this long is marked Crashed; read when serve or deploy creates the automation | 90 |
 
 Example:
     >>> import os
@@ -59,6 +61,12 @@ class Settings(BaseSettings):
     mlflow_webhook_port: int = Field(default=4201, ge=0, le=65535, description="Port of the webhook receiver (0: any free one).")
     lease_wait: float = Field(default=0.0, ge=0, description="Seconds to wait for a model dir another training holds.")
     lease_ttl: float = Field(default=60.0, gt=0, description="Seconds an object-store lease outlives its last heartbeat.")
+    resubmit_crashed: int = Field(
+        default=2, ge=0, le=100, description="Automatic resubmissions of a crashed training run (0: off)."
+    )
+    zombie_after_seconds: float = Field(
+        default=90.0, ge=35.0, description="Seconds without a heartbeat after which a running flow run is marked Crashed."
+    )
 
     @field_validator("roots", "allowed_modules", mode="before")
     @classmethod

@@ -270,6 +270,8 @@ def _train_in(
         log.info("resumed from %s (step %d)", latest.path, int(global_step.numpy()))
     start_step = step = int(global_step.numpy())
     target = config.target_step(start_step)
+    # read back by a resubmission (tasks/resubmission_policy.py): where a crashed `more_steps` run was going
+    log.info("training from step %d to target step %d", start_step, target)
     if target < start_step:
         log.warning("%s is already at step %d, past the target step %d; nothing to train", model_dir, start_step, target)
 
