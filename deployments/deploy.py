@@ -4,8 +4,11 @@
     prefect worker start --pool tensorflow-process
 
 The triggers of prefect.yaml (retrain-daily on the data sensor's event,
-sync-exports on a champion move) become the deployments' automations, as with
-`prefect deploy --all`. Needs a running Prefect server (PREFECT_API_URL). The flows are loaded by
+sync-exports on a champion move, resubmit-crashed on a crashed run) become the
+deployments' automations, as with `prefect deploy --all`; the zombie-run
+automation (flows/zombie_runs.py: a run without heartbeats for
+PREFECT_TENSORFLOW_ZOMBIE_AFTER_SECONDS is marked Crashed) is created too. The
+work pool's environment in prefect.yaml makes the runs send heartbeats every 30 s. Needs a running Prefect server (PREFECT_API_URL). The flows are loaded by
 module path from the installed package, so the worker's environment must have
 prefect-tensorflow installed; the working directory of a run is this
 repository (as in prefect.yaml).
@@ -41,6 +44,8 @@ if __name__ == "__main__":
         load_overrides,
     )
     from prefect_tensorflow.flows.unreadable_runs import bound_deployment_schemas
+    from prefect_tensorflow.flows.zombie_runs import ensure_zombie_automation
+    from prefect_tensorflow.tasks.settings import get_settings
 
     try:
         definitions = apply_overrides(load_definitions(), load_overrides(args.env, os.path.join(HERE, "environments")))
@@ -52,6 +57,7 @@ if __name__ == "__main__":
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
         except ObjectAlreadyExists:
             pass
+        ensure_zombie_automation(client, get_settings().zombie_after_seconds)
     runner_deployments = build_deployments(definitions)
     for definition, deployment in zip(definitions, runner_deployments):
         deployment.storage = LocalStorage(REPO)

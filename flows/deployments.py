@@ -20,7 +20,7 @@ Run.
 Example:
     >>> from prefect_tensorflow.flows.deployments import load_definitions
     >>> [d.name for d in load_definitions()]
-    ['retrain-iris', 'export-checkpoint', 'sweep-iris', 'rollback-champion', 'sync-exports', 'data-sensor', 'retrain-daily']
+    ['retrain-iris', 'export-checkpoint', 'sweep-iris', 'rollback-champion', 'sync-exports', 'data-sensor', 'retrain-daily', 'resubmit-crashed']
 """
 
 from __future__ import annotations
@@ -274,7 +274,8 @@ def serve_deployments(
     `PREFECT_RUNNER_POLL_FREQUENCY` is set. It is `prefect.serve` with two
     guards (`unreadable_runs`): the deployments' parameter schemas refuse values
     the API could not return, and a run the API cannot return is failed instead
-    of stopping the runner.
+    of stopping the runner. Its flow runs send a heartbeat every 30 s, and the
+    zombie-run automation (`zombie_runs`) marks a run that falls silent Crashed.
     """
     from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY, temporary_settings
 
@@ -288,8 +289,34 @@ def serve_deployments(
         ui = api_url.removesuffix("/api")
         print(f"Prefect UI: {ui}  (deployments: {', '.join(d.name for d in definitions)})")
         poll = {} if "PREFECT_RUNNER_POLL_FREQUENCY" in os.environ else {PREFECT_RUNNER_POLL_FREQUENCY: RUNNER_POLL_SECONDS}
-        with temporary_settings(updates=poll):
+        with temporary_settings(updates={**poll, **zombie_detection()}):
             serve(build_deployments(definitions), limit=limit)
+
+
+def zombie_detection() -> dict[Any, Any]:
+    """Create (or update) the zombie-run automation (`zombie_runs`) on the configured API; the settings
+    updates that make the served flow runs send heartbeats that often (none when the environment sets it).
+
+    Raises:
+        DeploymentError: `PREFECT_TENSORFLOW_ZOMBIE_AFTER_SECONDS` is not longer than the heartbeat period.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+
+    from .zombie_runs import check_zombie_window, ensure_zombie_automation, heartbeat_seconds
+
+    heartbeat = heartbeat_seconds()
+    within = get_settings().zombie_after_seconds
+    try:
+        check_zombie_window(within, heartbeat)
+    except ValueError as err:
+        raise DeploymentError(str(err)) from err
+    with get_client(sync_client=True) as client:
+        ensure_zombie_automation(client, within)
+    print(f"Zombie runs: a run silent for {within:g} s (heartbeat every {heartbeat} s) is marked Crashed", flush=True)
+    if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in os.environ or "PREFECT_RUNNER_HEARTBEAT_FREQUENCY" in os.environ:
+        return {}
+    return {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: heartbeat}
 
 
 @contextmanager
