@@ -78,8 +78,8 @@ class ServedDeployments:
     def serving(self) -> bool:
         return self.serve is not None and self.serve.poll() is None
 
-    def start_serve(self, timeout: float = 240) -> dict[str, str]:
-        """Start serve and wait until both deployments exist (unpaused); their ids by name."""
+    def start_serve(self, timeout: float = 240, names: tuple[str, ...] = DEPLOYMENTS) -> dict[str, str]:
+        """Start serve and wait until the deployments `names` exist (unpaused); their ids by name."""
         with open(self.serve_log, "a") as out:
             self.serve = subprocess.Popen(
                 [f"{BIN}/prefect-tensorflow", "serve", "--limit", str(self.limit)],
@@ -94,7 +94,7 @@ class ServedDeployments:
         while True:
             with self.api() as client:
                 found = {d.name: str(d.id) for d in client.read_deployments() if not d.paused}
-            if set(DEPLOYMENTS) <= set(found):
+            if set(names) <= set(found):
                 self.deployments = found
                 return found
             if not self.serving or time.monotonic() > deadline:
