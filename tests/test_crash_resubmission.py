@@ -32,6 +32,7 @@ from prefect_tensorflow.tasks.resubmission_policy import (
     resubmitted_parameters,
     training_target,
 )
+from prefect_tensorflow.tasks.training.model_dir_lease import LOCK_FILE
 
 STEPS = 1500
 SAVE_EVERY = 50
@@ -271,3 +272,4 @@ def test_a_crashed_run_is_resubmitted_and_resumes_until_it_finishes_as_if_never_
     wait_for("the runs' processes gone", lambda: not run_processes(runs) or None, 15, log, poll=0.2)  # a final state, then exit
     assert not [p for p in (served.root / "tmp").iterdir() if p.name.startswith("ptf-")]
     assert not [p for p in model_dir.iterdir() if p.name.endswith(("_temp", ".tmp"))]
+    assert not (model_dir / LOCK_FILE).exists()  # the killed attempts' lease died with them; the last one released it
