@@ -10,9 +10,9 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 # Its telemetry heartbeat races that migration ("database is locked") and needs the network.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install chromium postgresql run serve team-stack lint test bench clean
+.PHONY: install chromium postgresql strace run serve team-stack lint test bench clean
 
-install: $(STAMP) chromium postgresql
+install: $(STAMP) chromium postgresql strace
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -32,6 +32,18 @@ chromium:
 			|| echo "WARNING: apt-get install chromium failed: tests/test_browser.py will be skipped"; \
 	else \
 		echo "WARNING: $(CHROMIUM) is missing and this is not root with apt-get: tests/test_browser.py will be skipped (install Debian's chromium package)"; \
+	fi
+
+# strace for tests/test_durability.py (it traces fsync and rename to check the order of a durable commit).
+# Installed only when missing, as root with apt-get; elsewhere those tests are skipped with a reason.
+strace:
+	@if command -v strace >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's strace for tests/test_durability.py"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null; } \
+			|| echo "WARNING: apt-get install strace failed: tests/test_durability.py will be skipped"; \
+	else \
+		echo "WARNING: strace is missing and this is not root with apt-get: tests/test_durability.py will be skipped (install Debian's strace package)"; \
 	fi
 
 # Debian's PostgreSQL server binaries (initdb, postgres) for the team-storage tests and `make team-stack`:

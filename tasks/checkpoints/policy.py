@@ -59,6 +59,14 @@ class CheckpointPolicy(BaseModel):
             "in order. False: the same work, before training goes on."
         ),
     )
+    durable_commit: bool = Field(
+        default=True,
+        description=(
+            "fsync each checkpoint's files and the model dir before the state file names it, and the model dir "
+            "after: a power cut never leaves a state file pointing at data that never reached the disk. False: "
+            "no fsync (faster on slow disks; after a power cut the newest checkpoints may be lost or unreadable)."
+        ),
+    )
     checkpoint_name: CheckpointName = Field(
         default="model.ckpt", description="File name prefix: checkpoints are MODEL_DIR/NAME-STEP.index"
     )

@@ -23,6 +23,19 @@ the file format are TensorFlow's), then at each save:
    metrics line yet): that one stays kept, past the limit, and listed in the
    state file, until a later commit or `apply_keep_policy()` at the end.
 
+With `policy.durable_commit` (the default) a commit is durable: the new
+checkpoint's `.index` and `.data-*` files and the model dir are fsynced before
+the state file is staged, the staged state file before its rename, and the
+model dir after it, so that after a power cut the state file never names data
+that never reached the disk.
+
+A failed write (a full disk, permission denied, a model dir gone read-only)
+removes what it left (the `_temp` directory, the checkpoint's files) and is
+raised in the training thread by the next step (`raise_if_failed`), the next
+`save` or `finish`, as a `TrainingError` naming the file and the reason
+(`storage.write_failures`); the state file keeps naming the last complete
+checkpoint, and nothing half-written is listed in it.
+
 A crash at any moment leaves the previous committed checkpoint as the latest:
 an uncommitted `_temp` directory (removed at the next start) or files the
 state file does not name yet (selection validates and skips them). With
@@ -74,7 +87,8 @@ from typing import Any, Optional
 from ..errors import TrainingError
 from ..run_context import get_logger, in_deployment_run
 from ..storage.confined_dirs import OpenDir, open_directory
-from ..storage.local import staged_file
+from ..storage.local import _remove_entry, fsync_directory, fsync_entries, staged_file
+from ..storage.write_failures import describe_write_failure
 from .files import STATE_FILE, is_inside, resolve_state_path
 from .policy import CheckpointPolicy
 
@@ -166,6 +180,26 @@ class CheckpointWriter:
             self._thread = None
         self._raise_background_error()
 
+    def raise_if_failed(self) -> None:
+        """Raise the background write's error now, if there was one (the training loop asks after every step).
+
+        Raises:
+            TrainingError: a background write failed (the message names the file and the reason).
+        """
+        if self._error is not None:
+            self._raise_background_error()
+
+    def abandon(self) -> None:
+        """The training failed: let the write under way end (or fail, and clean up), drop the rest, stop the thread."""
+        if self._thread is not None:
+            self._error = self._error or _AbandonedError()
+            try:
+                self._queue.put(None, timeout=60.0)
+            except queue.Full:
+                pass
+            self._thread.join(timeout=60.0)
+            self._thread = None
+
     def apply_keep_policy(self) -> None:
         """Delete what the keep policy dropped, `may_delete` or not (after `finish()`, once evaluation is over)."""
         if self._kept and self._sweep(force=True):
@@ -192,26 +226,74 @@ class CheckpointWriter:
     def _raise_background_error(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
+            if isinstance(err, TrainingError):
+                raise err
             raise TrainingError(f"{self.model_dir}: writing a checkpoint failed: {err}") from err
 
     def _write(self, step: int, prefix: str, snapshot: Any) -> None:
         assert self._recipe is not None
-        self.directory.verify()
-        self._recipe.write(self.directory.entry(os.path.basename(prefix)), snapshot)  # through the descriptor
-        self._commit(prefix)
+        name = os.path.basename(prefix)
+        committed = False
+        try:
+            self.directory.verify()
+            self._recipe.write(self.directory.entry(name), snapshot)  # through the descriptor
+            if self.policy.durable_commit:  # the data before the state file names it
+                fsync_entries(self._files_of(name), dir_fd=self.directory.fd)
+                fsync_directory(self.directory.fd)
+            self._commit(prefix)
+            committed = True
+            if self._sweep():
+                self._record_state(prefix)
+        except Exception as err:
+            committed = committed or self._named_by_state_file(name)
+            if not committed:
+                self._discard(name)
+            raise TrainingError(
+                f"model dir {self.model_dir}: writing checkpoint {name} failed"
+                f"{'' if committed else ' (removed; the state file still names the previous checkpoint)'}: "
+                + describe_write_failure(
+                    err, {self.directory.handle: self.model_dir, f"/proc/self/fd/{self.directory.fd}": self.model_dir}
+                )
+            ) from err
         if self.on_committed is not None:
             self.on_committed(step, prefix)
 
+    def _files_of(self, name: str) -> list[str]:
+        """The files of checkpoint `name` in the model dir (`.index`, `.data-*`)."""
+        return [e for e in os.listdir(self.directory.fd) if e == name + ".index" or e.startswith(name + ".data-")]
+
+    def _discard(self, name: str) -> None:
+        """Remove what a failed write of checkpoint `name` left: its `_temp` directory and its files."""
+        try:
+            for entry in [name + "_temp", *self._files_of(name)]:
+                _remove_entry(self.directory.fd, entry)
+        except OSError as err:  # a read-only model dir: the next training's start removes them (never listed)
+            get_logger().warning("%s: could not remove what the failed write of %s left: %s", self.model_dir, name, err)
+
+    def _named_by_state_file(self, name: str) -> bool:
+        """Whether the state file on disk names `name` as the latest (a commit whose last fsync failed)."""
+        try:
+            with open(self.directory.entry(STATE_FILE), encoding="utf-8") as handle:
+                return f'model_checkpoint_path: "{name}"' in handle.read()
+        except OSError:
+            return False
+
     def _commit(self, prefix: str) -> None:
-        """Record `prefix` in the state file (the commit), then apply the keep policy, as CheckpointManager does."""
+        """Record `prefix` in the state file (the commit); the keep policy follows, as in CheckpointManager.
+
+        A failure before the state file names `prefix` leaves the kept list as it was.
+        """
+        previous = collections.OrderedDict(self._kept)
         self._kept.pop(prefix, None)
         self._kept[prefix] = time.time()
-        self._record_state(prefix)
-        if self._sweep():
+        try:
             self._record_state(prefix)
+        except BaseException:
+            self._kept = previous
+            raise
 
     def _record_state(self, latest: str) -> None:
-        write_state_file(self.directory, latest, self._kept, self._last_preserved)
+        write_state_file(self.directory, latest, self._kept, self._last_preserved, durable=self.policy.durable_commit)
 
     def _sweep(self, force: bool = False) -> bool:
         """Drop the oldest kept checkpoints past `keep_checkpoint_max`, keeping one per `keep_checkpoint_every_n_hours`.
@@ -329,9 +411,17 @@ def apply_keep_policy(model_dir: str, policy: CheckpointPolicy, *, untrusted: Op
         writer.directory.close()
 
 
-def write_state_file(directory: OpenDir, latest: str, kept: collections.OrderedDict[str, float], last_preserved: float) -> None:
+def write_state_file(
+    directory: OpenDir,
+    latest: str,
+    kept: collections.OrderedDict[str, float],
+    last_preserved: float,
+    *,
+    durable: bool = True,
+) -> None:
     """Rewrite `directory`'s state file (relative names, as TensorFlow's `save_relative_paths=True`), staged and
-    renamed relative to its descriptor after `verify()` (`storage.staged_file`)."""
+    renamed relative to its descriptor after `verify()` (`storage.staged_file`; `durable`: the staged file
+    fsynced before the rename, the directory after)."""
     from google.protobuf import text_format
     from tensorflow.python.checkpoint.checkpoint_management import generate_checkpoint_state_proto
 
@@ -343,7 +433,7 @@ def write_state_file(directory: OpenDir, latest: str, kept: collections.OrderedD
         last_preserved_timestamp=last_preserved,
     )
     directory.verify()
-    with staged_file(STATE_FILE, parent=directory) as tmp:
+    with staged_file(STATE_FILE, parent=directory, durable=durable) as tmp:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text_format.MessageToString(proto))
 
@@ -425,6 +515,10 @@ class _Recipe:
         temp = f"{prefix}_temp/part-00000-of-00001"
         tf.raw_ops.SaveV2(prefix=temp, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
         tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=[temp], destination_prefix=prefix, delete_old_dirs=True)
+
+
+class _AbandonedError(Exception):
+    """The training failed: the writes still queued are dropped."""
 
 
 def _variable_reader(variable: Any) -> Callable[[], Any]:

@@ -42,6 +42,7 @@ from ..storage.local import LOCK_FILE, exclusive_lock, remove_abandoned_temporar
 from ..storage.locations import Location, parse_location, scratch_dir
 from ..storage.s3 import lease
 from ..storage.stores import object_store
+from ..storage.write_failures import reported_write_failure
 from .warmup import WARMUP_FILE
 
 INFO_FILE = "assets.extra/prefect_tensorflow.json"
@@ -168,8 +169,10 @@ class LocalExportBase:
         """A staging directory for `version` (it exists, empty), published by one rename when the block ends cleanly."""
         if self.dir is None:
             raise ExportError(f"export base {self.uri}: prepare() it before staging a version")
-        with staged_directory(str(version), parent=self.dir) as tmp:
-            yield tmp
+        paths = {self.dir.handle: self.uri}
+        with reported_write_failure(f"writing SavedModel version {self.path(version)}", paths, ExportError):
+            with staged_directory(str(version), parent=self.dir) as tmp:
+                yield tmp
 
     def path(self, version: int) -> str:
         return os.path.join(self.uri, str(version))

@@ -58,6 +58,7 @@ from ..storage.confined_dirs import OpenDir, open_directory
 from ..storage.local import remove_abandoned_temporaries
 from ..storage.locations import Location, parse_location, scratch_dir
 from ..storage.stores import object_store
+from ..storage.write_failures import reported_write_failure
 from .signature import trace_checkpoint
 from .verification import Parity, compare_outputs, read_graph_def, run_frozen_graph, verification_batch
 
@@ -296,13 +297,16 @@ def _freeze(source: str, target: Location, directory: Optional[OpenDir], config:
         if not parity.ok:
             raise ParityError(f"frozen graph of {source} fails verification: {parity.explain()}; nothing was written")
         store = object_store(target.parent, directory)
-        name = publish_graph(store, target.name, data_bytes)
+        paths = {directory.handle: directory.path} if directory is not None else None
+        with reported_write_failure(f"writing frozen graph {store.uri(target.name)}", paths, FreezeError):
+            name = publish_graph(store, target.name, data_bytes)
         output = store.uri(name)
         pbtxt = None
         if as_text:
             text_name = os.path.splitext(name)[0] + ".pbtxt"
-            tf.io.write_graph(graph_def, checked, text_name, as_text=True)
-            store.upload_file(os.path.join(checked, text_name), text_name)
+            with reported_write_failure(f"writing the graph's text form {store.uri(text_name)}", paths, FreezeError):
+                tf.io.write_graph(graph_def, checked, text_name, as_text=True)
+                store.upload_file(os.path.join(checked, text_name), text_name)
             pbtxt = store.uri(text_name)
     get_logger().info("froze %s to %s (max abs diff %.3g)", source, output, parity.max_abs_diff)
     return FreezeResult(

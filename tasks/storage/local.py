@@ -9,6 +9,14 @@ one `link` when the name must not exist yet (`staged_file(create_only=True)`).
 An abandoned temporary (its process is gone) is removed by
 `remove_abandoned_temporaries`.
 
+Publishing is durable by default, so that a power cut never leaves a name
+pointing at data that never reached the disk: the staged file (or every file
+and directory of a staged directory) is fsynced before the publishing rename,
+and the parent directory after it (`durable=False` skips both: the rename is
+still atomic, only the order on disk after a power cut is not guaranteed).
+`fsync_entries` and `fsync_directory` are the same steps for a writer that
+stages its files itself (the checkpoint writer).
+
 `LocalStore` is the `backend.StorageBackend` of a local directory: the same
 methods as the object stores (`s3.ObjectStore`), made of the helpers above.
 Given the directory opened once (`confined_dirs.OpenDir`), it works through
@@ -58,6 +66,50 @@ ABANDONED_AFTER_SECONDS = 24 * 3600
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
 
 
+# --- durability ----------------------------------------------------------------------------
+
+
+def fsync_directory(directory: Any) -> None:
+    """fsync a directory (a path, or an open descriptor of it): its entries (a rename, a new file) reach the disk.
+
+    Example:
+        >>> import tempfile
+        >>> fsync_directory(tempfile.mkdtemp())
+    """
+    if isinstance(directory, int):
+        os.fsync(directory)
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_entries(names: Sequence[str], *, dir_fd: Optional[int] = None) -> None:
+    """fsync each file in `names` (paths, or names relative to `dir_fd`), following no symlink.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "data")
+        >>> _ = open(path, "wb").write(b"bytes")
+        >>> fsync_entries([path])
+    """
+    for name in names:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_tree(top: str) -> None:
+    """fsync every regular file and directory under `top` (deepest first, `top` last), following no symlink."""
+    for root, _dirs, files in os.walk(top, topdown=False):
+        fsync_entries([os.path.join(root, f) for f in files if not os.path.islink(os.path.join(root, f))])
+        fsync_directory(root)
+
+
 # --- local atomic publishing ---------------------------------------------------------------
 #
 # Each helper takes an optional `parent` (`confined_dirs.OpenDir`): the directory, opened once, that
@@ -100,39 +152,46 @@ def _remove_entry(dir_fd: int, name: str) -> None:
 
 
 @contextmanager
-def staged_directory(final: str, *, parent: Optional[OpenDir] = None) -> Iterator[str]:
+def staged_directory(final: str, *, parent: Optional[OpenDir] = None, durable: bool = True) -> Iterator[str]:
     """Yield a new temporary sibling directory of `final`; on success rename it to `final`.
 
     `final` must not exist when the block ends (a version directory is never
     replaced). On an error the temporary is removed and nothing is published.
     With `parent` (see above) `final` is a name in it, and the yielded path
-    resolves through `parent`'s descriptor.
+    resolves through `parent`'s descriptor. `durable`: every file and directory
+    of the temporary fsynced before the rename, the parent after.
     """
     if parent is not None:
-        with _staged_directory_in(parent, _entry_name(final, parent)) as tmp:
+        with _staged_directory_in(parent, _entry_name(final, parent), durable) as tmp:
             yield tmp
         return
     tmp = temporary_sibling(final)
     os.makedirs(tmp)
     try:
         yield tmp
+        if durable:
+            fsync_tree(tmp)
         try:
             os.rename(tmp, final)
         except OSError as err:
             if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 raise StorageError(f"{final} already exists; nothing was replaced") from err
             raise
+        if durable:
+            fsync_directory(os.path.dirname(os.path.abspath(final)))
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
-def _staged_directory_in(parent: OpenDir, name: str) -> Iterator[str]:
+def _staged_directory_in(parent: OpenDir, name: str, durable: bool) -> Iterator[str]:
     tmp = _temporary_name(name)
     os.mkdir(tmp, dir_fd=parent.fd)
     try:
         yield parent.entry(tmp)
+        if durable:
+            fsync_tree(parent.entry(tmp))
         parent.verify()
         try:
             os.rename(tmp, name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
@@ -140,41 +199,54 @@ def _staged_directory_in(parent: OpenDir, name: str) -> Iterator[str]:
             if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 raise StorageError(f"{parent.display(name)} already exists; nothing was replaced") from err
             raise
+        if durable:
+            fsync_directory(parent.fd)
     finally:
         _remove_entry(parent.fd, tmp)
 
 
 @contextmanager
-def staged_file(final: str, *, parent: Optional[OpenDir] = None, create_only: bool = False) -> Iterator[str]:
+def staged_file(
+    final: str, *, parent: Optional[OpenDir] = None, create_only: bool = False, durable: bool = True
+) -> Iterator[str]:
     """Yield a temporary sibling path of `final`; on success atomically replace `final` with it.
 
     With `parent` (see above) `final` is a name in it; the temporary is created
     there at once (a new regular file, never a symlink's target) and the yielded
     path resolves through `parent`'s descriptor. With `create_only`, `final` is
     linked into place only if nothing has that name (else FileExistsError, and
-    what is there stays).
+    what is there stays). `durable`: the temporary fsynced before the rename,
+    the parent directory after.
     """
     if parent is not None:
-        with _staged_file_in(parent, _entry_name(final, parent), create_only) as tmp:
+        with _staged_file_in(parent, _entry_name(final, parent), create_only, durable) as tmp:
             yield tmp
         return
     tmp = temporary_sibling(final)
     try:
         yield tmp
+        if durable:
+            fsync_entries([tmp])
         _publish_file(tmp, final, create_only=create_only)
+        if durable:
+            fsync_directory(os.path.dirname(os.path.abspath(final)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 @contextmanager
-def _staged_file_in(parent: OpenDir, name: str, create_only: bool) -> Iterator[str]:
+def _staged_file_in(parent: OpenDir, name: str, create_only: bool, durable: bool) -> Iterator[str]:
     tmp = _temporary_name(name)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=parent.fd))
     try:
         yield parent.entry(tmp)
+        if durable:
+            fsync_entries([tmp], dir_fd=parent.fd)
         parent.verify()
         _publish_file(tmp, name, create_only=create_only, dir_fd=parent.fd)
+        if durable:
+            fsync_directory(parent.fd)
     finally:
         _remove_entry(parent.fd, tmp)
 

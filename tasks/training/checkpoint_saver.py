@@ -233,6 +233,19 @@ class CheckpointSaver:
         if self.chief and self.on_checkpoint is not None:
             self.on_checkpoint(step, prefix, dict(metrics))
 
+    def raise_if_failed(self) -> None:
+        """Raise a background checkpoint write's error now (`CheckpointWriter.raise_if_failed`)."""
+        self.writer.raise_if_failed()
+
+    def abandon(self) -> None:
+        """The training failed: stop the writer (its write under way ends or is cleaned up) and this process's
+        evaluator (at once: the next training's evaluator catches up), so that nothing outlives the training."""
+        try:
+            self.writer.abandon()
+        finally:
+            if self.evaluator is not None:
+                self.evaluator.stop()
+
     def finish(self, *, evaluation_timeout: Optional[float] = None) -> None:
         """Wait for the writes and for this process's evaluator (at most `evaluation_timeout` s); take the last
         checkpoint's metrics. The keep policy's last sweep waits for the evaluator: here when it is this

@@ -25,10 +25,13 @@ on the eval split and appends the one metrics line of that checkpoint to
   dir moved or replaced by a symlink mid-training gets nothing more, and
   nothing is written where the symlink leads (the evaluator stops, saying so
   in `eval/evaluator.log`);
-- when training is killed its stdin closes: it evaluates what was committed
-  and exits; a resumed training starts a new one (which waits for the lock),
-  and every evaluator first catches up on the committed checkpoints that have
-  no metrics line (their training loss, which died with the trainer, is then
+- it ends with its training: `finish` sends an end line, and only then does
+  it evaluate what is left before exiting; when training fails (`stop`: its
+  stdin closes without the end line, then SIGTERM after 2 s) or is killed (it
+  dies with its parent, `child_processes.die_with_parent`) it stops at once. A
+  resumed training starts a new one (which waits for the lock), and every
+  evaluator first catches up on the committed checkpoints that have no
+  metrics line (their training loss, which died with the trainer, is then
   missing from the line).
 
 `evaluate_missing` is the same catch-up in this process
@@ -68,6 +71,10 @@ from ..storage.local import exclusive_lock
 LOCK_FILE = ".evaluator.lock"
 EVALUATOR_NICE = 10
 ENTRY_MODULE = "prefect_tensorflow.tasks.training.sidecar_evaluator_main"
+PARENT_VARIABLE = "PREFECT_TENSORFLOW_EVALUATOR_PARENT"
+END_LINE = '{"end": true}'
+"""What `SidecarEvaluator.finish` sends last: evaluate what is left, then exit (without it, EOF means: stop now)."""
+STOP_GRACE_SECONDS = 2.0
 """The evaluator process: `python -m` this `<model_dir> [--fd N [--root R]]`, the spec then steps on stdin."""
 
 
@@ -295,9 +302,10 @@ class SidecarEvaluator:
         ]
         if self.directory.root is not None:
             command += ["--root", self.directory.root]
-        # Not a session of its own, and not dying with the trainer: it finishes what was committed (see above).
+        # Not a session of its own; it dies with the trainer (see above).
         self._process = start_process(
             command,
+            parent_variable=PARENT_VARIABLE,
             pass_fds=(fd,),
             stdin=subprocess.PIPE,
             stdout=self._errors,
@@ -336,14 +344,36 @@ class SidecarEvaluator:
             time.sleep(0.05)
         return True
 
-    def finish(self, timeout: Optional[float] = None) -> None:
-        """Close its input and wait until it has evaluated everything committed (at most `timeout` s)."""
+    def stop(self) -> None:
+        """Training failed: stop the evaluator now (close its input without the end line; SIGTERM, then SIGKILL,
+        if it is still busy after `STOP_GRACE_SECONDS` each). The next training's evaluator catches up."""
+        self._close_input()
+        try:
+            self._process.wait(timeout=STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._errors.close()
+        if self._own:
+            self.directory.close()
+
+    def _close_input(self, last: Optional[str] = None) -> None:
         with self._lock:
             try:
                 assert self._process.stdin is not None
+                if last is not None:
+                    self._process.stdin.write(last + "\n")
                 self._process.stdin.close()
-            except (BrokenPipeError, OSError):
+            except (BrokenPipeError, OSError, ValueError):
                 pass
+
+    def finish(self, timeout: Optional[float] = None) -> None:
+        """Send the end line, close its input and wait until it has evaluated everything committed (at most `timeout` s)."""
+        self._close_input(END_LINE)
         try:
             self._process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -17,10 +17,11 @@ import os
 import sys
 from typing import Optional
 
+from ..child_processes import die_with_parent
 from ..errors import StorageError
 from ..lean_import import skip_keras_optional_imports
 from ..storage.confined_dirs import OpenDir
-from .sidecar_evaluator import EVALUATOR_NICE, EvaluationSpec, Evaluator, evaluator_lock
+from .sidecar_evaluator import EVALUATOR_NICE, PARENT_VARIABLE, EvaluationSpec, Evaluator, evaluator_lock
 
 
 def inherited_directory(argv: list[str]) -> tuple[str, Optional[OpenDir]]:
@@ -40,6 +41,7 @@ def main(argv: list[str]) -> int:
 
     With `--fd` (the trainer's descriptor of the model dir, inherited) everything goes through it; see `Evaluator`.
     """
+    die_with_parent(PARENT_VARIABLE)  # a killed trainer takes its evaluator along
     os.nice(EVALUATOR_NICE)  # one thread at a lower priority: a share of one core while training competes
     skip_keras_optional_imports()
     model_dir, directory = inherited_directory(argv)
@@ -49,11 +51,18 @@ def main(argv: list[str]) -> int:
         with evaluator_lock(work_dir):  # one evaluator per model dir; a previous one finishes first
             evaluator = Evaluator(model_dir, spec, directory)
             evaluator.catch_up()
+            ended = False
             for line in sys.stdin:
                 if line.strip():
                     message = json.loads(line)
+                    if message.get("end"):
+                        ended = True
+                        break
                     evaluator.evaluate(int(message["step"]), message.get("train_loss"))
-            evaluator.catch_up()  # what a killed trainer committed but never announced
+            if not ended:  # the training failed: the next training's evaluator catches up
+                print("the training ended without finishing; the evaluator stops", flush=True)
+                return 0
+            evaluator.catch_up()  # what was committed but never announced
     except StorageError as err:
         print(f"the evaluator stops: {err}", flush=True)
         return 3

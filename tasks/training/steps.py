@@ -86,6 +86,7 @@ def run_steps(
                     break
                 loss = train_step(iterator)
                 step += 1
+                saver.raise_if_failed()  # a failed background write stops training at the next step
                 if step % summary_every == 0:
                     value = replicas.reduce_sum(float(loss))
                     if not math.isfinite(value):  # every worker has the same sum: all stop here
@@ -102,6 +103,9 @@ def run_steps(
         except NonFiniteLossError as err:
             get_logger().error("%s", err)
             saver.finish(evaluation_timeout=preempted_evaluation_wait)  # commit (and evaluate) the good ones before
+            raise
+        except BaseException:
+            saver.abandon()  # no writer thread or evaluator outlives a failed training
             raise
         seconds = time.monotonic() - started
         progress.finish(step)

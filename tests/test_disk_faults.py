@@ -1,0 +1,176 @@
+"""Disk faults for real, through the command line, on small file systems the tests mount (tmpfs, as root):
+
+- a disk that fills up while training writes a checkpoint, a SavedModel version or a frozen graph: exit 2 and one
+  line naming the path and what was being written (no TensorFlow op names), earlier checkpoints and versions intact
+  and usable, nothing partial left, no child process (the sidecar evaluator) left behind;
+- a model dir that refuses new entries mid-training (`chattr +i`; root ignores mode bits, and a tmpfs cannot be
+  remounted read-only while training holds files open for writing): the checkpoint writer's background error
+  stops the training with that reason, and the state file still names a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+
+import pytest
+from helpers import cli_command
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a size-limited tmpfs and chattr +i need root")
+
+NOTHING_PARTIAL = ("_temp", ".ptf-tmp-")
+
+
+@contextmanager
+def small_filesystem(path, size: str):
+    """A tmpfs of `size` mounted at `path` for the block (skips the test where mounting is not permitted)."""
+    os.makedirs(path, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: str) -> None:
+    """Write a filler file until the file system is full."""
+    with open(os.path.join(directory, "filler"), "wb", buffering=0) as handle:
+        try:
+            while handle.write(b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+
+
+def run(env, *args: object, timeout: float = 300) -> tuple[int, str]:
+    """Run the CLI; (exit status, its `error:` line or '')."""
+    done = subprocess.run(cli_command(*args), env=env, capture_output=True, text=True, timeout=timeout)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.returncode, errors[-1] if errors else ""
+
+
+def assert_plain(message: str) -> None:
+    for internal in ("[Op:", "function_node", "/proc/self/fd", ".tempstate"):
+        assert internal not in message, message
+
+
+def processes_naming(text: str) -> list[str]:
+    """Command lines of the running processes that mention `text` (a model dir: its sidecar evaluator's)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command and "pytest" not in command:
+            found.append(f"{pid}: {command}")
+    return found
+
+
+def assert_no_process_left(model_dir: str, within: float = 3.0) -> None:
+    deadline = time.monotonic() + within
+    while processes_naming(model_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_naming(model_dir) == []
+
+
+def listed_checkpoints(model_dir: str) -> tuple[str, list[str]]:
+    """The state file's latest checkpoint and kept list (names)."""
+    text = open(os.path.join(model_dir, "checkpoint"), encoding="utf-8").read()
+    latest = text.split('model_checkpoint_path: "', 1)[1].split('"', 1)[0]
+    kept = [line.split('"')[1] for line in text.splitlines() if line.startswith("all_model_checkpoint_paths")]
+    return latest, kept
+
+
+def assert_listed_are_complete(model_dir: str) -> str:
+    latest, kept = listed_checkpoints(model_dir)
+    assert latest in kept
+    for name in kept:
+        assert os.path.getsize(os.path.join(model_dir, f"{name}.index")) > 0
+        assert os.path.getsize(os.path.join(model_dir, f"{name}.data-00000-of-00001")) > 0
+    return latest
+
+
+def digest(directory: str) -> str:
+    sha = hashlib.sha256()
+    for root, _, files in sorted(os.walk(directory)):
+        for name in sorted(files):
+            sha.update(name.encode() + open(os.path.join(root, name), "rb").read())
+    return sha.hexdigest()
+
+
+def test_full_disk_while_training_exporting_and_freezing(tmp_path, cli_env):
+    env = {**cli_env, "PREFECT_TENSORFLOW_DATA_HOME": str(tmp_path / "home")}
+    with small_filesystem(tmp_path / "models", "1000k") as models, small_filesystem(tmp_path / "out", "300k") as out:
+        model_dir = os.path.join(models, "iris")
+        status, message = run(env, "train", "--model-dir", model_dir, "--steps", 200, "--save-checkpoints-steps", 10)
+        assert status == 2 and message.startswith(f"error: model dir {model_dir}: writing checkpoint model.ckpt-"), message
+        assert message.endswith("No space left on device"), message
+        assert_plain(message)
+        assert_no_process_left(model_dir)
+        assert not [e for e in os.listdir(model_dir) if any(m in e for m in NOTHING_PARTIAL)], os.listdir(model_dir)
+        latest = assert_listed_are_complete(model_dir)
+        failed_step = int(message.split("model.ckpt-", 1)[1].split(" ", 1)[0])
+        assert int(latest.rsplit("-", 1)[1]) == failed_step - 10  # the last complete one; nothing later listed
+
+        # the checkpoints left restore: an export of the latest one works (and is verified against it)
+        export_base = os.path.join(out, "exports")
+        status, message = run(env, "export", os.path.join(model_dir, latest), "--export-base", export_base)
+        assert status == 0, message
+        version_one = digest(os.path.join(export_base, "1"))
+
+        fill(out)
+        _, kept = listed_checkpoints(model_dir)
+        status, message = run(env, "export", os.path.join(model_dir, kept[0]), "--export-base", export_base)
+        assert status == 2, message
+        assert message.startswith(f"error: writing SavedModel version {export_base}/2 failed: "), message
+        assert message.endswith("No space left on device; nothing was published"), message
+        assert_plain(message)
+        assert sorted(os.listdir(export_base)) == [".prefect-tensorflow.lock", "1"]
+        assert digest(os.path.join(export_base, "1")) == version_one
+
+        frozen = os.path.join(out, "iris.pb")
+        status, message = run(env, "freeze", os.path.join(model_dir, latest), "--output", frozen)
+        assert status == 2, message
+        assert message.startswith(f"error: writing frozen graph {frozen} failed: "), message
+        assert "No space left on device" in message
+        assert_plain(message)
+        assert sorted(os.listdir(out)) == ["exports", "filler"]
+
+
+def test_model_dir_refusing_writes_mid_training_stops_it_with_the_reason(tmp_path, cli_env):
+    env = {**cli_env, "PREFECT_TENSORFLOW_DATA_HOME": str(tmp_path / "home")}
+    if subprocess.run(["chattr", "-i", str(tmp_path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr is missing or the file system has no immutable flag")
+    model_dir = str(tmp_path / "iris")
+    args = ["train", "--model-dir", model_dir, "--steps", 200000, "--save-checkpoints-steps", 100, "--keep-checkpoint-max", 2]
+    process = subprocess.Popen(cli_command(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        state = os.path.join(model_dir, "checkpoint")
+        deadline = time.monotonic() + 120
+        while not (os.path.exists(state) and "model.ckpt-0" not in listed_checkpoints(model_dir)[0]):
+            assert process.poll() is None and time.monotonic() < deadline, "training ended before its second checkpoint"
+            time.sleep(0.05)
+        # immutable: no entry can be created, renamed or removed in it (root ignores mode bits, not this flag;
+        # a read-only remount is refused while training holds files open for writing)
+        subprocess.run(["chattr", "+i", model_dir], check=True)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        subprocess.run(["chattr", "-i", model_dir], check=False)
+    message = [line for line in stderr.splitlines() if line.startswith("error: ")][-1:]
+    assert process.returncode == 2 and message, stderr[-3000:]
+    assert message[0].startswith(f"error: model dir {model_dir}: writing checkpoint model.ckpt-"), message
+    assert "Operation not permitted" in message[0], message
+    assert_plain(message[0])
+    assert_no_process_left(model_dir)
+    assert_listed_are_complete(model_dir)
