@@ -9,8 +9,12 @@ new run of the same deployment with the same parameters, tagged `attempt:<k>` an
 `resubmission-of:<crashed run id>`. The training of that run resumes from the
 model dir's newest valid checkpoint, as every training does. The decision and
 its reason are logged and published as the run's `resubmission` artifact; a
-second event for the same crash finds the same new run (the request's
-idempotency key), never a second one.
+second event for the same crash finds the run made for the first ("not
+resubmitted again"; two at the same moment: the request's idempotency key
+returns the same run), never a second one. If the crashed run's process is in
+fact still alive (its heartbeats were lost, not its process), the new run finds
+the model dir's trainer lease held and fails naming the holder: two attempts
+never train one model dir at once.
 
 Example:
     >>> from prefect_tensorflow.flows.resubmission import resubmit_crashed
@@ -68,11 +72,14 @@ def parse_flow_run_id(value: str) -> UUID:
 
 def read_crashed_run(client: Any, run_id: UUID) -> tuple[CrashedRun, Any]:
     """The facts the policy needs about run `run_id`, and the run itself (a sync Prefect client)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.client.schemas.objects import StateType
 
     run = client.read_flow_run(run_id)
     flow_name = client.read_flow(run.flow_id).name
     cancelled = any(state.type == StateType.CANCELLING for state in client.read_flow_run_states(run_id))
+    tag = FlowRunFilterTags(all_=[f"{RESUBMISSION_OF_TAG}{run_id}"])
+    earlier = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=tag), limit=1)
     return (
         CrashedRun(
             run_id=str(run.id),
@@ -81,6 +88,7 @@ def read_crashed_run(client: Any, run_id: UUID) -> tuple[CrashedRun, Any]:
             state_type=run.state.type.value if run.state else "UNKNOWN",
             tags=tuple(run.tags or ()),
             cancelled=cancelled,
+            resubmitted_as=str(earlier[0].id) if earlier else None,
         ),
         run,
     )

@@ -273,3 +273,32 @@ def test_a_crashed_run_is_resubmitted_and_resumes_until_it_finishes_as_if_never_
     assert not [p for p in (served.root / "tmp").iterdir() if p.name.startswith("ptf-")]
     assert not [p for p in model_dir.iterdir() if p.name.endswith(("_temp", ".tmp"))]
     assert not (model_dir / LOCK_FILE).exists()  # the killed attempts' lease died with them; the last one released it
+
+
+@pytest.mark.slow
+def test_a_run_marked_crashed_while_still_training_is_resubmitted_but_the_new_run_does_not_train_beside_it(stack):
+    """A false zombie (heartbeats lost, process alive): the resubmission finds the model dir's lease held."""
+    from prefect.states import Crashed
+
+    served, log = stack, stack.serve_log
+    model_dir = served.root / "data" / "models" / "alive"
+    training = {**TRAINING, "more_steps": 100_000}
+    parameters = {"model_dir": str(model_dir), "track": False, "registered_model_name": "alive", "training": training}
+    with served.api() as client:
+        alive = served.create_run(client, "retrain-iris", parameters)
+    wait_for("a checkpoint past step 0", lambda: committed_step(model_dir) > 0, 300, log, poll=0.1)
+    with served.api() as client:  # what the zombie-run automation does to a run whose heartbeats were lost
+        client.set_flow_run_state(alive, Crashed(message="heartbeats lost (the test)"), force=True)
+    try:
+        second = wait_for("the resubmission created", lambda: resubmission_of(served, alive), 120, log)
+        run = wait_for("the resubmission final", lambda: (r := read_run(served, str(second.id))).state.is_final() and r, 300, log)
+        assert run.state.is_failed(), run.state
+        assert "another training holds it" in (run.state.message or "") and alive in (run.state.message or ""), run.state.message
+        assert not [line for line in run_logs(served, str(second.id)) if line.startswith("training from step")]
+        assert flow_run_process(alive).is_running()  # the first one trains on, alone
+    finally:
+        for process in run_processes({alive}):
+            process.kill()
+    wait_for("the first run's processes gone", lambda: not run_processes({alive}) or None, 15, log, poll=0.2)
+    decisions = resubmission_artifacts(served)
+    assert any("attempt 2 of at most 3" in d and str(second.id) in d for d in decisions), decisions
