@@ -37,6 +37,8 @@ from ..storage.stores import read_location_bytes
 from .mlflow_connection import MlflowConfig
 
 TAG_PREFIX = "prefect_tensorflow."
+STOPPED_SEND_SECONDS = 2.0
+"""Seconds a cancelled or timed-out training waits for its metric sender before stopping it."""
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -141,7 +143,7 @@ class TrainingRun:
     """One MLflow run around a training: see the module docstring.
 
     Use as a context manager; the run ends FINISHED, or FAILED when the block
-    raises (KILLED on Ctrl-C).
+    raises (KILLED when stopped from outside: Ctrl-C, a Prefect cancel or timeout).
     """
 
     def __init__(
@@ -194,10 +196,14 @@ class TrainingRun:
             self.log_metric(key, value, step)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+        # KILLED when stopped from outside (Ctrl-C, a Prefect cancel or timeout: not an `Exception`), FAILED on an error.
+        status = "FINISHED" if exc_type is None else ("FAILED" if issubclass(exc_type, Exception) else "KILLED")
         try:
             if self._batcher is not None:
-                self._batcher.close()
+                if status == "KILLED":
+                    self._close_stopped_batcher()
+                else:
+                    self._batcher.close()
             if exc_type is None:
                 log_checkpoint_artifacts(self.connection, self._client, self.run_id or "", self.model_dir)
         except BaseException:
@@ -205,6 +211,17 @@ class TrainingRun:
             raise
         finally:
             self.connection.retrying("ending the training run", self._client.set_terminated, self.run_id, status)
+
+    def _close_stopped_batcher(self) -> None:
+        """A stopped run (a cancel must end within seconds) gives its metric sender `STOPPED_SEND_SECONDS` to
+        send what is queued (it runs at the lowest CPU priority); what is left then is not sent, and said so."""
+        from ..errors import MlflowUnavailableError
+
+        assert self._batcher is not None
+        try:
+            self._batcher.close(timeout=STOPPED_SEND_SECONDS)
+        except MlflowUnavailableError as err:
+            get_logger().warning("run %s stopped: its last metrics were not all sent to MLflow (%s)", self.run_id, err)
 
 
 def log_checkpoint_artifacts(connection: MlflowConfig, client: Any, run_id: str, model_dir: str) -> None:

@@ -246,13 +246,17 @@ class CheckpointSaver:
             if self.evaluator is not None:
                 self.evaluator.stop()
 
-    def finish(self, *, evaluation_timeout: Optional[float] = None) -> None:
-        """Wait for the writes and for this process's evaluator (at most `evaluation_timeout` s); take the last
+    def finish(self, *, evaluation_timeout: Optional[float] = None, stop_evaluator: bool = False) -> None:
+        """Wait for the writes and for this process's evaluator (at most `evaluation_timeout` s; with
+        `stop_evaluator`, a cancel or a timeout, it is stopped at once: `SidecarEvaluator.stop`); take the last
         checkpoint's metrics. The keep policy's last sweep waits for the evaluator: here when it is this
         process's, the caller's own when it runs elsewhere."""
         self.writer.finish()
         if self.evaluator is not None:
-            self.evaluator.finish(timeout=evaluation_timeout)
+            if stop_evaluator:
+                self.evaluator.stop()
+            else:
+                self.evaluator.finish(timeout=evaluation_timeout)
         if not self.sidecar_elsewhere:
             self.writer.apply_keep_policy()
         if self.chief and self.last_step is not None:

@@ -25,7 +25,7 @@ from typing import Any, Optional, Protocol
 
 from ..errors import NonFiniteLossError
 from ..run_context import get_logger
-from . import sidecar_evaluator
+from . import sidecar_evaluator, stop_request
 from .checkpoint_saver import CheckpointSaver
 from .model_and_data import write_graph
 from .preemption import PreemptionGuard
@@ -42,11 +42,19 @@ class Progress(Protocol):
     def finish(self, step: int) -> None: ...
 
 
-class LoopOutcome:
-    """Where the loop stopped, whether SIGTERM stopped it, and the seconds from its first step to its last save."""
+STOP_MESSAGES = {
+    stop_request.PREEMPTED: "SIGTERM received at step %d: saving a checkpoint before exiting",
+    stop_request.CANCELLED: "flow run cancelled at step %d: saving a checkpoint, then stopping (the next run resumes from it)",
+    stop_request.TIMED_OUT: "timeout reached at step %d: saving a checkpoint, then stopping (the next run resumes from it)",
+}
 
-    def __init__(self, step: int, preempted: bool, seconds: float):
-        self.step, self.preempted, self.seconds = step, preempted, seconds
+
+class LoopOutcome:
+    """Where the loop stopped, whether a signal stopped it (and why: `stop_request`), and the seconds from its
+    first step to its last save."""
+
+    def __init__(self, step: int, preempted: bool, seconds: float, stopped: Optional[str] = None):
+        self.step, self.preempted, self.seconds, self.stopped = step, preempted, seconds, stopped
 
 
 def run_steps(
@@ -65,7 +73,12 @@ def run_steps(
     Before the first step, `graph.pbtxt` (and the event files and the sidecar's files, with `saver.summaries`) are
     written where the saver writes, so that the state file stays the last change to the model dir
     (see `checkpoint_files.state_file_is_last_change`). Then wait for the writes (and the evaluator this process started: at most
-    `preempted_evaluation_wait` s after a preemption, the grace period may be short).
+    `preempted_evaluation_wait` s after a preemption, the grace period may be short; after a cancel or a
+    timeout it is stopped at once: a cancel must end within seconds, the next training's evaluator catches up).
+
+    A SIGTERM or a Prefect timeout's SIGALRM (`preemption.PreemptionGuard`) stops the loop before the next
+    step: a checkpoint is saved, then the signal goes back to whoever sent it (the flow run ends Crashed after
+    a preemption, Cancelled after a cancel, TimedOut after a timeout).
     """
     policy, summary_every, summaries = saver.policy, saver.config.summary_every_n_steps, saver.summaries
     if step < target:
@@ -73,7 +86,7 @@ def run_steps(
         if summaries is not None:
             summaries.create()
             sidecar_evaluator.prepare(saver.directory.handle)
-    preempted = False
+    preempted, stopped = False, None
     started = time.monotonic()
     with PreemptionGuard(enabled=replicas.preemptible) as guard:
         try:
@@ -81,8 +94,8 @@ def run_steps(
                 saver.save(step)
             while step < target:
                 if guard.requested:
-                    preempted = True
-                    get_logger().warning("SIGTERM received at step %d: saving a checkpoint before exiting", step)
+                    preempted, stopped = True, guard.reason()
+                    get_logger().warning(STOP_MESSAGES.get(stopped or "", STOP_MESSAGES[stop_request.PREEMPTED]), step)
                     break
                 loss = train_step(iterator)
                 step += 1
@@ -109,7 +122,10 @@ def run_steps(
             raise
         seconds = time.monotonic() - started
         progress.finish(step)
-        saver.finish(evaluation_timeout=preempted_evaluation_wait if preempted else None)
+        saver.finish(
+            evaluation_timeout=preempted_evaluation_wait if preempted else None,
+            stop_evaluator=stopped in (stop_request.CANCELLED, stop_request.TIMED_OUT),
+        )
         if summaries is not None:
             summaries.flush()
-    return LoopOutcome(step, preempted, seconds)
+    return LoopOutcome(step, preempted, seconds, stopped)

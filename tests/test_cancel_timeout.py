@@ -1,0 +1,140 @@
+"""Cancel and timeout of long trainings through a real `prefect server` and `prefect-tensorflow serve`.
+
+One server and one serve for the module (`ServedDeployments`, seeded with the migrated database). A
+`retrain-iris` run cancelled as the UI cancels (the run set to CANCELLING) saves a checkpoint, stops its
+evaluator and ends Cancelled; the next run resumes from that checkpoint. A `workers=2` training and a
+sweep cancelled leave no process behind. A served flow with a short `timeout_seconds` ends TimedOut
+with a checkpoint saved at the stop.
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import re
+import time
+from pathlib import Path
+
+import pytest
+from served import ServedDeployments
+
+from prefect_tensorflow.tasks.checkpoints.selection import list_checkpoints, select_latest_checkpoint
+from prefect_tensorflow.tasks.child_processes import log_tail
+from prefect_tensorflow.tasks.configs import TrainingConfig
+from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
+
+pytestmark = pytest.mark.slow
+TESTS = Path(__file__).resolve().parent
+STOP_BOUND_SECONDS = 10.0
+"""Cancel to the flow-run engine done: the stop at the next step, one checkpoint write, the evaluator stopped,
+at most 2 s for the metric sender (measured ~4 s on 2 cores at load 9)."""
+FINAL_BOUND_SECONDS = 30.0
+"""Cancel to Cancelled: then the process exits (TensorFlow's teardown) and Prefect's runner, which looks every
+3 s, records Cancelled; 30 s is the runner's grace before it SIGKILLs (measured 6-16 s at load 9)."""
+LONG_TRAINING = {"more_steps": 10_000_000, "policy": {"save_checkpoints_steps": 500, "save_checkpoints_secs": None}}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, prefect_database):
+    root = tmp_path_factory.mktemp("cancel")
+    (root / "tmp").mkdir()
+    environ = ServedDeployments.environ_for(
+        root,
+        PREFECT_TENSORFLOW_HOME=str(root / "data"),
+        MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db",
+        TMPDIR=str(root / "tmp"),  # what the runs leave in $TMPDIR is checked
+        PYTHONPATH=str(TESTS),
+    )
+    deployments = ServedDeployments(root, environ, limit=2, database=prefect_database)
+    deployments.start_server()
+    try:
+        deployments.start_serve()
+        yield deployments
+    finally:
+        deployments.stop()
+
+
+def processes_of(run_id: str) -> list[str]:
+    """`pid command` of every process whose environment names flow run `run_id` (the runner sets
+    PREFECT__FLOW_RUN_ID; every child of the flow-run process inherits it)."""
+    found = []
+    needle = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
+    for environ in glob.glob("/proc/[0-9]*/environ"):
+        try:
+            with open(environ, "rb") as handle:
+                if needle not in handle.read().split(b"\0"):
+                    continue
+            with open(environ.replace("environ", "cmdline"), "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        found.append(f"{environ.split('/')[2]} {command[:160]}")
+    return found
+
+
+def checkpoints_in(model_dir: Path) -> list:
+    return list_checkpoints(str(model_dir)) if (model_dir / "checkpoint").exists() else []
+
+
+def wait_for(condition, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} after {timeout} s:\n{log_tail(str(log))}")
+        time.sleep(0.2)
+
+
+def cancel_and_wait(served: ServedDeployments, client, run_id: str) -> tuple[object, float, float]:
+    """Cancel as the UI does (the run set to CANCELLING); its final state, the seconds until the flow-run
+    engine was done (its log line "Flow run was cancelled.") and until the final state."""
+    from prefect.states import Cancelling
+
+    started, wall = time.monotonic(), datetime.datetime.now()
+    client.set_flow_run_state(run_id, Cancelling(message="cancelled from the test"))
+    run = served.wait(client, [run_id], 120, poll=0.2)[run_id]
+    final = time.monotonic() - started
+    stamps = re.findall(r"^(\d\d):(\d\d):(\d\d\.\d+) \| INFO .* - Flow run was cancelled\.$", served.serve_log.read_text(), re.M)
+    hours, minutes, seconds = stamps[-1] if stamps else ("99", "0", "0")
+    done = (int(hours) * 3600 + int(minutes) * 60 + float(seconds)) - (
+        wall.hour * 3600 + wall.minute * 60 + wall.second + wall.microsecond / 1e6
+    )
+    return run.state, done % 86400, final
+
+
+def assert_nothing_left(run_id: str, served: ServedDeployments, *dirs: Path) -> None:
+    deadline = time.monotonic() + 10  # the runner reaps the process group a moment after the final state
+    while processes_of(run_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of(run_id) == [], "processes of the cancelled run are left"
+    leftovers = [p for d in dirs for p in glob.glob(f"{d}/**/*", recursive=True) if "_temp" in p or p.endswith(".tmp")]
+    assert leftovers == []
+    assert glob.glob(f"{served.root / 'tmp'}/ptf-*") == []
+
+
+def test_a_cancelled_retrain_saves_stops_everything_ends_cancelled_and_the_next_run_resumes(served):
+    model_dir = served.root / "data" / "models" / "cancel"
+    with served.api() as client:
+        run_id = served.create_run(
+            client, "retrain-iris", {"model_dir": str(model_dir), "training": LONG_TRAINING, "registered_model_name": "cancel"}
+        )
+        wait_for(lambda: len(checkpoints_in(model_dir)) >= 2, 300, "no periodic checkpoint", served.serve_log)
+        assert any("sidecar_evaluator_main" in p for p in processes_of(run_id))
+        periodic = max(ref.step for ref in list_checkpoints(str(model_dir)))
+        state, stopped_after, final_after = cancel_and_wait(served, client, run_id)
+        assert state.is_cancelled(), f"{state}: {state.message}\n{log_tail(str(served.serve_log))}"
+        assert stopped_after < STOP_BOUND_SECONDS and final_after < FINAL_BOUND_SECONDS
+        assert_nothing_left(run_id, served, model_dir)
+        stopped = select_latest_checkpoint(str(model_dir), verify_checksums=True)
+        assert stopped.step is not None and stopped.step > periodic and stopped.step % 500 != 0  # saved at the stop
+        log = served.serve_log.read_text()
+        assert f"flow run cancelled at step {stopped.step}: saving a checkpoint" in log
+        import mlflow
+
+        tracking = mlflow.MlflowClient(served.environ["MLFLOW_TRACKING_URI"])
+        runs = tracking.search_runs([e.experiment_id for e in tracking.search_experiments()])
+        assert [r.info.status for r in runs if r.data.params.get("model_dir") == str(model_dir)] == ["KILLED"]
+
+    # The next training resumes from the checkpoint saved at the cancel (here in this process: the served
+    # path to the training is the one above).
+    result = train_with_checkpoints(str(model_dir), TrainingConfig(more_steps=20, evaluation="none"))
+    assert (result.start_step, result.final_step) == (stopped.step, stopped.step + 20)
