@@ -47,12 +47,19 @@ def fill(directory: str) -> None:
             pass
 
 
-def run(env, *args: object, timeout: float = 300) -> tuple[int, str]:
-    """Run the CLI; (exit status, its `error:` line or '')."""
-    done = subprocess.run(cli_command(*args), env=env, capture_output=True, text=True, timeout=timeout)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    return done.returncode, errors[-1] if errors else ""
+def run(env, *commands: tuple, timeout: float = 300) -> list[tuple[int, str]]:
+    """Run CLI commands side by side; for each, (exit status, its `error:` line or '')."""
+    started = [
+        subprocess.Popen(cli_command(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for args in commands
+    ]
+    results = []
+    for process in started:
+        _, stderr = process.communicate(timeout=timeout)
+        assert "Traceback" not in stderr, stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        results.append((process.returncode, errors[-1] if errors else ""))
+    return results
 
 
 def assert_plain(message: str) -> None:
@@ -110,7 +117,7 @@ def test_full_disk_while_training_exporting_and_freezing(tmp_path, cli_env):
     env = {**cli_env, "PREFECT_TENSORFLOW_DATA_HOME": str(tmp_path / "home")}
     with small_filesystem(tmp_path / "models", "1000k") as models, small_filesystem(tmp_path / "out", "300k") as out:
         model_dir = os.path.join(models, "iris")
-        status, message = run(env, "train", "--model-dir", model_dir, "--steps", 200, "--save-checkpoints-steps", 10)
+        [(status, message)] = run(env, ("train", "--model-dir", model_dir, "--steps", 200, "--save-checkpoints-steps", 10))
         assert status == 2 and message.startswith(f"error: model dir {model_dir}: writing checkpoint model.ckpt-"), message
         assert message.endswith("No space left on device"), message
         assert_plain(message)
@@ -122,13 +129,18 @@ def test_full_disk_while_training_exporting_and_freezing(tmp_path, cli_env):
 
         # the checkpoints left restore: an export of the latest one works (and is verified against it)
         export_base = os.path.join(out, "exports")
-        status, message = run(env, "export", os.path.join(model_dir, latest), "--export-base", export_base)
+        [(status, message)] = run(env, ("export", os.path.join(model_dir, latest), "--export-base", export_base))
         assert status == 0, message
         version_one = digest(os.path.join(export_base, "1"))
 
         fill(out)
         _, kept = listed_checkpoints(model_dir)
-        status, message = run(env, "export", os.path.join(model_dir, kept[0]), "--export-base", export_base)
+        frozen = os.path.join(out, "iris.pb")
+        (status, message), (frozen_status, frozen_message) = run(
+            env,
+            ("export", os.path.join(model_dir, kept[0]), "--export-base", export_base),
+            ("freeze", os.path.join(model_dir, latest), "--output", frozen),
+        )
         assert status == 2, message
         assert message.startswith(f"error: writing SavedModel version {export_base}/2 failed: "), message
         assert message.endswith("No space left on device; nothing was published"), message
@@ -136,8 +148,7 @@ def test_full_disk_while_training_exporting_and_freezing(tmp_path, cli_env):
         assert sorted(os.listdir(export_base)) == [".prefect-tensorflow.lock", "1"]
         assert digest(os.path.join(export_base, "1")) == version_one
 
-        frozen = os.path.join(out, "iris.pb")
-        status, message = run(env, "freeze", os.path.join(model_dir, latest), "--output", frozen)
+        status, message = frozen_status, frozen_message
         assert status == 2, message
         assert message.startswith(f"error: writing frozen graph {frozen} failed: "), message
         assert "No space left on device" in message

@@ -25,14 +25,26 @@ _CALL = re.compile(r"^\d+\s+(?:<\.\.\. )?(\w+)\((.*)")
 _FD_PATH = re.compile(r"^-?\d+<([^>]*)>")
 
 
-def traced(tmp_path, env, *args: object) -> list[tuple[str, list[str]]]:
-    """Run the CLI under strace; its calls, in order, as (name, [argument, ...]) with descriptors shown as paths."""
-    trace = tmp_path / f"trace-{len(list(tmp_path.glob('trace-*')))}.txt"
-    command = ["strace", "-f", "-qq", "-y", "--seccomp-bpf", "-e", f"trace={TRACED}", "-o", str(trace), *cli_command(*args)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+def traced(tmp_path, env, *commands: tuple) -> list[list[tuple[str, list[str]]]]:
+    """Run CLI commands side by side, each under strace; for each, its calls in order, as (name, [argument, ...])
+    with descriptors shown as paths."""
+    started = []
+    for args in commands:
+        trace = tmp_path / f"trace-{len(list(tmp_path.glob('trace-*')))}.txt"
+        trace.touch()
+        command = ["strace", "-f", "-qq", "-y", "--seccomp-bpf", "-e", f"trace={TRACED}", "-o", str(trace), *cli_command(*args)]
+        started.append((trace, subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+    results = []
+    for trace, process in started:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        results.append(_calls(trace.read_text()))
+    return results
+
+
+def _calls(text: str) -> list[tuple[str, list[str]]]:
     calls = []
-    for line in trace.read_text().splitlines():
+    for line in text.splitlines():
         match = _CALL.match(line)
         if not match or "resumed>" in line or match.group(1) not in TRACED.split(","):
             continue
@@ -61,9 +73,11 @@ def renamed_to(call: tuple[str, list[str]]) -> tuple[str, str] | None:
 
 def test_durable_commit_order_for_checkpoints_exports_and_frozen_graphs(tmp_path, cli_env):
     env = {**cli_env, "PREFECT_TENSORFLOW_DATA_HOME": str(tmp_path / "home")}
-    model_dir = str(tmp_path / "model")
-    calls = traced(tmp_path, env, "train", "--model-dir", model_dir, "--steps", 20, "--save-checkpoints-steps", 10,
-                   "--evaluation", "none")  # fmt: skip
+    model_dir, fast_dir = str(tmp_path / "model"), str(tmp_path / "fast")
+    train = ("train", "--steps", 20, "--save-checkpoints-steps", 10, "--evaluation", "none")
+    calls, fast_calls = traced(
+        tmp_path, env, (*train, "--model-dir", model_dir), (*train, "--model-dir", fast_dir, "--no-durable-commit")
+    )
 
     # every commit: the checkpoint's .index and .data-*, then the model dir, then the staged state file are
     # fsynced before the rename that makes the state file name it, and the model dir right after it
@@ -80,9 +94,22 @@ def test_durable_commit_order_for_checkpoints_exports_and_frozen_graphs(tmp_path
         assert fsynced(calls[at + 1]) == model_dir, calls[at : at + 2]
         previous = at
 
-    # a SavedModel version: every file and directory of the staged version, then the rename, then the base
+    # the option off: no checkpoint file, state file or model dir is synced (the commits stay atomic renames;
+    # the metrics log's appends keep their own fsync, as before)
+    synced = {fsynced(c) for c in fast_calls} - {None}
+    assert {p for p in synced if p.startswith(fast_dir)} == {f"{fast_dir}/checkpoint_metrics.jsonl"}
+    assert len([c for c in fast_calls if renamed_to(c) == (fast_dir, "checkpoint")]) == 3
+
     export_base = str(tmp_path / "exports")
-    calls = traced(tmp_path, env, "export", f"{model_dir}/model.ckpt-20", "--export-base", export_base)
+    frozen = str(tmp_path / "frozen" / "iris.pb")
+    os.makedirs(os.path.dirname(frozen))
+    calls, frozen_calls = traced(
+        tmp_path,
+        env,
+        ("export", f"{model_dir}/model.ckpt-20", "--export-base", export_base),
+        ("freeze", f"{model_dir}/model.ckpt-20", "--output", frozen),
+    )
+    # a SavedModel version: every file and directory of the staged version, then the rename, then the base
     published = [i for i, c in enumerate(calls) if renamed_to(c) == (export_base, "1")]
     assert len(published) == 1, calls
     at = published[0]
@@ -99,20 +126,9 @@ def test_durable_commit_order_for_checkpoints_exports_and_frozen_graphs(tmp_path
     assert fsynced(calls[at + 1]) == export_base
 
     # a frozen graph: the staged file, then its link into place, then the directory
-    frozen = str(tmp_path / "frozen" / "iris.pb")
-    os.makedirs(os.path.dirname(frozen))
-    calls = traced(tmp_path, env, "freeze", f"{model_dir}/model.ckpt-20", "--output", frozen)
+    calls = frozen_calls
     linked = [i for i, c in enumerate(calls) if renamed_to(c) == (os.path.dirname(frozen), "iris.pb")]
     assert len(linked) == 1, calls
     at = linked[0]
     assert re.search(r"/\.iris\.pb\.ptf-tmp-", fsynced(calls[at - 1]) or ""), calls[at - 2 : at + 1]
     assert fsynced(calls[at + 1]) == os.path.dirname(frozen)
-
-    # the option off: no checkpoint file, state file or model dir is synced (the commits stay atomic renames;
-    # the metrics log's appends keep their own fsync, as before)
-    fast_dir = str(tmp_path / "fast")
-    calls = traced(tmp_path, env, "train", "--model-dir", fast_dir, "--steps", 20, "--save-checkpoints-steps", 10,
-                   "--evaluation", "none", "--no-durable-commit")  # fmt: skip
-    synced = {fsynced(c) for c in calls} - {None}
-    assert {p for p in synced if p.startswith(fast_dir)} == {f"{fast_dir}/checkpoint_metrics.jsonl"}
-    assert len([c for c in calls if renamed_to(c) == (fast_dir, "checkpoint")]) == 3

@@ -53,6 +53,7 @@ from ..storage.local import (
     staged_file,
 )
 from ..storage.locations import parse_location
+from ..storage.write_failures import reported_write_failure
 from .export_base import RemoteExportBase, saved_model_digest
 
 MANIFEST = ".prefect-tensorflow-mirror.json"
@@ -240,7 +241,12 @@ def _download_verified(
     """
     recorded = source.info(source.path(version)).get("result", {}).get("digest")
     try:
-        with staged_directory(str(version), parent=target) as tmp:  # verifies the target, renames, or removes
+        with (
+            reported_write_failure(
+                f"writing mirrored version {target.display(str(version))}", {target.handle: target.path}, ExportError
+            ),
+            staged_directory(str(version), parent=target) as tmp,  # verifies the target, renames, or removes
+        ):
             source.store.download_directory(str(version), tmp)
             digest = saved_model_digest(tmp)
             if recorded is not None and digest != recorded:
