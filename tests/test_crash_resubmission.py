@@ -302,3 +302,30 @@ def test_a_run_marked_crashed_while_still_training_is_resubmitted_but_the_new_ru
     wait_for("the first run's processes gone", lambda: not run_processes({alive}) or None, 15, log, poll=0.2)
     decisions = resubmission_artifacts(served)
     assert any("attempt 2 of at most 3" in d and str(second.id) in d for d in decisions), decisions
+
+
+@pytest.mark.slow
+def test_a_crashed_two_worker_run_is_resubmitted_and_its_workers_do_not_outlive_it(stack):
+    """workers=2: the flow-run process SIGKILLed takes the supervisor and both workers with it; attempt 2
+    resumes with two workers to the first attempt's target step."""
+    served, log = stack, stack.serve_log
+    model_dir = served.root / "data" / "models" / "two-workers"
+    training = {**TRAINING, "more_steps": 400, "workers": 2, "evaluation": "none"}
+    parameters = {"model_dir": str(model_dir), "track": False, "registered_model_name": "two-workers", "training": training}
+    with served.api() as client:
+        first = served.create_run(client, "retrain-iris", parameters)
+    wait_for("a checkpoint past step 100", lambda: committed_step(model_dir) >= 100, 300, log, poll=0.01)
+    assert len(run_processes({first})) >= 4  # the flow run, the supervisor, two workers
+    flow_run_process(first).kill()
+    crashed_at = committed_step(model_dir)
+    assert crashed_at < 400
+    wait_for("attempt 1's processes gone", lambda: not run_processes({first}) or None, 15, log, poll=0.2)
+    second = wait_for("attempt 2 created", lambda: resubmission_of(served, first), 120, log)
+    assert second.parameters["training"]["steps"] == 400 and second.parameters["training"]["workers"] == 2
+    run = wait_for("attempt 2 final", lambda: (r := read_run(served, str(second.id))).state.is_final() and r, 600, log, poll=1)
+    assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-4000:]}"
+    started = [line for line in run_logs(served, str(second.id)) if line.startswith("training from step")]
+    assert started and int(started[0].split()[3]) >= crashed_at > 0, started
+    assert select_latest_checkpoint(model_dir, verify_checksums=True).step == 400
+    wait_for("attempt 2's processes gone", lambda: not run_processes({str(second.id)}) or None, 15, log, poll=0.2)
+    assert not [p for p in (served.root / "tmp").iterdir() if p.name.startswith("ptf-")]

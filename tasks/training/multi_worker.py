@@ -152,6 +152,7 @@ def train_multi_worker(
     read_kept_list(local_dir, untrusted=untrusted)
     start_step, latest_path, latest_metrics = _newest(local_dir)
     target = config.target_step(start_step)
+    get_logger().info("training from step %d to target step %d", start_step, target)  # as loop.py's, for a resubmission
     events = WorkerEvents(on_progress, on_checkpoint)
     if tracking is None:
         return _run_supervisor(local_dir, resolved, start_step, target, latest_path, latest_metrics, options, events, untrusted)
