@@ -299,6 +299,10 @@ def sweep(
         )
         status = "FINISHED"
         return summary
+    except BaseException as err:
+        if not isinstance(err, Exception):  # stopped from outside: a Prefect cancel or timeout, Ctrl-C
+            status = "KILLED"
+        raise
     finally:
         if connection is not None and parent_run_id is not None:
             try:

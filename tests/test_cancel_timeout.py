@@ -12,14 +12,17 @@ from __future__ import annotations
 import datetime
 import glob
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from served import ServedDeployments
 
 from prefect_tensorflow.tasks.checkpoints.selection import list_checkpoints, select_latest_checkpoint
-from prefect_tensorflow.tasks.child_processes import log_tail
+from prefect_tensorflow.tasks.child_processes import log_tail, stop_process_group
 from prefect_tensorflow.tasks.configs import TrainingConfig
 from prefect_tensorflow.tasks.training.loop import train_with_checkpoints
 
@@ -138,3 +141,106 @@ def test_a_cancelled_retrain_saves_stops_everything_ends_cancelled_and_the_next_
     # path to the training is the one above).
     result = train_with_checkpoints(str(model_dir), TrainingConfig(more_steps=20, evaluation="none"))
     assert (result.start_step, result.final_step) == (stopped.step, stopped.step + 20)
+
+
+def test_a_cancelled_two_worker_training_leaves_no_supervisor_or_worker_and_ends_cancelled(served):
+    model_dir = served.root / "data" / "models" / "two-workers"
+    training = {**LONG_TRAINING, "workers": 2, "evaluation": "none"}
+    with served.api() as client:
+        run_id = served.create_run(client, "retrain-iris", {"model_dir": str(model_dir), "training": training, "track": False})
+        wait_for(lambda: len(checkpoints_in(model_dir)) >= 2, 300, "no periodic checkpoint", served.serve_log)
+        running = processes_of(run_id)
+        assert any("multi_worker_main supervise" in p for p in running) and sum(" worker " in p for p in running) == 2
+        state, _, final_after = cancel_and_wait(served, client, run_id)
+        assert state.is_cancelled(), f"{state}: {state.message}\n{log_tail(str(served.serve_log))}"
+        assert final_after < FINAL_BOUND_SECONDS
+        assert_nothing_left(run_id, served, model_dir)
+        select_latest_checkpoint(str(model_dir), verify_checksums=True)  # what was committed restores
+
+
+def test_a_cancelled_sweep_leaves_no_trainer_and_ends_cancelled(served):
+    sweep_root = served.root / "data" / "sweeps" / "cancel"
+    candidates = [{"hparams": {"learning_rate": 0.05}, "seed": 0}, {"hparams": {"learning_rate": 0.1}, "seed": 0}]
+    parameters = {
+        "sweep_root": str(sweep_root),
+        "candidates": candidates,
+        "training": {"steps": 10_000_000, "evaluation": "none", "policy": LONG_TRAINING["policy"]},
+        "dask_workers": 2,
+        "track": False,
+    }
+    with served.api() as client:
+        served.deployments.update({d.name: str(d.id) for d in client.read_deployments()})
+        run_id = served.create_run(client, "sweep-iris", parameters)
+        wait_for(lambda: len(glob.glob(f"{sweep_root}/*/checkpoint")) == 2, 300, "no candidate checkpoints", served.serve_log)
+        assert sum("sweep_trainer_main" in p for p in processes_of(run_id)) == 2
+        state, _, final_after = cancel_and_wait(served, client, run_id)
+        assert state.is_cancelled(), f"{state}: {state.message}\n{log_tail(str(served.serve_log))}"
+        assert final_after < FINAL_BOUND_SECONDS
+        assert_nothing_left(run_id, served, sweep_root)
+
+
+TIMED_FLOW = """
+import sys
+from prefect import flow
+from prefect_tensorflow.tasks import TrainingConfig, prefect_tasks
+
+@flow(name="timed-training", timeout_seconds=float(sys.argv[2]))
+def timed_training(model_dir: str):
+    config = TrainingConfig(more_steps=10_000_000, policy={"save_checkpoints_steps": 500, "save_checkpoints_secs": None})
+    return prefect_tasks.train_with_checkpoints(model_dir, config)
+
+timed_training(sys.argv[1])
+"""
+
+
+def test_a_flow_timeout_stops_the_training_with_a_checkpoint_and_the_run_ends_timed_out(served, tmp_path):
+    """A flow run on the module's server whose `timeout_seconds` passes mid-training: Prefect's alarm stops
+    the loop at the next step, a checkpoint is saved, the evaluator is stopped, the run ends TimedOut."""
+    model_dir = tmp_path / "timed"
+    script = tmp_path / "timed_flow.py"
+    script.write_text(TIMED_FLOW)
+    log = tmp_path / "timed_flow.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(script), str(model_dir), "40"],
+            env=served.environ,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        process.wait(timeout=240)
+    finally:
+        stop_process_group(process, grace=5)
+    output = log.read_text()
+    assert process.returncode == 1, output[-3000:]
+    match = re.search(r"timeout reached at step (\d+): saving a checkpoint", output)
+    assert match, output[-3000:]
+    stopped = select_latest_checkpoint(str(model_dir), verify_checksums=True)
+    assert stopped.step == int(match.group(1)) and stopped.step % 500 != 0  # saved at the stop
+    assert "Finished in state TimedOut('Flow run exceeded timeout of 40.0 second(s)', type=FAILED)" in output
+    with served.api() as client:
+        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name(output)])))
+    assert run.state.name == "TimedOut" and run.state.is_failed()
+    deadline = time.monotonic() + 10
+    while [p for p in running_commands() if str(model_dir) in p] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [p for p in running_commands() if str(model_dir) in p] == []  # the sidecar evaluator is gone
+    leftovers = [p for p in glob.glob(f"{model_dir}/**/*", recursive=True) if "_temp" in p or p.endswith(".tmp")]
+    assert leftovers == []
+
+
+def run_name(output: str) -> str:
+    (name,) = set(re.findall(r"Beginning flow run '([^']+)'", output))
+    return name
+
+
+def running_commands() -> list[str]:
+    commands = []
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as handle:
+                commands.append(handle.read().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return commands
