@@ -244,3 +244,45 @@ def running_commands() -> list[str]:
         except OSError:
             continue
     return commands
+
+
+class Raised(BaseException):
+    """What the stand-in for Prefect's handlers raises."""
+
+
+def test_the_guard_holds_a_timeouts_alarm_and_a_cancels_sigterm_until_the_block_ends():
+    """No server, in this process: what the served tests rely on, signal by signal. Inside the guard a signal only sets `requested`;
+    leaving the block sends it again to the handler that was there (Prefect's), and a cancel is told to
+    Prefect's control listener first, so that its flow engine calls the SIGTERM a cancel."""
+    import os
+    import signal
+
+    from prefect._internal import control_listener
+
+    from prefect_tensorflow.tasks.training.preemption import PreemptionGuard
+
+    def raise_it(signum, frame):
+        raise Raised(signum)
+
+    previous = {sig: signal.signal(sig, raise_it) for sig in (signal.SIGALRM, signal.SIGTERM)}
+    try:
+        for sig, cancelling, reason in (
+            (signal.SIGALRM, False, "timed out"),
+            (signal.SIGTERM, False, "preempted"),
+            (signal.SIGTERM, True, "cancelled"),
+        ):
+            control_listener.clear_intent()
+            held = False
+            with pytest.raises(Raised):
+                with PreemptionGuard(cancelling=lambda c=cancelling: c) as guard:
+                    os.kill(os.getpid(), sig)
+                    time.sleep(0.05)  # the handler runs here: it must not raise
+                    assert guard.requested and guard.reason() == reason
+                    held = True
+            assert held  # raised when the block ended, not inside it
+            assert control_listener.get_intent() == ("cancel" if cancelling else None)
+            assert signal.getsignal(sig) is raise_it  # the previous handler is back
+    finally:
+        control_listener.clear_intent()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
