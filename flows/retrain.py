@@ -49,7 +49,7 @@ from .artifacts import publish_manifest_table
 from .parameters import ParsedBy
 from .prelude import flow_prelude
 from .shipping import Destination, Shipped, check_decision, check_gate_metrics, publish_shipped, ship_checkpoint
-from .windows import WindowRun, plan_window_run, record_window_run, windowed_training
+from .windows import WindowRun, plan_window_run, record_window_run, window_lease, windowed_training
 
 
 class RetrainSummary(Shipped):
@@ -167,44 +167,45 @@ def retrain(
     prelude = flow_prelude(paths, registered_model_name, model=training.model, data=training.data, mlflow=mlflow, track=track)
     training = windowed_training(training, window)
     model_dir = prelude.paths["model_dir"]
-    plan = None
-    if training.window is not None:
-        plan = plan_window_run(
-            model_dir, training, force=force, connection=prelude.connection, registered_model_name=registered_model_name
+    with window_lease(model_dir, training.window):  # one run of a window at a time (see flows.windows)
+        plan = None
+        if training.window is not None:
+            plan = plan_window_run(
+                model_dir, training, force=force, connection=prelude.connection, registered_model_name=registered_model_name
+            )
+        if plan is not None and plan.skipped is not None:
+            return skipped_run(plan)
+        if plan is not None and plan.manifest is not None and plan.lineage is not None:
+            publish_manifest_table(plan.manifest, plan.lineage)
+        if prelude.connection is not None:
+            tasks.check_can_register(registered_model_name, prelude.connection)
+        if from_scratch and plan is None:
+            set_aside(model_dir)
+        train_dir = plan.trained_dir if plan is not None else model_dir
+        result = tasks.train_with_checkpoints(train_dir, training, tracking=prelude.connection)
+        ref = tasks.select_checkpoint(result.model_dir, selection)
+        data_tags = plan.tags() if plan is not None else {}
+        if plan is not None and prelude.connection is not None and result.mlflow_run_id is not None:
+            log_window_lineage(plan, prelude.connection, result.mlflow_run_id)
+        shipped = ship_checkpoint(
+            ref,
+            str(selection),
+            training.export_config(),
+            Destination(
+                export_base=prelude.paths["export_base"],
+                frozen_dir=prelude.paths["frozen_dir"],
+                connection=prelude.connection,
+                registered_model_name=registered_model_name,
+                gate=gate,
+                decision=decision,
+            ),
+            run_id=result.mlflow_run_id,
+            version_tags=data_tags,
+            gate_context={k: v for k, v in data_tags.items() if k.startswith("data.drift.")},
         )
-    if plan is not None and plan.skipped is not None:
-        return skipped_run(plan)
-    if plan is not None and plan.manifest is not None and plan.lineage is not None:
-        publish_manifest_table(plan.manifest, plan.lineage)
-    if prelude.connection is not None:
-        tasks.check_can_register(registered_model_name, prelude.connection)
-    if from_scratch and plan is None:
-        set_aside(model_dir)
-    train_dir = plan.trained_dir if plan is not None else model_dir
-    result = tasks.train_with_checkpoints(train_dir, training, tracking=prelude.connection)
-    ref = tasks.select_checkpoint(result.model_dir, selection)
-    data_tags = plan.tags() if plan is not None else {}
-    if plan is not None and prelude.connection is not None and result.mlflow_run_id is not None:
-        log_window_lineage(plan, prelude.connection, result.mlflow_run_id)
-    shipped = ship_checkpoint(
-        ref,
-        str(selection),
-        training.export_config(),
-        Destination(
-            export_base=prelude.paths["export_base"],
-            frozen_dir=prelude.paths["frozen_dir"],
-            connection=prelude.connection,
-            registered_model_name=registered_model_name,
-            gate=gate,
-            decision=decision,
-        ),
-        run_id=result.mlflow_run_id,
-        version_tags=data_tags,
-        gate_context={k: v for k, v in data_tags.items() if k.startswith("data.drift.")},
-    )
-    publish_shipped(result, shipped)
-    trained = record_window_run(model_dir, plan, result.mlflow_run_id) if plan is not None else None
-    return RetrainSummary(**dict(shipped), training=result, data=trained)
+        publish_shipped(result, shipped)
+        trained = record_window_run(model_dir, plan, result.mlflow_run_id) if plan is not None else None
+        return RetrainSummary(**dict(shipped), training=result, data=trained)
 
 
 def skipped_run(plan: WindowRun) -> SkippedRetrain:

@@ -22,21 +22,35 @@ champion's (its training run's `data/statistics.json`). `record_window_run`
 (after the training shipped) keeps the window's statistics and writes
 `data-lineage.json`.
 
+Two runs of one window at once (a scheduled run beside a manual one, a
+retry beside a run still alive): `retrain` holds the window's lease
+(`window_lease`, the trainer lease of `<model_dir>/windows/<window>`) from
+planning until the lineage is written. The second run waits up to
+`PREFECT_TENSORFLOW_LEASE_WAIT` seconds: if the first finished meanwhile, it
+plans against the lineage the first wrote and skips ("data unchanged");
+otherwise it fails with `ModelDirBusyError` naming the holder. It never
+trains the same window a second time beside the first.
+
 Example:
     >>> from prefect_tensorflow.flows.windows import windowed_training
-    >>> from prefect_tensorflow.tasks.configs import TrainingConfig
+    >>> from prefect_tensorflow.tasks.checkpoints.model_dir import ModelDir
+from prefect_tensorflow.tasks.configs import TrainingConfig
     >>> windowed_training(TrainingConfig(), None).window is None  # iris reads no window
     True
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+from prefect_tensorflow.tasks.checkpoints.model_dir import ModelDir
 from prefect_tensorflow.tasks.configs import TrainingConfig
 from prefect_tensorflow.tasks.data.lineage import (
+    WINDOWS_DIR,
     DataLineage,
     effective_window,
     lineage_of,
@@ -53,6 +67,7 @@ from prefect_tensorflow.tasks.data.window_checks import WindowCheck, check_windo
 from prefect_tensorflow.tasks.errors import DataValidationError
 from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
 from prefect_tensorflow.tasks.run_context import get_logger
+from prefect_tensorflow.tasks.training.model_dir_lease import hold_model_dir
 
 
 def scheduled_start() -> datetime:
@@ -75,6 +90,21 @@ def windowed_training(training: TrainingConfig, window: Optional[DataWindow]) ->
         return training
     resolved = effective_window(window, training.window, takes_window=takes, scheduled=scheduled_start() if takes else None)
     return training.model_copy(update={"window": resolved})
+
+
+@contextmanager
+def window_lease(model_dir: str, window: Optional[DataWindow]) -> Iterator[None]:
+    """Hold the lease of `<model_dir>/windows/<window>` for the block (nothing for a run without a window).
+
+    Raises:
+        ModelDirBusyError: another run of this window held it for `PREFECT_TENSORFLOW_LEASE_WAIT` seconds.
+    """
+    if window is None:
+        yield
+        return
+    where = ModelDir.parse(model_dir).location.join(WINDOWS_DIR, window.name)
+    with hold_model_dir(ModelDir(where), what=f"window {window.name}"):
+        yield
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ taken over after its TTL); no lock left after a normal end."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 from helpers import cli_command
 
 from prefect_tensorflow.tasks.checkpoints.files import read_state_file, step_of
-from prefect_tensorflow.tasks.training.model_dir_lease import LOCK_FILE
+from prefect_tensorflow.tasks.training.model_dir_lease import LOCK_FILE, REMOTE_LEASE
 
 pytestmark = pytest.mark.slow
 
@@ -107,3 +109,117 @@ def test_a_second_local_trainer_refuses_or_waits_and_a_sigkilled_holder_frees_th
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_two_data_homes_on_one_s3_model_dir_one_trains_and_a_frozen_holders_lease_is_taken_over_after_its_ttl(
+    s3, tmp_path, cli_env
+):
+    import hashlib
+
+    prefix = "models/iris"
+    model_dir = s3.uri(prefix)
+    base = {**cli_env, **s3.env, "PREFECT_TENSORFLOW_LEASE_TTL": "4"}
+    home = {name: tmp_path / name for name in ("home-a", "home-b")}
+    env = {name: {**base, "PREFECT_TENSORFLOW_HOME": str(path)} for name, path in home.items()}
+    staging = {name: path / "staging" / hashlib.sha256(model_dir.encode()).hexdigest()[:16] for name, path in home.items()}
+
+    def committed() -> int:
+        try:
+            return step_of(s3.read(f"{prefix}/checkpoint").decode().splitlines()[0].split('"')[1]) or 0
+        except Exception:  # noqa: BLE001 - no state file yet
+            return -1
+
+    holder = subprocess.Popen(train_cmd(model_dir, "--steps", "100000"), env=env["home-a"], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: committed() >= 50, holder, "the holder's checkpoint 50 on the store")
+        record = json.loads(s3.read(f"{prefix}/{REMOTE_LEASE}"))
+        assert record["holder"]["pid"] == holder.pid and record["process"]["pid"] == holder.pid
+        refused = subprocess.run(
+            train_cmd(model_dir, "--more-steps", "10"), env=env["home-b"], capture_output=True, text=True, timeout=300
+        )
+        assert model_dir in refused_line(refused, holder)
+        assert not staging["home-b"].exists()  # refused before pulling anything
+        # The holder hangs (alive, no heartbeat): the lease is taken over once its TTL ran out.
+        holder.send_signal(signal.SIGSTOP)
+        at_stop = committed()
+        stored = s3.objects(prefix)
+        # Summaries went up with the checkpoints, not only at the end (this run never ends).
+        assert "graph.pbtxt" in stored and any(n.startswith("events.out.tfevents.") for n in stored), stored
+        assert any(n.startswith("eval/events.out.tfevents.") for n in stored), stored
+        started = time.monotonic()
+        taker = subprocess.run(
+            train_cmd(model_dir, "--more-steps", "20", "--lease-wait", "120", "--json"),
+            env=env["home-b"],
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert taker.returncode == 0, taker.stderr[-3000:]
+        assert "taking over the lock" in taker.stderr and "stopped renewing it" in taker.stderr
+        result = json.loads(taker.stdout)
+        assert result["start_step"] == at_stop and result["final_step"] == at_stop + 20
+        assert time.monotonic() - started >= 4.0
+        assert committed() == at_stop + 20
+        assert f"{REMOTE_LEASE}" not in s3.objects(prefix)  # released at the end
+        assert not staging["home-b"].exists()  # the staging copy went with the end of training
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+def test_two_retrains_of_one_window_the_second_is_refused_naming_the_holder_or_waits_and_skips(
+    prefect_api, tmp_path, monkeypatch
+):
+    import threading
+    from datetime import date
+
+    from windowed_loader import write_days
+
+    from prefect_tensorflow.flows.retrain import RetrainSummary, SkippedRetrain, retrain
+    from prefect_tensorflow.flows.windows import window_lease
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.configs import TrainingConfig
+    from prefect_tensorflow.tasks.data.window import DataWindow
+
+    write_days(tmp_path / "daily", date(2026, 11, 28), 1)
+    training = TrainingConfig(
+        data="windowed_loader:load",
+        data_options={"root": str(tmp_path / "daily")},
+        steps=30,
+        batch_size=16,
+        evaluation="in_loop",
+        policy=CheckpointPolicy(save_checkpoints_steps=30, save_checkpoints_secs=None),
+    )
+    window = DataWindow(end=date(2026, 11, 29))
+    model_dir = tmp_path / "m"
+    runs = model_dir / "windows" / window.resolved(None).name
+    shipping = {"export_base": str(tmp_path / "export"), "frozen_dir": str(tmp_path / "frozen"), "track": False}
+
+    def run() -> object:
+        return retrain(model_dir=str(model_dir), training=training, window=window, return_state=True, **shipping)
+
+    # Another run of this window holds it: refused at once (the default wait is 0), naming the holder.
+    with window_lease(str(model_dir), window.resolved(None)):
+        refused = run()
+    assert refused.is_failed()
+    assert f"another training holds it (pid {os.getpid()} on " in refused.message, refused.message
+    assert str(runs) in refused.message
+    assert not (model_dir / "data-lineage.json").exists() and os.listdir(runs) == []  # nothing trained
+    # With a wait: the second run waits for the first, then sees its lineage and skips the window.
+    monkeypatch.setenv("PREFECT_TENSORFLOW_LEASE_WAIT", "300")
+    first: list = []
+    thread = threading.Thread(target=lambda: first.append(run()))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not (runs / LOCK_FILE).exists():
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+        second = run()
+    finally:
+        thread.join(600)
+    assert first[0].is_completed() and isinstance(first[0].result(), RetrainSummary)
+    assert second.is_completed() and isinstance(second.result(), SkippedRetrain)
+    assert second.result().skipped.startswith("data unchanged")
+    assert len(os.listdir(runs)) == 1  # trained once
