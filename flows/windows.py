@@ -24,17 +24,16 @@ champion's (its training run's `data/statistics.json`). `record_window_run`
 
 Two runs of one window at once (a scheduled run beside a manual one, a
 retry beside a run still alive): `retrain` holds the window's lease
-(`window_lease`, the trainer lease of `<model_dir>/windows/<window>`) from
-planning until the lineage is written. The second run waits up to
-`PREFECT_TENSORFLOW_LEASE_WAIT` seconds: if the first finished meanwhile, it
-plans against the lineage the first wrote and skips ("data unchanged");
-otherwise it fails with `ModelDirBusyError` naming the holder. It never
-trains the same window a second time beside the first.
+(`window_lease`: `<model_dir>/windows/.ptf-window-<window>.lock`, or a
+lease object on object storage) from planning until the lineage is written.
+The second run waits up to `PREFECT_TENSORFLOW_LEASE_WAIT` seconds: if the
+first finished meanwhile, it plans against the lineage the first wrote and
+skips ("data unchanged"); otherwise it fails with `ModelDirBusyError` naming
+the holder. It never trains the same window a second time beside the first.
 
 Example:
     >>> from prefect_tensorflow.flows.windows import windowed_training
-    >>> from prefect_tensorflow.tasks.checkpoints.model_dir import ModelDir
-from prefect_tensorflow.tasks.configs import TrainingConfig
+    >>> from prefect_tensorflow.tasks.configs import TrainingConfig
     >>> windowed_training(TrainingConfig(), None).window is None  # iris reads no window
     True
 """
@@ -94,7 +93,7 @@ def windowed_training(training: TrainingConfig, window: Optional[DataWindow]) ->
 
 @contextmanager
 def window_lease(model_dir: str, window: Optional[DataWindow]) -> Iterator[None]:
-    """Hold the lease of `<model_dir>/windows/<window>` for the block (nothing for a run without a window).
+    """Hold `window`'s lease in `<model_dir>/windows/` for the block (nothing for a run without a window).
 
     Raises:
         ModelDirBusyError: another run of this window held it for `PREFECT_TENSORFLOW_LEASE_WAIT` seconds.
@@ -102,9 +101,21 @@ def window_lease(model_dir: str, window: Optional[DataWindow]) -> Iterator[None]
     if window is None:
         yield
         return
-    where = ModelDir.parse(model_dir).location.join(WINDOWS_DIR, window.name)
-    with hold_model_dir(ModelDir(where), what=f"window {window.name}"):
+    windows = ModelDir.parse(model_dir).location.join(WINDOWS_DIR)
+    subject = f"{windows.join(window.name).uri} (window {window.label})"
+    with hold_model_dir(ModelDir(windows), what=f"window {window.name}", name=window_lease_name(window), subject=subject):
         yield
+
+
+def window_lease_name(window: DataWindow) -> str:
+    """The name of a window's lease in `<model_dir>/windows/` (beside, not in, the window's run directories).
+
+    Example:
+        >>> from datetime import date
+        >>> window_lease_name(DataWindow(start=date(2026, 11, 30), end=date(2026, 12, 1)))
+        '.ptf-window-2026-11-30_2026-12-01'
+    """
+    return f".ptf-window-{window.name}"
 
 
 @dataclass(frozen=True)

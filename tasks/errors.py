@@ -46,7 +46,7 @@ class ModelDirBusyError(ModelDirError):
     def __init__(self, path: object, holder: str, waited: float):
         self.holder = holder
         self.waited = waited
-        wait = f" after waiting {waited:.0f} s" if waited > 0 else ""
+        wait = f" after waiting {waited:.0f} s" if waited >= 1 else ""
         super().__init__(path, f"another training holds it ({holder}); refused{wait} (PREFECT_TENSORFLOW_LEASE_WAIT)")
 
 

@@ -43,6 +43,13 @@ def local_committed(model_dir: Path) -> int:
         return -1
 
 
+def lock_record(lock: Path) -> dict:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):  # not there yet, or being written
+        return {}
+
+
 def holders_among(processes: list[psutil.Process], path: Path) -> list[int]:
     """The pids among `processes` with `path` open."""
     found = []
@@ -71,10 +78,10 @@ def test_a_second_local_trainer_refuses_or_waits_and_a_sigkilled_holder_frees_th
     holder = subprocess.Popen(train_cmd(str(model_dir), "--steps", "100000"), env=env, stderr=subprocess.PIPE, text=True)
     waiter = None
     try:
-        wait_for(lambda: local_committed(model_dir) >= 0, holder, "the holder's first checkpoint")
-        record = json.loads(lock.read_text())
-        assert record["pid"] == holder.pid and record["what"] == "training" and record["since"]
-        # The one that refuses and the one that waits start together (their start-up overlaps).
+        wait_for(lambda: lock_record(lock).get("pid") == holder.pid, holder, "the holder's lease")
+        record = lock_record(lock)
+        assert record["what"] == "training" and record["since"] and record["host"]
+        # The one that refuses and the one that waits start at once: their start-up overlaps the holder's.
         waiter = subprocess.Popen(
             train_cmd(str(model_dir), "--more-steps", "20", "--lease-wait", "300", "--json"),
             env=env,
@@ -87,13 +94,14 @@ def test_a_second_local_trainer_refuses_or_waits_and_a_sigkilled_holder_frees_th
         )
         line = refused_line(refused, holder)
         assert str(model_dir) in line and "PREFECT_TENSORFLOW_LEASE_WAIT" in line
+        wait_for(lambda: local_committed(model_dir) >= 0, holder, "the holder's first checkpoint")
         # The sidecar evaluator (a child of the holder) is part of its training: it does not hold the lock.
         children = psutil.Process(holder.pid).children(recursive=True)
         assert children, "expected the sidecar evaluator beside the holder"
         assert holders_among(children, lock) == []
         assert holders_among([psutil.Process(holder.pid)], lock) == [holder.pid]
         assert waiter.poll() is None  # still waiting
-        wait_for(lambda: local_committed(model_dir) >= 100, holder, "the holder's step 100")
+        wait_for(lambda: local_committed(model_dir) >= 50, holder, "the holder's step 50")
         holder.kill()
         holder.wait()
         at_kill = local_committed(model_dir)
@@ -131,13 +139,14 @@ def test_two_data_homes_on_one_s3_model_dir_one_trains_and_a_frozen_holders_leas
 
     holder = subprocess.Popen(train_cmd(model_dir, "--steps", "100000"), env=env["home-a"], stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: committed() >= 50, holder, "the holder's checkpoint 50 on the store")
+        wait_for(lambda: s3.exists(f"{prefix}/{REMOTE_LEASE}"), holder, "the holder's lease object")
         record = json.loads(s3.read(f"{prefix}/{REMOTE_LEASE}"))
         assert record["holder"]["pid"] == holder.pid and record["process"]["pid"] == holder.pid
         refused = subprocess.run(
             train_cmd(model_dir, "--more-steps", "10"), env=env["home-b"], capture_output=True, text=True, timeout=300
         )
         assert model_dir in refused_line(refused, holder)
+        wait_for(lambda: committed() >= 50, holder, "the holder's checkpoint 50 on the store")
         assert not staging["home-b"].exists()  # refused before pulling anything
         # The holder hangs (alive, no heartbeat): the lease is taken over once its TTL ran out.
         holder.send_signal(signal.SIGSTOP)
@@ -177,7 +186,7 @@ def test_two_retrains_of_one_window_the_second_is_refused_naming_the_holder_or_w
     from windowed_loader import write_days
 
     from prefect_tensorflow.flows.retrain import RetrainSummary, SkippedRetrain, retrain
-    from prefect_tensorflow.flows.windows import window_lease
+    from prefect_tensorflow.flows.windows import window_lease, window_lease_name
     from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
     from prefect_tensorflow.tasks.configs import TrainingConfig
     from prefect_tensorflow.tasks.data.window import DataWindow
@@ -205,7 +214,8 @@ def test_two_retrains_of_one_window_the_second_is_refused_naming_the_holder_or_w
     assert refused.is_failed()
     assert f"another training holds it (pid {os.getpid()} on " in refused.message, refused.message
     assert str(runs) in refused.message
-    assert not (model_dir / "data-lineage.json").exists() and os.listdir(runs) == []  # nothing trained
+    assert not (model_dir / "data-lineage.json").exists() and not runs.exists()  # nothing trained
+    assert os.listdir(model_dir / "windows") == []  # no lock left behind
     # With a wait: the second run waits for the first, then sees its lineage and skips the window.
     monkeypatch.setenv("PREFECT_TENSORFLOW_LEASE_WAIT", "300")
     first: list = []
@@ -213,9 +223,11 @@ def test_two_retrains_of_one_window_the_second_is_refused_naming_the_holder_or_w
     thread.start()
     try:
         deadline = time.monotonic() + 240
-        while not (runs / LOCK_FILE).exists():
+        lock = model_dir / "windows" / f"{window_lease_name(window.resolved(None))}.lock"
+        while not lock_record(lock):
             assert thread.is_alive() and time.monotonic() < deadline
             time.sleep(0.02)
+        assert lock_record(lock)["flow_run_name"] == "retrain-iris" and lock_record(lock)["flow_run_id"]
         second = run()
     finally:
         thread.join(600)
@@ -223,3 +235,4 @@ def test_two_retrains_of_one_window_the_second_is_refused_naming_the_holder_or_w
     assert second.is_completed() and isinstance(second.result(), SkippedRetrain)
     assert second.result().skipped.startswith("data unchanged")
     assert len(os.listdir(runs)) == 1  # trained once
+    assert os.listdir(model_dir / "windows") == [runs.name]  # no lock left behind

@@ -48,6 +48,7 @@ from ..checkpoints.model_dir import ModelDir
 from ..errors import ModelDirBusyError, StorageError
 from ..run_context import get_logger
 from ..settings import get_settings
+from ..storage.backend import StorageBackend
 from ..storage.confined_dirs import OpenDir, open_directory
 from ..storage.s3 import lease
 
@@ -100,7 +101,13 @@ def describe_holder(record: Optional[dict[str, Any]]) -> str:
 
 @contextmanager
 def hold_model_dir(
-    model_dir: ModelDir, *, wait: Optional[float] = None, ttl: Optional[float] = None, what: str = "training"
+    model_dir: ModelDir,
+    *,
+    wait: Optional[float] = None,
+    ttl: Optional[float] = None,
+    what: str = "training",
+    name: str = "",
+    subject: str = "",
 ) -> Iterator[dict[str, Any]]:
     """Hold `model_dir`'s lease for the block (see the module docstring); yields the holder record written.
 
@@ -109,6 +116,9 @@ def hold_model_dir(
         wait: seconds to wait for another holder (default: `PREFECT_TENSORFLOW_LEASE_WAIT`).
         ttl: an object-store lease's time to live without a heartbeat (default: `PREFECT_TENSORFLOW_LEASE_TTL`).
         what: what the holder does, recorded ("training", "window 2026-11-30_2026-12-01").
+        name: another lease in the same directory (a window's): the lock file `<name>.lock`, the lease
+            object `.prefect-tensorflow/<name>-lease`; default: the trainer lease.
+        subject: what the lease is named as in messages (default: the model dir).
 
     Raises:
         ModelDirBusyError: another process held it for `wait` seconds (naming it).
@@ -118,70 +128,73 @@ def hold_model_dir(
     wait = settings.lease_wait if wait is None else wait
     ttl = settings.lease_ttl if ttl is None else ttl
     record = holder_record(what)
+    subject = subject or model_dir.uri
     if model_dir.is_remote:
-        with _remote_lease(model_dir, record, wait=wait, ttl=ttl):
+        remote_name = f".prefect-tensorflow/{name}-lease" if name else REMOTE_LEASE
+        with _remote_lease(model_dir.store(), record, wait=wait, ttl=ttl, name=remote_name, subject=subject):
             yield record
         return
     with open_directory(model_dir.uri, parameter="model_dir", create=True) as directory:
-        with _local_lease(directory, record, wait=wait):
+        with _local_lease(directory, record, wait=wait, name=f"{name}.lock" if name else LOCK_FILE, subject=subject):
             yield record
 
 
 @contextmanager
-def _remote_lease(model_dir: ModelDir, record: dict[str, Any], *, wait: float, ttl: float) -> Iterator[None]:
+def _remote_lease(
+    store: StorageBackend, record: dict[str, Any], *, wait: float, ttl: float, name: str, subject: str
+) -> Iterator[None]:
     def busy(held: Optional[dict[str, Any]], waited: float) -> BaseException:
         holder = describe_holder((held or {}).get("holder"))
-        get_logger().warning("%s: refused: another training holds it (%s)", model_dir.uri, holder)
-        return ModelDirBusyError(model_dir.uri, holder, waited)
+        get_logger().warning("%s: refused: another training holds it (%s)", subject, holder)
+        return ModelDirBusyError(subject, holder, wait)
 
     started = time.monotonic()
-    with lease(model_dir.store(), REMOTE_LEASE, ttl=ttl, wait=wait, holder=record, busy=busy):
-        _log_taken(model_dir.uri, time.monotonic() - started)
+    with lease(store, name, ttl=ttl, wait=wait, holder=record, busy=busy):
+        _log_taken(subject, time.monotonic() - started)
         yield
 
 
 @contextmanager
-def _local_lease(directory: OpenDir, record: dict[str, Any], *, wait: float) -> Iterator[None]:
+def _local_lease(directory: OpenDir, record: dict[str, Any], *, wait: float, name: str, subject: str) -> Iterator[None]:
     started = time.monotonic()
-    fd = _acquire(directory, started + wait)
+    fd = _acquire(directory, wait, name, subject)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode() + b"\n", 0)
-        _log_taken(directory.path, time.monotonic() - started)
+        _log_taken(subject, time.monotonic() - started)
         yield
     finally:
         try:
-            os.unlink(LOCK_FILE, dir_fd=directory.fd)  # while still locked: a waiter then finds its file gone
+            os.unlink(name, dir_fd=directory.fd)  # while still locked: a waiter then finds its file gone
         except OSError:
             pass
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 
-def _acquire(directory: OpenDir, deadline: float) -> int:
-    """A descriptor of the lock file, flocked, that the model dir still names (else try again)."""
+def _acquire(directory: OpenDir, wait: float, name: str, subject: str) -> int:
+    """A descriptor of the lock file `name`, flocked, that the directory still names (else try again)."""
     started = time.monotonic()
+    deadline = started + wait
     logged = False
-    path = directory.display(LOCK_FILE)
+    path = directory.display(name)
     while True:
-        fd = _open_lock_file(directory)
+        fd = _open_lock_file(directory, name)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = describe_holder(_read_record(fd))
             os.close(fd)
             if time.monotonic() >= deadline:
-                get_logger().warning("%s: refused: another training holds it (%s)", directory.path, holder)
-                raise ModelDirBusyError(directory.path, holder, time.monotonic() - started) from None
+                get_logger().warning("%s: refused: another training holds it (%s)", subject, holder)
+                raise ModelDirBusyError(subject, holder, wait) from None
             if not logged:
                 logged = True
-                get_logger().warning(
-                    "%s: another training holds it (%s); waiting up to %.0f s", directory.path, holder, deadline - started
-                )
+                get_logger().warning("%s: another training holds it (%s); waiting up to %.0f s", subject, holder, wait)
             time.sleep(POLL_SECONDS)
             continue
         try:
-            named = os.stat(LOCK_FILE, dir_fd=directory.fd, follow_symlinks=False)
+            named = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
         except FileNotFoundError:
             named = None
         mine = os.fstat(fd)
@@ -192,11 +205,11 @@ def _acquire(directory: OpenDir, deadline: float) -> int:
             raise StorageError(f"{path}: the model dir went away while waiting for its lock")
 
 
-def _open_lock_file(directory: OpenDir) -> int:
-    path = directory.display(LOCK_FILE)
+def _open_lock_file(directory: OpenDir, name: str) -> int:
+    path = directory.display(name)
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd = os.open(LOCK_FILE, flags, 0o644, dir_fd=directory.fd)
+        fd = os.open(name, flags, 0o644, dir_fd=directory.fd)
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise StorageError(f"lock file {path} is a symbolic link; refused (a lock file is never followed)") from err
