@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_tensorflow.tasks import prefect_tasks as tasks
 from prefect_tensorflow.tasks.blocks import MlflowConnection
+from prefect_tensorflow.tasks.checkpoints.model_dir import ModelDir
 from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
 from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig, RegisteredModelName, TrainingConfig
 from prefect_tensorflow.tasks.data.lineage import DataLineage
@@ -44,6 +45,7 @@ from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger
 from prefect_tensorflow.tasks.security import check_can_move_aside, check_is_model_dir
 from prefect_tensorflow.tasks.storage.locations import parse_location
 from prefect_tensorflow.tasks.training.loop import TrainResult
+from prefect_tensorflow.tasks.training.model_dir_lease import hold_model_dir
 
 from .artifacts import publish_manifest_table
 from .parameters import ParsedBy
@@ -78,6 +80,7 @@ def set_aside(model_dir: str) -> Optional[str]:
 
     Raises:
         UnsafeParameterError: the directory holds more than checkpoints and their companions.
+        ModelDirBusyError: a training holds the model dir (naming it).
     """
     if not parse_location(model_dir, parameter="model_dir").is_local:
         raise StorageError(
@@ -86,11 +89,12 @@ def set_aside(model_dir: str) -> Optional[str]:
         )
     if not os.path.isdir(model_dir) or not os.listdir(model_dir):
         return None
-    check_is_model_dir(model_dir)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    aside = f"{model_dir}.previous-{stamp}"
-    check_can_move_aside(model_dir, aside)
-    os.rename(model_dir, aside)
+    with hold_model_dir(ModelDir.parse(model_dir), what="moving it aside (from_scratch)"):  # not under a training
+        check_is_model_dir(model_dir)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        aside = f"{model_dir}.previous-{stamp}"
+        check_can_move_aside(model_dir, aside)
+        os.rename(model_dir, aside)  # the lease's lock file goes with it, and is removed there
     get_logger().info("from scratch: moved the previous checkpoints of %s to %s", model_dir, aside)
     return aside
 
