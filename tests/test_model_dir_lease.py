@@ -172,10 +172,21 @@ def test_two_data_homes_on_one_s3_model_dir_one_trains_and_a_frozen_holders_leas
         assert "taking over the lock" in taker.stderr and "stopped renewing it" in taker.stderr
         result = json.loads(taker.stdout)
         assert result["start_step"] == at_stop and result["final_step"] == at_stop + 20
-        assert time.monotonic() - started >= 4.0
+        took = time.monotonic() - started
+        assert took >= 4.0
         assert committed() == at_stop + 20
         assert f"{REMOTE_LEASE}" not in s3.objects(prefix)  # released at the end
         assert not staging["home-b"].exists()  # the staging copy went with the end of training
+        # The frozen holder wakes up: its lease is gone, so it stops at its next checkpoint, commits nothing.
+        after_taker = {name: s3.read(f"{prefix}/{name}") for name in ("checkpoint", "checkpoint_metrics.jsonl")}
+        woken = time.monotonic()
+        holder.send_signal(signal.SIGCONT)
+        _, err = holder.communicate(timeout=300)
+        print(f"taken over after {took:.1f} s; the woken holder stopped after {time.monotonic() - woken:.1f} s")
+        assert holder.returncode == 2, err[-3000:]
+        assert "Traceback" not in err and "the lock was taken over" in err, err[-3000:]
+        assert {name: s3.read(f"{prefix}/{name}") for name in after_taker} == after_taker
+        assert committed() == at_stop + 20
     finally:
         if holder.poll() is None:
             holder.kill()

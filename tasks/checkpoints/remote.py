@@ -33,7 +33,9 @@ which does not load with it), so an object-store model dir is mirrored:
   store up to its last commit. The staging copy is removed when training
   ends, however it ends (`discard`); the training holds the model dir's lease
   (`training.model_dir_lease`), so no other process of any data home uses the
-  same model dir meanwhile.
+  same model dir meanwhile. A `fence` (the lease's check) is called before
+  each publish and at `close`: a holder that hung past the lease's TTL and
+  lost it uploads nothing more.
 
 Every function takes the model dir's storage backend (`ModelDir.store()`),
 parsed once by the caller.
@@ -54,13 +56,13 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 from ..errors import InvalidCheckpointError, ModelDirError, NoValidCheckpointError, StorageError
 from ..run_context import get_logger
 from ..settings import get_settings
-from ..storage.backend import ObjectInfo, StorageBackend
+from ..storage.backend import ObjectInfo, PreconditionFailedError, StorageBackend
 from ..storage.local import staged_file
 from ..storage.locations import Location, parse_location
 from ..storage.stores import object_store
@@ -238,18 +240,22 @@ class RemoteModelDir:
         mirror.discard()                      # the staging copy goes
     """
 
-    def __init__(self, model_dir: str | Location):
+    def __init__(self, model_dir: str | Location, fence: Optional[Callable[[], None]] = None):
         location = model_dir if isinstance(model_dir, Location) else parse_location(model_dir, parameter="model_dir")
         self.uri = location.uri
         self.store = object_store(location)
         self.local_dir = os.path.join(get_settings().home, "staging", hashlib.sha256(self.uri.encode()).hexdigest()[:16])
         self._queue: queue.Queue = queue.Queue()
         self._published: Optional[bytes] = None  # the state file's bytes last committed to the store
+        # The etags of the state file and the metrics log as this run last saw or wrote them (None: absent):
+        # each write is conditional on them, so a writer the lease no longer covers overwrites neither.
+        self._etags: dict[str, Optional[str]] = {STATE_FILE: None, METRICS_FILE: None}
         # Checkpoints with files on the store: whole ones (pulled or uploaded), and ones that may be
         # partial (an upload cut short, a killed run's leftovers), deleted unless the next commit keeps them.
         self._remote: set[str] = set()
         self._partial: set[str] = set()
         self._error: Optional[BaseException] = None
+        self._fence = fence  # raises once the model dir's lease is lost: checked before each commit
         self._summaries: dict[str, tuple[int, int]] = {}  # event file / graph.pbtxt -> (size, mtime) uploaded
         self._thread = threading.Thread(target=self._upload_loop, name="checkpoint-publisher", daemon=True)
 
@@ -286,6 +292,8 @@ class RemoteModelDir:
             kept.append(name)
         if METRICS_FILE in listing:
             self.store.download_file(METRICS_FILE, os.path.join(self.local_dir, METRICS_FILE))
+        for name in self._etags:
+            self._etags[name] = listing[name].etag if name in listing else None
         if kept:
             # The remote state file is TensorFlow's own (timestamps included, which the keep policy
             # reads): used as it is when the checkpoint it names is whole; else one naming what is.
@@ -326,6 +334,8 @@ class RemoteModelDir:
             self._thread.join(timeout)
         if self._error is not None:
             raise StorageError(f"{self.uri}: publishing checkpoints failed: {self._error}") from self._error
+        if self._fence is not None:
+            self._fence()  # the lease lost: not a byte more (metrics log, summaries) over the new holder's
         # The keep policy's last deletions (held back until their metrics lines existed) come after the
         # last commit: publish that state file too.
         self._publish_settled()
@@ -333,8 +343,25 @@ class RemoteModelDir:
         # carries the lines written so far, and this one those of the last checkpoints.
         metrics = os.path.join(self.local_dir, METRICS_FILE)
         if os.path.exists(metrics):
-            self.store.upload_file(metrics, METRICS_FILE)
+            self._put_unless_changed(METRICS_FILE, _read(metrics))
         self.publish_summaries()
+
+    def _put_unless_changed(self, name: str, data: bytes) -> None:
+        """Write the state file or the metrics log only if it is still what this run last saw or wrote.
+
+        Raises:
+            StorageError: another writer changed it (a training that took the lease over from this one).
+        """
+        try:
+            etag = self._etags[name]
+            self._etags[name] = (
+                self.store.put_bytes(name, data, if_match=etag) if etag else self.store.put_bytes(name, data, create_only=True)
+            )
+        except (PreconditionFailedError, FileExistsError) as err:
+            raise StorageError(
+                f"{self.store.uri(name)}: changed by another writer while this training held the model dir's lease "
+                "(it was taken over); not overwritten"
+            ) from err
 
     def discard(self) -> None:
         """Remove the local staging copy (after `close`, or after a failure): the store keeps what was committed."""
@@ -408,6 +435,8 @@ class RemoteModelDir:
         state = _read(os.path.join(self.local_dir, STATE_FILE))
         if state == self._published:
             return True  # a later round already published this state (the publisher caught up)
+        if self._fence is not None:
+            self._fence()  # the lease lost: nothing uploaded over the new holder's files
         try:
             latest = os.path.basename(parse_state_lines(state.splitlines(keepends=True), STATE_FILE))
         except ValueError:
@@ -426,8 +455,10 @@ class RemoteModelDir:
             return False  # deleted under us: a newer state file supersedes this one
         metrics = os.path.join(self.local_dir, METRICS_FILE)
         if os.path.exists(metrics):
-            self.store.upload_file(metrics, METRICS_FILE)
-        self.store.put_bytes(STATE_FILE, state)  # the commit
+            self._put_unless_changed(METRICS_FILE, _read(metrics))
+        if self._fence is not None:
+            self._fence()  # a holder whose lease was taken over commits nothing more
+        self._put_unless_changed(STATE_FILE, state)  # the commit
         self._published = state
         gone = sorted(n for n in self._remote | self._partial if n not in kept)
         if gone:

@@ -215,7 +215,7 @@ class RemoteExportBase:
     def versions(self) -> dict[int, str]:
         return self._listing()[0]
 
-    def lock(self) -> AbstractContextManager[None]:
+    def lock(self) -> AbstractContextManager[Any]:
         return lease(self.store, LEASE)
 
     def info(self, version_path: str) -> dict[str, Any]:

@@ -294,8 +294,8 @@ def lease(
     wait: float = 1800.0,
     holder: Optional[dict[str, Any]] = None,
     busy: Optional[Callable[[Optional[dict[str, Any]], float], BaseException]] = None,
-) -> Iterator[None]:
-    """Hold the lock object `name` of `store` for the block (see the module docstring).
+) -> Iterator[HeldLease]:
+    """Hold the lock object `name` of `store` for the block (see the module docstring); yields it (`HeldLease`).
 
     The holder renews it every `ttl / 3` seconds; another process takes it over
     when it has not been renewed for `ttl` seconds (its holder died or hangs),
@@ -350,16 +350,16 @@ def lease(
             waiting_logged = True
             log.warning("%s: held by %s; waiting up to %.0f s", store.uri(name), record and record.get("owner"), wait)
         time.sleep(min(0.5, max(deadline - time.monotonic(), 0.01)))
+    held = HeldLease(store, name, etag)
     stop = threading.Event()
-    current: list[str] = [etag]
-    lost: list[bool] = []
 
     def renew() -> None:
         while not stop.wait(ttl / 3):
             try:
-                current[0] = store.put_bytes(name, body_now(), if_match=current[0])
+                with held.guard:
+                    held.etag = store.put_bytes(name, body_now(), if_match=held.etag)
             except PreconditionFailedError:
-                lost.append(True)
+                held.lost = True
                 return
             except StorageError:
                 continue  # a blip: the next heartbeat tries again before the lease runs out
@@ -367,13 +367,42 @@ def lease(
     heartbeat = threading.Thread(target=renew, name=f"lease-{name}", daemon=True)
     heartbeat.start()
     try:
-        yield
-        if lost:
+        yield held
+        if held.lost:
             raise StorageError(f"{store.uri(name)}: the lock was taken over while held; the work is not trusted")
     finally:
         stop.set()
         heartbeat.join()
-        store.delete_if_match(name, current[0])
+        store.delete_if_match(name, held.etag)
+
+
+class HeldLease:
+    """The lease `lease` holds: `check()` before a commit fences off a holder whose lease was taken over."""
+
+    def __init__(self, store: StorageBackend, name: str, etag: str):
+        self.store, self.name, self.etag = store, name, etag
+        self.lost = False
+        self.guard = threading.Lock()  # a heartbeat's renewal and a check do not interleave
+
+    def check(self) -> None:
+        """Raise unless the lock object is still the one this holder last wrote (one HEAD request).
+
+        Raises:
+            StorageError: it was taken over (its holder hung past the TTL) or deleted: the work done
+                since is not trusted and must not be committed.
+        """
+        with self.guard:
+            info = None if self.lost else self.store.head(self.name)
+            if info is None or info.etag != self.etag:
+                self.lost = True
+                try:
+                    holder = json.loads(self.store.read_bytes(self.name)).get("owner")
+                except Exception:  # noqa: BLE001 - gone, or unreadable: named as unknown
+                    holder = None
+                raise StorageError(
+                    f"{self.store.uri(self.name)}: the lock was taken over by {holder or 'another process'} "
+                    "while this one held it (no heartbeat for longer than its TTL); nothing more is committed"
+                )
 
 
 def this_process() -> dict[str, Any]:

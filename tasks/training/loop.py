@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Optional, Union
 
 from .. import model_code
@@ -125,8 +126,8 @@ def train_with_checkpoints(
     model = ModelDir.parse(model_dir)
     if not model.is_remote:
         prepare_model_dir(model)  # a file, or not writable: said before the lease
-    with hold_model_dir(model, wait=lease_wait):
-        return _train_holding_lease(model, config, tracking, on_progress, on_checkpoint)
+    with hold_model_dir(model, wait=lease_wait) as held:
+        return _train_holding_lease(model, config, tracking, on_progress, on_checkpoint, held.check)
 
 
 def _train_holding_lease(
@@ -135,12 +136,17 @@ def _train_holding_lease(
     tracking: Optional[MlflowConfig],
     on_progress: Optional[ProgressCallback],
     on_checkpoint: Optional[CheckpointCallback],
+    still_held: Callable[[], None],
 ) -> TrainResult:
-    """`train_with_checkpoints` once the model dir's lease is held: locally, in a remote one's mirror, or on workers."""
+    """`train_with_checkpoints` once the model dir's lease is held: locally, in a remote one's mirror, or on workers.
+
+    `still_held` raises once the lease is no longer this process's: checked at each checkpoint (training
+    stops there) and before each remote commit (nothing more is published).
+    """
     if config.workers > 1:
         return train_multi_worker(model, config, tracking, on_progress=on_progress, on_checkpoint=on_checkpoint)
-    mirror = RemoteModelDir(model.uri) if model.is_remote else None
-    hooks = _Hooks(on_progress, on_checkpoint, mirror)
+    mirror = RemoteModelDir(model.uri, fence=still_held) if model.is_remote else None
+    hooks = _Hooks(on_progress, on_checkpoint, mirror, still_held)
     untrusted = None if mirror is None else False  # a remote model dir's local mirror is the run's own scratch dir
     try:
         local_dir = prepare_model_dir(model) if mirror is None else mirror.pull()
@@ -174,8 +180,10 @@ class _Hooks:
         on_progress: Optional[ProgressCallback],
         on_checkpoint: Optional[CheckpointCallback],
         mirror: Optional[RemoteModelDir],
+        still_held: Callable[[], None] = lambda: None,
     ):
         self.on_progress, self.on_checkpoint, self.mirror = on_progress, on_checkpoint, mirror
+        self.still_held = still_held
         self.run: Optional[TrainingRun] = None
         self.committed: list[int] = []
 
@@ -186,6 +194,7 @@ class _Hooks:
             self.on_progress(step, target, loss)
 
     def checkpointed(self, step: int, prefix: str, metrics: dict[str, float]) -> None:
+        self.still_held()  # a lease lost (taken over, its lock file removed): training stops here
         self.committed.append(step)
         if self.mirror is not None:
             self.mirror.publish(step, prefix)

@@ -39,8 +39,9 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -50,7 +51,7 @@ from ..run_context import get_logger
 from ..settings import get_settings
 from ..storage.backend import StorageBackend
 from ..storage.confined_dirs import OpenDir, open_directory
-from ..storage.s3 import lease
+from ..storage.s3 import HeldLease, lease
 
 LOCK_FILE = ".ptf-trainer.lock"
 REMOTE_LEASE = ".prefect-tensorflow/trainer-lease"
@@ -108,8 +109,8 @@ def hold_model_dir(
     what: str = "training",
     name: str = "",
     subject: str = "",
-) -> Iterator[dict[str, Any]]:
-    """Hold `model_dir`'s lease for the block (see the module docstring); yields the holder record written.
+) -> Iterator[HeldModelDir]:
+    """Hold `model_dir`'s lease for the block (see the module docstring); yields it (`HeldModelDir`).
 
     Args:
         model_dir: the model dir (a local one is created if missing).
@@ -131,38 +132,64 @@ def hold_model_dir(
     subject = subject or model_dir.uri
     if model_dir.is_remote:
         remote_name = f".prefect-tensorflow/{name}-lease" if name else REMOTE_LEASE
-        with _remote_lease(model_dir.store(), record, wait=wait, ttl=ttl, name=remote_name, subject=subject):
-            yield record
+        with _remote_lease(model_dir.store(), record, wait=wait, ttl=ttl, name=remote_name, subject=subject) as held:
+            yield HeldModelDir(record, held.check)
         return
     with open_directory(model_dir.uri, parameter="model_dir", create=True) as directory:
-        with _local_lease(directory, record, wait=wait, name=f"{name}.lock" if name else LOCK_FILE, subject=subject):
-            yield record
+        lock_name = f"{name}.lock" if name else LOCK_FILE
+        with _local_lease(directory, record, wait=wait, name=lock_name, subject=subject) as fd:
+            yield HeldModelDir(record, lambda: _check_local(directory, lock_name, fd))
+
+
+@dataclass(frozen=True)
+class HeldModelDir:
+    """A lease held: its holder record, and `check()`, which raises once it is no longer this process's.
+
+    Call `check()` before a commit: an object-store lease taken over (this holder hung past its TTL)
+    or a local lock file removed from under it means another training may be writing.
+    """
+
+    record: dict[str, Any]
+    check: Callable[[], None]
+
+
+def _check_local(directory: OpenDir, name: str, fd: int) -> None:
+    """Raise unless the directory still names the lock file this process holds."""
+    try:
+        named = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
+    except OSError:
+        named = None
+    mine = os.fstat(fd)
+    if named is None or (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):
+        raise StorageError(
+            f"{directory.display(name)}: the lock file was removed or replaced while held; nothing more is committed"
+        )
 
 
 @contextmanager
 def _remote_lease(
     store: StorageBackend, record: dict[str, Any], *, wait: float, ttl: float, name: str, subject: str
-) -> Iterator[None]:
+) -> Iterator[HeldLease]:
     def busy(held: Optional[dict[str, Any]], waited: float) -> BaseException:
         holder = describe_holder((held or {}).get("holder"))
         get_logger().warning("%s: refused: another training holds it (%s)", subject, holder)
         return ModelDirBusyError(subject, holder, wait)
 
     started = time.monotonic()
-    with lease(store, name, ttl=ttl, wait=wait, holder=record, busy=busy):
+    with lease(store, name, ttl=ttl, wait=wait, holder=record, busy=busy) as held:
         _log_taken(subject, time.monotonic() - started)
-        yield
+        yield held
 
 
 @contextmanager
-def _local_lease(directory: OpenDir, record: dict[str, Any], *, wait: float, name: str, subject: str) -> Iterator[None]:
+def _local_lease(directory: OpenDir, record: dict[str, Any], *, wait: float, name: str, subject: str) -> Iterator[int]:
     started = time.monotonic()
     fd = _acquire(directory, wait, name, subject)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode() + b"\n", 0)
         _log_taken(subject, time.monotonic() - started)
-        yield
+        yield fd
     finally:
         try:
             os.unlink(name, dir_fd=directory.fd)  # while still locked: a waiter then finds its file gone
