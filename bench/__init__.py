@@ -35,6 +35,7 @@ Benchmarks:
     gate                gate_champion() with the champion's outcomes cached vs both versions scored.
     data_manifest       the manifest and digest of a window of 10,000 partition files on S3 vs listing them.
     data_loader         the partitioned loader's examples/s vs a hand-written tf.data pipeline, same CSV files.
+    cancel              Cancel to the final state of a served retrain mid-training vs a plain served flow.
 """
 
 import os
@@ -64,4 +65,5 @@ BENCHMARKS = (
     "gate",
     "data_manifest",
     "data_loader",
+    "cancel",
 )
