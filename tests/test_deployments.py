@@ -200,6 +200,12 @@ def test_the_python_deploy_script_applies_an_environments_overrides(env):
         assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
         assert deployments["export-checkpoint"].work_pool_name == "tensorflow-process"
         _assert_data_event_deployments(env, deployments)
+        with api(env) as client:  # issue 22: the zombie-run automation, and the resubmission's trigger
+            (zombie,) = client.read_automations_by_name("prefect-tensorflow: crash runs without heartbeats")
+            assert zombie.trigger.within.total_seconds() == 90 and zombie.actions[0].state.value == "CRASHED"
+            (resubmit,) = client.read_automations_by_name("resubmit-crashed__automation_1")
+            assert resubmit.trigger.expect == {"prefect.flow-run.Crashed"}
+        assert deployments["retrain-iris"].job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
     finally:
         # Prefect keeps parameters an upsert leaves out: the served deployments must not inherit /srv paths.
         with api(env) as client:
