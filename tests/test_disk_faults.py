@@ -185,3 +185,37 @@ def test_model_dir_refusing_writes_mid_training_stops_it_with_the_reason(tmp_pat
     assert_plain(message[0])
     assert_no_process_left(model_dir)
     assert_listed_are_complete(model_dir)
+
+
+def test_a_failed_background_write_is_raised_by_the_next_step_not_the_next_save(tmp_path):
+    import tensorflow as tf
+
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.checkpoints.writer import CheckpointWriter
+    from prefect_tensorflow.tasks.errors import TrainingError
+
+    if subprocess.run(["chattr", "-i", str(tmp_path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr is missing or the file system has no immutable flag")
+    model_dir = str(tmp_path / "model")
+    step = tf.Variable(0, dtype=tf.int64)
+    writer = CheckpointWriter(tf.train.Checkpoint(global_step=step), model_dir, CheckpointPolicy(), untrusted=False)
+    writer.save(1)
+    writer.finish()
+    subprocess.run(["chattr", "+i", model_dir], check=True)
+    try:
+        step.assign(2)
+        writer.save(2)  # async: returns at once; the write fails in the writer's thread
+        deadline = time.monotonic() + 30
+        with pytest.raises(TrainingError) as failed:
+            while time.monotonic() < deadline:
+                writer.raise_if_failed()  # what the training loop asks after every step
+                time.sleep(0.01)
+    finally:
+        subprocess.run(["chattr", "-i", model_dir], check=False)
+    message = str(failed.value)
+    assert message.startswith(f"model dir {model_dir}: writing checkpoint model.ckpt-2 failed"), message
+    assert "Operation not permitted" in message
+    assert_plain(message)
+    assert listed_checkpoints(model_dir) == ("model.ckpt-1", ["model.ckpt-1"])
+    assert not [e for e in os.listdir(model_dir) if e.startswith("model.ckpt-2")]
+    writer.finish()  # the error was reported once; nothing more is pending
