@@ -125,7 +125,7 @@ def test_killing_the_trainer_while_the_evaluator_is_mid_checkpoint_leaves_one_li
             assert trainer.poll() is None, "training finished before the evaluator could be caught mid-checkpoint"
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        trainer.send_signal(signal.SIGKILL)  # the trainer only: its evaluator lives on
+        trainer.send_signal(signal.SIGKILL)  # the trainer only: its evaluator dies with it (PR_SET_PDEATHSIG)
         trainer.wait()
         killed_at = committed_steps(model_dir)
     finally:

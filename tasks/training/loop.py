@@ -288,7 +288,8 @@ def _train_in(
     train_step = make_train_step(net, global_step, loss_window)
     summaries = SummaryWriters(directory.handle)
     evaluator = None
-    if config.evaluation == "sidecar" and step < target:
+    # with nothing to train, still one to evaluate what a killed training's evaluator (dead with it) left
+    if config.evaluation == "sidecar" and (step < target or sidecar_evaluator.unevaluated_steps(directory.handle)):
         evaluator = sidecar_evaluator.SidecarEvaluator(model_dir, sidecar_evaluator.evaluation_spec(config), directory)
     eval_batches = eval_ds.batch(max(config.batch_size, 256))
     saver = CheckpointSaver(

@@ -279,10 +279,11 @@ def _run_supervisor(
         log_end = log_tail(log_path, 1500)
         shutil.rmtree(run_dir, ignore_errors=True)  # the supervisor's and workers' files, whatever the end
         if events.evaluator is not None:
-            # On a failure the evaluator gets a bounded wait (it finishes what was committed on its own).
-            events.evaluator.finish(timeout=None if events.result is not None else 30.0)
             if events.result is not None:
+                events.evaluator.finish()
                 apply_keep_policy(model_dir, config.policy, untrusted=untrusted)  # what waited for its metrics
+            else:  # a failure: it stops now (the next training's evaluator catches up)
+                events.evaluator.stop()
     result = events.result
     if code != 0 or result is None:
         detail = "; ".join(events.failures[-3:]) or f"the supervisor exited with status {code}"

@@ -199,11 +199,20 @@ class Evaluator:
 
     def catch_up(self) -> int:
         """Evaluate every committed checkpoint that has no metrics line yet; returns how many."""
-        recorded = read_metrics(self.model_dir)
-        steps = sorted(
-            s for s in (step_of(p) for p in checkpoint_prefixes(self.model_dir)) if s is not None and s not in recorded
-        )
-        return sum(self.evaluate(step) is not None for step in steps)
+        return sum(self.evaluate(step) is not None for step in unevaluated_steps(self.model_dir))
+
+
+def unevaluated_steps(model_dir: str) -> list[int]:
+    """The committed checkpoints of `model_dir` with no metrics line yet (a killed training's evaluator died
+    with it), oldest first.
+
+    Example:
+        >>> import tempfile
+        >>> unevaluated_steps(tempfile.mkdtemp())
+        []
+    """
+    recorded = read_metrics(model_dir)
+    return sorted(s for s in (step_of(p) for p in checkpoint_prefixes(model_dir)) if s is not None and s not in recorded)
 
 
 def _open_subdirectory(directory: OpenDir, name: str) -> int:
