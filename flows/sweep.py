@@ -156,18 +156,36 @@ def train_on_dask(
         with dask.annotate(**({"resources": {"trainer": 1}} if declared else {})):
             futures = [runner.submit(tasks.train_sweep_candidate, parameters={"spec": spec}) for spec in specs]
         by_key = {future.wrapped_future.key: (future, spec) for future, spec in zip(futures, specs)}
-        for done in distributed.as_completed([future.wrapped_future for future in futures], loop=client.loop):
-            future, spec = by_key[done.key]
-            try:
-                outcomes[spec.index] = future.result()
-            except Exception as err:  # noqa: BLE001 - KilledWorker, or the task failed: reported, the others go on
-                outcomes[spec.index] = err
-                log.error("candidate %d (%s) did not finish: %s: %s", spec.index, spec.candidate_id, type(err).__name__, err)
-                if type(err).__name__ == "KilledWorker":
-                    _mark_crashed(future.task_run_id, f"Dask gave up on it: {err}")
-            finally:
-                future.wrapped_future.release()  # a dead worker must not make Dask run it again
+        try:
+            for done in distributed.as_completed([future.wrapped_future for future in futures], loop=client.loop):
+                future, spec = by_key[done.key]
+                try:
+                    outcomes[spec.index] = future.result()
+                except Exception as err:  # noqa: BLE001 - KilledWorker, or the task failed: reported, the others go on
+                    outcomes[spec.index] = err
+                    log.error("candidate %d (%s) did not finish: %s: %s", spec.index, spec.candidate_id, type(err).__name__, err)
+                    if type(err).__name__ == "KilledWorker":
+                        _mark_crashed(future.task_run_id, f"Dask gave up on it: {err}")
+                finally:
+                    future.wrapped_future.release()  # a dead worker must not make Dask run it again
+        except BaseException as err:
+            if not isinstance(err, Exception):  # a cancel or a timeout: the trainers checkpoint before the cluster goes
+                _stop_trainers(client)
+            raise
     return outcomes
+
+
+def _stop_trainers(client: Any) -> None:
+    """Ask every Dask worker to stop its trainers (`stop_local_trainers`: each saves a checkpoint first)."""
+    from prefect_tensorflow.tasks.training.sweep_candidates import stop_local_trainers
+
+    try:
+        stopped = client.run(stop_local_trainers)
+    except Exception as err:  # noqa: BLE001 - the cluster's shutdown stops them anyway, without a checkpoint
+        get_logger().warning("could not ask the Dask workers to stop their trainers: %s", err)
+        return
+    count = sum(len(pids) for pids in stopped.values())
+    get_logger().warning("sweep stopped: %d trainer(s) saved a checkpoint and stopped; a run again resumes them", count)
 
 
 def _mark_crashed(task_run_id: Any, message: str) -> None:

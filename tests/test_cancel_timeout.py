@@ -158,7 +158,7 @@ def test_a_cancelled_two_worker_training_leaves_no_supervisor_or_worker_and_ends
         select_latest_checkpoint(str(model_dir), verify_checksums=True)  # what was committed restores
 
 
-def test_a_cancelled_sweep_leaves_no_trainer_and_ends_cancelled(served):
+def test_a_cancelled_sweep_checkpoints_its_candidates_leaves_no_trainer_and_ends_cancelled(served):
     sweep_root = served.root / "data" / "sweeps" / "cancel"
     candidates = [{"hparams": {"learning_rate": 0.05}, "seed": 0}, {"hparams": {"learning_rate": 0.1}, "seed": 0}]
     parameters = {
@@ -169,7 +169,10 @@ def test_a_cancelled_sweep_leaves_no_trainer_and_ends_cancelled(served):
         "track": False,
     }
     with served.api() as client:
-        served.deployments.update({d.name: str(d.id) for d in client.read_deployments()})
+        deadline = time.monotonic() + 120  # serve creates its deployments one after another
+        while "sweep-iris" not in served.deployments and time.monotonic() < deadline:
+            served.deployments.update({d.name: str(d.id) for d in client.read_deployments()})
+            time.sleep(0.5)
         run_id = served.create_run(client, "sweep-iris", parameters)
         wait_for(lambda: len(glob.glob(f"{sweep_root}/*/checkpoint")) == 2, 300, "no candidate checkpoints", served.serve_log)
         assert sum("sweep_trainer_main" in p for p in processes_of(run_id)) == 2
@@ -177,6 +180,10 @@ def test_a_cancelled_sweep_leaves_no_trainer_and_ends_cancelled(served):
         assert state.is_cancelled(), f"{state}: {state.message}\n{log_tail(str(served.serve_log))}"
         assert final_after < FINAL_BOUND_SECONDS
         assert_nothing_left(run_id, served, sweep_root)
+    assert "sweep stopped: 2 trainer(s) saved a checkpoint and stopped" in served.serve_log.read_text()
+    for model_dir in glob.glob(f"{sweep_root}/*/"):
+        step = select_latest_checkpoint(model_dir, verify_checksums=True).step
+        assert step is not None and step % 500 != 0  # saved at the stop
 
 
 TIMED_FLOW = """

@@ -297,6 +297,47 @@ def train_candidate(spec: CandidateSpec) -> CandidateResult:
     return result.model_copy(update={"index": spec.index, "task_started": started, "task_finished": time.time()})
 
 
+def stop_local_trainers(grace: float = 20.0) -> list[int]:
+    """SIGTERM the sweep trainers this process started and wait for them (at most `grace` s); their pids.
+
+    Each trainer saves a checkpoint at its next step, then exits (a preemption: `preemption.PreemptionGuard`).
+    A cancelled or timed-out sweep runs this on every Dask worker (`client.run`) before its cluster goes,
+    which would otherwise SIGKILL the trainers with their workers. Linux (reads `/proc`).
+    """
+    import signal
+
+    me, pids = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                parent = int(handle.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == me and TRAINER_MODULE.encode() in command:
+            try:
+                os.kill(int(entry), signal.SIGTERM)
+                pids.append(int(entry))
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return pids
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (its waiter reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 # --- the trainer child process ---------------------------------------------------------------
 
 
