@@ -20,7 +20,8 @@ import typer
 from pydantic import ValidationError
 
 from prefect_tensorflow.tasks.config_checks import one_line
-from prefect_tensorflow.tasks.errors import PrefectTensorFlowError
+from prefect_tensorflow.tasks.errors import PrefectTensorFlowError, StorageError
+from prefect_tensorflow.tasks.storage.write_failures import describe_write_failure, write_failure_reason
 
 # What a command reports in one line; anything else is a bug and keeps its traceback.
 REPORTED = (PrefectTensorFlowError, ValidationError, ValueError, FileNotFoundError)
@@ -33,11 +34,18 @@ def fail(err: BaseException) -> NoReturn:
 
 
 def reported(action: Callable[[], Any]) -> Any:
-    """Run `action`, turning the package's and validation errors into one-line messages (exit 2)."""
+    """Run `action`, turning the package's and validation errors, and a write the system refused (a full disk,
+    permission denied, a read-only file system) wherever it happens, into one-line messages (exit 2)."""
     try:
         return action()
     except REPORTED as err:
         fail(err)
+    except OSError as err:
+        reason = write_failure_reason(err)
+        if reason is None:
+            raise
+        writing = reason in ("No space left on device", "Disk quota exceeded", "Read-only file system")
+        fail(StorageError(f"{'a write failed: ' if writing else ''}{describe_write_failure(err)}"))
 
 
 @contextmanager

@@ -134,13 +134,22 @@ def test_full_disk_while_training_exporting_and_freezing(tmp_path, cli_env):
         version_one = digest(os.path.join(export_base, "1"))
 
         fill(out)
+        fill(models)
+        state_before = open(os.path.join(model_dir, "checkpoint"), encoding="utf-8").read()
         _, kept = listed_checkpoints(model_dir)
         frozen = os.path.join(out, "iris.pb")
-        (status, message), (frozen_status, frozen_message) = run(
+        (status, message), (frozen_status, frozen_message), (again_status, again_message) = run(
             env,
             ("export", os.path.join(model_dir, kept[0]), "--export-base", export_base),
             ("freeze", os.path.join(model_dir, latest), "--output", frozen),
+            ("train", "--model-dir", model_dir, "--steps", 200, "--save-checkpoints-steps", 10),
         )
+        # training again on a disk with no room at all: one line, nothing of the model dir lost
+        assert again_status == 2 and "No space left on device" in again_message, again_message
+        assert_plain(again_message)
+        assert open(os.path.join(model_dir, "checkpoint"), encoding="utf-8").read() == state_before
+        assert_listed_are_complete(model_dir)
+        assert not [e for e in os.listdir(model_dir) if any(m in e for m in NOTHING_PARTIAL)], os.listdir(model_dir)
         assert status == 2, message
         assert message.startswith(f"error: writing SavedModel version {export_base}/2 failed: "), message
         assert message.endswith("No space left on device; nothing was published"), message
