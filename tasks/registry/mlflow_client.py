@@ -71,6 +71,8 @@ from mlflow.utils.request_utils import augmented_raise_for_status
 from mlflow.utils.rest_utils import MlflowHostCreds, RestException, http_request, verify_rest_response
 from mlflow.utils.uri import validate_path_is_safe
 
+from .sqlite_store import open_stores
+
 # Non-idempotent POSTs: a resend after a lost answer creates a second object.
 NO_RESEND = frozenset({CreateModelVersion})
 
@@ -98,7 +100,7 @@ def connection_client(config: Any) -> MlflowClient:
     """An `MlflowClient` for the `MlflowConfig` `config` alone (see the module docstring)."""
     tracking, registry = config.resolved_tracking_uri(), config.resolved_registry_uri()
     if urlsplit(tracking).scheme not in ("http", "https"):
-        return ConfinedMlflowClient(tracking, registry)
+        return open_stores(lambda: ConfinedMlflowClient(tracking, registry), tracking, registry)
     connection = Connection(
         tracking_uri=tracking,
         registry_uri=registry,
