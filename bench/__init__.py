@@ -36,6 +36,8 @@ Benchmarks:
     data_manifest       the manifest and digest of a window of 10,000 partition files on S3 vs listing them.
     data_loader         the partitioned loader's examples/s vs a hand-written tf.data pipeline, same CSV files.
     cancel              Cancel to the final state of a served retrain mid-training vs a plain served flow.
+    many_runs           20 export-checkpoint runs queued at once through serve --limit 4 vs one run alone:
+                        runs/minute and the ratio to 20 runs one after another.
 """
 
 import os
@@ -66,4 +68,5 @@ BENCHMARKS = (
     "data_manifest",
     "data_loader",
     "cancel",
+    "many_runs",
 )
