@@ -62,9 +62,12 @@ def check_outcome(stack: ServedDeployments, runs: dict, name: str, mlflow_uri: s
 
 
 FIRST_OPEN = """
-import sys, time
+import os, sys, time
 from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
-time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+import mlflow.store.tracking.sqlalchemy_store, mlflow.store.model_registry.sqlalchemy_store
+open(sys.argv[2] + ".ready", "w").close()
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.01)
 MlflowConfig(tracking_uri=sys.argv[1]).client().search_registered_models()
 """
 
@@ -73,11 +76,18 @@ def test_processes_opening_a_new_sqlite_store_together_all_succeed(tmp_path):
     """MLflow creates a SQLite store's tables when a process first opens it, unlocked: 4 processes opening
     a new one at the same instant all failed on each other's CREATE TABLE / alembic steps before the lock."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    at = time.time() + 10  # after every interpreter has imported MLflow
+    go = tmp_path / "go"
     processes = [
-        subprocess.Popen([sys.executable, "-c", FIRST_OPEN, uri, str(at)], stderr=subprocess.PIPE, text=True) for _ in range(4)
+        subprocess.Popen(
+            [sys.executable, "-c", FIRST_OPEN, uri, str(tmp_path / f"p{i}"), str(go)], stderr=subprocess.PIPE, text=True
+        )
+        for i in range(4)
     ]
-    outcomes = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in processes]
+    deadline = time.monotonic() + 300
+    while len(list(tmp_path.glob("p*.ready"))) < 4 and time.monotonic() < deadline:  # every one imported MLflow
+        time.sleep(0.05)
+    go.touch()
+    outcomes = [(p.wait(timeout=300), p.stderr.read() if p.stderr else "") for p in processes]
     assert [code for code, _ in outcomes] == [0, 0, 0, 0], [err[-500:] for _, err in outcomes]
 
 
