@@ -293,3 +293,28 @@ def test_the_guard_holds_a_timeouts_alarm_and_a_cancels_sigterm_until_the_block_
         control_listener.clear_intent()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.timeout(600, method="thread")  # pytest-timeout's own SIGALRM handler would make Prefect inject its timeout
+def test_a_task_timeout_stops_the_training_with_a_checkpoint_and_the_task_ends_timed_out(served, tmp_path):
+    """In this process (a flow on the module's server, no flow timeout): the training task's own
+    `timeout_seconds` arms Prefect's alarm in the main thread; the loop stops at the next step with a
+    checkpoint and the task run ends TimedOut."""
+    from prefect import flow
+
+    from prefect_tensorflow.tasks import prefect_tasks
+
+    model_dir = tmp_path / "task-timeout"
+    config = TrainingConfig(more_steps=10_000_000, evaluation="none", policy=LONG_TRAINING["policy"])
+
+    @flow(name="task-timeout")
+    def bounded_training():
+        bounded = prefect_tasks.train_with_checkpoints.with_options(timeout_seconds=20)
+        state = bounded(str(model_dir), config, return_state=True)
+        return state.name, state.message
+
+    with served.api():
+        name, message = bounded_training()
+    assert name == "TimedOut" and message == "Task run exceeded timeout of 20.0 second(s)"
+    stopped = select_latest_checkpoint(str(model_dir), verify_checksums=True)
+    assert stopped.step is not None and stopped.step > 0 and stopped.step % 500 != 0  # saved at the stop
