@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prefect_tensorflow.tasks.configs import ExportConfig, TrainingConfig
@@ -79,3 +80,21 @@ def iris_eval_io(saved_model: str, rows: int = 30) -> tuple[dict, dict]:
 
     features = np.stack([x.numpy() for x, _ in iris.load_dataset("eval").take(rows)]).astype(np.float32)
     return {"features": features}, run_saved_model(saved_model, [features], input_names=["features"])
+
+
+def lock_released(lock: Path) -> bool:
+    """Whether no process holds the `flock` on the lease file `lock` and it names no holder (missing: released).
+
+    A trainer's lock file stays in its model dir after the training, emptied and unlocked.
+    """
+    import fcntl
+
+    if not lock.exists():
+        return True
+    with open(lock, "rb") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return handle.read() == b""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import cli_command
+from helpers import cli_command, lock_released
 
 from prefect_tensorflow.tasks.checkpoints.files import read_state_file, step_of
 from prefect_tensorflow.tasks.configs import TrainingConfig
@@ -116,7 +116,7 @@ def test_a_second_local_trainer_refuses_or_waits_and_a_sigkilled_holder_frees_th
         # It trained only once the holder was gone, from the holder's last checkpoint: never beside it.
         assert result["start_step"] == at_kill and result["final_step"] == at_kill + 20
         assert "after waiting" in err and "holds it" in err  # both decisions are logged
-        assert not lock.exists()  # a normal end leaves no lock behind
+        assert lock_released(lock)  # a normal end leaves no lock behind (the file stays, emptied and unlocked)
     finally:
         for process in (holder, waiter):
             if process is not None and process.poll() is None:
@@ -232,7 +232,8 @@ def test_two_retrains_of_one_window_the_second_is_refused_naming_the_holder_or_w
     assert f"another training holds it (pid {os.getpid()} on " in refused.message, refused.message
     assert str(runs) in refused.message
     assert not (model_dir / "data-lineage.json").exists() and not runs.exists()  # nothing trained
-    assert os.listdir(model_dir / "windows") == []  # no lock left behind
+    assert [n for n in os.listdir(model_dir / "windows") if not n.endswith(".lock")] == []
+    assert all(lock_released(p) for p in (model_dir / "windows").iterdir())  # no lock left behind
     # With a wait: the second run waits for the first, then sees its lineage and skips the window.
     monkeypatch.setenv("PREFECT_TENSORFLOW_LEASE_WAIT", "300")
     first: list = []
@@ -252,7 +253,8 @@ def test_two_retrains_of_one_window_the_second_is_refused_naming_the_holder_or_w
     assert second.is_completed() and isinstance(second.result(), SkippedRetrain)
     assert second.result().skipped.startswith("data unchanged")
     assert len(os.listdir(runs)) == 1  # trained once
-    assert os.listdir(model_dir / "windows") == [runs.name]  # no lock left behind
+    assert [n for n in os.listdir(model_dir / "windows") if not n.endswith(".lock")] == [runs.name]
+    assert lock_released(lock)  # no lock left behind: its file stays, emptied and unlocked
 
 
 def test_from_scratch_does_not_move_a_model_dir_a_training_holds(tmp_path):
@@ -268,4 +270,5 @@ def test_from_scratch_does_not_move_a_model_dir_a_training_holds(tmp_path):
             set_aside(str(model_dir))
         assert sorted(os.listdir(model_dir)) == [LOCK_FILE, "checkpoint"]
     aside = set_aside(str(model_dir))
-    assert aside is not None and not model_dir.exists() and os.listdir(aside) == ["checkpoint"]
+    assert aside is not None and not model_dir.exists() and sorted(os.listdir(aside)) == [LOCK_FILE, "checkpoint"]
+    assert lock_released(Path(aside) / LOCK_FILE)

@@ -10,7 +10,7 @@ evaluator and the multi-worker workers are its children, not competitors):
 |---|---|---|
 | the lease | `flock` on `<model_dir>/.ptf-trainer.lock` (opened without following a symlink) | the object `<model_dir>/.prefect-tensorflow/trainer-lease`, made by a conditional write (`storage.s3.lease`) |
 | the holder dies (SIGKILL, OOM) | the kernel drops the lock at once | the heartbeat stops; another trainer takes it over after `PREFECT_TENSORFLOW_LEASE_TTL` seconds |
-| a normal end | the lock file is removed, then unlocked | the lease object is deleted |
+| a normal end | the lock file is emptied, then unlocked (it stays: see `_local_lease`) | the lease object is deleted |
 
 The holder (host, pid, Prefect flow run and its name, start time) is written
 into the lock file or lease object; a second trainer waits up to
@@ -191,8 +191,10 @@ def _local_lease(directory: OpenDir, record: dict[str, Any], *, wait: float, nam
         _log_taken(subject, time.monotonic() - started)
         yield fd
     finally:
+        # The file stays (emptied, unlocked): removing it would change the model dir after its state file,
+        # and selection trusts a state file that is the directory's last change (`state_file_is_last_change`).
         try:
-            os.unlink(name, dir_fd=directory.fd)  # while still locked: a waiter then finds its file gone
+            os.ftruncate(fd, 0)
         except OSError:
             pass
         fcntl.flock(fd, fcntl.LOCK_UN)
