@@ -98,3 +98,20 @@ def lock_released(lock: Path) -> bool:
             return False
         fcntl.flock(handle, fcntl.LOCK_UN)
         return handle.read() == b""
+
+
+def final_weights(model_dir: Path, step: int) -> dict[str, Any]:
+    """The variables of `model_dir`'s newest checkpoint (checksums verified), which must be at `step`: what two
+    trainings that should end bit-identical are compared on (the save counter left out)."""
+    import tensorflow as tf
+
+    from prefect_tensorflow.tasks.checkpoints.selection import select_latest_checkpoint
+
+    ref = select_latest_checkpoint(model_dir, verify_checksums=True)
+    assert ref.step == step, (ref.path, step)
+    reader = tf.train.load_checkpoint(ref.path)
+    return {
+        name: reader.get_tensor(name)
+        for name in reader.get_variable_to_shape_map()
+        if name.endswith("VARIABLE_VALUE") and not name.startswith("save_counter")
+    }

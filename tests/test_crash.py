@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import cli_command, run_and_kill
+from helpers import cli_command, final_weights, run_and_kill
 
 from prefect_tensorflow.tasks.checkpoints.files import read_state_file, step_of
 from prefect_tensorflow.tasks.checkpoints.selection import list_checkpoints, select_latest_checkpoint
@@ -76,26 +76,13 @@ def run_to_end(cmd, env) -> None:
     assert "Traceback" not in result.stderr
 
 
-def final_weights(model_dir: Path) -> dict[str, np.ndarray]:
-    import tensorflow as tf
-
-    ref = select_latest_checkpoint(model_dir, verify_checksums=True)
-    assert ref.step == STEPS
-    reader = tf.train.load_checkpoint(ref.path)
-    return {
-        name: reader.get_tensor(name)
-        for name in reader.get_variable_to_shape_map()
-        if name.endswith("VARIABLE_VALUE") and not name.startswith("save_counter")
-    }
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, request) -> dict[str, np.ndarray]:
     """Weights of an uninterrupted run (in a subprocess, like the interrupted ones)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     model_dir = tmp_path_factory.mktemp("reference") / "m"
     run_to_end(train_cmd(model_dir), env)
-    return final_weights(model_dir)
+    return final_weights(model_dir, STEPS)
 
 
 def assert_same(weights, reference):
@@ -129,7 +116,7 @@ def test_sigkill_at_many_points_then_rerun_matches_uninterrupted(tmp_path, cli_e
             select_latest_checkpoint(model_dir, verify_checksums=True)
     assert len(killed) >= 4, f"too few kills landed: {killed}"
     run_to_end(cmd, cli_env)
-    assert_same(final_weights(model_dir), reference)
+    assert_same(final_weights(model_dir, STEPS), reference)
     steps = [row.step for row in list_checkpoints(model_dir) if row.valid]
     assert steps[0] == STEPS
 
@@ -143,7 +130,7 @@ def test_sigkill_during_saves(tmp_path, cli_env, reference):
         run_and_kill(cmd, cli_env, lambda step=step: committed_step(model_dir) >= step)
     every_step = train_cmd(model_dir)  # finish with the usual policy
     run_to_end(every_step, cli_env)
-    assert_same(final_weights(model_dir), reference)
+    assert_same(final_weights(model_dir, STEPS), reference)
 
 
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, cli_env):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from helpers import cli_command, lock_released
+from helpers import cli_command, final_weights, lock_released
 from served import ServedDeployments
 
 from prefect_tensorflow.tasks.checkpoints.files import read_state_file, step_of
@@ -103,7 +103,7 @@ def reference(tmp_path_factory):
 
     def weights() -> dict[str, np.ndarray]:
         assert process.wait(timeout=600) == 0, output.read_text()[-3000:]
-        return final_weights(model_dir)
+        return final_weights(model_dir, STEPS)
 
     try:
         yield weights
@@ -133,19 +133,6 @@ def stack(tmp_path_factory, prefect_database):
         yield served
     finally:
         served.stop()
-
-
-def final_weights(model_dir: Path) -> dict[str, np.ndarray]:
-    import tensorflow as tf
-
-    ref = select_latest_checkpoint(model_dir, verify_checksums=True)
-    assert ref.step == STEPS
-    reader = tf.train.load_checkpoint(ref.path)
-    return {
-        name: reader.get_tensor(name)
-        for name in reader.get_variable_to_shape_map()
-        if name.endswith("VARIABLE_VALUE") and not name.startswith("save_counter")
-    }
 
 
 def committed_step(model_dir: Path) -> int:
@@ -259,7 +246,7 @@ def test_a_crashed_run_is_resubmitted_and_resumes_until_it_finishes_as_if_never_
     assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-4000:]}"
     resumed = [line for line in run_logs(served, str(third.id)) if line.startswith("training from step")]
     assert resumed and int(resumed[0].split()[3]) >= died_at > crashed_at > 0, resumed
-    weights, uninterrupted = final_weights(model_dir), reference()
+    weights, uninterrupted = final_weights(model_dir, STEPS), reference()
     assert weights.keys() == uninterrupted.keys()
     for name in uninterrupted:
         np.testing.assert_array_equal(weights[name], uninterrupted[name], err_msg=name)
