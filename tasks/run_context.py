@@ -42,6 +42,27 @@ def get_logger() -> logging.Logger | logging.LoggerAdapter:
     return logging.getLogger(LOGGER_NAME)
 
 
+def flush_run_logs() -> None:
+    """Send the current Prefect run's queued log lines to its API now, through Prefect's own handler.
+
+    Prefect sends them in batches (every 2 s): a line another run reads back (the training's target step,
+    for a resubmission) must not be lost with a SIGKILL before the next batch. Outside a run, or where API
+    logging is off, nothing happens.
+
+    Example:
+        >>> flush_run_logs()  # outside a Prefect run: nothing to send
+    """
+    if _prefect_context() is None:
+        return
+    from prefect.logging.handlers import APILogHandler
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, APILogHandler):
+                handler.flush()  # blocks up to 5 s; in a running event loop it only schedules the send
+                return
+
+
 def prefect_run_tags() -> dict[str, str]:
     """`prefect.flow_run_id`, `prefect.flow_run_url`, ... of the current run, for MLflow tags; {} outside one."""
     if _prefect_context() is None:

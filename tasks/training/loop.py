@@ -48,7 +48,7 @@ from ..data.training_errors import output_classes, refused_data_error
 from ..errors import ModelDirError, NoValidCheckpointError
 from ..registry.mlflow_connection import MlflowConfig
 from ..registry.tracking import TrainingRun
-from ..run_context import get_logger
+from ..run_context import flush_run_logs, get_logger
 from ..storage.confined_dirs import OpenDir, open_directory
 from . import sidecar_evaluator
 from .checkpoint_saver import CheckpointSaver, refuse_symlinked_entries, remove_uncommitted
@@ -281,6 +281,7 @@ def _train_in(
     target = config.target_step(start_step)
     # read back by a resubmission (tasks/resubmission_policy.py): where a crashed `more_steps` run was going
     log.info("training from step %d to target step %d", start_step, target)
+    flush_run_logs()  # on the server before the first checkpoint, whatever kills the process after it
     if target < start_step:
         log.warning("%s is already at step %d, past the target step %d; nothing to train", model_dir, start_step, target)
 

@@ -65,7 +65,7 @@ from ..configs import TrainingConfig
 from ..errors import NoValidCheckpointError
 from ..registry.mlflow_connection import MlflowConfig
 from ..registry.tracking import TrainingRun
-from ..run_context import get_logger, in_deployment_run
+from ..run_context import flush_run_logs, get_logger, in_deployment_run
 from . import sidecar_evaluator
 from .multi_worker_settings import (
     ENTRY_MODULE,
@@ -153,6 +153,7 @@ def train_multi_worker(
     start_step, latest_path, latest_metrics = _newest(local_dir)
     target = config.target_step(start_step)
     get_logger().info("training from step %d to target step %d", start_step, target)  # as loop.py's, for a resubmission
+    flush_run_logs()
     events = WorkerEvents(on_progress, on_checkpoint)
     if tracking is None:
         return _run_supervisor(local_dir, resolved, start_step, target, latest_path, latest_metrics, options, events, untrusted)
