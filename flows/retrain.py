@@ -89,12 +89,15 @@ def set_aside(model_dir: str) -> Optional[str]:
         )
     if not os.path.isdir(model_dir) or not os.listdir(model_dir):
         return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    aside = f"{model_dir}.previous-{stamp}"
+    # Checked before the lease too: its lock file is never made in a directory that is refused.
+    check_is_model_dir(model_dir)
+    check_can_move_aside(model_dir, aside)
     with hold_model_dir(ModelDir.parse(model_dir), what="moving it aside (from_scratch)"):  # not under a training
         check_is_model_dir(model_dir)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        aside = f"{model_dir}.previous-{stamp}"
         check_can_move_aside(model_dir, aside)
-        os.rename(model_dir, aside)  # the lease's lock file goes with it, and is removed there
+        os.rename(model_dir, aside)  # the lease's lock file goes with it
     get_logger().info("from scratch: moved the previous checkpoints of %s to %s", model_dir, aside)
     return aside
 
