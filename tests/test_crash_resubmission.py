@@ -207,8 +207,14 @@ def test_a_crashed_run_is_resubmitted_and_resumes_until_it_finishes_as_if_never_
     model_dir = served.root / "data" / "models" / "crashing"
     parameters = {"model_dir": str(model_dir), "track": False, "registered_model_name": "crashing", "training": TRAINING}
     with served.api() as client:
-        names = {a.name for a in client.read_automations_by_name("prefect-tensorflow: crash runs without heartbeats")}
-        assert names and client.read_automations_by_name("resubmit-crashed__automation_1")
+        # serve creates the zombie automation, and the trigger's, once its deployments exist: not always before
+        wait_for(
+            "the zombie automation",
+            lambda: client.read_automations_by_name("prefect-tensorflow: crash runs without heartbeats"),
+            60,
+            log,
+        )
+        wait_for("the resubmission trigger", lambda: client.read_automations_by_name("resubmit-crashed__automation_1"), 60, log)
         first = served.create_run(client, "retrain-iris", parameters)
 
     # 1. the flow-run process dies (SIGKILL, an OOM kill): the runner reports Crashed, a resubmission follows

@@ -99,6 +99,8 @@ def test_bounded_schemas_accept_what_a_legitimate_run_sends():
         "registered_model_name": "iris émoji 😀 ok",
         "model_dir": "/srv/models/iris-😀",
         "mlflow": {"$ref": {"block_document_id": "6f1a4d3c-8e0b-4a3e-9d55-0f0d6c1f2a10"}},
+        # resubmit-crashed's only parameter, required: its trigger passes the crashed run's event resource id
+        "flow_run_id": "prefect.flow-run.0b5c6c1e-2f4e-4d0a-9a53-3f2d1f0e9c11",
     }
     for name, schema in _schemas().items():
         bounded = bound_parameter_schema(schema)
@@ -109,7 +111,8 @@ def test_bounded_schemas_accept_what_a_legitimate_run_sends():
             assert _only_added_to(before, bounded["properties"][prop]), (name, prop, bounded["properties"][prop])
         for definition, before in schema["definitions"].items():
             assert _only_added_to(before, bounded["definitions"][definition]), (name, definition)
-        assert _refusal(defaults[name], bounded) is None, name
+        supplied = {k: legitimate[k] for k in bounded.get("required", []) if k not in defaults[name] and k in legitimate}
+        assert _refusal({**supplied, **defaults[name]}, bounded) is None, name
         if not bounded.get("required"):  # rollback's model name is required: its deployment always sends one
             assert _refusal({}, bounded) is None, name
         parameters = {k: v for k, v in legitimate.items() if k in schema["properties"]}
