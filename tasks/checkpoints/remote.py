@@ -353,15 +353,32 @@ class RemoteModelDir:
             StorageError: another writer changed it (a training that took the lease over from this one).
         """
         try:
-            etag = self._etags[name]
-            self._etags[name] = (
-                self.store.put_bytes(name, data, if_match=etag) if etag else self.store.put_bytes(name, data, create_only=True)
-            )
+            self._etags[name] = self._put_if(name, data, self._etags[name])
         except (PreconditionFailedError, FileExistsError) as err:
-            raise StorageError(
-                f"{self.store.uri(name)}: changed by another writer while this training held the model dir's lease "
-                "(it was taken over); not overwritten"
-            ) from err
+            if self._fence is None:
+                raise self._changed(name) from err
+            # Still ours (the fence raises once the lease is taken over): the change is a dead holder's
+            # write that was in flight when it died and landed after this run listed the store.
+            self._fence()
+            current = self.store.head(name)
+            get_logger().warning(
+                "%s: changed after this run listed it (a write of the previous holder landing late); "
+                "replaced under this run's lease",
+                self.store.uri(name),
+            )
+            try:
+                self._etags[name] = self._put_if(name, data, current.etag if current is not None else None)
+            except (PreconditionFailedError, FileExistsError) as again:
+                raise self._changed(name) from again
+
+    def _put_if(self, name: str, data: bytes, etag: Optional[str]) -> str:
+        return self.store.put_bytes(name, data, if_match=etag) if etag else self.store.put_bytes(name, data, create_only=True)
+
+    def _changed(self, name: str) -> StorageError:
+        return StorageError(
+            f"{self.store.uri(name)}: changed by another writer while this training held the model dir's lease "
+            "(it was taken over); not overwritten"
+        )
 
     def discard(self) -> None:
         """Remove the local staging copy (after `close`, or after a failure): the store keeps what was committed."""
