@@ -77,7 +77,9 @@ def read_crashed_run(client: Any, run_id: UUID) -> tuple[CrashedRun, Any]:
 
     run = client.read_flow_run(run_id)
     flow_name = client.read_flow(run.flow_id).name
-    cancelled = any(state.type == StateType.CANCELLING for state in client.read_flow_run_states(run_id))
+    history = client.read_flow_run_states(run_id)
+    cancelled = any(state.type == StateType.CANCELLING for state in history)
+    started = any(state.type == StateType.RUNNING for state in history)
     tag = FlowRunFilterTags(all_=[f"{RESUBMISSION_OF_TAG}{run_id}"])
     earlier = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=tag), limit=1)
     return (
@@ -88,6 +90,7 @@ def read_crashed_run(client: Any, run_id: UUID) -> tuple[CrashedRun, Any]:
             state_type=run.state.type.value if run.state else "UNKNOWN",
             tags=tuple(run.tags or ()),
             cancelled=cancelled,
+            started=started,
             resubmitted_as=str(earlier[0].id) if earlier else None,
         ),
         run,

@@ -18,6 +18,8 @@ Example:
     (True, 2, ('attempt:2', 'resubmission-of:r1'))
     >>> decision.reason
     'resubmitted: attempt 2 of at most 3 (PREFECT_TENSORFLOW_RESUBMIT_CRASHED=2)'
+    >>> decide_resubmission(CrashedRun("r0", "retrain", "d1", "CRASHED", started=False), max_resubmissions=2).resubmit
+    False
     >>> decide_resubmission(run, max_resubmissions=0).reason
     'not resubmitted: the policy is off (PREFECT_TENSORFLOW_RESUBMIT_CRASHED=0)'
     >>> resubmitted_parameters({"training": {"more_steps": 1000}}, target_step=1700)
@@ -44,7 +46,9 @@ class CrashedRun:
     """What the decision needs to know about the run that ended.
 
     `cancelled`: its state history has a Cancelling state (a cancel, even one
-    that ended Crashed). `resubmitted_as`: the id of a run already created for it.
+    that ended Crashed). `started`: it has a Running state (its flow began: a
+    run whose process or parameters failed before that has nothing to resume).
+    `resubmitted_as`: the id of a run already created for it.
     """
 
     run_id: str
@@ -53,6 +57,7 @@ class CrashedRun:
     state_type: str
     tags: tuple[str, ...] = ()
     cancelled: bool = False
+    started: bool = True
     resubmitted_as: Optional[str] = None
 
     @property
@@ -96,6 +101,10 @@ def decide_resubmission(run: CrashedRun, max_resubmissions: int) -> Resubmission
         return ResubmissionDecision(False, f"not resubmitted: flow {run.flow_name!r} is not one of {sorted(RESUBMITTED_FLOWS)}")
     if run.deployment_id is None:
         return ResubmissionDecision(False, "not resubmitted: the run was not created from a deployment")
+    if not run.started:
+        return ResubmissionDecision(
+            False, "not resubmitted: it crashed before its flow started running (its parameters or its process failed first)"
+        )
     if run.cancelled:
         return ResubmissionDecision(False, "not resubmitted: the run was being cancelled (a cancel is not a crash)")
     if run.resubmitted_as is not None:

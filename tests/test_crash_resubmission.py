@@ -54,6 +54,8 @@ NAMES = ("retrain-iris", "resubmit-crashed")
 def test_the_policy_resubmits_a_crash_up_to_the_bound_and_never_a_cancel():
     crash = CrashedRun(run_id="r1", flow_name="retrain", deployment_id="d", state_type="CRASHED", tags=("prefect-tensorflow",))
     first = decide_resubmission(crash, max_resubmissions=2)
+    never_ran = decide_resubmission(CrashedRun("r0", "retrain", "d", "CRASHED", started=False), max_resubmissions=2)
+    assert not never_ran.resubmit and "before its flow started running" in never_ran.reason  # nothing to resume
     assert (first.resubmit, first.attempt) == (True, 2)
     assert first.tags == ("prefect-tensorflow", "attempt:2", "resubmission-of:r1")
     second = CrashedRun(run_id="r2", flow_name="retrain", deployment_id="d", state_type="CRASHED", tags=first.tags)
