@@ -166,3 +166,20 @@ def s3_server_environment(scratch: Scratch) -> Iterator[Any]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def wait_for_deployment(client, name: str, serve, serve_log: str, timeout: float) -> Any:
+    """The deployment `name` once `serve` (its process) has created it, polled on `client` (a sync Prefect
+    client); RuntimeError with the serve log's tail when serve exits or `timeout` seconds pass first."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from prefect_tensorflow.tasks.child_processes import log_tail
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
+        if found:
+            return found[0]
+        if serve.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"serve did not create the {name} deployment:\n{log_tail(serve_log)}")
+        time.sleep(0.5)

@@ -67,7 +67,7 @@ import sys
 import time
 from datetime import datetime
 
-from .common import Scratch, fmt, interleaved, median, ratio_table, report, spread, timed
+from .common import Scratch, fmt, interleaved, median, ratio_table, report, spread, timed, wait_for_deployment
 from .mlflow_logging import check_store
 
 NAME = "export_run"
@@ -102,7 +102,6 @@ def run() -> dict:
 def _run(scratch: Scratch) -> dict:
     import mlflow
     from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from prefect_tensorflow.flows.servers import free_port, start_prefect_server
@@ -182,17 +181,7 @@ def _run(scratch: Scratch) -> dict:
                 start_new_session=True,
             )
         processes.append(serve)
-        deadline = time.monotonic() + 180
-        while True:
-            found = client.read_deployments(
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["export-checkpoint"]))
-            )
-            if found:
-                deployment = found[0]
-                break
-            if serve.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"serve did not create the export-checkpoint deployment:\n{log_tail(serve_log)}")
-            time.sleep(0.5)
+        deployment = wait_for_deployment(client, "export-checkpoint", serve, serve_log, 180)
         serve_seconds = time.perf_counter() - t0
 
         counter = iter(range(10**6))

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from .common import Scratch, fmt, interleaved, median, ratio_table, report, spread
+from .common import Scratch, fmt, interleaved, median, ratio_table, report, spread, wait_for_deployment
 
 NAME = "many_runs"
 RUNS = 20
@@ -48,7 +48,7 @@ def run() -> dict:
 def _run(scratch: Scratch) -> dict:
     import mlflow
     from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from prefect_tensorflow.flows.servers import free_port, start_prefect_server
@@ -96,17 +96,7 @@ def _run(scratch: Scratch) -> dict:
                 )
             )
         with temporary_settings(updates={PREFECT_API_URL: api_url}), SyncPrefectClient(api_url) as client:
-            deadline = time.monotonic() + 300
-            while True:
-                found = client.read_deployments(
-                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["export-checkpoint"]))
-                )
-                if found:
-                    deployment = found[0]
-                    break
-                if processes[-1].poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"serve did not create the export-checkpoint deployment:\n{log_tail(serve_log)}")
-                time.sleep(0.5)
+            deployment = wait_for_deployment(client, "export-checkpoint", processes[-1], serve_log, 300)
 
             def queue(steps: list[int]) -> dict:
                 name = f"bench-many-{next(counter)}"
