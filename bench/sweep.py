@@ -10,8 +10,10 @@ fresh model dirs:
   pools: it may use both cores for one candidate).
 - D "Dask, 2 workers": what the `sweep` flow does to train them: inside a
   Prefect flow, a temporary LocalCluster of 2 worker processes (1 thread
-  each, on 127.0.0.1) is started, the 4 `train-sweep-candidate` tasks are
-  submitted, each trains its candidate in a child process with 1
+  each, on 127.0.0.1) is started, each worker launches its warm trainer
+  template (`launch_templates`, TensorFlow imported while the tasks are
+  submitted), the 4 `train-sweep-candidate` tasks are submitted, each trains
+  its candidate in a child forked from its worker's template with 1
   TensorFlow thread per pool, and the cluster is stopped. The wall time runs
   from before the cluster starts to after it is stopped.
 - K "cluster only": the same LocalCluster started and stopped, nothing submitted.
@@ -24,8 +26,8 @@ Dask worker that ran each (`attempts.jsonl`):
   and the start of the next task body, plus the time from the end of its
   last task body until the flow held the result; summed over workers,
   divided by the 4 candidates. The cluster's start is excluded (K);
-- child process: task body minus the child's training call (spawn,
-  `import tensorflow`, interpreter exit);
+- child process: task body minus the child's training call (fork, or a
+  wait for the template's imports; a cold start: spawn, `import tensorflow`);
 - training: the child's `train_with_checkpoints` call.
 
 The Prefect API is `prefect_test_harness` (a `prefect server` subprocess),
@@ -63,7 +65,7 @@ def run() -> dict:
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
-    from prefect_tensorflow.flows.sweep import dask_task_runner
+    from prefect_tensorflow.flows.sweep import dask_task_runner, launch_templates
     from prefect_tensorflow.tasks import prefect_tasks
     from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
     from prefect_tensorflow.tasks.configs import TrainingConfig
@@ -82,6 +84,7 @@ def run() -> dict:
         started = time.time()
         with dask_task_runner(None, WORKERS) as runner:
             client = runner.client  # starts the LocalCluster
+            launch_templates(client, 1)
             cluster_up = time.time()
             futures = [runner.submit(prefect_tasks.train_sweep_candidate, parameters={"spec": s}) for s in specs]
             by_key = {f.wrapped_future.key: f for f in futures}
@@ -140,6 +143,7 @@ def run() -> dict:
 
     s, d, k = (median(r["wall"] for r in runs[key]) for key in ("S", "D", "K"))
     per = {key: median(r[key] for r in runs["D"]) for key in ("overhead", "child_process", "training", "task")}
+    forked = sum(r["forked"] for r in runs["D"])
     rows = [
         ["S sequential, 1 process", s, spread([r["wall"] for r in runs["S"]]), 1.0, s / len(candidates)],
         ["D Dask LocalCluster, 2 workers", d, spread([r["wall"] for r in runs["D"]]), d / s, d / len(candidates)],
@@ -162,6 +166,7 @@ def run() -> dict:
         "median_wall_seconds": {"S": s, "D": d, "K": k},
         "ratio_D_over_S": d / s,
         "per_candidate_seconds": per,
+        "forked_candidates": forked,
     }
     result["table"] = ratio_table(
         f"sweep: {len(candidates)} iris candidates x {STEPS} steps on {WORKERS} Dask worker processes vs one after "
@@ -171,7 +176,8 @@ def run() -> dict:
         notes=[
             f"D/S = {fmt(d / s)} (0.5 is the limit on 2 cores).",
             f"per candidate of D: Prefect + Dask overhead {fmt(per['overhead'])} s; child process (spawn, TF import, exit) "
-            f"{fmt(per['child_process'])} s; training call {fmt(per['training'])} s; task body {fmt(per['task'])} s.",
+            f"{fmt(per['child_process'])} s; training call {fmt(per['training'])} s; task body {fmt(per['task'])} s; "
+            f"{forked} of {len(runs['D']) * len(candidates)} timed candidates forked from a warm template.",
             f"cluster start + stop (K) {fmt(k)} s is part of D's wall time, not of the per-candidate overhead.",
             f"warm-up (untimed, {WARM_STEPS} steps each way): {fmt(warmup)} s; os.cpu_count() = {os.cpu_count()}.",
         ],
@@ -205,6 +211,7 @@ def breakdown(out: dict, attempts_path: str) -> dict:
         "child_process": statistics.median(t - c for t, c in zip(task, training)),
         "training": statistics.median(training),
         "task": statistics.median(task),
+        "forked": sum(bool(r.get("forked")) for r in results),
     }
 
 

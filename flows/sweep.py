@@ -11,11 +11,13 @@ holding the comparison table and every candidate a child run.
 Dask: a temporary `LocalCluster` of worker processes on 127.0.0.1 (one thread
 each, dashboard on a free 127.0.0.1 port) unless `dask_address` (or
 `PREFECT_TENSORFLOW_DASK_ADDRESS`) names the scheduler of an existing cluster.
-A Dask worker that dies mid-training takes its trainer with it; Dask runs the
-task again elsewhere and the candidate resumes from its newest valid
-checkpoint. A future is released as soon as its state is known, so a later
-worker death never makes Dask run a finished candidate again (and its result
-file would skip it anyway). A candidate Dask gives up on (`KilledWorker`)
+Each worker forks its candidates' trainers from a warm template (TensorFlow
+imported once per worker, `sweep_template`; on a LocalCluster started as the
+workers come up). A Dask worker that dies mid-training takes its trainer
+with it; Dask runs the task again elsewhere and the candidate resumes from
+its newest valid checkpoint. A future is released as soon as its state is
+known, so a later worker death never makes Dask run a finished candidate
+again (and its result file would skip it anyway). A candidate Dask gives up on (`KilledWorker`)
 fails the sweep after the others finished; running the sweep again trains
 only what is missing.
 
@@ -151,6 +153,8 @@ def train_on_dask(
     outcomes: dict[int, Union[CandidateResult, BaseException]] = {}
     with dask_task_runner(address, workers or min(len(specs), os.cpu_count() or 1)) as runner:
         client = runner.client
+        if not address:  # our own LocalCluster: its workers import TensorFlow while Prefect submits the tasks
+            launch_templates(client, specs[0].threads)
         declared = any("trainer" in (w.get("resources") or {}) for w in client.scheduler_info(n_workers=-1)["workers"].values())
         # Workers that declare a `trainer` resource run one candidate at a time, whatever their thread count.
         with dask.annotate(**({"resources": {"trainer": 1}} if declared else {})):
@@ -173,6 +177,19 @@ def train_on_dask(
                 _stop_trainers(client)
             raise
     return outcomes
+
+
+def launch_templates(client: Any, threads: int) -> None:
+    """Start each worker's warm trainer template (`sweep_template.launch_template`) without waiting for it.
+
+    Only on a cluster this flow started: a shared cluster's workers start theirs with their first candidate.
+    """
+    from prefect_tensorflow.tasks.training.sweep_template import launch_template
+
+    try:
+        client.run(launch_template, threads)
+    except Exception as err:  # noqa: BLE001 - each worker then starts its template with its first candidate
+        get_logger().warning("could not start the Dask workers' warm trainer templates early: %s", err)
 
 
 def _stop_trainers(client: Any) -> None:

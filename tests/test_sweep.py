@@ -50,6 +50,7 @@ BASE = TrainingConfig(
 )
 CANDIDATES = [Candidate(hparams={"learning_rate": 0.05}, seed=0), Candidate(hparams={"learning_rate": 0.2}, seed=1)]
 TRAINER_MODULE = "prefect_tensorflow.tasks.training.sweep_trainer_main"
+FORKING_MODULE = "prefect_tensorflow.tasks.training.sweep_forking_main"
 DASK = str(Path(sys.executable).with_name("dask"))
 
 
@@ -164,6 +165,7 @@ def test_a_local_cluster_sweep_ships_the_best_candidate_and_tracks_parent_and_ch
     results = {r.index: r for r in summary.candidates}
     assert sorted(results) == [0, 1] and not any(r.skipped for r in results.values())
     assert all(r.training.final_step == STEPS and r.training.start_step == 0 for r in results.values())
+    assert all(r.forked for r in results.values())  # each forked from its worker's warm template, tracked in MLflow
     best = {row["candidate"]: row["accuracy"] for row in summary.comparison}
     winner = max(best, key=lambda i: (best[i], -i))
     assert summary.winner == results[winner].candidate_id
@@ -277,7 +279,7 @@ def dask_cluster(tmp_path_factory, prefect_api):
 
 
 def trainer_of(model_dir: Path) -> psutil.Process | None:
-    """The trainer process holding `model_dir`'s training lock."""
+    """The trainer process holding `model_dir`'s training lock (a forked one shows the trainer's command line)."""
     lock = str(model_dir / LOCK_FILE)
     for process in psutil.process_iter(["cmdline"]):
         try:
@@ -303,7 +305,10 @@ def test_killing_a_dask_worker_mid_sweep_resumes_its_candidate_and_ends_like_an_
                 trainer = trainer_of(victim_dir)
                 if trainer is not None:
                     worker = trainer.parent()
-                    killed.update(trainer=trainer.pid, worker=worker.pid, nanny_cmd=worker.parent().cmdline())
+                    forked = FORKING_MODULE in worker.cmdline()  # forked from its worker's warm template
+                    if forked:
+                        worker = worker.parent()
+                    killed.update(trainer=trainer.pid, worker=worker.pid, nanny_cmd=worker.parent().cmdline(), forked=forked)
                     worker.send_signal(signal.SIGKILL)
                     killed["trainer_gone"] = psutil.wait_procs([trainer], timeout=10)[1] == []
                     return
@@ -317,6 +322,7 @@ def test_killing_a_dask_worker_mid_sweep_resumes_its_candidate_and_ends_like_an_
     assert killed, "the Dask worker was never killed"
     assert killed["nanny_cmd"][1:3] == [DASK, "worker"]  # the killed process is a Dask worker (its nanny restarts it)
     assert killed["trainer_gone"], "the trainer outlived its Dask worker"
+    assert killed["forked"], "the trainer was not forked from its worker's warm template"
     reference = uninterrupted["summary"]
     assert summary.winner == reference.winner
     by_id = {r.candidate_id: r for r in summary.candidates}

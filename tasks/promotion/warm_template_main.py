@@ -15,7 +15,13 @@ session of its own (so the parent's `stop_process_group` stops it) and answers
 `{"id": n, "pid": child}` (or `{"id": n, "error": why}`); when a child exits
 it writes `{"exited": pid, "status": code}` (negative: killed by that signal).
 It exits when its stdin closes (its parent is gone or done), killing its
-children first; the children also die with it (`PR_SET_PDEATHSIG`).
+children first; the children also die with it (`PR_SET_PDEATHSIG`). It
+refuses to fork (an error reply: the caller runs the cold path) when the
+fork would copy live runtime state (`fork_problem`).
+
+That loop is `fork_loop`, written against the standard library only: the
+sweep trainers' template (`training/sweep_forking_main.py`, which does import
+project code) runs it too, with its own child body.
 
 A child of kind `load` runs `serving_check_main.answer(request["request"])`;
 a child of kind `serve` sets the environment it was sent (the connection's
@@ -41,7 +47,8 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -119,15 +126,30 @@ def _serve(request: dict[str, Any]) -> None:
     uvicorn.run("mlflow.pyfunc.scoring_server.app:app", host=request["host"], port=int(request["port"]))
 
 
-def _child(request: dict[str, Any], program: Any, template_pid: int) -> None:
+def fork_problem() -> Optional[str]:
+    """Why a fork now would copy live runtime state into the child, or None: a Python thread besides this one
+    (its locks could be held mid-update), or TensorFlow's eager context (its thread pools do not survive a fork).
+
+    Example:
+        >>> problem = fork_problem()
+        >>> problem is None or problem.endswith("forking it is not safe")
+        True
+    """
+    import threading
+
+    if threading.active_count() != 1:
+        return f"the template runs {threading.active_count()} Python threads: forking it is not safe"
+    context = sys.modules.get("tensorflow.python.eager.context")
+    if context is not None and getattr(getattr(context, "_context", None), "_context_handle", None) is not None:
+        return "the template created TensorFlow's eager context: forking it is not safe"
+    return None
+
+
+def _child(request: dict[str, Any], run_child: Callable[[dict[str, Any]], Optional[int]], template_pid: int) -> None:
     code = 1
     try:
         _in_child(request["log"], template_pid)
-        if request["kind"] == "load":
-            program.answer(request["request"])
-        else:
-            _serve(request)
-        code = 0
+        code = run_child(request) or 0
     except BaseException:  # noqa: BLE001  # the log's last line is the reason the parent quotes
         traceback.print_exc()
     finally:
@@ -138,11 +160,17 @@ def _child(request: dict[str, Any], program: Any, template_pid: int) -> None:
             os._exit(code)
 
 
-def main() -> int:
-    started = time.perf_counter()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us by closing our stdin
-    program = _load_check_program()
-    _imports(program)
+def _check(request: dict[str, Any], program: Any) -> None:
+    if request["kind"] == "load":
+        program.answer(request["request"])
+    else:
+        _serve(request)
+
+
+def fork_loop(run_child: Callable[[dict[str, Any]], Optional[int]], started: float) -> int:
+    """The template's loop once its imports are done: announce readiness, fork `run_child(request)` per request
+    line (its return value is the child's exit status), report exits, return when stdin closes (see the module
+    docstring). `started`: the `time.perf_counter()` the imports began at."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -177,21 +205,33 @@ def main() -> int:
             if not line.strip():
                 continue
             request = json.loads(line)
+            problem = fork_problem()
+            if problem is not None:
+                _write({"id": request.get("id"), "error": problem})
+                continue
             try:
                 pid = os.fork()
             except OSError as err:
                 _write({"id": request.get("id"), "error": f"fork failed: {err}"})
                 continue
             if pid == 0:
-                _child(request, program, me)
+                _child(request, run_child, me)
             children.add(pid)
             _write({"id": request.get("id"), "pid": pid})
-    for pid in children:  # stdin closed: our parent is done or gone, and so are the checks it asked for
+    for pid in children:  # stdin closed: our parent is done or gone, and so are the children it asked for
         try:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
     return 0
+
+
+def main() -> int:
+    started = time.perf_counter()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us by closing our stdin
+    program = _load_check_program()
+    _imports(program)
+    return fork_loop(lambda request: _check(request, program), started)
 
 
 if __name__ == "__main__":

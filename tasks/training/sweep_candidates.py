@@ -13,10 +13,14 @@ train_sweep_candidate`). It never trains a candidate twice:
   (written atomically after training returned): the task returns it at once,
   without starting anything (a sweep run again, or Dask running a finished
   task again after its worker died);
-- otherwise it starts `python -m prefect_tensorflow.tasks.training.sweep_trainer_main` (a
-  child process: Dask workers are daemonic, and TensorFlow gets its own
-  thread limits there). The child dies with its Dask worker
-  (`child_processes.die_with_parent`), takes an exclusive lock on the model
+- otherwise it trains in a child process (Dask workers are daemonic, and
+  TensorFlow gets its own thread limits there, and a killed trainer does not
+  take the worker down): forked from the worker's warm template
+  (`sweep_template`: TensorFlow imported once per worker process), or, when
+  that template cannot start or fork, started cold as `python -m
+  prefect_tensorflow.tasks.training.sweep_trainer_main`. The child dies with
+  its Dask worker (`child_processes.die_with_parent`, or the template's
+  lifetime rules), takes an exclusive lock on the model
   dir (a second trainer of the same dir waits, then finds the result), and
   trains with `train_with_checkpoints`, which resumes from the newest valid
   checkpoint: a candidate whose worker was killed resumes where it was and
@@ -56,7 +60,9 @@ from ..errors import PrefectTensorFlowError
 from ..metric_order import Mode, best_first
 from ..registry.mlflow_connection import MlflowConfig
 from ..run_context import get_logger
+from ..warm_process import ForkedProcess
 from .loop import TrainResult
+from .sweep_template import ENV_PARENT, fork_trainer, template_pid
 
 TRAINER_MODULE = "prefect_tensorflow.tasks.training.sweep_trainer_main"
 """The trainer process: `python -m` this, the spec and connection on stdin (`trainer_main`)."""
@@ -64,7 +70,6 @@ RESULT_FILE = ".ptf-sweep-result.json"
 LOCK_FILE = ".ptf-train.lock"
 LOG_FILE = ".ptf-trainer.log"
 ATTEMPTS_FILE = "attempts.jsonl"
-ENV_PARENT = "PREFECT_TENSORFLOW_SWEEP_PARENT"
 MAX_CANDIDATES = 64
 LOCK_WAIT_SECONDS = 120.0
 TAG = "prefect_tensorflow."
@@ -146,6 +151,7 @@ class CandidateResult(BaseModel):
     training: TrainResult
     skipped: bool = Field(default=False, description="Already trained (its result file was there): nothing ran")
     timing: dict[str, float] = Field(default_factory=dict, description="Seconds: import, training, the whole child")
+    forked: bool = Field(default=False, description="The trainer was forked from its worker's warm template")
     task_started: float = Field(default=0.0, description="Epoch seconds the task body started")
     task_finished: float = Field(default=0.0, description="Epoch seconds the task body ended")
 
@@ -254,28 +260,35 @@ def train_candidate(spec: CandidateSpec) -> CandidateResult:
         return done.model_copy(update={"skipped": True, "task_started": started, "task_finished": time.time()})
     os.makedirs(spec.model_dir, exist_ok=True)
     record_attempt(spec, "started")
-    payload = json.dumps(
-        {
-            "spec": spec.model_dump(mode="json", exclude={"tracking"}),
-            "connection": spec.tracking.to_secret_json() if spec.tracking is not None else None,
-            "spawned": time.time(),
-        }
-    )
+    payload = {
+        "spec": spec.model_dump(mode="json", exclude={"tracking"}),
+        "connection": spec.tracking.to_secret_json() if spec.tracking is not None else None,
+        "spawned": time.time(),
+    }
     log_path = os.path.join(spec.model_dir, LOG_FILE)
-    process = start_process(
-        [sys.executable, "-m", TRAINER_MODULE],
-        log_path=log_path,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        parent_variable=ENV_PARENT,
-        threads=spec.threads,
-    )
-    log.info("candidate %s: training in process %d (%s)", spec.candidate_id, process.pid, spec.model_dir)
-    try:
-        out, _ = process.communicate(payload.encode())
-    finally:
-        if process.poll() is None:  # interrupted: never leave a trainer behind
-            stop_process_group(process, grace=5.0)
+    with tempfile.TemporaryDirectory(prefix="ptf-sweep-answer-") as scratch:
+        answer_path = os.path.join(scratch, "answer.json")
+        process: Any = fork_trainer(payload, spec.threads, log_path, answer_path)
+        if process is None:
+            process = start_process(
+                [sys.executable, "-m", TRAINER_MODULE],
+                log_path=log_path,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                parent_variable=ENV_PARENT,
+                threads=spec.threads,
+            )
+        how = "forked from the warm template" if isinstance(process, ForkedProcess) else "started cold"
+        log.info("candidate %s: training in process %d, %s (%s)", spec.candidate_id, process.pid, how, spec.model_dir)
+        try:
+            if isinstance(process, ForkedProcess):
+                process.wait()
+                out = open(answer_path, "rb").read() if os.path.exists(answer_path) else b""  # none: killed early
+            else:
+                out, _ = process.communicate(json.dumps(payload).encode())
+        finally:
+            if process.poll() is None:  # interrupted: never leave a trainer behind
+                stop_process_group(process, grace=5.0)
     lines = [line for line in out.decode("utf-8", "replace").splitlines() if line.strip()]
     try:
         answer = json.loads(lines[-1]) if lines else {}
@@ -294,11 +307,13 @@ def train_candidate(spec: CandidateSpec) -> CandidateResult:
         )
     result = CandidateResult.model_validate(answer)
     record_attempt(spec, "finished", start_step=result.training.start_step, final_step=result.training.final_step)
-    return result.model_copy(update={"index": spec.index, "task_started": started, "task_finished": time.time()})
+    update = {"index": spec.index, "task_started": started, "task_finished": time.time()}
+    return result.model_copy(update={**update, "forked": isinstance(process, ForkedProcess)})
 
 
 def stop_local_trainers(grace: float = 20.0) -> list[int]:
-    """SIGTERM the sweep trainers this process started and wait for them (at most `grace` s); their pids.
+    """SIGTERM the sweep trainers this process started or had its template fork; wait for them (at most
+    `grace` s); their pids.
 
     Each trainer saves a checkpoint at its next step, then exits (a preemption: `preemption.PreemptionGuard`).
     A cancelled or timed-out sweep runs this on every Dask worker (`client.run`) before its cluster goes,
@@ -306,7 +321,7 @@ def stop_local_trainers(grace: float = 20.0) -> list[int]:
     """
     import signal
 
-    me, pids = os.getpid(), []
+    parents, pids = {os.getpid(), template_pid()}, []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -317,7 +332,7 @@ def stop_local_trainers(grace: float = 20.0) -> list[int]:
                 command = handle.read()
         except (OSError, ValueError, IndexError):
             continue
-        if parent == me and TRAINER_MODULE.encode() in command:
+        if parent in parents and TRAINER_MODULE.encode() in command:  # a forked one shows as a trainer too
             try:
                 os.kill(int(entry), signal.SIGTERM)
                 pids.append(int(entry))
@@ -421,10 +436,18 @@ def _train_tracked(spec: CandidateSpec, connection: MlflowConfig) -> TrainResult
 
 
 def trainer_main() -> int:
-    """The child process: train one candidate, write its result file, print it (stdin: spec and connection)."""
+    """The cold child process: train one candidate (stdin: spec and connection), print its result (`train_from_payload`)."""
     main_started = time.time()
     die_with_parent(ENV_PARENT)
     payload = json.loads(sys.stdin.read())
+    code = train_from_payload(payload, main_started)
+    sys.stderr.flush()
+    os._exit(code)  # skip TensorFlow's interpreter teardown (seconds): the result is on disk
+
+
+def train_from_payload(payload: dict[str, Any], main_started: float) -> int:
+    """Train the candidate in `payload` (spec and connection), write its result file, print it as the last line
+    of stdout (or `{"error", "message"}`); the exit status to end with. In a trainer process only."""
     spec = CandidateSpec.model_validate(payload["spec"])
     connection = MlflowConfig.model_validate_json(payload["connection"]) if payload.get("connection") else None
     try:
@@ -432,7 +455,7 @@ def trainer_main() -> int:
         done = finished_result(spec)  # trained by whoever held the lock before us
         if done is not None:
             print(json.dumps(done.model_dump(mode="json")), flush=True)
-            os._exit(0)
+            return 0
         import tensorflow as tf
 
         imported = time.time()
@@ -469,10 +492,8 @@ def trainer_main() -> int:
 
         traceback.print_exc()
         print(json.dumps({"error": type(err).__name__, "message": " ".join(str(err).split())[:2000]}), flush=True)
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stderr.flush()
-    os._exit(0)  # skip TensorFlow's interpreter teardown (seconds): the result is on disk
+        return 1
+    return 0
 
 
 # --- ranking and the parent MLflow run -------------------------------------------------------

@@ -1,0 +1,79 @@
+"""The sweep trainers' warm template: `python -m prefect_tensorflow.tasks.training.sweep_forking_main`.
+
+Started by `sweep_template` once per Dask worker process (with the environment
+and cwd a trainer started by that worker would get), it imports TensorFlow,
+the training loop and MLflow's client once, runs no TensorFlow op, then
+serves `warm_template_main.fork_loop`: for each request it forks a child that
+trains one candidate (`train_forked`), as `sweep_trainer_main` would.
+
+Example:
+    >>> from prefect_tensorflow.tasks.training.sweep_candidates import TRAINER_MODULE
+    >>> from prefect_tensorflow.tasks.training.sweep_forking_main import FORKING_MODULE
+    >>> len(FORKING_MODULE) == len(TRAINER_MODULE)  # a forked trainer renames itself in place (`show_as_trainer`)
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import sys
+import time
+from typing import Any
+
+FORKING_MODULE = "prefect_tensorflow.tasks.training.sweep_forking_main"
+
+
+def _imports() -> None:
+    import tensorflow  # noqa: F401
+
+    from . import loop, sweep_candidates  # noqa: F401 - the trainer's own imports, done once
+
+    try:  # a tracked candidate's client (the template stays usable without MLflow)
+        import mlflow.tracking  # noqa: F401
+    except ImportError:
+        pass
+
+
+def show_as_trainer() -> bool:
+    """Rewrite this process's command line (`/proc/self/cmdline`, what `ps` and psutil show) from the template's
+    module to the trainer's, so a forked trainer is found like a started one (`stop_local_trainers`, operators'
+    `pgrep -f sweep_trainer_main`). The two names have the same length: the bytes are replaced in place."""
+    from .sweep_candidates import TRAINER_MODULE
+
+    try:
+        with open("/proc/self/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49 of proc(5)
+        area = ctypes.string_at(start, end - start)
+        at = area.find(FORKING_MODULE.encode() + b"\0")
+        if at < 0 or len(FORKING_MODULE) != len(TRAINER_MODULE):
+            return False
+        ctypes.memmove(start + at, TRAINER_MODULE.encode(), len(TRAINER_MODULE))
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def train_forked(request: dict[str, Any]) -> int:
+    """In a forked child: train the candidate in `request["payload"]`, its answer line into `request["answer"]`."""
+    from .sweep_candidates import train_from_payload
+
+    started = time.time()
+    show_as_trainer()
+    with open(request["answer"], "w", encoding="utf-8") as answer:
+        sys.stdout = answer
+        return train_from_payload(request["payload"], started)
+
+
+def main() -> int:
+    started = time.perf_counter()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us by closing our stdin
+    _imports()
+    from ..promotion.warm_template_main import fork_loop
+
+    return fork_loop(train_forked, started)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

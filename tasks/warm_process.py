@@ -1,0 +1,305 @@
+"""A warm template process to fork children from: TensorFlow imported once, a fresh process per job.
+
+Starting a Python process that imports TensorFlow costs seconds; forking one
+that has imported it already costs milliseconds. A `WarmTemplate` runs a
+template program (one that calls `warm_template_main.fork_loop` once its
+imports are done) and asks it, over its stdin, to `os.fork()` a child per
+job. Each child is in a session of its own (its parent's `stop_process_group`
+stops it), dies with the template (`PR_SET_PDEATHSIG`) and sees itself as a
+fresh process: the template runs no TensorFlow op, has no eager context and
+no Python thread but its main one (`fork_loop` refuses to fork otherwise).
+The parent sees a child as a `ForkedProcess` (`pid`, `poll`, `wait`,
+`returncode` as in `subprocess.Popen`).
+
+Users: the serving checks (`promotion.warm_template`, a `python -I` template
+with no project code) and the sweep trainers (`training.sweep_template`, one
+template per Dask worker process). Each keeps its template in a
+`TemplateSlot`: started lazily (or launched early and waited for on first
+use), restarted once when found dead or when its key (e.g. the environment
+its children need) changed, stopped at this process's exit (`atexit`); a
+template that could not start is not tried again by this process. The
+template exits by itself when its stdin closes, so a parent killed with
+SIGKILL leaves no template and no child behind.
+
+Example:
+    >>> from prefect_tensorflow.tasks.warm_process import ForkedProcess
+    >>> child = ForkedProcess(12345)
+    >>> child.poll() is None
+    True
+    >>> child.exited(0)
+    >>> child.wait(timeout=1), child.returncode
+    (0, 0)
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any, Optional
+
+from .child_processes import log_tail, start_process, stop_process_group
+
+START_TIMEOUT = 600.0
+"""Seconds a starting template has to import TensorFlow (minutes on a loaded machine)."""
+REPLY_TIMEOUT = 60.0
+"""Seconds a running template has to answer a fork request."""
+
+
+class WarmTemplateError(RuntimeError):
+    """The template could not start, died, or could not fork the child."""
+
+
+class ForkedProcess:
+    """A child of the template, seen from its parent: `pid`, `returncode`, `poll()`, `wait(timeout)` as in `Popen`.
+
+    The template reports its exit status; `wait` raises `subprocess.TimeoutExpired` like `Popen.wait`.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: Optional[int] = None
+        self._done = threading.Event()
+
+    def poll(self) -> Optional[int]:
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        if not self._done.wait(timeout):
+            raise subprocess.TimeoutExpired(f"forked child {self.pid}", timeout or 0.0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def exited(self, code: int) -> None:
+        """Record the exit status (negative: the signal that killed it)."""
+        self.returncode = code
+        self._done.set()
+
+
+class WarmTemplate:
+    """One running template process, its reply reader and the children it forked for this process.
+
+    `command` runs the template program, in `cwd` (default: the template's own temporary directory,
+    which also holds its log) with `env` (default: this process's, through `child_processes.child_env`).
+    """
+
+    def __init__(self, command: Sequence[str], *, env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None) -> None:
+        self.command, self.env = list(command), env
+        self.directory = tempfile.mkdtemp(prefix="prefect-tensorflow-warm-template-")
+        self.cwd = cwd or self.directory
+        self.log_path = os.path.join(self.directory, "template.log")
+        self.owner = os.getpid()
+        self.pid: Optional[int] = None
+        self.import_seconds: Optional[float] = None
+        self.process: Optional[subprocess.Popen] = None
+        self._write_lock = threading.Lock()
+        self._ready = threading.Event()
+        self._gone = threading.Event()
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._waiting: dict[int, threading.Event] = {}
+        self._children: dict[int, ForkedProcess] = {}
+        self._next_id = 0
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the template and wait until it has imported everything (`launch`, then `wait_ready`)."""
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the template process without waiting for its imports."""
+        self.process = start_process(
+            self.command, self.log_path, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=self.cwd
+        )
+        assert self.process.stdout is not None
+        threading.Thread(target=self._read, args=(self.process.stdout,), name="warm-template-reader", daemon=True).start()
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until the launched template has imported everything.
+
+        Raises:
+            WarmTemplateError: it exited or was not ready within `timeout` (its log's last line quoted).
+        """
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.2):
+            if self._gone.is_set() or time.monotonic() > deadline:
+                why = "exited" if self._gone.is_set() else f"was not ready within {timeout:g} s"
+                self.stop()
+                raise WarmTemplateError(f"the warm template {why}: {self._last_line()}")
+
+    def alive(self) -> bool:
+        return self.process is not None and self._ready.is_set() and not self._gone.is_set() and self.owner == os.getpid()
+
+    def starting(self) -> bool:
+        """Launched by this process, not ready yet, not gone."""
+        return self.process is not None and not self._ready.is_set() and not self._gone.is_set() and self.owner == os.getpid()
+
+    def children(self) -> list[int]:
+        """The pids of the children it forked for this process that have not exited."""
+        return list(self._children)
+
+    def fork(self, kind: str, request: dict[str, Any], log_path: str) -> ForkedProcess:
+        """Ask the template for a child of `kind` running `request`, its output appended to `log_path`.
+
+        Raises:
+            WarmTemplateError: the template is gone or the fork failed.
+        """
+        if not self.alive() or self.process is None or self.process.stdin is None:
+            raise WarmTemplateError("the warm template is not running")
+        with self._write_lock:
+            self._next_id += 1
+            ident = self._next_id
+            event = self._waiting[ident] = threading.Event()
+            try:
+                self.process.stdin.write((json.dumps({**request, "id": ident, "kind": kind, "log": log_path}) + "\n").encode())
+                self.process.stdin.flush()
+            except (OSError, ValueError) as err:
+                self._waiting.pop(ident, None)
+                raise WarmTemplateError(f"the warm template is gone: {err}") from err
+        answered = event.wait(REPLY_TIMEOUT)
+        self._waiting.pop(ident, None)
+        reply = self._replies.pop(ident, None)
+        if not answered or reply is None:
+            raise WarmTemplateError(f"the warm template did not answer within {REPLY_TIMEOUT:g} s: {self._last_line()}")
+        if "error" in reply:
+            raise WarmTemplateError(str(reply["error"]))
+        child: ForkedProcess = reply["process"]
+        return child
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Close its stdin (it kills its children and exits), stop its process group, remove its directory."""
+        if self.process is not None:
+            try:
+                if self.process.stdin is not None:
+                    self.process.stdin.close()
+                self.process.wait(timeout=grace)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                pass
+            stop_process_group(self.process, grace=5.0)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _read(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            try:
+                message = json.loads(raw)
+            except ValueError:
+                continue
+            if message.get("ready"):
+                self.pid, self.import_seconds = message.get("pid"), message.get("import_seconds")
+                self._ready.set()
+            elif "exited" in message:
+                child = self._children.pop(int(message["exited"]), None)
+                if child is not None:
+                    child.exited(int(message["status"]))
+            elif "id" in message:
+                if "pid" in message:  # registered before its exit can be read, handed over with the reply
+                    message["process"] = self._children[int(message["pid"])] = ForkedProcess(int(message["pid"]))
+                self._replies[int(message["id"])] = message
+                event = self._waiting.get(int(message["id"]))
+                if event is not None:
+                    event.set()
+        self._gone.set()
+        for event in list(self._waiting.values()):
+            event.set()
+        for pid, child in list(self._children.items()):  # they die with the template (PR_SET_PDEATHSIG)
+            _wait_gone(pid, 5.0)
+            child.exited(-9)
+        self._children.clear()
+
+    def _last_line(self) -> str:
+        lines = [line.strip() for line in log_tail(self.log_path).splitlines() if line.strip()]
+        return lines[-1] if lines else "(empty log)"
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+class TemplateSlot:
+    """This process's one template of a kind: started on demand, restarted when dead or when its key changed.
+
+    `make()` builds a not yet started `WarmTemplate`; `key` is whatever the template's children depend on
+    (e.g. the environment and cwd they must see): a template started for another key is replaced.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._template: Optional[WarmTemplate] = None
+        self._key: Any = None
+        self._stop_registered = False
+        self._start_failed: Optional[str] = None  # a template that could not start is not tried again
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def running(self, make: Callable[[], WarmTemplate], key: Any = None, timeout: float = START_TIMEOUT) -> WarmTemplate:
+        """The template, started (or waited for, when launched) if need be.
+
+        Raises:
+            WarmTemplateError: it could not start (now or before, in this process).
+        """
+        template = self._get(make, key, launch_only=False)
+        if template.starting():
+            try:
+                template.wait_ready(timeout)
+            except WarmTemplateError as err:
+                with self._guard:
+                    self._start_failed = str(err)
+                raise
+        return template
+
+    def launch(self, make: Callable[[], WarmTemplate], key: Any = None) -> None:
+        """Start the template without waiting for its imports (none if one runs or is starting for `key`)."""
+        try:
+            self._get(make, key, launch_only=True)
+        except WarmTemplateError:
+            pass  # the first fork request runs the cold path and says why
+
+    def current(self) -> Optional[WarmTemplate]:
+        """The template this process started, if any (running or not)."""
+        template = self._template
+        return template if template is not None and template.owner == os.getpid() else None
+
+    def stop(self) -> None:
+        """Stop the template, if it runs (at exit; a test may call it)."""
+        with self._guard:
+            template, self._template = self._template, None
+        if template is not None and template.owner == os.getpid():
+            template.stop()
+
+    def _get(self, make: Callable[[], WarmTemplate], key: Any, launch_only: bool) -> WarmTemplate:
+        with self._guard:
+            template = self._template
+            if template is not None and (template.alive() or template.starting()) and self._key == key:
+                return template
+            if self._start_failed is not None:
+                raise WarmTemplateError(self._start_failed)
+            if template is not None and template.owner == os.getpid():
+                template.stop()
+            self._template = None  # a template inherited through a fork belongs to the process that started it
+            template = make()
+            try:
+                template.launch() if launch_only else template.start()
+            except (OSError, WarmTemplateError) as err:
+                self._start_failed = str(err)
+                raise WarmTemplateError(str(err)) from err
+            self._template, self._key = template, key
+            if not self._stop_registered:
+                atexit.register(self.stop)
+                self._stop_registered = True
+            return template
+
+    def _after_fork_in_child(self) -> None:
+        """A process forked from this one starts its own template: it lets go of ours (its stdin must close when we go)."""
+        self._guard = threading.Lock()
+        template, self._template = self._template, None
+        if template is not None and template.process is not None and template.process.stdin is not None:
+            try:
+                template.process.stdin.close()
+            except (OSError, ValueError):
+                pass

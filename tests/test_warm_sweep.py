@@ -1,0 +1,98 @@
+"""Sweep trainers forked from a warm template per Dask worker: kills stay contained, the child gets the worker's
+environment and cwd. (The sweeps themselves, a killed worker and a cancelled sweep: test_sweep.py,
+test_cancel_timeout.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+from prefect_tensorflow.tasks.configs import TrainingConfig
+from prefect_tensorflow.tasks.training import sweep_template
+from prefect_tensorflow.tasks.training.sweep_candidates import (
+    LOCK_FILE,
+    TRAINER_MODULE,
+    Candidate,
+    SweepError,
+    plan_candidates,
+    train_candidate,
+)
+
+LONG = TrainingConfig(steps=1_000_000, policy=CheckpointPolicy(save_checkpoints_steps=50, keep_checkpoint_max=2))
+SHORT = TrainingConfig(steps=40, policy=CheckpointPolicy(save_checkpoints_steps=20, keep_checkpoint_max=2))
+
+
+def _trainer_holding(model_dir: str, timeout: float = 300.0) -> psutil.Process:
+    """The process that holds `model_dir`'s training lock, once it trains (its first checkpoint exists)."""
+    lock = os.path.join(model_dir, LOCK_FILE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if Path(model_dir, "checkpoint").exists():
+            for process in psutil.process_iter(["cmdline"]):
+                try:
+                    if TRAINER_MODULE in (process.info["cmdline"] or []) and any(f.path == lock for f in process.open_files()):
+                        return process
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+        time.sleep(0.1)
+    raise AssertionError(f"no trainer of {model_dir} within {timeout:g} s")
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            yield client
+
+
+def test_a_sigkilled_trainer_fails_its_candidate_only_the_worker_and_template_go_on(dask_client, tmp_path):
+    long_spec = plan_candidates(str(tmp_path), LONG, [Candidate(seed=0)])[0]
+    short_spec = plan_candidates(str(tmp_path), SHORT, [Candidate(seed=1)])[0]
+    (worker_pid,) = dask_client.run(os.getpid).values()
+    running = dask_client.submit(train_candidate, long_spec, pure=False)
+    trainer = _trainer_holding(long_spec.model_dir)
+    template = trainer.parent()
+    assert template.parent().pid == worker_pid  # forked from the worker's template, shown as a trainer
+    assert TRAINER_MODULE not in template.cmdline()
+
+    trainer.send_signal(signal.SIGKILL)
+    with pytest.raises(SweepError, match="was killed by signal 9"):
+        running.result(timeout=120)
+    assert list(dask_client.run(os.getpid).values()) == [worker_pid]  # the same worker
+    assert list(dask_client.run(sweep_template.template_pid).values()) == [template.pid]  # and the same template
+    result = dask_client.submit(train_candidate, short_spec, pure=False).result(timeout=300)
+    assert result.forked and result.training.final_step == SHORT.steps
+    assert list(dask_client.run(sweep_template.template_pid).values()) == [template.pid]
+
+
+def test_a_forked_trainer_sees_the_environment_and_cwd_a_started_one_would(tmp_path, monkeypatch):
+    """A changed environment (or cwd) replaces the template: its trainers never see a stale one."""
+    seen = []
+    try:
+        for mark in ("first", "second"):
+            monkeypatch.setenv("PTF_WARM_SWEEP_MARK", mark)
+            workdir = tmp_path / mark
+            workdir.mkdir()
+            monkeypatch.chdir(workdir)
+            spec = plan_candidates(str(tmp_path / "sweep"), LONG, [Candidate(seed=len(seen))])[0]
+            payload = {"spec": spec.model_dump(mode="json"), "connection": None}
+            child = sweep_template.fork_trainer(payload, 1, str(tmp_path / f"{mark}.log"), str(tmp_path / f"{mark}.out"))
+            assert child is not None, (tmp_path / f"{mark}.log").read_text()
+            trainer = _trainer_holding(spec.model_dir)
+            assert trainer.pid == child.pid and trainer.cwd() == str(workdir)
+            environ = trainer.environ()
+            assert environ["PTF_WARM_SWEEP_MARK"] == mark and environ["TF_NUM_INTRAOP_THREADS"] == "1"
+            seen.append(sweep_template.template_pid())
+            trainer.send_signal(signal.SIGKILL)
+            assert child.wait(timeout=60) == -signal.SIGKILL
+        assert seen[0] != seen[1]
+    finally:
+        sweep_template.stop_template()
