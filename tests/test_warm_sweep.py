@@ -28,11 +28,12 @@ LONG = TrainingConfig(steps=1_000_000, policy=CheckpointPolicy(save_checkpoints_
 SHORT = TrainingConfig(steps=40, policy=CheckpointPolicy(save_checkpoints_steps=20, keep_checkpoint_max=2))
 
 
-def _trainer_holding(model_dir: str, timeout: float = 300.0) -> psutil.Process:
-    """The process that holds `model_dir`'s training lock, once it trains (its first checkpoint exists)."""
+def _trainer_holding(model_dir: str, timeout: float = 300.0, child=None) -> psutil.Process:
+    """The process that holds `model_dir`'s training lock, once it trains (its first checkpoint exists);
+    `child`: the forked trainer, whose exit ends the wait."""
     lock = os.path.join(model_dir, LOCK_FILE)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (child is None or child.poll() is None):
         if Path(model_dir, "checkpoint").exists():
             for process in psutil.process_iter(["cmdline"]):
                 try:
@@ -41,7 +42,7 @@ def _trainer_holding(model_dir: str, timeout: float = 300.0) -> psutil.Process:
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
         time.sleep(0.1)
-    raise AssertionError(f"no trainer of {model_dir} within {timeout:g} s")
+    raise AssertionError(f"no trainer of {model_dir}: it exited, or did not checkpoint within {timeout:g} s")
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +84,12 @@ def test_a_forked_trainer_sees_the_environment_and_cwd_a_started_one_would(tmp_p
             workdir.mkdir()
             monkeypatch.chdir(workdir)
             spec = plan_candidates(str(tmp_path / "sweep"), LONG, [Candidate(seed=len(seen))])[0]
+            os.makedirs(spec.model_dir)  # as train_candidate does
             payload = {"spec": spec.model_dump(mode="json"), "connection": None}
-            child = sweep_template.fork_trainer(payload, 1, str(tmp_path / f"{mark}.log"), str(tmp_path / f"{mark}.out"))
-            assert child is not None, (tmp_path / f"{mark}.log").read_text()
-            trainer = _trainer_holding(spec.model_dir)
+            log = tmp_path / f"{mark}.log"
+            child = sweep_template.fork_trainer(payload, 1, str(log), str(tmp_path / f"{mark}.out"))
+            assert child is not None, "no template"
+            trainer = _trainer_holding(spec.model_dir, child=child)
             assert trainer.pid == child.pid and trainer.cwd() == str(workdir)
             environ = trainer.environ()
             assert environ["PTF_WARM_SWEEP_MARK"] == mark and environ["TF_NUM_INTRAOP_THREADS"] == "1"

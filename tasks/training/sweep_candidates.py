@@ -69,6 +69,7 @@ TRAINER_MODULE = "prefect_tensorflow.tasks.training.sweep_trainer_main"
 RESULT_FILE = ".ptf-sweep-result.json"
 LOCK_FILE = ".ptf-train.lock"
 LOG_FILE = ".ptf-trainer.log"
+ANSWER_FILE = ".ptf-trainer-answer.json"
 ATTEMPTS_FILE = "attempts.jsonl"
 MAX_CANDIDATES = 64
 LOCK_WAIT_SECONDS = 120.0
@@ -266,29 +267,34 @@ def train_candidate(spec: CandidateSpec) -> CandidateResult:
         "spawned": time.time(),
     }
     log_path = os.path.join(spec.model_dir, LOG_FILE)
-    with tempfile.TemporaryDirectory(prefix="ptf-sweep-answer-") as scratch:
-        answer_path = os.path.join(scratch, "answer.json")
-        process: Any = fork_trainer(payload, spec.threads, log_path, answer_path)
-        if process is None:
-            process = start_process(
-                [sys.executable, "-m", TRAINER_MODULE],
-                log_path=log_path,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                parent_variable=ENV_PARENT,
-                threads=spec.threads,
-            )
-        how = "forked from the warm template" if isinstance(process, ForkedProcess) else "started cold"
-        log.info("candidate %s: training in process %d, %s (%s)", spec.candidate_id, process.pid, how, spec.model_dir)
-        try:
-            if isinstance(process, ForkedProcess):
-                process.wait()
-                out = open(answer_path, "rb").read() if os.path.exists(answer_path) else b""  # none: killed early
-            else:
-                out, _ = process.communicate(json.dumps(payload).encode())
-        finally:
-            if process.poll() is None:  # interrupted: never leave a trainer behind
-                stop_process_group(process, grace=5.0)
+    answer_path = os.path.join(spec.model_dir, ANSWER_FILE)  # a forked trainer's stdout: none of the worker's pipes
+    if os.path.exists(answer_path):
+        os.remove(answer_path)  # an earlier attempt's
+    process: Any = fork_trainer(payload, spec.threads, log_path, answer_path)
+    if process is None:
+        process = start_process(
+            [sys.executable, "-m", TRAINER_MODULE],
+            log_path=log_path,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            parent_variable=ENV_PARENT,
+            threads=spec.threads,
+        )
+    how = "forked from the warm template" if isinstance(process, ForkedProcess) else "started cold"
+    log.info("candidate %s: training in process %d, %s (%s)", spec.candidate_id, process.pid, how, spec.model_dir)
+    try:
+        if isinstance(process, ForkedProcess):
+            process.wait()
+            out = b""  # none: killed before it answered
+            if os.path.exists(answer_path):
+                with open(answer_path, "rb") as handle:
+                    out = handle.read()
+                os.remove(answer_path)
+        else:
+            out, _ = process.communicate(json.dumps(payload).encode())
+    finally:
+        if process.poll() is None:  # interrupted: never leave a trainer behind
+            stop_process_group(process, grace=5.0)
     lines = [line for line in out.decode("utf-8", "replace").splitlines() if line.strip()]
     try:
         answer = json.loads(lines[-1]) if lines else {}
