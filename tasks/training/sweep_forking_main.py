@@ -76,4 +76,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..promotion.warm_template_main import exit_now
+
+    exit_now(main())
