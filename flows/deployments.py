@@ -290,7 +290,27 @@ def serve_deployments(
         print(f"Prefect UI: {ui}  (deployments: {', '.join(d.name for d in definitions)})")
         poll = {} if "PREFECT_RUNNER_POLL_FREQUENCY" in os.environ else {PREFECT_RUNNER_POLL_FREQUENCY: RUNNER_POLL_SECONDS}
         with temporary_settings(updates={**poll, **zombie_detection()}):
-            serve(build_deployments(definitions), limit=limit)
+            serve(build_deployments(definitions), limit=limit, **warm_runner_options(definitions))
+
+
+def warm_runner_options(definitions: list[DeploymentDefinition]) -> dict[str, Any]:
+    """`serve`'s runner options for forking the `warm_runs.WARM_DEPLOYMENTS` runs from a warm template, polling
+    every `WARM_POLL_SECONDS` (unless `PREFECT_RUNNER_POLL_FREQUENCY` is set); {} when
+    `PREFECT_TENSORFLOW_WARM_RUNS` is false (every run in a new process, Prefect's way).
+
+    Example:
+        >>> warm_runner_options(load_definitions())["warm"]
+        ('export-checkpoint',)
+    """
+    from .warm_runs import WARM_DEPLOYMENTS, WARM_POLL_SECONDS, WarmRunner
+
+    if not get_settings().warm_runs:
+        return {}
+    modules = sorted({d.entrypoint.partition(":")[0] for d in definitions if d.name in WARM_DEPLOYMENTS})
+    options: dict[str, Any] = {"runner_class": WarmRunner, "warm": WARM_DEPLOYMENTS, "modules": modules}
+    if "PREFECT_RUNNER_POLL_FREQUENCY" not in os.environ:
+        options["query_seconds"] = WARM_POLL_SECONDS
+    return options
 
 
 def zombie_detection() -> dict[Any, Any]:

@@ -369,11 +369,17 @@ class QuarantiningRunner(Runner):
         return runner
 
 
-def serve(deployments: Sequence[Any], limit: Optional[int] = None) -> None:
-    """`prefect.serve(*deployments, limit=limit)` with a `QuarantiningRunner` and bounded parameter schemas."""
+def serve(
+    deployments: Sequence[Any],
+    limit: Optional[int] = None,
+    runner_class: type[QuarantiningRunner] = QuarantiningRunner,
+    **runner_options: Any,
+) -> None:
+    """`prefect.serve(*deployments, limit=limit)` with a `QuarantiningRunner` (or the subclass `runner_class`,
+    given `runner_options`) and bounded parameter schemas."""
     from prefect.exceptions import TerminationSignal
 
-    runner = QuarantiningRunner(pause_on_shutdown=True, limit=limit)
+    runner = runner_class(pause_on_shutdown=True, limit=limit, **runner_options)
     ids: list[UUID] = []
     for deployment in deployments:
         ids.append(cast(UUID, runner.add_deployment(deployment)))  # called outside an event loop: the sync form

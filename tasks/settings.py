@@ -19,6 +19,7 @@ runs):
 | `PREFECT_TENSORFLOW_LEASE_TTL` | seconds an object-store lease lives without its holder's heartbeat before another takes it over | 60 |
 | `PREFECT_TENSORFLOW_RESUBMIT_CRASHED` | how many times a crashed `retrain`, `sweep` or `export-checkpoint` run is resubmitted (same parameters, resuming); 0: never | 2 |
 | `PREFECT_TENSORFLOW_ZOMBIE_AFTER_SECONDS` | a running flow run silent (no heartbeat) this long is marked Crashed; read when serve or deploy creates the automation | 90 |
+| `PREFECT_TENSORFLOW_WARM_RUNS` | `serve` forks `export-checkpoint` runs from a template with TensorFlow imported (`flows/warm_runs.py`); false: a new process per run | true |
 
 Example:
     >>> import os
@@ -67,6 +68,7 @@ class Settings(BaseSettings):
     zombie_after_seconds: float = Field(
         default=90.0, ge=35.0, description="Seconds without a heartbeat after which a running flow run is marked Crashed."
     )
+    warm_runs: bool = Field(default=True, description="serve forks export-checkpoint runs from a warm template.")
 
     @field_validator("roots", "allowed_modules", mode="before")
     @classmethod

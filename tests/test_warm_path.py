@@ -1,0 +1,105 @@
+"""Served `export-checkpoint` runs forked from the warm template (`flows/warm_runs.py`), against a real server.
+
+One `prefect server start` and one `prefect-tensorflow serve` for the module (`served.ServedDeployments`),
+runs created as the UI's Run form does. Resubmission of crashed runs is off here (a killed run must stay
+the one run this module looks at).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from served import ServedDeployments
+
+pytestmark = pytest.mark.slow
+FORKED = re.compile(r"Flow run ([0-9a-f-]{36}): forked from the warm template \(pid (\d+), template (\d+)\)")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, prefect_database, trained_dir):
+    root = tmp_path_factory.mktemp("warm-path")
+    environ = ServedDeployments.environ_for(
+        root,
+        PREFECT_TENSORFLOW_HOME=str(root / "data"),
+        PREFECT_TENSORFLOW_ROOTS=f"{root / 'data'},{trained_dir}",
+        PREFECT_TENSORFLOW_RESUBMIT_CRASHED="0",
+        MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow/mlflow.db",
+    )
+    served = ServedDeployments(root, environ, database=prefect_database)
+    try:
+        served.start_server()
+        served.start_serve()
+        yield served
+    finally:
+        served.stop()
+
+
+def _parameters(trained_dir: Path, name: str, **extra) -> dict:
+    return {"model_dir": str(trained_dir), "checkpoint": "latest", "registered_model_name": name, "model": "iris", **extra}
+
+
+def _forked(stack: ServedDeployments, run_id: str, timeout: float = 300) -> int:
+    """The pid of the template serve forked `run_id`'s process from, once its log says so."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for found, _, template in FORKED.findall(stack.serve_log.read_text(errors="replace")):
+            if found == run_id:
+                return int(template)
+        time.sleep(0.05)
+    pytest.fail(f"run {run_id} was not forked from the warm template:\n{stack.serve_log.read_text()[-3000:]}")
+
+
+def test_a_ui_run_is_forked_warm_checked_first_and_registers(stack, trained_dir):
+    import mlflow
+
+    with stack.api() as client:
+        bad = stack.create_run(client, "export-checkpoint", _parameters(trained_dir, "warm-bad", model_dir="/etc"))
+        good = stack.create_run(client, "export-checkpoint", _parameters(trained_dir, "warm-iris", aliases=["staging"]))
+        runs = stack.wait(client, [bad, good], timeout=600, poll=0.5)
+    _forked(stack, bad, timeout=1)
+    _forked(stack, good, timeout=1)
+    assert runs[bad].state.is_failed() and "model_dir" in runs[bad].state.message, runs[bad].state
+    assert runs[good].state.is_completed(), f"{runs[good].state}\n{stack.serve_log.read_text()[-3000:]}"
+    registry = mlflow.MlflowClient(stack.environ["MLFLOW_TRACKING_URI"])
+    version = registry.get_model_version_by_alias("warm-iris", "staging")
+    assert version.tags["prefect.flow_run_id"] == good
+
+
+def test_killing_the_template_mid_run_crashes_that_run_and_the_next_run_gets_a_new_one(stack, trained_dir):
+    with stack.api() as client:
+        doomed = stack.create_run(client, "export-checkpoint", _parameters(trained_dir, "warm-killed"))
+        template = _forked(stack, doomed)
+        os.kill(template, signal.SIGKILL)
+        runs = stack.wait(client, [doomed], timeout=300, poll=0.5)
+        assert runs[doomed].state.is_crashed(), runs[doomed].state
+        assert "-9" in (runs[doomed].state.message or ""), runs[doomed].state.message
+
+        after = stack.create_run(client, "export-checkpoint", _parameters(trained_dir, "warm-after"))
+        assert _forked(stack, after) != template
+        runs = stack.wait(client, [after], timeout=600, poll=0.5)
+    assert runs[after].state.is_completed(), f"{runs[after].state}\n{stack.serve_log.read_text()[-3000:]}"
+
+
+def test_changed_code_is_not_run_by_the_old_template(stack, trained_dir):
+    import prefect_tensorflow.flows.warm_runs_main as program
+
+    with stack.api() as client:
+        first = stack.create_run(client, "export-checkpoint", _parameters(trained_dir, "warm-code-1", model_dir="/etc"))
+        old = _forked(stack, first)
+        stack.wait(client, [first], timeout=300, poll=0.5)
+        os.utime(program.__file__)  # what an upgrade does to the installed files
+        second = stack.create_run(client, "export-checkpoint", _parameters(trained_dir, "warm-code-2", model_dir="/etc"))
+        new = _forked(stack, second)
+        runs = stack.wait(client, [second], timeout=300, poll=0.5)
+    assert new != old
+    assert "the installed code changed" in stack.serve_log.read_text()
+    assert runs[second].state.is_failed() and "model_dir" in runs[second].state.message
+    deadline = time.monotonic() + 30  # the old template had no run left: it is stopped
+    while os.path.exists(f"/proc/{old}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{old}") or "Z" in Path(f"/proc/{old}/stat").read_text().split()[2]
