@@ -30,14 +30,15 @@ fresh export base and frozen dir, in the same embedded SQLite MLflow store
   and `get_model_version_by_alias(name, "staging")` answers with version 1
   tagged with that flow run's id. Timed from the create call to that answer.
   It includes the runner's wait for scheduled work (`prefect-tensorflow serve`
-  polls every 2 s unless `PREFECT_RUNNER_POLL_FREQUENCY` says otherwise),
-  the start of the flow-run subprocess (a spawned Python that imports
-  Prefect and the flow module), the flow (TensorFlow is imported lazily, so
-  by its first task inside the run; task runs, logs and artifacts sent to
-  the server) and this poll's granularity. The run's state
-  timestamps split B: created -> Pending (runner picked it up) -> Running
-  (subprocess started, flow loaded, TensorFlow not yet imported) ->
-  Completed -> seen here.
+  polls every 0.5 s, `flows/warm_runs.py`, unless `PREFECT_RUNNER_POLL_FREQUENCY`
+  says otherwise), the start of the run's process (forked from serve's warm
+  template, which imported Prefect, the flow module and TensorFlow once; with
+  `PREFECT_TENSORFLOW_WARM_RUNS=false`, or before the warm path, a spawned
+  Python that imports Prefect and the flow module, then TensorFlow by the
+  run's first task), the flow (task runs, logs and artifacts sent to the
+  server) and this poll's granularity. The run's state timestamps split B:
+  created -> Pending (runner picked it up) -> Running (process started, flow
+  run read and loaded) -> Completed -> seen here.
 - C "import tensorflow": `python -c "import tensorflow"` as a subprocess,
   wall time: a reference for the subprocess start-up inside B.
 - C2 "import flow + tensorflow": `python -c "import
@@ -334,7 +335,8 @@ def _run(scratch: Scratch) -> dict:
             "checkpoint_step": TRAIN_STEPS,
             "rounds": ROUNDS,
             "poll_seconds": POLL,
-            "runner_poll_frequency": os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "2 (serve's default)"),
+            "runner_poll_frequency": os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "0.5 (serve's default)"),
+            "warm_runs": os.environ.get("PREFECT_TENSORFLOW_WARM_RUNS", "true (serve's default)"),
             "tracking_store": "embedded sqlite in the scratch dir, shared by A and the served runs",
             "aliases": [ALIAS],
         },
@@ -369,8 +371,8 @@ def _run(scratch: Scratch) -> dict:
             row("A", "A  in-process chain", "select..register + alias, warm"),
             row("B", "B  deployment run", "create run -> registered version seen"),
             phase_row("pickup", "   B: created -> Pending", "runner's poll for scheduled work"),
-            phase_row("start", "   B: Pending -> Running", "spawn subprocess, import the flow"),
-            phase_row("flow", "   B: Running -> Completed", "TF import + the tasks, logs, artifacts"),
+            phase_row("start", "   B: Pending -> Running", "fork (or spawn + import), read the run"),
+            phase_row("flow", "   B: Running -> Completed", "the tasks, logs, artifacts (+ TF import cold)"),
             phase_row("seen", "   B: Completed -> seen", "this poll + the registry lookup"),
             row("C", "C  python -c 'import tensorflow'", "subprocess, reference"),
             row("C2", "C2 python -c 'import flow, tf'", "what the run's subprocess imports"),
@@ -384,7 +386,8 @@ def _run(scratch: Scratch) -> dict:
             f"once, untimed: train_with_checkpoints({TRAIN_STEPS} steps) {fmt(train_seconds)} s; prefect server start -> "
             f"/api/health {fmt(server_seconds)} s; prefect-tensorflow serve -> deployments {fmt(serve_seconds)} s; "
             f"warm-up (A and B once) {fmt(warmup_seconds)} s.",
-            f"runner poll frequency {result['parameters']['runner_poll_frequency']} s; load average at the "
+            f"runner poll frequency {result['parameters']['runner_poll_frequency']} s; warm runs "
+            f"{result['parameters']['warm_runs']}; load average at the "
             f"end {', '.join(f'{x:.1f}' for x in load_at_end)} on {os.cpu_count()} CPUs.",
         ],
     )

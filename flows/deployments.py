@@ -269,9 +269,11 @@ def serve_deployments(
 ) -> None:
     """Start (if needed) a local Prefect server and serve every deployment of `prefect.yaml` until interrupted.
 
-    The runner looks for new runs every 2 s (Prefect's default is 10 s: a run
+    The runner looks for new runs every 0.5 s (Prefect's default is 10 s: a run
     started with the UI's Run button would wait up to that long), unless
-    `PREFECT_RUNNER_POLL_FREQUENCY` is set. It is `prefect.serve` with two
+    `PREFECT_RUNNER_POLL_FREQUENCY` is set, and forks `export-checkpoint` runs
+    from a template with TensorFlow imported (`warm_runs`, unless
+    `PREFECT_TENSORFLOW_WARM_RUNS` is false). It is `prefect.serve` with two
     guards (`unreadable_runs`): the deployments' parameter schemas refuse values
     the API could not return, and a run the API cannot return is failed instead
     of stopping the runner. Its flow runs send a heartbeat every 30 s, and the
