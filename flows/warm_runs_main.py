@@ -50,12 +50,25 @@ WARM_IMPORTS = (
     "prefect_tensorflow.tasks.registry.model_versions",
     "prefect_tensorflow.tasks.registry.tracking",
     "prefect_tensorflow.tasks.promotion.champion_gate",
+    "prefect_tensorflow.tasks.promotion.scoring_server",
+    "prefect_tensorflow.tasks.registry.mlflow_client",
+    "prefect_tensorflow.tasks.registry.sqlite_store",
+    "prefect_tensorflow.tasks.data.source",
+    "prefect_tensorflow.tasks.iris",
+    "prefect.concurrency.sync",
     "mlflow",
     "mlflow.pyfunc",
     "mlflow.store.model_registry.sqlalchemy_store",
     "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_workspace_store",
+    "mlflow.store.tracking.sqlalchemy_workspace_store",
+    "sqlalchemy.dialects.sqlite",
+    "alembic.command",
+    "git",
+    "tensorflow_serving.apis.prediction_log_pb2",
 )
-"""What a run of the served flows imports lazily (TensorFlow first, through the lean import)."""
+"""What an `export-checkpoint` run imports lazily (TensorFlow first, through the lean import): the modules
+new in `sys.modules` after the flow's chain ran in a process that had imported only the flow module."""
 
 
 def check_modules(names: list[str]) -> list[str]:
