@@ -1,8 +1,10 @@
 """`train_with_checkpoints`: train a Keras model with TF2 checkpoints that resume exactly.
 
 One `tf.train.Checkpoint` holds everything an exact resume needs, under
-stable keys: `model`, `optimizer`, `global_step` and `input_iterator` (the
-position of the shuffled, repeated input pipeline). A
+stable keys: `model`, `optimizer`, `global_step`, and `input_iterator` (the
+position of the shuffled, repeated input pipeline) only for data without a
+known length: otherwise the input at step N is a function of (seed, N)
+(`input_position`). A
 `tf.train.CheckpointManager` writes `<model_dir>/model.ckpt-<step>.index`,
 `.data-00000-of-00001` and the `checkpoint` state file; TensorBoard event
 files (loss every `summary_every_n_steps`, evaluation metrics at each
@@ -52,6 +54,7 @@ from ..run_context import flush_run_logs, get_logger
 from ..storage.confined_dirs import OpenDir, open_directory
 from . import sidecar_evaluator
 from .checkpoint_saver import CheckpointSaver, refuse_symlinked_entries, remove_uncommitted
+from .input_position import positioned_batches, random_access_examples
 from .model_and_data import (
     LossWindow,
     build_model_and_data,
@@ -265,16 +268,22 @@ def _train_in(
     objects = {"model": net, "optimizer": net.optimizer, "global_step": global_step}
 
     remove_uncommitted(directory)
-    if _written_without_input_position(model_dir):
-        # Written by several workers (tasks/training/worker.py): their input position is
-        # skip(global_step) over the same seeded stream, and so is this process's.
-        latest = resume_from_newest(tf.train.Checkpoint(**objects), model_dir)
-        iterator = iter(input_pipeline(train_ds, config).skip(int(global_step.numpy())))
-        ckpt = tf.train.Checkpoint(**objects, input_iterator=iterator)
-    else:
+    if _written_with_input_iterator(model_dir):
+        # The iterator mode (or a checkpoint from before the stateless mode): the order it was trained with.
         iterator = iter(input_pipeline(train_ds, config))
         ckpt = tf.train.Checkpoint(**objects, input_iterator=iterator)
         latest = resume_from_newest(ckpt, model_dir)
+    else:
+        # No checkpoint, a stateless one or several workers': the input is positioned at global_step.
+        latest = resume_from_newest(tf.train.Checkpoint(**objects), model_dir)
+        examples = random_access_examples(train_ds)
+        iterator = iter(positioned_batches(train_ds, config, int(global_step.numpy()), examples))
+        stateless = examples is not None
+        ckpt = tf.train.Checkpoint(**objects) if stateless else tf.train.Checkpoint(**objects, input_iterator=iterator)
+        log.info(
+            "input order: %s",
+            "stateless, index_shuffle of (seed, epoch)" if stateless else "shuffle buffer, iterator checkpointed",
+        )
     if latest is not None:
         log.info("resumed from %s (step %d)", latest.path, int(global_step.numpy()))
     start_step = step = int(global_step.numpy())
@@ -333,10 +342,10 @@ def _train_in(
     )
 
 
-def _written_without_input_position(model_dir: str) -> bool:
-    """Whether the newest valid checkpoint lacks `input_iterator` (multi-worker checkpoints do)."""
+def _written_with_input_iterator(model_dir: str) -> bool:
+    """Whether the newest valid checkpoint holds `input_iterator` (stateless and multi-worker ones do not)."""
     try:
         newest = select_latest_checkpoint(model_dir).path
     except (NoValidCheckpointError, ModelDirError):
         return False
-    return not has_input_position(newest)
+    return has_input_position(newest)

@@ -43,7 +43,10 @@ def build_model_and_data(config: TrainingConfig):
 
 
 def input_pipeline(dataset, config: TrainingConfig):
-    """Repeat `dataset` forever, shuffle the stream with the config's seed, and batch it.
+    """Repeat `dataset` forever, shuffle the stream with the config's seed, and batch it: the iterator mode.
+
+    Used for data whose length is unknown; data of known length is read in the stateless
+    order instead (`input_position`).
 
     Repeating before shuffling means the shuffle is instantiated once, when
     the training iterator is created. Shuffling after repeating would draw each
@@ -126,5 +129,8 @@ def write_graph(train_step, iterator, model_dir: str) -> None:
 
 
 def has_input_position(prefix: str) -> bool:
-    """Whether checkpoint `prefix` holds the input pipeline's position (`input_iterator`); several workers' do not."""
+    """Whether checkpoint `prefix` holds the input pipeline's position (`input_iterator`).
+
+    Only the iterator mode's do; the stateless mode's and several workers' do not.
+    """
     return any(key.startswith("input_iterator/") for key in checkpoint_keys(prefix))

@@ -17,9 +17,10 @@ does (the sidecar runs beside the caller). In-loop evaluation is done by the
 chief on a plain copy of the model, outside the collectives.
 
 The input position is not in the checkpoint (a distributed iterator cannot be
-checkpointed): the seeded global-batch stream of the single-process pipeline
-is rebuilt and `skip(global_step)` batches are dropped, each worker taking its
-`batch_size / N` share of every global batch.
+checkpointed): the single-process pipeline is rebuilt at `global_step`
+(`input_position.positioned_batches`: the stateless order of data with a known
+length, else the seeded stream with `skip(global_step)`), each worker taking
+its `batch_size / N` share of every global batch.
 
 Example:
     >>> from prefect_tensorflow.tasks.training.worker import WorkerReporter
@@ -51,6 +52,7 @@ from ..errors import NoValidCheckpointError, PrefectTensorFlowError
 from ..run_context import get_logger
 from ..storage.confined_dirs import open_directory
 from .checkpoint_saver import CheckpointSaver, refuse_symlinked_entries, remove_uncommitted, throwaway_dir
+from .input_position import positioned_batches, random_access_examples
 from .model_and_data import LossWindow, build_model_and_data, evaluate, has_input_position, input_pipeline
 from .multi_worker_settings import (
     ENV_SUPERVISOR,
@@ -215,13 +217,11 @@ def train_worker(
                 print(f"worker {index}: resumed from {latest.path} (step {start_step})", flush=True)
             if chief:
                 marker = os.path.join(model_dir, MARKER)
-                wanted = {"workers": config.workers, "input_position": "skip(global_step) over the global-batch stream"}
+                wanted = {"workers": config.workers, "input_position": "positioned at global_step"}
                 if read_json(marker) != wanted:
                     write_json_atomically(marker, wanted)
 
-            dataset = input_pipeline(train_ds, config)
-            if start_step:
-                dataset = dataset.skip(start_step)
+            dataset = positioned_batches(train_ds, config, start_step, random_access_examples(train_ds))
             shard = tf.data.Options()
             shard.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
             iterator = iter(strategy.experimental_distribute_dataset(dataset.with_options(shard)))
