@@ -4,6 +4,7 @@ the iterator mode for the rest, and model dirs written in the iterator mode keep
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from helpers import final_weights, train
 
 from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
@@ -128,3 +129,20 @@ def test_a_resume_positions_the_input_without_reading_the_batches_before_it():
     index = [int(tf.random.experimental.index_shuffle(int(p % 120), [3, int(p // 120)], 119)) for p in positions]
     np.testing.assert_array_equal(labels.numpy(), examples.tensors[1].numpy()[index])
     np.testing.assert_array_equal(features.numpy(), examples.tensors[0].numpy()[index])
+
+
+@pytest.mark.parametrize("file_format", ["csv", "tfrecord"])
+def test_the_partitioned_loader_says_the_length_of_its_streamed_files(tmp_path, file_format):
+    """CSV and TFRecord files are streamed (a `flat_map`, length unknown to tf.data): the loader counts
+    each split's rows while checking the files, so both splits say their length and train stateless."""
+    from prefect_tensorflow.tasks.data.partitioned import load_partitioned
+    from prefect_tensorflow.tasks.data.synthetic import write_daily_dataset
+    from prefect_tensorflow.tasks.training.input_position import random_access_examples
+
+    write_daily_dataset(str(tmp_path), "2026-11-28", 3, rows_per_day=10, format=file_format)
+    for split in ("train", "eval"):
+        dataset = load_partitioned(split, prefix=str(tmp_path), format=file_format)
+        rows = sum(1 for _ in dataset)
+        assert int(dataset.cardinality()) == rows > 0, split
+    examples = random_access_examples(load_partitioned("train", prefix=str(tmp_path), format=file_format))
+    assert examples is not None and examples.length == 24  # 3 days x 10 rows, every fifth row is eval

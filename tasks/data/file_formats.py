@@ -149,6 +149,8 @@ def _csv_dataset(files: Sequence[tuple[ManifestFile, str]], options: Partitioned
 
     # consecutive files with the same header are read by one flat_map; another header starts a new run
     runs: list[tuple[list[str], list[str]]] = []
+    keep = keep_rows(split, options)
+    rows = 0
     for file, path in files:
         header = csv_header(path, file.name)
         require_columns(header, options, file.name)
@@ -156,17 +158,36 @@ def _csv_dataset(files: Sequence[tuple[ManifestFile, str]], options: Partitioned
         convert = pa_csv.ConvertOptions(
             include_columns=[options.label], column_types={options.label: label_type}, strings_can_be_null=False
         )
-        check_labels(pa_csv.read_csv(path, convert_options=convert).column(0).to_numpy(zero_copy_only=False), options, file.name)
+        labels = pa_csv.read_csv(path, convert_options=convert).column(0).to_numpy(zero_copy_only=False)
+        check_labels(labels, options, file.name)
+        rows += kept_rows(len(labels), keep)
         if runs and runs[-1][0] == header:
             runs[-1][1].append(path)
         else:
             runs.append((header, [path]))
-    keep = keep_rows(split, options)
     datasets = [_csv_run(header, paths, options, keep) for header, paths in runs]
     dataset = datasets[0]
     for more in datasets[1:]:
         dataset = dataset.concatenate(more)
-    return dataset
+    return with_length(dataset, rows)
+
+
+def kept_rows(rows: int, keep: Any) -> int:
+    """How many of a file's `rows` the split reads (`keep`: `keep_rows`'s predicate, None for all).
+
+    Example:
+        >>> kept_rows(10, keep_rows("eval", PartitionedFiles())), kept_rows(10, None)
+        (2, 10)
+    """
+    return rows if keep is None else int(np.count_nonzero(keep(np.arange(rows))))
+
+
+def with_length(dataset: Any, rows: int) -> Any:
+    """`dataset` saying its length (`cardinality()`), counted while its files were checked: training can
+    then read it in the stateless input order (`training.input_position`)."""
+    import tensorflow as tf
+
+    return dataset.apply(tf.data.experimental.assert_cardinality(rows))
 
 
 def _csv_run(header: list[str], paths: list[str], options: PartitionedFiles, keep: Any) -> Any:
@@ -229,8 +250,8 @@ def _tfrecord_dataset(files: Sequence[tuple[ManifestFile, str]], options: Partit
         if options.label_classes is not None
         else tf.io.FixedLenFeature([], tf.int64, default_value=-1)
     )
-    for file, path in files:
-        _check_tfrecord_file(path, file.name, options, label_spec)
+    keep = keep_rows(split, options)
+    rows = sum(kept_rows(_check_tfrecord_file(path, file.name, options, label_spec), keep) for file, path in files)
     spec = {
         c: tf.io.FixedLenFeature([], tf.float32, default_value=np.nan)
         if kind == "float32"
@@ -238,7 +259,6 @@ def _tfrecord_dataset(files: Sequence[tuple[ManifestFile, str]], options: Partit
         for c, kind in options.features.items()
     }
     spec[options.label] = label_spec
-    keep = keep_rows(split, options)
 
     def read(path: Any) -> Any:
         records = tf.data.TFRecordDataset(path)
@@ -251,12 +271,12 @@ def _tfrecord_dataset(files: Sequence[tuple[ManifestFile, str]], options: Partit
         features = tf.stack([tf.cast(parsed[c], tf.float32) for c in options.features])
         return features, label_index(parsed[options.label], options)
 
-    return tf.data.Dataset.from_tensor_slices([path for _, path in files]).flat_map(read).map(example)
+    return with_length(tf.data.Dataset.from_tensor_slices([path for _, path in files]).flat_map(read).map(example), rows)
 
 
-def _check_tfrecord_file(path: str, name: str, options: PartitionedFiles, label_spec: Any) -> None:
+def _check_tfrecord_file(path: str, name: str, options: PartitionedFiles, label_spec: Any) -> int:
     """Every feature and the label are in some record of the file (a record may leave a value out), and
-    the labels are classes: one pass over the file, parsed in batches."""
+    the labels are classes: one pass over the file, parsed in batches. Returns its number of records."""
     import tensorflow as tf
 
     kinds = {"float32": tf.float32, "int64": tf.int64}
@@ -272,9 +292,10 @@ def _check_tfrecord_file(path: str, name: str, options: PartitionedFiles, label_
             f"{name}: its records do not parse as data_options.features and label: {err.message.splitlines()[0]}"
         ) from None
     if not labels:
-        return
+        return 0
     values = np.concatenate(labels)
     if np.any(values != (b"" if options.label_classes is not None else -1)):
         present.add(options.label)
     require_columns(sorted(present, key=[*options.features, options.label].index), options, name)
     check_labels(values, options, name)
+    return len(values)
