@@ -1,44 +1,57 @@
 """The per-checkpoint fixed cost of a tiny model, measured on its own, against TensorFlow's bare save.
 
-What it measures: the iris training state exactly as `train_with_checkpoints`
-checkpoints it (model, Adagrad slots, `global_step`, and the input iterator
-over `repeat().shuffle(buffer).batch(32)`), after a few steps, saved again and
-again into one model dir (keeping 5), cases interleaved, medians of the time
-the training thread is held:
+What it measures: the iris training state as `train_with_checkpoints`
+checkpoints it, after a few steps, saved again and again into one model dir
+(keeping 5), cases interleaved, medians of the time the training thread is
+held, in each input mode (`training.input_position`):
+
+- "stateless" (iris today: its length is known): model, Adagrad slots and
+  `global_step`; no input iterator (the input at step N is a function of N);
+- "iterator, buffer B" (a loader of unknown length, and iris before the
+  stateless mode): the same plus the input iterator over
+  `repeat().shuffle(B).batch(32)`, for the default buffer (1,000) and 100.
+
+Cases:
 
 - A `tf.train.CheckpointManager(...).save()`: TensorFlow's bare synchronous save;
 - B this package's `CheckpointWriter.save()`, async (the default): the snapshot;
   the files, the commit and the keep sweep happen in its background thread;
 - C `CheckpointWriter.save()` with `async_save=False`: everything before it returns;
-- D the input iterator's serialization alone (`SerializeIterator`, which B includes);
+- D (iterator modes) the input iterator's serialization alone (`SerializeIterator`, which B includes).
 
-for the default shuffle buffer (1,000 examples) and for 100. Reading:
-`B/A` is the share of a bare save that training still pays; D/B shows how
-much of that is the input pipeline's state: with exact resume the shuffle
-buffer's contents have to be captured at the step, in the training thread,
-and its cost grows with the buffer, whatever the model.
+Reading: `B/A` is the share of a bare save that training still pays; the
+stateless B against the iterator B of buffer 1,000 is what the stateless
+input order saves per checkpoint (the shuffle buffer's contents no longer
+have to be captured at the step, in the training thread).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 from .common import Scratch, interleaved, median, ratio_table, report, spread, timed
 
 NAME = "checkpoint_fixed_cost"
 SAVES = 40
-BUFFERS = (1000, 100)
+MODES = {"stateless": None, "iterator, buffer 1000": 1000, "iterator, buffer 100": 100}  # mode: shuffle buffer
 
 
-def _measure(buffer: int, scratch: Scratch) -> dict:
+def _measure(buffer: Optional[int], scratch: Scratch) -> dict:
     import tensorflow as tf
 
     from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
     from prefect_tensorflow.tasks.checkpoints.writer import CheckpointWriter
     from prefect_tensorflow.tasks.configs import TrainingConfig
+    from prefect_tensorflow.tasks.training.input_position import positioned_batches, random_access_examples
     from prefect_tensorflow.tasks.training.model_and_data import LossWindow, build_model_and_data, input_pipeline, make_train_step
 
-    config = TrainingConfig(seed=0, shuffle_buffer=buffer)
+    config = TrainingConfig(seed=0, shuffle_buffer=buffer or 1000)
     net, train_ds, _ = build_model_and_data(config)
-    iterator = iter(input_pipeline(train_ds, config))
+    if buffer is None:
+        iterator = iter(positioned_batches(train_ds, config, 0, random_access_examples(train_ds)))
+    else:
+        iterator = iter(input_pipeline(train_ds, config))
+    tag = buffer or "stateless"
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
     net.optimizer.build(net.trainable_variables)
     step = make_train_step(net, global_step, LossWindow())
@@ -46,13 +59,15 @@ def _measure(buffer: int, scratch: Scratch) -> dict:
         step(iterator)
 
     def checkpoint():
+        if buffer is None:
+            return tf.train.Checkpoint(model=net, optimizer=net.optimizer, global_step=global_step)
         return tf.train.Checkpoint(model=net, optimizer=net.optimizer, global_step=global_step, input_iterator=iterator)
 
-    manager = tf.train.CheckpointManager(checkpoint(), scratch.fresh(f"bare-{buffer}"), max_to_keep=5)
+    manager = tf.train.CheckpointManager(checkpoint(), scratch.fresh(f"bare-{tag}"), max_to_keep=5)
     writers = {
         mode: CheckpointWriter(
             checkpoint(),
-            scratch.fresh(f"{mode}-{buffer}"),
+            scratch.fresh(f"{mode}-{tag}"),
             CheckpointPolicy(keep_checkpoint_max=5, async_save=mode == "async"),
         )
         for mode in ("async", "sync")
@@ -73,7 +88,9 @@ def _measure(buffer: int, scratch: Scratch) -> dict:
         resource = iterator._iterator_resource
         return timed(lambda: tf.raw_ops.SerializeIterator(resource_handle=resource, external_state_policy=1))
 
-    cases = {"A": lambda: timed(manager.save), "B": writer_save("async"), "C": writer_save("sync"), "D": serialize_iterator}
+    cases = {"A": lambda: timed(manager.save), "B": writer_save("async"), "C": writer_save("sync")}
+    if buffer is not None:
+        cases["D"] = serialize_iterator
     for case in cases.values():  # warm-up: traced functions, learned keys
         case()
     runs = interleaved(cases, SAVES)
@@ -85,8 +102,8 @@ def _measure(buffer: int, scratch: Scratch) -> dict:
 def run() -> dict:
     results, rows = {}, []
     with Scratch(NAME) as scratch:
-        for buffer in BUFFERS:
-            results[buffer] = r = _measure(buffer, scratch)
+        for mode, buffer in MODES.items():
+            results[mode] = r = _measure(buffer, scratch)
             med, runs = r["median_seconds"], r["runs"]
 
             def ms(key: str) -> str:
@@ -94,17 +111,23 @@ def run() -> dict:
 
             a = med["A"]
             rows += [
-                [f"A bare CheckpointManager.save (buffer {buffer})", a * 1000, ms("A"), 1.0, "baseline"],
+                [f"A bare CheckpointManager.save ({mode})", a * 1000, ms("A"), 1.0, "baseline"],
                 ["B CheckpointWriter async: save()", med["B"] * 1000, ms("B"), med["B"] / a, "B/A"],
                 ["C CheckpointWriter sync: save()", med["C"] * 1000, ms("C"), med["C"] / a, "C/A"],
-                ["D the iterator's serialization alone", med["D"] * 1000, ms("D"), med["D"] / med["B"], "D/B"],
             ]
+            if "D" in med:
+                rows.append(["D the iterator's serialization alone", med["D"] * 1000, ms("D"), med["D"] / med["B"], "D/B"])
+    stateless_b, iterator_b = (results[m]["median_seconds"]["B"] for m in ("stateless", "iterator, buffer 1000"))
+    rows.append(["stateless B / iterator (buffer 1000) B", "-", "-", stateless_b / iterator_b, "B/B"])
     result = {
-        "parameters": {"model": "iris", "saves": SAVES, "shuffle_buffers": list(BUFFERS), "keep_checkpoint_max": 5},
-        "by_shuffle_buffer": results,
+        "parameters": {"model": "iris", "saves": SAVES, "modes": MODES, "keep_checkpoint_max": 5},
+        "by_mode": results,
         "ratios": {
-            f"writer_async_over_bare_manager_buffer_{b}": r["median_seconds"]["B"] / r["median_seconds"]["A"]
-            for b, r in results.items()
+            **{
+                f"writer_async_over_bare_manager_{m}": r["median_seconds"]["B"] / r["median_seconds"]["A"]
+                for m, r in results.items()
+            },
+            "stateless_writer_async_over_iterator_buffer_1000": stateless_b / iterator_b,
         },
     }
     result["table"] = ratio_table(
@@ -112,7 +135,7 @@ def run() -> dict:
         "interleaved, medians (ms)",
         ["case", "median ms", "min..max ms", "ratio", "ratio is"],
         rows,
-        notes=["B includes D: the input iterator's state is captured at the step, in the training thread."],
+        notes=["B includes D in the iterator modes: the input iterator's state is captured at the step, in the training thread."],
     )
     return result
 

@@ -18,6 +18,11 @@ evaluator's start-up when it is behind):
 - L "in_loop": the same, evaluating each checkpoint inside the training loop
   (the behaviour before the sidecar).
 - N "no evaluation": the same with `evaluation="none"`: the save alone.
+- I "iterator mode": N on the same iris examples through a loader of unknown
+  length (`iris_stream`), so the input takes the iterator mode
+  (`training.input_position`): the shuffle buffer's iterator is serialized in
+  every checkpoint, as every iris checkpoint was before the stateless mode.
+  N against I is what the stateless input order saves per checkpoint.
 - S "sync save": N with `async_save=False`: the files written before the
   loop goes on.
 - C "fixed cost": A with `steps=1`: what every call pays whatever its length.
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from typing import Optional
 
 from .common import Scratch, fmt, interleaved, median, ratio_table, report, spread
 
@@ -49,7 +55,16 @@ CASES = {
     "L": ("L in-loop eval, async save", "in_loop", True, True),
     "N": ("N no eval, async save", "none", True, True),
     "S": ("S no eval, sync save", "none", False, True),
+    "I": ("I no eval, async save, iterator mode", "none", True, True),
 }
+ITERATOR_MODE_DATA = "bench.training_overhead:iris_stream"
+
+
+def iris_stream(split: str = "train"):
+    """The bundled iris split with an unknown length (a keep-all `filter`): training takes the iterator mode."""
+    from prefect_tensorflow.tasks.iris import load_dataset
+
+    return load_dataset(split).filter(lambda features, label: True)
 
 
 def run() -> dict:
@@ -66,10 +81,10 @@ def run() -> dict:
     with Scratch(NAME) as scratch:
         counter = iter(range(10**6))
 
-        def case(policy: CheckpointPolicy, evaluation: str, steps: int, expected: int):
+        def case(policy: CheckpointPolicy, evaluation: str, steps: int, expected: int, data: Optional[str] = None):
             def go() -> dict:
                 d = scratch.fresh(f"run-{next(counter)}")
-                config = TrainingConfig(steps=steps, policy=policy, seed=0, evaluation=evaluation)
+                config = TrainingConfig(steps=steps, policy=policy, seed=0, evaluation=evaluation, data=data or "iris")
                 start = time.perf_counter()
                 result = train_with_checkpoints(d, config)
                 wall = time.perf_counter() - start
@@ -86,11 +101,15 @@ def run() -> dict:
             return go
 
         cases = {"A": case(without, "none", STEPS, 0), "C": case(without, "none", 1, 0)}
+
+        def data_of(key: str) -> Optional[str]:
+            return ITERATOR_MODE_DATA if key == "I" else None
+
         for key, (_, evaluation, async_save, _) in CASES.items():
-            cases[key] = case(every(async_save), evaluation, STEPS, saves)
+            cases[key] = case(every(async_save), evaluation, STEPS, saves, data_of(key))
         warm_start = time.perf_counter()
         for key in CASES:  # one untimed warm-up of each kind (tracing, the evaluator's first start)
-            case(every(CASES[key][2]), CASES[key][1], WARMUP_STEPS, WARMUP_STEPS // EVERY)()
+            case(every(CASES[key][2]), CASES[key][1], WARMUP_STEPS, WARMUP_STEPS // EVERY, data_of(key))()
         warmup_seconds = time.perf_counter() - warm_start
         runs = interleaved(cases, ROUNDS)
 
