@@ -8,7 +8,8 @@ Two input modes, chosen per training from the loader's dataset:
   examples at `index_shuffle(p mod n, seed=(seed, p // n), max_index=n - 1)`
   for the global example positions `p = s * batch_size + i`. Every epoch is a
   fresh permutation of the whole split, a function of `(seed, epoch)`, so the
-  pipeline of a resume at step N is built at N (O(1): no batch is skipped) and
+  pipeline of a resume at step N is built at N (no batch is skipped; at most
+  one epoch's examples, fewer than n, are passed over) and
   a checkpoint holds no `input_iterator`: a save snapshots only variables.
 - **iterator** (a stream of unknown or infinite length, a generator, ragged
   elements, a split too big for memory): `repeat().shuffle(shuffle_buffer,
@@ -101,19 +102,27 @@ def positioned_batches(dataset: Any, config: TrainingConfig, start_step: int, ex
 
 
 def _stateless_batches(examples: Examples, config: TrainingConfig, start_step: int) -> Any:
+    """Each epoch's examples gathered in one op, streamed and batched natively (no function per batch):
+    position `p` is example `_shuffled_index(p mod n)` of epoch `p // n`, batches may straddle epochs."""
     import tensorflow as tf
 
-    batch, length = config.batch_size, examples.length
-    tensors = examples.tensors
+    length, tensors = examples.length, examples.tensors
+    first = start_step * config.batch_size
 
-    def batch_at(step: Any) -> Any:
-        position = step * batch + tf.range(batch, dtype=tf.int64)
-        index = _shuffled_index(position % length, position // length, config.seed, length)
-        return tf.nest.map_structure(lambda t: tf.gather(t, index), tensors)
+    def epoch_examples(epoch: Any) -> Any:
+        position = tf.range(length, dtype=tf.int64)
+        index = _shuffled_index(position, tf.fill([length], epoch), config.seed, length)
+        return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(lambda t: tf.gather(t, index), tensors))
 
     options = tf.data.Options()
     options.autotune.enabled = False  # as input_pipeline: nothing to tune, and its thread delays teardown
-    return tf.data.Dataset.range(start_step, 2**62).map(batch_at).with_options(options)
+    return (
+        tf.data.Dataset.range(first // length, 2**62)
+        .flat_map(epoch_examples)
+        .skip(first % length)  # within the first epoch only: fewer than `length` examples
+        .batch(config.batch_size, drop_remainder=True)
+        .with_options(options)
+    )
 
 
 def _shuffled_index(index: Any, epoch: Any, seed: int, length: int) -> Any:
