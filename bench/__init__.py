@@ -16,6 +16,8 @@ Benchmarks:
     fsync               durable commits (fsync before the state file names a checkpoint) vs none: steps/s on
                         iris and on the ~100 MB model, async and sync saves, ms per commit.
     progress_bar        train_with_checkpoints() with the CLI's progress bar vs without.
+    train_call          the whole train_with_checkpoints() call vs its loop (sidecar evaluation);
+                        the CLI train's loop vs the library's, fresh processes.
     first_run           the first train_with_checkpoints() in a fresh process vs a warm one, and why.
     select_latest       select_latest_checkpoint on 10,000 checkpoints vs 1.
     export              export_saved_model() and freeze_graph() of a checkpoint vs a bare tf.saved_model.save.
@@ -52,6 +54,7 @@ BENCHMARKS = (
     "large_model",
     "fsync",
     "progress_bar",
+    "train_call",
     "first_run",
     "select_latest",
     "export",
