@@ -49,11 +49,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import select
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
 
@@ -75,7 +76,12 @@ PARENT_VARIABLE = "PREFECT_TENSORFLOW_EVALUATOR_PARENT"
 END_LINE = '{"end": true}'
 """What `SidecarEvaluator.finish` sends last: evaluate what is left, then exit (without it, EOF means: stop now)."""
 STOP_GRACE_SECONDS = 2.0
-"""The evaluator process: `python -m` this `<model_dir> [--fd N [--root R]]`, the spec then steps on stdin."""
+"""Seconds a stopped evaluator has after its input closes, then after SIGTERM (`SidecarEvaluator.stop`)."""
+TAKEN_OVER = "the training ended before the evaluator was ready: the trainer evaluates what is left"
+"""The line `eval/evaluator.log` gets when `SidecarEvaluator.finish` evaluates in the trainer's process."""
+READY_BYTE = b"r"
+"""What the evaluator process (`python -m` this `<model_dir> [--fd N [--root R]] [--ready-fd W]`, the spec then
+steps on stdin) writes to `W` once it has built its model, before its first checkpoint."""
 
 
 class EvaluationSpec(BaseModel):
@@ -140,8 +146,15 @@ class Evaluator:
     `directory.verify()`.
     """
 
-    def __init__(self, model_dir: str, spec: EvaluationSpec, directory: Optional[OpenDir] = None):
+    def __init__(
+        self,
+        model_dir: str,
+        spec: EvaluationSpec,
+        directory: Optional[OpenDir] = None,
+        say: Callable[[str], None] = lambda line: print(line, flush=True),
+    ):
         self.directory = directory
+        self.say = say  # "evaluating <checkpoint>": the sidecar's stdout, its log file
         self.model_dir = directory.handle if directory is not None else model_dir
         self.display = directory.path if directory is not None else model_dir  # for messages
         self.spec = spec
@@ -151,7 +164,10 @@ class Evaluator:
         self._writer: Any = None
         self._eval_fd: Optional[int] = None
 
-    def _build(self) -> None:
+    def build(self) -> None:
+        """Import TensorFlow, build the model, open the eval split and the event file (once)."""
+        if self._net is not None:
+            return
         import tensorflow as tf
 
         from ..data.source import DataSource
@@ -176,9 +192,8 @@ class Evaluator:
         prefix = os.path.join(self.model_dir, f"{self.spec.checkpoint_name}-{step}")
         if not os.path.exists(prefix + ".index"):
             return None  # deleted by the keep policy before its turn
-        if self._net is None:
-            self._build()
-        print(f"evaluating {os.path.join(self.display, os.path.basename(prefix))}", flush=True)
+        self.build()
+        self.say(f"evaluating {os.path.join(self.display, os.path.basename(prefix))}")
         try:
             self._checkpoint.read(prefix).expect_partial()
         except (tf.errors.OpError, ValueError) as err:
@@ -200,6 +215,15 @@ class Evaluator:
     def catch_up(self) -> int:
         """Evaluate every committed checkpoint that has no metrics line yet; returns how many."""
         return sum(self.evaluate(step) is not None for step in unevaluated_steps(self.model_dir))
+
+    def close(self) -> None:
+        """Close the event file and `eval/`'s descriptor (the sidecar's exit does it; an in-process one calls this)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._eval_fd is not None:
+            os.close(self._eval_fd)
+            self._eval_fd = None
 
 
 def unevaluated_steps(model_dir: str) -> list[int]:
@@ -300,7 +324,9 @@ class SidecarEvaluator:
                 self.directory.close()
             raise
         self._errors = os.fdopen(log_fd, "ab")
+        self.spec = spec
         fd = self.directory.fd
+        self._ready_fd, ready_writer = os.pipe()  # one byte once it has built its model (`ready`)
         command = [
             sys.executable,
             "-m",
@@ -308,21 +334,28 @@ class SidecarEvaluator:
             self.directory.path,
             "--fd",
             str(fd),
+            "--ready-fd",
+            str(ready_writer),
         ]
         if self.directory.root is not None:
             command += ["--root", self.directory.root]
-        # Not a session of its own; it dies with the trainer (see above).
-        self._process = start_process(
-            command,
-            parent_variable=PARENT_VARIABLE,
-            pass_fds=(fd,),
-            stdin=subprocess.PIPE,
-            stdout=self._errors,
-            stderr=subprocess.STDOUT,
-            text=True,
-            threads=1,
-            new_session=False,
-        )
+        try:
+            # Not a session of its own; it dies with the trainer (see above).
+            self._process = start_process(
+                command,
+                parent_variable=PARENT_VARIABLE,
+                pass_fds=(fd, ready_writer),
+                stdin=subprocess.PIPE,
+                stdout=self._errors,
+                stderr=subprocess.STDOUT,
+                text=True,
+                threads=1,
+                new_session=False,
+            )
+        finally:
+            os.close(ready_writer)
+        self._ready = False
+        self._train_losses: dict[int, Optional[float]] = {}
         self._lock = threading.Lock()
         self._send(spec.model_dump_json())
 
@@ -337,6 +370,7 @@ class SidecarEvaluator:
 
     def notify(self, step: int, train_loss: Optional[float]) -> None:
         """Checkpoint `step` is committed; its window's training loss (None after a resume)."""
+        self._train_losses[step] = train_loss  # for `evaluate_here`
         self._send(json.dumps({"step": step, "train_loss": train_loss}))
 
     def alive(self) -> bool:
@@ -366,9 +400,7 @@ class SidecarEvaluator:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
-        self._errors.close()
-        if self._own:
-            self.directory.close()
+        self._close_handle()
 
     def _close_input(self, last: Optional[str] = None) -> None:
         with self._lock:
@@ -380,15 +412,70 @@ class SidecarEvaluator:
             except (BrokenPipeError, OSError, ValueError):
                 pass
 
+    def ready(self) -> bool:
+        """Whether the evaluator has imported TensorFlow and built its model (it holds the model dir's lock then)."""
+        if not self._ready and self._ready_fd >= 0 and select.select([self._ready_fd], [], [], 0)[0]:
+            self._ready = os.read(self._ready_fd, 1) == READY_BYTE  # b"": it exited before it was ready
+            os.close(self._ready_fd)
+            self._ready_fd = -1
+        return self._ready
+
     def finish(self, timeout: Optional[float] = None) -> None:
-        """Send the end line, close its input and wait until it has evaluated everything committed (at most `timeout` s)."""
-        self._close_input(END_LINE)
+        """Wait until every committed checkpoint is evaluated (at most `timeout` s), then close the handle.
+
+        Without a `timeout` (a training that ended normally), an evaluator that is not ready yet -- still
+        importing TensorFlow, as after a short training -- is stopped, and what it would have evaluated is
+        evaluated here (`evaluate_here`), where TensorFlow and the model code are loaded already. Otherwise
+        it is sent the end line and waited for.
+        """
         try:
-            self._process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            get_logger().warning(
-                "the evaluator of %s is still running after %.0f s; it finishes on its own", self.model_dir, timeout
-            )
+            if timeout is None and not self.ready():
+                self._stop_now()
+                self._log(TAKEN_OVER)
+                self.evaluate_here()
+                return
+            self._close_input(END_LINE)
+            try:
+                self._process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                get_logger().warning(
+                    "the evaluator of %s is still running after %.0f s; it finishes on its own", self.model_dir, timeout
+                )
+        finally:
+            self._close_handle()
+
+    def evaluate_here(self) -> int:
+        """Evaluate, in this process and under the model dir's evaluator lock, the committed checkpoints with
+        no metrics line (as the sidecar would have, its lines to the same log); returns how many.
+
+        A model dir moved or replaced meanwhile gets nothing (said in `eval/evaluator.log`, as the sidecar does).
+        """
+        evaluator = Evaluator(self.model_dir, self.spec, self.directory, say=self._log)
+        try:
+            with evaluator_lock(self.directory.handle):
+                steps = unevaluated_steps(self.directory.handle)
+                return sum(evaluator.evaluate(step, self._train_losses.get(step)) is not None for step in steps)
+        except StorageError as err:
+            self._log(f"the evaluator stops: {err}")
+            get_logger().warning("the evaluation of %s stops: %s", self.model_dir, err)
+            return 0
+        finally:
+            evaluator.close()
+
+    def _log(self, line: str) -> None:
+        self._errors.write(line.encode() + b"\n")
+        self._errors.flush()
+
+    def _stop_now(self) -> None:
+        """Stop the process at once (it has evaluated nothing while not ready)."""
+        self._close_input()
+        self._process.kill()
+        self._process.wait()
+
+    def _close_handle(self) -> None:
+        if self._ready_fd >= 0:
+            os.close(self._ready_fd)
+            self._ready_fd = -1
         self._errors.close()
         if self._own:
             self.directory.close()

@@ -1,5 +1,5 @@
 """The sidecar evaluator process (see `sidecar_evaluator`): `python -m prefect_tensorflow.tasks.training.sidecar_evaluator_main
-<model_dir> [--fd N [--root R]]`, then the `EvaluationSpec` and one committed step a line on stdin.
+<model_dir> [--fd N [--root R]] [--ready-fd W]`, then the `EvaluationSpec` and one committed step a line on stdin.
 
 With `--fd` (the trainer's descriptor of the model dir, inherited) everything goes through that
 descriptor, confined as the trainer opened it (`--root`: the root it was walked from).
@@ -21,7 +21,7 @@ from ..child_processes import die_with_parent
 from ..errors import StorageError
 from ..lean_import import skip_keras_optional_imports
 from ..storage.confined_dirs import OpenDir
-from .sidecar_evaluator import EVALUATOR_NICE, PARENT_VARIABLE, EvaluationSpec, Evaluator, evaluator_lock
+from .sidecar_evaluator import EVALUATOR_NICE, PARENT_VARIABLE, READY_BYTE, EvaluationSpec, Evaluator, evaluator_lock
 
 
 def inherited_directory(argv: list[str]) -> tuple[str, Optional[OpenDir]]:
@@ -36,6 +36,17 @@ def inherited_directory(argv: list[str]) -> tuple[str, Optional[OpenDir]]:
     )
 
 
+def ready_descriptor(argv: list[str]) -> Optional[int]:
+    """`--ready-fd W`: the pipe to write `READY_BYTE` to once the model is built (None: not asked).
+
+    Example:
+        >>> ready_descriptor(["/models/iris", "--fd", "3", "--ready-fd", "5"]), ready_descriptor(["/models/iris"])
+        (5, None)
+    """
+    options = dict(zip(argv[1::2], argv[2::2]))
+    return int(options["--ready-fd"]) if "--ready-fd" in options else None
+
+
 def main(argv: list[str]) -> int:
     """The sidecar: `<model_dir> [--fd N [--root R]]`, the spec then steps on stdin; 0, or 3 when it had to stop.
 
@@ -45,11 +56,16 @@ def main(argv: list[str]) -> int:
     os.nice(EVALUATOR_NICE)  # one thread at a lower priority: a share of one core while training competes
     skip_keras_optional_imports()
     model_dir, directory = inherited_directory(argv)
+    ready_fd = ready_descriptor(argv)
     work_dir = directory.handle if directory is not None else model_dir
     spec = EvaluationSpec.model_validate_json(sys.stdin.readline())
     try:
         with evaluator_lock(work_dir):  # one evaluator per model dir; a previous one finishes first
             evaluator = Evaluator(model_dir, spec, directory)
+            if ready_fd is not None:  # the trainer evaluates in its own process until this says ready
+                evaluator.build()
+                os.write(ready_fd, READY_BYTE)
+                os.close(ready_fd)
             evaluator.catch_up()
             ended = False
             for line in sys.stdin:
