@@ -14,6 +14,11 @@ on the eval split and appends the one metrics line of that checkpoint to
   ends is evaluated then (`train_with_checkpoints` waits for it before
   returning, so its result carries the final metrics; after a SIGTERM it
   waits at most 30 s);
+- a training that ends before its evaluator is ready (it writes one byte to
+  its `--ready-fd` pipe once TensorFlow is imported and its model built)
+  does not wait for its start-up: `finish` stops it and evaluates what is
+  left in the trainer's process (`SidecarEvaluator.evaluate_here`), where
+  TensorFlow and the model code are loaded already;
 - it holds an exclusive lock on `<model_dir>/.evaluator.lock`, and checks
   under it that a step has no line yet before writing one: one evaluator per
   model dir, one line per checkpoint;
