@@ -34,6 +34,8 @@ from .common import Scratch, interleaved, median, ratio_table, report, spread
 NAME = "train_call"
 STEPS = 3000
 ROUNDS = 5
+PROCESS_ROUNDS = 3
+"""Rounds of the fresh-process pair (each process imports TensorFlow: ~10 s, minutes on a loaded machine)."""
 
 LIBRARY_SCRIPT = """
 import json, sys
@@ -58,7 +60,7 @@ def _fresh_process(command: list[str], terminal: bool) -> dict:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise AssertionError(f"{command[:4]} exited {done.returncode}: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout[done.stdout.index("{") :])  # the CLI's JSON spans lines
 
 
 def run() -> dict:
@@ -95,13 +97,21 @@ def run() -> dict:
 
         in_process()  # untimed warm-up: TensorFlow's import, the first tracing
         calls = interleaved({"call": in_process}, ROUNDS)["call"]
-        loops = interleaved({"cli": cli, "library": library}, ROUNDS)
+        print(f"call/loop: {[round(c['wall'] / c['loop'], 2) for c in calls]}", flush=True)
+        loops = interleaved({"cli": cli, "library": library}, PROCESS_ROUNDS)
 
     wall, loop = median(c["wall"] for c in calls), median(c["loop"] for c in calls)
     call_over_loop = median(c["wall"] / c["loop"] for c in calls)
     cli_loop, lib_loop = median(loops["cli"]), median(loops["library"])
     result = {
-        "parameters": {"model": "iris", "steps": STEPS, "rounds": ROUNDS, "evaluation": "sidecar", "load": os.getloadavg()},
+        "parameters": {
+            "model": "iris",
+            "steps": STEPS,
+            "rounds": ROUNDS,
+            "process_rounds": PROCESS_ROUNDS,
+            "evaluation": "sidecar",
+            "load": os.getloadavg(),
+        },
         "calls": calls,
         "loops": loops,
         "median_wall_seconds": wall,
@@ -109,7 +119,8 @@ def run() -> dict:
         "ratios": {"call_over_loop": call_over_loop, "cli_over_library_loop_steps_per_second": lib_loop / cli_loop},
     }
     result["table"] = ratio_table(
-        f"train_call: iris, {STEPS} steps, default config (sidecar evaluation), {ROUNDS} rounds, medians "
+        f"train_call: iris, {STEPS} steps, default config (sidecar evaluation), {ROUNDS} rounds in-process and "
+        f"{PROCESS_ROUNDS} of fresh processes, medians "
         f"(load {os.getloadavg()[0]:.2f})",
         ["case", "median s", "min..max s", "ratio", "ratio is"],
         [

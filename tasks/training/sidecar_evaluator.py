@@ -428,16 +428,16 @@ class SidecarEvaluator:
     def finish(self, timeout: Optional[float] = None) -> None:
         """Wait until every committed checkpoint is evaluated (at most `timeout` s), then close the handle.
 
-        Without a `timeout` (a training that ended normally), an evaluator that is not ready yet -- still
-        importing TensorFlow, as after a short training -- is stopped, and what it would have evaluated is
-        evaluated here (`evaluate_here`), where TensorFlow and the model code are loaded already. Otherwise
-        it is sent the end line and waited for.
+        An evaluator that is not ready yet -- still importing TensorFlow, as after a short training -- is
+        stopped, and what it would have evaluated is evaluated here (`evaluate_here`), where TensorFlow and
+        the model code are loaded already; with a `timeout`, no checkpoint is started after it (the next
+        training's evaluator catches up). A ready one is sent the end line and waited for.
         """
         try:
-            if timeout is None and not self.ready():
+            if not self.ready():
                 self._stop_now()
                 self._log(TAKEN_OVER)
-                self.evaluate_here()
+                self.evaluate_here(None if timeout is None else time.monotonic() + timeout)
                 return
             self._close_input(END_LINE)
             try:
@@ -449,17 +449,22 @@ class SidecarEvaluator:
         finally:
             self._close_handle()
 
-    def evaluate_here(self) -> int:
+    def evaluate_here(self, deadline: Optional[float] = None) -> int:
         """Evaluate, in this process and under the model dir's evaluator lock, the committed checkpoints with
-        no metrics line (as the sidecar would have, its lines to the same log); returns how many.
+        no metrics line (as the sidecar would have, its lines to the same log), none started after `deadline`
+        (`time.monotonic()`); returns how many.
 
         A model dir moved or replaced meanwhile gets nothing (said in `eval/evaluator.log`, as the sidecar does).
         """
         evaluator = Evaluator(self.model_dir, self.spec, self.directory, say=self._log)
         try:
             with evaluator_lock(self.directory.handle):
-                steps = unevaluated_steps(self.directory.handle)
-                return sum(evaluator.evaluate(step, self._train_losses.get(step)) is not None for step in steps)
+                done = 0
+                for step in unevaluated_steps(self.directory.handle):
+                    if deadline is not None and time.monotonic() > deadline:
+                        break
+                    done += evaluator.evaluate(step, self._train_losses.get(step)) is not None
+                return done
         except StorageError as err:
             self._log(f"the evaluator stops: {err}")
             get_logger().warning("the evaluation of %s stops: %s", self.model_dir, err)
