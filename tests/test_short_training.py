@@ -44,7 +44,7 @@ def test_an_evaluator_that_is_ready_evaluates_to_the_end(tmp_path):
     config = TrainingConfig(steps=100, policy=CheckpointPolicy(save_checkpoints_steps=50))
     train(model_dir, **config.model_dump())
     (model_dir / METRICS_FILE).write_text("")  # as if a killed training's evaluator had died with it
-    evaluator = SidecarEvaluator(str(model_dir), evaluation_spec(config))
+    evaluator = SidecarEvaluator(str(model_dir), evaluation_spec(config), take_over=True)
     deadline = time.monotonic() + 300
     while not evaluator.ready():
         assert evaluator.alive() and time.monotonic() < deadline, (model_dir / "eval" / "evaluator.log").read_text()

@@ -300,7 +300,8 @@ def _train_in(
     evaluator = None
     # with nothing to train, still one to evaluate what a killed training's evaluator (dead with it) left
     if config.evaluation == "sidecar" and (step < target or sidecar_evaluator.unevaluated_steps(directory.handle)):
-        evaluator = sidecar_evaluator.SidecarEvaluator(model_dir, sidecar_evaluator.evaluation_spec(config), directory)
+        spec = sidecar_evaluator.evaluation_spec(config)
+        evaluator = sidecar_evaluator.SidecarEvaluator(model_dir, spec, directory, take_over=True)
     eval_batches = eval_ds.batch(max(config.batch_size, 256))
     saver = CheckpointSaver(
         ckpt,

@@ -309,10 +309,14 @@ class SidecarEvaluator:
 
     `directory`: the model dir as the trainer opened it; its descriptor is handed to the evaluator, which
     works through it. Without it (multi-worker) the model dir is opened here (`confined_dirs.open_directory`).
+    `take_over`: `finish` evaluates here what an evaluator not ready yet would have (a trainer, which has
+    TensorFlow and the model loaded); without it (the multi-worker caller, which imports no TensorFlow)
+    `finish` waits for the evaluator.
     """
 
-    def __init__(self, model_dir: str, spec: EvaluationSpec, directory: Optional[OpenDir] = None):
+    def __init__(self, model_dir: str, spec: EvaluationSpec, directory: Optional[OpenDir] = None, *, take_over: bool = False):
         self.model_dir = model_dir
+        self.take_over = take_over
         self._own = directory is None
         self.directory = directory if directory is not None else open_directory(model_dir, parameter="model_dir", create=True)
         try:
@@ -428,13 +432,13 @@ class SidecarEvaluator:
     def finish(self, timeout: Optional[float] = None) -> None:
         """Wait until every committed checkpoint is evaluated (at most `timeout` s), then close the handle.
 
-        An evaluator that is not ready yet -- still importing TensorFlow, as after a short training -- is
-        stopped, and what it would have evaluated is evaluated here (`evaluate_here`), where TensorFlow and
+        With `take_over`, an evaluator that is not ready yet -- still importing TensorFlow, as after a short
+        training -- is stopped, and what it would have evaluated is evaluated here (`evaluate_here`), where TensorFlow and
         the model code are loaded already; with a `timeout`, no checkpoint is started after it (the next
         training's evaluator catches up). A ready one is sent the end line and waited for.
         """
         try:
-            if not self.ready():
+            if self.take_over and not self.ready():
                 self._stop_now()
                 self._log(TAKEN_OVER)
                 self.evaluate_here(None if timeout is None else time.monotonic() + timeout)
