@@ -128,7 +128,9 @@ def test_a_cancelled_retrain_saves_stops_everything_ends_cancelled_and_the_next_
         assert stopped_after < STOP_BOUND_SECONDS and final_after < FINAL_BOUND_SECONDS
         assert_nothing_left(run_id, served, model_dir)
         stopped = select_latest_checkpoint(str(model_dir), verify_checksums=True)
-        assert stopped.step is not None and stopped.step > periodic and stopped.step % 500 != 0  # saved at the stop
+        # saved at the stop: the newest checkpoint is the step the log names (a stop that lands on a periodic step,
+        # 1000 say, saves that one step once, so `step % 500 != 0` is not the sign of it)
+        assert stopped.step is not None and stopped.step > periodic
         log = served.serve_log.read_text()
         assert f"flow run cancelled at step {stopped.step}: saving a checkpoint" in log
         import mlflow
@@ -224,7 +226,7 @@ def test_a_flow_timeout_stops_the_training_with_a_checkpoint_and_the_run_ends_ti
     match = re.search(r"timeout reached at step (\d+): saving a checkpoint", output)
     assert match, output[-3000:]
     stopped = select_latest_checkpoint(str(model_dir), verify_checksums=True)
-    assert stopped.step == int(match.group(1)) and stopped.step % 500 != 0  # saved at the stop
+    assert stopped.step == int(match.group(1))  # saved at the step the log names
     assert "Finished in state TimedOut('Flow run exceeded timeout of 40.0 second(s)', type=FAILED)" in output
     with served.api() as client:
         (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name(output)])))
