@@ -664,20 +664,17 @@ def _send(ctx, cases: list[Case], enforce: Optional[bool] = None, timeout: float
                 except httpx.HTTPStatusError as err:
                     case.created_status = err.response.status_code
                     case.created_error = _error_text(err)
-            if unfinished:
-                runs = stack.wait(client, list(unfinished), timeout=0)  # one read of them all
-                for run_id in list(unfinished):
-                    state = runs[run_id].state if run_id in runs else None
-                    if state is not None and state.is_final():
-                        case = unfinished.pop(run_id)
-                        case.state = state.type.value
-                        case.message = state.message or ""
-                    else:
-                        unfinished[run_id].state = state.name if state else None
+            ended = list(stack.final_states(client, list(unfinished))) if unfinished else []
+            for run_id, run in stack.read_runs(client, ended).items():  # each run read in full once, when it ended
+                case = unfinished.pop(run_id)
+                case.state = run.state.type.value
+                case.message = run.state.message or ""
             if time.monotonic() > deadline:
                 break
             if unfinished:
                 time.sleep(POLL)
+        for run_id, run in stack.read_runs(client, list(unfinished)).items():
+            unfinished[run_id].state = run.state.name if run.state else None
     late = list(unfinished.values()) + queue
     for case in late:
         case.state = f"NOT ENDED after {timeout:.0f} s ({case.state if case.run_id else 'never created'})"
