@@ -42,15 +42,16 @@ def stack(tmp_path_factory, prefect_database):
     password = "pw-" + secrets.token_hex(16)
     token = "tok-" + secrets.token_hex(16)
     mlflow = MlflowServer(root / "mlflow-server", auth=True, token_users={token: "scan-token-user"})
-    mlflow.start()
     served = ServedDeployments(
         root, ServedDeployments.environ_for(root, PREFECT_TENSORFLOW_HOME=str(root / "data")), limit=2, database=prefect_database
     )
     try:
+        mlflow.launch()  # both servers start at once: each start-up is mostly imports, on one core
+        served.start_server()
+        mlflow.wait_healthy()
         admin = mlflow.admin()
         admin.create_user("scan-password-user", password)
         admin.create_user("scan-token-user", "unused-" + secrets.token_hex(8))  # the token maps to this user
-        served.start_server()
         blocks = {
             "password": served.save_block(
                 "scan-password",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from mlflow_server import MlflowServer
+from mlflow_server import MlflowServer, start_all
 from prefect import flow
 
 from prefect_tensorflow.tasks import prefect_tasks as tasks
@@ -25,10 +25,8 @@ CONFIG = TrainingConfig(steps=300, policy=CheckpointPolicy(save_checkpoints_step
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    started = []
+    started = start_all(MlflowServer(tmp_path_factory.mktemp(f"mlflow-{name}")) for name in ("a", "b"))
     try:
-        for name in ("a", "b"):
-            started.append(MlflowServer(tmp_path_factory.mktemp(f"mlflow-{name}")).start())
         yield started
     finally:
         for server in started:
