@@ -49,6 +49,14 @@ order each round) and the median taken:
     (TensorFlow's sharding option: several `.data-*` shards) against the same
     raw write as (b), to see whether sharding buys write throughput.
 
+(g) this package's write path (`CheckpointWriter`'s: `bundle.write_bundle`
+    into `<prefix>_temp/`, then TensorFlow's `MergeV2Checkpoints`) of one
+    snapshot of the same variables, against the raw write (b): the issue-23
+    figure `project/raw` (goal >= 0.8). And both durable, as `durable_commit`
+    (the default) does: (g') the write, then every checkpoint file and the
+    directory fsynced, against (b') the raw write, the file fsynced, renamed,
+    the directory fsynced.
+
 One untimed warm-up of each case comes first (TensorFlow builds its save
 functions and the async helper its variable twins on the first call).
 Temp dirs are removed after every repetition (outside the timed region).
@@ -78,7 +86,8 @@ def run() -> dict:
     import tensorflow as tf
 
     from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
-    from prefect_tensorflow.tasks.checkpoints.writer import CheckpointWriter
+    from prefect_tensorflow.tasks.checkpoints.writer import CheckpointWriter, _Recipe
+    from prefect_tensorflow.tasks.storage.local import fsync_directory, fsync_entries
 
     tf.random.set_seed(0)
     variables = [
@@ -104,7 +113,7 @@ def run() -> dict:
             shutil.rmtree(d)
             return seconds
 
-        def raw_write() -> float:
+        def raw_write(durable: bool = False) -> float:
             d = scratch.fresh("raw")
             tmp, final = os.path.join(d, "raw.tmp"), os.path.join(d, "raw.data")
 
@@ -114,10 +123,34 @@ def run() -> dict:
                         view = memoryview(array).cast("B")
                         while view:
                             view = view[handle.write(view) :]
+                    if durable:
+                        os.fsync(handle.fileno())
                 os.replace(tmp, final)
+                if durable:
+                    fsync_directory(d)
 
             seconds = timed(write)
             sizes["raw_file"] = os.path.getsize(final)
+            shutil.rmtree(d)
+            return seconds
+
+        recipe = _Recipe.learn(tf.train.Checkpoint(variables=variables))
+
+        def project_write(durable: bool = False) -> float:
+            d = scratch.fresh("project")
+            snapshot = recipe.snapshot()  # the training thread's part, not the write
+
+            def write() -> None:
+                recipe.write(os.path.join(d, "ckpt-1"), snapshot)
+                if durable:  # as CheckpointWriter._write with durable_commit
+                    fsync_entries([os.path.join(d, f) for f in os.listdir(d) if f.startswith("ckpt-1.")])
+                    fsync_directory(d)
+
+            seconds = timed(write)
+            sizes["project_files"] = _dir_bytes(d)
+            assert tf.train.load_checkpoint(os.path.join(d, "ckpt-1")).get_tensor(
+                "variables/0/.ATTRIBUTES/VARIABLE_VALUE"
+            ).shape == (FLOATS_PER_VARIABLE,)
             shutil.rmtree(d)
             return seconds
 
@@ -192,18 +225,34 @@ def run() -> dict:
 
         for warm in (checkpoint_write, raw_write, manager_sync, manager_async, sharded_write, writer(True), writer(False)):
             warm()
-        ab = interleaved({"checkpoint": checkpoint_write, "raw": raw_write, "sharded": sharded_write}, ROUNDS)
+        for warm in (project_write, lambda: raw_write(durable=True)):
+            warm()
+        ab = interleaved(
+            {
+                "checkpoint": checkpoint_write,
+                "raw": raw_write,
+                "sharded": sharded_write,
+                "project": project_write,
+                "project_durable": lambda: project_write(durable=True),
+                "raw_durable": lambda: raw_write(durable=True),
+            },
+            ROUNDS,
+        )
         sa = interleaved({"sync": manager_sync, "async": manager_async}, ROUNDS)
         wr = interleaved({"async": writer(True), "sync": writer(False), "memcpy": memcpy, "plain_update": update_all}, ROUNDS)
 
     t_ckpt, t_raw, t_sharded = median(ab["checkpoint"]), median(ab["raw"]), median(ab["sharded"])
     t_memcpy, t_plain = median(wr["memcpy"]), median(wr["plain_update"])
+    t_project, t_project_durable, t_raw_durable = (median(ab[k]) for k in ("project", "project_durable", "raw_durable"))
     writer_stall = {k: [s["blocking"] + s["first_update"] - t_plain for s in wr[k]] for k in ("async", "sync")}
     writer_complete = {k: median(s["complete"] for s in wr[k]) for k in ("async", "sync")}
     w_async, w_sync = median(writer_stall["async"]), median(writer_stall["sync"])
     samples = {
         "checkpoint_write": ab["checkpoint"],
         "raw_write": ab["raw"],
+        "project_write": ab["project"],
+        "project_write_durable": ab["project_durable"],
+        "raw_write_durable": ab["raw_durable"],
         "sync_blocking": [s["blocking"] for s in sa["sync"]],
         "sync_first_update": [s["first_update"] for s in sa["sync"]],
         "async_blocking": [s["blocking"] for s in sa["async"]],
@@ -229,11 +278,16 @@ def run() -> dict:
         "mb_per_s": {
             "checkpoint_write": mbps(t_ckpt),
             "raw_write": mbps(t_raw),
+            "project_write": mbps(t_project),
+            "project_write_durable": mbps(t_project_durable),
+            "raw_write_durable": mbps(t_raw_durable),
             "manager_save_sync": mbps(med["sync_blocking"]),
             "manager_save_async_complete": mbps(med["async_complete"]),
         },
         "ratios": {
             "checkpoint_over_raw_throughput": t_raw / t_ckpt,
+            "project_over_raw_throughput": t_raw / t_project,
+            "project_durable_over_raw_durable_throughput": t_raw_durable / t_project_durable,
             "async_blocking_over_sync_blocking": med["async_blocking"] / med["sync_blocking"],
             "async_complete_over_sync_blocking": med["async_complete"] / med["sync_blocking"],
             "async_first_update_over_sync_first_update": med["async_first_update"] / med["sync_first_update"],
@@ -269,6 +323,30 @@ def run() -> dict:
                 mbps(t_ckpt),
                 r["checkpoint_over_raw_throughput"],
                 "checkpoint/raw throughput",
+            ],
+            [
+                "(g) project write path (bundle + merge)",
+                t_project,
+                spread(ab["project"]),
+                mbps(t_project),
+                r["project_over_raw_throughput"],
+                "project/raw throughput (goal >= 0.8)",
+            ],
+            [
+                "(b') raw write, fsync, rename, fsync dir",
+                t_raw_durable,
+                spread(ab["raw_durable"]),
+                mbps(t_raw_durable),
+                1.0,
+                "baseline",
+            ],
+            [
+                "(g') project write path + fsyncs",
+                t_project_durable,
+                spread(ab["project_durable"]),
+                mbps(t_project_durable),
+                r["project_durable_over_raw_durable_throughput"],
+                "durable project/raw throughput",
             ],
             [
                 "(c) manager.save() sync: blocking",
@@ -353,6 +431,7 @@ def run() -> dict:
             ],
         ],
         notes=[
+            f"(g) checkpoint files {fmt(sizes.get('project_files', 0) / MB)} MB; (g') and (b') fsync as durable_commit does.",
             f"(d) stall = save() + the first update after it - a plain update ({fmt(t_plain)} s);"
             f" async/TF-sync stall {fmt(r['writer_async_stall_over_tf_sync_stall'])}.",
             f"(f) sharded write: {sizes.get('sharded_data_files', 0)} data files;"
