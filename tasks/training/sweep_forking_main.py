@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-FORKING_MODULE = "prefect_tensorflow.tasks.training.sweep_forking_main"
+from .sweep_template import FORKING_MODULE
 
 
 def _imports() -> None:

@@ -33,7 +33,9 @@ from typing import Any, Optional
 
 from ..child_processes import child_env
 from ..warm_process import ForkedProcess, TemplateSlot, WarmTemplate, WarmTemplateError
-from .sweep_forking_main import FORKING_MODULE
+
+FORKING_MODULE = "prefect_tensorflow.tasks.training.sweep_forking_main"
+"""The template's module (`python -m`); as long as `sweep_trainer_main`'s name, so a forked trainer can rename itself."""
 
 ENV_PARENT = "PREFECT_TENSORFLOW_SWEEP_PARENT"
 """The trainer's parent pid variable (`child_processes.die_with_parent`; a forked trainer's parent is the template)."""
