@@ -107,7 +107,10 @@ class TrainingConfig(BaseModel):
     )
     batch_size: BatchSize = Field(default=32, description="Examples per step")
     seed: Seed = Field(default=0, description="Seed of initialisation and shuffling")
-    shuffle_buffer: ShuffleBuffer = Field(default=1000, description="Examples in the shuffle buffer")
+    shuffle_buffer: ShuffleBuffer = Field(
+        default=1000,
+        description="Examples in the shuffle buffer (data of unknown length only: data of known length is shuffled a whole epoch at a time)",
+    )
     summary_every_n_steps: EveryNSteps = Field(
         default=100, description="Write the loss to TensorBoard (and log it) every this many steps"
     )

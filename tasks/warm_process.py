@@ -253,6 +253,28 @@ class TemplateSlot:
                 raise
         return template
 
+    def fork(
+        self, make: Callable[[], WarmTemplate], kind: str, request: dict[str, Any], log_path: str, key: Any = None
+    ) -> tuple[Optional[ForkedProcess], Optional[str]]:
+        """(a child of the template running `request`, None), or (None, why): the caller runs the cold path.
+
+        A template found dead (or dying on this request) is restarted once; one that cannot start, or that
+        is alive but cannot fork, answers why at once (no restart would help).
+        """
+        why = None
+        for _ in range(2):
+            try:
+                template = self.running(make, key)
+            except WarmTemplateError as err:
+                return None, str(err)
+            try:
+                return template.fork(kind, request, log_path), None
+            except WarmTemplateError as err:
+                why = str(err)
+                if template.alive():
+                    break
+        return None, why
+
     def launch(self, make: Callable[[], WarmTemplate], key: Any = None) -> None:
         """Start the template without waiting for its imports (none if one runs or is starting for `key`)."""
         try:

@@ -115,3 +115,20 @@ def final_weights(model_dir: Path, step: int) -> dict[str, Any]:
         for name in reader.get_variable_to_shape_map()
         if name.endswith("VARIABLE_VALUE") and not name.startswith("save_counter")
     }
+
+
+def sweep_trainer_of(model_dir: str | Path):
+    """The sweep trainer process (started or forked: a forked one shows the trainer's command line) holding
+    `model_dir`'s training lock, or None."""
+    import psutil
+
+    from prefect_tensorflow.tasks.training.sweep_candidates import LOCK_FILE, TRAINER_MODULE
+
+    lock = str(Path(model_dir) / LOCK_FILE)
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if TRAINER_MODULE in (process.info["cmdline"] or []) and any(f.path == lock for f in process.open_files()):
+                return process
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from helpers import sweep_trainer_of
 from pydantic import TypeAdapter, ValidationError
 
 from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
@@ -31,7 +32,6 @@ from prefect_tensorflow.tasks.configs import TrainingConfig
 from prefect_tensorflow.tasks.errors import UnsafeParameterError
 from prefect_tensorflow.tasks.training.sweep_candidates import (
     ATTEMPTS_FILE,
-    LOCK_FILE,
     Candidate,
     Candidates,
     SweepError,
@@ -278,18 +278,6 @@ def dask_cluster(tmp_path_factory, prefect_api):
             stop_process_group(process)
 
 
-def trainer_of(model_dir: Path) -> psutil.Process | None:
-    """The trainer process holding `model_dir`'s training lock (a forked one shows the trainer's command line)."""
-    lock = str(model_dir / LOCK_FILE)
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if TRAINER_MODULE in (process.info["cmdline"] or []) and any(f.path == lock for f in process.open_files()):
-                return process
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return None
-
-
 @pytest.mark.slow
 def test_killing_a_dask_worker_mid_sweep_resumes_its_candidate_and_ends_like_an_uninterrupted_sweep(
     dask_cluster, uninterrupted, outputs, tmp_path
@@ -302,7 +290,7 @@ def test_killing_a_dask_worker_mid_sweep_resumes_its_candidate_and_ends_like_an_
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and not killed:
             if (victim_dir / f"model.ckpt-{KILL_AT}.index").exists():
-                trainer = trainer_of(victim_dir)
+                trainer = sweep_trainer_of(victim_dir)
                 if trainer is not None:
                     worker = trainer.parent()
                     forked = FORKING_MODULE in worker.cmdline()  # forked from its worker's warm template
@@ -335,7 +323,7 @@ def test_killing_a_dask_worker_mid_sweep_resumes_its_candidate_and_ends_like_an_
     started = Counter(a["candidate_id"] for a in attempts(root) if a["event"] == "started")
     assert started[victim_dir.name] == 2
     assert all(count == 1 for cid, count in started.items() if cid != victim_dir.name)  # never trained twice
-    assert trainer_of(victim_dir) is None
+    assert sweep_trainer_of(victim_dir) is None
 
 
 def test_the_cli_checks_the_candidates_before_anything_runs(tmp_path, capsys):

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import sweep_trainer_of
 
 from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
 from prefect_tensorflow.tasks.configs import TrainingConfig
 from prefect_tensorflow.tasks.training import sweep_template
 from prefect_tensorflow.tasks.training.sweep_candidates import (
-    LOCK_FILE,
     TRAINER_MODULE,
     Candidate,
     SweepError,
@@ -31,16 +31,10 @@ SHORT = TrainingConfig(steps=40, policy=CheckpointPolicy(save_checkpoints_steps=
 def _trainer_holding(model_dir: str, timeout: float = 300.0, child=None) -> psutil.Process:
     """The process that holds `model_dir`'s training lock, once it trains (its first checkpoint exists);
     `child`: the forked trainer, whose exit ends the wait."""
-    lock = os.path.join(model_dir, LOCK_FILE)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and (child is None or child.poll() is None):
-        if Path(model_dir, "checkpoint").exists():
-            for process in psutil.process_iter(["cmdline"]):
-                try:
-                    if TRAINER_MODULE in (process.info["cmdline"] or []) and any(f.path == lock for f in process.open_files()):
-                        return process
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
+        if Path(model_dir, "checkpoint").exists() and (trainer := sweep_trainer_of(model_dir)) is not None:
+            return trainer
         time.sleep(0.1)
     raise AssertionError(f"no trainer of {model_dir}: it exited, or did not checkpoint within {timeout:g} s")
 

@@ -8,8 +8,9 @@ This writer learns the checkpoint's keys once (`save_util.serialize_graph_view`,
 the same code TensorFlow's own save uses, so the keys, the object graph and
 the file format are TensorFlow's), then at each save:
 
-1. in the training thread: one `tf.function` that reads every variable and
-   serializes the input iterator: a consistent snapshot of the step, a few
+1. in the training thread: one `tf.function` that reads every variable (and
+   serializes the input iterator, for data in the iterator mode: see
+   `training.input_position`): a consistent snapshot of the step, a few
    small ops (on the CPU a read shares the variable's buffer; the next update
    copies it first, so the snapshot costs about one copy of the variables);
 2. in one background thread, in order: the snapshot written into

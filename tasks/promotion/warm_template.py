@@ -83,18 +83,7 @@ def fork_check(kind: Literal["load", "serve"], request: dict[str, Any], log_path
         >>> fork_check.__name__
         'fork_check'
     """
-    why = None
-    for _ in range(2):
-        try:
-            template = running_template()
-        except WarmTemplateError as err:
-            why = str(err)
-            break
-        try:
-            return template.fork(kind, request, log_path)
-        except WarmTemplateError as err:
-            why = str(err)
-            if template.alive():  # the fork itself failed: no restart would help
-                break
-    _logger.warning("warm serving check unavailable (%s): running the cold path", why)
-    return None
+    child, why = _slot.fork(_new_template, kind, request, log_path)
+    if child is None:
+        _logger.warning("warm serving check unavailable (%s): running the cold path", why)
+    return child

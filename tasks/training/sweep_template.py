@@ -32,7 +32,7 @@ import sys
 from typing import Any, Optional
 
 from ..child_processes import child_env
-from ..warm_process import ForkedProcess, TemplateSlot, WarmTemplate, WarmTemplateError
+from ..warm_process import ForkedProcess, TemplateSlot, WarmTemplate
 
 FORKING_MODULE = "prefect_tensorflow.tasks.training.sweep_forking_main"
 """The template's module (`python -m`); as long as `sweep_trainer_main`'s name, so a forked trainer can rename itself."""
@@ -70,21 +70,10 @@ def fork_trainer(payload: dict[str, Any], threads: int, log_path: str, answer_pa
     """A trainer forked from this process's template, training `payload` (what `sweep_trainer_main` reads on
     stdin), or None: start it cold. A template found dead (or dying on this request) is restarted once."""
     key = template_key(threads)
-    why = None
-    for _ in range(2):
-        try:
-            template = _slot.running(_maker(key), key)
-        except WarmTemplateError as err:
-            why = str(err)
-            break
-        try:
-            return template.fork("train", {"payload": payload, "answer": answer_path}, log_path)
-        except WarmTemplateError as err:
-            why = str(err)
-            if template.alive():  # the fork itself failed: no restart would help
-                break
-    _logger.warning("warm sweep trainer unavailable (%s): starting it cold", why)
-    return None
+    child, why = _slot.fork(_maker(key), "train", {"payload": payload, "answer": answer_path}, log_path, key)
+    if child is None:
+        _logger.warning("warm sweep trainer unavailable (%s): starting it cold", why)
+    return child
 
 
 def template_pid() -> Optional[int]:
