@@ -117,7 +117,21 @@ def run_flow_run(request: dict[str, Any]) -> int:
                 runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
         except SystemExit as done:
             return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        finally:
+            send_pending_logs_and_events()
     return 0
+
+
+def send_pending_logs_and_events(timeout: float = 10.0) -> None:
+    """Send the run's queued logs and events, as a normal interpreter exit does for `python -m prefect.engine`.
+
+    Prefect's log and event workers drain at the interpreter's thread shutdown, which the forked child's
+    `os._exit` skips: without this, the lines a run logs last (its error, "Finished in state Failed")
+    never reach the API, and the UI's logs of a failed run are empty.
+    """
+    from prefect._internal.concurrency.services import QueueService
+
+    QueueService.drain_all(timeout=timeout, at_exit=True)
 
 
 def main(argv: list[str]) -> int:
