@@ -38,13 +38,26 @@ def test_a_training_shorter_than_the_evaluators_start_up_is_evaluated_by_the_tra
     assert evaluators() == []  # the evaluator that was still starting is gone
 
 
+def test_the_trainers_take_over_in_a_deployment_run_builds_the_model_by_its_registered_name(tmp_path, monkeypatch):
+    """In a deployment run only registered names import (`model_code`'s untrusted rule): the take-over builds the
+    model and data as the config names them (`iris`), not as the import strings the sidecar's own process gets."""
+    from prefect_tensorflow.tasks import model_code
+
+    monkeypatch.setattr(model_code, "in_deployment_run", lambda: True)
+    model_dir = tmp_path / "m"
+    train(model_dir, steps=100, policy=CheckpointPolicy(save_checkpoints_steps=50))
+    log = (model_dir / "eval" / "evaluator.log").read_text()
+    assert TAKEN_OVER in log, log
+    assert line_steps(model_dir) == {0: 1, 50: 1, 100: 1}, log
+
+
 def test_an_evaluator_that_is_ready_evaluates_to_the_end(tmp_path):
     """The usual path of a longer training: the evaluator says it is ready; `finish` leaves the work to it."""
     model_dir = tmp_path / "m"
     config = TrainingConfig(steps=100, policy=CheckpointPolicy(save_checkpoints_steps=50))
     train(model_dir, **config.model_dump())
     (model_dir / METRICS_FILE).write_text("")  # as if a killed training's evaluator had died with it
-    evaluator = SidecarEvaluator(str(model_dir), evaluation_spec(config), take_over=True)
+    evaluator = SidecarEvaluator(str(model_dir), evaluation_spec(config), take_over=evaluation_spec(config, resolved=False))
     deadline = time.monotonic() + 300
     while not evaluator.ready():
         assert evaluator.alive() and time.monotonic() < deadline, (model_dir / "eval" / "evaluator.log").read_text()

@@ -301,7 +301,9 @@ def _train_in(
     # with nothing to train, still one to evaluate what a killed training's evaluator (dead with it) left
     if config.evaluation == "sidecar" and (step < target or sidecar_evaluator.unevaluated_steps(directory.handle)):
         spec = sidecar_evaluator.evaluation_spec(config)
-        evaluator = sidecar_evaluator.SidecarEvaluator(model_dir, spec, directory, take_over=True)
+        evaluator = sidecar_evaluator.SidecarEvaluator(
+            model_dir, spec, directory, take_over=sidecar_evaluator.evaluation_spec(config, resolved=False)
+        )
     eval_batches = eval_ds.batch(max(config.batch_size, 256))
     saver = CheckpointSaver(
         ckpt,

@@ -289,13 +289,15 @@ def wait_for_metrics(model_dir: str, steps: list[int], timeout: float) -> dict[i
         time.sleep(0.2)
 
 
-def evaluation_spec(config: Any) -> EvaluationSpec:
-    """What the sidecar evaluator needs of a `TrainingConfig`, the model code as trusted import strings (already checked)."""
+def evaluation_spec(config: Any, *, resolved: bool = True) -> EvaluationSpec:
+    """What the sidecar evaluator needs of a `TrainingConfig`, the model code as trusted import strings (already
+    checked) for the evaluator's own process; `resolved=False`: the model and data as the config names them, for
+    an evaluation in the trainer's process, where a deployment run accepts registered names only."""
     from ..model_code import import_string
 
     return EvaluationSpec(
-        model=import_string(config.model, "model"),
-        data=import_string(config.data, "data"),
+        model=import_string(config.model, "model") if resolved else config.model,
+        data=import_string(config.data, "data") if resolved else config.data,
         data_options=dict(config.data_options),
         window=config.window,
         hparams=dict(config.hparams),
@@ -309,12 +311,19 @@ class SidecarEvaluator:
 
     `directory`: the model dir as the trainer opened it; its descriptor is handed to the evaluator, which
     works through it. Without it (multi-worker) the model dir is opened here (`confined_dirs.open_directory`).
-    `take_over`: `finish` evaluates here what an evaluator not ready yet would have (a trainer, which has
-    TensorFlow and the model loaded); without it (the multi-worker caller, which imports no TensorFlow)
-    `finish` waits for the evaluator.
+    `take_over`: the spec with which `finish` evaluates here what an evaluator not ready yet would have (a
+    trainer, which has TensorFlow and the model loaded: `evaluation_spec(config, resolved=False)`); without it
+    (the multi-worker caller, which imports no TensorFlow) `finish` waits for the evaluator.
     """
 
-    def __init__(self, model_dir: str, spec: EvaluationSpec, directory: Optional[OpenDir] = None, *, take_over: bool = False):
+    def __init__(
+        self,
+        model_dir: str,
+        spec: EvaluationSpec,
+        directory: Optional[OpenDir] = None,
+        *,
+        take_over: Optional[EvaluationSpec] = None,
+    ):
         self.model_dir = model_dir
         self.take_over = take_over
         self._own = directory is None
@@ -438,7 +447,7 @@ class SidecarEvaluator:
         training's evaluator catches up). A ready one is sent the end line and waited for.
         """
         try:
-            if self.take_over and not self.ready():
+            if self.take_over is not None and not self.ready():
                 self._stop_now()
                 self._log(TAKEN_OVER)
                 self.evaluate_here(None if timeout is None else time.monotonic() + timeout)
@@ -460,7 +469,7 @@ class SidecarEvaluator:
 
         A model dir moved or replaced meanwhile gets nothing (said in `eval/evaluator.log`, as the sidecar does).
         """
-        evaluator = Evaluator(self.model_dir, self.spec, self.directory, say=self._log)
+        evaluator = Evaluator(self.model_dir, self.take_over or self.spec, self.directory, say=self._log)
         try:
             with evaluator_lock(self.directory.handle):
                 done = 0
