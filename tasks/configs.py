@@ -109,7 +109,7 @@ class TrainingConfig(BaseModel):
     seed: Seed = Field(default=0, description="Seed of initialisation and shuffling")
     shuffle_buffer: ShuffleBuffer = Field(
         default=1000,
-        description="Examples in the shuffle buffer (data of unknown length only: data of known length is shuffled a whole epoch at a time)",
+        description="Examples in the shuffle buffer; 1: no shuffle (data of known length is shuffled a whole epoch at a time whatever the size above 1)",
     )
     summary_every_n_steps: EveryNSteps = Field(
         default=100, description="Write the loss to TensorBoard (and log it) every this many steps"

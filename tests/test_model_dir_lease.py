@@ -85,11 +85,12 @@ def test_a_second_local_trainer_refuses_or_waits_and_a_sigkilled_holder_frees_th
         record = lock_record(lock)
         assert record["what"] == "training" and record["since"] and record["host"]
         # The one that waits starts at once: its start-up overlaps the holder's.
+        waiter_log = tmp_path / "waiter.err"
         waiter = subprocess.Popen(
             train_cmd(str(model_dir), "--more-steps", "20", "--lease-wait", "300", "--json"),
             env=env,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=waiter_log.open("w"),
             text=True,
         )
         # The one that refuses, in this process (the command line's exit status 2 is checked on S3 below).
@@ -105,12 +106,15 @@ def test_a_second_local_trainer_refuses_or_waits_and_a_sigkilled_holder_frees_th
         assert children, "expected the sidecar evaluator beside the holder"
         assert holders_among(children, lock) == []
         assert holders_among([psutil.Process(holder.pid)], lock) == [holder.pid]
-        assert waiter.poll() is None  # still waiting
         wait_for(lambda: local_committed(model_dir) >= 50, holder, "the holder's step 50")
+        # the CLI imports TensorFlow before it asks for the lease: kill the holder once the waiter is waiting
+        wait_for(lambda: "waiting up to" in waiter_log.read_text(), holder, "the waiter waiting for the lease")
+        assert waiter.poll() is None  # still waiting
         holder.kill()
         holder.wait()
         at_kill = local_committed(model_dir)
-        out, err = waiter.communicate(timeout=300)
+        out, _ = waiter.communicate(timeout=300)
+        err = waiter_log.read_text()
         assert waiter.returncode == 0, err[-3000:]
         result = json.loads(out)
         # It trained only once the holder was gone, from the holder's last checkpoint: never beside it.

@@ -6,7 +6,8 @@ Two input modes, chosen per training from the loader's dataset:
   its elements are fixed-shape dense tensors that fit in `MAX_IN_MEMORY_BYTES`):
   the examples are held in memory once, and the batch of step `s` is the
   examples at `index_shuffle(p mod n, seed=(seed, p // n), max_index=n - 1)`
-  for the global example positions `p = s * batch_size + i`. Every epoch is a
+  for the global example positions `p = s * batch_size + i` (`shuffle_buffer=1`,
+  no shuffle: example `p mod n`, the split's own order). Every epoch is a
   fresh permutation of the whole split, a function of `(seed, epoch)`, so the
   pipeline of a resume at step N is built at N (no batch is skipped; at most
   one epoch's examples, fewer than n, are passed over) and
@@ -110,6 +111,8 @@ def _stateless_batches(examples: Examples, config: TrainingConfig, start_step: i
     first = start_step * config.batch_size
 
     def epoch_examples(epoch: Any) -> Any:
+        if config.shuffle_buffer <= 1:  # no shuffle asked for: the split's own order, as `shuffle(1)` gives
+            return tf.data.Dataset.from_tensor_slices(tensors)
         position = tf.range(length, dtype=tf.int64)
         index = _shuffled_index(position, tf.fill([length], epoch), config.seed, length)
         return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(lambda t: tf.gather(t, index), tensors))
