@@ -117,7 +117,9 @@ def test_full_disk_while_training_exporting_and_freezing(tmp_path, cli_env):
     env = {**cli_env, "PREFECT_TENSORFLOW_DATA_HOME": str(tmp_path / "home")}
     with small_filesystem(tmp_path / "models", "1000k") as models, small_filesystem(tmp_path / "out", "300k") as out:
         model_dir = os.path.join(models, "iris")
-        [(status, message)] = run(env, ("train", "--model-dir", model_dir, "--steps", 200, "--save-checkpoints-steps", 10))
+        # every checkpoint kept: iris checkpoints hold no input iterator (a few KB each), so it takes many to fill 1000k
+        train = ("train", "--model-dir", model_dir, "--steps", 5000, "--save-checkpoints-steps", 10, "--keep-checkpoint-max", 0)
+        [(status, message)] = run(env, train)
         assert status == 2 and message.startswith(f"error: model dir {model_dir}: writing checkpoint model.ckpt-"), message
         assert message.endswith("No space left on device"), message
         assert_plain(message)
@@ -142,7 +144,7 @@ def test_full_disk_while_training_exporting_and_freezing(tmp_path, cli_env):
             env,
             ("export", os.path.join(model_dir, kept[0]), "--export-base", export_base),
             ("freeze", os.path.join(model_dir, latest), "--output", frozen),
-            ("train", "--model-dir", model_dir, "--steps", 200, "--save-checkpoints-steps", 10),
+            train,
         )
         # training again on a disk with no room at all: one line, nothing of the model dir lost
         assert again_status == 2 and "No space left on device" in again_message, again_message
