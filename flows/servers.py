@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -88,11 +89,14 @@ def start_server(
 def start_prefect_server(
     host: str, port: int, log_path: str, env: Optional[Mapping[str, str]] = None, timeout: float = 180
 ) -> subprocess.Popen:
-    """`prefect server start` on `host:port`; waits until `/api/health` answers."""
+    """`prefect server start` on `host:port`; waits until `/api/health` answers. The server logs the cause of
+    the 503s it answers (`PREFECT_API_LOG_RETRYABLE_ERRORS`, unless `env` sets it)."""
+    environment = dict(os.environ if env is None else env)
+    environment.setdefault("PREFECT_API_LOG_RETRYABLE_ERRORS", "true")
     return start_server(
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
         log_path,
-        env=env,
+        env=environment,
         health_url=f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/api/health",
         timeout=timeout,
     )

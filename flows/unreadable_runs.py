@@ -57,6 +57,8 @@ from prefect.logging import get_logger
 from prefect.runner import Runner
 from typing_extensions import Self
 
+from .poll_probe import FULL_POLL_SECONDS, probe_before_poll
+
 MAX_DEPTH = 32  # levels of lists and objects a free-form value may nest (the API fails past ~250)
 DEFINITIONS = "definitions"  # where Prefect's parameter schemas keep their definitions
 LONE_SURROGATE = "TextHoldingALoneSurrogate"  # the names appear in the server's refusal messages
@@ -357,7 +359,8 @@ def _guard_poll(client: Any) -> bool:
 
 
 class QuarantiningRunner(Runner):
-    """Prefect's `Runner` (what `prefect.serve` runs) that keeps serving past runs the API cannot return."""
+    """Prefect's `Runner` (what `prefect.serve` runs) that keeps serving past runs the API cannot return, and,
+    polling faster than Prefect's default, probes with a read before each writing poll (`poll_probe`)."""
 
     async def __aenter__(self) -> Self:
         runner = await super().__aenter__()
@@ -366,6 +369,8 @@ class QuarantiningRunner(Runner):
                 "this Prefect version's runner polls differently: a flow run the API cannot return will stop "
                 "serving (see prefect_tensorflow.flows.unreadable_runs)"
             )
+        elif self.query_seconds < FULL_POLL_SECONDS:
+            probe_before_poll(self._client)  # a poll every query_seconds would write as often
         return runner
 
 
