@@ -29,6 +29,7 @@ from prefect_tensorflow.tasks import prefect_tasks as tasks
 from prefect_tensorflow.tasks.blocks import MlflowConnection
 from prefect_tensorflow.tasks.checkpoints.selection import CheckpointSelection
 from prefect_tensorflow.tasks.configs import AliasName, DataRef, ExportConfig, GateConfig, ModelRef, RegisteredModelName
+from prefect_tensorflow.tasks.promotion.warm_template import launch_template
 from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion
 
 from .artifacts import publish_checkpoint_table, publish_export_summary, publish_mlflow_links
@@ -101,6 +102,7 @@ def export_checkpoint(
     prelude = flow_prelude(paths, registered_model_name, model=model, data=data or None, mlflow=mlflow)
     aliases = list(dict.fromkeys(aliases))
     connection = prelude.connection or MlflowConnection()  # export-checkpoint always registers
+    launch_template()  # the serving template's imports (seconds) overlap the selection, export and freeze
 
     ref = tasks.select_checkpoint(prelude.paths["model_dir"], selection, parameter="checkpoint")
     tasks.check_can_register(registered_model_name, connection)

@@ -39,6 +39,7 @@ from prefect_tensorflow.tasks.configs import ExportConfig, GateConfig
 from prefect_tensorflow.tasks.errors import UnsafeParameterError
 from prefect_tensorflow.tasks.export.frozen_graph import FreezeResult
 from prefect_tensorflow.tasks.export.saved_model import ExportResult
+from prefect_tensorflow.tasks.promotion.warm_template import launch_template
 from prefect_tensorflow.tasks.registry.mlflow_connection import MlflowConfig
 from prefect_tensorflow.tasks.registry.model_versions import RegisteredVersion, version_aliases
 from prefect_tensorflow.tasks.run_context import current_flow_run_id, get_logger, in_deployment_run
@@ -149,6 +150,7 @@ def ship_checkpoint(
     """
     if to.connection is not None:
         check_gate_metrics(to.gate, config.head)
+        launch_template()  # the registration's load check forks from it: its imports overlap the export and freeze
     source = config.data_source() if config.data is not None else None
     exported = tasks.export_saved_model(ref.path, to.export_base, config)
     registered = None

@@ -61,6 +61,22 @@ def test_ten_checks_forked_in_a_row_answer_like_in_process(exported, eval_io):
     assert len(pids) == 1  # one template served them all
 
 
+def test_a_launched_template_starts_in_the_background_and_serves_the_next_check(exported, eval_io):
+    """`launch_template` (what the export flows call first) returns before the imports are done, and the
+    check that follows forks from that same template instead of starting another."""
+    inputs, expected = eval_io
+    warm_template.stop_template()
+    warm_template.launch_template()
+    launched = warm_template._slot.current()
+    assert launched is not None, "launch_template started no template"
+    assert launched.starting(), "launch_template waited for the template's imports"
+    report = check_loads(exported.path, inputs, expected)
+    assert report.ok and "forked from the warm template" in report.reason, report.reason
+    assert warm_template.running_template() is launched
+    warm_template.launch_template()  # one runs: nothing new
+    assert warm_template.running_template() is launched
+
+
 def test_a_dead_template_is_restarted_and_a_failed_fork_runs_the_cold_path(exported, eval_io, monkeypatch):
     inputs, expected = eval_io
     first = warm_template.running_template().pid

@@ -47,7 +47,16 @@ from typing import Any, Literal, Optional
 
 from ..warm_process import START_TIMEOUT, ForkedProcess, TemplateSlot, WarmTemplate, WarmTemplateError
 
-__all__ = ["MAIN", "ForkedProcess", "WarmTemplate", "WarmTemplateError", "fork_check", "running_template", "stop_template"]
+__all__ = [
+    "MAIN",
+    "ForkedProcess",
+    "WarmTemplate",
+    "WarmTemplateError",
+    "fork_check",
+    "launch_template",
+    "running_template",
+    "stop_template",
+]
 
 MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm_template_main.py")
 
@@ -66,6 +75,12 @@ def running_template(timeout: float = START_TIMEOUT) -> WarmTemplate:
         WarmTemplateError: it could not start.
     """
     return _slot.running(_new_template, timeout=timeout)
+
+
+def launch_template() -> None:
+    """Start this process's serving template without waiting for its imports (nothing if one runs or starts):
+    a flow that will register a version calls it first, so the imports overlap its export and freeze."""
+    _slot.launch(_new_template)
 
 
 def stop_template() -> None:
