@@ -43,15 +43,42 @@ def _parameters(trained_dir: Path, name: str, **extra) -> dict:
     return {"model_dir": str(trained_dir), "checkpoint": "latest", "registered_model_name": name, "model": "iris", **extra}
 
 
-def _forked(stack: ServedDeployments, run_id: str, timeout: float = 300) -> int:
-    """The pid of the template serve forked `run_id`'s process from, once its log says so."""
+def _fork_pids(stack: ServedDeployments, run_id: str, timeout: float = 300) -> tuple[int, int]:
+    """(the pid of `run_id`'s forked process, the pid of the template it was forked from), once serve's log says so."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for found, _, template in FORKED.findall(stack.serve_log.read_text(errors="replace")):
+        for found, child, template in FORKED.findall(stack.serve_log.read_text(errors="replace")):
             if found == run_id:
-                return int(template)
+                return int(child), int(template)
         time.sleep(0.05)
     pytest.fail(f"run {run_id} was not forked from the warm template:\n{stack.serve_log.read_text()[-3000:]}")
+
+
+def _forked(stack: ServedDeployments, run_id: str, timeout: float = 300) -> int:
+    """The pid of the template serve forked `run_id`'s process from, once its log says so."""
+    return _fork_pids(stack, run_id, timeout)[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _processes_naming(run_id: str) -> list[int]:
+    """Processes started with PREFECT__FLOW_RUN_ID=`run_id` in their environment (what a warm run spawns, e.g.
+    its serving check's template; the forked run itself keeps the template's environment block)."""
+    needle = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes().split(b"\0") and _alive(int(environ.parent.name)):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_a_ui_run_is_forked_warm_checked_first_and_registers(stack, trained_dir):
@@ -103,3 +130,40 @@ def test_changed_code_is_not_run_by_the_old_template(stack, trained_dir):
     while os.path.exists(f"/proc/{old}") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not os.path.exists(f"/proc/{old}") or "Z" in Path(f"/proc/{old}/stat").read_text().split()[2]
+
+
+def test_cancelling_a_warm_run_ends_it_cancelled_and_the_template_forks_the_next(stack, trained_dir):
+    """Cancel as the UI does (the run set to CANCELLING) while the forked run works: the run ends Cancelled,
+    its process and what it started are gone, nothing half-written is left in its export and frozen dirs,
+    and the same template forks the next run, which registers."""
+    from prefect.states import Cancelling
+
+    data = Path(stack.environ["PREFECT_TENSORFLOW_HOME"])
+    with stack.api() as client:
+        run_id = stack.create_run(client, "export-checkpoint", _parameters(trained_dir, "warm-cancelled"))
+        child, template = _fork_pids(stack, run_id)
+        deadline = time.monotonic() + 120
+        while not client.read_flow_run(run_id).state.is_running():
+            assert time.monotonic() < deadline, client.read_flow_run(run_id).state
+            time.sleep(0.1)
+        client.set_flow_run_state(run_id, Cancelling(message="cancelled from the test"))
+        runs = stack.wait(client, [run_id], timeout=120, poll=0.2)
+        assert runs[run_id].state.is_cancelled(), f"{runs[run_id].state}\n{stack.serve_log.read_text()[-3000:]}"
+        deadline = time.monotonic() + 30
+        while (_alive(child) or _processes_naming(run_id)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(child), "the cancelled run's forked process is still running"
+        assert _processes_naming(run_id) == [], "processes the cancelled run started are left"
+        half_done = [
+            p
+            for d in ("exports", "frozen")
+            for p in (data / d).glob("warm-cancelled/**/*")
+            if "_temp" in p.name or p.name.endswith(".tmp")
+        ]
+        assert half_done == []
+        assert _alive(template), "cancelling a run took the warm template down"
+
+        after = stack.create_run(client, "export-checkpoint", _parameters(trained_dir, "warm-after-cancel"))
+        assert _forked(stack, after) == template
+        runs = stack.wait(client, [after], timeout=600, poll=0.5)
+    assert runs[after].state.is_completed(), f"{runs[after].state}\n{stack.serve_log.read_text()[-3000:]}"
