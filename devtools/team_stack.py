@@ -264,9 +264,15 @@ class S3Server:
 
 def serve_s3(port: int) -> None:
     """Run moto's S3 app with one request at a time, so conditional writes are atomic (moto's check-then-write
-    has no lock of its own). Connections stay threaded: keep-alive clients never block each other."""
+    has no lock of its own). Connections stay threaded: keep-alive clients never block each other.
+
+    A request's body is read before it takes its turn: a client stopped mid-upload (a test SIGSTOPs a
+    trainer) would otherwise hold the one turn while the server waits for bytes that never come."""
+    import io
+
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
+    from werkzeug.wsgi import get_input_stream
 
     app = DomainDispatcherApplication(create_backend_app)  # /moto-api/ (reset, ...)
     s3_app = create_backend_app("s3")  # S3 only: no per-request guess of the service (a third of moto's time)
@@ -274,6 +280,8 @@ def serve_s3(port: int) -> None:
 
     def serialized(environ: dict, start_response: Any) -> list:
         target = app if environ.get("PATH_INFO", "").startswith("/moto-api") else s3_app
+        body = get_input_stream(environ).read()
+        environ.update({"wsgi.input": io.BytesIO(body), "wsgi.input_terminated": True, "CONTENT_LENGTH": str(len(body))})
         with lock:
             return list(target(environ, start_response))
 
