@@ -19,6 +19,9 @@ What stays as in the cold path:
   its process group as it would a spawned one's.
 - Parameters: the child reads the run from the API and runs the flow, whose checks come first,
   exactly as `python -m prefect.engine` does; nothing of a run's parameters reaches the template.
+- The serving check: a run forks its own serving template from itself before its run starts
+  (`warm_template.fork_template_here`), so its check does not wait for a new Python to import
+  TensorFlow and MLflow; the run stops it when it ends.
 - Code: before each fork the installed code's fingerprint (`code_fingerprint`: the package's
   source files, the installed distributions) is compared with the template's; a changed one starts
   a new template for this and later runs, and the old one is stopped once its runs have ended.

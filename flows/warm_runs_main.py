@@ -36,7 +36,8 @@ import time
 import warnings
 from typing import Any
 
-from prefect_tensorflow.tasks.promotion.warm_template_main import fork_loop
+from prefect_tensorflow.tasks.promotion.warm_template import fork_template_here, stop_template
+from prefect_tensorflow.tasks.promotion.warm_template_main import fork_loop, import_all
 
 FLOW_MODULE = re.compile(r"prefect_tensorflow\.flows\.[a-z_][a-z0-9_]*")
 
@@ -97,6 +98,7 @@ def warm_imports(modules: list[str]) -> None:
             importlib.import_module(name)
         except ImportError:  # an optional store or a renamed Prefect internal: that run imports it itself
             pass
+    import_all()  # what a run's serving template, forked from the run, needs (`run_flow_run`)
 
 
 def run_flow_run(request: dict[str, Any]) -> int:
@@ -110,6 +112,7 @@ def run_flow_run(request: dict[str, Any]) -> int:
         sys.path[0] = request["cwd"]
     os.chdir(request["cwd"])
     sys.argv = ["prefect.engine"]
+    fork_template_here()  # now, while the run has no thread: its serving check forks from a template ready at once
     with SettingsContext(profile=get_settings_context().profile, settings=Settings()):
         try:
             with warnings.catch_warnings():
@@ -119,6 +122,7 @@ def run_flow_run(request: dict[str, Any]) -> int:
             return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         finally:
             send_pending_logs_and_events()
+            stop_template()  # the child ends with os._exit, which skips the atexit that would remove its directory
     return 0
 
 

@@ -37,14 +37,16 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any, Optional
 
-from .child_processes import log_tail, start_process, stop_process_group
+from .child_processes import child_env, log_tail, start_process, stop_process_group
 
 START_TIMEOUT = 600.0
 """Seconds a starting template has to import TensorFlow (minutes on a loaded machine)."""
@@ -80,6 +82,40 @@ class ForkedProcess:
         """Record the exit status (negative: the signal that killed it)."""
         self.returncode = code
         self._done.set()
+
+
+class ForkedTemplateProcess:
+    """A template forked from this process (`WarmTemplate.start_forked`), seen as the `subprocess.Popen` of a
+    launched one: `pid`, `stdin`, `stdout`, `returncode`, `poll()`, `wait(timeout)`.
+
+    Example:
+        >>> ForkedTemplateProcess.__name__
+        'ForkedTemplateProcess'
+    """
+
+    def __init__(self, pid: int, stdin: IO[bytes], stdout: IO[bytes]) -> None:
+        self.pid, self.stdin, self.stdout = pid, stdin, stdout
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: gone all the same
+                self.returncode = -signal.SIGKILL
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"forked template {self.pid}", timeout or 0.0)
+            time.sleep(0.02)
+        assert self.returncode is not None
+        return self.returncode
 
 
 class WarmTemplate:
@@ -118,6 +154,35 @@ class WarmTemplate:
         )
         assert self.process.stdout is not None
         threading.Thread(target=self._read, args=(self.process.stdout,), name="warm-template-reader", daemon=True).start()
+
+    def start_forked(self, run_template: Callable[[], int], env: Optional[Mapping[str, str]] = None) -> None:
+        """Start the template as a fork of this process, which has imported what the template needs, runs no
+        thread but its main one and has no TensorFlow context (the caller checks: `fork_problem`): no launch,
+        no imports to wait for. The fork runs `run_template()` (the template program's `fork_loop`) in a
+        session of its own, its stdin and stdout the pipes to this process, its stderr the template's log, its
+        cwd the template's directory, its environment `env` (default: this process's, through `child_env`);
+        it dies with this process (`PR_SET_PDEATHSIG`). The template is ready once its first line is read.
+
+        Raises:
+            OSError: the fork failed.
+        """
+        environment = dict(env if env is not None else child_env())
+        to_template, from_template = os.pipe(), os.pipe()  # close-on-exec: a later subprocess does not hold them
+        log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        parent = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (*to_template, *from_template, log):
+                os.close(fd)
+            raise
+        if pid == 0:
+            _become_forked_template(run_template, to_template[0], from_template[1], log, parent, self.cwd, environment)
+        for fd in (to_template[0], from_template[1], log):
+            os.close(fd)
+        process = ForkedTemplateProcess(pid, os.fdopen(to_template[1], "wb"), os.fdopen(from_template[0], "rb"))
+        self.process = process  # type: ignore[assignment]  # the Popen attributes this class uses
+        threading.Thread(target=self._read, args=(process.stdout,), name="warm-template-reader", daemon=True).start()
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until the launched template has imported everything.
@@ -216,6 +281,42 @@ class WarmTemplate:
         return lines[-1] if lines else "(empty log)"
 
 
+def _become_forked_template(
+    run_template: Callable[[], int], stdin: int, stdout: int, log: int, parent: int, cwd: str, env: Mapping[str, str]
+) -> None:
+    """The forked template's side of `WarmTemplate.start_forked`; never returns."""
+    code = 70
+    try:
+        os.setsid()
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(code)
+        for source, target in ((stdin, 0), (stdout, 1), (log, 2)):
+            os.dup2(source, target)
+        os.closerange(3, 4096)  # this process's pipes and files: its parent sees EOF when it goes, not when we do
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it by closing its stdin
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        code = run_template()
+    except BaseException:  # noqa: BLE001  # its last line is the reason the parent quotes
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
 def _wait_gone(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
@@ -281,6 +382,23 @@ class TemplateSlot:
             self._get(make, key, launch_only=True)
         except WarmTemplateError:
             pass  # the first fork request runs the cold path and says why
+
+    def adopt(self, template: WarmTemplate, key: Any = None) -> bool:
+        """Make `template` (started by this process, e.g. `start_forked`) the slot's, unless one runs or starts
+        for `key`: then `template` is stopped. True if adopted."""
+        with self._guard:
+            current = self._template
+            keep = current is not None and (current.alive() or current.starting()) and self._key == key
+            if not keep:
+                if current is not None and current.owner == os.getpid():
+                    current.stop()
+                self._template, self._key = template, key
+                if not self._stop_registered:
+                    atexit.register(self.stop)
+                    self._stop_registered = True
+        if keep:
+            template.stop()
+        return not keep
 
     def current(self) -> Optional[WarmTemplate]:
         """The template this process started, if any (running or not)."""

@@ -81,6 +81,24 @@ def _processes_naming(run_id: str) -> list[int]:
     return found
 
 
+def _descendants(pid: int) -> list[int]:
+    """The live processes below `pid` (children, theirs, ...), from /proc's parent pids."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = parents.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
 def test_a_ui_run_is_forked_warm_checked_first_and_registers(stack, trained_dir):
     import mlflow
 
@@ -146,14 +164,17 @@ def test_cancelling_a_warm_run_ends_it_cancelled_and_the_template_forks_the_next
         while not client.read_flow_run(run_id).state.is_running():
             assert time.monotonic() < deadline, client.read_flow_run(run_id).state
             time.sleep(0.1)
+        started = _descendants(child)  # its serving template at least, forked before the run began
+        assert started, "the running warm run has no serving template of its own"
         client.set_flow_run_state(run_id, Cancelling(message="cancelled from the test"))
         runs = stack.wait(client, [run_id], timeout=120, poll=0.2)
         assert runs[run_id].state.is_cancelled(), f"{runs[run_id].state}\n{stack.serve_log.read_text()[-3000:]}"
         deadline = time.monotonic() + 30
-        while (_alive(child) or _processes_naming(run_id)) and time.monotonic() < deadline:
+        left = lambda: [p for p in started if _alive(p)] + _processes_naming(run_id)  # noqa: E731
+        while (_alive(child) or left()) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _alive(child), "the cancelled run's forked process is still running"
-        assert _processes_naming(run_id) == [], "processes the cancelled run started are left"
+        assert left() == [], "processes the cancelled run started are left"
         half_done = [
             p
             for d in ("exports", "frozen")

@@ -121,3 +121,114 @@ def test_a_killed_parent_leaves_no_template_and_no_check_behind(tmp_path):
     finally:
         parent.kill()
         parent.wait()
+
+
+FORKING_RUN = """
+import json, os, sys, time
+import numpy as np
+from prefect_tensorflow.tasks.promotion import warm_template
+from prefect_tensorflow.tasks.promotion.warm_template_main import import_all
+from prefect_tensorflow.tasks.promotion.serving_check import check_loads
+from prefect_tensorflow.tasks.warm_process import ForkedTemplateProcess
+
+import_all()  # what the warm flow-run template does once, before it forks a run
+saved_model, io_path, mode = sys.argv[1:4]
+forked = warm_template.fork_template_here()  # what a warm run does first: no thread, no TensorFlow op yet
+template = warm_template._slot.current()
+data = np.load(io_path)
+report = check_loads(saved_model, {"features": data["features"]}, {k: data[k] for k in data.files if k != "features"})
+print(json.dumps({
+    "forked": forked, "forked_process": isinstance(template.process, ForkedTemplateProcess),
+    "template": template.pid, "template_parent": int(open(f"/proc/{template.pid}/stat").read().rsplit(")", 1)[1].split()[1]),
+    "directory": template.directory, "ok": report.ok, "reason": report.reason, "again": warm_template.running_template() is template,
+}), flush=True)
+if mode == "hang":
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("end", ["exit", "sigkill"])
+def test_a_template_forked_from_a_warm_run_serves_its_checks_without_project_code_and_goes_with_it(
+    exported, eval_io, tmp_path, end
+):
+    """A warm flow run forks its serving template from itself before the run starts (`fork_template_here`):
+    the check is ready at once, answers as in-process, reports no project module loaded, and the template
+    goes when the run's process ends (exit: its directory too; SIGKILL: `PR_SET_PDEATHSIG`)."""
+    import json
+
+    import numpy as np
+
+    inputs, expected = eval_io
+    io_path = tmp_path / "io.npz"
+    np.savez(io_path, **inputs, **expected)
+    run = subprocess.Popen(
+        [sys.executable, "-c", FORKING_RUN, exported.path, str(io_path), "hang" if end == "sigkill" else "exit"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = run.stdout.readline()
+        assert line, run.communicate()[1][-3000:]
+        seen = json.loads(line)
+        assert seen["forked"] and seen["forked_process"] and seen["again"], seen
+        assert seen["template_parent"] == run.pid  # a fork of the run's process, not a launched python -I
+        assert seen["ok"] and "forked from the warm template" in seen["reason"], seen["reason"]
+        assert "without project code" in seen["reason"]
+        if end == "sigkill":
+            run.send_signal(signal.SIGKILL)
+        run.wait(timeout=120)
+        assert _wait_gone([seen["template"]]) == []
+        if end == "exit":
+            assert run.returncode == 0
+            assert not os.path.exists(seen["directory"])
+    finally:
+        run.kill()
+        run.wait()
+
+
+REGISTRIES = """
+import importlib, json, pkgutil, sys
+import keras, tensorflow as tf
+from tensorflow.core.framework import op_def_pb2
+from tensorflow.python.client import pywrap_tf_session
+from tensorflow.python.framework import ops
+from tensorflow.python.saved_model import revived_types
+from tensorflow.python.saved_model.registration import registration
+
+def registries():
+    ops_list = op_def_pb2.OpList()
+    ops_list.ParseFromString(pywrap_tf_session.TF_GetBuffer(pywrap_tf_session.TF_GetAllOpList()))
+    return {
+        "ops": sorted(op.name for op in ops_list.op),
+        "gradients": sorted(ops._gradient_registry.list()),
+        "revived_types": sorted(revived_types._REVIVED_TYPE_REGISTRY),
+        "registered_classes": sorted(map(str, registration._class_registry._registered_map)),
+        "registered_savers": sorted(map(str, registration._saver_registry._registered_map)),
+        "keras_custom_objects": sorted(keras.saving.get_custom_objects()),
+    }
+
+before = registries()
+import prefect_tensorflow.flows, prefect_tensorflow.tasks
+names = [
+    module.name
+    for package in (prefect_tensorflow.tasks, prefect_tensorflow.flows)
+    for module in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+]
+for name in names:
+    importlib.import_module(name)
+print(json.dumps({"modules": len(names), "before": before, "after": registries()}))
+"""
+
+
+def test_importing_every_project_module_registers_nothing_a_saved_model_load_could_see():
+    """Why a serving template forked from a warm run may drop the project's modules and still say it loads
+    without project code: importing all of them adds no TensorFlow op, gradient, revived type, registered
+    class or saver, and no Keras custom object."""
+    import json
+
+    done = subprocess.run([sys.executable, "-c", REGISTRIES], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["modules"] > 50
+    assert seen["after"] == seen["before"]

@@ -12,6 +12,14 @@ TensorFlow op and has no eager context), in a session of its own; the
 answer is a `ForkedProcess` with the `subprocess.Popen` methods the checks
 and `child_processes.stop_process_group` use.
 
+A warm flow run (`flows/warm_runs_main.py`) does not launch one: before its
+run starts (no thread, no TensorFlow op yet) it forks itself into its serving
+template (`fork_template_here`), ready at once because the warm flow-run
+template imported the template's modules too. That fork trims `sys.path` to
+a launched template's and drops the project's modules (importing them
+registers nothing with TensorFlow or Keras, which a test checks), so its
+checks still run without project code.
+
 Lifetime: the template is stopped at this process's exit (`atexit`), and it
 exits by itself when its stdin closes, so a parent killed with SIGKILL
 leaves no template and no check behind (the children also die with the
@@ -43,6 +51,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Any, Literal, Optional
 
 from ..warm_process import START_TIMEOUT, ForkedProcess, TemplateSlot, WarmTemplate, WarmTemplateError
@@ -53,6 +62,7 @@ __all__ = [
     "WarmTemplate",
     "WarmTemplateError",
     "fork_check",
+    "fork_template_here",
     "launch_template",
     "running_template",
     "stop_template",
@@ -81,6 +91,52 @@ def launch_template() -> None:
     """Start this process's serving template without waiting for its imports (nothing if one runs or starts):
     a flow that will register a version calls it first, so the imports overlap its export and freeze."""
     _slot.launch(_new_template)
+
+
+def fork_template_here() -> bool:
+    """Make a fork of this process this process's serving template (no launch, no imports to wait for); True if
+    it did. For a process that imported the template's modules (`warm_template_main.import_all`), runs no
+    thread but its main one and no TensorFlow op: a warm flow run calls it before its run starts.
+
+    The fork differs from a launched template in what it has imported (this process's modules besides the
+    template's, e.g. Prefect) and in its `sys.path`, trimmed to what `python -I` would give (no cwd, no
+    `PYTHONPATH`); like a launched one it runs in its own directory with this process's environment.
+
+    Example:
+        >>> fork_template_here.__name__
+        'fork_template_here'
+    """
+    from . import warm_template_main
+
+    problem = warm_template_main.fork_problem()
+    if problem is not None:
+        _logger.warning("serving template not forked (%s): it is launched when needed", problem)
+        return False
+    template = _new_template()
+    try:
+        path = _isolated_path()
+        template.start_forked(lambda: _serve_checks(warm_template_main, path))
+    except OSError as err:
+        template.stop()
+        _logger.warning("serving template not forked (%s): it is launched when needed", err)
+        return False
+    return _slot.adopt(template)
+
+
+def _isolated_path() -> list[str]:
+    """This process's `sys.path` as `python -I <warm_template_main.py>` would have it: the template's directory
+    first, without the cwd (`''`) and the `PYTHONPATH` entries."""
+    dropped = {os.getcwd(), *(os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)}
+    return [os.path.dirname(MAIN), *(p for p in sys.path if p and os.path.abspath(p) not in dropped)]
+
+
+def _serve_checks(program: Any, path: list[str]) -> int:
+    """The forked template's body: `sys.path` as a launched template's, the project's modules dropped (they
+    register nothing with TensorFlow or Keras: `tests/test_warm_template.py` checks), then its loop."""
+    sys.path[:] = path
+    for name in [m for m in sys.modules if m.split(".")[0] == "prefect_tensorflow"]:
+        del sys.modules[name]
+    return int(program.serve_checks(time.perf_counter()))
 
 
 def stop_template() -> None:

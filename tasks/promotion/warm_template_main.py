@@ -59,6 +59,9 @@ def exit_code(status: int) -> int:
 
 
 def _load_check_program() -> Any:
+    loaded = sys.modules.get("serving_check_main")
+    if loaded is not None and getattr(loaded, "__file__", None) == os.path.join(HERE, "serving_check_main.py"):
+        return loaded
     spec = importlib.util.spec_from_file_location("serving_check_main", os.path.join(HERE, "serving_check_main.py"))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -238,12 +241,27 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def import_all() -> Any:
+    """Import what the template needs (the check program, TensorFlow, MLflow's scoring server); the program.
+
+    A process that will fork a template of its own (`WarmTemplate.start_forked`: the warm flow runs' template
+    does this once) calls it first, so the fork has nothing left to import.
+    """
+    program = _load_check_program()
+    _imports(program)
+    return program
+
+
+def serve_checks(started: float) -> int:
+    """The template's loop: a child per check request (`fork_loop` with the check body), once imports are done."""
+    program = import_all()  # nothing to do when a process that called it forked us
+    return fork_loop(lambda request: _check(request, program), started)
+
+
 def main() -> int:
     started = time.perf_counter()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us by closing our stdin
-    program = _load_check_program()
-    _imports(program)
-    return fork_loop(lambda request: _check(request, program), started)
+    return serve_checks(started)
 
 
 if __name__ == "__main__":
