@@ -424,3 +424,29 @@ def test_a_frozen_graph_on_an_object_store_is_logged_to_mlflow(bucket, trained_d
     run_id = log_frozen_graph_to_mlflow(mlflow_store, None, frozen, run_name=f"frozen-on-{bucket.scheme}")
     local = mlflow_store.client().download_artifacts(run_id, "frozen_graph/model.ckpt-300.pb", str(tmp_path))
     assert "sha256:" + hashlib.sha256(Path(local).read_bytes()).hexdigest() == frozen.digest
+
+
+def test_the_s3_test_server_answers_while_a_client_is_stopped_mid_upload(s3):
+    """The session's S3 server takes one request at a time; a client stopped half-way through sending a body
+    (a SIGSTOPped trainer in `test_model_dir_lease`) must not hold that turn, or every other client times out."""
+    import socket
+
+    import boto3
+    import botocore.config
+
+    endpoint = s3.env["AWS_ENDPOINT_URL_S3"]
+    stalled = socket.create_connection(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])))
+    try:
+        stalled.sendall(f"PUT /{s3.name}/stalled HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n0123".encode())
+        time.sleep(0.5)
+        client = boto3.session.Session(
+            aws_access_key_id=s3.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=s3.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=s3.env["AWS_DEFAULT_REGION"],
+        ).client(  # no retries, a short read timeout: a stalled server fails it
+            "s3", endpoint_url=endpoint, config=botocore.config.Config(read_timeout=10, retries={"max_attempts": 1})
+        )
+        client.put_object(Bucket=s3.name, Key="other", Body=b"1")
+        assert [o["Key"] for o in client.list_objects_v2(Bucket=s3.name)["Contents"]] == ["other"]
+    finally:
+        stalled.close()
