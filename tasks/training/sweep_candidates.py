@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from ..child_processes import die_with_parent, log_tail, read_json, start_process, stop_process_group, write_json_atomically
 from ..configs import Seed, Steps, TrainingConfig
 from ..errors import PrefectTensorFlowError
+from ..lean_import import skip_keras_optional_imports
 from ..metric_order import Mode, best_first
 from ..registry.mlflow_connection import MlflowConfig
 from ..run_context import get_logger
@@ -445,6 +446,7 @@ def trainer_main() -> int:
     """The cold child process: train one candidate (stdin: spec and connection), print its result (`train_from_payload`)."""
     main_started = time.time()
     die_with_parent(ENV_PARENT)
+    skip_keras_optional_imports()  # a process of ours, as the warm template's (`sweep_forking_main`)
     payload = json.loads(sys.stdin.read())
     code = train_from_payload(payload, main_started)
     sys.stderr.flush()

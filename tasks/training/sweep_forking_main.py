@@ -25,6 +25,9 @@ from .sweep_template import FORKING_MODULE
 
 
 def _imports() -> None:
+    from ..lean_import import skip_keras_optional_imports
+
+    skip_keras_optional_imports()  # a process of ours: Keras' scikit-learn and plotting extras are not needed
     import tensorflow  # noqa: F401
 
     from . import loop, sweep_candidates  # noqa: F401 - the trainer's own imports, done once
