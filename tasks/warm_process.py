@@ -39,7 +39,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -285,36 +284,17 @@ def _become_forked_template(
     run_template: Callable[[], int], stdin: int, stdout: int, log: int, parent: int, cwd: str, env: Mapping[str, str]
 ) -> None:
     """The forked template's side of `WarmTemplate.start_forked`; never returns."""
-    code = 70
-    try:
-        os.setsid()
-        if sys.platform.startswith("linux"):
-            import ctypes
+    from .promotion.warm_template_main import become_child, run_and_exit
 
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(code)
-        for source, target in ((stdin, 0), (stdout, 1), (log, 2)):
-            os.dup2(source, target)
-        os.closerange(3, 4096)  # this process's pipes and files: its parent sees EOF when it goes, not when we do
-        sys.stdin = open(0, closefd=False)
-        sys.stdout = open(1, "w", buffering=1, closefd=False)
-        sys.stderr = open(2, "w", buffering=1, closefd=False)
+    def body() -> int:
+        become_child(parent, stdin, stdout, log)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it by closing its stdin
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
-        code = run_template()
-    except BaseException:  # noqa: BLE001  # its last line is the reason the parent quotes
-        import traceback
+        return run_template()
 
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+    run_and_exit(body)
 
 
 def _wait_gone(pid: int, timeout: float) -> None:

@@ -89,8 +89,10 @@ def _write(message: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _in_child(log: str, template_pid: int) -> None:
-    """A forked child's set-up: its own session, dies with the template, stdin from /dev/null, output to `log`."""
+def become_child(parent_pid: int, stdin: int, stdout: int, stderr: int) -> None:
+    """A forked child's set-up: its own session, dies with `parent_pid` (`PR_SET_PDEATHSIG`), default signal
+    handlers, fds 0-2 from `stdin`, `stdout` and `stderr` and every other one closed (its parent must see EOF on
+    their pipes when its parent goes, not when it does)."""
     os.setsid()
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
@@ -99,17 +101,36 @@ def _in_child(log: str, template_pid: int) -> None:
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != template_pid:
+    if os.getppid() != parent_pid:
         os._exit(70)
-    null = os.open(os.devnull, os.O_RDONLY)
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.closerange(3, 4096)  # the template's pipes: its parent must see EOF when the template goes, not when we do
+    for source, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
+        os.dup2(source, target)
+    os.closerange(3, 4096)
     sys.stdin = open(0, closefd=False)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
+
+
+def run_and_exit(body: Callable[[], Optional[int]]) -> None:
+    """End this forked child with `body()`'s exit status (1 and the traceback on stderr if it raised), without
+    the interpreter's teardown."""
+    code = 1
+    try:
+        code = body() or 0
+    except BaseException:  # noqa: BLE001  # the log's last line is the reason the parent quotes
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _in_child(log: str, template_pid: int) -> None:
+    """A forked child's set-up (`become_child`): stdin from /dev/null, output to `log`."""
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    become_child(template_pid, os.open(os.devnull, os.O_RDONLY), out, out)
 
 
 def _serve(request: dict[str, Any]) -> None:
@@ -149,18 +170,11 @@ def fork_problem() -> Optional[str]:
 
 
 def _child(request: dict[str, Any], run_child: Callable[[dict[str, Any]], Optional[int]], template_pid: int) -> None:
-    code = 1
-    try:
+    def body() -> Optional[int]:
         _in_child(request["log"], template_pid)
-        code = run_child(request) or 0
-    except BaseException:  # noqa: BLE001  # the log's last line is the reason the parent quotes
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        return run_child(request)
+
+    run_and_exit(body)
 
 
 def _check(request: dict[str, Any], program: Any) -> None:
