@@ -93,3 +93,27 @@ def test_a_forked_trainer_sees_the_environment_and_cwd_a_started_one_would(tmp_p
         assert seen[0] != seen[1]
     finally:
         sweep_template.stop_template()
+
+
+def test_the_trainer_template_and_a_cold_trainer_import_tensorflow_without_keras_optional_extras():
+    """Both trainer programs are processes of ours: Keras' scikit-learn, plotting and pandas extras (a second
+    of a 2-core machine's CPU per worker) stay out of the TensorFlow import, as in the sidecar evaluator."""
+    import subprocess
+    import sys
+
+    programs = {
+        "template": "from prefect_tensorflow.tasks.training.sweep_forking_main import _imports; _imports()",
+        "cold": (  # `trainer_main` up to its training, which here only imports TensorFlow; no exit, so we can look
+            "import io, os, sys\n"
+            "from prefect_tensorflow.tasks.training import sweep_candidates\n"
+            "sweep_candidates.train_from_payload = lambda payload, started: 0 if __import__('tensorflow') else 1\n"
+            "os._exit = lambda code: None\n"
+            "sys.stdin = io.StringIO('{}')\n"
+            "sweep_candidates.trainer_main()"
+        ),
+    }
+    for name, program in programs.items():
+        check = program + "\nimport sys\nprint(sorted(m for m in ('sklearn', 'matplotlib', 'tensorflow') if m in sys.modules))"
+        done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (name, done.stderr[-3000:])
+        assert done.stdout.split("\n")[-2] == "['tensorflow']", (name, done.stdout)
