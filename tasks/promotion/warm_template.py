@@ -35,7 +35,8 @@ resident, not the extra memory the fork cost. It is lower than a fresh
 process's figure, which also counts what importing touched and released (on
 this machine, iris: 386 MB forked vs 797 MB fresh; a 101 MB model: 488 vs
 1446 MB): a `ServingLimits.max_peak_memory_mb` tuned on cold figures is
-looser on warm ones.
+looser on warm ones. A template forked from a warm run starts from that
+run's larger resident set (Prefect and the flow imported too): iris, 423 MB.
 
 The process machinery (the template, its children, its slot in this process)
 is `tasks.warm_process`, shared with the sweep trainers' template.
