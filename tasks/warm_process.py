@@ -363,22 +363,16 @@ class TemplateSlot:
         except WarmTemplateError:
             pass  # the first fork request runs the cold path and says why
 
-    def adopt(self, template: WarmTemplate, key: Any = None) -> bool:
-        """Make `template` (started by this process, e.g. `start_forked`) the slot's, unless one runs or starts
-        for `key`: then `template` is stopped. True if adopted."""
+    def adopt(self, template: WarmTemplate, key: Any = None) -> None:
+        """Make `template` (started by this process, e.g. `start_forked`) the slot's, for `key`; one this process
+        started before is stopped."""
         with self._guard:
-            current = self._template
-            keep = current is not None and (current.alive() or current.starting()) and self._key == key
-            if not keep:
-                if current is not None and current.owner == os.getpid():
-                    current.stop()
-                self._template, self._key = template, key
-                if not self._stop_registered:
-                    atexit.register(self.stop)
-                    self._stop_registered = True
-        if keep:
-            template.stop()
-        return not keep
+            previous, self._template, self._key = self._template, template, key
+            if not self._stop_registered:
+                atexit.register(self.stop)
+                self._stop_registered = True
+        if previous is not None and previous is not template and previous.owner == os.getpid():
+            previous.stop()
 
     def current(self) -> Optional[WarmTemplate]:
         """The template this process started, if any (running or not)."""

@@ -121,7 +121,8 @@ def fork_template_here() -> bool:
         template.stop()
         _logger.warning("serving template not forked (%s): it is launched when needed", err)
         return False
-    return _slot.adopt(template)
+    _slot.adopt(template)
+    return True
 
 
 def _isolated_path() -> list[str]:
