@@ -102,7 +102,7 @@ def test_the_trainer_template_and_a_cold_trainer_import_tensorflow_without_keras
     import sys
 
     programs = {
-        "template": "from prefect_tensorflow.tasks.training.sweep_forking_main import _imports; _imports()",
+        "template": "from prefect_tensorflow.tasks.training.sweep_forking_main import _imports; _imports(True)",
         "cold": (  # `trainer_main` up to its training, which here only imports TensorFlow; no exit, so we can look
             "import io, os, sys\n"
             "from prefect_tensorflow.tasks.training import sweep_candidates\n"
@@ -117,3 +117,44 @@ def test_the_trainer_template_and_a_cold_trainer_import_tensorflow_without_keras
         done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (name, done.stderr[-3000:])
         assert done.stdout.split("\n")[-2] == "['tensorflow']", (name, done.stdout)
+
+
+def test_an_untracked_sweeps_template_leaves_mlflow_out_and_a_tracked_candidate_forked_from_it_still_logs(tmp_path, mlflow_store):
+    """MLflow's client is a second of CPU per worker while the first candidates wait: only a tracked sweep's
+    template imports it. A tracked candidate that meets an untracked template imports it in its own child."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    seen = {}
+    for tracked in (False, True):
+        program = (
+            f"from prefect_tensorflow.tasks.training.sweep_forking_main import _imports; _imports({tracked})\n"
+            "import sys; print('mlflow' in sys.modules)"
+        )
+        done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        seen[tracked] = done.stdout.split("\n")[-2]
+    assert seen == {False: "False", True: "True"}
+
+    try:
+        sweep_template.launch_template(1, tracked=False)
+        template = psutil.Process(sweep_template.template_pid())
+        assert sweep_template.WITH_MLFLOW not in template.cmdline()
+        spec = plan_candidates(str(tmp_path / "sweep"), SHORT, [Candidate(seed=2)], tracking=mlflow_store.plain())[0]
+        result = train_candidate(spec)
+        assert result.forked and result.training.final_step == SHORT.steps
+        assert sweep_template.template_pid() == template.pid  # the same template: not replaced for MLflow
+    finally:
+        sweep_template.stop_template()
+    run = mlflow.MlflowClient(mlflow_store.tracking_uri).get_run(result.training.mlflow_run_id)
+    assert run.data.metrics and run.info.status == "FINISHED"
+
+
+def test_a_tracked_sweeps_template_is_started_with_mlflow():
+    try:
+        sweep_template.launch_template(1, tracked=True)
+        assert sweep_template.WITH_MLFLOW in psutil.Process(sweep_template.template_pid()).cmdline()
+    finally:
+        sweep_template.stop_template()

@@ -2,7 +2,7 @@
 
 Started by `sweep_template` once per Dask worker process (with the environment
 and cwd a trainer started by that worker would get), it imports TensorFlow,
-the training loop and MLflow's client once, runs no TensorFlow op, then
+the training loop and (with `--with-mlflow`: the sweep tracks) MLflow's client once, runs no TensorFlow op, then
 serves `warm_template_main.fork_loop`: for each request it forks a child that
 trains one candidate (`train_forked`), as `sweep_trainer_main` would.
 
@@ -21,10 +21,10 @@ import sys
 import time
 from typing import Any
 
-from .sweep_template import FORKING_MODULE
+from .sweep_template import FORKING_MODULE, WITH_MLFLOW
 
 
-def _imports() -> None:
+def _imports(with_mlflow: bool) -> None:
     from ..lean_import import skip_keras_optional_imports
 
     skip_keras_optional_imports()  # a process of ours: Keras' scikit-learn and plotting extras are not needed
@@ -32,6 +32,8 @@ def _imports() -> None:
 
     from . import loop, sweep_candidates  # noqa: F401 - the trainer's own imports, done once
 
+    if not with_mlflow:  # an untracked sweep's candidates never import it
+        return
     try:  # a tracked candidate's client (the template stays usable without MLflow)
         import mlflow.tracking  # noqa: F401
     except ImportError:
@@ -72,7 +74,7 @@ def train_forked(request: dict[str, Any]) -> int:
 def main() -> int:
     started = time.perf_counter()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us by closing our stdin
-    _imports()
+    _imports(WITH_MLFLOW in sys.argv[1:])
     from ..promotion.warm_template_main import fork_loop
 
     return fork_loop(train_forked, started)
