@@ -12,10 +12,12 @@ fresh model dirs:
   Prefect flow, a temporary LocalCluster of 2 worker processes (1 thread
   each, on 127.0.0.1) is started, each worker launches its warm trainer
   template (`launch_templates`, TensorFlow imported while the tasks are
-  submitted), the 4 `train-sweep-candidate` tasks are submitted, each trains
-  its candidate in a child forked from its worker's template with 1
-  TensorFlow thread per pool, and the cluster is stopped. The wall time runs
-  from before the cluster starts to after it is stopped.
+  submitted; untracked, as here: without MLflow's client), the 4
+  `train-sweep-candidate` tasks are submitted, each trains its candidate in
+  a child forked from its worker's template with 1 TensorFlow thread per
+  pool, and the cluster is stopped (its workers, once closed, skip Python's
+  teardown: `sweep_worker_exit`). The wall time runs from before the cluster
+  starts to after it is stopped.
 - K "cluster only": the same LocalCluster started and stopped, nothing submitted.
 
 Per candidate of D (medians), from the task bodies' own timestamps and the
@@ -84,7 +86,7 @@ def run() -> dict:
         started = time.time()
         with dask_task_runner(None, WORKERS) as runner:
             client = runner.client  # starts the LocalCluster
-            launch_templates(client, 1)
+            launch_templates(client, 1, tracked=False)  # as the sweep flow does for an untracked sweep
             cluster_up = time.time()
             futures = [runner.submit(prefect_tasks.train_sweep_candidate, parameters={"spec": s}) for s in specs]
             by_key = {f.wrapped_future.key: f for f in futures}

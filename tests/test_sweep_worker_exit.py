@@ -1,0 +1,81 @@
+"""The sweep's own LocalCluster workers skip Python's teardown once closed; their tasks' logs still reach Prefect."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+import weakref
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from prefect_tensorflow.flows.sweep import dask_task_runner
+from prefect_tensorflow.tasks.training import sweep_worker_exit
+
+_kept: list[object] = []
+
+
+class _Alive:
+    pass
+
+
+def _mark_at_teardown(path: str) -> int:
+    """On a worker: write `path` when Python's teardown runs weakref's exit finalizers (skipped by `os._exit`)."""
+    anchor = _Alive()
+    _kept.append(anchor)  # alive until teardown
+    weakref.finalize(anchor, Path(path).write_text, "torn down")
+    return os.getpid()
+
+
+@task
+def log_marker(marker: str) -> int:
+    get_run_logger().info("worker says %s", marker)
+    return os.getpid()
+
+
+@flow
+def run_on_the_sweeps_cluster(marker: str, teardown_marker: str) -> list[int]:
+    with dask_task_runner(None, 1) as runner:
+        runner.client.run(_mark_at_teardown, teardown_marker)
+        future = runner.submit(log_marker, parameters={"marker": marker})
+        return [future.result()]
+
+
+def test_a_closed_sweep_worker_exits_without_teardown_and_its_task_logs_reached_the_api(prefect_api, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    marker, teardown = f"marker-{uuid.uuid4().hex}", tmp_path / "teardown.txt"
+    state = run_on_the_sweeps_cluster(marker, str(teardown), return_state=True)
+    assert state.is_completed()
+    (worker_pid,) = state.result()
+    deadline = time.monotonic() + 30
+    while _alive(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker_pid)
+    assert not teardown.exists(), "the worker went through Python's teardown"
+    with get_client(sync_client=True) as client:
+        flow_run = LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
+        messages = [log.message for log in client.read_logs(LogFilter(flow_run_id=flow_run), limit=200)]
+    assert any(marker in message for message in messages), messages
+
+
+def test_a_worker_that_did_not_close_keeps_pythons_teardown():
+    class Running:
+        status = "running"
+
+    keep = Running()
+    assert sweep_worker_exit.exit_if_closed(weakref.ref(keep)) is None  # returned: no os._exit
+    gone = Running()
+    ref = weakref.ref(gone)
+    del gone
+    assert sweep_worker_exit.exit_if_closed(ref) is None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
