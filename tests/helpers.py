@@ -82,6 +82,15 @@ def iris_eval_io(saved_model: str, rows: int = 30) -> tuple[dict, dict]:
     return {"features": features}, run_saved_model(saved_model, [features], input_names=["features"])
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def lock_released(lock: Path) -> bool:
     """Whether no process holds the `flock` on the lease file `lock` and it names no holder (missing: released).
 

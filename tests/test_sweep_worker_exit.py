@@ -8,6 +8,7 @@ import uuid
 import weakref
 from pathlib import Path
 
+from helpers import pid_alive
 from prefect import flow, get_run_logger, task
 
 from prefect_tensorflow.flows.sweep import dask_task_runner
@@ -51,9 +52,9 @@ def test_a_closed_sweep_worker_exits_without_teardown_and_its_task_logs_reached_
     assert state.is_completed()
     (worker_pid,) = state.result()
     deadline = time.monotonic() + 30
-    while _alive(worker_pid) and time.monotonic() < deadline:
+    while pid_alive(worker_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(worker_pid)
+    assert not pid_alive(worker_pid)
     assert not teardown.exists(), "the worker went through Python's teardown"
     with get_client(sync_client=True) as client:
         flow_run = LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
@@ -71,11 +72,3 @@ def test_a_worker_that_did_not_close_keeps_pythons_teardown():
     ref = weakref.ref(gone)
     del gone
     assert sweep_worker_exit.exit_if_closed(ref) is None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import pid_alive
 from served import ServedDeployments
 
 pytestmark = pytest.mark.slow
@@ -59,14 +60,6 @@ def _forked(stack: ServedDeployments, run_id: str, timeout: float = 300) -> int:
     return _fork_pids(stack, run_id, timeout)[1]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _processes_naming(run_id: str) -> list[int]:
     """Processes started with PREFECT__FLOW_RUN_ID=`run_id` in their environment (what a warm run spawns, e.g.
     its serving check's template; the forked run itself keeps the template's environment block)."""
@@ -74,7 +67,7 @@ def _processes_naming(run_id: str) -> list[int]:
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
-            if needle in environ.read_bytes().split(b"\0") and _alive(int(environ.parent.name)):
+            if needle in environ.read_bytes().split(b"\0") and pid_alive(int(environ.parent.name)):
                 found.append(int(environ.parent.name))
         except OSError:
             continue
@@ -170,10 +163,10 @@ def test_cancelling_a_warm_run_ends_it_cancelled_and_the_template_forks_the_next
         runs = stack.wait(client, [run_id], timeout=120, poll=0.2)
         assert runs[run_id].state.is_cancelled(), f"{runs[run_id].state}\n{stack.serve_log.read_text()[-3000:]}"
         deadline = time.monotonic() + 30
-        left = lambda: [p for p in started if _alive(p)] + _processes_naming(run_id)  # noqa: E731
-        while (_alive(child) or left()) and time.monotonic() < deadline:
+        left = lambda: [p for p in started if pid_alive(p)] + _processes_naming(run_id)  # noqa: E731
+        while (pid_alive(child) or left()) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(child), "the cancelled run's forked process is still running"
+        assert not pid_alive(child), "the cancelled run's forked process is still running"
         assert left() == [], "processes the cancelled run started are left"
         half_done = [
             p
@@ -182,7 +175,7 @@ def test_cancelling_a_warm_run_ends_it_cancelled_and_the_template_forks_the_next
             if "_temp" in p.name or p.name.endswith(".tmp")
         ]
         assert half_done == []
-        assert _alive(template), "cancelling a run took the warm template down"
+        assert pid_alive(template), "cancelling a run took the warm template down"
 
         after = stack.create_run(client, "export-checkpoint", _parameters(trained_dir, "warm-after-cancel"))
         assert _forked(stack, after) == template
