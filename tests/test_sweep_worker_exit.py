@@ -45,7 +45,7 @@ def run_on_the_sweeps_cluster(marker: str, teardown_marker: str) -> list[int]:
 
 def test_a_closed_sweep_worker_exits_without_teardown_and_its_task_logs_reached_the_api(prefect_api, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
     marker, teardown = f"marker-{uuid.uuid4().hex}", tmp_path / "teardown.txt"
     state = run_on_the_sweeps_cluster(marker, str(teardown), return_state=True)
@@ -56,10 +56,18 @@ def test_a_closed_sweep_worker_exits_without_teardown_and_its_task_logs_reached_
         time.sleep(0.1)
     assert not pid_alive(worker_pid)
     assert not teardown.exists(), "the worker went through Python's teardown"
+    run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        flow_run = LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
-        messages = [log.message for log in client.read_logs(LogFilter(flow_run_id=flow_run), limit=200)]
+        messages = [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))]
+        deadline = time.monotonic() + 30  # the server records task runs from the worker's events as they arrive
+        while True:
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            states = [run.state.type.value if run.state else None for run in task_runs]
+            if states == ["COMPLETED"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     assert any(marker in message for message in messages), messages
+    assert states == ["COMPLETED"]  # the worker's task-run state events were sent before it exited
 
 
 def test_a_worker_that_did_not_close_keeps_pythons_teardown():

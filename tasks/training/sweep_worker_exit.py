@@ -2,13 +2,14 @@
 
 A sweep waits for its LocalCluster to close before it ranks and ships. Once a
 worker process has run Prefect tasks, the interpreter's teardown after the
-worker closed (freeing ~1,600 modules' objects, in C) takes about half a
+worker closed (C code only: no Python frame runs in it) takes about half a
 second more than a fresh worker's, and the sweep waits for it. `dask_setup`
 registers, before any task can run, an exit hook that ends the process with
-`os._exit(0)` after every exit hook registered later has run (atexit runs
-the newest first: Prefect's drains of logs and events, our template's stop),
-but only when the worker closed cleanly: any other exit keeps Python's
-teardown and its exit code. The hook flushes logging and the standard
+`os._exit(0)`, but only when the worker closed cleanly: any other exit keeps
+Python's teardown and its exit code. Prefect's services (task-run events,
+logs) drain in `threading`'s shutdown hooks, which run before any atexit
+hook, and atexit hooks registered after this one (our template's stop) run
+before it (newest first). The hook flushes logging and the standard
 streams first. The worker's own directory is released by its close, not at
 teardown.
 
