@@ -43,6 +43,19 @@ def _wait_gone(pids: list[int], timeout: float = 30.0) -> list[int]:
     return [p for p in pids if not _gone(p)]
 
 
+def _describe(pids: list[int]) -> str:
+    """State, parent and command line of each of `pids` (what a failure needs to be explained)."""
+    lines = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            lines.append(f"{pid}: state {stat[0]}, ppid {stat[1]}, {cmdline[:200]}")
+        except OSError as err:
+            lines.append(f"{pid}: {err}")
+    return "; ".join(lines)
+
+
 def test_ten_checks_forked_in_a_row_answer_like_in_process(exported, eval_io):
     """Fork after `import tensorflow` (no op run in the template) is safe: 10 loads, each equal to in-process outputs.
 
@@ -117,7 +130,8 @@ def test_a_killed_parent_leaves_no_template_and_no_check_behind(tmp_path):
         assert not _gone(template) and not _gone(child)
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        assert _wait_gone([template, child]) == []
+        left = _wait_gone([template, child])
+        assert left == [], _describe(left)
     finally:
         parent.kill()
         parent.wait()
