@@ -238,3 +238,25 @@ def test_python_state_is_saved_as_it_is_at_each_save(tmp_path):
     restored_step, restored = tf.Variable(0, dtype=tf.int64), _Counter()
     _restore(str(tmp_path / "m" / "model.ckpt-3"), global_step=restored_step, counter=restored)
     assert (int(restored_step.numpy()), restored.count) == (3, 30)
+
+
+def test_prepare_traces_the_snapshot_once_before_any_save_and_saves_nothing(tmp_path):
+    """What a training calls before its first step: the snapshot traced and run once, no file, no count moved."""
+    step, weights = tf.Variable(0, dtype=tf.int64), tf.Variable([1.0, 2.0])
+    checkpoint = tf.train.Checkpoint(global_step=step, weights=weights)
+    model_dir = tmp_path / "m"
+    writer = CheckpointWriter(checkpoint, str(model_dir), CheckpointPolicy())
+    writer.prepare()
+    read = writer._recipe._read
+    assert read.experimental_get_tracing_count() == 1
+    assert sorted(os.listdir(model_dir)) == [] and int(checkpoint.save_counter.numpy()) == 0
+    for n in (1, 2):
+        step.assign(n)
+        weights.assign([n * 10.0, n * 20.0])
+        writer.save(n)
+    writer.finish()
+    assert read.experimental_get_tracing_count() == 1  # the saves used the prepared trace
+    restored_step, restored_weights = tf.Variable(0, dtype=tf.int64), tf.Variable([0.0, 0.0])
+    _restore(str(model_dir / "model.ckpt-2"), global_step=restored_step, weights=restored_weights)
+    assert int(restored_step.numpy()) == 2 and restored_weights.numpy().tolist() == [20.0, 40.0]
+    assert int(checkpoint.save_counter.numpy()) == 2

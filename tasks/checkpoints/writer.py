@@ -149,6 +149,16 @@ class CheckpointWriter:
         self._error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
 
+    def prepare(self) -> None:
+        """Learn the checkpoint's keys and warm the snapshot function up now, so that the first `save` does not.
+
+        Tracing takes tens of milliseconds; a training calls this before its first step, as it traces its
+        train step there. Nothing is saved and `save_counter` does not move.
+        """
+        if self._recipe is None:
+            self._recipe = _Recipe.learn(self.checkpoint)
+        self._recipe.warm_up()
+
     def save(self, step: int) -> str:
         """Snapshot the state now and write checkpoint `<name>-<step>` (in the background when async).
 
@@ -499,6 +509,14 @@ class _Recipe:
             return [tf.identity(reader()) for _, reader in readers]
 
         return cls(checkpoint, [key for key, _ in readers], proto.SerializeToString(), read, fallback=False)
+
+    def warm_up(self) -> None:
+        """Trace the snapshot function and run it once, its result dropped (the fallback has none).
+
+        Its first call is where TensorFlow traces it and builds its executor; a read has no side effect.
+        """
+        if not self.fallback:
+            self._read()
 
     def snapshot(self) -> Any:
         """The tensors of this step (or None: the fallback writes the live objects)."""

@@ -154,6 +154,31 @@ class CheckpointSaver:
     def seconds_since_save(self) -> float:
         return time.monotonic() - self._last_time
 
+    def prepare(self) -> None:
+        """Trace and run once what every save runs in the training thread (the snapshot, the finite check).
+
+        The first call of a `tf.function` traces it and builds its executor (20-60 ms each for iris); a
+        training calls this before its first step, where it traces its train step.
+        """
+        self.writer.prepare()
+        self._finite_check()()
+
+    def _finite_check(self) -> Any:
+        """The `tf.function` giving one bool per floating variable of the checkpoint: all finite?"""
+        import tensorflow as tf
+
+        if self._finite_flags is None:
+            self._watched = [v for v in _checkpointed_variables(self.checkpoint) if tf.as_dtype(v.dtype).is_floating]
+            variables = self._watched
+
+            @tf.function
+            def finite_flags():  # one bool per variable; no int64 copy of the weights (twice their size)
+                flags = [tf.reduce_all(tf.math.is_finite(v)) for v in variables]
+                return tf.stack(flags) if flags else tf.zeros([0], tf.bool)
+
+            self._finite_flags = finite_flags
+        return self._finite_flags
+
     def save(self, step: int) -> str:
         """Checkpoint `step` (every worker calls it at the same step); returns its prefix.
 
@@ -188,19 +213,8 @@ class CheckpointSaver:
         after a NaN kernel may give 0, so the logits, and the loss, look sane). Every worker calls the same
         collectives here, so all of them stop together.
         """
-        import tensorflow as tf
-
-        if self._finite_flags is None:
-            self._watched = [v for v in _checkpointed_variables(self.checkpoint) if tf.as_dtype(v.dtype).is_floating]
-            variables = self._watched
-
-            @tf.function
-            def finite_flags():  # one bool per variable; no int64 copy of the weights (twice their size)
-                flags = [tf.reduce_all(tf.math.is_finite(v)) for v in variables]
-                return tf.stack(flags) if flags else tf.zeros([0], tf.bool)
-
-            self._finite_flags = finite_flags
-        failing = [v for v, ok in zip(self._watched, self._finite_flags().numpy()) if not ok]
+        all_finite = self._finite_check()
+        failing = [v for v, ok in zip(self._watched, all_finite().numpy()) if not ok]
         bad = self.reduce_sum(float(len(failing)))
         if (train_loss is None or math.isfinite(train_loss)) and bad == 0:
             return

@@ -72,7 +72,8 @@ def run_steps(
 
     Before the first step, `graph.pbtxt` (and the event files and the sidecar's files, with `saver.summaries`) are
     written where the saver writes, so that the state file stays the last change to the model dir
-    (see `checkpoint_files.state_file_is_last_change`). Then wait for the writes (and the evaluator this process started: at most
+    (see `checkpoint_files.state_file_is_last_change`), and what a save runs in this thread is traced, as the train
+    step is. Then wait for the writes (and the evaluator this process started: at most
     `preempted_evaluation_wait` s after a preemption, the grace period may be short; after a cancel or a
     timeout it is stopped at once: a cancel must end within seconds, the next training's evaluator catches up).
 
@@ -83,6 +84,7 @@ def run_steps(
     policy, summary_every, summaries = saver.policy, saver.config.summary_every_n_steps, saver.summaries
     if step < target:
         write_graph(train_step, iterator, saver.directory.handle)
+        saver.prepare()  # traced here with the train step, not at the first save inside the loop
         if summaries is not None:
             summaries.create()
             sidecar_evaluator.prepare(saver.directory.handle)
