@@ -212,3 +212,25 @@ def test_the_evaluator_lock_and_log_follow_no_symlink(tmp_path):
     with pytest.raises(StorageError, match="is a symbolic link"):
         prepare(str(tmp_path / "n"))
     assert outside.read_text() == ""
+
+
+def test_a_save_that_cannot_be_prepared_fails_the_training_before_its_first_step_and_stops_the_evaluator(tmp_path, monkeypatch):
+    """A mocked fault (a checkpoint whose snapshot cannot be traced cannot be built for real here): the error
+    reaches the caller, no step ran, nothing was committed, and the sidecar this process started is gone."""
+    import threading
+
+    from prefect_tensorflow.tasks.checkpoints.writer import CheckpointWriter
+
+    def cannot_prepare(self):
+        raise RuntimeError("tracing the snapshot failed")
+
+    monkeypatch.setattr(CheckpointWriter, "prepare", cannot_prepare)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(RuntimeError, match="tracing the snapshot failed"):
+        train(tmp_path / "m", steps=100, policy=CheckpointPolicy(save_checkpoints_steps=50))
+    evaluators = [
+        p for p in psutil.Process().children(recursive=True) if p.pid not in before and EVALUATOR_MODULE in " ".join(p.cmdline())
+    ]
+    assert evaluators == []
+    assert committed_steps(tmp_path / "m") == []
+    assert not any(t.name == "checkpoint-writer" for t in threading.enumerate())

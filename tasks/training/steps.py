@@ -84,7 +84,11 @@ def run_steps(
     policy, summary_every, summaries = saver.policy, saver.config.summary_every_n_steps, saver.summaries
     if step < target:
         write_graph(train_step, iterator, saver.directory.handle)
-        saver.prepare()  # traced here with the train step, not at the first save inside the loop
+        try:
+            saver.prepare()  # traced here with the train step, not at the first save inside the loop
+        except BaseException:
+            saver.abandon()  # the evaluator this process started goes too
+            raise
         if summaries is not None:
             summaries.create()
             sidecar_evaluator.prepare(saver.directory.handle)
