@@ -158,10 +158,20 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def signal_group(process: subprocess.Popen, sig: int) -> None:
-    """Send `sig` to the process group of `process` (started in a session of its own), if it is still there."""
+    """Send `sig` to the process group of `process` (started in a session of its own), if it is still there.
+
+    No such group while `process` has not exited: a child forked by a warm template that has not reached its
+    `setsid()` yet. It then gets `sig` itself (a second call, after the grace period, reaches its group).
+    """
     try:
         os.killpg(process.pid, sig)
-    except (ProcessLookupError, PermissionError):
+    except ProcessLookupError:
+        if process.poll() is None:
+            try:
+                os.kill(process.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+    except PermissionError:
         pass
 
 

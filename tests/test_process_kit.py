@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from prefect_tensorflow.tasks.child_processes import child_env, log_tail, start_process, stop_process_group
+from prefect_tensorflow.tasks.child_processes import child_env, log_tail, signal_group, start_process, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCT = sorted([*(REPO / "tasks").rglob("*.py"), *(REPO / "flows").rglob("*.py")])
@@ -66,3 +67,21 @@ def test_a_child_gets_the_recipe_and_its_group_is_stopped(tmp_path, monkeypatch)
         assert process.poll() is None, log_tail(str(log))
         time.sleep(0.01)
     assert stop_process_group(process, grace=30) == -signal.SIGTERM
+
+
+def test_a_child_not_yet_in_a_group_of_its_own_is_signalled_itself(tmp_path):
+    """A warm template's child is in the template's group until its `setsid()`: there is no group of its pid to
+    signal, so `signal_group` signals the pid (a real child outside a session of its own stands in)."""
+    log = tmp_path / "child.log"
+    code = "import time; print('up', flush=True); time.sleep(600)"
+    process = start_process([sys.executable, "-c", code], str(log), new_session=False)
+    try:
+        while "up" not in log_tail(str(log)):
+            assert process.poll() is None, log_tail(str(log))
+            time.sleep(0.01)
+        assert os.getpgid(process.pid) != process.pid  # no group of its own
+        signal_group(process, signal.SIGTERM)
+        assert process.wait(timeout=20) == -signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -246,3 +247,45 @@ def test_importing_every_project_module_registers_nothing_a_saved_model_load_cou
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["modules"] > 50
     assert seen["after"] == seen["before"]
+
+
+FORK_LOOP_ONLY = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("template_program", sys.argv[1])
+program = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(program)
+sys.exit(program.fork_loop(lambda request: time.sleep(600), time.perf_counter()))
+"""
+
+
+def test_a_template_whose_parent_goes_kills_a_child_that_has_not_reached_its_setsid(tmp_path):
+    """The child's log is a FIFO nobody reads, so it blocks opening it, before its `setsid()`: still in the
+    template's group, as any child is for its first instants. The template's stdin closing (its parent gone) must
+    end it and the template at once; a kill of the child's group alone found no group and the template then
+    waited for the child forever (seen under load in the killed-parent test above)."""
+    from prefect_tensorflow.tasks.promotion import warm_template_main
+
+    fifo = tmp_path / "child.log"
+    os.mkfifo(fifo)
+    template = subprocess.Popen(
+        [sys.executable, "-I", "-c", FORK_LOOP_ONLY, warm_template_main.__file__],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    child = None
+    try:
+        assert b'"ready": true' in template.stdout.readline()
+        template.stdin.write(b'{"id": 1, "kind": "wait", "log": "' + str(fifo).encode() + b'"}\n')
+        template.stdin.flush()
+        child = json.loads(template.stdout.readline())["pid"]
+        time.sleep(0.5)
+        assert not _gone(child) and os.getpgid(child) == template.pid  # blocked before its setsid()
+        template.stdin.close()
+        assert template.wait(timeout=20) == 0
+        assert _wait_gone([child], timeout=5) == [], _describe([child])
+    finally:
+        for pid in (template.pid, child):
+            if pid is not None and not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        template.wait()

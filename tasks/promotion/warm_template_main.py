@@ -237,7 +237,11 @@ def fork_loop(run_child: Callable[[dict[str, Any]], Optional[int]], started: flo
             _write({"id": request.get("id"), "pid": pid})
     for pid in children:  # stdin closed: our parent is done or gone, and so are the children it asked for
         try:
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)  # its group: what it started
+        except OSError:
+            pass
+        try:  # itself: before its setsid() it has no group of its own, and waitpid below would wait forever
+            os.kill(pid, signal.SIGKILL)  # not reaped yet, so the pid is still its own
         except OSError:
             pass
     for pid in children:  # reaped now: gone from the process table, not zombies until our own (slow) exit
