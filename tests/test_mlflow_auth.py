@@ -161,3 +161,14 @@ def test_the_export_checkpoint_flow_of_a_read_user_fails_before_freezing_or_expo
     assert not exports.exists() or not [p for p in exports.iterdir() if p.name.isdigit()]  # no SavedModel version
     assert not list(tmp_path.rglob("*.pb"))  # no frozen graph, no saved_model.pb
     assert server_state(auth_server) == before
+
+
+def test_the_artifact_repository_reads_what_a_real_server_says_it_supports(auth_server, poisoned_env):
+    """MLflow >= 3.18 asks `/api/3.0/mlflow/server-info` before some transfers; the project's repository asks it
+    itself (with the connection's credentials: `test_mlflow_connection.py` checks the header) and reads the answer."""
+    from prefect_tensorflow.tasks.registry.mlflow_client import Connection, artifact_repository
+
+    uri, (username, password) = auth_server["server"].uri, auth_server["users"]["editor"]
+    conn = Connection(tracking_uri=uri, registry_uri=uri, username=username, password=password, max_retries=0)
+    answered = artifact_repository(conn, f"mlflow-artifacts:/{auth_server['experiment_id']}/x")._fetch_server_capabilities()
+    assert "multipart_uploads_enabled" in answered and all(isinstance(v, bool) for v in answered.values()), answered

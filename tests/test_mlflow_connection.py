@@ -150,3 +150,44 @@ def test_only_server_faults_count_as_transient():
     assert is_transient(MlflowException("API request to http://x/api failed with exception Max retries exceeded"))
     assert not is_transient(MlflowException("Registered Model with name=iris not found"))
     assert not is_transient(ValueError("bad value"))
+
+
+def test_the_artifact_repository_asks_what_the_server_supports_with_the_connections_credentials(monkeypatch):
+    """MLflow 3.18's own `_fetch_server_capabilities` sends the environment's credentials; the project's sends the
+    connection's. A real HTTP server on 127.0.0.1 records the header and answers as `mlflow server` does."""
+    import base64
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prefect_tensorflow.tasks.registry.mlflow_client import Connection, artifact_repository
+
+    seen: list[tuple[str, str]] = []
+
+    class ServerInfo(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization", "")))
+            body = json.dumps({"store_type": "SqlStore", "multipart_uploads_enabled": True, "artifacts_presigned_only": False})
+            self.send_response(200 if self.path == "/api/3.0/mlflow/server-info" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "environment-token")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "environment-user")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ServerInfo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_port}"
+        conn = Connection(tracking_uri=uri, registry_uri=uri, username="alice", password="s3cret", max_retries=0)
+        repo = artifact_repository(conn, "mlflow-artifacts:/1/run/artifacts")
+        assert repo._fetch_server_capabilities() == {"multipart_uploads_enabled": True, "artifacts_presigned_only": False}
+        assert repo._fetch_server_capabilities() == {"multipart_uploads_enabled": True, "artifacts_presigned_only": False}
+        other = artifact_repository(conn, f"{uri}/some/other/http/store")._fetch_server_capabilities()
+    finally:
+        server.shutdown()
+    assert seen == [("/api/3.0/mlflow/server-info", "Basic " + base64.b64encode(b"alice:s3cret").decode())]  # asked once
+    assert other == {}  # not MLflow's artifact service: nothing to ask

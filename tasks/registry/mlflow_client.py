@@ -53,8 +53,10 @@ from typing import Any, Optional
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
+import requests
 from mlflow import MlflowClient
 from mlflow.entities import FileInfo
+from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import ENDPOINT_NOT_FOUND, ErrorCode
 from mlflow.protos.model_registry_pb2 import CreateModelVersion
 from mlflow.store.artifact.artifact_repo import verify_artifact_path
@@ -72,6 +74,9 @@ from mlflow.utils.rest_utils import MlflowHostCreds, RestException, http_request
 from mlflow.utils.uri import validate_path_is_safe
 
 from .sqlite_store import open_stores
+
+ARTIFACT_SERVICE_PATH = "/api/2.0/mlflow-artifacts/artifacts"
+SERVER_INFO_PATH = "/api/3.0/mlflow/server-info"
 
 # Non-idempotent POSTs: a resend after a lost answer creates a second object.
 NO_RESEND = frozenset({CreateModelVersion})
@@ -207,6 +212,7 @@ class ExplicitHttpArtifactRepository(HttpArtifactRepository):
     def __init__(self, artifact_uri: str, conn: Connection):
         super().__init__(artifact_uri, tracking_uri=conn.tracking_uri)
         self._conn = conn
+        self._capabilities: Optional[dict[str, bool]] = None
 
     @property
     def _host_creds(self):  # used by inherited helpers, if any
@@ -217,6 +223,23 @@ class ExplicitHttpArtifactRepository(HttpArtifactRepository):
 
     def _is_multipart_download_enabled(self):
         return False
+
+    def _fetch_server_capabilities(self) -> dict[str, bool]:
+        """What the tracking server says its artifact service does (MLflow >= 3.18 asks before some
+        transfers), asked with the connection's credentials where MLflow's own reads the environment's;
+        {} when the URI is not MLflow's artifact service or the server does not answer."""
+        if self._capabilities is None:
+            root, separator, _ = self.artifact_uri.partition(ARTIFACT_SERVICE_PATH)
+            if not separator:
+                self._capabilities = {}
+                return self._capabilities
+            try:
+                response = self._http(root.rstrip("/"), SERVER_INFO_PATH, "GET")
+                answer = response.json() if response.status_code == 200 else {}
+            except (MlflowException, requests.RequestException, ValueError):
+                return {}  # not kept: the next transfer asks again
+            self._capabilities = {key: value for key, value in answer.items() if isinstance(value, bool)}
+        return self._capabilities
 
     def _http(self, host, endpoint, method, **kwargs):
         return _request(self._conn, host, endpoint, method, timeout=self._conn.artifact_timeout, **kwargs)
@@ -478,7 +501,14 @@ def check_private_api() -> list[str]:
         problems.append(f"mlflow.utils.mime_type_utils._guess_mime_type changed: parameters {sig}")
     # Any new direct use of env credentials in the HTTP artifact repository?
     src = inspect.getsource(HttpArtifactRepository)
-    overridden = {"log_artifact", "list_artifacts", "_download_file", "delete_artifacts", "_host_creds"}
+    overridden = {
+        "log_artifact",
+        "list_artifacts",
+        "_download_file",
+        "delete_artifacts",
+        "_host_creds",
+        "_fetch_server_capabilities",
+    }
     for m in re.finditer(r"\n    def (\w+)\(.*?(?=\n    def |\n    @|\Z)", src, re.S):
         if "get_default_host_creds" in m.group(0) and m.group(1) not in overridden | {
             "_get_presigned_download_url",
