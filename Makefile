@@ -84,8 +84,12 @@ lint: install
 	@ln -sfn ../../flows .mypy-src/prefect_tensorflow/flows
 	MYPYPATH=.mypy-src $(BIN)/mypy -p prefect_tensorflow.tasks -p prefect_tensorflow.flows
 
+# Two pytest workers (pytest-xdist), each taking a whole test file at a time so that a module's servers start
+# once: most tests wait on subprocesses and servers, so two share 2 cores better than one. TEST_WORKERS=0
+# runs everything in one process.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -ra --durations=40
+	$(BIN)/python -m pytest -ra --durations=40 -n $(TEST_WORKERS) --dist loadfile
 
 # The team's production shape on this machine: PostgreSQL, S3 (moto), mlflow server and prefect server on
 # them, a process worker; runs retrain-iris on it with S3 paths, then serves until Ctrl-C.

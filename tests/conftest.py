@@ -15,6 +15,9 @@ import tempfile
 
 # Nothing a test writes by default lands in the repo, and a user's MLflow server is never touched.
 os.environ["PREFECT_TENSORFLOW_HOME"] = tempfile.mkdtemp(prefix="prefect-tensorflow-home-")
+# A Prefect home of this process's own (each pytest-xdist worker's): the ephemeral API a CLI subprocess starts
+# keeps its SQLite database there, which two workers' servers must not migrate or write at once.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
 for _name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_TOKEN"):
     os.environ.pop(_name, None)
 
