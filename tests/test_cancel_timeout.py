@@ -183,9 +183,11 @@ def test_a_cancelled_sweep_checkpoints_its_candidates_leaves_no_trainer_and_ends
         assert final_after < FINAL_BOUND_SECONDS
         assert_nothing_left(run_id, served, sweep_root)
     assert "sweep stopped: 2 trainer(s) saved a checkpoint and stopped" in served.serve_log.read_text()
-    for model_dir in glob.glob(f"{sweep_root}/*/"):
-        step = select_latest_checkpoint(model_dir, verify_checksums=True).step
-        assert step is not None and step % 500 != 0  # saved at the stop
+    steps = [select_latest_checkpoint(model_dir, verify_checksums=True).step for model_dir in glob.glob(f"{sweep_root}/*/")]
+    assert len(steps) == 2 and None not in steps, steps
+    # Saved at the stop: off the every-500 grid. A stop that lands just after a periodic save has nothing newer to
+    # save (seen once on a loaded machine: step 500), so one candidate of the two is enough to show the stop's save.
+    assert any(step % 500 for step in steps), steps
 
 
 TIMED_FLOW = """
