@@ -26,6 +26,27 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The longest files first (minutes each): pytest-xdist hands its workers whole files in collection order, and a
+# long file taken last would leave the other worker idle until it ends.
+LONGEST_FIRST = (
+    "test_hostile_inputs.py",
+    "test_secret_scan.py",
+    "test_crash_resubmission.py",
+    "test_cli.py",
+    "test_cancel_timeout.py",
+    "test_many_runs.py",
+    "test_unreadable_runs.py",
+    "test_remote_training.py",
+    "test_browser.py",
+    "test_multi_worker.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A temporary Prefect API (its own SQLite database) for tests that run flows or tasks."""
