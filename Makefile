@@ -85,11 +85,12 @@ lint: install
 	MYPYPATH=.mypy-src $(BIN)/mypy -p prefect_tensorflow.tasks -p prefect_tensorflow.flows
 
 # Two pytest workers (pytest-xdist), each taking a whole test file at a time so that a module's servers start
-# once: most tests wait on subprocesses and servers, so two share 2 cores better than one. TEST_WORKERS=0
-# runs everything in one process.
+# once: most tests wait on subprocesses and servers, so two share 2 cores better than one. Files are handed
+# out in collection order, the longest first (tests/conftest.py), not xdist's most-tests-first.
+# TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -ra --durations=40 -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -ra --durations=40 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The team's production shape on this machine: PostgreSQL, S3 (moto), mlflow server and prefect server on
 # them, a process worker; runs retrain-iris on it with S3 paths, then serves until Ctrl-C.
