@@ -234,7 +234,7 @@ class ExplicitHttpArtifactRepository(HttpArtifactRepository):
                 self._capabilities = {}
                 return self._capabilities
             try:
-                response = self._http(root.rstrip("/"), SERVER_INFO_PATH, "GET")
+                response = _request(self._conn, root.rstrip("/"), SERVER_INFO_PATH, "GET")  # the API's timeout, not a transfer's
                 answer = response.json() if response.status_code == 200 else {}
             except (MlflowException, requests.RequestException, ValueError):
                 return {}  # not kept: the next transfer asks again
