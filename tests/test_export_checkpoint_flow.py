@@ -192,8 +192,29 @@ def test_mlflow_tasks_are_retried_only_when_the_server_was_unavailable(prefect_a
     (unavailable, unavailable_id), (no_metric, no_metric_id) = both()
     assert (unavailable, no_metric) == (MlflowUnavailableError, MlflowSettingsError)
     with get_client(sync_client=True) as client:
-        run_counts = [client.read_task_run(i).run_count for i in (unavailable_id, no_metric_id)]
+        run_counts = [recorded_task_run(client, i).run_count for i in (unavailable_id, no_metric_id)]
     assert run_counts == [prefect_tasks.find_registered_version.retries + 1, 1]
+
+
+def recorded_task_run(client, task_run_id, timeout: float = 60.0):
+    """The task run once the API holds it in a final state: a task run's states reach the API as events that the
+    server records a moment later, so a read right after the flow returns can find nothing yet (a 404, seen on
+    a loaded machine)."""
+    import time
+
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            run = client.read_task_run(task_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+        except ObjectNotFound:
+            run = None
+        if time.monotonic() > deadline:
+            raise AssertionError(f"task run {task_run_id} not recorded in a final state after {timeout} s: {run}")
+        time.sleep(0.2)
 
 
 def test_without_paths_it_ships_the_model_dir_under_the_data_home(
