@@ -55,7 +55,10 @@ order each round) and the median taken:
     figure `project/raw` (goal >= 0.8). And both durable, as `durable_commit`
     (the default) does: (g') the write, then every checkpoint file and the
     directory fsynced, against (b') the raw write, the file fsynced, renamed,
-    the directory fsynced.
+    the directory fsynced. A durable write sends the data file around the page
+    cache (`O_DIRECT`, `storage.direct_io`); (g'') is the same durable write
+    through the page cache, side by side: wall time and the process's CPU time
+    (all its threads) of each.
 
 One untimed warm-up of each case comes first (TensorFlow builds its save
 functions and the async helper its variable twins on the first call).
@@ -136,17 +139,22 @@ def run() -> dict:
 
         recipe = _Recipe.learn(tf.train.Checkpoint(variables=variables))
 
-        def project_write(durable: bool = False) -> float:
+        write_cpu: dict[str, list[float]] = {"direct": [], "cached": []}
+
+        def project_write(durable: bool = False, direct: bool = True) -> float:
             d = scratch.fresh("project")
             snapshot = recipe.snapshot()  # the training thread's part, not the write
 
             def write() -> None:
-                recipe.write(os.path.join(d, "ckpt-1"), snapshot)
+                recipe.write(os.path.join(d, "ckpt-1"), snapshot, durable=durable and direct)
                 if durable:  # as CheckpointWriter._write with durable_commit
                     fsync_entries([os.path.join(d, f) for f in os.listdir(d) if f.startswith("ckpt-1.")])
                     fsync_directory(d)
 
+            cpu = time.process_time()
             seconds = timed(write)
+            if durable:
+                write_cpu["direct" if direct else "cached"].append(time.process_time() - cpu)
             sizes["project_files"] = _dir_bytes(d)
             assert tf.train.load_checkpoint(os.path.join(d, "ckpt-1")).get_tensor(
                 "variables/0/.ATTRIBUTES/VARIABLE_VALUE"
@@ -234,6 +242,7 @@ def run() -> dict:
                 "sharded": sharded_write,
                 "project": project_write,
                 "project_durable": lambda: project_write(durable=True),
+                "project_durable_cached": lambda: project_write(durable=True, direct=False),
                 "raw_durable": lambda: raw_write(durable=True),
             },
             ROUNDS,
@@ -244,6 +253,8 @@ def run() -> dict:
     t_ckpt, t_raw, t_sharded = median(ab["checkpoint"]), median(ab["raw"]), median(ab["sharded"])
     t_memcpy, t_plain = median(wr["memcpy"]), median(wr["plain_update"])
     t_project, t_project_durable, t_raw_durable = (median(ab[k]) for k in ("project", "project_durable", "raw_durable"))
+    t_project_cached = median(ab["project_durable_cached"])
+    cpu_direct, cpu_cached = median(write_cpu["direct"]), median(write_cpu["cached"])
     writer_stall = {k: [s["blocking"] + s["first_update"] - t_plain for s in wr[k]] for k in ("async", "sync")}
     writer_complete = {k: median(s["complete"] for s in wr[k]) for k in ("async", "sync")}
     w_async, w_sync = median(writer_stall["async"]), median(writer_stall["sync"])
@@ -253,6 +264,9 @@ def run() -> dict:
         "project_write": ab["project"],
         "project_write_durable": ab["project_durable"],
         "raw_write_durable": ab["raw_durable"],
+        "project_write_durable_cached": ab["project_durable_cached"],
+        "project_write_durable_cpu": write_cpu["direct"],
+        "project_write_durable_cached_cpu": write_cpu["cached"],
         "sync_blocking": [s["blocking"] for s in sa["sync"]],
         "sync_first_update": [s["first_update"] for s in sa["sync"]],
         "async_blocking": [s["blocking"] for s in sa["async"]],
@@ -288,6 +302,8 @@ def run() -> dict:
             "checkpoint_over_raw_throughput": t_raw / t_ckpt,
             "project_over_raw_throughput": t_raw / t_project,
             "project_durable_over_raw_durable_throughput": t_raw_durable / t_project_durable,
+            "direct_over_cached_durable_throughput": t_project_cached / t_project_durable,
+            "direct_over_cached_durable_cpu": cpu_direct / cpu_cached,
             "async_blocking_over_sync_blocking": med["async_blocking"] / med["sync_blocking"],
             "async_complete_over_sync_blocking": med["async_complete"] / med["sync_blocking"],
             "async_first_update_over_sync_first_update": med["async_first_update"] / med["sync_first_update"],
@@ -347,6 +363,14 @@ def run() -> dict:
                 mbps(t_project_durable),
                 r["project_durable_over_raw_durable_throughput"],
                 "durable project/raw throughput",
+            ],
+            [
+                "(g'') (g') through the page cache",
+                t_project_cached,
+                spread(ab["project_durable_cached"]),
+                mbps(t_project_cached),
+                r["direct_over_cached_durable_throughput"],
+                "O_DIRECT/page-cache durable throughput",
             ],
             [
                 "(c) manager.save() sync: blocking",
@@ -432,6 +456,8 @@ def run() -> dict:
         ],
         notes=[
             f"(g) checkpoint files {fmt(sizes.get('project_files', 0) / MB)} MB; (g') and (b') fsync as durable_commit does.",
+            f"(g') process CPU per durable write: O_DIRECT {fmt(cpu_direct)} s, through the page cache (g'') "
+            f"{fmt(cpu_cached)} s: {fmt(cpu_direct / cpu_cached)} of it.",
             f"(d) stall = save() + the first update after it - a plain update ({fmt(t_plain)} s);"
             f" async/TF-sync stall {fmt(r['writer_async_stall_over_tf_sync_stall'])}.",
             f"(f) sharded write: {sizes.get('sharded_data_files', 0)} data files;"

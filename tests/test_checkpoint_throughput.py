@@ -4,8 +4,10 @@
 through a buffer, hardware CRC32C) instead of `SaveV2`; the speed is measured
 in bench/checkpoint_save.py (case g). Here: the files are exactly those
 `SaveV2` writes for the same tensors (every dtype family, strings, a dataset
-iterator's variant state, an index of several table blocks), TensorFlow
-restores them, and its checksums catch a changed byte.
+iterator's variant state, an index of several table blocks), through the
+page cache and around it (`O_DIRECT`, from `bundle.DIRECT_MIN_BYTES` on: a data
+file of several buffer pieces, the last one short), TensorFlow restores them,
+and its checksums catch a changed byte.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from prefect_tensorflow.tasks.checkpoints import bundle  # noqa: E402
 from prefect_tensorflow.tasks.checkpoints.files import parse_index  # noqa: E402
 from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy  # noqa: E402
 from prefect_tensorflow.tasks.checkpoints.writer import CheckpointWriter  # noqa: E402
+from prefect_tensorflow.tasks.storage.direct_io import BUFFER_BYTES  # noqa: E402
 
 
 def _iterator_state() -> tuple[object, object]:
@@ -30,7 +33,20 @@ def _iterator_state() -> tuple[object, object]:
     return iterator, state
 
 
-def test_bundle_is_savev2s_files_byte_for_byte(tmp_path):
+class _RecordingDirectFile(bundle.DirectFile):
+    """`bundle.DirectFile`, each opened file's path and whether it was written around the page cache recorded."""
+
+    opened: list = []
+
+    def close(self) -> None:
+        super().close()
+        self.opened.append((os.path.basename(self.path), self.direct))
+
+
+@pytest.mark.parametrize("direct_min_bytes", [None, 0], ids=["page-cache", "o-direct"])
+def test_bundle_is_savev2s_files_byte_for_byte(tmp_path, monkeypatch, direct_min_bytes):
+    monkeypatch.setattr(bundle, "DirectFile", _RecordingDirectFile)
+    monkeypatch.setattr(_RecordingDirectFile, "opened", [])
     _, state = _iterator_state()
     tensors = {
         "_CHECKPOINTABLE_OBJECT_GRAPH": tf.constant(b"graph\x00proto" * 50),
@@ -44,12 +60,14 @@ def test_bundle_is_savev2s_files_byte_for_byte(tmp_path):
         "u8": tf.constant([1, 255], tf.uint8),
         "complex": tf.constant([1 + 2j], tf.complex64),
         "it/ITERATOR": state,
+        "big": tf.random.stateless_uniform([2 * BUFFER_BYTES // 4 + 1001], seed=[5, 6]),  # three pieces, the last short
     }
     for i in range(3000):  # long unshared keys: an index of two 256 KiB table blocks (a separator between them)
         tensors[f"layer/{i:05d}/{'k' * 100}"] = tf.constant([float(i)])
     assert bundle.can_write(tensors.values())
 
-    bundle.write_bundle(str(tmp_path / "ours"), tensors)
+    bundle.write_bundle(str(tmp_path / "ours"), tensors, direct_min_bytes=direct_min_bytes)
+    assert _RecordingDirectFile.opened == [("ours.data-00000-of-00001", direct_min_bytes is not None), ("ours.index", False)]
     tf.raw_ops.SaveV2(
         prefix=str(tmp_path / "tf"),
         tensor_names=list(tensors),
@@ -69,7 +87,11 @@ def test_bundle_is_savev2s_files_byte_for_byte(tmp_path):
 def test_writer_checkpoint_restores_with_tensorflow_and_its_checksums(tmp_path, monkeypatch):
     written: list[str] = []
     write_bundle = bundle.write_bundle
-    monkeypatch.setattr(bundle, "write_bundle", lambda prefix, tensors: (written.append(prefix), write_bundle(prefix, tensors)))
+    monkeypatch.setattr(
+        bundle,
+        "write_bundle",
+        lambda prefix, tensors, **options: (written.append(prefix), write_bundle(prefix, tensors, **options)),
+    )
     iterator, _ = _iterator_state()
     weights = tf.Variable(tf.random.uniform([1000], seed=2))
     model_dir = tmp_path / "m"
@@ -97,3 +119,26 @@ def test_writer_checkpoint_restores_with_tensorflow_and_its_checksums(tmp_path, 
         handle.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(tf.errors.OpError, match="Checksum does not match"):
         tf.train.load_checkpoint(str(model_dir / "model.ckpt-1")).get_tensor(key)
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "not-durable"])
+def test_a_large_durable_checkpoint_is_written_around_the_page_cache_and_restores(tmp_path, monkeypatch, durable):
+    """From `DIRECT_MIN_BYTES` of variables a durable commit's data file goes around the page cache (one that is not
+    durable through it); two saves in a row (the second while the first is written) each keep their step's values."""
+    monkeypatch.setattr(bundle, "DirectFile", _RecordingDirectFile)
+    monkeypatch.setattr(_RecordingDirectFile, "opened", [])
+    weights = tf.Variable(tf.random.stateless_uniform([bundle.DIRECT_MIN_BYTES // 4 + 7], seed=[7, 8]))
+    model_dir = tmp_path / "m"
+    policy = CheckpointPolicy(durable_commit=durable)
+    writer = CheckpointWriter(tf.train.Checkpoint(w=weights), str(model_dir), policy, untrusted=False)
+    values = {}
+    for step in (1, 2):
+        writer.save(step)
+        values[step] = weights.numpy()
+        weights.assign_add(tf.ones_like(weights))  # the next step: the snapshot, not the live variable, is written
+    writer.finish()
+    assert [direct for name, direct in _RecordingDirectFile.opened if name.endswith(".data-00000-of-00001")] == [durable] * 2
+    for step, saved in values.items():
+        fresh = tf.Variable(tf.zeros_like(weights))
+        tf.train.Checkpoint(w=fresh).restore(str(model_dir / f"model.ckpt-{step}")).assert_consumed()
+        np.testing.assert_array_equal(fresh.numpy(), saved)

@@ -5,7 +5,9 @@
   and usable, nothing partial left, no child process (the sidecar evaluator) left behind;
 - a model dir that refuses new entries mid-training (`chattr +i`; root ignores mode bits, and a tmpfs cannot be
   remounted read-only while training holds files open for writing): the checkpoint writer's background error
-  stops the training with that reason, and the state file still names a complete checkpoint.
+  stops the training with that reason, and the state file still names a complete checkpoint;
+- a checkpoint large enough to be written around the page cache (`O_DIRECT`) on a full disk: the same clean error,
+  the previous checkpoint restores.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 from helpers import cli_command
 
@@ -230,3 +233,33 @@ def test_a_failed_background_write_is_raised_by_the_next_step_not_the_next_save(
     assert listed_checkpoints(model_dir) == ("model.ckpt-1", ["model.ckpt-1"])
     assert not [e for e in os.listdir(model_dir) if e.startswith("model.ckpt-2")]
     writer.finish()  # the error was reported once; nothing more is pending
+
+
+def test_a_large_checkpoint_written_around_the_page_cache_fails_cleanly_on_a_full_disk(tmp_path):
+    """The `O_DIRECT` path (a checkpoint of >= `bundle.DIRECT_MIN_BYTES`) meets ENOSPC for real: the same clean error."""
+    import tensorflow as tf
+
+    from prefect_tensorflow.tasks.checkpoints import bundle
+    from prefect_tensorflow.tasks.checkpoints.policy import CheckpointPolicy
+    from prefect_tensorflow.tasks.checkpoints.writer import CheckpointWriter
+    from prefect_tensorflow.tasks.errors import TrainingError
+
+    floats = bundle.DIRECT_MIN_BYTES // 4 + 1000
+    weights = tf.Variable(tf.random.stateless_uniform([floats], seed=[3, 4]))
+    with small_filesystem(tmp_path / "small", "16m") as small:
+        model_dir = os.path.join(small, "model")
+        writer = CheckpointWriter(tf.train.Checkpoint(w=weights), model_dir, CheckpointPolicy(async_save=False), untrusted=False)
+        writer.save(1)  # ~8.4 MB of the 16 MB
+        saved = weights.numpy()
+        weights.assign_add(tf.ones([floats]))
+        with pytest.raises(TrainingError) as failed:
+            writer.save(2)  # the second does not fit
+        message = str(failed.value)
+        assert message.startswith(f"model dir {model_dir}: writing checkpoint model.ckpt-2 failed (removed;"), message
+        assert "No space left on device" in message
+        assert_plain(message)
+        assert listed_checkpoints(model_dir) == ("model.ckpt-1", ["model.ckpt-1"])
+        assert not [e for e in os.listdir(model_dir) if e.startswith("model.ckpt-2")]
+        restored = tf.Variable(tf.zeros([floats]))
+        tf.train.Checkpoint(w=restored).restore(os.path.join(model_dir, "model.ckpt-1")).assert_consumed()
+        np.testing.assert_array_equal(restored.numpy(), saved)  # the good checkpoint is untouched

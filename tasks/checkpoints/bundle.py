@@ -5,9 +5,12 @@ buffer and checksums the copy with a software CRC32C (TensorFlow's wheels are
 built without the CPU's CRC instruction): on a 268 MB checkpoint that is most
 of the time the write takes beyond the kernel's own copy into the page cache.
 `write_bundle` writes the same files: each tensor's bytes straight from its
-buffer (one `os.write`, no copy), its CRC32C by the `crc32c` package (the
-CPU's instruction; TensorFlow's reader checks the same sum) in a second thread
-while the bytes are written (both release the GIL), and then the index: the table TensorFlow's `BundleWriter` builds (its header,
+buffer (one `os.write`, no copy; or, for a durable write of `DIRECT_MIN_BYTES`
+of tensors or more, copied into a reused aligned buffer and written around the
+page cache, whose new pages cost more than the copy: `storage.direct_io`), its CRC32C by the `crc32c`
+package (the CPU's instruction; TensorFlow's reader checks the same sum) in a
+second thread while the bytes are written (both release the GIL), and then the
+index: the table TensorFlow's `BundleWriter` builds (its header,
 each tensor's `BundleEntryProto`, in leveldb's table format), byte for byte
 the file `SaveV2` writes for the same tensors (tests/test_checkpoint_throughput.py
 compares them). Readers are TensorFlow's: `tf.train.load_checkpoint`,
@@ -32,16 +35,19 @@ Example:
 
 from __future__ import annotations
 
-import os
 import struct
 import sys
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Optional
+
+from ..storage.direct_io import DirectFile
 
 BLOCK_SIZE = 262144  # leveldb's (and TensorFlow's table::Options) default block size
 RESTART_INTERVAL = 16
 OVERLAP_BYTES = 1 << 20  # a tensor at least this big is checksummed in a second thread while it is written
+DIRECT_MIN_BYTES = 8 << 20
+"""Numeric bytes from which the data file is written with `O_DIRECT` (smaller: a page-cache write costs little)."""
 TABLE_MAGIC = 0xDB4775248B80FB57
 _MASK_DELTA = 0xA282EAD8
 
@@ -62,10 +68,12 @@ def can_write(tensors: Iterable[Any]) -> bool:
     return True
 
 
-def write_bundle(prefix: str, tensors: Mapping[str, Any]) -> None:
+def write_bundle(prefix: str, tensors: Mapping[str, Any], *, direct_min_bytes: Optional[int] = DIRECT_MIN_BYTES) -> None:
     """Write `tensors` (name -> eager tensor, in this order in the data file) as the bundle `prefix`.
 
     The data file comes first, then the index (which names it). The directory of `prefix` must exist.
+    A data file of at least `direct_min_bytes` of numeric tensors is written around the page cache
+    (`storage.direct_io`; None: never).
 
     Raises:
         OSError: a file could not be written (what was written is left for the caller to remove).
@@ -75,39 +83,36 @@ def write_bundle(prefix: str, tensors: Mapping[str, Any]) -> None:
 
     entries: dict[str, bytes] = {}
     offset = 0
+    direct = direct_min_bytes is not None and _numeric_bytes(tensors.values()) >= direct_min_bytes
     checksums = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-crc32c")
-    fd = os.open(f"{prefix}.data-00000-of-00001", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
-        for name, tensor in tensors.items():
-            crc, size = 0, 0
-            for chunk, checksum in _encoded(tensor):
-                if checksum is None and len(chunk) >= OVERLAP_BYTES:  # summed beside the write: both release the GIL
-                    pending = checksums.submit(crc32c.crc32c, chunk, crc)
-                    _write_all(fd, chunk)
-                    crc = pending.result()
-                else:
-                    _write_all(fd, chunk)
-                    crc = checksum if checksum is not None else crc32c.crc32c(chunk, crc)
-                size += len(chunk)
-            entry = tensor_bundle_pb2.BundleEntryProto(
-                dtype=tensor.dtype.as_datatype_enum, shard_id=0, offset=offset, size=size, crc32c=mask(crc)
-            )
-            entry.shape.SetInParent()  # present even for a scalar, as TensorFlow writes it
-            for dim in tensor.shape:
-                entry.shape.dim.add(size=dim)
-            entries[name] = entry.SerializeToString()
-            offset += size
+        with DirectFile(f"{prefix}.data-00000-of-00001", direct=direct) as data:
+            for name, tensor in tensors.items():
+                crc, size = 0, 0
+                for chunk, checksum in _encoded(tensor):
+                    if checksum is None and len(chunk) >= OVERLAP_BYTES:  # summed beside the write: both release the GIL
+                        pending = checksums.submit(crc32c.crc32c, chunk, crc)
+                        data.write(chunk)
+                        crc = pending.result()
+                    else:
+                        data.write(chunk)
+                        crc = checksum if checksum is not None else crc32c.crc32c(chunk, crc)
+                    size += len(chunk)
+                entry = tensor_bundle_pb2.BundleEntryProto(
+                    dtype=tensor.dtype.as_datatype_enum, shard_id=0, offset=offset, size=size, crc32c=mask(crc)
+                )
+                entry.shape.SetInParent()  # present even for a scalar, as TensorFlow writes it
+                for dim in tensor.shape:
+                    entry.shape.dim.add(size=dim)
+                entries[name] = entry.SerializeToString()
+                offset += size
     finally:
-        os.close(fd)
         checksums.shutdown()
     header = tensor_bundle_pb2.BundleHeaderProto(num_shards=1, endianness=tensor_bundle_pb2.BundleHeaderProto.LITTLE)
     header.version.producer = 1  # kTensorBundleVersion
     table = build_table([(b"", header.SerializeToString()), *sorted((k.encode(), v) for k, v in entries.items())])
-    fd = os.open(f"{prefix}.index", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-    try:
-        _write_all(fd, table)
-    finally:
-        os.close(fd)
+    with DirectFile(f"{prefix}.index", direct=False) as index:
+        index.write(table)
 
 
 def mask(crc: int) -> int:
@@ -127,10 +132,11 @@ def _hardware_crc() -> bool:
     return bool(crc32c.hardware_based)
 
 
-def _write_all(fd: int, data: Any) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view) :]
+def _numeric_bytes(tensors: Iterable[Any]) -> int:
+    """The bytes of the numeric tensors among `tensors` (strings and variants, small here, are not counted)."""
+    import tensorflow as tf
+
+    return sum(t.shape.num_elements() * t.dtype.size for t in tensors if t.dtype not in (tf.string, tf.variant))
 
 
 def _encoded(tensor: Any) -> list[tuple[Any, Any]]:

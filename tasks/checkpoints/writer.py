@@ -30,7 +30,11 @@ With `policy.durable_commit` (the default) a commit is durable: the new
 checkpoint's `.index` and `.data-*` files and the model dir are fsynced before
 the state file is staged, the staged state file before its rename, and the
 model dir after it, so that after a power cut the state file never names data
-that never reached the disk.
+that never reached the disk. Since the data must reach the disk before the
+commit anyway, a large checkpoint's data file (`bundle.DIRECT_MIN_BYTES`) is
+then written straight to it (`O_DIRECT`, `storage.direct_io`): no page-cache
+pages to find for it, which on a VM that hands freed memory back to its host
+cost more CPU than the write itself.
 
 A failed write (a full disk, permission denied, a model dir gone read-only)
 removes what it left (the `_temp` directory, the checkpoint's files) and is
@@ -236,6 +240,7 @@ class CheckpointWriter:
                     self._write(*item)
                 except BaseException as err:  # noqa: BLE001 - raised in the training thread by the next save or finish()
                     self._error = err
+            item = None  # the snapshot's memory goes now, not when the next save arrives
 
     def _raise_background_error(self) -> None:
         if self._error is not None:
@@ -250,7 +255,7 @@ class CheckpointWriter:
         committed = False
         try:
             self.directory.verify()
-            self._recipe.write(self.directory.entry(name), snapshot)  # through the descriptor
+            self._recipe.write(self.directory.entry(name), snapshot, durable=self.policy.durable_commit)  # through the descriptor
             if self.policy.durable_commit:  # the data before the state file names it
                 fsync_entries(self._files_of(name), dir_fd=self.directory.fd)
                 fsync_directory(self.directory.fd)
@@ -525,8 +530,12 @@ class _Recipe:
         self.checkpoint.save_counter.assign_add(1)
         return self._read()
 
-    def write(self, prefix: str, snapshot: Any) -> None:
-        """Write the snapshot as TensorFlow would, the index appearing last (its merge)."""
+    def write(self, prefix: str, snapshot: Any, *, durable: bool = False) -> None:
+        """Write the snapshot as TensorFlow would, the index appearing last (its merge).
+
+        `durable`: the caller fsyncs the files next, so a large data file may as well go straight to the
+        disk (`bundle.DIRECT_MIN_BYTES`); otherwise it goes through the page cache, written back later.
+        """
         import tensorflow as tf
 
         if self.fallback:
@@ -537,7 +546,7 @@ class _Recipe:
         temp = f"{prefix}_temp/part-00000-of-00001"
         if bundle.can_write(tensors):  # the same files as SaveV2's, without its copy and software CRC32C
             os.makedirs(os.path.dirname(temp), exist_ok=True)
-            bundle.write_bundle(temp, dict(zip(names, tensors)))
+            bundle.write_bundle(temp, dict(zip(names, tensors)), direct_min_bytes=bundle.DIRECT_MIN_BYTES if durable else None)
         else:
             tf.raw_ops.SaveV2(prefix=temp, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
         tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=[temp], destination_prefix=prefix, delete_old_dirs=True)
