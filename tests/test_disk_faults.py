@@ -108,6 +108,15 @@ def assert_listed_are_complete(model_dir: str) -> str:
     return latest
 
 
+def assert_second_checkpoint_refused(message: str, model_dir: str, reason: str) -> None:
+    """`model.ckpt-2`'s write failed for `reason`: said plainly, nothing of it left, `model.ckpt-1` still the latest."""
+    assert message.startswith(f"model dir {model_dir}: writing checkpoint model.ckpt-2 failed (removed;"), message
+    assert reason in message
+    assert_plain(message)
+    assert listed_checkpoints(model_dir) == ("model.ckpt-1", ["model.ckpt-1"])
+    assert not [e for e in os.listdir(model_dir) if e.startswith("model.ckpt-2")]
+
+
 def digest(directory: str) -> str:
     sha = hashlib.sha256()
     for root, _, files in sorted(os.walk(directory)):
@@ -226,12 +235,7 @@ def test_a_failed_background_write_is_raised_by_the_next_step_not_the_next_save(
                 time.sleep(0.01)
     finally:
         subprocess.run(["chattr", "-i", model_dir], check=False)
-    message = str(failed.value)
-    assert message.startswith(f"model dir {model_dir}: writing checkpoint model.ckpt-2 failed"), message
-    assert "Operation not permitted" in message
-    assert_plain(message)
-    assert listed_checkpoints(model_dir) == ("model.ckpt-1", ["model.ckpt-1"])
-    assert not [e for e in os.listdir(model_dir) if e.startswith("model.ckpt-2")]
+    assert_second_checkpoint_refused(str(failed.value), model_dir, "Operation not permitted")
     writer.finish()  # the error was reported once; nothing more is pending
 
 
@@ -254,12 +258,7 @@ def test_a_large_checkpoint_written_around_the_page_cache_fails_cleanly_on_a_ful
         weights.assign_add(tf.ones([floats]))
         with pytest.raises(TrainingError) as failed:
             writer.save(2)  # the second does not fit
-        message = str(failed.value)
-        assert message.startswith(f"model dir {model_dir}: writing checkpoint model.ckpt-2 failed (removed;"), message
-        assert "No space left on device" in message
-        assert_plain(message)
-        assert listed_checkpoints(model_dir) == ("model.ckpt-1", ["model.ckpt-1"])
-        assert not [e for e in os.listdir(model_dir) if e.startswith("model.ckpt-2")]
+        assert_second_checkpoint_refused(str(failed.value), model_dir, "No space left on device")
         restored = tf.Variable(tf.zeros([floats]))
         tf.train.Checkpoint(w=restored).restore(os.path.join(model_dir, "model.ckpt-1")).assert_consumed()
         np.testing.assert_array_equal(restored.numpy(), saved)  # the good checkpoint is untouched
