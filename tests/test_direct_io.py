@@ -43,16 +43,32 @@ def test_direct_file_has_exactly_the_bytes_written(tmp_path, sizes):
 
 def test_the_buffer_is_reused_by_the_next_file_and_given_back_after_a_failure(tmp_path):
     with DirectFile(str(tmp_path / "a"), direct=True) as out:
-        out.write(b"a" * 10)
-        buffer = out._buffer
+        out.write(b"a" * (BUFFER_BYTES + 10))  # both buffers used
+        buffers = {id(buffer) for buffer in out._buffers}
     with DirectFile(str(tmp_path / "b"), direct=True) as out:
-        assert out._buffer is buffer  # no new memory per file: the point of the buffer
+        assert {id(buffer) for buffer in out._buffers} == buffers  # no new memory per file: the point of the buffers
         out.write(b"b" * 10)
     with pytest.raises(RuntimeError):
         with DirectFile(str(tmp_path / "c"), direct=True) as out:
-            out.write(b"c")
+            out.write(b"c" * (BUFFER_BYTES + 1))  # one piece under way in the writing thread
             raise RuntimeError("the caller failed mid-file")
-    assert out.fd == -1 and buffer in direct_io._pool
+    assert out.fd == -1 and out._io is None
+    assert buffers <= {id(buffer) for buffer in direct_io._pool}
+
+
+def test_a_failed_piece_is_raised_by_the_next_write_or_the_close(tmp_path, monkeypatch):
+    real_write = os.write
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left on device"):
+        with DirectFile(str(tmp_path / "data"), direct=True) as out:
+            monkeypatch.setattr(os, "write", full_disk)
+            out.write(b"x" * BUFFER_BYTES)  # the full piece goes to the writing thread, which fails
+            out.write(b"y")  # still only buffered
+    monkeypatch.setattr(os, "write", real_write)
+    assert out.fd == -1
 
 
 def test_direct_false_writes_through_the_page_cache_without_the_buffer(tmp_path):

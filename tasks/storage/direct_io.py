@@ -1,4 +1,4 @@
-"""Write a large new file around the page cache (`O_DIRECT`), through an aligned buffer reused by the process.
+"""Write a large new file around the page cache (`O_DIRECT`), through aligned buffers the process reuses.
 
 A buffered write of N bytes into a new file makes the kernel find N bytes of
 free pages for the page cache. On a virtual machine whose freed memory goes
@@ -8,7 +8,8 @@ checkpoint cost ~230 ms of system CPU, taken from the training's cores, while
 overwriting pages already cached cost ~15 ms. With `DirectFile(path,
 direct=True)` the bytes are copied into a buffer the process allocated once
 (and keeps, `KEEP_BUFFERS` of them) and written from it straight to the device
-in `BUFFER_BYTES` pieces: about 20-30 ms of CPU for the same checkpoint
+in `BUFFER_BYTES` pieces, by a second thread while the next piece is copied into
+a second buffer: about 20-30 ms of CPU for the same checkpoint
 (bench/large_model.py). The last piece is padded to the device's alignment
 and the file truncated to the bytes written, so the file is byte for byte
 what a buffered write makes.
@@ -36,14 +37,15 @@ import errno
 import fcntl
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Optional
 
 ALIGNMENT = 4096
 """What `O_DIRECT` writes are aligned to (address, offset, length): a multiple of any device's logical block size here."""
 BUFFER_BYTES = 4 << 20
-KEEP_BUFFERS = 2
-"""Buffers kept for the next file (one per concurrent writer: a trainer's checkpoint thread, a sweep's)."""
+KEEP_BUFFERS = 4
+"""Buffers kept for the next file (two per file written at a time: a trainer's checkpoint thread, a sweep's)."""
 
 _pool: list[Any] = []
 _pool_lock = threading.Lock()
@@ -61,9 +63,12 @@ class DirectFile:
     def __init__(self, path: str, *, direct: bool, mode: int = 0o666) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         self.path, self.length, self.direct = path, 0, False
-        self._buffer: Any = None
+        self._buffers: list[Any] = []  # two: one filled while the other is written
+        self._buffer: Any = None  # the one being filled
         self._filled = 0
         self._padded = False
+        self._io: Optional[ThreadPoolExecutor] = None
+        self._pending: Optional[Future] = None
         if direct and hasattr(os, "O_DIRECT"):
             try:
                 self.fd = os.open(path, flags | os.O_DIRECT, mode)
@@ -74,7 +79,8 @@ class DirectFile:
         if not self.direct:
             self.fd = os.open(path, flags, mode)
         else:
-            self._buffer = _take_buffer()
+            self._buffers = [_take_buffer(), _take_buffer()]
+            self._buffer = self._buffers[0]
 
     def write(self, data: Any) -> None:
         """Append `data` (bytes or any buffer: a numpy array, a memoryview)."""
@@ -98,8 +104,9 @@ class DirectFile:
         if self.fd < 0:
             return
         try:
+            self._wait()
             if self._buffer is not None and self._filled:
-                self._flush()
+                self._write_piece(self._buffer, self._filled)
             if self._padded:
                 os.ftruncate(self.fd, self.length)
         finally:
@@ -115,10 +122,24 @@ class DirectFile:
             self._release()
 
     def _flush(self) -> None:
-        size = self._filled
+        """The full buffer goes to a thread that writes it while the other buffer fills (after the one before)."""
+        self._wait()
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="direct-write")
+        self._pending = self._io.submit(self._write_piece, self._buffer, self._filled)
+        self._buffer = self._buffers[1] if self._buffer is self._buffers[0] else self._buffers[0]
+        self._filled = 0
+
+    def _wait(self) -> None:
+        """Wait for the piece being written; its error, if any, is raised here."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _write_piece(self, buffer: Any, size: int) -> None:
         padded = -(-size // ALIGNMENT) * ALIGNMENT
-        self._buffer[size:padded] = 0  # only the last piece is short; its padding is truncated at close
-        view = memoryview(self._buffer)
+        buffer[size:padded] = 0  # only the last piece is short; its padding is truncated at close
+        view = memoryview(buffer)
         done = 0
         while done < size:
             if not self.direct:
@@ -135,16 +156,21 @@ class DirectFile:
             if done % ALIGNMENT:  # a short write left the offset unaligned: the rest goes through the page cache
                 self._stop_direct()
         self._padded = self._padded or done > size
-        self._filled = 0
 
     def _stop_direct(self) -> None:
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         self.direct = False
 
     def _release(self) -> None:
-        if self._buffer is not None:
-            _give_back(self._buffer)
-            self._buffer = None
+        if self._pending is not None:  # a failure elsewhere: the piece under way ends before the file closes
+            self._pending.exception()
+            self._pending = None
+        if self._io is not None:
+            self._io.shutdown()
+            self._io = None
+        for buffer in self._buffers:
+            _give_back(buffer)
+        self._buffers, self._buffer = [], None
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
