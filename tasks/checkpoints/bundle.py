@@ -6,12 +6,12 @@ built without the CPU's CRC instruction): on a 268 MB checkpoint that is most
 of the time the write takes beyond the kernel's own copy into the page cache.
 `write_bundle` writes the same files: each tensor's bytes straight from its
 buffer (one `os.write`, no copy; or, for a durable write of `DIRECT_MIN_BYTES`
-of tensors or more, copied into a reused aligned buffer and written around the
-page cache, whose new pages cost more than the copy: `storage.direct_io`), its CRC32C by the `crc32c`
-package (the CPU's instruction; TensorFlow's reader checks the same sum) in a
-second thread while the bytes are written (both release the GIL), and then the
-index: the table TensorFlow's `BundleWriter` builds (its header,
-each tensor's `BundleEntryProto`, in leveldb's table format), byte for byte
+of tensors or more, copied into reused aligned buffers and written around the
+page cache, whose new pages cost more than the copy: `storage.direct_io`), its
+CRC32C by the `crc32c` package (the CPU's instruction; TensorFlow's reader
+checks the same sum) in a second thread while the bytes are written (both
+release the GIL), and then the index: the table TensorFlow's `BundleWriter`
+builds (its header, each tensor's `BundleEntryProto`, in leveldb's table format), byte for byte
 the file `SaveV2` writes for the same tensors (tests/test_checkpoint_throughput.py
 compares them). Readers are TensorFlow's: `tf.train.load_checkpoint`,
 `Checkpoint.restore`, `MergeV2Checkpoints` all read it, and check the sums.
