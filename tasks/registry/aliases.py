@@ -38,7 +38,6 @@ import hashlib
 import re
 import secrets
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
@@ -49,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import AliasMovedError, RegistryError
 from ..run_context import get_logger, prefect_run_tags
 from .tracking import TAG_PREFIX
+from .unique_races import retry_unique_race
 
 __all__ = [
     "LEASE_SECONDS",
@@ -68,7 +68,6 @@ MOVE_TAG_PREFIX = TAG_PREFIX + "alias_move."
 # 60 s is the shortest the Prefect API accepts.
 LEASE_SECONDS = 60
 REASON_LIMIT = 500  # characters of a move's reason kept in its tag (the tag stays short)
-_UNIQUE_RACE = ("UniqueViolation", "unique constraint", "UNIQUE constraint", "already exists", "IntegrityError")
 
 MoveKind = Literal["gate", "rollback", "manual"]
 
@@ -182,22 +181,9 @@ def current_alias_version(client: Any, name: str, alias: str) -> Optional[int]:
     return int(version) if version is not None else None
 
 
-def _set_alias(client: Any, name: str, alias: str, version: int, attempts: int = 5) -> None:
-    """`set_registered_model_alias`, retried on the first-time race of a PostgreSQL store.
-
-    Two first-time sets of one alias race on the alias table's primary key and one gets a
-    unique violation; setting an alias is idempotent, so it is set again.
-    """
-    from mlflow.exceptions import MlflowException
-
-    for attempt in range(attempts):
-        try:
-            client.set_registered_model_alias(name, alias, str(version))
-            return
-        except MlflowException as err:
-            if attempt == attempts - 1 or not any(marker in str(err) for marker in _UNIQUE_RACE):
-                raise
-            time.sleep(0.05 * (attempt + 1))
+def _set_alias(client: Any, name: str, alias: str, version: int) -> None:
+    """`set_registered_model_alias`, set again when two first-time sets of one alias race (`unique_races`)."""
+    retry_unique_race(lambda: client.set_registered_model_alias(name, alias, str(version)))
 
 
 def _who() -> tuple[str, Optional[str]]:

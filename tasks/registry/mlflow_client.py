@@ -74,6 +74,7 @@ from mlflow.utils.rest_utils import MlflowHostCreds, RestException, http_request
 from mlflow.utils.uri import validate_path_is_safe
 
 from .sqlite_store import open_stores
+from .unique_races import UniqueRaceRetries
 
 ARTIFACT_SERVICE_PATH = "/api/2.0/mlflow-artifacts/artifacts"
 SERVER_INFO_PATH = "/api/3.0/mlflow/server-info"
@@ -419,8 +420,9 @@ class _ConfinedTrackingServiceClient(TrackingServiceClient):
         return repo
 
 
-class ConfinedMlflowClient(MlflowClient):
-    """A plain `MlflowClient` (database store URIs) whose artifact repositories are checked before use."""
+class ConfinedMlflowClient(UniqueRaceRetries, MlflowClient):
+    """A plain `MlflowClient` (database store URIs) whose artifact repositories are checked before use; its tag
+    and alias setters retry a lost unique-key race (`unique_races`)."""
 
     def __init__(self, tracking_uri: str, registry_uri: str):
         super().__init__(tracking_uri, registry_uri)
@@ -438,7 +440,9 @@ class _ExplicitModelRegistryClient(ModelRegistryClient):
         return self._store
 
 
-class ExplicitMlflowClient(MlflowClient):
+class ExplicitMlflowClient(UniqueRaceRetries, MlflowClient):
+    """An `MlflowClient` on the connection's server with its own credentials; tag and alias setters as `ConfinedMlflowClient`'s."""
+
     def __init__(self, conn: Connection):
         super().__init__(tracking_uri=conn.tracking_uri, registry_uri=conn.registry_uri)
         self.connection = conn
