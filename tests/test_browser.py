@@ -219,7 +219,7 @@ def open_artifact(page, key: str):
     page.get_by_role("tab", name="Artifacts").click(force=True)
     panel = page.get_by_role("tabpanel", name="Artifacts")
     panel.get_by_role("link").filter(has=page.get_by_role("heading", name=key, exact=True)).click()
-    body = page.get_by_role("tabpanel", name="Artifact")
+    body = page.get_by_role("tabpanel", name="Artifact", exact=True)  # not "Artifacts": the list the click leaves
     body.wait_for()
     return body
 
