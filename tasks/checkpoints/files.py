@@ -286,12 +286,20 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def _block(data: bytes, offset: int, size: int) -> bytes:
+def _block(data: bytes, offset: int, size: int, verify: bool = False) -> bytes:
     if offset + size + 5 > len(data):
         raise ValueError("block extends past the end of the index")
     kind = data[offset + size]
     if kind != 0:
         raise ValueError(f"compressed index blocks (type {kind}) are not supported")
+    if verify:  # leveldb's trailer: the masked CRC32C of the contents and the type byte
+        import crc32c
+
+        from .bundle import mask
+
+        (stored,) = struct.unpack_from("<I", data, offset + size + 1)
+        if mask(crc32c.crc32c(data[offset : offset + size + 1])) != stored:
+            raise ValueError("an index block's checksum does not match")
     return data[offset : offset + size]
 
 
@@ -315,7 +323,18 @@ def _block_entries(block: bytes) -> Iterator[tuple[bytes, bytes]]:
         pos += value_len
 
 
-def _table_entries(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+def table_entries(data: bytes, *, verify_checksums: bool = False) -> Iterator[tuple[bytes, bytes]]:
+    """The (key, value) pairs of an `.index` file's bytes (leveldb's table, uncompressed), in key order; with
+    `verify_checksums` each block's CRC32C is checked (the `crc32c` package), as TensorFlow's reader does.
+
+    Raises:
+        ValueError: the bytes are not such a table (or a checksum does not match).
+
+    Example:
+        >>> from prefect_tensorflow.tasks.checkpoints.bundle import build_table
+        >>> list(table_entries(build_table([(b"", b"header"), (b"w", b"entry")]), verify_checksums=True))
+        [(b'', b'header'), (b'w', b'entry')]
+    """
     if len(data) < _FOOTER_LEN:
         raise ValueError("file too short for a table footer")
     footer = data[-_FOOTER_LEN:]
@@ -326,10 +345,10 @@ def _table_entries(data: bytes) -> Iterator[tuple[bytes, bytes]]:
     _, pos = _varint(footer, pos)  # metaindex size
     index_offset, pos = _varint(footer, pos)
     index_size, _ = _varint(footer, pos)
-    for _, handle in _block_entries(_block(data, index_offset, index_size)):
+    for _, handle in _block_entries(_block(data, index_offset, index_size, verify_checksums)):
         offset, pos = _varint(handle, 0)
         size, _ = _varint(handle, pos)
-        yield from _block_entries(_block(data, offset, size))
+        yield from _block_entries(_block(data, offset, size, verify_checksums))
 
 
 def _proto_fields(buf: bytes) -> dict[int, int]:
@@ -376,7 +395,7 @@ def parse_index(data: bytes) -> tuple[int, dict[str, tuple[int, int, int]]]:
     """
     num_shards: Optional[int] = None
     entries: dict[str, tuple[int, int, int]] = {}
-    for key, value in _table_entries(data):
+    for key, value in table_entries(data):
         fields = _proto_fields(value)
         if key == b"":
             num_shards = fields.get(1, 0)  # BundleHeaderProto.num_shards

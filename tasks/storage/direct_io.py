@@ -1,4 +1,4 @@
-"""Write a large new file around the page cache (`O_DIRECT`), through aligned buffers the process reuses.
+"""Write (and read) large files around the page cache (`O_DIRECT`), through aligned buffers the process reuses.
 
 A buffered write of N bytes into a new file makes the kernel find N bytes of
 free pages for the page cache. On a virtual machine whose freed memory goes
@@ -19,6 +19,10 @@ network and FUSE file systems), or off Linux, the same calls write through the
 page cache, as `direct=False` always does (without the buffer: each `write`
 goes straight to `os.write`). `O_DIRECT` gives no durability by itself: the
 caller fsyncs as before (then cheap: the data is not in the page cache).
+
+`DirectReader` is the reading side: byte ranges of such files read with
+`O_DIRECT` into one aligned buffer the reader keeps (the sidecar evaluator's
+restore, `checkpoints.bundle_reader`).
 
 Example:
     >>> import os, tempfile
@@ -174,6 +178,76 @@ class DirectFile:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+
+
+class DirectReader:
+    """Reads byte ranges of files around the page cache (`O_DIRECT`) into one page-aligned buffer it keeps.
+
+    The mirror of `DirectFile` for a reader that reads many large files once each (the sidecar evaluator,
+    every checkpoint a training writes): a buffered read of a file not in the page cache (one written
+    with `O_DIRECT`, or evicted) makes the kernel find new pages for it, as a buffered write does. The
+    buffer grows to the largest range asked for and is reused; a view returned by `read` is valid until
+    the next `read`. A file system that refuses `O_DIRECT` is read through the page cache, into the same buffer.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "data")
+        >>> with open(path, "wb") as out:
+        ...     _ = out.write(bytes(range(256)) * 40)
+        >>> bytes(DirectReader().read(path, 5000, 5003))
+        b'\\x88\\x89\\x8a'
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Any = None
+
+    def read(self, path: str, start: int, end: int) -> memoryview:
+        """Bytes `[start, end)` of the file at `path`.
+
+        Raises:
+            OSError: it could not be read, or it ends before `end` (`EIO`).
+        """
+        low = start - start % ALIGNMENT
+        high = -(-end // ALIGNMENT) * ALIGNMENT
+        buffer = self._take(high - low)
+        fd = _open_for_reading(path)
+        try:
+            done = 0
+            while low + done < end:
+                try:
+                    got = os.preadv(fd, [memoryview(buffer)[done : high - low]], low + done)
+                except OSError as err:
+                    if err.errno != errno.EINVAL or not fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+                        raise
+                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                    continue  # the file system took the open but not the read: the page cache then
+                if got == 0:
+                    raise OSError(errno.EIO, f"{path} ends at byte {low + done}, before byte {end}")
+                done += got
+        finally:
+            os.close(fd)
+        return memoryview(buffer)[start - low : end - low]
+
+    def _take(self, size: int) -> Any:
+        import numpy as np
+
+        if self._buffer is None or len(self._buffer) < size:
+            self._buffer = None  # the old one goes before the new one is touched
+            raw = np.empty(size + ALIGNMENT, np.uint8)
+            offset = -raw.ctypes.data % ALIGNMENT
+            self._buffer = raw[offset : offset + size]
+        return self._buffer
+
+
+def _open_for_reading(path: str) -> int:
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags)
 
 
 def _write_all(fd: int, view: memoryview) -> None:
