@@ -77,6 +77,20 @@ class ForkedProcess:
         assert self.returncode is not None
         return self.returncode
 
+    def send_signal(self, sig: int) -> None:
+        """Send `sig` to the child, unless it has exited (as `Popen.send_signal`)."""
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
     def exited(self, code: int) -> None:
         """Record the exit status (negative: the signal that killed it)."""
         self.returncode = code
@@ -280,6 +294,29 @@ class WarmTemplate:
         return lines[-1] if lines else "(empty log)"
 
 
+def show_as(old_module: str, new_module: str) -> bool:
+    """Rewrite this process's command line (`/proc/self/cmdline`, what `ps` and psutil show) from `old_module` to
+    `new_module` (as long as it), so a child forked from a template is found like a started one (operators'
+    `pgrep -f <module>`, the project's own process checks): the bytes are replaced in place. False when it
+    cannot (another platform, names of other lengths, `old_module` not in the command line)."""
+    import ctypes
+
+    if len(old_module) != len(new_module):
+        return False
+    try:
+        with open("/proc/self/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49 of proc(5)
+        area = ctypes.string_at(start, end - start)
+        at = area.find(old_module.encode() + b"\0")
+        if at < 0:
+            return False
+        ctypes.memmove(start + at, new_module.encode(), len(new_module))
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def _become_forked_template(
     run_template: Callable[[], int], stdin: int, stdout: int, log: int, parent: int, cwd: str, env: Mapping[str, str]
 ) -> None:
@@ -373,6 +410,12 @@ class TemplateSlot:
                 self._stop_registered = True
         if previous is not None and previous is not template and previous.owner == os.getpid():
             previous.stop()
+
+    def ready(self, key: Any = None) -> Optional[WarmTemplate]:
+        """The template, if this process started it for `key` and it has imported everything; never starts or waits."""
+        with self._guard:
+            template, same = self._template, self._key == key
+        return template if template is not None and same and template.alive() else None
 
     def current(self) -> Optional[WarmTemplate]:
         """The template this process started, if any (running or not)."""

@@ -3,8 +3,9 @@
 With `TrainingConfig.evaluation="sidecar"` (the default), training starts
 `python -m prefect_tensorflow.tasks.training.sidecar_evaluator_main <model_dir>` beside it and tells
 it (on its stdin) each checkpoint it commits, with the training loss of the
-window before it. The evaluator restores the checkpoint's model, evaluates it
-on the eval split and appends the one metrics line of that checkpoint to
+window before it. The evaluator restores the checkpoint's model (its variables read
+straight from the bundle, `checkpoints.bundle_reader`, else by TensorFlow's
+`Checkpoint.read`), evaluates it on the eval split and appends the one metrics line of that checkpoint to
 `checkpoint_metrics.jsonl` (and the eval metrics to TensorBoard under
 `eval/`). Training never waits for it:
 
@@ -19,6 +20,9 @@ on the eval split and appends the one metrics line of that checkpoint to
   does not wait for its start-up: `finish` stops it and evaluates what is
   left in the trainer's process (`SidecarEvaluator.evaluate_here`), where
   TensorFlow and the model code are loaded already;
+- in a process that launched a warm template (`evaluator_template`), it is
+  a fork of that template instead of a new Python (`sidecar_evaluator_fork`:
+  the same program on the same descriptors);
 - it holds an exclusive lock on `<model_dir>/.evaluator.lock`, and checks
   under it that a step has no line yet before writing one: one evaluator per
   model dir, one line per checkpoint;
@@ -74,6 +78,7 @@ from ..errors import MetricsTimeoutError, StorageError
 from ..run_context import get_logger
 from ..storage.confined_dirs import OpenDir, open_directory
 from ..storage.local import exclusive_lock
+from . import evaluator_template
 
 LOCK_FILE = ".evaluator.lock"
 EVALUATOR_NICE = 10
@@ -351,46 +356,61 @@ class SidecarEvaluator:
             raise
         self._errors = os.fdopen(log_fd, "ab")
         self.spec = spec
-        fd = self.directory.fd
+        stdin_reader, stdin_writer = os.pipe()
         self._ready_fd, ready_writer = os.pipe()  # one byte once it has built its model (`ready`)
-        command = [
-            sys.executable,
-            "-m",
-            ENTRY_MODULE,
-            self.directory.path,
-            "--fd",
-            str(fd),
-            "--ready-fd",
-            str(ready_writer),
-        ]
-        if self.directory.root is not None:
-            command += ["--root", self.directory.root]
+        self._stdin = os.fdopen(stdin_writer, "w")
+        self._held: list[int] = []  # a forked evaluator's ends, kept until it has opened them (`ready`)
         try:
-            # Not a session of its own; it dies with the trainer (see above).
-            self._process = start_process(
-                command,
-                parent_variable=PARENT_VARIABLE,
-                pass_fds=(fd, ready_writer),
-                stdin=subprocess.PIPE,
-                stdout=self._errors,
-                stderr=subprocess.STDOUT,
-                text=True,
-                threads=1,
-                new_session=False,
-            )
+            self._process: Any = self._fork(stdin_reader, ready_writer)
+            if self._process is not None:
+                self._held = [stdin_reader, ready_writer]
+            else:
+                self._process = self._start(stdin_reader, ready_writer)
         finally:
-            os.close(ready_writer)
+            if not self._held:
+                os.close(stdin_reader)
+                os.close(ready_writer)
+        self.forked = bool(self._held)
         self._ready = False
         self._train_losses: dict[int, Optional[float]] = {}
         self._lock = threading.Lock()
         self._send(spec.model_dump_json())
 
+    def _fork(self, stdin_reader: int, ready_writer: int) -> Any:
+        """The evaluator forked from this process's warm template (`evaluator_template`), or None: none is ready."""
+        request = {
+            "trainer": os.getpid(),
+            "stdin": stdin_reader,
+            "ready": ready_writer,
+            "directory": self.directory.fd,
+            "path": self.directory.path,
+            "root": self.directory.root,
+        }
+        return evaluator_template.fork_evaluator(request, f"/proc/{os.getpid()}/fd/{self._errors.fileno()}")
+
+    def _start(self, stdin_reader: int, ready_writer: int) -> subprocess.Popen:
+        """The evaluator as a new process: `python -m` `ENTRY_MODULE`, the descriptors inherited."""
+        fd = self.directory.fd
+        command = [sys.executable, "-m", ENTRY_MODULE, self.directory.path, "--fd", str(fd), "--ready-fd", str(ready_writer)]
+        if self.directory.root is not None:
+            command += ["--root", self.directory.root]
+        # Not a session of its own; it dies with the trainer (see above).
+        return start_process(
+            command,
+            parent_variable=PARENT_VARIABLE,
+            pass_fds=(fd, ready_writer),
+            stdin=stdin_reader,
+            stdout=self._errors,
+            stderr=subprocess.STDOUT,
+            threads=1,
+            new_session=False,
+        )
+
     def _send(self, line: str) -> None:
         with self._lock:
             try:
-                assert self._process.stdin is not None
-                self._process.stdin.write(line + "\n")
-                self._process.stdin.flush()
+                self._stdin.write(line + "\n")
+                self._stdin.flush()
             except (BrokenPipeError, OSError, ValueError):
                 pass  # it died: the catch-up of the next evaluator (or `finish`) covers its checkpoints
 
@@ -431,10 +451,9 @@ class SidecarEvaluator:
     def _close_input(self, last: Optional[str] = None) -> None:
         with self._lock:
             try:
-                assert self._process.stdin is not None
                 if last is not None:
-                    self._process.stdin.write(last + "\n")
-                self._process.stdin.close()
+                    self._stdin.write(last + "\n")
+                self._stdin.close()
             except (BrokenPipeError, OSError, ValueError):
                 pass
 
@@ -444,6 +463,7 @@ class SidecarEvaluator:
             self._ready = os.read(self._ready_fd, 1) == READY_BYTE  # b"": it exited before it was ready
             os.close(self._ready_fd)
             self._ready_fd = -1
+            self._let_go()  # a forked one has opened its ends by now
         return self._ready
 
     def finish(self, timeout: Optional[float] = None) -> None:
@@ -503,10 +523,17 @@ class SidecarEvaluator:
         self._process.kill()
         self._process.wait()
 
+    def _let_go(self) -> None:
+        """Close the ends kept for a forked evaluator (its input then breaks when it dies, as a started one's)."""
+        for fd in self._held:
+            os.close(fd)
+        self._held = []
+
     def _close_handle(self) -> None:
         if self._ready_fd >= 0:
             os.close(self._ready_fd)
             self._ready_fd = -1
+        self._let_go()
         self._errors.close()
         if self._own:
             self.directory.close()

@@ -48,13 +48,15 @@ def ready_descriptor(argv: list[str]) -> Optional[int]:
     return int(options["--ready-fd"]) if "--ready-fd" in options else None
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], *, nice: bool = True) -> int:
     """The sidecar: `<model_dir> [--fd N [--root R]]`, the spec then steps on stdin; 0, or 3 when it had to stop.
 
     With `--fd` (the trainer's descriptor of the model dir, inherited) everything goes through it; see `Evaluator`.
+    `nice=False`: this process runs at the evaluator's priority already (forked from `sidecar_evaluator_fork`).
     """
     die_with_parent(PARENT_VARIABLE)  # a killed trainer takes its evaluator along
-    os.nice(EVALUATOR_NICE)  # one thread at a lower priority: a share of one core while training competes
+    if nice:
+        os.nice(EVALUATOR_NICE)  # one thread at a lower priority: a share of one core while training competes
     skip_keras_optional_imports()
     model_dir, directory = inherited_directory(argv)
     ready_fd = ready_descriptor(argv)

@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import signal
 import sys
 import time
@@ -41,23 +40,12 @@ def _imports(with_mlflow: bool) -> None:
 
 
 def show_as_trainer() -> bool:
-    """Rewrite this process's command line (`/proc/self/cmdline`, what `ps` and psutil show) from the template's
-    module to the trainer's, so a forked trainer is found like a started one (`stop_local_trainers`, operators'
-    `pgrep -f sweep_trainer_main`). The two names have the same length: the bytes are replaced in place."""
+    """Rewrite this process's command line from the template's module to the trainer's (`warm_process.show_as`),
+    so a forked trainer is found like a started one (`stop_local_trainers`, operators' `pgrep -f sweep_trainer_main`)."""
+    from ..warm_process import show_as
     from .sweep_candidates import TRAINER_MODULE
 
-    try:
-        with open("/proc/self/stat", "rb") as handle:
-            fields = handle.read().rsplit(b")", 1)[1].split()
-        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49 of proc(5)
-        area = ctypes.string_at(start, end - start)
-        at = area.find(FORKING_MODULE.encode() + b"\0")
-        if at < 0 or len(FORKING_MODULE) != len(TRAINER_MODULE):
-            return False
-        ctypes.memmove(start + at, TRAINER_MODULE.encode(), len(TRAINER_MODULE))
-        return True
-    except (OSError, ValueError, IndexError):
-        return False
+    return show_as(FORKING_MODULE, TRAINER_MODULE)
 
 
 def train_forked(request: dict[str, Any]) -> int:
