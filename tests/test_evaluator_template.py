@@ -157,3 +157,18 @@ def test_a_forked_evaluator_is_stopped_or_taken_over_like_a_started_one(tmp_path
     short.finish()
     assert short._process.returncode is not None
     assert TAKEN_OVER in (tmp_path / "short" / "eval" / "evaluator.log").read_text()
+
+
+def test_an_evaluator_that_cannot_start_leaves_no_descriptor_open(tmp_path, monkeypatch):
+    from prefect_tensorflow.tasks.training import sidecar_evaluator
+    from prefect_tensorflow.tasks.training.sidecar_evaluator import EvaluationSpec, SidecarEvaluator
+
+    def refuse(*args, **kwargs):
+        raise OSError(24, "Too many open files")  # what a full process table or fd table gives
+
+    monkeypatch.setattr(evaluator_template, "fork_evaluator", lambda request, log_path: None)  # the started path
+    monkeypatch.setattr(sidecar_evaluator, "start_process", refuse)
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="Too many open files"):
+        SidecarEvaluator(str(tmp_path / "m"), EvaluationSpec(model="iris", data="iris"))
+    assert sorted(os.listdir("/proc/self/fd")) == before

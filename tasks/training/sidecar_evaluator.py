@@ -366,6 +366,13 @@ class SidecarEvaluator:
                 self._held = [stdin_reader, ready_writer]
             else:
                 self._process = self._start(stdin_reader, ready_writer)
+        except BaseException:
+            self._stdin.close()
+            os.close(self._ready_fd)
+            self._errors.close()
+            if self._own:
+                self.directory.close()
+            raise
         finally:
             if not self._held:
                 os.close(stdin_reader)
