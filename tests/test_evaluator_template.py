@@ -1,4 +1,4 @@
-"""Sidecar evaluators forked from a warm template (tasks/training/evaluator_template.py, sidecar_evaluator_fork.py).
+"""Sidecar evaluators forked from a warm template (tasks/training/evaluator_template.py, evaluator_forking_main.py).
 
 Real processes throughout: a real template importing TensorFlow, real trainings
 whose evaluators are forked from it, a real SIGKILL of a trainer process. What
@@ -172,3 +172,14 @@ def test_an_evaluator_that_cannot_start_leaves_no_descriptor_open(tmp_path, monk
     with pytest.raises(OSError, match="Too many open files"):
         SidecarEvaluator(str(tmp_path / "m"), EvaluationSpec(model="iris", data="iris"))
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_two_trainings_at_once_each_get_their_own_forked_evaluator(tmp_path, template, forks):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda name: train(tmp_path / name, steps=200, policy=POLICY, seed=3), ["a", "b"]))
+    assert len(forks) == 2 and all(f is not None for f in forks) and forks[0].pid != forks[1].pid
+    for name, result in zip(["a", "b"], results):
+        assert sorted(read_metrics(tmp_path / name)) == [0, 100, 200]
+        assert result.final_metrics == read_metrics(tmp_path / name)[200]

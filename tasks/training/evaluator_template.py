@@ -4,7 +4,7 @@ A sidecar evaluator started as a new process spends ~4 s of CPU importing
 TensorFlow and Keras before its first checkpoint, on the cores the training
 uses. A process that trains more than once (a notebook, a script that trains
 several models, a long-lived worker) can call `launch_template()` once:
-`python -m prefect_tensorflow.tasks.training.sidecar_evaluator_fork` starts
+`python -m prefect_tensorflow.tasks.training.evaluator_forking_main` starts
 (at the evaluator's CPU priority), imports them, and from then on each
 training's evaluator is a fork of it (`fork_evaluator`, asked by
 `SidecarEvaluator`), which has only its model to build. A training that
@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 from ..child_processes import child_env
 from ..warm_process import START_TIMEOUT, ForkedProcess, TemplateSlot, WarmTemplate, WarmTemplateError
-from .sidecar_evaluator_fork import FORKING_MODULE
+from .evaluator_process import FORKING_MODULE, PARENT_VARIABLE
 
 _logger = logging.getLogger(__name__)
 _slot = TemplateSlot()
@@ -52,8 +52,6 @@ IMPORT_TIME_PREFIXES = ("TF_", "TF2_", "KERAS_", "CUDA", "OMP_", "KMP_", "MKL_",
 def evaluator_env() -> dict[str, str]:
     """The environment an evaluator started from here now would get (one TensorFlow thread)."""
     import tensorflow  # noqa: F401 - its import sets variables (TF2_BEHAVIOR, KMP_*): taken after it
-
-    from .sidecar_evaluator import PARENT_VARIABLE  # that module asks this one for its forks
 
     return child_env(PARENT_VARIABLE, threads=1)
 
@@ -101,7 +99,7 @@ def template_ready() -> bool:
 
 
 def fork_evaluator(request: dict[str, Any], log_path: str) -> Optional[ForkedProcess]:
-    """An evaluator forked from the ready template (`request`: see `sidecar_evaluator_fork.evaluate_forked`; the
+    """An evaluator forked from the ready template (`request`: see `evaluator_forking_main.evaluate_forked`; the
     environment a started evaluator would get is added), its output appended to `log_path`; None at once when there is no ready template for this environment and cwd, or
     the fork failed (said in the log): the caller starts it as a new process."""
     if _slot.current() is None:

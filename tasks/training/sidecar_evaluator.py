@@ -21,7 +21,7 @@ straight from the bundle, `checkpoints.bundle_reader`, else by TensorFlow's
   left in the trainer's process (`SidecarEvaluator.evaluate_here`), where
   TensorFlow and the model code are loaded already;
 - in a process that launched a warm template (`evaluator_template`), it is
-  a fork of that template instead of a new Python (`sidecar_evaluator_fork`:
+  a fork of that template instead of a new Python (`evaluator_forking_main`:
   the same program on the same descriptors);
 - it holds an exclusive lock on `<model_dir>/.evaluator.lock`, and checks
   under it that a step has no line yet before writing one: one evaluator per
@@ -79,11 +79,9 @@ from ..run_context import get_logger
 from ..storage.confined_dirs import OpenDir, open_directory
 from ..storage.local import exclusive_lock
 from . import evaluator_template
+from .evaluator_process import ENTRY_MODULE, PARENT_VARIABLE
 
 LOCK_FILE = ".evaluator.lock"
-EVALUATOR_NICE = 10
-ENTRY_MODULE = "prefect_tensorflow.tasks.training.sidecar_evaluator_main"
-PARENT_VARIABLE = "PREFECT_TENSORFLOW_EVALUATOR_PARENT"
 END_LINE = '{"end": true}'
 """What `SidecarEvaluator.finish` sends last: evaluate what is left, then exit (without it, EOF means: stop now)."""
 STOP_GRACE_SECONDS = 2.0

@@ -22,7 +22,8 @@ from ..child_processes import die_with_parent
 from ..errors import StorageError
 from ..lean_import import skip_keras_optional_imports
 from ..storage.confined_dirs import OpenDir
-from .sidecar_evaluator import EVALUATOR_NICE, PARENT_VARIABLE, READY_BYTE, EvaluationSpec, Evaluator, evaluator_lock
+from .evaluator_process import EVALUATOR_NICE, PARENT_VARIABLE
+from .sidecar_evaluator import READY_BYTE, EvaluationSpec, Evaluator, evaluator_lock
 
 
 def inherited_directory(argv: list[str]) -> tuple[str, Optional[OpenDir]]:
@@ -52,7 +53,7 @@ def main(argv: list[str], *, nice: bool = True) -> int:
     """The sidecar: `<model_dir> [--fd N [--root R]]`, the spec then steps on stdin; 0, or 3 when it had to stop.
 
     With `--fd` (the trainer's descriptor of the model dir, inherited) everything goes through it; see `Evaluator`.
-    `nice=False`: this process runs at the evaluator's priority already (forked from `sidecar_evaluator_fork`).
+    `nice=False`: this process runs at the evaluator's priority already (forked from `evaluator_forking_main`).
     """
     die_with_parent(PARENT_VARIABLE)  # a killed trainer takes its evaluator along
     if nice:

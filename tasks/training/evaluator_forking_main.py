@@ -1,4 +1,4 @@
-"""The sidecar evaluators' warm template: `python -m prefect_tensorflow.tasks.training.sidecar_evaluator_fork`.
+"""The sidecar evaluators' warm template: `python -m prefect_tensorflow.tasks.training.evaluator_forking_main`.
 
 Started by `evaluator_template` (once per trainer process that asks for it, with
 the environment and cwd an evaluator started from there would get), it lowers
@@ -12,8 +12,8 @@ descriptors, renames its command line to the started evaluator's (the two
 module names have the same length), and runs `sidecar_evaluator_main.main`.
 
 Example:
-    >>> from prefect_tensorflow.tasks.training.sidecar_evaluator import ENTRY_MODULE
-    >>> len(FORKING_MODULE) == len(ENTRY_MODULE)  # a forked evaluator renames itself in place
+    >>> from prefect_tensorflow.tasks.training.evaluator_process import ENTRY_MODULE, FORKING_MODULE
+    >>> FORKING_MODULE == __name__ and len(FORKING_MODULE) == len(ENTRY_MODULE)
     True
 """
 
@@ -26,8 +26,7 @@ import sys
 import time
 from typing import Any
 
-FORKING_MODULE = "prefect_tensorflow.tasks.training.sidecar_evaluator_fork"
-"""This template's module (`python -m`), as long as the evaluator's own (`sidecar_evaluator.ENTRY_MODULE`)."""
+from .evaluator_process import ENTRY_MODULE, EVALUATOR_NICE, FORKING_MODULE, PARENT_VARIABLE
 
 
 def _imports() -> None:
@@ -50,7 +49,6 @@ def evaluate_forked(request: dict[str, Any]) -> int:
     """In a forked child: be the evaluator of the training that sent `request` (its descriptors' numbers in the
     trainer, the model dir's path and root); returns `sidecar_evaluator_main.main`'s exit status."""
     from ..warm_process import show_as
-    from .sidecar_evaluator import ENTRY_MODULE, PARENT_VARIABLE
     from .sidecar_evaluator_main import main as run_evaluator
 
     show_as(FORKING_MODULE, ENTRY_MODULE)
@@ -71,8 +69,6 @@ def evaluate_forked(request: dict[str, Any]) -> int:
 
 
 def main() -> int:
-    from .sidecar_evaluator import EVALUATOR_NICE
-
     started = time.perf_counter()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us by closing our stdin
     os.nice(EVALUATOR_NICE)  # the import, and every evaluator forked from here, at the evaluator's priority
